@@ -1,0 +1,444 @@
+"""Typed configuration: dataclass defaults, YAML files that hold only what differs, dotted overrides.
+
+`load_config(path, overrides)` merges defaults <- YAML <- `--set a.b=c` overrides, checks every key and value,
+and raises one `LlmctlError` that lists every problem at once. Values that are merely odd are adjusted and
+reported through `Config.warnings` (the CLI prints them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import LlmctlError
+
+
+def default_cache_dir() -> str:
+    """Where token caches and downloads live unless `data.cache_dir` says otherwise."""
+    return os.environ.get("LLMCTL_CACHE_DIR") or str(Path.home() / ".cache" / "llmctl")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only Transformer; `arch` picks the GPT-2 or the LLaMA flavour."""
+
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: Optional[int] = None  # None: n_head (no grouped-query attention)
+    n_embd: int = 384
+    block_size: int = 256  # context length in tokens
+    vocab_size: Optional[int] = None  # None: the tokenizer's size, rounded up to vocab_multiple
+    vocab_multiple: int = 1  # pad the embedding to a multiple of this (64 helps GPUs)
+    mlp_hidden: Optional[int] = None  # None: 4*n_embd (gpt2), 2/3*4*n_embd rounded up to 64 (llama)
+    bias: Optional[bool] = None  # biases in linear layers and LayerNorm; None: True for gpt2, False for llama
+    tie_embeddings: Optional[bool] = None  # share input embedding and output head; None: True for gpt2, False for llama
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"  # gpt2 flavour only (llama uses SwiGLU)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # llama flavour only
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        return 64 * ((int(2 * 4 * self.n_embd / 3) + 63) // 64)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.arch == "gpt2" if self.bias is None else self.bias
+
+    @property
+    def tied(self) -> bool:
+        return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+
+@dataclass
+class TokenizerConfig:
+    """A character-level or byte-level BPE tokenizer trained on the corpus, or an existing tokenizer.json."""
+
+    kind: Literal["char", "bpe"] = "char"
+    vocab_size: int = 4096  # bpe only: total size including special tokens
+    path: Optional[str] = None  # an existing tokenizer.json; then nothing is trained
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is split; see README "Data"."""
+
+    path: Optional[str] = None  # file, folder, hf:NAME or https:// URL
+    sha256: Optional[str] = None  # expected checksum of a downloaded URL
+    text_column: str = "text"  # for .jsonl/.json/.csv/.tsv/.parquet/hub data
+    hf_config: Optional[str] = None  # hub dataset configuration name
+    hf_split: str = "train"
+    val_path: Optional[str] = None  # a separate validation source; otherwise the tail of path
+    val_fraction: float = 0.1  # the last fraction of tokens is the validation split
+    cache_dir: str = field(default_factory=default_cache_dir)
+    num_proc: int = 0  # tokenizer worker processes; 0 = one per CPU core (at most 8)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: optimizer, schedule, precision, logging and checkpoints."""
+
+    batch_size: int = 12  # per-device micro-batch (sequences)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: Optional[float] = None  # floor of the cosine decay; None: lr / 10
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False
+    eval_interval: int = 250  # steps between validation passes; 0 = only at the end
+    eval_batches: Optional[int] = None  # None: one full pass over the validation split
+    log_interval: int = 10
+    save_interval: int = 0  # steps between checkpoints; 0 = only the final one
+    keep_last: int = 2  # step checkpoints kept (the newest ones)
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling defaults for `llmctl infer`."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.8  # 0 = greedy
+    top_k: Optional[int] = 200
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    """`llmctl eval` settings."""
+
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    warnings: list = field(default_factory=list, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in sections(self)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def sections(cfg: Any) -> list:
+    """The section fields of a config (everything but bookkeeping)."""
+    return [f for f in dataclasses.fields(cfg) if f.name != "warnings"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Type checking and coercion of raw (YAML / --set) values
+
+
+def _coerce(value: Any, tp: Any) -> tuple[Any, Optional[str]]:
+    """Return (converted value, None) or (None, reason) for a value against a type annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None, None
+        reasons = []
+        for a in args:
+            if a is type(None):
+                continue
+            v, why = _coerce(value, a)
+            if why is None:
+                return v, None
+            reasons.append(why)
+        return None, reasons[0] if reasons else "must be null"
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value, None
+        return None, f"must be one of {', '.join(map(str, choices))} (got {value!r})"
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            return None, f"must be a list (got {value!r})"
+        out = []
+        for v in value:
+            c, why = _coerce(v, inner)
+            if why:
+                return None, why
+            out.append(c)
+        return out, None
+    if tp is Any:
+        return value, None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on"), None
+        return None, f"must be true or false (got {value!r})"
+    if tp is int:
+        if isinstance(value, bool):
+            return None, f"must be an integer (got {value!r})"
+        if isinstance(value, int):
+            return value, None
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+                if f.is_integer():
+                    return int(f), None
+            except ValueError:
+                pass
+        return None, f"must be an integer (got {value!r})"
+    if tp is float:
+        if isinstance(value, bool):
+            return None, f"must be a number (got {value!r})"
+        if isinstance(value, (int, float)):
+            return float(value), None
+        if isinstance(value, str):
+            try:
+                return float(value), None
+            except ValueError:
+                pass
+        return None, f"must be a number (got {value!r})"
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value), None
+        return None, f"must be a string (got {value!r})"
+    if tp is dict:
+        if isinstance(value, dict):
+            return value, None
+        return None, f"must be a mapping (got {value!r})"
+    return value, None
+
+
+def _merge_section(obj: Any, raw: dict, prefix: str, problems: list[str]) -> None:
+    """Set the fields of dataclass `obj` from `raw`, recording unknown keys and bad types."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj) if f.name != "warnings"]
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+            problems.append(f"{where}: unknown key{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                problems.append(f"{where}: must be a mapping of {key} settings (got {value!r})")
+                continue
+            _merge_section(getattr(obj, key), value, f"{where}.", problems)
+            continue
+        converted, why = _coerce(value, tp)
+        if why:
+            problems.append(f"{where}: {why}")
+        else:
+            setattr(obj, key, converted)
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """Turn ['train.lr=3e-4', 'model.n_layer=2'] into a nested dict; values are parsed as YAML scalars."""
+    nested: dict = {}
+    problems = []
+    for item in overrides or []:
+        if "=" not in item:
+            problems.append(f"--set {item!r}: expected KEY=VALUE, for example --set train.lr=3e-4")
+            continue
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            problems.append(f"--set {item!r}: the key must be dotted, for example train.lr")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        d = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            d = d.setdefault(part, {})
+            if not isinstance(d, dict):
+                problems.append(f"--set {item!r}: {part} is set both as a value and as a section")
+                break
+        else:
+            d[parts[-1]] = value
+    if problems:
+        raise LlmctlError(_format_problems(problems))
+    return nested
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, turning every failure into one clear LlmctlError."""
+    p = Path(path)
+    if not p.exists():
+        raise LlmctlError(f"config file not found: {p} (check the path given to -c/--config)")
+    if p.is_dir():
+        raise LlmctlError(f"config path is a directory, not a YAML file: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise LlmctlError(f"config file {p} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise LlmctlError(f"config file {p} is not UTF-8 text") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise LlmctlError(f"config file {p} must be a mapping of sections (model:, train:, ...), not {type(raw).__name__}")
+    return raw
+
+
+def _format_problems(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"bad config: {problems[0]}"
+    return f"bad config ({len(problems)} problems):\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def from_dict(raw: dict, *, validate: bool = True, cls: type = None) -> Config:
+    """Build a Config from a nested dict (defaults fill the rest) and check it."""
+    cfg = (cls or Config)()
+    problems: list[str] = []
+    _merge_section(cfg, raw, "", problems)
+    if validate:
+        problems += _check_values(cfg)
+    if problems:
+        raise LlmctlError(_format_problems(problems))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Defaults <- `base` (for example a checkpoint's config) <- YAML file <- `--set` overrides."""
+    raw: dict = dict(base or {})
+    if path is not None:
+        raw = _deep_merge(raw, read_yaml(path))
+    raw = _deep_merge(raw, parse_overrides(overrides))
+    return from_dict(raw)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Value checks: impossible values are errors, odd ones are adjusted with a warning
+
+
+def _check_values(cfg: Config) -> list[str]:
+    p: list[str] = []
+    m, t, d, g = cfg.model, cfg.train, cfg.data, cfg.generate
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_multiple"):
+        if getattr(m, name) < 1:
+            p.append(f"model.{name}: must be at least 1 (got {getattr(m, name)})")
+    if m.n_head >= 1 and m.n_embd >= 1 and m.n_embd % m.n_head:
+        p.append(f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}; pick sizes where it is")
+    if m.n_kv_head is not None:
+        if m.n_kv_head < 1 or (m.n_head >= 1 and m.n_head % m.n_kv_head):
+            p.append(f"model.n_kv_head: must divide model.n_head={m.n_head} (got {m.n_kv_head})")
+        elif m.arch == "gpt2" and m.n_kv_head != m.n_head:
+            p.append("model.n_kv_head: grouped-query attention needs model.arch=llama (GPT-2 has none)")
+    if m.arch == "llama" and m.n_head >= 1 and m.n_embd % m.n_head == 0 and m.head_dim % 2:
+        p.append(f"model.n_embd/n_head: RoPE needs an even head size (got {m.head_dim})")
+    if m.vocab_size is not None and m.vocab_size < 1:
+        p.append(f"model.vocab_size: must be positive (got {m.vocab_size})")
+    if m.mlp_hidden is not None and m.mlp_hidden < 1:
+        p.append(f"model.mlp_hidden: must be positive (got {m.mlp_hidden})")
+    if not 0.0 <= m.dropout < 1.0:
+        p.append(f"model.dropout: must be in [0, 1) (got {m.dropout})")
+    if m.norm_eps <= 0 or m.rope_theta <= 0 or m.init_std <= 0:
+        p.append("model.norm_eps, model.rope_theta and model.init_std must be positive")
+
+    if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 260:
+        p.append(f"tokenizer.vocab_size: a byte-level BPE needs at least 260 tokens (got {cfg.tokenizer.vocab_size})")
+
+    if not 0.0 <= d.val_fraction < 1.0:
+        p.append(f"data.val_fraction: must be in [0, 1) (got {d.val_fraction})")
+    if d.num_proc < 0:
+        p.append(f"data.num_proc: must be 0 (auto) or more (got {d.num_proc})")
+    if d.sha256 is not None and (len(d.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in d.sha256)):
+        p.append("data.sha256: must be 64 hexadecimal characters")
+
+    for name in ("batch_size", "grad_accum", "max_steps", "log_interval"):
+        if getattr(t, name) < 1:
+            p.append(f"train.{name}: must be at least 1 (got {getattr(t, name)})")
+    for name in ("warmup_steps", "eval_interval", "save_interval", "weight_decay", "grad_clip"):
+        if getattr(t, name) < 0:
+            p.append(f"train.{name}: must not be negative (got {getattr(t, name)})")
+    if t.lr <= 0:
+        p.append(f"train.lr: must be positive (got {t.lr})")
+    if t.min_lr is not None and t.min_lr < 0:
+        p.append(f"train.min_lr: must not be negative (got {t.min_lr})")
+    if t.keep_last < 1:
+        p.append(f"train.keep_last: must be at least 1 (got {t.keep_last})")
+    if t.eval_batches is not None and t.eval_batches < 1:
+        p.append(f"train.eval_batches: must be at least 1, or null for a full pass (got {t.eval_batches})")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            p.append(f"train.{name}: must be in [0, 1) (got {getattr(t, name)})")
+    if t.eps <= 0:
+        p.append(f"train.eps: must be positive (got {t.eps})")
+
+    if g.max_new_tokens < 1:
+        p.append(f"generate.max_new_tokens: must be at least 1 (got {g.max_new_tokens})")
+    if g.temperature < 0:
+        p.append(f"generate.temperature: must not be negative (got {g.temperature})")
+    if g.top_k is not None and g.top_k < 1:
+        p.append(f"generate.top_k: must be at least 1 or null (got {g.top_k})")
+    if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
+        p.append(f"generate.top_p: must be in (0, 1] or null (got {g.top_p})")
+    if cfg.eval.batch_size < 1:
+        p.append(f"eval.batch_size: must be at least 1 (got {cfg.eval.batch_size})")
+
+    if not p:  # adjustments only make sense on an otherwise valid config
+        if t.warmup_steps > t.max_steps:
+            cfg.warnings.append(f"train.warmup_steps={t.warmup_steps} is longer than train.max_steps={t.max_steps}; clamped to {t.max_steps}")
+            t.warmup_steps = t.max_steps
+        if t.min_lr is not None and t.min_lr > t.lr:
+            cfg.warnings.append(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; clamped to {t.lr}")
+            t.min_lr = t.lr
+        if t.eval_interval > t.max_steps:
+            cfg.warnings.append(f"train.eval_interval={t.eval_interval} exceeds train.max_steps; validation runs only at the end")
+            t.eval_interval = 0
+    return p

@@ -1,0 +1,104 @@
+"""Console output: a rich progress bar on a terminal, plain log lines otherwise. Everything goes to stderr."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class RichReporter:
+    """Step, loss, lr, tokens/s and ETA in a live bar on stderr."""
+
+    def __init__(self, console: Console = err, label: str = "train"):
+        self.console, self.label = console, label
+        self.progress: Optional[Progress] = None
+        self.task = None
+        self.fields = {"loss": "", "lr": "", "tps": ""}
+
+    def start(self, total: int, done: int) -> None:
+        self.progress = Progress(
+            TextColumn(f"[bold]{self.label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(self.label, total=total, completed=done, **self.fields)
+
+    def update(self, step: int, info: dict) -> None:
+        if "tokens_per_sec" in info:
+            self.fields["tps"] = f"{info['tokens_per_sec']:,.0f}"
+        self.fields["loss"] = f"{info['loss']:.4f}"
+        self.fields["lr"] = f"{info['lr']:.2e}"
+        self.progress.update(self.task, completed=step, **self.fields)
+
+    def log(self, message: str) -> None:
+        (self.progress.console if self.progress else self.console).print(message)
+
+    def stop(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
+
+
+class PlainReporter:
+    """One line per logged step, for logs, pipes and CI."""
+
+    def __init__(self, stream=None, label: str = "train"):
+        self.stream = stream or sys.stderr
+        self.label = label
+        self.total = self.start_step = 0
+        self.t0 = time.perf_counter()
+
+    def start(self, total: int, done: int) -> None:
+        self.total, self.start_step, self.t0 = total, done, time.perf_counter()
+
+    def update(self, step: int, info: dict) -> None:
+        if "tokens_per_sec" not in info:
+            return
+        done = step - self.start_step
+        eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
+        print(
+            f"{self.label} step {step}/{self.total} | loss {info['loss']:.4f} | lr {info['lr']:.2e} | "
+            f"{info['tokens_per_sec']:,.0f} tok/s | eta {fmt_duration(eta)}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def log(self, message: str) -> None:
+        print(message, file=self.stream, flush=True)
+
+    def stop(self) -> None:
+        pass
+
+
+def reporter(label: str = "train", quiet: bool = False):
+    """A rich bar when stderr is a terminal, plain lines otherwise (or nothing when quiet)."""
+    if quiet:
+        from .train import NullReporter
+
+        return NullReporter()
+    if err.is_terminal:
+        return RichReporter(err, label)
+    return PlainReporter(label=label)

@@ -1,0 +1,27 @@
+"""The one error type that carries an exit status to the CLI.
+
+Exit statuses (the README has the same table):
+  0 success, 1 unexpected error, 2 bad input, 3 training diverged,
+  130 interrupted by SIGINT, 143 interrupted by SIGTERM.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class LlmctlError(Exception):
+    """An expected failure: the message names the problem and the fix; `status` is the exit code."""
+
+    def __init__(self, message: str, status: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,273 @@
+"""The decoder-only Transformer: GPT-2 flavour and LLaMA flavour in one module.
+
+GPT-2 flavour: LayerNorm, learned positions, GELU MLP, tied embeddings, optional biases.
+LLaMA flavour: RMSNorm, rotary positions (HF's rotate-half layout), SwiGLU MLP, grouped-query attention.
+Both are exactly expressible as transformers' `gpt2` / `llama` models (see `llmctl.hf`).
+
+`forward` returns logits. Loss, optimizers and I/O live elsewhere. For generation, `setup_cache` allocates one
+static KV cache per layer; `forward(idx, input_pos=...)` then writes keys/values at those positions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for one layer: (B, n_kv_head, max_len, head_dim)."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # input_pos: (T,) slots; k, v: (B, n_kv_head, T, head_dim)
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt2, optional bias) or RMSNorm (llama), computed in float32 like the references."""
+
+    def __init__(self, dim: int, eps: float, kind: str, bias: bool):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if (bias and kind == "layernorm") else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        # normalise in float32, cast back, then scale: the order transformers' LlamaRMSNorm uses
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (length, head_dim) in HF's rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (hd/2,)
+    freqs = torch.outer(torch.arange(length, dtype=torch.int64).float(), inv_freq)  # (L, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, hd); cos/sin: (B or 1, 1, T, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        # one fused projection for q, k and v: (C) -> (n_head + 2 * n_kv_head) * head_dim
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.has_bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.has_bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, rope, input_pos, mask, kv_len: Optional[int]) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
+            if kv_len is not None:  # eager decoding reads only the filled part of the cache
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+                mask = mask[..., :kv_len] if mask is not None else None
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype == torch.bfloat16 and k.shape[2] < 512:
+            # CPU flash attention in bf16 is 3-4x slower than in fp32 for short sequences (measured, torch 2.13);
+            # the matmuls around it stay bf16
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast(q.device.type, enabled=False):
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            ).to(dtype)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """GELU MLP (gpt2) or SwiGLU with a fused gate/up projection (llama)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        self.hidden = cfg.hidden
+        self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * self.hidden, bias=cfg.has_bias)
+        self.proj = nn.Linear(self.hidden, cfg.n_embd, bias=cfg.has_bias)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, H) or (B, T, 2H)
+        if self.swiglu:
+            gate, up = h.split(self.hidden, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate=self.approximate)
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        kind = "layernorm" if cfg.arch == "gpt2" else "rmsnorm"
+        self.norm1 = Norm(cfg.n_embd, cfg.norm_eps, kind, cfg.has_bias)
+        self.attn = Attention(cfg)
+        self.norm2 = Norm(cfg.n_embd, cfg.norm_eps, kind, cfg.has_bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, input_pos, mask, kv_len):
+        x = x + self.attn(self.norm1(x), rope, input_pos, mask, kv_len)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only Transformer. `cfg.vocab_size` must be set (the commands fill it from the tokenizer)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set before building the model")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = Norm(cfg.n_embd, cfg.norm_eps, "layernorm" if cfg.arch == "gpt2" else "rmsnorm", cfg.has_bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tied:
+            self.lm_head.weight = self.wte.weight
+        if cfg.arch == "llama":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.cache_len = 0
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+        if self.cfg.arch == "llama":  # buffers are not parameters; recompute in case of meta-device init
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameters counted once (tied weights once); without position and token embeddings if asked."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.wte.weight.numel() if not self.cfg.tied else 0
+            n -= self.wpe.weight.numel() if self.wpe is not None else 0
+        return n
+
+    # ---------------------------------------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> None:
+        """Allocate the static KV cache for generation (`max_len` <= block_size slots per sequence)."""
+        max_len = min(max_len or self.cfg.block_size, self.cfg.block_size)
+        p = self.lm_head.weight
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim, dtype or p.dtype, p.device)
+        self.cache_len = max_len
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+        self.cache_len = 0
+
+    def positions(self, input_pos: torch.Tensor, left_pad: Optional[torch.Tensor]) -> torch.Tensor:
+        """Position ids (B or 1, T): the cache slot minus the sequence's left padding."""
+        pos = input_pos[None, :]
+        if left_pad is not None:
+            pos = (pos - left_pad[:, None]).clamp(min=0)
+        return pos
+
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        left_pad: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C).
+
+        idx: (B, T) token ids. Without a cache, positions are 0..T-1 and attention is causal.
+        With a cache (`setup_cache`), `input_pos` (T,) are the cache slots written by this call, `left_pad` (B,)
+        the number of padding slots at the start of each row (masked out, positions shifted), and `kv_len` an
+        optional Python int bounding the slots read (eager decoding; leave None under torch.compile).
+        """
+        B, T = idx.shape
+        cached = self.cache_len > 0
+        if input_pos is None:
+            if cached:
+                raise ValueError("input_pos is required when the KV cache is set up")
+            input_pos = torch.arange(T, device=idx.device)
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
+        pos = self.positions(input_pos, left_pad)  # (B or 1, T)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype), self.rope_sin[pos].unsqueeze(1).to(x.dtype))  # (B|1, 1, T, hd)
+        x = self.drop(x)
+        mask = None
+        if cached:
+            slots = torch.arange(self.cache_len, device=idx.device)
+            mask = slots[None, None, None, :] <= input_pos[None, None, :, None]  # (1, 1, T, S) causal over slots
+            if left_pad is not None:
+                mask = mask & (slots[None, None, None, :] >= left_pad[:, None, None, None])  # (B, 1, T, S)
+        elif left_pad is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = causal[None, None] & (input_pos[None, None, None, :] >= left_pad[:, None, None, None])
+        if mask is not None and left_pad is not None:
+            # a padding query row would mask every key; let it see itself so softmax stays finite
+            own_slot = input_pos[:, None] == torch.arange(mask.shape[-1], device=idx.device)[None, :]  # (T, S)
+            mask = mask | own_slot[None, None]
+        for block in self.blocks:
+            x = block(x, rope, input_pos, mask, kv_len)
+        return self.norm(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        left_pad: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache arguments."""
+        return self.lm_head(self.hidden(idx, input_pos, left_pad, kv_len))

@@ -1,0 +1,254 @@
+"""The one training loop, shared by pretraining and every kind of finetuning.
+
+`fit` receives the model, its optimizer, a function that returns the micro-batches of a step, and a loss function;
+evaluation and saving are callbacks. It knows nothing of files, data formats or the CLI, so pretraining,
+finetuning, LoRA and classification differ only in what they pass in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ContextManager, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .errors import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
+from .optim import lr_at
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class LoopState:
+    """Where a run is: restored on resume, stored in every checkpoint."""
+
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0  # tokens trained on so far, summed over ranks
+    elapsed: float = 0.0  # seconds spent training (excluding evaluation and saving)
+    best: Optional[float] = None  # best value of the tracked metric so far
+    best_step: Optional[int] = None
+    last_eval: dict = field(default_factory=dict)
+
+
+class Interrupted(LlmctlError):
+    """SIGINT / SIGTERM arrived; a checkpoint was written (when a save callback exists)."""
+
+
+class Reporter(Protocol):
+    def start(self, total: int, done: int) -> None: ...
+    def update(self, step: int, info: dict) -> None: ...
+    def log(self, message: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class NullReporter:
+    def start(self, total: int, done: int) -> None: ...
+    def update(self, step: int, info: dict) -> None: ...
+    def log(self, message: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy; labels of -100 (prompt or padding) are not trained on."""
+    logits = model(batch["input_ids"])  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# RNG state: everything that makes a resumed run bit-identical to an uninterrupted one
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuple(x: Any) -> Any:
+    return tuple(_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Signals: finish the step, save, exit 130 / 143; a second Ctrl-C aborts at once
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopFlag":
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hooks:
+    """What the loop calls out to. All optional but `batches`."""
+
+    batches: Callable[[int], list[Batch]]  # step -> micro-batches for this rank
+    loss: Callable[[nn.Module, Batch], torch.Tensor] = lm_loss
+    evaluate: Optional[Callable[[int], dict]] = None  # step -> {"val_loss": ...}
+    save: Optional[Callable[[LoopState, str], Any]] = None  # (state, reason) -> path; reason: interval|final|signal
+    log_metrics: Callable[[dict], None] = lambda row: None  # one row of metrics.jsonl
+    no_sync: Optional[Callable[[], ContextManager]] = None  # skip the gradient all-reduce on non-final micro-steps
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # average a scalar over ranks
+    metric: str = "val_loss"  # tracked for keep-best
+    metric_mode: str = "min"
+    on_step: Optional[Callable[[LoopState], None]] = None  # test hook
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    hooks: Hooks,
+    state: LoopState,
+    *,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+    scaler: Optional[torch.amp.GradScaler] = None,
+    tokens_per_step: int,
+    reporter: Reporter = NullReporter(),
+) -> LoopState:
+    """Train until `cfg.max_steps`, evaluating every `eval_interval` and saving every `save_interval` and at the end.
+
+    Raises `Interrupted` (exit 130/143) after saving when a signal arrives, and LlmctlError with exit 3 when the loss
+    or the gradient norm is not finite (nothing is saved then: the last good checkpoint stays `latest`).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    reporter.start(cfg.max_steps, state.step)
+    window_t, window_tokens = time.perf_counter(), 0
+    model.train()
+    with StopFlag() as stop:
+        while state.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            step = state.step
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            micro = hooks.batches(step)
+            total = torch.zeros((), device=device)
+            for i, batch in enumerate(micro):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                sync = contextlib.nullcontext() if (hooks.no_sync is None or i == len(micro) - 1) else hooks.no_sync()
+                with sync:
+                    with autocast():
+                        loss = hooks.loss(model, batch) / len(micro)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                total += loss.detach()
+            if scaler:
+                scaler.unscale_(optimizer)
+            if cfg.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            loss_val = hooks.reduce_mean(total).item()
+            gnorm_val = float(gnorm)
+            if not math.isfinite(loss_val) or (not math.isfinite(gnorm_val) and scaler is None):
+                what = "loss" if not math.isfinite(loss_val) else "gradient norm"
+                raise LlmctlError(
+                    f"training diverged at step {step + 1}: the {what} is {loss_val if what == 'loss' else gnorm_val}; "
+                    "the last good checkpoint is kept. Lower train.lr, raise train.warmup_steps, or use train.dtype=float32",
+                    status=EXIT_DIVERGED,
+                )
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens += tokens_per_step
+            dt = time.perf_counter() - t0
+            state.elapsed += dt
+            window_tokens += tokens_per_step
+            info = {"loss": loss_val, "lr": lr, "grad_norm": gnorm_val}
+            if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps or state.step == 1:
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_t, 1e-9)
+                window_t, window_tokens = now, 0
+                row = {"step": state.step, "loss": round(loss_val, 6), "lr": lr, "grad_norm": round(gnorm_val, 6),
+                       "tokens": state.tokens, "tokens_per_sec": round(tps, 1), "time": round(state.elapsed, 3)}
+                hooks.log_metrics(row)
+                info["tokens_per_sec"] = tps
+            reporter.update(state.step, info)
+            if hooks.on_step:
+                hooks.on_step(state)
+
+            last = state.step == cfg.max_steps
+            if hooks.evaluate and ((cfg.eval_interval and state.step % cfg.eval_interval == 0) or last):
+                result = hooks.evaluate(state.step)
+                model.train()
+                state.last_eval = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+                value = result.get(hooks.metric)
+                if value is not None and (
+                    state.best is None or (value < state.best if hooks.metric_mode == "min" else value > state.best)
+                ):
+                    state.best, state.best_step = value, state.step
+                hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
+                reporter.log(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+                window_t = time.perf_counter()  # evaluation time is not training throughput
+            if hooks.save and (last or (cfg.save_interval and state.step % cfg.save_interval == 0)):
+                hooks.save(state, "final" if last else "interval")
+                window_t = time.perf_counter()
+            if stop.signum is not None and not last:
+                path = hooks.save(state, "signal") if hooks.save else None
+                status = EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
+                name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
+                raise Interrupted(f"interrupted by {name} after step {state.step}" + (f"; saved {path}" if path else ""), status)
+    reporter.stop()
+    return state
+
+
+def loop_state_dict(state: LoopState) -> dict:
+    return asdict(state)

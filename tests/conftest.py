@@ -1,0 +1,56 @@
+"""Shared fixtures: one tiny trained checkpoint for the whole session, a private cache, the CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SHAKESPEARE = SHARED / "tinyshakespeare.txt"
+
+# a model small enough to train in seconds on 2 CPU cores
+TINY = [
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+    "train.batch_size=4", "train.max_steps=30", "train.eval_interval=15", "train.eval_batches=4",
+    "train.log_interval=5", "train.warmup_steps=5", "train.dtype=float32", f"data.path={SHAKESPEARE}",
+]
+
+
+def sets(*items: str) -> list[str]:
+    """['a=1', 'b=2'] -> ['--set', 'a=1', '--set', 'b=2']"""
+    out: list[str] = []
+    for i in items:
+        out += ["--set", i]
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["LLMCTL_CACHE_DIR"] = str(cache)
+    os.environ.pop("LLMCTL_DEBUG", None)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args: str):
+    from llmctl.cli import app
+
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, runner) -> Path:
+    """A tiny char-level GPT trained for 30 steps through the real CLI; shared by every test that needs one."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    r = invoke(runner, "pretrain", *sets(*TINY), "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    return out

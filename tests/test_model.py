@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from llmctl.config import ModelConfig
+from llmctl.model import Transformer
+
+SHAPES = {
+    "gpt2": ModelConfig(arch="gpt2", n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50),
+    "gpt2-nobias-untied": ModelConfig(arch="gpt2", n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50,
+                                      bias=False, tie_embeddings=False, activation="gelu_tanh"),
+    "llama-gqa": ModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, vocab_size=50,
+                             mlp_hidden=72),
+    "llama-tied-bias": ModelConfig(arch="llama", n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50,
+                                   tie_embeddings=True, bias=True, rope_theta=500.0),
+}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_shapes_and_parameter_count(name):
+    cfg = SHAPES[name]
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    x = torch.randint(0, 50, (3, 10))
+    assert m(x).shape == (3, 10, 50)
+    assert m.hidden(x).shape == (3, 10, cfg.n_embd)
+    assert (m.lm_head.weight is m.wte.weight) == cfg.tied
+    assert (m.wpe is not None) == (cfg.arch == "gpt2")
+    hd = cfg.n_embd // cfg.n_head
+    assert m.blocks[0].attn.qkv.weight.shape == ((cfg.n_head + 2 * cfg.kv_heads) * hd, cfg.n_embd)
+    assert m.num_params() == sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_causal(name):
+    """Changing a later token never changes earlier logits."""
+    torch.manual_seed(0)
+    m = Transformer(SHAPES[name]).eval()
+    x = torch.randint(0, 50, (1, 12))
+    y = x.clone()
+    y[0, 8] = (y[0, 8] + 1) % 50
+    assert torch.allclose(m(x)[:, :8], m(y)[:, :8], atol=1e-6)
+    assert not torch.allclose(m(x)[:, 8:], m(y)[:, 8:])
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_cache_prefill_and_decode_match_full_forward(name):
+    torch.manual_seed(0)
+    m = Transformer(SHAPES[name]).eval()
+    x = torch.randint(0, 50, (2, 12))
+    full = m(x)
+    m.setup_cache(2, 16)
+    pre = m(x[:, :7], input_pos=torch.arange(7), kv_len=7)
+    steps = [m(x[:, i : i + 1], input_pos=torch.tensor([i]), kv_len=i + 1) for i in range(7, 12)]
+    m.clear_cache()
+    assert torch.allclose(torch.cat([pre, *steps], 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_left_padding_gives_same_logits(name):
+    torch.manual_seed(0)
+    m = Transformer(SHAPES[name]).eval()
+    x = torch.randint(3, 50, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)  # 3 pad slots in front
+    ref = m(x)
+    out = m(padded, input_pos=torch.arange(9), left_pad=torch.tensor([3]))
+    assert torch.allclose(out[:, 3:], ref, atol=1e-5)
+
+
+def test_dropout_only_in_training():
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, dropout=0.5)
+    m = Transformer(cfg)
+    x = torch.randint(0, 20, (2, 8))
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    m.train()
+    assert not torch.equal(m(x), m(x))

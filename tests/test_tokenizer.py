@@ -1,0 +1,57 @@
+import pytest
+
+from llmctl.errors import LlmctlError
+from llmctl.tokenizer import EOS, PAD, UNK, Tokenizer
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+
+
+def test_char_round_trip_and_specials():
+    tok = Tokenizer.train_char([TEXT])
+    assert (tok.eos_id, tok.pad_id, tok.unk_id) == (0, 1, 2)
+    assert tok.vocab_size == len(set(TEXT)) + 3
+    ids = tok.encode(TEXT)
+    assert len(ids) == len(TEXT) and tok.decode(ids) == TEXT
+    # special tokens written in text become the special ids; unseen characters become <unk>
+    ids = tok.encode("hear<eos>Zé")
+    assert ids[4] == tok.eos_id and ids[-1] == tok.unk_id and ids[-2] == tok.unk_id
+    assert tok.decode(ids) == "hear"
+    assert tok.decode(ids, skip_special=False) == f"hear{EOS}{UNK}{UNK}"
+    assert tok.kind == "char"
+
+
+def test_bpe_round_trip_and_specials():
+    text = TEXT * 20 + "naïve café — ünïcödé ☃\n"
+    tok = Tokenizer.train_bpe([text], 300)
+    assert tok.vocab_size == 300
+    assert tok.token_to_id(EOS) == 0 and tok.token_to_id(PAD) == 1
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(ids) < len(text.encode())
+    assert tok.encode(EOS) == [tok.eos_id]
+    assert tok.decode(tok.encode("never seen: 漢字")) == "never seen: 漢字"  # bytes cover everything
+    assert tok.kind == "bpe"
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_streaming_decode_equals_full_decode(kind):
+    text = TEXT * 10 + "ünïcödé ☃ 漢字\n"
+    tok = Tokenizer.train_char([text]) if kind == "char" else Tokenizer.train_bpe([text], 280)
+    ids = tok.encode(text)
+    pieces = list(tok.stream(iter(ids)))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_save_load_identical(tmp_path):
+    tok = Tokenizer.train_char([TEXT])
+    tok.save(tmp_path / "tokenizer.json")
+    again = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert again.encode(TEXT) == tok.encode(TEXT) and again.sha256 == tok.sha256
+
+
+def test_bad_tokenizer_file(tmp_path):
+    with pytest.raises(LlmctlError, match="not found"):
+        Tokenizer.from_file(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(LlmctlError, match="not a valid tokenizer.json"):
+        Tokenizer.from_file(tmp_path / "bad.json")
