@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 
 from .console import err, out, reporter
-from .errors import EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_UNEXPECTED, LlmctlError
+from .errors import EXIT_SIGINT, EXIT_UNEXPECTED, LlmctlError
 
 app = typer.Typer(
     name="llmctl",

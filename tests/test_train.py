@@ -56,7 +56,7 @@ def test_diverged_run_exits_3_and_keeps_last_checkpoint(tmp_path):
 
     def poison(state):
         if state.step == 5:
-            for p in commands._unwrap(plan["model"]).parameters():
+            for p in commands.unwrap(plan["model"]).parameters():
                 p.data.fill_(float("nan"))
 
     plan = {}

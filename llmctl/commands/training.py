@@ -1,143 +1,26 @@
-"""What each subcommand does, as plain functions: wiring of config, data, model, loop, checkpoint, generation.
-
-They return results (dicts, iterators of text) and report through a `log` callable and a `Reporter`; the CLI
-decides how to print. Every expected failure is an `LlmctlError` raised before work starts where possible.
-"""
+"""pretrain, finetune and prepare: build and check everything, then run the one training loop."""
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
-import yaml
 
-from . import checkpoint as ckpt_io
-from .config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
-from .data import LMBatches, eval_blocks, prepare as prepare_tokens, tokenize_file
-from .errors import LlmctlError
-from .evaluate import lm_metrics
-from .generate import generate
-from .model import Transformer
-from .optim import build_optimizer
-from .tokenizer import Tokenizer
-from .train import Hooks, LoopState, NullReporter, Reporter, fit, rng_state, seed_everything, set_rng_state
-
-Log = Callable[[str], None]
-
-
-def _nolog(msg: str) -> None:
-    pass
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Device and precision
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LlmctlError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise LlmctlError("train.device=mps but MPS is not available; use train.device=cpu or auto")
-    return torch.device(name)
-
-
-def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype (None = plain float32). Weights and optimizer state stay float32 either way.
-
-    auto: bfloat16 on CUDA when supported (else float16 with a grad scaler) and on CPU, where oneDNN's bf16 matmuls
-    train the same models 1.3-2.6x faster with the same loss (README "Speed"); float32 on MPS.
-    """
-    if name == "float32":
-        return None
-    if name == "bfloat16":
-        return torch.bfloat16
-    if name == "float16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16
-    return None
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Model construction and loading
-
-
-def vocab_for(cfg: Config, tok: Tokenizer) -> int:
-    m = cfg.model
-    if m.vocab_size is not None:
-        if m.vocab_size < tok.vocab_size:
-            raise LlmctlError(
-                f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens; "
-                "raise it or leave it unset"
-            )
-        return m.vocab_size
-    return m.vocab_multiple * math.ceil(tok.vocab_size / m.vocab_multiple)
-
-
-def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load a state dict strictly, except for the output head when it is tied to the embedding."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in tensors and not (k == "lm_head.weight" and model.cfg.tied)]
-    unexpected = [k for k in tensors if k not in own]
-    wrong = [k for k in tensors if k in own and tensors[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}")
-        if wrong:
-            parts.append(f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
-        raise LlmctlError(f"weights in {source} do not match the model config ({'; '.join(parts)})")
-    model.load_state_dict(tensors, strict=False)
-
-
-@dataclass
-class Loaded:
-    """A model restored from a checkpoint, with everything needed to use it."""
-
-    ckpt: ckpt_io.Checkpoint
-    cfg: Config
-    tokenizer: Tokenizer
-    model: Transformer
-    device: torch.device
-
-
-def load_model(path: str | Path, device: str = "auto", dtype: Optional[torch.dtype] = None) -> Loaded:
-    """Verify and load a checkpoint (run directory or step directory) for inference or evaluation."""
-    ck = ckpt_io.load(path)
-    try:
-        cfg = from_dict(ck.config)
-    except LlmctlError as e:
-        raise LlmctlError(f"{ck.path}/config.yaml does not describe a valid model: {e}") from None
-    tok = Tokenizer.from_str(ck.tokenizer_json())
-    dev = resolve_device(device)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model = model.to_empty(device=dev)
-    if cfg.model.tied:  # to_empty materialises each module's parameters separately: tie them again
-        model.lm_head.weight = model.wte.weight
-    model.reset_parameters()  # rope tables and any buffer; weights come next
-    load_weights(model, ck.weights(), str(ck.path))
-    if dtype is not None:
-        model = model.to(dtype)
-    model.eval()
-    return Loaded(ck, cfg, tok, model, dev)
+from .. import checkpoint as ckpt_io
+from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
+from ..data import LMBatches, eval_blocks, prepare as prepare_tokens
+from ..errors import LlmctlError
+from ..evaluate import lm_metrics
+from ..model import Transformer
+from ..optim import build_optimizer
+from ..tokenizer import Tokenizer
+from ..train import Hooks, LoopState, NullReporter, Reporter, fit, rng_state, seed_everything, set_rng_state
+from .common import Log, _nolog, load_weights, resolve_amp, resolve_device, unwrap, vocab_for
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -382,16 +265,12 @@ def pretrain(
     plan = _build_plan(cfg, tokenizer, log, "pretrain")
     resume_state = None
     if source_ckpt is not None:
-        load_weights(_unwrap(plan.model), source_ckpt.weights(), str(source_ckpt.path))
+        load_weights(unwrap(plan.model), source_ckpt.weights(), str(source_ckpt.path))
         resume_state = source_ckpt.train_state()
         log(f"resuming from {source_ckpt.path} (step {source_ckpt.meta.get('step')})")
     if on_plan:
         on_plan(plan)
     return run_training(plan, out, reporter, log, resume_state, on_step)
-
-
-def _unwrap(model):
-    return getattr(model, "_orig_mod", model)
 
 
 def _check_model_matches(cfg: Config, ck_cfg: Config, where: Path, explicit: Optional[dict]) -> None:
@@ -446,7 +325,7 @@ def finetune(
     plan = _build_plan(cfg, tokenizer, log, "finetune")
     plan.base = str(base_ckpt.path)
     src = resume_ckpt or base_ckpt
-    load_weights(_unwrap(plan.model), src.weights(), str(src.path))
+    load_weights(unwrap(plan.model), src.weights(), str(src.path))
     resume_state = resume_ckpt.train_state() if resume_ckpt else None
     if on_plan:
         on_plan(plan)
@@ -463,95 +342,6 @@ def prepare(config: Optional[Path], overrides: list[str], log: Log = _nolog) -> 
     td = prepare_tokens(cfg.data, cfg.tokenizer, log=log)
     return {"cache": str(td.dir), **td.manifest}
 
-
-def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
-    if prompt is not None and prompt_file is not None:
-        raise LlmctlError("give either --prompt or --prompt-file, not both")
-    if prompt_file is not None:
-        p = Path(prompt_file)
-        if not p.is_file():
-            raise LlmctlError(f"--prompt-file {p} does not exist")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise LlmctlError(f"--prompt-file {p} is not UTF-8 text") from None
-        if not text.strip():
-            raise LlmctlError(f"--prompt-file {p} is empty; put the prompt text in it")
-        return text
-    if prompt is None:
-        raise LlmctlError("no prompt: give --prompt TEXT or --prompt-file FILE")
-    return prompt
-
-
-def encode_prompt(tok: Tokenizer, text: str, block_size: int, truncate: bool) -> list[int]:
-    """Prompt ids that fit the context; an empty prompt starts from <eos> (unconditional sampling)."""
-    ids = tok.encode(text) if text else []
-    if not ids:
-        return [tok.eos_id]
-    if len(ids) > block_size:
-        if not truncate:
-            raise LlmctlError(
-                f"the prompt is {len(ids)} tokens but the model's context is {block_size}; "
-                "shorten it or pass --truncate to keep its last tokens"
-            )
-        ids = ids[-block_size:]
-    return ids
-
-
-def infer(
-    ckpt: Path,
-    prompt: str,
-    max_new_tokens: Optional[int] = None,
-    temperature: Optional[float] = None,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    seed: Optional[int] = None,
-    truncate: bool = False,
-    device: str = "auto",
-) -> Iterator[str]:
-    """`llmctl infer`: stream the completion of one prompt as text pieces."""
-    if max_new_tokens is not None and max_new_tokens <= 0:
-        raise LlmctlError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
-    if temperature is not None and temperature < 0:
-        raise LlmctlError(f"--temperature must not be negative (got {temperature})")
-    if top_k is not None and top_k < 1:
-        raise LlmctlError(f"--top-k must be at least 1 (got {top_k})")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise LlmctlError(f"--top-p must be in (0, 1] (got {top_p})")
-    loaded = load_model(ckpt, device)
-    g = loaded.cfg.generate
-    ids = encode_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
-    stream = generate(
-        loaded.model, ids,
-        max_new_tokens=max_new_tokens or g.max_new_tokens,
-        temperature=g.temperature if temperature is None else temperature,
-        top_k=g.top_k if top_k is None else top_k,
-        top_p=g.top_p if top_p is None else top_p,
-        eos_id=loaded.tokenizer.eos_id,
-        seed=g.seed if seed is None else seed,
-    )
-    return loaded.tokenizer.stream(stream)
-
-
-def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] = None, device: str = "auto",
-             log: Log = _nolog) -> dict:
-    """`llmctl eval`: loss, perplexity and bits per byte on the validation split or on `data`."""
-    loaded = load_model(ckpt, device)
-    cfg, tok = loaded.cfg, loaded.tokenizer
-    if data is not None:
-        tokens = tokenize_file(data, cfg.data, tok)
-        source = data
-    else:
-        if cfg.data.path and not cfg.data.path.startswith(("hf:", "http://", "https://")) and not Path(cfg.data.path).expanduser().exists():
-            raise LlmctlError(f"the checkpoint's data.path {cfg.data.path} is not on this machine; pass --data FILE to evaluate on a file")
-        tokens = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tok, log=log).val
-        source = f"{cfg.data.path} (validation split)"
-    if len(tokens) < 2:
-        raise LlmctlError(f"{source} has fewer than 2 tokens; nothing to evaluate")
-    n_bytes = len(tok.decode([int(i) for i in tokens[1:]]).encode("utf-8"))
-    r = lm_metrics(loaded.model, eval_blocks(tokens, cfg.model.block_size, batch_size or cfg.eval.batch_size),
-                   loaded.device, None, n_bytes=n_bytes)
-    return {"checkpoint": str(loaded.ckpt.path), "data": source, **r}
 
 
 def show_config(config: Optional[Path], overrides: list[str]) -> Config:
