@@ -121,6 +121,10 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 0  # steps between checkpoints; 0 = only the final one
     keep_last: int = 2  # step checkpoints kept (the newest ones)
+    keep_best: bool = True  # also save at a new best `best_metric` and keep that checkpoint
+    best_metric: str = "val_loss"  # an evaluation metric (val_loss; accuracy or f1 for classification)
+    best_mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracy/f1/precision/recall, else min
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient that may be skipped before stopping (exit 3)
 
 
 @dataclass
@@ -410,6 +414,8 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"train.lr: must be positive (got {t.lr})")
     if t.min_lr is not None and t.min_lr < 0:
         p.append(f"train.min_lr: must not be negative (got {t.min_lr})")
+    if t.skip_nonfinite < 0:
+        p.append(f"train.skip_nonfinite: must not be negative (got {t.skip_nonfinite})")
     if t.keep_last < 1:
         p.append(f"train.keep_last: must be at least 1 (got {t.keep_last})")
     if t.eval_batches is not None and t.eval_batches < 1:

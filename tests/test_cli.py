@@ -120,7 +120,47 @@ BAD = [
     ("bad-override-syntax", lambda t, r: ["config", "show", "--set", "train.lr"], ["KEY=VALUE"]),
     ("finetune-missing-base", lambda t, r: ["finetune", "--from", t / "nope", "--out", t / "o"], ["checkpoint not found"]),
     ("unknown-option", lambda t, r: ["pretrain", "--nope"], ["No such option"]),
+    ("resume-from-missing", lambda t, r: ["pretrain", *sets(*TINY), "--resume-from", t / "nope", "--out", t / "o"],
+     ["checkpoint not found"]),
+    ("eval-batch-size-zero", lambda t, r: ["eval", "--ckpt", r, "--batch-size", "0"], ["--batch-size"]),
+    ("negative-temperature", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--temperature", "-1"], ["--temperature"]),
+    ("top-p-above-one", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--top-p", "2"], ["--top-p"]),
+    ("prompt-and-prompt-file", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--prompt-file", _file(t, "p.txt", "b")],
+     ["either --prompt or --prompt-file"]),
+    ("config-show-missing-file", lambda t, r: ["config", "show", "-c", t / "nope.yaml"], ["config file not found"]),
+    ("prepare-missing-data", lambda t, r: ["prepare", "--set", f"data.path={t / 'nope.txt'}"], ["does not exist"]),
+    ("prepare-no-data-path", lambda t, r: ["prepare"], ["data.path is not set"]),
+    ("tokenizer-path-missing", lambda t, r: ["prepare", *sets(*TINY, f"tokenizer.path={t / 'tok.json'}")],
+     ["tokenizer file not found"]),
+    ("tokenizer-file-invalid", lambda t, r: ["prepare", *sets(*TINY, f"tokenizer.path={_file(t, 'tok.json', '{oops')}")],
+     ["not a valid tokenizer.json"]),
+    ("vocab-smaller-than-tokenizer", lambda t, r: ["pretrain", *sets(*TINY, "model.vocab_size=10"), "--out", t / "o"],
+     ["model.vocab_size=10", "tokenizer"]),
+    ("finetune-without-from", lambda t, r: ["finetune", "--out", t / "o"], ["--from"]),
+    ("checkpoint-is-a-file", lambda t, r: ["eval", "--ckpt", _file(t, "ck.bin", "x")], ["must be a directory"]),
+    ("not-an-llmctl-checkpoint", lambda t, r: ["infer", "--ckpt", _foreign(t), "--prompt", "hi"], ["not an llmctl checkpoint"]),
+    ("out-is-a-file", lambda t, r: ["pretrain", *sets(*TINY), "--out", _file(t, "o.txt", "x")], ["is a file"]),
+    ("overwrite-non-run-dir", lambda t, r: ["pretrain", *sets(*TINY), "--out", _nonrun(t), "--overwrite"],
+     ["does not look like an llmctl run"]),
+    ("bad-dtype-choice", lambda t, r: ["pretrain", *sets(*TINY, "train.dtype=fp8"), "--out", t / "o"], ["train.dtype", "one of"]),
+    ("device-unavailable", lambda t, r: ["pretrain", *sets(*TINY, "train.device=cuda"), "--out", t / "o"], ["CUDA"]),
+    ("data-column-missing", lambda t, r: ["prepare", *sets(*TINY, "data.path=" + str(_file(t, "d.jsonl", '{"body": "x"}')))],
+     ["no column 'text'", "data.text_column"]),
 ]
+
+
+def _foreign(tmp: Path) -> Path:
+    d = tmp / "foreign"
+    d.mkdir()
+    (d / "meta.json").write_text('{"format": "something-else"}')
+    return d
+
+
+def _nonrun(tmp: Path) -> Path:
+    d = tmp / "precious"
+    d.mkdir()
+    (d / "thesis.tex").write_text("do not delete")
+    return d
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,23 +29,59 @@ from .common import Log, _nolog, load_weights, resolve_amp, resolve_device, unwr
 # Run directories
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless asked; --overwrite only deletes what looks like a run."""
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch a run that is in use, or to clobber an existing one unless asked. Changes nothing."""
     if not out.exists():
         return
     if not out.is_dir():
         raise LlmctlError(f"--out {out} is a file; give a directory for the run")
-    if not any(out.iterdir()):
-        return
-    if resume:
+    holder = ckpt_io.RunLock.holder(out)
+    if holder:
+        raise LlmctlError(f"{out} is in use by another llmctl process ({holder}); wait for it or stop it first")
+    if resume or not [p for p in out.iterdir() if p.name != ckpt_io.LOCK]:
         return
     if overwrite:
-        looks_like_run = (out / "status.json").exists() or (out / "config.yaml").exists() or (out / "latest").exists()
+        looks_like_run = any((out / n).exists() for n in ("status.json", "config.yaml", ckpt_io.LATEST))
         if not looks_like_run:
             raise LlmctlError(f"--overwrite refuses to delete {out}: it does not look like an llmctl run directory")
-        shutil.rmtree(out)
         return
     raise LlmctlError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
+def clear_run(out: Path) -> None:
+    """Empty a run directory for --overwrite (keeping the lock file this process holds)."""
+    for p in out.iterdir():
+        if p.name == ckpt_io.LOCK:
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Size of one checkpoint: weights plus AdamW's two moments per trainable parameter, plus slack."""
+    seen, weights, moments = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        weights += p.numel() * p.element_size()
+        moments += 2 * p.numel() * 4 if p.requires_grad else 0
+    return int((weights + moments) * 1.05) + (1 << 20)
+
+
+def preflight(out: Path, model: torch.nn.Module) -> None:
+    """Before any compute: the output directory is writable and has room for a checkpoint."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise LlmctlError(f"--out {out}: {probe} is not writable; choose another --out")
+    need = checkpoint_bytes(model)
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise LlmctlError(
+            f"--out {out}: only {free / 1e6:,.0f} MB free on that disk, but one checkpoint needs about "
+            f"{need / 1e6:,.0f} MB; free some space or choose another --out"
+        )
 
 
 def latest_good(run_dir: Path, log: Log) -> Optional[ckpt_io.Checkpoint]:
@@ -101,10 +139,10 @@ class TrainPlan:
     model: Transformer
     device: torch.device
     amp: Optional[torch.dtype]
-    init_weights: Optional[dict] = None
-    resume_from: Optional[ckpt_io.Checkpoint] = None
     kind: str = "pretrain"
-    base: Optional[str] = None
+    base: Optional[str] = None  # the checkpoint a finetune started from
+    resume_cmd: str = ""  # the exact command that continues this run
+    overwrite: bool = False  # empty the run directory once the lock is held
 
 
 def describe(plan: TrainPlan) -> dict:
@@ -125,10 +163,20 @@ def describe(plan: TrainPlan) -> dict:
 
 def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resume_state: Optional[dict] = None,
                  on_step: Optional[Callable[[LoopState], None]] = None) -> dict:
-    """Create/continue the run directory, train with `fit`, keep status.json honest. Returns a summary."""
+    """Hold the run lock, create or continue the run directory, train with `fit`, keep status.json honest."""
+    preflight(out, plan.model)
+    with ckpt_io.RunLock(out) as lock:
+        if lock.stale:
+            log(f"cleared a stale lock left by a process that is gone ({lock.stale})")
+        if plan.overwrite:
+            clear_run(out)
+        return _train_locked(plan, out, reporter, log, resume_state, on_step)
+
+
+def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resume_state: Optional[dict],
+                  on_step: Optional[Callable[[LoopState], None]]) -> dict:
     cfg, model = plan.cfg, plan.model
     t = cfg.train
-    out.mkdir(parents=True, exist_ok=True)
     config_yaml = cfg.to_yaml()
     ckpt_io.write_atomic(out / "config.yaml", config_yaml)
     plan.tokenizer.save(out / "tokenizer.json")
@@ -164,21 +212,34 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
         meta = {"kind": plan.kind, "tokens": st.tokens, "metrics": st.last_eval, "reason": reason}
         if plan.base:
             meta["base"] = plan.base
-        path = ckpt_io.save(out, st.step, model.state_dict(), config_yaml, plan.tokenizer.to_str(), train_state, meta)
-        best = (ckpt_io.step_name(st.best_step),) if st.best_step else ()
-        ckpt_io.prune(out, t.keep_last, protect=tuple(p for p in best if (out / p).exists()))
+        try:
+            path = ckpt_io.save(out, st.step, unwrap(model).state_dict(), config_yaml, plan.tokenizer.to_str(), train_state, meta)
+        except OSError as e:
+            if not ckpt_io.is_disk_full(e):
+                raise
+            kept = ckpt_io.read_latest(out)
+            raise LlmctlError(
+                f"no space left on the disk of {out} while saving step {st.step}; "
+                + (f"the last good checkpoint {kept} is kept. " if kept else "no checkpoint was written. ")
+                + f"Free some space, then resume with: {plan.resume_cmd}"
+            ) from None
+        if st.best_step == st.step:
+            ckpt_io.set_best(out, path)
+        ckpt_io.prune(out, t.keep_last)
         log(f"saved {path}")
         return path
 
     ckpt_io.write_status(out, "running", kind=plan.kind, step=state.step, max_steps=t.max_steps)
     t0 = time.time()
     try:
-        state = fit(model, optimizer, t, Hooks(batches=batches.get, evaluate=evaluate, save=save, log_metrics=metrics, on_step=on_step),
-                    state, device=plan.device, amp_dtype=plan.amp, scaler=scaler, tokens_per_step=tokens_per_step,
-                    reporter=reporter)
+        hooks = Hooks(batches=batches.get, evaluate=evaluate, save=save, log_metrics=metrics, on_step=on_step)
+        state = fit(model, optimizer, t, hooks, state, device=plan.device, amp_dtype=plan.amp, scaler=scaler,
+                    tokens_per_step=tokens_per_step, reporter=reporter)
     except LlmctlError as e:
         reporter.stop()
         status = {130: "interrupted", 143: "interrupted", 3: "diverged"}.get(e.status, "failed")
+        if status == "interrupted":
+            e.message += f". Resume with: {plan.resume_cmd}"
         ckpt_io.write_status(out, status, error=e.message, exit_status=e.status, step=_last_step(out))
         raise
     except BaseException as e:
@@ -189,9 +250,11 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
     finally:
         metrics.close()
     wall = time.time() - t0
+    best = ckpt_io.read_pointer(out, ckpt_io.BEST)
     summary = {
         "run": str(out),
         "checkpoint": str(ckpt_io.read_latest(out)),
+        "best_checkpoint": str(best) if best else None,
         "steps": state.step,
         "tokens": state.tokens,
         "val_loss": state.last_eval.get("val_loss"),
@@ -202,6 +265,19 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
     }
     ckpt_io.write_status(out, "finished", **{k: v for k, v in summary.items() if k not in ("run",)})
     return summary
+
+
+def resume_command(kind: str, config: Optional[Path], overrides: list[str], out: Path, from_: Optional[Path] = None) -> str:
+    """The exact command line that continues a run (printed when a run is interrupted or runs out of disk)."""
+    parts = ["llmctl", kind]
+    if config is not None:
+        parts += ["-c", str(config)]
+    for o in overrides:
+        parts += ["--set", o]
+    if from_ is not None:
+        parts += ["--from", str(from_)]
+    parts += ["--out", str(out), "--resume"]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _last_step(out: Path) -> Optional[int]:
@@ -227,10 +303,6 @@ def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str
     return TrainPlan(cfg, td.tokenizer, td.train, td.val, model, device, amp, kind=kind)
 
 
-def load_train_config(config: Optional[Path], overrides: list[str], base: Optional[dict] = None) -> Config:
-    return load_config(config, overrides, base=base)
-
-
 def pretrain(
     config: Optional[Path],
     overrides: list[str],
@@ -243,26 +315,32 @@ def pretrain(
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
 ) -> dict:
-    """`llmctl pretrain`: train a model from scratch (or continue one) on `data.path`."""
+    """`llmctl pretrain`: train a model from scratch (or continue one) on `data.path`.
+
+    Everything is checked (arguments, run directory, config, data, model, disk) before the run directory is
+    created or, with --overwrite, emptied.
+    """
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
+    check_out_dir(out, resume or resume_from is not None, overwrite)
     source_ckpt = None
     if resume_from is not None:
         source_ckpt = ckpt_io.load(resume_from)
     elif resume:
-        if not out.exists() or not any(out.iterdir()):
+        if not out.exists() or not any(p.name != ckpt_io.LOCK for p in out.iterdir()):
             raise LlmctlError(f"--resume: {out} holds no run to continue; drop --resume to start a new run")
         source_ckpt = latest_good(out, log)
         if source_ckpt is None:
             raise LlmctlError(f"--resume: {out} has no complete checkpoint to continue from; use --overwrite to start again")
-    prepare_out_dir(out, resume or resume_from is not None, overwrite)
     base = source_ckpt.config if source_ckpt is not None and config is None else None
-    cfg = load_train_config(config, overrides, base=base)
+    cfg = load_config(config, overrides, base=base)
     tokenizer = Tokenizer.from_str(source_ckpt.tokenizer_json()) if source_ckpt else None
     if source_ckpt is not None:
         _check_model_matches(cfg, from_dict(source_ckpt.config), source_ckpt.path, explicit=None)
     plan = _build_plan(cfg, tokenizer, log, "pretrain")
+    plan.overwrite = overwrite
+    plan.resume_cmd = resume_command("pretrain", config, overrides, out)
     resume_state = None
     if source_ckpt is not None:
         load_weights(unwrap(plan.model), source_ckpt.weights(), str(source_ckpt.path))
@@ -315,15 +393,17 @@ def finetune(
     user_model = user_raw.get("model", {}) if isinstance(user_raw.get("model", {}), dict) else {}
     cfg = from_dict(_deep_merge({"model": base_cfg.model.__dict__}, user_raw))
     _check_model_matches(cfg, base_cfg, base_ckpt.path, explicit=user_model)
+    check_out_dir(out, resume, overwrite)
     resume_ckpt = None
     if resume:
         resume_ckpt = latest_good(out, log) if out.exists() else None
         if resume_ckpt is None:
             raise LlmctlError(f"--resume: {out} has no complete checkpoint to continue from; drop --resume or use --overwrite")
-    prepare_out_dir(out, resume, overwrite)
     tokenizer = Tokenizer.from_str(base_ckpt.tokenizer_json())
     plan = _build_plan(cfg, tokenizer, log, "finetune")
     plan.base = str(base_ckpt.path)
+    plan.overwrite = overwrite
+    plan.resume_cmd = resume_command("finetune", config, overrides, out, from_)
     src = resume_ckpt or base_ckpt
     load_weights(unwrap(plan.model), src.weights(), str(src.path))
     resume_state = resume_ckpt.train_state() if resume_ckpt else None
