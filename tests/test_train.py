@@ -192,3 +192,17 @@ def test_keep_best_and_keep_last(tmp_path):
     assert len(names) <= 2
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert json.loads((best / "meta.json").read_text())["metrics"]["val_loss"] == min(r["val_loss"] for r in rows)
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    out = tmp_path / "run"
+    p = _llmctl("pretrain", *sets(*TINY, "train.max_steps=40", "train.save_interval=10", "train.keep_best=false"),
+                "--out", str(out), "--quiet", env={"LLMCTL_TEST_PAUSE_SAVE": "10:60"})
+    _wait_for(lambda: (out / ".saving").exists())  # stuck in a slow save
+    p.send_signal(signal.SIGINT)  # first Ctrl-C: would finish the step and save
+    time.sleep(0.3)
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)  # second Ctrl-C: abort now
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and time.time() - t0 < 20
+    assert read_status(out)["status"] == "interrupted" and "Traceback" not in err
