@@ -38,7 +38,9 @@ from .errors import LlmctlError
 
 FORMAT = "llmctl-checkpoint"
 FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
+WEIGHTS = "model.safetensors"  # full model weights
+ADAPTER = "adapter.safetensors"  # LoRA adapter only (the base is referenced in meta.json)
+HEAD = "head.safetensors"  # a task head (classification)
 TRAIN_STATE = "train_state.pt"
 LATEST = "latest"
 BEST = "best"
@@ -286,6 +288,8 @@ def load(path: str | Path, verify: bool = True) -> Checkpoint:
         raise LlmctlError(f"{ckpt} is not an llmctl checkpoint (meta.json lacks format/files); import other formats with `llmctl import`")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise LlmctlError(f"{ckpt} was written by a newer llmctl (format {meta['format_version']}); upgrade llmctl")
+    if WEIGHTS not in meta["files"] and ADAPTER not in meta["files"]:
+        raise LlmctlError(f"{ckpt} lists no weights in its manifest; the checkpoint is incomplete")
     for required in ("config.yaml", "tokenizer.json"):
         if required not in meta["files"]:
             raise LlmctlError(f"{ckpt} lacks {required} in its manifest; the checkpoint is incomplete")

@@ -144,9 +144,51 @@ BAD = [
      ["does not look like an llmctl run"]),
     ("bad-dtype-choice", lambda t, r: ["pretrain", *sets(*TINY, "train.dtype=fp8"), "--out", t / "o"], ["train.dtype", "one of"]),
     ("device-unavailable", lambda t, r: ["pretrain", *sets(*TINY, "train.device=cuda"), "--out", t / "o"], ["CUDA"]),
+    ("cls-missing-label-column", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=classification",
+     "data.path=" + str(_file(t, "c.tsv", "stars\tsentence\n1\tgood\n0\tbad\n")), "data.text_column=sentence"), "--out", t / "o"],
+     ["no column 'label'", "data.label_column"]),
+    ("cls-empty-text", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=classification",
+     "data.path=" + str(_file(t, "c.tsv", "label\tsentence\n1\tgood\n0\t \n")), "data.text_column=sentence"), "--out", t / "o"],
+     ["row 2", "empty text"]),
+    ("cls-unseen-label-at-eval", lambda t, r: ["eval", "--ckpt", _classifier(t, r), "--data",
+     _file(t, "d.tsv", "label\tcontent\n1\tgood\n7\tbad\n"), "--text-column", "content"], ["'7'", "not one the model was trained on"]),
+    ("lora-target-matches-nothing", lambda t, r: ["finetune", "--from", r, *sets(f"data.path={SHAKESPEARE}",
+     "finetune.method=lora", "finetune.lora_targets=[attn.q_proj]"), "--out", t / "o"], ["attn.q_proj", "matches no linear layer"]),
+    ("adapter-base-mismatch", lambda t, r: ["infer", "--ckpt", _adapter(t, r), "--base", _retrained(t, r), "--prompt", "hi"],
+     ["does not match adapter"]),
+    ("instruct-bad-jsonl-line", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=instruct",
+     "data.path=" + str(_file(t, "i.jsonl", '{"prompt": "a", "response": "b"}\n{oops\n'))), "--out", t / "o"], ["line 2", "not valid JSON"]),
+    ("instruct-unknown-layout", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=instruct",
+     "data.path=" + str(_file(t, "i.jsonl", '{"question": "a", "answer": "b"}\n'))), "--out", t / "o"], ["expected fields", "question"]),
     ("data-column-missing", lambda t, r: ["prepare", *sets(*TINY, "data.path=" + str(_file(t, "d.jsonl", '{"body": "x"}')))],
      ["no column 'text'", "data.text_column"]),
 ]
+
+
+def _classifier(tmp: Path, run: Path) -> Path:
+    from llmctl import commands
+
+    data = _file(tmp, "train.tsv", "label\tsentence\n" + "".join(f"{i % 2}\tword {i}\n" for i in range(40)))
+    out = tmp / "cls"
+    commands.finetune(None, ["finetune.task=classification", f"data.path={data}", "data.text_column=sentence",
+                             "train.max_steps=2", "train.dtype=float32"], run, out)
+    return out
+
+
+def _adapter(tmp: Path, run: Path) -> Path:
+    from llmctl import commands
+
+    out = tmp / "adapter"
+    commands.finetune(None, [f"data.path={SHAKESPEARE}", "finetune.method=lora", "train.max_steps=2", "train.dtype=float32"], run, out)
+    return out
+
+
+def _retrained(tmp: Path, run: Path) -> Path:
+    from llmctl import commands
+
+    out = tmp / "retrained"
+    commands.finetune(None, [f"data.path={SHAKESPEARE}", "train.max_steps=1", "train.dtype=float32"], run, out)
+    return out
 
 
 def _foreign(tmp: Path) -> Path:
@@ -166,10 +208,13 @@ def _nonrun(tmp: Path) -> Path:
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input(case, runner, tiny_run, tmp_path):
     _, make, words = case
-    r = invoke(runner, *make(tmp_path, tiny_run))
+    args = make(tmp_path, tiny_run)  # builds any fixture runs first
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("status.json")}
+    r = invoke(runner, *args)
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
     for w in words:
         assert w in r.stderr, (w, r.stderr)
-    for status in tmp_path.rglob("status.json"):  # no run directory that claims success
-        assert json.loads(status.read_text())["status"] != "finished" or status.parent.name == "corrupt"
+    for status in tmp_path.rglob("status.json"):  # the failed command left no run that claims success
+        if before.get(status) != status.stat().st_mtime_ns:
+            assert json.loads(status.read_text())["status"] != "finished"

@@ -6,10 +6,12 @@ decides how to print. Every expected failure is an `LlmctlError`, raised before 
 
 from .common import Loaded, load_model, load_weights, resolve_amp, resolve_device, unwrap
 from .evaluation import evaluate
-from .inference import encode_prompt, infer, read_prompt
+from .inference import (ChatSession, classify_texts, complete, complete_rows, encode_prompt, read_inputs, read_prompt,
+                        sampling, stream, write_outputs)
 from .training import TrainPlan, describe, finetune, prepare, pretrain, show_config
 
 __all__ = [
-    "Loaded", "TrainPlan", "describe", "encode_prompt", "evaluate", "finetune", "infer", "load_model",
-    "load_weights", "prepare", "pretrain", "read_prompt", "resolve_amp", "resolve_device", "show_config", "unwrap",
+    "ChatSession", "Loaded", "TrainPlan", "classify_texts", "complete", "complete_rows", "describe", "encode_prompt",
+    "evaluate", "finetune", "load_model", "load_weights", "prepare", "pretrain", "read_inputs", "read_prompt",
+    "resolve_amp", "resolve_device", "sampling", "show_config", "stream", "unwrap", "write_outputs",
 ]
