@@ -5,6 +5,7 @@ stdout carries only results (generated text, tables, JSON); the resolved config,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -76,7 +77,9 @@ def _table(title: str, rows: dict) -> Table:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in rows.items():
-        if isinstance(v, float):
+        if isinstance(v, bool):
+            v = "yes" if v else "no"
+        elif isinstance(v, float):
             v = f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
         elif isinstance(v, int):
             v = f"{v:,}"
@@ -184,6 +187,11 @@ def infer(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: smallest set with this much probability. Default off."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible samples."),
     truncate: bool = typer.Option(False, "--truncate", help="Keep the last tokens of a prompt longer than the context instead of refusing it."),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeating tokens. Default 1 (off)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16. auto: see README 'Inference speed'."),
+    quantize_mode: str = typer.Option("auto", "--quantize", help="auto, none or int8 (CPU: dynamic int8; CUDA: weight-only int8)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (first use compiles for ~30-60 s; cached afterwards)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together. Default: generate.batch_size (8)."),
     base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = typer.Option(False, "--json", help="Classifiers: print the label and probabilities as JSON."),
@@ -202,13 +210,21 @@ def infer(
         if loaded.classifier is not None:
             _infer_classifier(commands, loaded, prompt, prompt_file, input_file, output_file, json_out)
             return
-        settings = commands.sampling(loaded, max_new_tokens, temperature, top_k, top_p, seed)
+        if dtype not in ("auto", "float32", "bfloat16"):
+            raise LlmctlError(f"--dtype must be auto, float32 or bfloat16 (got {dtype})")
+        if quantize_mode not in ("auto", "none", "int8"):
+            raise LlmctlError(f"--quantize must be auto, none or int8 (got {quantize_mode})")
+        if batch_size is not None and batch_size < 1:
+            raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
+        settings = commands.sampling(loaded, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty)
+        commands.for_inference(loaded, dtype, quantize_mode, compile)
         if chat:
-            _chat(commands.ChatSession(loaded, **settings))
+            _chat(commands.ChatSession(loaded, settings))
             return
         if input_file is not None:
             rows = commands.read_inputs(input_file)
-            results = commands.complete_rows(loaded, rows, settings, truncate)
+            with _row_progress(len(rows)) as advance:
+                results = commands.complete_rows(loaded, rows, settings, truncate, on_row=advance, batch_size=batch_size)
             _emit_rows(commands, results, output_file)
             return
         text = commands.read_prompt(prompt, prompt_file)
@@ -221,6 +237,20 @@ def infer(
         sys.stdout.flush()
 
     run(go)
+
+
+@contextlib.contextmanager
+def _row_progress(total: int):
+    """A progress bar over prompts on stderr (plain start and end lines when stderr is not a terminal)."""
+    if not err.is_terminal:
+        err.print(f"completing {total} prompts")
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err) as p:
+        task = p.add_task("infer", total=total)
+        yield lambda: p.advance(task)
 
 
 def _emit_rows(commands, rows: list, output_file: Optional[Path]) -> None:

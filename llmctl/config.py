@@ -138,6 +138,11 @@ class GenerateConfig:
     top_k: Optional[int] = 200
     top_p: Optional[float] = None
     seed: Optional[int] = None
+    repetition_penalty: float = 1.0  # > 1 discourages repeating tokens
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: see README "Inference speed"
+    quantize: Literal["auto", "none", "int8"] = "auto"
+    compile: bool = False  # torch.compile the decode step (pays off for long generations)
+    batch_size: int = 8  # prompts decoded together by `infer --input`
 
 
 @dataclass
@@ -478,6 +483,8 @@ def _check_values(cfg: Config) -> list[str]:
             p.append(f"finetune.{name}: must contain {{instruction}}")
     if t.patience < 0:
         p.append(f"train.patience: must not be negative (got {t.patience})")
+    if g.repetition_penalty <= 0 or g.batch_size < 1:
+        p.append("generate.repetition_penalty must be positive and generate.batch_size at least 1")
     if cfg.eval.batch_size < 1:
         p.append(f"eval.batch_size: must be at least 1 (got {cfg.eval.batch_size})")
 

@@ -205,6 +205,20 @@ def _nonrun(tmp: Path) -> Path:
     return d
 
 
+BAD += [
+    ("input-malformed-jsonl", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.jsonl", '{"prompt": "a"}\n{"prompt": \n'),
+     "--output", t / "out.jsonl"], ["line 2", "not valid JSON"]),
+    ("input-empty-file", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.txt", "\n\n"), "--output", t / "out.jsonl"],
+     ["holds no prompts"]),
+    ("input-prompt-too-long", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.txt", "ok\n" + "x" * 100 + "\n"),
+     "--output", t / "out.jsonl"], ["row 2", "100 tokens", "--truncate"]),
+    ("input-missing-prompt-field", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.jsonl", '{"text": 1}\n')],
+     ["line 1", "prompt"]),
+    ("bad-quantize", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--quantize", "int4"], ["--quantize"]),
+    ("output-without-input", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--output", t / "o.jsonl"], ["--output goes with --input"]),
+]
+
+
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input(case, runner, tiny_run, tmp_path):
     _, make, words = case
@@ -218,3 +232,31 @@ def test_bad_input(case, runner, tiny_run, tmp_path):
     for status in tmp_path.rglob("status.json"):  # the failed command left no run that claims success
         if before.get(status) != status.stat().st_mtime_ns:
             assert json.loads(status.read_text())["status"] != "finished"
+
+
+def test_infer_input_file_batched_with_per_row_settings(runner, tiny_run, tmp_path):
+    rows = [{"prompt": "ROMEO:", "max_new_tokens": 12, "temperature": 0},
+            {"prompt": "JULIET:\nO", "max_new_tokens": 40, "temperature": 0, "stop": ["\n"]},
+            {"prompt": "First", "max_new_tokens": 5, "temperature": 0.9, "seed": 3, "id": "x"}]
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = invoke(runner, "infer", "--ckpt", tiny_run, "--input", f, "--output", out, "--batch-size", "2", "--quantize", "none")
+    assert r.exit_code == 0, r.output
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g["prompt"] for g in got] == [r["prompt"] for r in rows] and got[2]["id"] == "x"
+    assert got[0]["completion_tokens"] == 12 and got[0]["finish_reason"] == "length"
+    assert got[1]["finish_reason"] in ("stop", "length", "eos") and "\n" not in got[1]["completion"]
+    # the same greedy row alone, through --prompt, gives the same text
+    one = invoke(runner, "infer", "--ckpt", tiny_run, "--prompt", "ROMEO:", "-n", "12", "-t", "0", "--quantize", "none")
+    assert one.stdout == "ROMEO:" + got[0]["completion"] + "\n"
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("ROMEO:\n\nJULIET:\n")
+    r = invoke(runner, "infer", "--ckpt", tiny_run, "--input", plain, "-n", "4")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2
+
+
+def test_no_output_file_after_bad_input(runner, tiny_run, tmp_path):
+    bad = _file(tmp_path, "in.txt", "ok\n" + "x" * 100 + "\n")
+    r = invoke(runner, "infer", "--ckpt", tiny_run, "--input", bad, "--output", tmp_path / "out.jsonl")
+    assert r.exit_code == 2 and not (tmp_path / "out.jsonl").exists() and not list(tmp_path.glob(".out.jsonl*"))

@@ -10,8 +10,8 @@ from typing import Iterator, Optional
 from ..data import Examples, eval_batches, render_prompt
 from ..errors import LlmctlError
 from ..evaluate import classify
-from ..generate import generate
-from ..tokenizer import Tokenizer
+from ..generate import Request, generate, generate_batch
+from ..tokenizer import StreamDecoder, Tokenizer
 from .common import Loaded
 
 
@@ -50,7 +50,8 @@ def encode_prompt(tok: Tokenizer, text: str, block_size: int, truncate: bool) ->
 
 
 def sampling(loaded: Loaded, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None) -> dict:
+             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+             repetition_penalty: Optional[float] = None) -> dict:
     """Sampling settings: the given ones, else the checkpoint's `generate` section; checked like config values."""
     if max_new_tokens is not None and max_new_tokens <= 0:
         raise LlmctlError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
@@ -60,6 +61,8 @@ def sampling(loaded: Loaded, max_new_tokens: Optional[int] = None, temperature: 
         raise LlmctlError(f"--top-k must be at least 1 (got {top_k})")
     if top_p is not None and not 0 < top_p <= 1:
         raise LlmctlError(f"--top-p must be in (0, 1] (got {top_p})")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise LlmctlError(f"--repetition-penalty must be positive (got {repetition_penalty})")
     g = loaded.cfg.generate
     return {
         "max_new_tokens": max_new_tokens or g.max_new_tokens,
@@ -67,6 +70,7 @@ def sampling(loaded: Loaded, max_new_tokens: Optional[int] = None, temperature: 
         "top_k": g.top_k if top_k is None else top_k,
         "top_p": g.top_p if top_p is None else top_p,
         "seed": g.seed if seed is None else seed,
+        "repetition_penalty": g.repetition_penalty if repetition_penalty is None else repetition_penalty,
     }
 
 
@@ -74,23 +78,70 @@ def stream(loaded: Loaded, prompt: str, s: dict, truncate: bool = False) -> Iter
     """`llmctl infer --prompt`: the completion of one prompt as text pieces, as they are generated."""
     ids = encode_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
     gen = generate(loaded.model, ids, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
-                   eos_id=loaded.tokenizer.eos_id, seed=s["seed"])
+                   eos_id=loaded.tokenizer.eos_id, seed=s["seed"], repetition_penalty=s["repetition_penalty"],
+                   decoder=loaded.decoder)
     return loaded.tokenizer.stream(gen)
 
 
-def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = False, on_row=None) -> list[dict]:
-    """`llmctl infer --input`: each row completed with its own settings where it gives them."""
-    out = []
-    for row in rows:
-        per = {k: row.get(k, v) for k, v in s.items()}
-        stop = row.get("stop")
-        stop = [stop] if isinstance(stop, str) else stop
-        res = complete(loaded, row["prompt"], per["max_new_tokens"], per["temperature"], per["top_k"], per["top_p"],
-                       per["seed"], stop, truncate)
-        out.append({**row, **res})
-        if on_row:
-            on_row()
+def _row_settings(row: dict, s: dict, n: int) -> dict:
+    """Per-row overrides of the sampling settings, checked; `n` is the row's number for messages."""
+    out = dict(s)
+    for k in s:
+        if k in row and row[k] is not None:
+            out[k] = row[k]
+    try:
+        out["max_new_tokens"] = int(out["max_new_tokens"])
+        out["temperature"] = float(out["temperature"])
+        if out["max_new_tokens"] < 1 or out["temperature"] < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise LlmctlError(f"--input row {n}: max_new_tokens must be a positive integer and temperature >= 0") from None
+    stop = row.get("stop") or []
+    out["stop"] = [stop] if isinstance(stop, str) else list(stop)
     return out
+
+
+def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = False, on_row=None,
+                  batch_size: Optional[int] = None) -> list[dict]:
+    """`llmctl infer --input`: complete every row, `generate.batch_size` prompts at a time (similar lengths
+    together), each with its own settings where it gives them. Output rows repeat the input and add `completion`,
+    `finish_reason` (length, stop, eos), `prompt_tokens` and `completion_tokens`, in input order."""
+    tok, T = loaded.tokenizer, loaded.cfg.model.block_size
+    settings = [_row_settings(r, s, n) for n, r in enumerate(rows, 1)]
+    ids = []
+    for n, r in enumerate(rows, 1):
+        try:
+            ids.append(encode_prompt(tok, r["prompt"], T, truncate))
+        except LlmctlError as e:
+            raise LlmctlError(f"--input row {n}: {e.message}") from None
+    order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
+    results: list[dict] = [{} for _ in rows]
+    bs = batch_size or loaded.cfg.generate.batch_size
+    for start in range(0, len(order), bs):
+        group = order[start : start + bs]
+        reqs = [Request(ids[i], settings[i]["max_new_tokens"], settings[i]["temperature"], settings[i]["top_k"],
+                        settings[i]["top_p"], settings[i]["repetition_penalty"], settings[i]["seed"]) for i in group]
+        decoders = [StreamDecoder(tok) for _ in group]
+        texts = [""] * len(group)
+        counts = [0] * len(group)
+        stopped: set[int] = set()
+        for j, t in generate_batch(loaded.model, reqs, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                   decoder=loaded.decoder, cancelled=stopped):
+            counts[j] += 1
+            texts[j] += decoders[j].push(t)
+            hits = [texts[j].find(x) for x in settings[group[j]]["stop"] if x and x in texts[j]]
+            if hits:
+                texts[j] = texts[j][: min(hits)]
+                stopped.add(j)
+        for j, i in enumerate(group):
+            if j not in stopped:
+                texts[j] += decoders[j].flush()
+            reason = "stop" if j in stopped else ("length" if counts[j] >= reqs[j].max_new_tokens else "eos")
+            results[i] = {**rows[i], "completion": texts[j], "finish_reason": reason,
+                          "prompt_tokens": len(ids[i]), "completion_tokens": counts[j]}
+            if on_row:
+                on_row()
+    return results
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -160,42 +211,17 @@ def write_outputs(path: Path, rows: list[dict]) -> None:
 # Completions with stop strings, and chat
 
 
-def complete(loaded: Loaded, prompt: str, max_new_tokens: int, temperature: float, top_k: Optional[int],
-             top_p: Optional[float], seed: Optional[int], stop: Optional[list[str]] = None,
-             truncate: bool = False) -> dict:
+def complete(loaded: Loaded, prompt: str, s: dict, stop: Optional[list[str]] = None, truncate: bool = False) -> dict:
     """One completion: text, why it ended (length, stop, eos) and token counts."""
-    tok = loaded.tokenizer
-    ids = encode_prompt(tok, prompt, loaded.cfg.model.block_size, truncate)
-    pieces, n, reason = [], 0, "length"
-    for piece in tok.stream(_count(generate(loaded.model, ids, max_new_tokens, temperature, top_k, top_p,
-                                            eos_id=tok.eos_id, seed=seed), counter := [0])):
-        pieces.append(piece)
-        text = "".join(pieces)
-        hit = [text.index(s) for s in stop or [] if s in text]
-        if hit:
-            pieces, reason = [text[: min(hit)]], "stop"
-            break
-    n = counter[0]
-    if reason == "length" and n < max_new_tokens:
-        reason = "eos"
-    return {"completion": "".join(pieces), "finish_reason": reason, "prompt_tokens": len(ids), "completion_tokens": n}
-
-
-def _count(ids: Iterator[int], counter: list[int]) -> Iterator[int]:
-    for i in ids:
-        counter[0] += 1
-        yield i
+    return complete_rows(loaded, [{"prompt": prompt, "stop": stop or []}], s, truncate)[0]
 
 
 class ChatSession:
     """`infer --chat`: each turn is rendered with the instruction template the model was tuned with; earlier turns
     stay in the context (oldest tokens dropped when it is full)."""
 
-    def __init__(self, loaded: Loaded, max_new_tokens: int, temperature: float, top_k: Optional[int],
-                 top_p: Optional[float], seed: Optional[int]):
-        self.loaded, self.history = loaded, []
-        self.settings = (max_new_tokens, temperature, top_k, top_p)
-        self.seed = seed
+    def __init__(self, loaded: Loaded, s: dict):
+        self.loaded, self.history, self.s = loaded, [], s
 
     def reset(self) -> None:
         self.history = []
@@ -206,11 +232,12 @@ class ChatSession:
         for user, answer in self.history:
             ids += tok.encode(render_prompt(user, "", ft) + answer) + [tok.eos_id]
         ids += tok.encode(render_prompt(message, "", ft))
-        max_new = self.settings[0]
-        keep = max(1, self.loaded.cfg.model.block_size - min(max_new, self.loaded.cfg.model.block_size // 2))
-        ids = ids[-keep:]
+        s, block = self.s, self.loaded.cfg.model.block_size
+        ids = ids[-max(1, block - min(s["max_new_tokens"], block // 2)):]  # leave room for the reply
         pieces = []
-        gen = generate(self.loaded.model, ids, *self.settings, eos_id=tok.eos_id, seed=self.seed)
+        gen = generate(self.loaded.model, ids, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
+                       eos_id=tok.eos_id, seed=s["seed"], repetition_penalty=s["repetition_penalty"],
+                       decoder=self.loaded.decoder)
         for piece in tok.stream(gen):
             pieces.append(piece)
             yield piece
