@@ -77,8 +77,9 @@ def rng_state() -> dict:
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's device only: reading every GPU would create a context on each of them from every rank
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -88,7 +89,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]  # older checkpoints hold a list with one state per GPU
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 def _tuple(x: Any) -> Any:
@@ -143,6 +145,7 @@ class Hooks:
     log_metrics: Callable[[dict], None] = lambda row: None  # one row of metrics.jsonl
     no_sync: Optional[Callable[[], ContextManager]] = None  # skip the gradient all-reduce on non-final micro-steps
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # average a scalar over ranks
+    sync_stop: Callable[[Optional[int]], Optional[int]] = lambda signum: signum  # agree on a stop signal over ranks
     on_step: Optional[Callable[[LoopState], None]] = None  # test hook
 
 
@@ -253,11 +256,12 @@ def fit(
             if hooks.save and saved is None and (last or (cfg.save_interval and state.step % cfg.save_interval == 0)):
                 saved = hooks.save(state, "final" if last else "interval")
                 window_t = time.perf_counter()
-            if stop.signum is not None and not last:
+            signum = hooks.sync_stop(stop.signum)
+            if signum is not None and not last:
                 if hooks.save and saved is None:
                     saved = hooks.save(state, "signal")
-                status = EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
-                name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
+                status = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+                name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
                 raise Interrupted(f"interrupted by {name} after step {state.step}" + (f"; saved {saved}" if saved else ""), status)
     reporter.stop()
     return state

@@ -7,21 +7,21 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from .. import checkpoint as ckpt_io
+from .. import distributed
 from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
 from ..data import LMBatches, eval_blocks, prepare as prepare_tokens
 from ..errors import LlmctlError
-from ..evaluate import lm_metrics
 from ..model import Transformer
 from ..optim import build_optimizer
 from ..tokenizer import Tokenizer
-from ..train import Hooks, LoopState, NullReporter, Reporter, fit, rng_state, seed_everything, set_rng_state
+from ..train import Hooks, LoopState, NullReporter, Reporter, fit, seed_everything
 from .common import Log, _nolog, load_weights, resolve_amp, resolve_device, unwrap, vocab_for
 
 
@@ -143,27 +143,38 @@ class TrainPlan:
     base: Optional[str] = None  # the checkpoint a finetune started from
     resume_cmd: str = ""  # the exact command that continues this run
     overwrite: bool = False  # empty the run directory once the lock is held
+    dist: distributed.DistContext = field(default_factory=distributed.DistContext)  # torchrun rank and world size
+    grad_accum: int = 1  # micro-batches per step (train.grad_accum, or derived from train.global_batch_size)
 
 
 def describe(plan: TrainPlan) -> dict:
     cfg, m = plan.cfg, plan.model
     t = cfg.train
+    global_batch = t.batch_size * plan.grad_accum * plan.dist.world_size  # sequences per optimizer step
     return {
         "parameters": m.num_params(),
         "parameters_non_embedding": m.num_params(embeddings=False),
-        "tokens_per_step": t.batch_size * t.grad_accum * cfg.model.block_size,
+        "tokens_per_step": global_batch * cfg.model.block_size,
+        "global_batch": global_batch,
+        "batch_size": t.batch_size,
+        "grad_accum": plan.grad_accum,
+        "world_size": plan.dist.world_size,
+        "parallel": plan.dist.parallel,
         "train_tokens": int(len(plan.train_tokens)),
         "val_tokens": int(len(plan.val_tokens)),
         "vocab_size": cfg.model.vocab_size,
         "device": str(plan.device),
         "precision": "float32" if plan.amp is None else f"{str(plan.amp).replace('torch.', '')} autocast",
-        "epochs": round(t.max_steps * t.batch_size * t.grad_accum * cfg.model.block_size / max(1, len(plan.train_tokens)), 2),
+        "epochs": round(t.max_steps * global_batch * cfg.model.block_size / max(1, len(plan.train_tokens)), 2),
     }
 
 
 def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resume_state: Optional[dict] = None,
-                 on_step: Optional[Callable[[LoopState], None]] = None) -> dict:
+                 on_step: Optional[Callable[[LoopState], None]] = None) -> Optional[dict]:
     """Hold the run lock, create or continue the run directory, train with `fit`, keep status.json honest."""
+    if not plan.dist.is_main:  # under torchrun rank 0 owns the run directory; the other ranks only train
+        _train_locked(plan, out, reporter, log, resume_state, on_step)
+        return None
     preflight(out, plan.model)
     with ckpt_io.RunLock(out) as lock:
         if lock.stale:
@@ -177,43 +188,52 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
                   on_step: Optional[Callable[[LoopState], None]]) -> dict:
     cfg, model = plan.cfg, plan.model
     t = cfg.train
+    main = plan.dist.is_main
+    write_status = ckpt_io.write_status if main else distributed.discard
     config_yaml = cfg.to_yaml()
-    ckpt_io.write_atomic(out / "config.yaml", config_yaml)
-    plan.tokenizer.save(out / "tokenizer.json")
+    if main:
+        ckpt_io.write_atomic(out / "config.yaml", config_yaml)
+        plan.tokenizer.save(out / "tokenizer.json")
+    model = distributed.prepare_model(model, t, plan.dist)  # activation checkpointing, DDP / FSDP, torch.compile
     state = LoopState()
     optimizer = build_optimizer(model, t, plan.device.type)
     scaler = torch.amp.GradScaler(plan.device.type) if plan.amp == torch.float16 else None
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, resume_state["optimizer"], plan.dist)
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         state = LoopState(**resume_state["loop"])
-        set_rng_state(resume_state["rng"])
         if state.step >= t.max_steps:
             raise LlmctlError(f"the run is already at step {state.step} of train.max_steps={t.max_steps}; raise train.max_steps to train further")
-    metrics = MetricsFile(out / "metrics.jsonl", resume_step=state.step if resume_state is not None else None)
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
-    batches = LMBatches(plan.train_tokens, cfg.model.block_size, t.batch_size, t.grad_accum, t.seed)
+    distributed.restore_rng(plan.dist, resume_state, t.seed)
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=state.step if resume_state is not None else None) if main else distributed.Discard()
+    world = plan.dist.world_size
+    tokens_per_step = t.batch_size * plan.grad_accum * world * cfg.model.block_size  # over all ranks
+    batches = LMBatches(plan.train_tokens, cfg.model.block_size, t.batch_size, plan.grad_accum, t.seed, plan.dist.rank, world)
 
     def evaluate(step: int) -> dict:
         if len(plan.val_tokens) < 2:
             return {}
-        r = lm_metrics(model, eval_blocks(plan.val_tokens, cfg.model.block_size, cfg.eval.batch_size, t.eval_batches),
-                       plan.device, plan.amp)
+        r = distributed.lm_metrics(model, lambda: eval_blocks(plan.val_tokens, cfg.model.block_size, cfg.eval.batch_size, t.eval_batches),
+                                   plan.dist, plan.device, plan.amp)
         return {"val_loss": r["loss"]}
 
     def save(st: LoopState, reason: str) -> Path:
+        gathered = distributed.gather_for_save(model, optimizer, plan.dist)  # collective: every rank calls it
+        if gathered is None:  # not rank 0, which writes the checkpoint
+            return out / ckpt_io.step_name(st.step)
+        weights, optimizer_state, rng = gathered
         train_state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scaler": scaler.state_dict() if scaler else {},
             "loop": {**st.__dict__},
-            "rng": rng_state(),
+            **rng,
         }
         meta = {"kind": plan.kind, "tokens": st.tokens, "metrics": st.last_eval, "reason": reason}
         if plan.base:
             meta["base"] = plan.base
         try:
-            path = ckpt_io.save(out, st.step, unwrap(model).state_dict(), config_yaml, plan.tokenizer.to_str(), train_state, meta)
+            path = ckpt_io.save(out, st.step, weights, config_yaml, plan.tokenizer.to_str(), train_state, meta)
         except OSError as e:
             if not ckpt_io.is_disk_full(e):
                 raise
@@ -229,22 +249,24 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
         log(f"saved {path}")
         return path
 
-    ckpt_io.write_status(out, "running", kind=plan.kind, step=state.step, max_steps=t.max_steps)
+    write_status(out, "running", kind=plan.kind, step=state.step, max_steps=t.max_steps)
     t0 = time.time()
     try:
-        hooks = Hooks(batches=batches.get, evaluate=evaluate, save=save, log_metrics=metrics, on_step=on_step)
-        state = fit(model, optimizer, t, hooks, state, device=plan.device, amp_dtype=plan.amp, scaler=scaler,
-                    tokens_per_step=tokens_per_step, reporter=reporter)
+        hooks = Hooks(batches=batches.get, evaluate=evaluate, save=save, log_metrics=distributed.per_device_metrics(metrics, plan.dist),
+                      on_step=on_step, **distributed.loop_hooks(model, plan.dist))
+        with distributed.peer_errors(plan.dist):
+            state = fit(model, optimizer, t, hooks, state, device=plan.device, amp_dtype=plan.amp, scaler=scaler,
+                        tokens_per_step=tokens_per_step, reporter=distributed.per_device_reporter(reporter, plan.dist))
     except LlmctlError as e:
         reporter.stop()
         status = {130: "interrupted", 143: "interrupted", 3: "diverged"}.get(e.status, "failed")
         if status == "interrupted":
             e.message += f". Resume with: {plan.resume_cmd}"
-        ckpt_io.write_status(out, status, error=e.message, exit_status=e.status, step=_last_step(out))
+        write_status(out, status, error=e.message, exit_status=e.status, step=_last_step(out))
         raise
     except BaseException as e:
         reporter.stop()
-        ckpt_io.write_status(out, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+        write_status(out, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                              error=f"{type(e).__name__}: {e}", step=_last_step(out))
         raise
     finally:
@@ -263,7 +285,10 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
         "wall_seconds": round(wall, 2),
         "tokens_per_sec": round(state.tokens / state.elapsed, 1) if state.elapsed else None,
     }
-    ckpt_io.write_status(out, "finished", **{k: v for k, v in summary.items() if k not in ("run",)})
+    if plan.dist.enabled:
+        summary["world_size"] = world
+        summary["tokens_per_sec_per_device"] = round(state.tokens / state.elapsed / world, 1) if state.elapsed else None
+    write_status(out, "finished", **{k: v for k, v in summary.items() if k not in ("run",)})
     return summary
 
 
@@ -286,9 +311,12 @@ def _last_step(out: Path) -> Optional[int]:
 
 
 def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str) -> TrainPlan:
-    device = resolve_device(cfg.train.device)
+    ctx = distributed.init(cfg.train, resolve_device(cfg.train.device))  # under torchrun: join the group
+    device = ctx.device
     amp = resolve_amp(cfg.train.dtype, device)
-    td = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log)
+    grad_accum = distributed.check(ctx, cfg.train, amp)
+    with distributed.local_rank0_first(ctx):  # one process tokenizes, the others then open the cache
+        td = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log)
     cfg.model.vocab_size = vocab_for(cfg, td.tokenizer)
     if len(td.train) < cfg.model.block_size + 2:
         raise LlmctlError(
@@ -297,10 +325,8 @@ def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str
         )
     seed_everything(cfg.train.seed)
     with torch.device(device):
-        model = Transformer(cfg.model)
-    if cfg.train.compile:
-        model = torch.compile(model)  # type: ignore[assignment]
-    return TrainPlan(cfg, td.tokenizer, td.train, td.val, model, device, amp, kind=kind)
+        model = Transformer(cfg.model)  # wrapped (DDP / FSDP / compile) when training starts, after weights load
+    return TrainPlan(cfg, td.tokenizer, td.train, td.val, model, device, amp, kind=kind, dist=ctx, grad_accum=grad_accum)
 
 
 def pretrain(
@@ -320,6 +346,7 @@ def pretrain(
     Everything is checked (arguments, run directory, config, data, model, disk) before the run directory is
     created or, with --overwrite, emptied.
     """
+    reporter, log, on_plan = distributed.rank0_only(reporter, log, on_plan)  # under torchrun only rank 0 speaks
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
@@ -384,6 +411,7 @@ def finetune(
 
     The model shape and tokenizer come from the checkpoint; model keys in the config must agree with it.
     """
+    reporter, log, on_plan = distributed.rank0_only(reporter, log, on_plan)  # under torchrun only rank 0 speaks
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
