@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import TrainConfig
-from .errors import EXIT_PEER, LlmctlError
+from .errors import EXIT_DIVERGED, EXIT_PEER, EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
 from .evaluate import lm_metrics as _lm_metrics
 from .train import NullReporter, Reporter, rng_state, set_rng_state
 
@@ -110,6 +110,17 @@ def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def finish(ctx: DistContext) -> None:
+    """End of a successful run: wait for every rank (rank 0 may still be writing), then leave the group together.
+
+    Leaving at interpreter exit while a peer is still busy can abort a gloo process ("terminate called without
+    an active exception"); a barrier first makes the shutdown orderly.
+    """
+    if ctx.enabled and dist.is_initialized():
+        barrier(ctx)
+        teardown()
 
 
 def barrier(ctx: DistContext) -> None:
@@ -457,6 +468,16 @@ def per_device_reporter(reporter: Reporter, ctx: DistContext) -> Reporter:
     return PerDeviceReporter(reporter, ctx.world_size) if ctx.enabled else reporter
 
 
+def launch_prefix() -> list[str]:
+    """How this process was launched, for the printed resume command: torchrun's options on one node."""
+    if not launched():
+        return []
+    local = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+    if local != os.environ["WORLD_SIZE"]:  # several nodes: each reruns its own torchrun line
+        return ["torchrun", "...", "-m"]
+    return ["torchrun", "--standalone", f"--nproc_per_node={local}", "-m"]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Failures of other ranks
 
@@ -476,6 +497,8 @@ def peer_errors(ctx: Optional[DistContext] = None) -> Iterator[None]:
     try:
         yield
     except LlmctlError as e:
+        if rank and e.status in (EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM):
+            raise SystemExit(e.status) from None  # every rank agrees on these; rank 0 reports them
         if rank and not e.message.startswith("rank "):
             e.message = f"rank {rank}: {e.message}"
         raise

@@ -187,6 +187,19 @@ def test_one_process_checkpoint_resumes_in_two_processes(tmp_path, single):
     assert_same_losses(losses(single), losses(out), range(11, 21))
 
 
+@pytest.mark.slow
+def test_resume_with_the_same_world_size_is_exact_with_dropout(tmp_path):
+    """Each rank's RNG (dropout) is stored, so a resume in two processes continues bit for bit."""
+    args = sets(*BASE, "train.batch_size=4", "train.max_steps=8", "train.save_interval=4", "train.eval_interval=0",
+                "model.dropout=0.1")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    r = torchrun("pretrain", *args, "--out", str(full), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun("pretrain", *args, "--out", str(resumed), "--resume-from", str(full / "step-0000004"), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(resumed) == {s: v for s, v in losses(full).items() if s > 4}
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # A rank that dies
 

@@ -174,6 +174,7 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
     """Hold the run lock, create or continue the run directory, train with `fit`, keep status.json honest."""
     if not plan.dist.is_main:  # under torchrun rank 0 owns the run directory; the other ranks only train
         _train_locked(plan, out, reporter, log, resume_state, on_step)
+        distributed.finish(plan.dist)
         return None
     preflight(out, plan.model)
     with ckpt_io.RunLock(out) as lock:
@@ -181,7 +182,9 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
             log(f"cleared a stale lock left by a process that is gone ({lock.stale})")
         if plan.overwrite:
             clear_run(out)
-        return _train_locked(plan, out, reporter, log, resume_state, on_step)
+        summary = _train_locked(plan, out, reporter, log, resume_state, on_step)
+    distributed.finish(plan.dist)  # torchrun: all ranks leave the process group together
+    return summary
 
 
 def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resume_state: Optional[dict],
@@ -294,7 +297,7 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
 
 def resume_command(kind: str, config: Optional[Path], overrides: list[str], out: Path, from_: Optional[Path] = None) -> str:
     """The exact command line that continues a run (printed when a run is interrupted or runs out of disk)."""
-    parts = ["llmctl", kind]
+    parts = [*distributed.launch_prefix(), "llmctl", kind]
     if config is not None:
         parts += ["-c", str(config)]
     for o in overrides:
