@@ -22,9 +22,11 @@ import contextlib
 import math
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -34,7 +36,9 @@ import torch.nn as nn
 from .config import TrainConfig
 from .errors import EXIT_DIVERGED, EXIT_PEER, EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
 from .evaluate import lm_metrics as _lm_metrics
-from .train import NullReporter, Reporter, rng_state, set_rng_state
+from .train import NullReporter, Reporter, StopFlag, rng_state, set_rng_state
+
+T = TypeVar("T")
 
 # ------------------------------------------------------------------------------------------------------------------
 # Launch detection and the process group
@@ -92,6 +96,7 @@ def init(cfg: TrainConfig, device: torch.device) -> DistContext:
         backend = "gloo"
     else:
         raise LlmctlError(f"distributed training runs on CUDA (nccl) or CPU (gloo), not {device.type}; set train.device=cpu")
+    StopFlag.repeat_window = 2.0  # the terminal's Ctrl-C and torchrun's forwarded copy are one Ctrl-C
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist_timeout))
@@ -131,19 +136,45 @@ def barrier(ctx: DistContext) -> None:
             dist.barrier()
 
 
-@contextlib.contextmanager
-def local_rank0_first(ctx: DistContext) -> Iterator[None]:
-    """Run the body on each node's first process, then on the others (which find its result in the cache).
+def local_rank0_first(ctx: DistContext, fn: Callable[[], T]) -> T:
+    """Run `fn` on each node's first process, then on the others (which then find its result in the cache).
 
-    For the token cache: one process per node tokenizes; the rest wait at a barrier and then open the files.
-    On one node that is exactly "rank 0 prepares"; with several nodes it works whether or not the cache
-    directory is shared (the cache is written atomically, so concurrent builders cannot corrupt it).
+    For the token cache: one process per node tokenizes; the rest wait and then open the files. On one node that
+    is exactly "rank 0 prepares"; with several nodes it works whether or not the cache directory is shared (the
+    cache is written atomically, so concurrent builders cannot corrupt it).
+
+    Tokenizing a large corpus can take longer than train.dist_timeout, so the waiting is not one long barrier:
+    the preparing processes work in a thread while every rank takes part in a small all-reduce each second
+    ("is anyone still preparing?"). A rank that dies meanwhile is noticed at the next one.
     """
-    if ctx.enabled and ctx.local_rank != 0:
-        barrier(ctx)
-    yield
-    if ctx.enabled and ctx.local_rank == 0:
-        barrier(ctx)
+    if not ctx.enabled:
+        return fn()
+    result: dict = {}
+    worker = None
+    if ctx.local_rank == 0:
+        def run() -> None:
+            try:
+                result["value"] = fn()
+            except BaseException as e:  # re-raised in the main thread
+                result["error"] = e
+
+        worker = threading.Thread(target=run, name="llmctl-prepare", daemon=True)
+        worker.start()
+    while True:
+        busy = worker is not None and worker.is_alive()
+        flag = torch.tensor([1 if busy else 0], device=ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            break
+        if worker is not None and busy:
+            worker.join(timeout=1.0)
+        else:
+            time.sleep(0.2)
+    if worker is not None:
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+    return fn()
 
 
 def check(ctx: DistContext, cfg: TrainConfig, amp: Optional[torch.dtype]) -> int:

@@ -108,8 +108,13 @@ def seed_everything(seed: int) -> None:
 
 
 class StopFlag:
+    # seconds in which a repeated SIGINT is the same Ctrl-C: torchrun forwards the terminal's Ctrl-C to workers
+    # that received it already (llmctl.distributed sets this under torchrun)
+    repeat_window: float = 0.0
+
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self._first = 0.0
         self._old: dict = {}
 
     def __enter__(self) -> "StopFlag":
@@ -123,7 +128,11 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
+            if time.monotonic() - self._first < self.repeat_window:
+                return
             raise KeyboardInterrupt  # second Ctrl-C: abort now
+        if self.signum is None:
+            self._first = time.monotonic()
         self.signum = signum
 
     def __exit__(self, *exc) -> None:

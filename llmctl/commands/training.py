@@ -270,7 +270,7 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
     except BaseException as e:
         reporter.stop()
         write_status(out, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                             error=f"{type(e).__name__}: {e}", step=_last_step(out))
+                     error=f"{type(e).__name__}: {e}", step=_last_step(out))
         raise
     finally:
         metrics.close()
@@ -318,8 +318,8 @@ def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str
     device = ctx.device
     amp = resolve_amp(cfg.train.dtype, device)
     grad_accum = distributed.check(ctx, cfg.train, amp)
-    with distributed.local_rank0_first(ctx):  # one process tokenizes, the others then open the cache
-        td = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log)
+    # under torchrun one process per node tokenizes; the others then open the cache
+    td = distributed.local_rank0_first(ctx, lambda: prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log))
     cfg.model.vocab_size = vocab_for(cfg, td.tokenizer)
     if len(td.train) < cfg.model.block_size + 2:
         raise LlmctlError(
