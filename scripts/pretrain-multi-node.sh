@@ -8,8 +8,9 @@
 # MASTER_ADDR / MASTER_PORT: an address of node 0 that every node can reach, and a free port on it.
 # NNODES: number of machines; NODE_RANK: this machine's index (0 .. NNODES-1).
 # NPROC_PER_NODE: processes per machine (default: its GPU count).
-# --out must be on a filesystem every node can see only if you want to read it from everywhere: rank 0 (on
-# node 0) alone writes the run directory. The token cache (data.cache_dir) may be shared or per node.
+# --out (and --resume-from, --from) must be on a filesystem every node sees: rank 0 alone writes the run
+# directory, but every rank reads the checkpoint it resumes or finetunes from. The token cache (data.cache_dir)
+# may be shared or per node; data.path must be readable on every node.
 # See README "Scaling out" for NCCL settings (NCCL_SOCKET_IFNAME, NCCL_DEBUG) and train.dist_timeout.
 set -euo pipefail
 if command -v torchrun >/dev/null; then torchrun=(torchrun); else torchrun=("${PYTHON:-python}" -m torch.distributed.run); fi

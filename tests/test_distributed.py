@@ -23,7 +23,7 @@ from llmctl.errors import LlmctlError
 # float32, dropout 0: one process with batch B and two with B/2 see the same global batch and must agree
 BASE = [
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.0",
-    "train.max_steps=20", "train.warmup_steps=5", "train.log_interval=1", "train.eval_interval=10", "train.eval_batches=4",
+    "train.max_steps=20", "train.warmup_steps=5", "train.log_interval=1", "train.eval_interval=10", "train.eval_batches=3",
     "train.save_interval=10", "train.keep_last=3", "train.dtype=float32", f"data.path={SHAKESPEARE}",
 ]
 TOL = 1e-5
@@ -42,6 +42,14 @@ def assert_same_losses(a: dict[int, float], b: dict[int, float], steps) -> None:
     assert sorted(b) == steps, sorted(b)
     worst = max(abs(a[s] - b[s]) for s in steps)
     assert worst <= TOL, {s: (a[s], b[s]) for s in steps if abs(a[s] - b[s]) > TOL}
+
+
+def assert_same_val_losses(a: Path, b: Path) -> None:
+    """Evaluation is shared out over the ranks (3 batches: one rank pads under FSDP) and must not change."""
+    val_a = {row["step"]: row["val_loss"] for row in rows(a) if "val_loss" in row}
+    val_b = {row["step"]: row["val_loss"] for row in rows(b) if "val_loss" in row}
+    assert val_a.keys() == val_b.keys() == {10, 20}
+    assert all(abs(val_a[s] - val_b[s]) < TOL for s in val_a), (val_a, val_b)
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -151,15 +159,14 @@ def test_ddp_two_processes_log_the_losses_of_one(tmp_path, single):
     assert r.stderr.count("step 20: val_loss") == 1
     step_rows = [row for row in rows(out) if "tokens_per_sec" in row]
     assert all(row["tokens_per_sec_per_device"] == pytest.approx(row["tokens_per_sec"] / 2, abs=0.1) for row in step_rows)
-    val_one = {row["step"]: row["val_loss"] for row in rows(single) if "val_loss" in row}
-    val_two = {row["step"]: row["val_loss"] for row in rows(out) if "val_loss" in row}
-    assert val_one.keys() == val_two.keys() and all(abs(val_one[s] - val_two[s]) < TOL for s in val_one)
+    assert_same_val_losses(single, out)
 
 
 @pytest.mark.slow
 def test_fsdp_two_processes_log_the_losses_of_one(single, fsdp_run):
     out, r = fsdp_run
     assert_same_losses(losses(single), losses(out), range(1, 21))
+    assert_same_val_losses(single, out)
     assert "(FSDP)" in r.stderr and json.loads(r.stdout)["world_size"] == 2
     # the checkpoint is the one format: same tensor names and shapes as a single process writes
     one, two = ckpt.load(single / "step-0000020"), ckpt.load(out / "step-0000020")
