@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import re
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -309,9 +310,9 @@ def lm_metrics(model: nn.Module, blocks: Callable[[], Iterable[dict]], ctx: Dist
     Every rank gets the same result. Under FSDP each forward pass is collective, so a rank with one batch fewer
     runs a padding batch whose labels are all ignored (-100): it adds nothing to the sums.
     """
-    net = inner(model)  # DDP: replicas are identical, evaluate without DDP's hooks
     if not ctx.enabled:
-        return _lm_metrics(net, blocks(), device, amp)
+        return _lm_metrics(model, blocks(), device, amp)
+    net = inner(model)  # DDP: replicas are identical, evaluate without DDP's hooks; FSDP: the sharded root
     n = sum(1 for _ in blocks())
     if n < ctx.world_size:  # too few batches to share: every rank evaluates all of them
         return _lm_metrics(net, blocks(), device, amp)
@@ -538,6 +539,9 @@ def peer_errors(ctx: Optional[DistContext] = None) -> Iterator[None]:
         if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(s in text for s in PEER_SIGNS))):
             raise
         timeout = ctx.timeout if ctx else None
+        with contextlib.suppress(ValueError):  # (not in the main thread)
+            # torchrun is about to send SIGTERM to the ranks still alive: finish reporting this first
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise LlmctlError(
             f"rank {rank} of {world}: lost contact with the other ranks ({_first_line(e)}). Another rank failed, was "
             "killed or stopped responding: its own error line, or torchrun's summary, names it"

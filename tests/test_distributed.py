@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -254,5 +255,6 @@ def test_killing_a_rank_stops_the_others_with_a_clear_message(tmp_path):
             p.communicate()
     assert p.returncode != 0
     assert "error: rank 0 of 2: lost contact with the other ranks" in err, err[-3000:]
+    assert re.search(r"exitcode\s*:\s*4 ", err), err[-3000:]  # torchrun's summary: the survivor exited with status 4
     status = ckpt.read_status(out)
     assert status["status"] == "failed" and status["exit_status"] == 4 and "lost contact" in status["error"]
