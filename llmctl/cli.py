@@ -123,12 +123,22 @@ def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, jso
                 parts.append(f"~{info['epochs']} epochs")
             parts += [info["device"], info["precision"]]
             err.print(f"{kind}: " + ", ".join(parts))
+            err.print(
+                f"global batch {info['global_batch']:,} sequences = {info['batch_size']} per device x {info['grad_accum']} "
+                f"accumulation x {info['world_size']} process{'es' if info['world_size'] > 1 else ''}"
+                + (f" ({info['parallel'].upper()})" if info["parallel"] != "none" else "")
+            )
 
     def go() -> None:
+        from .distributed import peer_errors
+
         rep = reporter(kind, quiet)
         fn = commands.pretrain if kind == "pretrain" else commands.finetune
-        summary = fn(config, overrides or [], out=out_dir, resume=resume, overwrite=overwrite, reporter=rep,
-                     log=(lambda m: None) if quiet else _log, on_plan=on_plan, **extra)
+        with peer_errors():  # under torchrun: a failed collective becomes one clear line (exit 4)
+            summary = fn(config, overrides or [], out=out_dir, resume=resume, overwrite=overwrite, reporter=rep,
+                         log=(lambda m: None) if quiet else _log, on_plan=on_plan, **extra)
+        if summary is None:  # a rank other than 0 under torchrun: rank 0 reports
+            return
         if json_out:
             _print_json(summary)
         else:

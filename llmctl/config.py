@@ -127,6 +127,11 @@ class TrainConfig:
     best_mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracy/f1/precision/recall, else min
     skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient that may be skipped before stopping (exit 3)
     patience: int = 0  # early stopping: evaluations without a new best before stopping; 0 = never stop early
+    # scaling out (README "Scaling out"); parallel and dist_timeout apply only under torchrun
+    global_batch_size: Optional[int] = None  # sequences per step over all ranks; grad_accum is then derived
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # replicate the model (DDP) or shard it (FSDP2 fully_shard)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before failing
 
 
 @dataclass
@@ -451,6 +456,16 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"train.min_lr: must not be negative (got {t.min_lr})")
     if t.skip_nonfinite < 0:
         p.append(f"train.skip_nonfinite: must not be negative (got {t.skip_nonfinite})")
+    if t.global_batch_size is not None:
+        if t.global_batch_size < 1:
+            p.append(f"train.global_batch_size: must be at least 1 (got {t.global_batch_size})")
+        elif t.grad_accum != 1:
+            p.append("train.global_batch_size and train.grad_accum are both set; set only one "
+                     "(with global_batch_size, grad_accum = global_batch_size / (batch_size x processes))")
+        elif t.batch_size >= 1 and t.global_batch_size % t.batch_size:
+            p.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.batch_size={t.batch_size}")
+    if t.dist_timeout <= 0:
+        p.append(f"train.dist_timeout: must be positive seconds (got {t.dist_timeout})")
     if t.keep_last < 1:
         p.append(f"train.keep_last: must be at least 1 (got {t.keep_last})")
     if t.eval_batches is not None and t.eval_batches < 1:

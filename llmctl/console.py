@@ -48,7 +48,7 @@ class RichReporter:
 
     def update(self, step: int, info: dict) -> None:
         if "tokens_per_sec" in info:
-            self.fields["tps"] = f"{info['tokens_per_sec']:,.0f}"
+            self.fields["tps"] = f"{info['tokens_per_sec']:,.0f}" + _per_device(info)
         self.fields["loss"] = f"{info['loss']:.4f}"
         self.fields["lr"] = f"{info['lr']:.2e}"
         self.progress.update(self.task, completed=step, **self.fields)
@@ -81,7 +81,7 @@ class PlainReporter:
         eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
         print(
             f"{self.label} step {step}/{self.total} | loss {info['loss']:.4f} | lr {info['lr']:.2e} | "
-            f"{info['tokens_per_sec']:,.0f} tok/s | eta {fmt_duration(eta)}",
+            f"{info['tokens_per_sec']:,.0f}{_per_device(info)} tok/s | eta {fmt_duration(eta)}",
             file=self.stream,
             flush=True,
         )
@@ -91,6 +91,12 @@ class PlainReporter:
 
     def stop(self) -> None:
         pass
+
+
+def _per_device(info: dict) -> str:
+    """The " (N/device)" suffix when several processes train (tokens_per_sec is then their total)."""
+    per = info.get("tokens_per_sec_per_device")
+    return f" ({per:,.0f}/device)" if per is not None else ""
 
 
 def reporter(label: str = "train", quiet: bool = False):

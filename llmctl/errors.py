@@ -1,7 +1,7 @@
 """The one error type that carries an exit status to the CLI.
 
 Exit statuses (the README has the same table):
-  0 success, 1 unexpected error, 2 bad input, 3 training diverged,
+  0 success, 1 unexpected error, 2 bad input, 3 training diverged, 4 another rank of a distributed run failed,
   130 interrupted by SIGINT, 143 interrupted by SIGTERM.
 """
 
@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_PEER = 4  # torchrun: another rank died, hung past train.dist_timeout, or the network failed
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 

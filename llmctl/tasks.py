@@ -13,16 +13,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .config import Config
 from .data import (ExampleBatches, Examples, LMBatches, TokenData, classification_examples, eval_batches, eval_blocks,
                    holdout, instruct_examples, packed_tokens)
 from .errors import LlmctlError
-from .evaluate import classification_metrics, classify, lm_metrics
+from .evaluate import classification_metrics, classify
 from .heads import Classifier
 from .lora import apply_lora
 from .model import Transformer
 from .tokenizer import Tokenizer
 from .train import lm_loss
+
+
+@dataclass
+class Layout:
+    """Where this process's batches come from: its rank in the job and the micro-batches per step."""
+
+    dist: distributed.DistContext = field(default_factory=distributed.DistContext)
+    accum: int = 1
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world(self) -> int:
+        return self.dist.world_size
 
 
 @dataclass
@@ -32,7 +49,7 @@ class Task:
     backbone: Transformer
     batches: Callable[[int], list[dict]]
     loss: Callable[[nn.Module, dict], torch.Tensor]
-    evaluate: Callable[[int], dict]
+    evaluate: Callable[[nn.Module, int], dict]  # (the module as trained, maybe wrapped; step) -> metrics
     tokens_per_step: Optional[int]  # None: counted from the batches
     sizes: dict = field(default_factory=dict)  # what the run trains and validates on, for the start-up line
     labels: Optional[list[str]] = None
@@ -44,8 +61,8 @@ def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["labels"])
 
 
-def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.device, amp, rank: int = 0,
-            world: int = 1) -> Task:
+def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.device, amp,
+            layout: Layout = Layout()) -> Task:
     """Next-token prediction on a token stream (pretraining, and finetuning with task lm)."""
     t, T = cfg.train, cfg.model.block_size
     if len(td.train) < T + 2:
@@ -53,20 +70,20 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
             f"data.path: the training split has {len(td.train)} tokens, fewer than one block of "
             f"model.block_size={T}; use more text or a smaller block_size"
         )
-    batches = LMBatches(td.train, T, t.batch_size, t.grad_accum, t.seed, rank, world)
+    batches = LMBatches(td.train, T, t.batch_size, layout.accum, t.seed, layout.rank, layout.world)
 
-    def evaluate(step: int) -> dict:
+    def evaluate(model: nn.Module, step: int) -> dict:
         if len(td.val) < 2:
             return {}
-        r = lm_metrics(backbone, eval_blocks(td.val, T, cfg.eval.batch_size, t.eval_batches), device, amp)
-        return {"val_loss": r["loss"]}
+        blocks = lambda: eval_blocks(td.val, T, cfg.eval.batch_size, t.eval_batches)  # noqa: E731
+        return {"val_loss": distributed.lm_metrics(model, blocks, layout.dist, device, amp)["loss"]}
 
-    return Task("lm", backbone, backbone, batches.get, lm_loss, evaluate, t.batch_size * t.grad_accum * T * world,
+    return Task("lm", backbone, backbone, batches.get, lm_loss, evaluate, t.batch_size * layout.accum * T * layout.world,
                 sizes={"train_tokens": len(td.train), "val_tokens": len(td.val)})
 
 
 def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.device, amp,
-                        rank: int = 0, world: int = 1) -> Task:
+                        layout: Layout = Layout()) -> Task:
     """Sequence classification; validation is a seeded held-out slice of the training file (data.val_fraction)."""
     d, t = cfg.data, cfg.train
     ex, labels = classification_examples(d.path, d, tok, cfg.model.block_size, d.text_column, d.label_column,
@@ -74,14 +91,17 @@ def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, devi
     cfg.finetune.labels = labels  # stored with the checkpoint: the label set is part of the model
     train_idx, val_idx = holdout(len(ex.ids), d.val_fraction, t.seed)
     module = Classifier(backbone, len(labels))
-    batches = ExampleBatches(ex, train_idx, "classification", tok.pad_id, t.batch_size, t.grad_accum, t.seed, rank, world)
+    batches = ExampleBatches(ex, train_idx, "classification", tok.pad_id, t.batch_size, layout.accum, t.seed,
+                             layout.rank, layout.world)
 
-    def evaluate(step: int) -> dict:
+    def evaluate(model: nn.Module, step: int) -> dict:
         if not len(val_idx):
             return {}
         idx = val_idx if t.eval_batches is None else val_idx[: t.eval_batches * cfg.eval.batch_size]
-        rows, pred, _, loss = classify(module, eval_batches(ex, idx, "classification", tok.pad_id, cfg.eval.batch_size),
-                                       device, amp)
+        # every rank classifies the whole (small) validation slice: identical results, and FSDP's collective
+        # forward passes line up
+        rows, pred, _, loss = classify(distributed.inner(model),
+                                       eval_batches(ex, idx, "classification", tok.pad_id, cfg.eval.batch_size), device, amp)
         m = classification_metrics(pred, [ex.targets[i] for i in rows.tolist()], labels)
         return {"val_loss": loss, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
@@ -93,7 +113,7 @@ def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, devi
 
 
 def instruct_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.device, amp,
-                  rank: int = 0, world: int = 1) -> Task:
+                  layout: Layout = Layout()) -> Task:
     """Instruction tuning: the loss covers response tokens only (prompt labels are -100)."""
     d, t, T = cfg.data, cfg.train, cfg.model.block_size
     ex = instruct_examples(d.path, d, tok, T, cfg.finetune)
@@ -101,17 +121,18 @@ def instruct_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: to
     if cfg.finetune.packing:
         sub = Examples([ex.ids[i] for i in train_idx], [ex.targets[i] for i in train_idx])
         ids, labels = packed_tokens(sub, tok.eos_id)
-        get = LMBatches(ids, T, t.batch_size, t.grad_accum, t.seed, rank, world, labels=labels).get
-        tokens = t.batch_size * t.grad_accum * T * world
+        get = LMBatches(ids, T, t.batch_size, layout.accum, t.seed, layout.rank, layout.world, labels=labels).get
+        tokens = t.batch_size * layout.accum * T * layout.world
     else:
-        get = ExampleBatches(ex, train_idx, "instruct", tok.pad_id, t.batch_size, t.grad_accum, t.seed, rank, world).get
+        get = ExampleBatches(ex, train_idx, "instruct", tok.pad_id, t.batch_size, layout.accum, t.seed,
+                             layout.rank, layout.world).get
         tokens = None
 
-    def evaluate(step: int) -> dict:
+    def evaluate(model: nn.Module, step: int) -> dict:
         if not len(val_idx):
             return {}
-        r = lm_metrics(backbone, eval_batches(ex, val_idx, "instruct", tok.pad_id, cfg.eval.batch_size), device, amp)
-        return {"val_loss": r["loss"]}
+        batches = lambda: eval_batches(ex, val_idx, "instruct", tok.pad_id, cfg.eval.batch_size)  # noqa: E731
+        return {"val_loss": distributed.lm_metrics(model, batches, layout.dist, device, amp)["loss"]}
 
     notes = [f"{ex.truncated} examples were longer than the context and were cut"] if ex.truncated else []
     return Task("instruct", backbone, backbone, get, lm_loss, evaluate, tokens,

@@ -79,8 +79,9 @@ def rng_state() -> dict:
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's device only: reading every GPU would create a context on each of them from every rank
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -90,7 +91,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]  # older checkpoints hold a list with one state per GPU
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 def _tuple(x: Any) -> Any:
@@ -108,8 +110,13 @@ def seed_everything(seed: int) -> None:
 
 
 class StopFlag:
+    # seconds in which a repeated SIGINT is the same Ctrl-C: torchrun forwards the terminal's Ctrl-C to workers
+    # that received it already (llmctl.distributed sets this under torchrun)
+    repeat_window: float = 0.0
+
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self._first = 0.0
         self._old: dict = {}
 
     def __enter__(self) -> "StopFlag":
@@ -123,7 +130,11 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
+            if time.monotonic() - self._first < self.repeat_window:
+                return
             raise KeyboardInterrupt  # second Ctrl-C: abort now
+        if self.signum is None:
+            self._first = time.monotonic()
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
@@ -145,7 +156,9 @@ class Hooks:
     log_metrics: Callable[[dict], None] = lambda row: None  # one row of metrics.jsonl
     no_sync: Optional[Callable[[], ContextManager]] = None  # skip the gradient all-reduce on non-final micro-steps
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # average a scalar over ranks
+    sync_stop: Callable[[Optional[int]], Optional[int]] = lambda signum: signum  # agree on a stop signal over ranks
     on_step: Optional[Callable[[LoopState], None]] = None  # test hook
+    world_size: int = 1  # processes training together (scales a variable-length batch's token count)
 
 
 def fit(
@@ -182,8 +195,8 @@ def fit(
             micro = hooks.batches(step)
             total = torch.zeros((), device=device)
             # variable-length batches (classification, instruct) are counted as they come
-            step_tokens = tokens_per_step or sum(int(b["lengths"].sum()) if "lengths" in b else b["input_ids"].numel()
-                                                 for b in micro)
+            step_tokens = tokens_per_step or hooks.world_size * sum(
+                int(b["lengths"].sum()) if "lengths" in b else b["input_ids"].numel() for b in micro)
             for i, batch in enumerate(micro):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 sync = contextlib.nullcontext() if (hooks.no_sync is None or i == len(micro) - 1) else hooks.no_sync()
@@ -266,11 +279,12 @@ def fit(
             if hooks.save and saved is None and (last or (cfg.save_interval and state.step % cfg.save_interval == 0)):
                 saved = hooks.save(state, ("early_stop" if stop_early else "final") if last else "interval")
                 window_t = time.perf_counter()
-            if stop.signum is not None and not last:
+            signum = hooks.sync_stop(stop.signum)
+            if signum is not None and not last:
                 if hooks.save and saved is None:
                     saved = hooks.save(state, "signal")
-                status = EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
-                name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
+                status = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+                name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
                 raise Interrupted(f"interrupted by {name} after step {state.step}" + (f"; saved {saved}" if saved else ""), status)
             if stop_early:
                 break

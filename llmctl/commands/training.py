@@ -7,23 +7,23 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from .. import checkpoint as ckpt_io
+from .. import distributed
 from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
 from ..data import prepare as prepare_tokens
 from ..errors import LlmctlError
-from ..lora import lora_state
 from ..model import Transformer
 from ..optim import build_optimizer
 from ..tasks import BUILDERS as TASKS
-from ..tasks import Task, count_trainable, lm_task, make_trainable
+from ..tasks import Layout, Task, count_trainable, lm_task, make_trainable
 from ..tokenizer import Tokenizer
-from ..train import Hooks, LoopState, NullReporter, Reporter, fit, rng_state, seed_everything, set_rng_state
+from ..train import Hooks, LoopState, NullReporter, Reporter, fit, seed_everything
 from .common import Log, _nolog, build_backbone, load_weights, resolve_amp, resolve_device, restore, unwrap, vocab_for
 
 
@@ -143,6 +143,8 @@ class TrainPlan:
     base: Optional[ckpt_io.Checkpoint] = None  # the checkpoint a finetune started from
     resume_cmd: str = ""  # the exact command that continues this run
     overwrite: bool = False  # empty the run directory once the lock is held
+    dist: distributed.DistContext = field(default_factory=distributed.DistContext)  # torchrun rank and world size
+    grad_accum: int = 1  # micro-batches per step (train.grad_accum, or derived from train.global_batch_size)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -152,14 +154,19 @@ class TrainPlan:
 def describe(plan: TrainPlan) -> dict:
     cfg, t = plan.cfg, plan.cfg.train
     trainable, total = count_trainable(plan.task.module)
+    global_batch = t.batch_size * plan.grad_accum * plan.dist.world_size  # sequences per optimizer step
     out = {
         "task": plan.task.kind,
         "method": cfg.finetune.method if plan.kind == "finetune" else "full",
         "parameters": total,
         "parameters_non_embedding": plan.task.backbone.num_params(embeddings=False),
         "trainable_parameters": trainable,
-        "sequences_per_step": t.batch_size * t.grad_accum,
         "tokens_per_step": plan.task.tokens_per_step,
+        "global_batch": global_batch,
+        "batch_size": t.batch_size,
+        "grad_accum": plan.grad_accum,
+        "world_size": plan.dist.world_size,
+        "parallel": plan.dist.parallel,
         **plan.task.sizes,
         "vocab_size": cfg.model.vocab_size,
         "device": str(plan.device),
@@ -171,63 +178,79 @@ def describe(plan: TrainPlan) -> dict:
 
 
 def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resume_state: Optional[dict] = None,
-                 on_step: Optional[Callable[[LoopState], None]] = None) -> dict:
+                 on_step: Optional[Callable[[LoopState], None]] = None) -> Optional[dict]:
     """Hold the run lock, create or continue the run directory, train with `fit`, keep status.json honest."""
+    if not plan.dist.is_main:  # under torchrun rank 0 owns the run directory; the other ranks only train
+        _train_locked(plan, out, reporter, log, resume_state, on_step)
+        distributed.finish(plan.dist)
+        return None
     preflight(out, plan.model)
     with ckpt_io.RunLock(out) as lock:
         if lock.stale:
             log(f"cleared a stale lock left by a process that is gone ({lock.stale})")
         if plan.overwrite:
             clear_run(out)
-        return _train_locked(plan, out, reporter, log, resume_state, on_step)
+        summary = _train_locked(plan, out, reporter, log, resume_state, on_step)
+    distributed.finish(plan.dist)  # torchrun: all ranks leave the process group together
+    return summary
 
 
-def _weights_to_save(plan: TrainPlan) -> tuple[dict, str, dict]:
-    """(weights, their file name, extra files): the full model, or only the LoRA adapter; plus a task head."""
-    task, f = plan.task, plan.cfg.finetune
-    backbone = unwrap(task.backbone)
-    if plan.kind == "finetune" and f.method == "lora":
-        weights, name = lora_state(backbone), ckpt_io.ADAPTER
+def _split_weights(plan: TrainPlan, full: dict) -> tuple[dict, str, dict]:
+    """(weights, their file name, extra files) from the trained module's full state dict: the whole backbone, or
+    only the LoRA adapter; plus a task head (a classifier's state has `backbone.*` and `head.*`)."""
+    if plan.task.kind == "classification":
+        backbone = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
+        extra = {ckpt_io.HEAD: {k[len("head."):]: v for k, v in full.items() if k.startswith("head.")}}
     else:
-        weights, name = backbone.state_dict(), ckpt_io.WEIGHTS
-    extra = {ckpt_io.HEAD: unwrap(task.module).head.state_dict()} if task.kind == "classification" else {}
-    return weights, name, extra
+        backbone, extra = full, {}
+    if plan.kind == "finetune" and plan.cfg.finetune.method == "lora":
+        return {k: v for k, v in backbone.items() if k.endswith((".lora_a", ".lora_b"))}, ckpt_io.ADAPTER, extra
+    return {k: v for k, v in backbone.items() if not k.endswith((".lora_a", ".lora_b"))}, ckpt_io.WEIGHTS, extra
 
 
 def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resume_state: Optional[dict],
                   on_step: Optional[Callable[[LoopState], None]]) -> dict:
-    cfg, model, t = plan.cfg, plan.model, plan.cfg.train
+    cfg, t = plan.cfg, plan.cfg.train
+    main = plan.dist.is_main
+    write_status = ckpt_io.write_status if main else distributed.discard
     config_yaml = cfg.to_yaml()
-    ckpt_io.write_atomic(out / "config.yaml", config_yaml)
-    plan.tokenizer.save(out / "tokenizer.json")
+    if main:
+        ckpt_io.write_atomic(out / "config.yaml", config_yaml)
+        plan.tokenizer.save(out / "tokenizer.json")
+    model = distributed.prepare_model(plan.model, t, plan.dist)  # activation checkpointing, DDP / FSDP, torch.compile
     state = LoopState()
     optimizer = build_optimizer(model, t, plan.device.type)
     scaler = torch.amp.GradScaler(plan.device.type) if plan.amp == torch.float16 else None
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, resume_state["optimizer"], plan.dist)
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         state = LoopState(**resume_state["loop"])
-        set_rng_state(resume_state["rng"])
         if state.step >= t.max_steps or state.stopped_early:
             raise LlmctlError(f"the run is already complete at step {state.step} (train.max_steps={t.max_steps}"
                               f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to train further")
-    metrics = MetricsFile(out / "metrics.jsonl", resume_step=state.step if resume_state is not None else None)
+    distributed.restore_rng(plan.dist, resume_state, t.seed)
+    metrics = (MetricsFile(out / "metrics.jsonl", resume_step=state.step if resume_state is not None else None)
+               if main else distributed.Discard())
     base_meta = {}
     if plan.base is not None:
         base_meta = {"base": {"path": str(plan.base.path.resolve()),
                               "sha256": plan.base.meta["files"].get(ckpt_io.WEIGHTS)}}
 
     def save(st: LoopState, reason: str) -> Path:
+        gathered = distributed.gather_for_save(model, optimizer, plan.dist)  # collective: every rank calls it
+        if gathered is None:  # not rank 0, which writes the checkpoint
+            return out / ckpt_io.step_name(st.step)
+        full, optimizer_state, rng = gathered
         train_state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scaler": scaler.state_dict() if scaler else {},
             "loop": {**st.__dict__},
-            "rng": rng_state(),
+            **rng,
         }
         meta = {"kind": plan.kind, "task": plan.task.kind, "method": cfg.finetune.method if plan.kind == "finetune" else "full",
                 "tokens": st.tokens, "metrics": st.last_eval, "reason": reason, **base_meta}
-        weights, name, extra = _weights_to_save(plan)
+        weights, name, extra = _split_weights(plan, full)
         try:
             path = ckpt_io.save(out, st.step, weights, config_yaml, plan.tokenizer.to_str(), train_state, meta,
                                 extra_files=extra, weights_name=name)
@@ -246,24 +269,28 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
         log(f"saved {path}")
         return path
 
-    ckpt_io.write_status(out, "running", kind=plan.kind, task=plan.task.kind, step=state.step, max_steps=t.max_steps)
+    write_status(out, "running", kind=plan.kind, task=plan.task.kind, step=state.step, max_steps=t.max_steps)
     t0 = time.time()
     try:
-        hooks = Hooks(batches=plan.task.batches, loss=plan.task.loss, evaluate=plan.task.evaluate, save=save,
-                      log_metrics=metrics, on_step=on_step)
-        state = fit(model, optimizer, t, hooks, state, device=plan.device, amp_dtype=plan.amp, scaler=scaler,
-                    tokens_per_step=plan.task.tokens_per_step, reporter=reporter)
+        hooks = Hooks(batches=plan.task.batches, loss=plan.task.loss, evaluate=lambda step: plan.task.evaluate(model, step),
+                      save=save, log_metrics=distributed.per_device_metrics(metrics, plan.dist), on_step=on_step,
+                      world_size=plan.dist.world_size,
+                      **distributed.loop_hooks(model, plan.dist))
+        with distributed.peer_errors(plan.dist):
+            state = fit(model, optimizer, t, hooks, state, device=plan.device, amp_dtype=plan.amp, scaler=scaler,
+                        tokens_per_step=plan.task.tokens_per_step,
+                        reporter=distributed.per_device_reporter(reporter, plan.dist))
     except LlmctlError as e:
         reporter.stop()
         status = {130: "interrupted", 143: "interrupted", 3: "diverged"}.get(e.status, "failed")
         if status == "interrupted":
             e.message += f". Resume with: {plan.resume_cmd}"
-        ckpt_io.write_status(out, status, error=e.message, exit_status=e.status, step=_last_step(out))
+        write_status(out, status, error=e.message, exit_status=e.status, step=_last_step(out))
         raise
     except BaseException as e:
         reporter.stop()
-        ckpt_io.write_status(out, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                             error=f"{type(e).__name__}: {e}", step=_last_step(out))
+        write_status(out, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                     error=f"{type(e).__name__}: {e}", step=_last_step(out))
         raise
     finally:
         metrics.close()
@@ -282,13 +309,17 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
         "wall_seconds": round(wall, 2),
         "tokens_per_sec": round(state.tokens / state.elapsed, 1) if state.elapsed else None,
     }
-    ckpt_io.write_status(out, "finished", **{k: v for k, v in summary.items() if k not in ("run",)})
+    if plan.dist.enabled:
+        world = plan.dist.world_size
+        summary["world_size"] = world
+        summary["tokens_per_sec_per_device"] = round(state.tokens / state.elapsed / world, 1) if state.elapsed else None
+    write_status(out, "finished", **{k: v for k, v in summary.items() if k not in ("run",)})
     return summary
 
 
 def resume_command(kind: str, config: Optional[Path], overrides: list[str], out: Path, from_: Optional[Path] = None) -> str:
     """The exact command line that continues a run (printed when a run is interrupted or runs out of disk)."""
-    parts = ["llmctl", kind]
+    parts = [*distributed.launch_prefix(), "llmctl", kind]
     if config is not None:
         parts += ["-c", str(config)]
     for o in overrides:
@@ -307,12 +338,15 @@ def _last_step(out: Path) -> Optional[int]:
 def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str,
                 base: Optional[ckpt_io.Checkpoint] = None) -> TrainPlan:
     """Tokenizer, data, model and task, all checked; a finetune's backbone starts from `base`'s weights."""
-    device = resolve_device(cfg.train.device)
+    ctx = distributed.init(cfg.train, resolve_device(cfg.train.device))  # under torchrun: join the group
+    device = ctx.device
     amp = resolve_amp(cfg.train.dtype, device)
+    accum = distributed.check(ctx, cfg.train, amp)
     task_kind = cfg.finetune.task if kind == "finetune" else "lm"
     td = None
     if task_kind == "lm":
-        td = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log)
+        # under torchrun one process per node tokenizes; the others then open the cache
+        td = distributed.local_rank0_first(ctx, lambda: prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log))
         tokenizer = td.tokenizer
     elif cfg.data.path is None:
         raise LlmctlError(f"data.path is not set: finetune.task={task_kind} needs a training file")
@@ -324,17 +358,17 @@ def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str
     else:
         with torch.device(device):
             backbone = Transformer(cfg.model)
+    layout = Layout(ctx, accum)
     if task_kind == "lm":
-        task = lm_task(cfg, td, backbone, device, amp)
+        task = lm_task(cfg, td, backbone, device, amp, layout)
     else:
-        task = TASKS[task_kind](cfg, tokenizer, backbone, device, amp)
+        task = TASKS[task_kind](cfg, tokenizer, backbone, device, amp, layout)
     if kind == "finetune":
         make_trainable(task, cfg)
     for note in task.notes:
         log(f"[yellow]note:[/yellow] {note}")
-    if cfg.train.compile:
-        task.module = torch.compile(task.module)  # type: ignore[assignment]
-    return TrainPlan(cfg, tokenizer, task, device, amp, kind=kind, base=base)
+    # DDP / FSDP / compile wrap the module when training starts, after weights load
+    return TrainPlan(cfg, tokenizer, task, device, amp, kind=kind, base=base, dist=ctx, grad_accum=accum)
 
 
 def pretrain(
@@ -354,6 +388,7 @@ def pretrain(
     Everything is checked (arguments, run directory, config, data, model, disk) before the run directory is
     created or, with --overwrite, emptied.
     """
+    reporter, log, on_plan = distributed.rank0_only(reporter, log, on_plan)  # under torchrun only rank 0 speaks
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
@@ -418,6 +453,7 @@ def finetune(
 
     The model shape and tokenizer come from the checkpoint; model keys in the config must agree with it.
     """
+    reporter, log, on_plan = distributed.rank0_only(reporter, log, on_plan)  # under torchrun only rank 0 speaks
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
