@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+import_app = typer.Typer(help="Bring in checkpoints made elsewhere (Hugging Face transformers).", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 
 STATE = {"debug": bool(os.environ.get("LLMCTL_DEBUG"))}
 
@@ -35,6 +37,7 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; it holds onl
 SetOpt = typer.Option(None, "--set", "-s", help="Override one key, e.g. --set train.lr=3e-4 (repeatable).", metavar="KEY=VALUE")
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines on stderr.")
+TokenizerOpt = typer.Option(None, "--tokenizer", help="A tokenizer.json to use instead of the checkpoint's (needed when it has none).")
 
 
 def run(fn: Callable[[], Optional[int]]) -> None:
@@ -65,6 +68,11 @@ def _print_error(message: str) -> None:
 
 def _log(message: str) -> None:
     err.print(message)
+
+
+def _log_line(message: str) -> None:
+    """A log line that is never hard-wrapped (it may hold long paths that users copy)."""
+    err.print(message, soft_wrap=True)
 
 
 def _print_json(obj) -> None:
@@ -177,13 +185,15 @@ def infer(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible samples."),
     truncate: bool = typer.Option(False, "--truncate", help="Keep the last tokens of a prompt longer than the context instead of refusing it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
     """Generate text from a prompt; it streams to stdout as it is produced."""
     from . import commands
 
     def go() -> None:
         text = commands.read_prompt(prompt, prompt_file)
-        pieces = commands.infer(ckpt, text, max_new_tokens, temperature, top_k, top_p, seed, truncate, device)
+        pieces = commands.infer(ckpt, text, max_new_tokens, temperature, top_k, top_p, seed, truncate, device,
+                                tokenizer=tokenizer)
         sys.stdout.write(text)
         for piece in pieces:
             sys.stdout.write(piece)
@@ -201,6 +211,7 @@ def eval_(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Blocks per forward pass. Default: eval.batch_size (16)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = JsonOpt,
+    tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
     """Loss, perplexity and bits per byte over one full pass of non-overlapping blocks."""
     from . import commands
@@ -208,7 +219,7 @@ def eval_(
     def go() -> None:
         if batch_size is not None and batch_size < 1:
             raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
-        r = commands.evaluate(ckpt, data, batch_size, device, log=_log)
+        r = commands.evaluate(ckpt, data, batch_size, device, log=_log, tokenizer=tokenizer)
         if json_out:
             _print_json(r)
         else:
@@ -253,6 +264,50 @@ def config_show(
             _print_json(cfg.to_dict())
         else:
             sys.stdout.write(cfg.to_yaml())
+
+    run(go)
+
+
+@import_app.command("hf")
+def import_hf(
+    source: str = typer.Argument(..., help="A transformers checkpoint directory, or hf:NAME to download from the hub.", metavar="DIR|hf:NAME"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create (its checkpoint is step-0000000)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A tokenizer.json to store instead of (or when missing) the directory's."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Import a GPT2LMHeadModel or LlamaForCausalLM checkpoint; finetune, infer and eval then take it."""
+    from . import commands
+
+    def go() -> None:
+        r = commands.import_hf(source, out_dir, tokenizer, overwrite, log=(lambda m: None) if quiet else _log_line)
+        if json_out:
+            _print_json(r)
+        else:
+            out.print(_table("imported", r))
+
+    run(go)
+
+
+@app.command("export")
+def export(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint) or a step-* checkpoint."),
+    fmt: str = typer.Option("hf", "--format", "-f", help="Target format: hf (a transformers directory)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write; from_pretrained(DIR) loads it."),
+    tokenizer: Optional[Path] = TokenizerOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Export a checkpoint as a Hugging Face transformers model (config, safetensors, tokenizer)."""
+    from . import commands
+
+    def go() -> None:
+        r = commands.export(ckpt, fmt, out_dir, tokenizer, overwrite, log=_log_line)
+        if json_out:
+            _print_json(r)
+        else:
+            out.print(_table("exported", {**r, "files": ", ".join(r["files"])}))
 
     run(go)
 

@@ -7,9 +7,10 @@ decides how to print. Every expected failure is an `LlmctlError`, raised before 
 from .common import Loaded, load_model, load_weights, resolve_amp, resolve_device, unwrap
 from .evaluation import evaluate
 from .inference import encode_prompt, infer, read_prompt
+from .interop import export, import_hf
 from .training import TrainPlan, describe, finetune, prepare, pretrain, show_config
 
 __all__ = [
-    "Loaded", "TrainPlan", "describe", "encode_prompt", "evaluate", "finetune", "infer", "load_model",
+    "Loaded", "TrainPlan", "describe", "encode_prompt", "evaluate", "export", "finetune", "import_hf", "infer", "load_model",
     "load_weights", "prepare", "pretrain", "read_prompt", "resolve_amp", "resolve_device", "show_config", "unwrap",
 ]

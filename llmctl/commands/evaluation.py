@@ -13,9 +13,9 @@ from .common import Log, _nolog, load_model
 
 
 def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] = None, device: str = "auto",
-             log: Log = _nolog) -> dict:
+             log: Log = _nolog, tokenizer: Optional[Path] = None) -> dict:
     """`llmctl eval`: loss, perplexity and bits per byte on the validation split or on `data`."""
-    loaded = load_model(ckpt, device)
+    loaded = load_model(ckpt, device, tokenizer=tokenizer)
     cfg, tok = loaded.cfg, loaded.tokenizer
     if data is not None:
         tokens = tokenize_file(data, cfg.data, tok)

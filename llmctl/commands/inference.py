@@ -56,6 +56,7 @@ def infer(
     seed: Optional[int] = None,
     truncate: bool = False,
     device: str = "auto",
+    tokenizer: Optional[Path] = None,
 ) -> Iterator[str]:
     """`llmctl infer`: stream the completion of one prompt as text pieces."""
     if max_new_tokens is not None and max_new_tokens <= 0:
@@ -66,7 +67,7 @@ def infer(
         raise LlmctlError(f"--top-k must be at least 1 (got {top_k})")
     if top_p is not None and not 0 < top_p <= 1:
         raise LlmctlError(f"--top-p must be in (0, 1] (got {top_p})")
-    loaded = load_model(ckpt, device)
+    loaded = load_model(ckpt, device, tokenizer=tokenizer)
     g = loaded.cfg.generate
     ids = encode_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
     stream = generate(

@@ -321,7 +321,10 @@ def finetune(
         if resume_ckpt is None:
             raise LlmctlError(f"--resume: {out} has no complete checkpoint to continue from; drop --resume or use --overwrite")
     prepare_out_dir(out, resume, overwrite)
-    tokenizer = Tokenizer.from_str(base_ckpt.tokenizer_json())
+    if not base_ckpt.has_tokenizer and cfg.tokenizer.path:  # an imported checkpoint without a tokenizer
+        tokenizer = Tokenizer.from_file(cfg.tokenizer.path)
+    else:
+        tokenizer = Tokenizer.from_str(base_ckpt.tokenizer_json())
     plan = _build_plan(cfg, tokenizer, log, "finetune")
     plan.base = str(base_ckpt.path)
     src = resume_ckpt or base_ckpt
