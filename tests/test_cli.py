@@ -193,6 +193,8 @@ BAD = [
      "--tokenizer", r / "tokenizer.json"], ["tokens but the model only 40"]),
     ("infer-imported-without-tokenizer", lambda t, r: ["infer", "--ckpt", _bare_import(t, r), "--prompt", "hi"],
      ["no tokenizer", "--tokenizer"]),
+    ("eval-imported-without-data", lambda t, r: ["eval", "--ckpt", _bare_import(t, r), "--tokenizer", r / "tokenizer.json"],
+     ["no data.path", "--data"]),
     ("export-unknown-format", lambda t, r: ["export", "--ckpt", r, "--format", "onnx", "--out", t / "o"], ["--format", "onnx"]),
     ("export-out-not-empty", lambda t, r: ["export", "--ckpt", r, "--out", _file(t, "x", "").parent], ["not empty", "--overwrite"]),
     ("export-missing-checkpoint", lambda t, r: ["export", "--ckpt", t / "nope", "--out", t / "o"], ["checkpoint not found"]),

@@ -21,6 +21,8 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
         tokens = tokenize_file(data, cfg.data, tok)
         source = data
     else:
+        if not cfg.data.path:  # an imported checkpoint has no training data to take a validation split from
+            raise LlmctlError(f"{loaded.ckpt.path} names no data.path to evaluate on (an imported model?); pass --data FILE")
         if cfg.data.path and not cfg.data.path.startswith(("hf:", "http://", "https://")) and not Path(cfg.data.path).expanduser().exists():
             raise LlmctlError(f"the checkpoint's data.path {cfg.data.path} is not on this machine; pass --data FILE to evaluate on a file")
         tokens = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tok, log=log).val
