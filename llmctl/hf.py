@@ -133,13 +133,26 @@ def from_hf_weights(theirs: dict[str, torch.Tensor], m: ModelConfig, source: str
         raise LlmctlError(f"{source} has tensor {extra[0]} that config.json does not account for"
                           + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
                           + "; the architecture has parts llmctl cannot represent")
+    expected = expected_shapes(m)
     ours = {}
     for p in pairs:
+        for name, shape in zip(p.theirs, _their_shapes(p, expected[p.ours])):
+            if tuple(theirs[name].shape) != shape:
+                raise LlmctlError(f"{source}: tensor {name} has shape {tuple(theirs[name].shape)} but config.json "
+                                  f"implies {shape}")
         pieces = [theirs[n] for n in p.theirs]
         t = torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0]
         ours[p.ours] = (t.t() if p.transpose else t).to(torch.float32).contiguous()
-    check_shapes(ours, m, source)
     return ours
+
+
+def _their_shapes(p: Pair, ours: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Shapes of the transformers tensor(s) of a pair, given the shape of ours."""
+    if p.transpose:
+        return [tuple(reversed(ours))]
+    if p.sizes:
+        return [(n, *ours[1:]) for n in p.sizes]
+    return [ours]
 
 
 def to_hf_weights(ours: dict[str, torch.Tensor], m: ModelConfig, source: str) -> dict[str, torch.Tensor]:

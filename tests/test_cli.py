@@ -92,14 +92,15 @@ LLAMA_JSON = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
 
 def _hf_dir(tmp: Path, weights: str = "none", **fields) -> Path:
     """A transformers-style directory: config.json (LLAMA_JSON with `fields`; None drops a key) and, if asked,
-    weights: "full", "missing-tensor" (one tensor left out) or "pickle" (a pytorch_model.bin holding an object)."""
+    weights: "full", "missing-tensor" (one left out), "wrong-shape" (one a column short) or "pickle" (a
+    pytorch_model.bin holding an object)."""
     import json as _json
 
     d = tmp / "hfmodel"
     d.mkdir()
     cfg = {k: v for k, v in {**LLAMA_JSON, **fields}.items() if v is not None}
     (d / "config.json").write_text(_json.dumps(cfg))
-    if weights in ("full", "missing-tensor"):
+    if weights in ("full", "missing-tensor", "wrong-shape"):
         from safetensors.torch import save_file
 
         from llmctl import hf
@@ -109,6 +110,8 @@ def _hf_dir(tmp: Path, weights: str = "none", **fields) -> Path:
         tensors = hf.to_hf_weights(Transformer(m).state_dict(), m, "test")
         if weights == "missing-tensor":
             tensors.pop("model.layers.0.self_attn.k_proj.weight")
+        elif weights == "wrong-shape":
+            tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:, :-1].contiguous()
         save_file(tensors, str(d / "model.safetensors"))
     elif weights == "pickle":
         import datetime
@@ -186,6 +189,8 @@ BAD = [
     ("import-missing-weights", lambda t, r: ["import", "hf", _hf_dir(t), "--out", t / "o"], ["no weights", "model.safetensors"]),
     ("import-missing-tensor", lambda t, r: ["import", "hf", _hf_dir(t, weights="missing-tensor"), "--out", t / "o"],
      ["lacks tensor", "k_proj"]),
+    ("import-wrong-shape", lambda t, r: ["import", "hf", _hf_dir(t, weights="wrong-shape"), "--out", t / "o"],
+     ["up_proj.weight", "(48, 31)", "(48, 32)"]),
     ("import-pickled-object", lambda t, r: ["import", "hf", _hf_dir(t, weights="pickle"), "--out", t / "o"],
      ["pytorch_model.bin", "cannot be loaded safely"]),
     ("import-out-exists", lambda t, r: ["import", "hf", _hf_dir(t, weights="full"), "--out", r], ["not empty", "--overwrite"]),
