@@ -16,9 +16,12 @@ then does `latest` move and are old checkpoints pruned, so a crash at any moment
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import shutil
 import tempfile
 import time
@@ -35,9 +38,13 @@ from .errors import LlmctlError
 
 FORMAT = "llmctl-checkpoint"
 FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
+WEIGHTS = "model.safetensors"  # full model weights
+ADAPTER = "adapter.safetensors"  # LoRA adapter only (the base is referenced in meta.json)
+HEAD = "head.safetensors"  # a task head (classification)
 TRAIN_STATE = "train_state.pt"
 LATEST = "latest"
+BEST = "best"
+LOCK = ".lock"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -163,10 +170,7 @@ def save(
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        pause = os.environ.get("LLMCTL_TEST_PAUSE_SAVE")  # test hook: lets a test kill us mid-write
-        if pause:
-            (run_dir / ".saving").write_text(str(os.getpid()))
-            time.sleep(float(pause))
+        _test_pause(run_dir, step)
         files = {}
         for f in sorted(tmp.iterdir()):
             with open(f, "rb") as fh:
@@ -194,8 +198,31 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    load(final)  # verify what is on disk before anything points at it or older checkpoints go
     write_atomic(run_dir / LATEST, final.name + "\n")
     return final
+
+
+def _test_pause(run_dir: Path, step: int) -> None:
+    """Test hook: LLMCTL_TEST_PAUSE_SAVE="STEP:SECONDS" sleeps mid-write of that step's checkpoint (after the
+    weights are written, before the rename), leaving a `.saving` marker, so a test can kill the process there."""
+    spec = os.environ.get("LLMCTL_TEST_PAUSE_SAVE")
+    if not spec:
+        return
+    at, _, seconds = spec.rpartition(":")
+    if at and int(at) != step:
+        return
+    (run_dir / ".saving").write_text(f"{os.getpid()} {step}")
+    time.sleep(float(seconds))
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def set_best(run_dir: Path, ckpt: Path) -> None:
+    """Point `best` at the checkpoint with the best tracked metric (kept by `prune`)."""
+    write_atomic(Path(run_dir) / BEST, Path(ckpt).name + "\n")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -206,12 +233,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("step-*") if p.is_dir() and (p / "meta.json").exists())
 
 
-def prune(run_dir: Path, keep_last: int, protect: tuple[str, ...] = ()) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints, never the one `latest` names or any in `protect`."""
+def prune(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints, never the ones `latest` and `best` name.
+
+    Called only after a new checkpoint is complete and verified, so there is always a good one on disk.
+    """
     run_dir = Path(run_dir)
     ckpts = list_checkpoints(run_dir)
-    latest = read_latest(run_dir)
-    keep = {p.name for p in ckpts[-keep_last:]} | set(protect) | ({latest.name} if latest else set())
+    pinned = {p.name for p in (read_latest(run_dir), read_pointer(run_dir, BEST)) if p is not None}
+    keep = {p.name for p in ckpts[-keep_last:]} | pinned
     removed = []
     for p in ckpts:
         if p.name not in keep:
@@ -222,18 +252,28 @@ def prune(run_dir: Path, keep_last: int, protect: tuple[str, ...] = ()) -> list[
     return removed
 
 
-def read_latest(run_dir: Path) -> Optional[Path]:
-    p = Path(run_dir) / LATEST
-    if not p.exists():
+def read_pointer(run_dir: Path, name: str) -> Optional[Path]:
+    """The checkpoint a pointer file (`latest`, `best`) names, if it exists."""
+    p = Path(run_dir) / name
+    if not p.is_file():
         return None
-    name = p.read_text(encoding="utf-8").strip()
-    target = Path(run_dir) / name
-    return target if name and target.is_dir() else None
+    target_name = p.read_text(encoding="utf-8").strip()
+    target = Path(run_dir) / target_name
+    return target if target_name and target.is_dir() else None
+
+
+def read_latest(run_dir: Path) -> Optional[Path]:
+    return read_pointer(run_dir, LATEST)
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (-> its latest checkpoint)."""
+    """A checkpoint directory, a run directory (-> its latest checkpoint), or a run's `latest`/`best` pointer file."""
     p = Path(path).expanduser()
+    if p.is_file() and p.name in (LATEST, BEST):
+        target = read_pointer(p.parent, p.name)
+        if target is None:
+            raise LlmctlError(f"{p} names a checkpoint that does not exist; give a step-* directory instead")
+        return target
     if not p.exists():
         raise LlmctlError(f"checkpoint not found: {p} (give a run directory or one of its step-* checkpoints)")
     if not p.is_dir():
@@ -260,6 +300,8 @@ def load(path: str | Path, verify: bool = True) -> Checkpoint:
         raise LlmctlError(f"{ckpt} is not an llmctl checkpoint (meta.json lacks format/files); import other formats with `llmctl import`")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise LlmctlError(f"{ckpt} was written by a newer llmctl (format {meta['format_version']}); upgrade llmctl")
+    if WEIGHTS not in meta["files"] and ADAPTER not in meta["files"]:
+        raise LlmctlError(f"{ckpt} lists no weights in its manifest; the checkpoint is incomplete")
     if "config.yaml" not in meta["files"]:  # tokenizer.json may be absent (see Checkpoint.tokenizer_json)
         raise LlmctlError(f"{ckpt} lacks config.yaml in its manifest; the checkpoint is incomplete")
     if verify:
@@ -293,3 +335,57 @@ def read_status(run_dir: Path) -> dict:
         return json.loads((Path(run_dir) / "status.json").read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+class RunLock:
+    """One training process per run directory, through an advisory `flock` on RUN/.lock.
+
+    The kernel drops the lock when its process dies, so a lock file left by a killed run is stale by construction:
+    it is detected (the file exists but nobody holds it) and taken over.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.fd: Optional[int] = None
+        self.stale: Optional[str] = None  # what a stale lock file said, when one was cleared
+
+    @staticmethod
+    def holder(run_dir: Path) -> Optional[str]:
+        """Who holds the lock of `run_dir` right now (None when nobody does)."""
+        path = Path(run_dir) / LOCK
+        if not path.exists():
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            return path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            who = self.path.read_text(encoding="utf-8", errors="replace").strip()
+            raise LlmctlError(f"{self.path.parent} is in use by another llmctl process ({who}); wait for it or stop it first") from None
+        previous = os.read(fd, 4096).decode(errors="replace").strip()
+        if previous:
+            self.stale = previous
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an empty file means "released cleanly"
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

@@ -5,6 +5,7 @@ stdout carries only results (generated text, tables, JSON); the resolved config,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -84,7 +85,9 @@ def _table(title: str, rows: dict) -> Table:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in rows.items():
-        if isinstance(v, float):
+        if isinstance(v, bool):
+            v = "yes" if v else "no"
+        elif isinstance(v, float):
             v = f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
         elif isinstance(v, int):
             v = f"{v:,}"
@@ -118,11 +121,16 @@ def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, jso
         _print_config(plan.cfg, quiet)
         if not quiet:
             info = commands.describe(plan)
-            err.print(
-                f"{kind}: {info['parameters']:,} parameters ({info['parameters_non_embedding']:,} non-embedding), "
-                f"{info['tokens_per_step']:,} tokens per step, {info['train_tokens']:,} train / {info['val_tokens']:,} val tokens "
-                f"(~{info['epochs']} epochs), {info['device']}, {info['precision']}"
-            )
+            share = info["trainable_parameters"] / max(1, info["parameters"])
+            parts = [f"{info['task']} ({info['method']})",
+                     f"{info['parameters']:,} parameters, {info['trainable_parameters']:,} trainable ({share:.1%})"]
+            if info.get("tokens_per_step"):
+                parts.append(f"{info['tokens_per_step']:,} tokens per step")
+            parts += [f"{v:,} {k.replace('_', ' ')}" for k, v in info.items() if k.startswith(("train_", "val_"))]
+            if "epochs" in info:
+                parts.append(f"~{info['epochs']} epochs")
+            parts += [info["device"], info["precision"]]
+            err.print(f"{kind}: " + ", ".join(parts))
 
     def go() -> None:
         rep = reporter(kind, quiet)
@@ -175,25 +183,61 @@ def finetune(
 
 @app.command()
 def infer(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint) or a step-* checkpoint."),
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint), a step-* checkpoint, or RUN/best."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text; an empty string samples unconditionally."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A file whose whole content is one prompt."),
+    input_file: Optional[Path] = typer.Option(None, "--input", "-i", help='Many prompts: JSONL rows {"prompt": ...} (optional per-row max_new_tokens, temperature, top_k, top_p, stop, seed) or a text file with one prompt per line.'),
+    output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="Where --input results go (JSONL, written atomically). Default: stdout."),
+    chat: bool = typer.Option(False, "--chat", help="Interactive chat with an instruction-tuned model (/reset clears, /exit or Ctrl-D quits)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate. Default: generate.max_new_tokens of the checkpoint (256)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 = greedy. Default 0.8."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens. Default 200."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: smallest set with this much probability. Default off."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible samples."),
     truncate: bool = typer.Option(False, "--truncate", help="Keep the last tokens of a prompt longer than the context instead of refusing it."),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeating tokens. Default 1 (off)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16. auto: see README 'Inference speed'."),
+    quantize_mode: str = typer.Option("auto", "--quantize", help="auto, none or int8 (CPU: dynamic int8; CUDA: weight-only int8)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (first use compiles for ~30-60 s; cached afterwards)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together. Default: generate.batch_size (8)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    json_out: bool = typer.Option(False, "--json", help="Classifiers: print the label and probabilities as JSON."),
     tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
-    """Generate text from a prompt; it streams to stdout as it is produced."""
+    """Generate text from a prompt (streamed to stdout), complete a file of prompts, chat, or classify text."""
     from . import commands
 
     def go() -> None:
+        if chat and (prompt is not None or prompt_file is not None or input_file is not None):
+            raise LlmctlError("--chat reads messages from the terminal; drop --prompt, --prompt-file and --input")
+        if input_file is not None and (prompt is not None or prompt_file is not None):
+            raise LlmctlError("give --input or --prompt/--prompt-file, not both")
+        if output_file is not None and input_file is None:
+            raise LlmctlError("--output goes with --input")
+        loaded = commands.load_model(ckpt, device, base=base, tokenizer=tokenizer)
+        if loaded.classifier is not None:
+            _infer_classifier(commands, loaded, prompt, prompt_file, input_file, output_file, json_out)
+            return
+        if dtype not in ("auto", "float32", "bfloat16"):
+            raise LlmctlError(f"--dtype must be auto, float32 or bfloat16 (got {dtype})")
+        if quantize_mode not in ("auto", "none", "int8"):
+            raise LlmctlError(f"--quantize must be auto, none or int8 (got {quantize_mode})")
+        if batch_size is not None and batch_size < 1:
+            raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
+        settings = commands.sampling(loaded, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty)
+        commands.for_inference(loaded, dtype, quantize_mode, compile)
+        if chat:
+            _chat(commands.ChatSession(loaded, settings))
+            return
+        if input_file is not None:
+            rows = commands.read_inputs(input_file)
+            with _row_progress(len(rows)) as advance:
+                results = commands.complete_rows(loaded, rows, settings, truncate, on_row=advance, batch_size=batch_size)
+            _emit_rows(commands, results, output_file)
+            return
         text = commands.read_prompt(prompt, prompt_file)
-        pieces = commands.infer(ckpt, text, max_new_tokens, temperature, top_k, top_p, seed, truncate, device,
-                                tokenizer=tokenizer)
+        pieces = commands.stream(loaded, text, settings, truncate)
         sys.stdout.write(text)
         for piece in pieces:
             sys.stdout.write(piece)
@@ -204,28 +248,124 @@ def infer(
     run(go)
 
 
+@contextlib.contextmanager
+def _row_progress(total: int):
+    """A progress bar over prompts on stderr (plain start and end lines when stderr is not a terminal)."""
+    if not err.is_terminal:
+        err.print(f"completing {total} prompts")
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err) as p:
+        task = p.add_task("infer", total=total)
+        yield lambda: p.advance(task)
+
+
+def _emit_rows(commands, rows: list, output_file: Optional[Path]) -> None:
+    if output_file is None:
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False), flush=True)
+    else:
+        commands.write_outputs(output_file, rows)
+        err.print(f"wrote {len(rows)} rows to {output_file}")
+
+
+def _infer_classifier(commands, loaded, prompt, prompt_file, input_file, output_file, json_out) -> None:
+    if input_file is not None:
+        rows = commands.read_inputs(input_file)
+        results = commands.classify_texts(loaded, [r["prompt"] for r in rows])
+        _emit_rows(commands, [{**r, **res} for r, res in zip(rows, results)], output_file)
+        return
+    text = commands.read_prompt(prompt, prompt_file)
+    if not text.strip():
+        raise LlmctlError("the text to classify is empty")
+    res = commands.classify_texts(loaded, [text])[0]
+    if json_out:
+        _print_json(res)
+        return
+    t = Table(title=f"label: {res['label']}", header_style="bold")
+    t.add_column("label")
+    t.add_column("probability", justify="right")
+    for name, p in res["probabilities"].items():
+        t.add_row(name, f"{p:.4f}")
+    out.print(t)
+
+
+def _chat(session) -> None:
+    """A read-eval-print loop: prompts on stderr when interactive, replies streamed to stdout."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err.print("[dim]chat: /reset clears the conversation, /exit or Ctrl-D quits[/dim]")
+    while True:
+        if interactive:
+            err.print("[bold]you>[/bold] ", end="")
+        line = sys.stdin.readline()
+        if not line:
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            session.reset()
+            continue
+        for piece in session.reply(message):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
 @app.command("eval")
 def eval_(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint) or a step-* checkpoint."),
-    data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this file (all of it) instead of the validation split."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Blocks per forward pass. Default: eval.batch_size (16)."),
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint), a step-* checkpoint, or RUN/best."),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this file (all of it) instead of the run's held-out validation split."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Classifiers: text column of --data. Default: eval.text_column, else data.text_column."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Classifiers: label column of --data. Default: eval.label_column, else data.label_column."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass. Default: eval.batch_size (16)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = JsonOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
-    """Loss, perplexity and bits per byte over one full pass of non-overlapping blocks."""
+    """Measure a checkpoint: loss, perplexity and bits per byte (language models, one full pass of non-overlapping
+    blocks); accuracy, precision, recall, F1 and confusion matrix (classifiers); response loss (instruction-tuned)."""
     from . import commands
 
     def go() -> None:
         if batch_size is not None and batch_size < 1:
             raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
-        r = commands.evaluate(ckpt, data, batch_size, device, log=_log, tokenizer=tokenizer)
+        r = commands.evaluate(ckpt, data, batch_size, device, log=_log, text_column=text_column,
+                              label_column=label_column, base=base, tokenizer=tokenizer)
         if json_out:
             _print_json(r)
+        elif "confusion" in r:
+            _print_classification(r)
         else:
             out.print(_table(f"eval: {r['data']}", {k: v for k, v in r.items() if k not in ("data",)}))
 
     run(go)
+
+
+def _print_classification(r: dict) -> None:
+    keys = ("checkpoint", "examples", "loss", "accuracy", "macro_precision", "macro_recall", "macro_f1", "truncated")
+    out.print(_table(f"eval: {r['data']}", {k: r[k] for k in keys}))
+    t = Table(title="per class", header_style="bold")
+    for col in ("label", "precision", "recall", "f1", "support"):
+        t.add_column(col, justify="left" if col == "label" else "right")
+    for name, m in r["per_class"].items():
+        t.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
+    out.print(t)
+    labels, matrix = r["confusion"]["labels"], r["confusion"]["matrix"]
+    c = Table(title="confusion matrix (rows: true, columns: predicted)", header_style="bold")
+    c.add_column("")
+    for name in labels:
+        c.add_column(name, justify="right")
+    for name, row in zip(labels, matrix):
+        c.add_row(name, *[str(v) for v in row])
+    out.print(c)
 
 
 @app.command()
@@ -297,13 +437,15 @@ def export(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write; from_pretrained(DIR) loads it."),
     tokenizer: Optional[Path] = TokenizerOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Export a checkpoint as a Hugging Face transformers model (config, safetensors, tokenizer)."""
+    """Export a checkpoint as a Hugging Face transformers model (config, safetensors, tokenizer); a LoRA adapter is
+    merged into its base."""
     from . import commands
 
     def go() -> None:
-        r = commands.export(ckpt, fmt, out_dir, tokenizer, overwrite, log=_log_line)
+        r = commands.export(ckpt, fmt, out_dir, tokenizer, overwrite, log=_log_line, base=base)
         if json_out:
             _print_json(r)
         else:

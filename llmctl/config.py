@@ -88,6 +88,7 @@ class DataConfig:
     path: Optional[str] = None  # file, folder, hf:NAME or https:// URL
     sha256: Optional[str] = None  # expected checksum of a downloaded URL
     text_column: str = "text"  # for .jsonl/.json/.csv/.tsv/.parquet/hub data
+    label_column: str = "label"  # classification finetuning
     hf_config: Optional[str] = None  # hub dataset configuration name
     hf_split: str = "train"
     val_path: Optional[str] = None  # a separate validation source; otherwise the tail of path
@@ -121,6 +122,11 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 0  # steps between checkpoints; 0 = only the final one
     keep_last: int = 2  # step checkpoints kept (the newest ones)
+    keep_best: bool = True  # also save at a new best `best_metric` and keep that checkpoint
+    best_metric: str = "val_loss"  # an evaluation metric (val_loss; accuracy or f1 for classification)
+    best_mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracy/f1/precision/recall, else min
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient that may be skipped before stopping (exit 3)
+    patience: int = 0  # early stopping: evaluations without a new best before stopping; 0 = never stop early
 
 
 @dataclass
@@ -132,6 +138,11 @@ class GenerateConfig:
     top_k: Optional[int] = 200
     top_p: Optional[float] = None
     seed: Optional[int] = None
+    repetition_penalty: float = 1.0  # > 1 discourages repeating tokens
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: see README "Inference speed"
+    quantize: Literal["auto", "none", "int8"] = "auto"
+    compile: bool = False  # torch.compile the decode step (pays off for long generations)
+    batch_size: int = 8  # prompts decoded together by `infer --input`
 
 
 @dataclass
@@ -139,6 +150,33 @@ class EvalConfig:
     """`llmctl eval` settings."""
 
     batch_size: int = 16
+    text_column: Optional[str] = None  # columns of the file given to `eval --data`; None: data.text_column
+    label_column: Optional[str] = None  # None: data.label_column
+
+
+@dataclass
+class FinetuneConfig:
+    """What `llmctl finetune` trains: the task, the method, and what stays frozen."""
+
+    task: Literal["lm", "classification", "instruct"] = "lm"
+    method: Literal["full", "lora"] = "full"
+    labels: Optional[list[str]] = None  # classification: label names in order; None: sorted values in the data
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"])
+    freeze_embeddings: bool = False
+    freeze_blocks: int = 0  # freeze the first N Transformer blocks
+    # instruction tuning: field names of the three accepted JSONL layouts (detected per row)
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    instances_field: str = "instances"  # seed_tasks.jsonl: a list of {input, output} per instruction
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    prompt_template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+    packing: bool = False  # instruct: pack examples into full blocks instead of padding each batch
 
 
 @dataclass
@@ -149,6 +187,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     warnings: list = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -410,6 +449,8 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"train.lr: must be positive (got {t.lr})")
     if t.min_lr is not None and t.min_lr < 0:
         p.append(f"train.min_lr: must not be negative (got {t.min_lr})")
+    if t.skip_nonfinite < 0:
+        p.append(f"train.skip_nonfinite: must not be negative (got {t.skip_nonfinite})")
     if t.keep_last < 1:
         p.append(f"train.keep_last: must be at least 1 (got {t.keep_last})")
     if t.eval_batches is not None and t.eval_batches < 1:
@@ -428,6 +469,22 @@ def _check_values(cfg: Config) -> list[str]:
         p.append(f"generate.top_k: must be at least 1 or null (got {g.top_k})")
     if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
         p.append(f"generate.top_p: must be in (0, 1] or null (got {g.top_p})")
+    f = cfg.finetune
+    if f.lora_rank < 1 or f.lora_alpha <= 0 or not 0.0 <= f.lora_dropout < 1.0:
+        p.append("finetune.lora_rank must be at least 1, lora_alpha positive and lora_dropout in [0, 1)")
+    if f.method == "lora" and not f.lora_targets:
+        p.append("finetune.lora_targets: name at least one layer (attn.qkv, attn.proj, mlp.fc, mlp.proj)")
+    if f.freeze_blocks < 0 or (m.n_layer >= 1 and f.freeze_blocks > m.n_layer):
+        p.append(f"finetune.freeze_blocks: must be between 0 and model.n_layer={m.n_layer} (got {f.freeze_blocks})")
+    if f.labels is not None and len(set(f.labels)) < 2:
+        p.append("finetune.labels: a classifier needs at least two distinct labels")
+    for name in ("prompt_template", "prompt_template_no_input"):
+        if "{instruction}" not in getattr(f, name):
+            p.append(f"finetune.{name}: must contain {{instruction}}")
+    if t.patience < 0:
+        p.append(f"train.patience: must not be negative (got {t.patience})")
+    if g.repetition_penalty <= 0 or g.batch_size < 1:
+        p.append("generate.repetition_penalty must be positive and generate.batch_size at least 1")
     if cfg.eval.batch_size < 1:
         p.append(f"eval.batch_size: must be at least 1 (got {cfg.eval.batch_size})")
 

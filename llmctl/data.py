@@ -124,41 +124,47 @@ def _local_source(files: list[Path], key: str) -> Source:
     return Source(files=files, builder=builders.pop(), suffix=suffix)
 
 
-def load_texts(source: Source, cfg: DataConfig, column: Optional[str] = None, key: str = "data.path"):
-    """Load a source as a `datasets.Dataset` with a single `text` column (rows are documents)."""
+def load_table(source: Source, cfg: DataConfig, key: str = "data.path"):
+    """Load a source as a `datasets.Dataset` with all its columns (a .txt file is one row, column `text`)."""
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    column = column or cfg.text_column
     hf_cache = str(Path(cfg.cache_dir).expanduser() / "hf")
     try:
         if source.builder == "hub":
-            ds = datasets.load_dataset(source.hub_name, cfg.hf_config, split=cfg.hf_split, cache_dir=hf_cache)
-        else:
-            files = [str(f) for f in source.files]
-            kwargs = {}
-            if source.builder == "text":
-                kwargs["sample_by"] = "document"  # one row per file: keeps line breaks
-                column = "text"
-            if source.suffix == ".tsv":
-                kwargs["delimiter"] = "\t"
-                kwargs["quoting"] = 3  # csv.QUOTE_NONE: TSV corpora such as SST-2 contain bare quotes
-            ds = datasets.load_dataset(source.builder, data_files=files, split="train", cache_dir=hf_cache, **kwargs)
+            return datasets.load_dataset(source.hub_name, cfg.hf_config, split=cfg.hf_split, cache_dir=hf_cache)
+        kwargs = {}
+        if source.builder == "text":
+            kwargs["sample_by"] = "document"  # one row per file: keeps line breaks
+        if source.suffix == ".tsv":
+            kwargs["delimiter"] = "\t"
+            kwargs["quoting"] = 3  # csv.QUOTE_NONE: TSV corpora such as SST-2 contain bare quotes
+        return datasets.load_dataset(source.builder, data_files=[str(f) for f in source.files], split="train",
+                                     cache_dir=hf_cache, **kwargs)
     except LlmctlError:
         raise
     except Exception as e:
         what = source.hub_name or ", ".join(str(f) for f in source.files[:3])
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise LlmctlError(f"{key}: could not read {what}: {first}") from None
-    if column not in ds.column_names:
-        raise LlmctlError(
-            f"{key}: no column '{column}' in the data (columns: {', '.join(ds.column_names)}); set data.text_column"
-        )
+
+
+def require_columns(ds, columns: dict[str, str], key: str) -> None:
+    """Every needed column exists; the message names the missing one, what there is, and the setting to change."""
+    for setting, column in columns.items():
+        if column not in ds.column_names:
+            raise LlmctlError(f"{key}: no column '{column}' in the data (columns: {', '.join(ds.column_names)}); set {setting}")
+
+
+def load_texts(source: Source, cfg: DataConfig, column: Optional[str] = None, key: str = "data.path"):
+    """Load a source as a `datasets.Dataset` with a single `text` column (rows are documents)."""
+    ds = load_table(source, cfg, key)
+    column = "text" if source.builder == "text" else (column or cfg.text_column)
+    require_columns(ds, {"data.text_column": column}, key)
     if column != "text":
         ds = ds.rename_column(column, "text") if "text" not in ds.column_names else ds.map(lambda r: {"text": r[column]})
-    ds = ds.select_columns(["text"])
-    return ds
+    return ds.select_columns(["text"])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -352,7 +358,7 @@ class LMBatches:
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, grad_accum: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, labels: Optional[np.ndarray] = None):
         if len(tokens) < block_size + 2:
             raise LlmctlError(
                 f"the training split has {len(tokens)} tokens, fewer than one block of model.block_size={block_size} + 1; "
@@ -360,6 +366,7 @@ class LMBatches:
             )
         self.tokens, self.T, self.B, self.accum = tokens, block_size, batch_size, grad_accum
         self.seed, self.rank, self.world = seed, rank, world_size
+        self.labels = labels  # per-token labels aligned with tokens (packed instruct data); None: the tokens
 
     def offsets(self, step: int) -> np.ndarray:
         """Block start offsets of the whole global batch for `step`: (grad_accum, world_size, batch_size)."""
@@ -373,7 +380,10 @@ class LMBatches:
         for micro in self.offsets(step)[:, self.rank]:
             rows = np.stack([self.tokens[o : o + self.T + 1] for o in micro]).astype(np.int64)  # (B, T+1)
             t = torch.from_numpy(rows)
-            out.append({"input_ids": t[:, :-1], "labels": t[:, 1:]})
+            labels = t[:, 1:]
+            if self.labels is not None:
+                labels = torch.from_numpy(np.stack([self.labels[o + 1 : o + self.T + 1] for o in micro]).astype(np.int64))
+            out.append({"input_ids": t[:, :-1], "labels": labels})
         return out
 
 
@@ -400,3 +410,202 @@ def eval_blocks(tokens: np.ndarray, block_size: int, batch_size: int, max_batche
     if tail:
         rest = torch.from_numpy(np.asarray(tokens[n_full * block_size :]).astype(np.int64))[None]
         yield {"input_ids": rest[:, :-1], "labels": rest[:, 1:]}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Supervised examples: classification and instruction tuning
+
+
+@dataclass
+class Examples:
+    """Tokenized examples. `targets[i]` is a class id (classification) or per-token labels (instruct, -100 = masked)."""
+
+    ids: list[list[int]]
+    targets: list
+    truncated: int = 0  # examples cut to the context
+
+
+def _label_key(v) -> tuple:
+    s = str(v)
+    return (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s)
+
+
+def classification_examples(
+    path: str, data: DataConfig, tokenizer: Tokenizer, block_size: int, text_column: str, label_column: str,
+    labels: Optional[list[str]] = None, key: str = "data.path",
+) -> tuple[Examples, list[str]]:
+    """Read text/label rows; texts become ids + <eos> (the token the classifier reads), cut to the context.
+
+    Texts longer than the context keep their first `block_size - 1` tokens and the <eos>; how many were cut is
+    counted. Labels may be names or integers; the label set is `labels` or the sorted values found here.
+    """
+    ds = load_table(resolve_source(path, data, key), data, key)
+    settings = "data" if key == "data.path" else "eval"
+    require_columns(ds, {f"{settings}.text_column": text_column, f"{settings}.label_column": label_column}, key)
+    texts, raw = ds[text_column], ds[label_column]
+    if not texts:
+        raise LlmctlError(f"{key}: {path} has no rows")
+    for i, (t, y) in enumerate(zip(texts, raw)):
+        if t is None or not str(t).strip():
+            raise LlmctlError(f"{key}: row {i + 1} of {path} has an empty text in column '{text_column}'; remove or fill it")
+        if y is None or str(y).strip() == "":
+            raise LlmctlError(f"{key}: row {i + 1} of {path} has no label in column '{label_column}'")
+    values = [str(y).strip() for y in raw]
+    if labels is None:
+        labels = sorted(set(values), key=_label_key)
+        if len(labels) < 2:
+            raise LlmctlError(f"{key}: column '{label_column}' has a single label ({labels[0]}); a classifier needs two or more")
+    index = {name: i for i, name in enumerate(labels)}
+    unseen = sorted({v for v in values if v not in index}, key=_label_key)
+    if unseen:
+        raise LlmctlError(
+            f"{key}: label {unseen[0]!r} in column '{label_column}' is not one the model was trained on "
+            f"({', '.join(labels)})"
+        )
+    ids, truncated = [], 0
+    for enc in tokenizer.encode_batch([str(t) for t in texts]):
+        if len(enc) > block_size - 1:
+            enc, truncated = enc[: block_size - 1], truncated + 1
+        ids.append(enc + [tokenizer.eos_id])
+    return Examples(ids, [index[v] for v in values], truncated), labels
+
+
+def render_prompt(instruction: str, input_text: str, ft) -> str:
+    """The instruction template shared by training and `infer --chat` (ft: FinetuneConfig)."""
+    if input_text and input_text.strip():
+        return ft.prompt_template.format(instruction=instruction, input=input_text)
+    return ft.prompt_template_no_input.format(instruction=instruction, input="")
+
+
+def instruct_pairs(row: dict, ft, where: str) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of one JSONL row in any of the accepted layouts."""
+    if ft.instances_field in row and ft.instruction_field in row:  # seed_tasks.jsonl
+        return [(render_prompt(row[ft.instruction_field], inst.get(ft.input_field) or "", ft), inst.get(ft.output_field) or "")
+                for inst in row[ft.instances_field] or []]
+    if ft.instruction_field in row and ft.output_field in row:  # instruction / input / output
+        return [(render_prompt(row[ft.instruction_field], row.get(ft.input_field) or "", ft), row[ft.output_field] or "")]
+    if ft.prompt_field in row and ft.response_field in row:  # prompt / response
+        return [(render_prompt(row[ft.prompt_field], "", ft), row[ft.response_field] or "")]
+    raise LlmctlError(
+        f"{where}: expected fields {ft.instruction_field}/{ft.output_field} (optionally {ft.input_field} or "
+        f"{ft.instances_field}) or {ft.prompt_field}/{ft.response_field}; found {', '.join(row)}. "
+        "Set the finetune.*_field names"
+    )
+
+
+def instruct_examples(path: str, data: DataConfig, tokenizer: Tokenizer, block_size: int, ft, key: str = "data.path") -> Examples:
+    """Prompt + response + <eos> per example; labels are -100 on the prompt, so only the response is learned."""
+    source = resolve_source(path, data, key)
+    if source.builder != "json":
+        raise LlmctlError(f"{key}: instruction tuning reads JSONL (one object per line), not {source.suffix} files")
+    rows = _read_jsonl(source.files, key)
+    ids, targets, truncated = [], [], 0
+    for n, row in rows:
+        for prompt, response in instruct_pairs(row, ft, f"{key} line {n}"):
+            if not response.strip():
+                raise LlmctlError(f"{key} line {n}: an empty response; remove the example or fill it")
+            p, r = tokenizer.encode(prompt), tokenizer.encode(response) + [tokenizer.eos_id]
+            seq, lab = p + r, [-100] * len(p) + r
+            if len(seq) > block_size + 1:  # keep the start of the response; drop the tail
+                seq, lab, truncated = seq[: block_size + 1], lab[: block_size + 1], truncated + 1
+                if all(x == -100 for x in lab[1:]):
+                    continue  # the prompt alone fills the context: nothing to learn from
+            ids.append(seq)
+            targets.append(lab)
+    if not ids:
+        raise LlmctlError(f"{key}: {path} has no usable examples")
+    return Examples(ids, targets, truncated)
+
+
+def _read_jsonl(files: list[Path], key: str) -> list[tuple[int, dict]]:
+    rows = []
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        if f.suffix == ".json" and text.lstrip().startswith("["):
+            data = json.loads(text)
+            rows += [(i + 1, r) for i, r in enumerate(data)]
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LlmctlError(f"{key}: {f} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(obj, dict):
+                raise LlmctlError(f"{key}: {f} line {n} must be a JSON object")
+            rows.append((n, obj))
+    return rows
+
+
+def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random split of n examples into (train, val) indices; val is `fraction` of them (at least 1)."""
+    order = np.random.default_rng([seed, 0x5EED]).permutation(n)
+    n_val = max(1, int(round(n * fraction))) if fraction > 0 and n > 1 else 0
+    return np.sort(order[: n - n_val]), np.sort(order[n - n_val :])
+
+
+def pad_batch(ex: Examples, rows: list[int] | np.ndarray, pad_id: int, kind: str) -> dict:
+    """Right-pad the chosen examples to the longest one.
+
+    classification: input_ids (B, T), lengths (B,), labels (B,)
+    instruct:       input_ids (B, T), labels (B, T) shifted by one, -100 on prompt and padding
+    """
+    seqs = [ex.ids[i] for i in rows]
+    if kind == "classification":
+        T = max(len(s) for s in seqs)
+        x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            x[j, : len(s)] = torch.tensor(s)
+        return {"input_ids": x, "lengths": torch.tensor([len(s) for s in seqs]),
+                "labels": torch.tensor([ex.targets[i] for i in rows])}
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for j, i in enumerate(rows):
+        s, lab = ex.ids[i], ex.targets[i]
+        x[j, : len(s) - 1] = torch.tensor(s[:-1])
+        y[j, : len(s) - 1] = torch.tensor(lab[1:])
+    return {"input_ids": x, "labels": y}
+
+
+class ExampleBatches:
+    """Padded batches of examples, a pure function of (seed, step, rank): epoch-wise permutations of the training
+    indices, so every example is seen once per epoch and resuming needs only the step."""
+
+    def __init__(self, ex: Examples, indices: np.ndarray, kind: str, pad_id: int, batch_size: int, grad_accum: int,
+                 seed: int, rank: int = 0, world_size: int = 1):
+        self.ex, self.idx, self.kind, self.pad = ex, np.asarray(indices), kind, pad_id
+        self.B, self.accum, self.seed, self.rank, self.world = batch_size, grad_accum, seed, rank, world_size
+
+    def rows(self, step: int) -> np.ndarray:
+        """Example indices of the whole global batch of `step`: (grad_accum, world_size, batch_size)."""
+        n, g = len(self.idx), self.accum * self.world * self.B
+        pos = step * g + np.arange(g)
+        out = np.empty(g, dtype=np.int64)
+        for epoch in np.unique(pos // n):
+            sel = pos // n == epoch
+            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
+            out[sel] = self.idx[perm[pos[sel] % n]]
+        return out.reshape(self.accum, self.world, self.B)
+
+    def get(self, step: int) -> list[dict]:
+        return [pad_batch(self.ex, micro, self.pad, self.kind) for micro in self.rows(step)[:, self.rank]]
+
+    def epochs(self, steps: int) -> float:
+        return steps * self.accum * self.world * self.B / max(1, len(self.idx))
+
+
+def packed_tokens(ex: Examples, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Instruct packing: all examples end to end as one token stream and its labels (for LM-style blocks)."""
+    ids = np.fromiter((t for s in ex.ids for t in s), dtype=np.int64)
+    labels = np.fromiter((t for s in ex.targets for t in s), dtype=np.int64)
+    return ids, labels
+
+
+def eval_batches(ex: Examples, indices, kind: str, pad_id: int, batch_size: int) -> Iterator[dict]:
+    """Every chosen example once, in batches of similar length (less padding); order does not change the metrics."""
+    order = sorted(indices, key=lambda i: len(ex.ids[i]))
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        yield {**pad_batch(ex, rows, pad_id, kind), "rows": torch.tensor(rows)}

@@ -1,15 +1,33 @@
-"""Token generation on the model's static KV cache: prefill the prompt, then decode one token at a time.
+"""Token generation on the model's one static KV cache: prefill the prompts, then decode one token per step.
 
-Yields token ids; turning them into text is the caller's job (`Tokenizer.stream`).
+One decode loop serves a single prompt and a batch of prompts alike. Prompts of a batch are left-padded to a
+common length; the model shifts their positions and masks the padding, so a row's tokens do not depend on the
+other rows (exactly so in float32). Yields token ids; turning them into text is the caller's job.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
 from .model import Transformer
+
+
+@dataclass
+class Request:
+    """One prompt and how to continue it."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.8  # 0 = greedy
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    seed: Optional[int] = None
 
 
 def sample(
@@ -28,12 +46,21 @@ def sample(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style repetition penalty on logits (V,) for the ids in `seen` (positive logits shrink, negative grow)."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    vals = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
 
 
 def slide_keep(block_size: int) -> int:
@@ -41,7 +68,135 @@ def slide_keep(block_size: int) -> int:
     return max(1, block_size - block_size // 4)
 
 
+class Decoder:
+    """Runs the model on its KV cache: eager prefill, and a decode step that can be compiled.
+
+    The compiled step sees fixed shapes (batch, one token, the whole cache), so inductor builds it once per
+    batch size and cache length; its FX graph cache lives under the llmctl cache and is reused across runs.
+    """
+
+    def __init__(self, model: Transformer, compile: bool = False):
+        self.model = model
+        self.compiled = None
+        if compile:
+            configure_compile_cache()
+            self.compiled = torch.compile(model, dynamic=False)
+
+    def prefill(self, idx: torch.Tensor, left_pad: Optional[torch.Tensor]) -> torch.Tensor:
+        """idx (B, T) written at slots 0..T-1 -> logits of the last position (B, V)."""
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        return self.model(idx, input_pos=pos, left_pad=left_pad, kv_len=T)[:, -1]
+
+    def step(self, tok: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor]) -> torch.Tensor:
+        """tok (B,) at slot `pos` -> next logits (B, V)."""
+        input_pos = torch.tensor([pos], device=tok.device)
+        if self.compiled is not None:
+            return self.compiled(tok[:, None], input_pos=input_pos, left_pad=left_pad)[:, -1]
+        return self.model(tok[:, None], input_pos=input_pos, left_pad=left_pad, kv_len=pos + 1)[:, -1]
+
+
+def configure_compile_cache() -> None:
+    """Keep inductor's compiled artifacts in llmctl's cache so a second run skips most of the compile."""
+    from .config import default_cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(default_cache_dir()) / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+
+
 @torch.no_grad()
+def generate_batch(
+    model: Transformer,
+    requests: list[Request],
+    eos_id: Optional[int] = None,
+    pad_id: int = 0,
+    decoder: Optional[Decoder] = None,
+    cancelled: Optional[set[int]] = None,
+) -> Iterator[tuple[int, int]]:
+    """Yield (row, token id) as tokens are generated; a row ends at `eos_id` (not yielded) or its max_new_tokens.
+
+    A caller may end rows early by adding them to `cancelled` (stop strings). Prompts must fit the context
+    (callers truncate or refuse). When a row's prompt plus output outgrow the context its window slides: its newest
+    `slide_keep(block_size)` tokens are prefilled again and decoding goes on.
+    """
+    if not requests:
+        return
+    block = model.cfg.block_size
+    for r in requests:
+        if not r.prompt:
+            raise ValueError("a prompt must hold at least one token")
+        if len(r.prompt) > block:
+            raise ValueError(f"prompt of {len(r.prompt)} tokens exceeds the context of {block}")
+    decoder = decoder or Decoder(model)
+    device = model.wte.weight.device
+    B = len(requests)
+    gens = []
+    for r in requests:
+        g = torch.Generator(device=device)
+        g.manual_seed(r.seed) if r.seed is not None else g.seed()
+        gens.append(g)
+    seqs = [list(r.prompt) for r in requests]  # every row's tokens so far (for sliding and the penalty)
+    ctx = [len(r.prompt) for r in requests]  # how many of them are in the row's current window
+    done = [False] * B
+    produced = [0] * B
+    greedy_all = all(r.temperature == 0 and r.repetition_penalty == 1.0 for r in requests)
+
+    def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        T = max(len(s) for s in rows)
+        idx = torch.full((B, T), pad_id, dtype=torch.long)
+        for i, s in enumerate(rows):
+            idx[i, T - len(s):] = torch.tensor(s)
+        pads = [T - len(s) for s in rows]
+        return idx.to(device), (torch.tensor(pads, device=device) if any(pads) else None)
+
+    model.eval()
+    model.setup_cache(B, min(block, max(len(s) for s in seqs) + max(r.max_new_tokens for r in requests)))
+    try:
+        idx, left_pad = left_padded(seqs)
+        logits = decoder.prefill(idx, left_pad)  # (B, V)
+        pos = idx.shape[1]
+        while True:
+            if greedy_all:
+                nxt = logits.argmax(-1)  # (B,)
+            else:
+                picks = []
+                for i, r in enumerate(requests):
+                    row = logits[i]
+                    if r.repetition_penalty != 1.0:
+                        row = penalize(row, torch.tensor(seqs[i], device=device), r.repetition_penalty)
+                    picks.append(sample(row[None], r.temperature, r.top_k, r.top_p, gens[i]))
+                nxt = torch.cat(picks)
+            toks = nxt.tolist()
+            for i, t in enumerate(toks):
+                if cancelled and i in cancelled:
+                    done[i] = True
+                if done[i]:
+                    continue
+                if eos_id is not None and t == eos_id:
+                    done[i] = True
+                    continue
+                seqs[i].append(t)
+                ctx[i] += 1
+                produced[i] += 1
+                yield i, t
+                if produced[i] >= requests[i].max_new_tokens:
+                    done[i] = True
+            if all(done):
+                return
+            if pos == model.cache_len:
+                # the longest row's context is full: it keeps its newest tokens; the other rows keep all of theirs,
+                # so each row slides exactly when it would on its own
+                ctx = [slide_keep(block) if n > block else n for n in ctx]
+                idx, left_pad = left_padded([s[-n:] for s, n in zip(seqs, ctx)])
+                logits = decoder.prefill(idx, left_pad)
+                pos = idx.shape[1]
+                continue
+            logits = decoder.step(nxt, pos, left_pad)
+            pos += 1
+    finally:
+        model.clear_cache()
+
+
 def generate(
     model: Transformer,
     prompt: list[int],
@@ -51,46 +206,13 @@ def generate(
     top_p: Optional[float] = None,
     eos_id: Optional[int] = None,
     seed: Optional[int] = None,
+    repetition_penalty: float = 1.0,
+    decoder: Optional[Decoder] = None,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids for one prompt; stops early at `eos_id` (not yielded).
-
-    The prompt must fit the context (callers truncate or refuse). When prompt plus output outgrow the context,
-    the window slides: the newest `slide_keep(block_size)` tokens are prefilled again and decoding continues.
-    """
-    block = model.cfg.block_size
-    if not prompt:
-        raise ValueError("the prompt must hold at least one token")
-    if len(prompt) > block:
-        raise ValueError(f"prompt of {len(prompt)} tokens exceeds the context of {block}")
-    device = model.lm_head.weight.device
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
-    model.eval()
-    model.setup_cache(1, min(block, len(prompt) + max_new_tokens))
-    try:
-        tokens = list(prompt)
-        window = torch.tensor([tokens], device=device)  # (1, T)
-        pos = window.shape[1]
-        logits = model(window, input_pos=torch.arange(pos, device=device), kv_len=pos)[:, -1]  # (1, V)
-        for _ in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, gen)  # (1,)
-            t = int(nxt)
-            if eos_id is not None and t == eos_id:
-                return
-            yield t
-            tokens.append(t)
-            if pos == model.cache_len:  # the context is full: slide the window and prefill again
-                keep = tokens[-slide_keep(block):]
-                pos = len(keep)
-                logits = model(torch.tensor([keep], device=device), input_pos=torch.arange(pos, device=device), kv_len=pos)[:, -1]
-                continue
-            logits = model(nxt.view(1, 1), input_pos=torch.tensor([pos], device=device), kv_len=pos + 1)[:, -1]
-            pos += 1
-    finally:
-        model.clear_cache()
+    """Yield up to `max_new_tokens` new token ids for one prompt (the batch loop with one row)."""
+    req = Request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+    for _, t in generate_batch(model, [req], eos_id=eos_id, decoder=decoder):
+        yield t
 
 
 @torch.no_grad()
@@ -98,7 +220,7 @@ def generate_uncached(model: Transformer, prompt: list[int], max_new_tokens: int
                       top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
                       seed: Optional[int] = None) -> list[int]:
     """Reference path without a cache (full forward over the last block_size tokens each step); for tests."""
-    device = model.lm_head.weight.device
+    device = model.wte.weight.device
     gen = torch.Generator(device=device)
     if seed is not None:
         gen.manual_seed(seed)

@@ -198,7 +198,7 @@ class Transformer(nn.Module):
     def setup_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> None:
         """Allocate the static KV cache for generation (`max_len` <= block_size slots per sequence)."""
         max_len = min(max_len or self.cfg.block_size, self.cfg.block_size)
-        p = self.lm_head.weight
+        p = self.wte.weight  # (the output head may be swapped for a quantized layer)
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim, dtype or p.dtype, p.device)
         self.cache_len = max_len

@@ -114,22 +114,41 @@ class Tokenizer:
         return self.tk.token_to_id(token)
 
     def stream(self, ids: Iterable[int]) -> Iterator[str]:
-        """Decode incrementally: yield each new piece of text once it is complete UTF-8.
-
-        Byte-level tokens can end inside a multi-byte character, so a piece is held back while it ends in
-        the replacement character, and only a short window of recent ids is re-decoded each step.
-        """
-        seen: list[int] = []
-        prefix = 0  # start of the window that is re-decoded
-        read = 0  # ids[prefix:read] decode to text already emitted
+        """Decode incrementally: yield each new piece of text once it is complete UTF-8."""
+        dec = StreamDecoder(self)
         for i in ids:
-            seen.append(i)
-            before = self.decode(seen[prefix:read])
-            after = self.decode(seen[prefix:])
-            if len(after) > len(before) and not after.endswith("\ufffd"):
-                yield after[len(before):]
-                prefix, read = read, len(seen)
-        tail = self.decode(seen[prefix:])
-        before = self.decode(seen[prefix:read])
-        if len(tail) > len(before):
-            yield tail[len(before):]
+            piece = dec.push(i)
+            if piece:
+                yield piece
+        tail = dec.flush()
+        if tail:
+            yield tail
+
+
+class StreamDecoder:
+    """Incremental detokenization of one sequence.
+
+    Byte-level tokens can end inside a multi-byte character, so a piece is held back while it ends in the
+    replacement character, and only a short window of recent ids is decoded again at each step.
+    """
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window that is decoded again
+        self.read = 0  # ids[prefix:read] decode to text already emitted
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        after = self.tok.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        tail = self.tok.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return tail[len(before) :] if len(tail) > len(before) else ""

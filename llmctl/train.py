@@ -25,6 +25,7 @@ from .errors import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
 from .optim import lr_at
 
 Batch = dict[str, torch.Tensor]
+MAXIMIZED = ("accuracy", "f1", "macro_f1", "precision", "recall")  # metrics where higher is better
 
 
 @dataclass
@@ -36,6 +37,9 @@ class LoopState:
     elapsed: float = 0.0  # seconds spent training (excluding evaluation and saving)
     best: Optional[float] = None  # best value of the tracked metric so far
     best_step: Optional[int] = None
+    skipped: int = 0  # non-finite steps skipped so far (train.skip_nonfinite)
+    evals_since_best: int = 0  # for early stopping (train.patience)
+    stopped_early: bool = False
     last_eval: dict = field(default_factory=dict)
 
 
@@ -141,8 +145,6 @@ class Hooks:
     log_metrics: Callable[[dict], None] = lambda row: None  # one row of metrics.jsonl
     no_sync: Optional[Callable[[], ContextManager]] = None  # skip the gradient all-reduce on non-final micro-steps
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # average a scalar over ranks
-    metric: str = "val_loss"  # tracked for keep-best
-    metric_mode: str = "min"
     on_step: Optional[Callable[[LoopState], None]] = None  # test hook
 
 
@@ -156,7 +158,7 @@ def fit(
     device: torch.device,
     amp_dtype: Optional[torch.dtype],
     scaler: Optional[torch.amp.GradScaler] = None,
-    tokens_per_step: int,
+    tokens_per_step: Optional[int] = None,
     reporter: Reporter = NullReporter(),
 ) -> LoopState:
     """Train until `cfg.max_steps`, evaluating every `eval_interval` and saving every `save_interval` and at the end.
@@ -168,6 +170,7 @@ def fit(
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     reporter.start(cfg.max_steps, state.step)
     window_t, window_tokens = time.perf_counter(), 0
+    maximize = cfg.best_mode == "max" or (cfg.best_mode == "auto" and cfg.best_metric in MAXIMIZED)
     model.train()
     with StopFlag() as stop:
         while state.step < cfg.max_steps:
@@ -178,6 +181,9 @@ def fit(
                 g["lr"] = lr * g.get("lr_scale", 1.0)
             micro = hooks.batches(step)
             total = torch.zeros((), device=device)
+            # variable-length batches (classification, instruct) are counted as they come
+            step_tokens = tokens_per_step or sum(int(b["lengths"].sum()) if "lengths" in b else b["input_ids"].numel()
+                                                 for b in micro)
             for i, batch in enumerate(micro):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 sync = contextlib.nullcontext() if (hooks.no_sync is None or i == len(micro) - 1) else hooks.no_sync()
@@ -196,11 +202,19 @@ def fit(
             gnorm_val = float(gnorm)
             if not math.isfinite(loss_val) or (not math.isfinite(gnorm_val) and scaler is None):
                 what = "loss" if not math.isfinite(loss_val) else "gradient norm"
-                raise LlmctlError(
-                    f"training diverged at step {step + 1}: the {what} is {loss_val if what == 'loss' else gnorm_val}; "
-                    "the last good checkpoint is kept. Lower train.lr, raise train.warmup_steps, or use train.dtype=float32",
-                    status=EXIT_DIVERGED,
-                )
+                value = loss_val if what == "loss" else gnorm_val
+                if state.skipped >= cfg.skip_nonfinite:
+                    raise LlmctlError(
+                        f"training diverged at step {step + 1}: the {what} is {value}; the last good checkpoint is kept. "
+                        "Lower train.lr, raise train.warmup_steps, or use train.dtype=float32",
+                        status=EXIT_DIVERGED,
+                    )
+                state.skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                reporter.log(f"warning: step {step + 1}: the {what} is {value}; step skipped ({state.skipped} of train.skip_nonfinite={cfg.skip_nonfinite})")
+                hooks.log_metrics({"step": step + 1, "skipped": what})
+                state.step += 1
+                continue
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -208,10 +222,10 @@ def fit(
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.tokens += tokens_per_step
+            state.tokens += step_tokens
             dt = time.perf_counter() - t0
             state.elapsed += dt
-            window_tokens += tokens_per_step
+            window_tokens += step_tokens
             info = {"loss": loss_val, "lr": lr, "grad_norm": gnorm_val}
             if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps or state.step == 1:
                 now = time.perf_counter()
@@ -226,26 +240,40 @@ def fit(
                 hooks.on_step(state)
 
             last = state.step == cfg.max_steps
+            stop_early = False
+            saved = None  # the checkpoint written at this step, if any
             if hooks.evaluate and ((cfg.eval_interval and state.step % cfg.eval_interval == 0) or last):
                 result = hooks.evaluate(state.step)
                 model.train()
                 state.last_eval = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-                value = result.get(hooks.metric)
-                if value is not None and (
-                    state.best is None or (value < state.best if hooks.metric_mode == "min" else value > state.best)
-                ):
+                value = result.get(cfg.best_metric)
+                improved = value is not None and (state.best is None or (value > state.best if maximize else value < state.best))
+                if improved:
                     state.best, state.best_step = value, state.step
+                state.evals_since_best = 0 if improved else state.evals_since_best + 1
+                stop_early = bool(cfg.patience) and value is not None and state.evals_since_best >= cfg.patience
                 hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
-                reporter.log(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+                reporter.log(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+                             + (" (best)" if improved and not last else ""))
+                if stop_early:
+                    reporter.log(f"early stop: no better {cfg.best_metric} in {cfg.patience} evaluations "
+                                 f"(best {state.best:.4f} at step {state.best_step})")
+                    state.stopped_early = True
+                    last = True
+                if improved and cfg.keep_best and hooks.save and not last:
+                    saved = hooks.save(state, "best")
                 window_t = time.perf_counter()  # evaluation time is not training throughput
-            if hooks.save and (last or (cfg.save_interval and state.step % cfg.save_interval == 0)):
-                hooks.save(state, "final" if last else "interval")
+            if hooks.save and saved is None and (last or (cfg.save_interval and state.step % cfg.save_interval == 0)):
+                saved = hooks.save(state, ("early_stop" if stop_early else "final") if last else "interval")
                 window_t = time.perf_counter()
             if stop.signum is not None and not last:
-                path = hooks.save(state, "signal") if hooks.save else None
+                if hooks.save and saved is None:
+                    saved = hooks.save(state, "signal")
                 status = EXIT_SIGINT if stop.signum == signal.SIGINT else EXIT_SIGTERM
                 name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
-                raise Interrupted(f"interrupted by {name} after step {state.step}" + (f"; saved {path}" if path else ""), status)
+                raise Interrupted(f"interrupted by {name} after step {state.step}" + (f"; saved {saved}" if saved else ""), status)
+            if stop_early:
+                break
     reporter.stop()
     return state
 

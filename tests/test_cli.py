@@ -170,6 +170,48 @@ BAD = [
     ("bad-override-syntax", lambda t, r: ["config", "show", "--set", "train.lr"], ["KEY=VALUE"]),
     ("finetune-missing-base", lambda t, r: ["finetune", "--from", t / "nope", "--out", t / "o"], ["checkpoint not found"]),
     ("unknown-option", lambda t, r: ["pretrain", "--nope"], ["No such option"]),
+    ("resume-from-missing", lambda t, r: ["pretrain", *sets(*TINY), "--resume-from", t / "nope", "--out", t / "o"],
+     ["checkpoint not found"]),
+    ("eval-batch-size-zero", lambda t, r: ["eval", "--ckpt", r, "--batch-size", "0"], ["--batch-size"]),
+    ("negative-temperature", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--temperature", "-1"], ["--temperature"]),
+    ("top-p-above-one", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--top-p", "2"], ["--top-p"]),
+    ("prompt-and-prompt-file", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--prompt-file", _file(t, "p.txt", "b")],
+     ["either --prompt or --prompt-file"]),
+    ("config-show-missing-file", lambda t, r: ["config", "show", "-c", t / "nope.yaml"], ["config file not found"]),
+    ("prepare-missing-data", lambda t, r: ["prepare", "--set", f"data.path={t / 'nope.txt'}"], ["does not exist"]),
+    ("prepare-no-data-path", lambda t, r: ["prepare"], ["data.path is not set"]),
+    ("tokenizer-path-missing", lambda t, r: ["prepare", *sets(*TINY, f"tokenizer.path={t / 'tok.json'}")],
+     ["tokenizer file not found"]),
+    ("tokenizer-file-invalid", lambda t, r: ["prepare", *sets(*TINY, f"tokenizer.path={_file(t, 'tok.json', '{oops')}")],
+     ["not a valid tokenizer.json"]),
+    ("vocab-smaller-than-tokenizer", lambda t, r: ["pretrain", *sets(*TINY, "model.vocab_size=10"), "--out", t / "o"],
+     ["model.vocab_size=10", "tokenizer"]),
+    ("finetune-without-from", lambda t, r: ["finetune", "--out", t / "o"], ["--from"]),
+    ("checkpoint-is-a-file", lambda t, r: ["eval", "--ckpt", _file(t, "ck.bin", "x")], ["must be a directory"]),
+    ("not-an-llmctl-checkpoint", lambda t, r: ["infer", "--ckpt", _foreign(t), "--prompt", "hi"], ["not an llmctl checkpoint"]),
+    ("out-is-a-file", lambda t, r: ["pretrain", *sets(*TINY), "--out", _file(t, "o.txt", "x")], ["is a file"]),
+    ("overwrite-non-run-dir", lambda t, r: ["pretrain", *sets(*TINY), "--out", _nonrun(t), "--overwrite"],
+     ["does not look like an llmctl run"]),
+    ("bad-dtype-choice", lambda t, r: ["pretrain", *sets(*TINY, "train.dtype=fp8"), "--out", t / "o"], ["train.dtype", "one of"]),
+    ("device-unavailable", lambda t, r: ["pretrain", *sets(*TINY, "train.device=cuda"), "--out", t / "o"], ["CUDA"]),
+    ("cls-missing-label-column", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=classification",
+     "data.path=" + str(_file(t, "c.tsv", "stars\tsentence\n1\tgood\n0\tbad\n")), "data.text_column=sentence"), "--out", t / "o"],
+     ["no column 'label'", "data.label_column"]),
+    ("cls-empty-text", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=classification",
+     "data.path=" + str(_file(t, "c.tsv", "label\tsentence\n1\tgood\n0\t \n")), "data.text_column=sentence"), "--out", t / "o"],
+     ["row 2", "empty text"]),
+    ("cls-unseen-label-at-eval", lambda t, r: ["eval", "--ckpt", _classifier(t, r), "--data",
+     _file(t, "d.tsv", "label\tcontent\n1\tgood\n7\tbad\n"), "--text-column", "content"], ["'7'", "not one the model was trained on"]),
+    ("lora-target-matches-nothing", lambda t, r: ["finetune", "--from", r, *sets(f"data.path={SHAKESPEARE}",
+     "finetune.method=lora", "finetune.lora_targets=[attn.q_proj]"), "--out", t / "o"], ["attn.q_proj", "matches no linear layer"]),
+    ("adapter-base-mismatch", lambda t, r: ["infer", "--ckpt", _adapter(t, r), "--base", _retrained(t, r), "--prompt", "hi"],
+     ["does not match adapter"]),
+    ("instruct-bad-jsonl-line", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=instruct",
+     "data.path=" + str(_file(t, "i.jsonl", '{"prompt": "a", "response": "b"}\n{oops\n'))), "--out", t / "o"], ["line 2", "not valid JSON"]),
+    ("instruct-unknown-layout", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=instruct",
+     "data.path=" + str(_file(t, "i.jsonl", '{"question": "a", "answer": "b"}\n'))), "--out", t / "o"], ["expected fields", "question"]),
+    ("data-column-missing", lambda t, r: ["prepare", *sets(*TINY, "data.path=" + str(_file(t, "d.jsonl", '{"body": "x"}')))],
+     ["no column 'text'", "data.text_column"]),
     # Hugging Face import / export
     ("import-unsupported-architecture", lambda t, r: ["import", "hf", _hf_dir(t, architectures=["MistralForCausalLM"],
      model_type="mistral"), "--out", t / "o"], ["unsupported architecture", "MistralForCausalLM"]),
@@ -202,17 +244,104 @@ BAD = [
      ["no data.path", "--data"]),
     ("export-unknown-format", lambda t, r: ["export", "--ckpt", r, "--format", "onnx", "--out", t / "o"], ["--format", "onnx"]),
     ("export-out-not-empty", lambda t, r: ["export", "--ckpt", r, "--out", _file(t, "x", "").parent], ["not empty", "--overwrite"]),
+    ("export-classifier", lambda t, r: ["export", "--ckpt", _classifier(t, r), "--out", t / "o"],
+     ["classification checkpoint", "language models only"]),
     ("export-missing-checkpoint", lambda t, r: ["export", "--ckpt", t / "nope", "--out", t / "o"], ["checkpoint not found"]),
+]
+
+
+def _classifier(tmp: Path, run: Path) -> Path:
+    from llmctl import commands
+
+    data = _file(tmp, "train.tsv", "label\tsentence\n" + "".join(f"{i % 2}\tword {i}\n" for i in range(40)))
+    out = tmp / "cls"
+    commands.finetune(None, ["finetune.task=classification", f"data.path={data}", "data.text_column=sentence",
+                             "train.max_steps=2", "train.dtype=float32"], run, out)
+    return out
+
+
+def _adapter(tmp: Path, run: Path) -> Path:
+    from llmctl import commands
+
+    out = tmp / "adapter"
+    commands.finetune(None, [f"data.path={SHAKESPEARE}", "finetune.method=lora", "train.max_steps=2", "train.dtype=float32"], run, out)
+    return out
+
+
+def _retrained(tmp: Path, run: Path) -> Path:
+    from llmctl import commands
+
+    out = tmp / "retrained"
+    commands.finetune(None, [f"data.path={SHAKESPEARE}", "train.max_steps=1", "train.dtype=float32"], run, out)
+    return out
+
+
+def _foreign(tmp: Path) -> Path:
+    d = tmp / "foreign"
+    d.mkdir()
+    (d / "meta.json").write_text('{"format": "something-else"}')
+    return d
+
+
+def _nonrun(tmp: Path) -> Path:
+    d = tmp / "precious"
+    d.mkdir()
+    (d / "thesis.tex").write_text("do not delete")
+    return d
+
+
+BAD += [
+    ("input-malformed-jsonl", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.jsonl", '{"prompt": "a"}\n{"prompt": \n'),
+     "--output", t / "out.jsonl"], ["line 2", "not valid JSON"]),
+    ("input-empty-file", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.txt", "\n\n"), "--output", t / "out.jsonl"],
+     ["holds no prompts"]),
+    ("input-prompt-too-long", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.txt", "ok\n" + "x" * 100 + "\n"),
+     "--output", t / "out.jsonl"], ["row 2", "100 tokens", "--truncate"]),
+    ("input-missing-prompt-field", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.jsonl", '{"text": 1}\n')],
+     ["line 1", "prompt"]),
+    ("bad-quantize", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--quantize", "int4"], ["--quantize"]),
+    ("output-without-input", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--output", t / "o.jsonl"], ["--output goes with --input"]),
 ]
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input(case, runner, tiny_run, tmp_path):
     _, make, words = case
-    r = invoke(runner, *make(tmp_path, tiny_run))
+    args = make(tmp_path, tiny_run)  # builds any fixture runs first
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("status.json")}
+    r = invoke(runner, *args)
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
     for w in words:
         assert w in r.stderr, (w, r.stderr)
-    for status in tmp_path.rglob("status.json"):  # no run directory that claims success
-        assert json.loads(status.read_text())["status"] != "finished" or status.parent.name == "corrupt"
+    for status in tmp_path.rglob("status.json"):  # the failed command left no run that claims success
+        if before.get(status) != status.stat().st_mtime_ns:
+            assert json.loads(status.read_text())["status"] != "finished"
+
+
+def test_infer_input_file_batched_with_per_row_settings(runner, tiny_run, tmp_path):
+    rows = [{"prompt": "ROMEO:", "max_new_tokens": 12, "temperature": 0},
+            {"prompt": "JULIET:\nO", "max_new_tokens": 40, "temperature": 0, "stop": ["\n"]},
+            {"prompt": "First", "max_new_tokens": 5, "temperature": 0.9, "seed": 3, "id": "x"}]
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = invoke(runner, "infer", "--ckpt", tiny_run, "--input", f, "--output", out, "--batch-size", "2", "--quantize", "none")
+    assert r.exit_code == 0, r.output
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g["prompt"] for g in got] == [r["prompt"] for r in rows] and got[2]["id"] == "x"
+    assert got[0]["completion_tokens"] == 12 and got[0]["finish_reason"] == "length"
+    assert got[1]["finish_reason"] in ("stop", "length", "eos") and "\n" not in got[1]["completion"]
+    # the same greedy row alone, through --prompt, gives the same text
+    one = invoke(runner, "infer", "--ckpt", tiny_run, "--prompt", "ROMEO:", "-n", "12", "-t", "0", "--quantize", "none")
+    assert one.stdout == "ROMEO:" + got[0]["completion"] + "\n"
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("ROMEO:\n\nJULIET:\n")
+    r = invoke(runner, "infer", "--ckpt", tiny_run, "--input", plain, "-n", "4")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2
+
+
+def test_no_output_file_after_bad_input(runner, tiny_run, tmp_path):
+    bad = _file(tmp_path, "in.txt", "ok\n" + "x" * 100 + "\n")
+    r = invoke(runner, "infer", "--ckpt", tiny_run, "--input", bad, "--output", tmp_path / "out.jsonl")
+    assert r.exit_code == 2 and not (tmp_path / "out.jsonl").exists() and not list(tmp_path.glob(".out.jsonl*"))

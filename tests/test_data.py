@@ -130,3 +130,60 @@ def test_eval_blocks_predict_every_token_once():
     tokens = np.arange(103, dtype=np.uint16)
     labels = np.concatenate([b["labels"].reshape(-1).numpy() for b in eval_blocks(tokens, 10, 3)])
     assert labels.tolist() == list(range(1, 103))
+
+
+def test_instruct_labels_mask_exactly_the_prompt(tmp_path):
+    from llmctl.config import FinetuneConfig
+    from llmctl.data import instruct_examples, render_prompt
+    from llmctl.tokenizer import Tokenizer
+
+    rows = [
+        {"instruction": "Say hi", "instances": [{"input": "", "output": "hi"}, {"input": "loud", "output": "HI"}]},
+        {"instruction": "Add", "input": "1 1", "output": "2"},
+        {"prompt": "Name?", "response": "Ann"},
+    ]
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    ft = FinetuneConfig()
+    tok = Tokenizer.train_char(["abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ#:? 12\n"])
+    ex = instruct_examples(str(f), DataConfig(cache_dir=str(tmp_path / "c")), tok, 256, ft)
+    pairs = [(render_prompt("Say hi", "", ft), "hi"), (render_prompt("Say hi", "loud", ft), "HI"),
+             (render_prompt("Add", "1 1", ft), "2"), (render_prompt("Name?", "", ft), "Ann")]
+    assert len(ex.ids) == 4
+    for ids, labels, (prompt, response) in zip(ex.ids, ex.targets, pairs):
+        n_prompt = len(tok.encode(prompt))
+        assert ids == tok.encode(prompt) + tok.encode(response) + [tok.eos_id]
+        assert labels[:n_prompt] == [-100] * n_prompt  # every prompt token masked
+        assert labels[n_prompt:] == ids[n_prompt:]  # every response token (and <eos>) trained on
+    from llmctl.data import pad_batch
+
+    b = pad_batch(ex, [0, 3], tok.pad_id, "instruct")
+    assert (b["labels"][b["input_ids"] == tok.pad_id] == -100).all()
+
+
+def test_classification_examples(tmp_path):
+    from llmctl.data import classification_examples
+    from llmctl.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_char(["abcdefghij "])
+    f = tmp_path / "c.tsv"
+    f.write_text("label\tsentence\npos\tabc\nneg\tdef ghij\npos\ta\n")
+    ex, labels = classification_examples(str(f), DataConfig(cache_dir=str(tmp_path / "c")), tok, 4, "sentence", "label")
+    assert labels == ["neg", "pos"] and ex.targets == [1, 0, 1]
+    assert ex.ids[0] == tok.encode("abc") + [tok.eos_id] and ex.truncated == 1 and len(ex.ids[1]) == 4
+    f.write_text("label\tsentence\nneutral\tabc\n")
+    with pytest.raises(LlmctlError, match="'neutral'.*not one the model was trained on"):
+        classification_examples(str(f), DataConfig(cache_dir=str(tmp_path / "c")), tok, 8, "sentence", "label", labels)
+    f.write_text("label\tsentence\npos\t \n")
+    with pytest.raises(LlmctlError, match="row 1 .* empty text"):
+        classification_examples(str(f), DataConfig(cache_dir=str(tmp_path / "c")), tok, 8, "sentence", "label", labels)
+
+
+def test_example_batches_cover_each_epoch_once():
+    from llmctl.data import ExampleBatches, Examples
+
+    ex = Examples([[i, 0] for i in range(10)], list(range(10)))
+    b = ExampleBatches(ex, np.arange(10), "classification", 0, batch_size=2, grad_accum=1, seed=3)
+    seen = np.concatenate([b.rows(s).ravel() for s in range(5)])
+    assert sorted(seen.tolist()) == list(range(10))  # steps 0-4 = one epoch
+    assert (b.rows(7) == ExampleBatches(ex, np.arange(10), "classification", 0, 2, 1, 3).rows(7)).all()

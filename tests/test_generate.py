@@ -51,3 +51,60 @@ def test_top_k_and_top_p_restrict_choices():
     picks = {int(sample(logits, 1.0, top_p=0.3, generator=g)) for _ in range(200)}
     assert picks == {2}
     assert int(sample(logits, 0.0)) == 2
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_left_padded_greedy_equals_one_by_one(arch):
+    from llmctl.generate import Request, generate_batch
+
+    m = model(arch)
+    prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4], [30, 31]]
+    single = [list(generate(m, p, 30, temperature=0)) for p in prompts]  # 30 new tokens: slides past the context
+    out = [[] for _ in prompts]
+    for row, t in generate_batch(m, [Request(p, 30, temperature=0) for p in prompts]):
+        out[row].append(t)
+    assert out == single
+
+
+def test_batch_rows_keep_their_own_settings_and_can_be_cancelled():
+    from llmctl.generate import Request, generate_batch
+
+    m = model("gpt2")
+    reqs = [Request([1, 2], 5, temperature=0), Request([3, 4], 9, temperature=1.0, top_k=5, seed=7), Request([5], 12, temperature=0)]
+    alone = list(generate(m, [3, 4], 9, temperature=1.0, top_k=5, seed=7))
+    out = {0: [], 1: [], 2: []}
+    cancelled: set[int] = set()
+    for row, t in generate_batch(m, reqs, cancelled=cancelled):
+        out[row].append(t)
+        if row == 2 and len(out[2]) == 3:
+            cancelled.add(2)
+    assert len(out[0]) == 5 and out[1] == alone and len(out[2]) == 3
+
+
+def test_compiled_decode_equals_eager():
+    from llmctl.generate import Decoder
+
+    m = model("llama")
+    eager = list(generate(m, [5, 9, 3], 12, temperature=0))
+    compiled = list(generate(m, [5, 9, 3], 12, temperature=0, decoder=Decoder(m, compile=True)))
+    assert compiled == eager
+
+
+def test_int8_and_bfloat16_decode_run():
+    from llmctl.quantize import quantize
+
+    m = model("gpt2")
+    ref = m(torch.tensor([[1, 2, 3]]))
+    q = quantize(model("gpt2"), "int8")
+    assert (q(torch.tensor([[1, 2, 3]])) - ref).abs().max() < 0.1 * ref.abs().max()
+    assert len(list(generate(q, [1, 2, 3], 8, temperature=0))) == 8
+    b = model("llama").to(torch.bfloat16)
+    assert len(list(generate(b, [1, 2, 3], 8, temperature=0))) == 8
+
+
+def test_repetition_penalty():
+    from llmctl.generate import penalize
+
+    logits = torch.tensor([2.0, -1.0, 0.5])
+    out = penalize(logits, torch.tensor([0, 1]), 2.0)
+    assert out.tolist() == [1.0, -2.0, 0.5]

@@ -261,6 +261,23 @@ def test_exported_tokenizer_encodes_and_decodes_like_ours(name, exported):
     assert theirs.decode(special, skip_special_tokens=True) == ours.decode(special)
 
 
+def test_export_merges_a_lora_adapter(tiny_run, runner, tmp_path):
+    adapter = tmp_path / "adapter"
+    r = invoke(runner, "finetune", "--from", tiny_run, *sets(f"data.path={SHAKESPEARE}", "finetune.method=lora",
+               "train.max_steps=3", "train.lr=1e-2", "train.dtype=float32", "train.eval_interval=0"), "--out", adapter, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert ckpt_io.ADAPTER in ckpt_io.load(adapter).meta["files"]
+    for run, out in ((adapter, tmp_path / "exp"), (tiny_run, tmp_path / "base")):
+        assert invoke(runner, "export", "--ckpt", run, "--out", out).exit_code == 0
+    ours = load_model(adapter, "cpu").model  # base weights + adapter, unmerged
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp").eval()
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, ours.cfg.block_size), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)).abs().max().item() < TOL
+    merged, base = load_file(str(tmp_path / "exp" / "model.safetensors")), load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"], base["transformer.h.0.attn.c_attn.weight"])
+
+
 def test_export_refuses_to_clobber_and_overwrites_an_earlier_export(runner, tiny_run, tmp_path):
     out = tmp_path / "x"
     assert invoke(runner, "export", "--ckpt", tiny_run, "--out", out).exit_code == 0

@@ -1,10 +1,14 @@
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, invoke, sets
+from llmctl import checkpoint as ckpt
 from llmctl import commands
 from llmctl.checkpoint import read_status
 from llmctl.config import TrainConfig
@@ -65,3 +69,140 @@ def test_diverged_run_exits_3_and_keeps_last_checkpoint(tmp_path):
     assert e.value.status == 3 and "step 6" in e.value.message
     assert read_status(out)["status"] == "diverged"
     assert (out / "latest").read_text().strip() == "step-0000004"
+
+
+def _llmctl(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmctl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    t0 = time.time()
+    while not predicate():
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def test_sigterm_mid_run_exits_143_then_resumes_bit_identical(tmp_path):
+    args = [*TINY, "train.max_steps=60", "train.log_interval=1", "train.eval_interval=20", "train.save_interval=0"]
+    part = tmp_path / "part"
+    p = _llmctl("pretrain", *sets(*args), "--out", str(part), "--quiet")
+    _wait_for(lambda: (part / "metrics.jsonl").exists() and len((part / "metrics.jsonl").read_text().splitlines()) >= 5)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    status = read_status(part)
+    assert status["status"] == "interrupted" and status["exit_status"] == 143
+    assert "Resume with: llmctl pretrain" in err and "--resume" in err and "Traceback" not in err
+    stopped_at = ckpt.read_latest(part)
+    assert stopped_at is not None and 5 <= int(stopped_at.name.split("-")[1]) < 60
+    commands.pretrain(None, args, part, resume=True)
+    full = tmp_path / "full"
+    commands.pretrain(None, args, full)
+    assert losses(part) == losses(full) and len(losses(full)) == 60
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "train.max_steps=40", "train.save_interval=10", "train.keep_best=false"]
+    p = _llmctl("pretrain", *sets(*args), "--out", str(out), "--quiet", env={"LLMCTL_TEST_PAUSE_SAVE": "20:60"})
+    _wait_for(lambda: (out / ".saving").exists())  # step 20's files are half written, the process sleeps
+    p.kill()
+    p.wait(timeout=30)
+    assert list(out.glob(".tmp-step-0000020-*")), "the interrupted write is left as a hidden temporary"
+    assert ckpt.read_latest(out).name == "step-0000010"
+    assert ckpt.load(out).meta["step"] == 10  # passes verification
+    assert read_status(out)["status"] == "running"  # the killed process could not say otherwise
+    logs: list[str] = []
+    summary = commands.pretrain(None, args, out, resume=True, log=logs.append)
+    assert summary["steps"] == 40 and read_status(out)["status"] == "finished"
+    assert any("resuming from" in m and "step-0000010" in m for m in logs)
+    assert not list(out.glob(".tmp-step-*"))
+
+
+def test_second_run_into_a_busy_run_directory_is_refused_and_stale_lock_cleared(tmp_path, runner):
+    out = tmp_path / "busy"
+    out.mkdir()
+    with ckpt.RunLock(out):
+        r = invoke(runner, "pretrain", *sets(*TINY), "--out", out, "--overwrite")
+        assert r.exit_code == 2 and "in use by another llmctl process" in r.stderr and f"pid {os.getpid()}" in r.stderr
+    (out / ".lock").write_text("pid 999999 on elsewhere since yesterday")  # left by a killed process
+    logs: list[str] = []
+    commands.pretrain(None, [*TINY, "train.max_steps=2"], out, overwrite=True, log=logs.append)
+    assert any("stale lock" in m for m in logs)
+
+
+def test_preflight_refuses_when_the_disk_is_too_small(tmp_path, runner, monkeypatch):
+    import shutil as sh
+
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    r = invoke(runner, "pretrain", *sets(*TINY), "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "free" in r.stderr and "checkpoint needs" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_disk_full_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from llmctl import checkpoint as ck_mod
+
+    real = ck_mod.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            import errno
+
+            real(tensors, path, *a, **k)  # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ck_mod, "save_file", flaky)
+    out = tmp_path / "full-disk"
+    with pytest.raises(LlmctlError) as e:
+        commands.pretrain(None, [*TINY, "train.max_steps=12", "train.save_interval=4", "train.keep_best=false"], out)
+    assert e.value.status == 2 and "no space left" in e.value.message and "step-0000004 is kept" in e.value.message
+    assert "--resume" in e.value.message
+    assert ckpt.read_latest(out).name == "step-0000004" and ckpt.load(out).meta["step"] == 4
+    assert read_status(out)["status"] == "failed" and not list(out.glob(".tmp-*"))
+
+
+def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tmp_path):
+    plan = {}
+
+    def poison_grads_once(state):
+        if state.step == 3:
+            m = commands.unwrap(plan["model"])
+            m.wte.weight.register_hook(lambda g: g * float("nan") if state.step == 3 else g)
+
+    out = tmp_path / "skip"
+    summary = commands.pretrain(None, [*SMALL, "train.skip_nonfinite=1", "model.dropout=0"], out,
+                                on_step=poison_grads_once, on_plan=lambda p: plan.update(model=p.model))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("skipped") == "gradient norm" for r in rows) and summary["steps"] == 12
+
+
+def test_keep_best_and_keep_last(tmp_path):
+    out = tmp_path / "best"
+    commands.pretrain(None, [*TINY, "train.max_steps=20", "train.eval_interval=5", "train.save_interval=5",
+                             "train.keep_last=1"], out)
+    names = sorted(p.name for p in out.glob("step-*"))
+    best = ckpt.read_pointer(out, ckpt.BEST)
+    assert best is not None and best.name in names and "step-0000020" in names
+    assert len(names) <= 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert json.loads((best / "meta.json").read_text())["metrics"]["val_loss"] == min(r["val_loss"] for r in rows)
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    out = tmp_path / "run"
+    p = _llmctl("pretrain", *sets(*TINY, "train.max_steps=40", "train.save_interval=10", "train.keep_best=false"),
+                "--out", str(out), "--quiet", env={"LLMCTL_TEST_PAUSE_SAVE": "10:60"})
+    _wait_for(lambda: (out / ".saving").exists())  # stuck in a slow save
+    p.send_signal(signal.SIGINT)  # first Ctrl-C: would finish the step and save
+    time.sleep(0.3)
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)  # second Ctrl-C: abort now
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and time.time() - t0 < 20
+    assert read_status(out)["status"] == "interrupted" and "Traceback" not in err

@@ -4,13 +4,15 @@ They return results (dicts, iterators of text) and report through a `log` callab
 decides how to print. Every expected failure is an `LlmctlError`, raised before work starts where possible.
 """
 
-from .common import Loaded, load_model, load_weights, resolve_amp, resolve_device, unwrap
+from .common import Loaded, for_inference, load_model, load_weights, resolve_amp, resolve_device, unwrap
 from .evaluation import evaluate
-from .inference import encode_prompt, infer, read_prompt
+from .inference import (ChatSession, classify_texts, complete, complete_rows, encode_prompt, read_inputs, read_prompt,
+                        sampling, stream, write_outputs)
 from .interop import export, import_hf
 from .training import TrainPlan, describe, finetune, prepare, pretrain, show_config
 
 __all__ = [
-    "Loaded", "TrainPlan", "describe", "encode_prompt", "evaluate", "export", "finetune", "import_hf", "infer", "load_model",
-    "load_weights", "prepare", "pretrain", "read_prompt", "resolve_amp", "resolve_device", "show_config", "unwrap",
+    "ChatSession", "Loaded", "TrainPlan", "for_inference", "classify_texts", "complete", "complete_rows", "describe", "encode_prompt",
+    "evaluate", "export", "finetune", "import_hf", "load_model", "load_weights", "prepare", "pretrain", "read_inputs", "read_prompt",
+    "resolve_amp", "resolve_device", "sampling", "show_config", "stream", "unwrap", "write_outputs",
 ]

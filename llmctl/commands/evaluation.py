@@ -1,37 +1,73 @@
-"""eval: loss, perplexity and bits per byte of a checkpoint."""
+"""eval: measure a checkpoint. Language models: loss, perplexity, bits per byte. Classifiers: accuracy, precision,
+recall, F1 and the confusion matrix. Instruction-tuned models: the loss on responses."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-
-from ..data import eval_blocks, prepare as prepare_tokens, tokenize_file
+from ..data import (classification_examples, eval_batches, eval_blocks, holdout, instruct_examples,
+                    prepare as prepare_tokens, tokenize_file)
 from ..errors import LlmctlError
-from ..evaluate import lm_metrics
-from .common import Log, _nolog, load_model
+from ..evaluate import classification_metrics, classify, lm_metrics
+from .common import Loaded, Log, _nolog, load_model
+
+
+def _default_source(loaded: Loaded, data: Optional[str]) -> str:
+    """The file to evaluate on: --data, or the checkpoint's own data.path (which must exist here)."""
+    if data is not None:
+        return data
+    path = loaded.cfg.data.path
+    if not path:  # an imported checkpoint has no training data to take a validation split from
+        raise LlmctlError(f"{loaded.ckpt.path} names no data.path to evaluate on (an imported model?); pass --data FILE")
+    if path and not path.startswith(("hf:", "http://", "https://")) and not Path(path).expanduser().exists():
+        raise LlmctlError(f"the checkpoint's data.path {path} is not on this machine; pass --data FILE to evaluate on a file")
+    return path
 
 
 def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] = None, device: str = "auto",
-             log: Log = _nolog, tokenizer: Optional[Path] = None) -> dict:
-    """`llmctl eval`: loss, perplexity and bits per byte on the validation split or on `data`."""
-    loaded = load_model(ckpt, device, tokenizer=tokenizer)
-    cfg, tok = loaded.cfg, loaded.tokenizer
+             log: Log = _nolog, text_column: Optional[str] = None, label_column: Optional[str] = None,
+             base: Optional[Path] = None, tokenizer: Optional[Path] = None) -> dict:
+    """`llmctl eval`: without --data, the validation split the run held out; with it, all of that file."""
+    loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
+    cfg = loaded.cfg
+    bs = batch_size or cfg.eval.batch_size
+    source = _default_source(loaded, data)
+    where = source if data is not None else f"{source} (validation split)"
+    if loaded.classifier is not None:
+        return {"checkpoint": str(loaded.ckpt.path), "data": where,
+                **_eval_classifier(loaded, source, data is not None, bs, text_column, label_column)}
+    if cfg.finetune.task == "instruct":
+        key = "--data" if data is not None else "data.path"
+        ex = instruct_examples(source, cfg.data, loaded.tokenizer, cfg.model.block_size, cfg.finetune, key=key)
+        idx = range(len(ex.ids)) if data is not None else holdout(len(ex.ids), cfg.data.val_fraction, cfg.train.seed)[1]
+        r = lm_metrics(loaded.model, eval_batches(ex, list(idx), "instruct", loaded.tokenizer.pad_id, bs), loaded.device)
+        return {"checkpoint": str(loaded.ckpt.path), "data": where, "response_loss": r["loss"], **r}
+    tok = loaded.tokenizer
     if data is not None:
         tokens = tokenize_file(data, cfg.data, tok)
-        source = data
     else:
-        if not cfg.data.path:  # an imported checkpoint has no training data to take a validation split from
-            raise LlmctlError(f"{loaded.ckpt.path} names no data.path to evaluate on (an imported model?); pass --data FILE")
-        if cfg.data.path and not cfg.data.path.startswith(("hf:", "http://", "https://")) and not Path(cfg.data.path).expanduser().exists():
-            raise LlmctlError(f"the checkpoint's data.path {cfg.data.path} is not on this machine; pass --data FILE to evaluate on a file")
         tokens = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tok, log=log).val
-        source = f"{cfg.data.path} (validation split)"
     if len(tokens) < 2:
-        raise LlmctlError(f"{source} has fewer than 2 tokens; nothing to evaluate")
+        raise LlmctlError(f"{where} has fewer than 2 tokens; nothing to evaluate")
     n_bytes = len(tok.decode([int(i) for i in tokens[1:]]).encode("utf-8"))
-    r = lm_metrics(loaded.model, eval_blocks(tokens, cfg.model.block_size, batch_size or cfg.eval.batch_size),
-                   loaded.device, None, n_bytes=n_bytes)
-    return {"checkpoint": str(loaded.ckpt.path), "data": source, **r}
+    r = lm_metrics(loaded.model, eval_blocks(tokens, cfg.model.block_size, bs), loaded.device, None, n_bytes=n_bytes)
+    return {"checkpoint": str(loaded.ckpt.path), "data": where, **r}
 
 
+def _eval_classifier(loaded: Loaded, source: str, whole_file: bool, batch_size: int,
+                     text_column: Optional[str], label_column: Optional[str]) -> dict:
+    cfg, tok = loaded.cfg, loaded.tokenizer
+    if whole_file:  # a report file may name its columns differently (SST-2's dev.tsv calls its text `content`)
+        text_col = text_column or cfg.eval.text_column or cfg.data.text_column
+        label_col = label_column or cfg.eval.label_column or cfg.data.label_column
+    else:
+        text_col, label_col = cfg.data.text_column, cfg.data.label_column
+    key = "--data" if whole_file else "data.path"
+    ex, labels = classification_examples(source, cfg.data, tok, cfg.model.block_size, text_col, label_col,
+                                         loaded.labels, key=key)
+    idx = list(range(len(ex.ids))) if whole_file else holdout(len(ex.ids), cfg.data.val_fraction, cfg.train.seed)[1].tolist()
+    rows, pred, _, loss = classify(loaded.classifier, eval_batches(ex, idx, "classification", tok.pad_id, batch_size),
+                                   loaded.device)
+    m = classification_metrics(pred, [ex.targets[i] for i in rows.tolist()], labels)
+    return {"loss": loss, **m, "truncated": ex.truncated}

@@ -1,15 +1,18 @@
-"""infer: turn a prompt into streamed text."""
+"""infer: stream a completion, complete a file of prompts, chat, or classify text."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-
+from ..data import Examples, eval_batches, render_prompt
 from ..errors import LlmctlError
-from ..generate import generate
-from ..tokenizer import Tokenizer
-from .common import load_model
+from ..evaluate import classify
+from ..generate import Request, generate, generate_batch
+from ..tokenizer import StreamDecoder, Tokenizer
+from .common import Loaded
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
@@ -46,19 +49,10 @@ def encode_prompt(tok: Tokenizer, text: str, block_size: int, truncate: bool) ->
     return ids
 
 
-def infer(
-    ckpt: Path,
-    prompt: str,
-    max_new_tokens: Optional[int] = None,
-    temperature: Optional[float] = None,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    seed: Optional[int] = None,
-    truncate: bool = False,
-    device: str = "auto",
-    tokenizer: Optional[Path] = None,
-) -> Iterator[str]:
-    """`llmctl infer`: stream the completion of one prompt as text pieces."""
+def sampling(loaded: Loaded, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+             repetition_penalty: Optional[float] = None) -> dict:
+    """Sampling settings: the given ones, else the checkpoint's `generate` section; checked like config values."""
     if max_new_tokens is not None and max_new_tokens <= 0:
         raise LlmctlError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     if temperature is not None and temperature < 0:
@@ -67,18 +61,184 @@ def infer(
         raise LlmctlError(f"--top-k must be at least 1 (got {top_k})")
     if top_p is not None and not 0 < top_p <= 1:
         raise LlmctlError(f"--top-p must be in (0, 1] (got {top_p})")
-    loaded = load_model(ckpt, device, tokenizer=tokenizer)
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise LlmctlError(f"--repetition-penalty must be positive (got {repetition_penalty})")
     g = loaded.cfg.generate
+    return {
+        "max_new_tokens": max_new_tokens or g.max_new_tokens,
+        "temperature": g.temperature if temperature is None else temperature,
+        "top_k": g.top_k if top_k is None else top_k,
+        "top_p": g.top_p if top_p is None else top_p,
+        "seed": g.seed if seed is None else seed,
+        "repetition_penalty": g.repetition_penalty if repetition_penalty is None else repetition_penalty,
+    }
+
+
+def stream(loaded: Loaded, prompt: str, s: dict, truncate: bool = False) -> Iterator[str]:
+    """`llmctl infer --prompt`: the completion of one prompt as text pieces, as they are generated."""
     ids = encode_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
-    stream = generate(
-        loaded.model, ids,
-        max_new_tokens=max_new_tokens or g.max_new_tokens,
-        temperature=g.temperature if temperature is None else temperature,
-        top_k=g.top_k if top_k is None else top_k,
-        top_p=g.top_p if top_p is None else top_p,
-        eos_id=loaded.tokenizer.eos_id,
-        seed=g.seed if seed is None else seed,
-    )
-    return loaded.tokenizer.stream(stream)
+    gen = generate(loaded.model, ids, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
+                   eos_id=loaded.tokenizer.eos_id, seed=s["seed"], repetition_penalty=s["repetition_penalty"],
+                   decoder=loaded.decoder)
+    return loaded.tokenizer.stream(gen)
 
 
+def _row_settings(row: dict, s: dict, n: int) -> dict:
+    """Per-row overrides of the sampling settings, checked; `n` is the row's number for messages."""
+    out = dict(s)
+    for k in s:
+        if k in row and row[k] is not None:
+            out[k] = row[k]
+    try:
+        out["max_new_tokens"] = int(out["max_new_tokens"])
+        out["temperature"] = float(out["temperature"])
+        if out["max_new_tokens"] < 1 or out["temperature"] < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise LlmctlError(f"--input row {n}: max_new_tokens must be a positive integer and temperature >= 0") from None
+    stop = row.get("stop") or []
+    out["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    return out
+
+
+def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = False, on_row=None,
+                  batch_size: Optional[int] = None) -> list[dict]:
+    """`llmctl infer --input`: complete every row, `generate.batch_size` prompts at a time (similar lengths
+    together), each with its own settings where it gives them. Output rows repeat the input and add `completion`,
+    `finish_reason` (length, stop, eos), `prompt_tokens` and `completion_tokens`, in input order."""
+    tok, T = loaded.tokenizer, loaded.cfg.model.block_size
+    settings = [_row_settings(r, s, n) for n, r in enumerate(rows, 1)]
+    ids = []
+    for n, r in enumerate(rows, 1):
+        try:
+            ids.append(encode_prompt(tok, r["prompt"], T, truncate))
+        except LlmctlError as e:
+            raise LlmctlError(f"--input row {n}: {e.message}") from None
+    order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
+    results: list[dict] = [{} for _ in rows]
+    bs = batch_size or loaded.cfg.generate.batch_size
+    for start in range(0, len(order), bs):
+        group = order[start : start + bs]
+        reqs = [Request(ids[i], settings[i]["max_new_tokens"], settings[i]["temperature"], settings[i]["top_k"],
+                        settings[i]["top_p"], settings[i]["repetition_penalty"], settings[i]["seed"]) for i in group]
+        decoders = [StreamDecoder(tok) for _ in group]
+        texts = [""] * len(group)
+        counts = [0] * len(group)
+        stopped: set[int] = set()
+        for j, t in generate_batch(loaded.model, reqs, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                   decoder=loaded.decoder, cancelled=stopped):
+            counts[j] += 1
+            texts[j] += decoders[j].push(t)
+            hits = [texts[j].find(x) for x in settings[group[j]]["stop"] if x and x in texts[j]]
+            if hits:
+                texts[j] = texts[j][: min(hits)]
+                stopped.add(j)
+        for j, i in enumerate(group):
+            if j not in stopped:
+                texts[j] += decoders[j].flush()
+            reason = "stop" if j in stopped else ("length" if counts[j] >= reqs[j].max_new_tokens else "eos")
+            results[i] = {**rows[i], "completion": texts[j], "finish_reason": reason,
+                          "prompt_tokens": len(ids[i]), "completion_tokens": counts[j]}
+            if on_row:
+                on_row()
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Classification checkpoints
+
+
+def classify_texts(loaded: Loaded, texts: list[str], batch_size: int = 32) -> list[dict]:
+    """Label and class probabilities for each text (cut to the context like training does)."""
+    tok, T = loaded.tokenizer, loaded.cfg.model.block_size
+    ids = []
+    for enc in tok.encode_batch(texts):
+        ids.append(enc[: T - 1] + [tok.eos_id])
+    ex = Examples(ids, [0] * len(ids))
+    rows, pred, probs, _ = classify(loaded.classifier, eval_batches(ex, list(range(len(ids))), "classification",
+                                                                    tok.pad_id, batch_size), loaded.device)
+    out: list[dict] = [{} for _ in texts]
+    for r, p, pr in zip(rows.tolist(), pred.tolist(), probs.tolist()):
+        out[r] = {"label": loaded.labels[p], "probabilities": {name: round(x, 6) for name, x in zip(loaded.labels, pr)}}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Files of prompts
+
+
+def read_inputs(path: Path) -> list[dict]:
+    """Rows of an --input file: JSONL objects with `prompt` (or `text`), or plain text with one prompt per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise LlmctlError(f"--input {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LlmctlError(f"--input {p} is not UTF-8 text") from None
+    rows: list[dict] = []
+    if p.suffix in (".jsonl", ".json"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LlmctlError(f"--input {p} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt", obj.get("text")), str):
+                raise LlmctlError(f"--input {p} line {n} needs a \"prompt\" (or \"text\") string field")
+            obj.setdefault("prompt", obj.get("text"))
+            rows.append(obj)
+    else:
+        rows = [{"prompt": line} for line in text.splitlines() if line.strip()]
+    if not rows:
+        raise LlmctlError(f"--input {p} holds no prompts")
+    return rows
+
+
+def write_outputs(path: Path, rows: list[dict]) -> None:
+    """Write JSONL to a temporary name and rename it when complete: a half-written file never looks finished."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.part")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, p)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Completions with stop strings, and chat
+
+
+def complete(loaded: Loaded, prompt: str, s: dict, stop: Optional[list[str]] = None, truncate: bool = False) -> dict:
+    """One completion: text, why it ended (length, stop, eos) and token counts."""
+    return complete_rows(loaded, [{"prompt": prompt, "stop": stop or []}], s, truncate)[0]
+
+
+class ChatSession:
+    """`infer --chat`: each turn is rendered with the instruction template the model was tuned with; earlier turns
+    stay in the context (oldest tokens dropped when it is full)."""
+
+    def __init__(self, loaded: Loaded, s: dict):
+        self.loaded, self.history, self.s = loaded, [], s
+
+    def reset(self) -> None:
+        self.history = []
+
+    def reply(self, message: str) -> Iterator[str]:
+        tok, ft = self.loaded.tokenizer, self.loaded.cfg.finetune
+        ids: list[int] = []
+        for user, answer in self.history:
+            ids += tok.encode(render_prompt(user, "", ft) + answer) + [tok.eos_id]
+        ids += tok.encode(render_prompt(message, "", ft))
+        s, block = self.s, self.loaded.cfg.model.block_size
+        ids = ids[-max(1, block - min(s["max_new_tokens"], block // 2)):]  # leave room for the reply
+        pieces = []
+        gen = generate(self.loaded.model, ids, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
+                       eos_id=tok.eos_id, seed=s["seed"], repetition_penalty=s["repetition_penalty"],
+                       decoder=self.loaded.decoder)
+        for piece in tok.stream(gen):
+            pieces.append(piece)
+            yield piece
+        self.history.append((message, "".join(pieces)))

@@ -9,10 +9,10 @@ from typing import Optional
 
 from .. import checkpoint as ckpt_io
 from .. import hf
-from ..config import from_dict
 from ..errors import LlmctlError
-from .common import Log, _nolog, load_tokenizer
-from .training import prepare_out_dir
+from ..lora import merge_lora
+from .common import Log, _nolog, load_model
+from .training import check_out_dir, clear_run
 
 FORMATS = ("hf",)
 
@@ -27,7 +27,9 @@ def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrit
                           "or choose another directory")
     src = hf.download(source[3:], log) if source.startswith("hf:") else Path(source)
     imported = hf.load_dir(src, tokenizer)
-    prepare_out_dir(out, resume=False, overwrite=overwrite)  # --overwrite deletes only once the import is sound
+    check_out_dir(out, resume=False, overwrite=overwrite)
+    if overwrite and out.is_dir():  # deleted only once the import is known to be sound
+        clear_run(out)
     for w in imported.warnings:
         log(f"[yellow]warning:[/yellow] {w}")
     cfg, tok = imported.cfg, imported.tokenizer
@@ -54,11 +56,12 @@ def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrit
 
 
 def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, overwrite: bool = False,
-           log: Log = _nolog) -> dict:
+           log: Log = _nolog, base: Optional[Path] = None) -> dict:
     """`llmctl export --format hf`: a checkpoint -> a directory transformers loads with from_pretrained.
 
-    The directory is written next to `out` under a temporary name and renamed into place, so a failed export
-    leaves nothing half-written."""
+    A LoRA adapter is exported merged into its base (`base` overrides the recorded base checkpoint). The directory
+    is written next to `out` under a temporary name and renamed into place, so a failed export leaves nothing
+    half-written."""
     if fmt not in FORMATS:
         raise LlmctlError(f"--format {fmt!r} is not supported; choose one of: {', '.join(FORMATS)}")
     out = Path(out)
@@ -70,17 +73,14 @@ def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, ov
                 raise LlmctlError(f"--out {out} is not empty; pass --overwrite to replace an earlier export")
             if not (out / "config.json").exists():
                 raise LlmctlError(f"--overwrite refuses to delete {out}: it does not look like an exported model (no config.json)")
-    ck = ckpt_io.load(ckpt)
-    try:
-        cfg = from_dict(ck.config)
-    except LlmctlError as e:
-        raise LlmctlError(f"{ck.path}/config.yaml does not describe a valid model: {e}") from None
-    tok = None
-    if tokenizer is not None or ck.has_tokenizer:
-        tok = load_tokenizer(ck, cfg, tokenizer)
-    else:
+    loaded = load_model(ckpt, "cpu", base=base, tokenizer=tokenizer, require_tokenizer=False)
+    ck, cfg, tok = loaded.ckpt, loaded.cfg, loaded.tokenizer
+    if loaded.classifier is not None:
+        raise LlmctlError(f"{ck.path} is a classification checkpoint; export --format hf writes language models only "
+                          "(export the checkpoint it was finetuned from)")
+    if tok is None:
         log(f"[yellow]warning:[/yellow] {ck.path} has no tokenizer, so the export has none; pass --tokenizer FILE to include one")
-    weights = ck.weights()
+    weights = merge_lora(loaded.model).state_dict()  # LoRA adapters folded into the weights they adapt
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -13,37 +15,75 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
-from ..data import LMBatches, eval_blocks, prepare as prepare_tokens
+from ..data import prepare as prepare_tokens
 from ..errors import LlmctlError
-from ..evaluate import lm_metrics
+from ..lora import lora_state
 from ..model import Transformer
 from ..optim import build_optimizer
+from ..tasks import BUILDERS as TASKS
+from ..tasks import Task, count_trainable, lm_task, make_trainable
 from ..tokenizer import Tokenizer
 from ..train import Hooks, LoopState, NullReporter, Reporter, fit, rng_state, seed_everything, set_rng_state
-from .common import Log, _nolog, load_weights, resolve_amp, resolve_device, unwrap, vocab_for
+from .common import Log, _nolog, build_backbone, load_weights, resolve_amp, resolve_device, restore, unwrap, vocab_for
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Run directories
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless asked; --overwrite only deletes what looks like a run."""
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch a run that is in use, or to clobber an existing one unless asked. Changes nothing."""
     if not out.exists():
         return
     if not out.is_dir():
         raise LlmctlError(f"--out {out} is a file; give a directory for the run")
-    if not any(out.iterdir()):
-        return
-    if resume:
+    holder = ckpt_io.RunLock.holder(out)
+    if holder:
+        raise LlmctlError(f"{out} is in use by another llmctl process ({holder}); wait for it or stop it first")
+    if resume or not [p for p in out.iterdir() if p.name != ckpt_io.LOCK]:
         return
     if overwrite:
-        looks_like_run = (out / "status.json").exists() or (out / "config.yaml").exists() or (out / "latest").exists()
+        looks_like_run = any((out / n).exists() for n in ("status.json", "config.yaml", ckpt_io.LATEST))
         if not looks_like_run:
             raise LlmctlError(f"--overwrite refuses to delete {out}: it does not look like an llmctl run directory")
-        shutil.rmtree(out)
         return
     raise LlmctlError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
+def clear_run(out: Path) -> None:
+    """Empty a run directory for --overwrite (keeping the lock file this process holds)."""
+    for p in out.iterdir():
+        if p.name == ckpt_io.LOCK:
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """Size of one checkpoint: weights plus AdamW's two moments per trainable parameter, plus slack."""
+    seen, weights, moments = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        weights += p.numel() * p.element_size()
+        moments += 2 * p.numel() * 4 if p.requires_grad else 0
+    return int((weights + moments) * 1.05) + (1 << 20)
+
+
+def preflight(out: Path, model: torch.nn.Module) -> None:
+    """Before any compute: the output directory is writable and has room for a checkpoint."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise LlmctlError(f"--out {out}: {probe} is not writable; choose another --out")
+    need = checkpoint_bytes(model)
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise LlmctlError(
+            f"--out {out}: only {free / 1e6:,.0f} MB free on that disk, but one checkpoint needs about "
+            f"{need / 1e6:,.0f} MB; free some space or choose another --out"
+        )
 
 
 def latest_good(run_dir: Path, log: Log) -> Optional[ckpt_io.Checkpoint]:
@@ -96,39 +136,67 @@ class TrainPlan:
 
     cfg: Config
     tokenizer: Tokenizer
-    train_tokens: object
-    val_tokens: object
-    model: Transformer
+    task: Task
     device: torch.device
     amp: Optional[torch.dtype]
-    init_weights: Optional[dict] = None
-    resume_from: Optional[ckpt_io.Checkpoint] = None
     kind: str = "pretrain"
-    base: Optional[str] = None
+    base: Optional[ckpt_io.Checkpoint] = None  # the checkpoint a finetune started from
+    resume_cmd: str = ""  # the exact command that continues this run
+    overwrite: bool = False  # empty the run directory once the lock is held
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.task.module
 
 
 def describe(plan: TrainPlan) -> dict:
-    cfg, m = plan.cfg, plan.model
-    t = cfg.train
-    return {
-        "parameters": m.num_params(),
-        "parameters_non_embedding": m.num_params(embeddings=False),
-        "tokens_per_step": t.batch_size * t.grad_accum * cfg.model.block_size,
-        "train_tokens": int(len(plan.train_tokens)),
-        "val_tokens": int(len(plan.val_tokens)),
+    cfg, t = plan.cfg, plan.cfg.train
+    trainable, total = count_trainable(plan.task.module)
+    out = {
+        "task": plan.task.kind,
+        "method": cfg.finetune.method if plan.kind == "finetune" else "full",
+        "parameters": total,
+        "parameters_non_embedding": plan.task.backbone.num_params(embeddings=False),
+        "trainable_parameters": trainable,
+        "sequences_per_step": t.batch_size * t.grad_accum,
+        "tokens_per_step": plan.task.tokens_per_step,
+        **plan.task.sizes,
         "vocab_size": cfg.model.vocab_size,
         "device": str(plan.device),
         "precision": "float32" if plan.amp is None else f"{str(plan.amp).replace('torch.', '')} autocast",
-        "epochs": round(t.max_steps * t.batch_size * t.grad_accum * cfg.model.block_size / max(1, len(plan.train_tokens)), 2),
     }
+    if plan.task.tokens_per_step and "train_tokens" in plan.task.sizes:
+        out["epochs"] = round(t.max_steps * plan.task.tokens_per_step / max(1, plan.task.sizes["train_tokens"]), 2)
+    return out
 
 
 def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resume_state: Optional[dict] = None,
                  on_step: Optional[Callable[[LoopState], None]] = None) -> dict:
-    """Create/continue the run directory, train with `fit`, keep status.json honest. Returns a summary."""
-    cfg, model = plan.cfg, plan.model
-    t = cfg.train
-    out.mkdir(parents=True, exist_ok=True)
+    """Hold the run lock, create or continue the run directory, train with `fit`, keep status.json honest."""
+    preflight(out, plan.model)
+    with ckpt_io.RunLock(out) as lock:
+        if lock.stale:
+            log(f"cleared a stale lock left by a process that is gone ({lock.stale})")
+        if plan.overwrite:
+            clear_run(out)
+        return _train_locked(plan, out, reporter, log, resume_state, on_step)
+
+
+def _weights_to_save(plan: TrainPlan) -> tuple[dict, str, dict]:
+    """(weights, their file name, extra files): the full model, or only the LoRA adapter; plus a task head."""
+    task, f = plan.task, plan.cfg.finetune
+    backbone = unwrap(task.backbone)
+    if plan.kind == "finetune" and f.method == "lora":
+        weights, name = lora_state(backbone), ckpt_io.ADAPTER
+    else:
+        weights, name = backbone.state_dict(), ckpt_io.WEIGHTS
+    extra = {ckpt_io.HEAD: unwrap(task.module).head.state_dict()} if task.kind == "classification" else {}
+    return weights, name, extra
+
+
+def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resume_state: Optional[dict],
+                  on_step: Optional[Callable[[LoopState], None]]) -> dict:
+    cfg, model, t = plan.cfg, plan.model, plan.cfg.train
     config_yaml = cfg.to_yaml()
     ckpt_io.write_atomic(out / "config.yaml", config_yaml)
     plan.tokenizer.save(out / "tokenizer.json")
@@ -141,18 +209,14 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
             scaler.load_state_dict(resume_state["scaler"])
         state = LoopState(**resume_state["loop"])
         set_rng_state(resume_state["rng"])
-        if state.step >= t.max_steps:
-            raise LlmctlError(f"the run is already at step {state.step} of train.max_steps={t.max_steps}; raise train.max_steps to train further")
+        if state.step >= t.max_steps or state.stopped_early:
+            raise LlmctlError(f"the run is already complete at step {state.step} (train.max_steps={t.max_steps}"
+                              f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to train further")
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=state.step if resume_state is not None else None)
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
-    batches = LMBatches(plan.train_tokens, cfg.model.block_size, t.batch_size, t.grad_accum, t.seed)
-
-    def evaluate(step: int) -> dict:
-        if len(plan.val_tokens) < 2:
-            return {}
-        r = lm_metrics(model, eval_blocks(plan.val_tokens, cfg.model.block_size, cfg.eval.batch_size, t.eval_batches),
-                       plan.device, plan.amp)
-        return {"val_loss": r["loss"]}
+    base_meta = {}
+    if plan.base is not None:
+        base_meta = {"base": {"path": str(plan.base.path.resolve()),
+                              "sha256": plan.base.meta["files"].get(ckpt_io.WEIGHTS)}}
 
     def save(st: LoopState, reason: str) -> Path:
         train_state = {
@@ -161,24 +225,39 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
             "loop": {**st.__dict__},
             "rng": rng_state(),
         }
-        meta = {"kind": plan.kind, "tokens": st.tokens, "metrics": st.last_eval, "reason": reason}
-        if plan.base:
-            meta["base"] = plan.base
-        path = ckpt_io.save(out, st.step, model.state_dict(), config_yaml, plan.tokenizer.to_str(), train_state, meta)
-        best = (ckpt_io.step_name(st.best_step),) if st.best_step else ()
-        ckpt_io.prune(out, t.keep_last, protect=tuple(p for p in best if (out / p).exists()))
+        meta = {"kind": plan.kind, "task": plan.task.kind, "method": cfg.finetune.method if plan.kind == "finetune" else "full",
+                "tokens": st.tokens, "metrics": st.last_eval, "reason": reason, **base_meta}
+        weights, name, extra = _weights_to_save(plan)
+        try:
+            path = ckpt_io.save(out, st.step, weights, config_yaml, plan.tokenizer.to_str(), train_state, meta,
+                                extra_files=extra, weights_name=name)
+        except OSError as e:
+            if not ckpt_io.is_disk_full(e):
+                raise
+            kept = ckpt_io.read_latest(out)
+            raise LlmctlError(
+                f"no space left on the disk of {out} while saving step {st.step}; "
+                + (f"the last good checkpoint {kept} is kept. " if kept else "no checkpoint was written. ")
+                + f"Free some space, then resume with: {plan.resume_cmd}"
+            ) from None
+        if st.best_step == st.step:
+            ckpt_io.set_best(out, path)
+        ckpt_io.prune(out, t.keep_last)
         log(f"saved {path}")
         return path
 
-    ckpt_io.write_status(out, "running", kind=plan.kind, step=state.step, max_steps=t.max_steps)
+    ckpt_io.write_status(out, "running", kind=plan.kind, task=plan.task.kind, step=state.step, max_steps=t.max_steps)
     t0 = time.time()
     try:
-        state = fit(model, optimizer, t, Hooks(batches=batches.get, evaluate=evaluate, save=save, log_metrics=metrics, on_step=on_step),
-                    state, device=plan.device, amp_dtype=plan.amp, scaler=scaler, tokens_per_step=tokens_per_step,
-                    reporter=reporter)
+        hooks = Hooks(batches=plan.task.batches, loss=plan.task.loss, evaluate=plan.task.evaluate, save=save,
+                      log_metrics=metrics, on_step=on_step)
+        state = fit(model, optimizer, t, hooks, state, device=plan.device, amp_dtype=plan.amp, scaler=scaler,
+                    tokens_per_step=plan.task.tokens_per_step, reporter=reporter)
     except LlmctlError as e:
         reporter.stop()
         status = {130: "interrupted", 143: "interrupted", 3: "diverged"}.get(e.status, "failed")
+        if status == "interrupted":
+            e.message += f". Resume with: {plan.resume_cmd}"
         ckpt_io.write_status(out, status, error=e.message, exit_status=e.status, step=_last_step(out))
         raise
     except BaseException as e:
@@ -189,13 +268,16 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
     finally:
         metrics.close()
     wall = time.time() - t0
+    best = ckpt_io.read_pointer(out, ckpt_io.BEST)
     summary = {
         "run": str(out),
         "checkpoint": str(ckpt_io.read_latest(out)),
+        "best_checkpoint": str(best) if best else None,
         "steps": state.step,
+        "stopped_early": state.stopped_early,
         "tokens": state.tokens,
-        "val_loss": state.last_eval.get("val_loss"),
-        "best_val_loss": state.best,
+        **{k: v for k, v in state.last_eval.items()},
+        f"best_{t.best_metric}": state.best,
         "train_seconds": round(state.elapsed, 2),
         "wall_seconds": round(wall, 2),
         "tokens_per_sec": round(state.tokens / state.elapsed, 1) if state.elapsed else None,
@@ -204,31 +286,55 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
     return summary
 
 
+def resume_command(kind: str, config: Optional[Path], overrides: list[str], out: Path, from_: Optional[Path] = None) -> str:
+    """The exact command line that continues a run (printed when a run is interrupted or runs out of disk)."""
+    parts = ["llmctl", kind]
+    if config is not None:
+        parts += ["-c", str(config)]
+    for o in overrides:
+        parts += ["--set", o]
+    if from_ is not None:
+        parts += ["--from", str(from_)]
+    parts += ["--out", str(out), "--resume"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def _last_step(out: Path) -> Optional[int]:
     latest = ckpt_io.read_latest(out)
     return int(latest.name.split("-")[1]) if latest else None
 
 
-def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str) -> TrainPlan:
+def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str,
+                base: Optional[ckpt_io.Checkpoint] = None) -> TrainPlan:
+    """Tokenizer, data, model and task, all checked; a finetune's backbone starts from `base`'s weights."""
     device = resolve_device(cfg.train.device)
     amp = resolve_amp(cfg.train.dtype, device)
-    td = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log)
-    cfg.model.vocab_size = vocab_for(cfg, td.tokenizer)
-    if len(td.train) < cfg.model.block_size + 2:
-        raise LlmctlError(
-            f"data.path: the training split has {len(td.train)} tokens, fewer than one block of "
-            f"model.block_size={cfg.model.block_size}; use more text or a smaller block_size"
-        )
+    task_kind = cfg.finetune.task if kind == "finetune" else "lm"
+    td = None
+    if task_kind == "lm":
+        td = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log)
+        tokenizer = td.tokenizer
+    elif cfg.data.path is None:
+        raise LlmctlError(f"data.path is not set: finetune.task={task_kind} needs a training file")
+    cfg.model.vocab_size = vocab_for(cfg, tokenizer)
     seed_everything(cfg.train.seed)
-    with torch.device(device):
-        model = Transformer(cfg.model)
+    if base is not None:
+        backbone = build_backbone(cfg, device)
+        restore(backbone, None, base, from_dict(base.config))
+    else:
+        with torch.device(device):
+            backbone = Transformer(cfg.model)
+    if task_kind == "lm":
+        task = lm_task(cfg, td, backbone, device, amp)
+    else:
+        task = TASKS[task_kind](cfg, tokenizer, backbone, device, amp)
+    if kind == "finetune":
+        make_trainable(task, cfg)
+    for note in task.notes:
+        log(f"[yellow]note:[/yellow] {note}")
     if cfg.train.compile:
-        model = torch.compile(model)  # type: ignore[assignment]
-    return TrainPlan(cfg, td.tokenizer, td.train, td.val, model, device, amp, kind=kind)
-
-
-def load_train_config(config: Optional[Path], overrides: list[str], base: Optional[dict] = None) -> Config:
-    return load_config(config, overrides, base=base)
+        task.module = torch.compile(task.module)  # type: ignore[assignment]
+    return TrainPlan(cfg, tokenizer, task, device, amp, kind=kind, base=base)
 
 
 def pretrain(
@@ -243,29 +349,35 @@ def pretrain(
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
 ) -> dict:
-    """`llmctl pretrain`: train a model from scratch (or continue one) on `data.path`."""
+    """`llmctl pretrain`: train a model from scratch (or continue one) on `data.path`.
+
+    Everything is checked (arguments, run directory, config, data, model, disk) before the run directory is
+    created or, with --overwrite, emptied.
+    """
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
+    check_out_dir(out, resume or resume_from is not None, overwrite)
     source_ckpt = None
     if resume_from is not None:
         source_ckpt = ckpt_io.load(resume_from)
     elif resume:
-        if not out.exists() or not any(out.iterdir()):
+        if not out.exists() or not any(p.name != ckpt_io.LOCK for p in out.iterdir()):
             raise LlmctlError(f"--resume: {out} holds no run to continue; drop --resume to start a new run")
         source_ckpt = latest_good(out, log)
         if source_ckpt is None:
             raise LlmctlError(f"--resume: {out} has no complete checkpoint to continue from; use --overwrite to start again")
-    prepare_out_dir(out, resume or resume_from is not None, overwrite)
     base = source_ckpt.config if source_ckpt is not None and config is None else None
-    cfg = load_train_config(config, overrides, base=base)
+    cfg = load_config(config, overrides, base=base)
     tokenizer = Tokenizer.from_str(source_ckpt.tokenizer_json()) if source_ckpt else None
     if source_ckpt is not None:
         _check_model_matches(cfg, from_dict(source_ckpt.config), source_ckpt.path, explicit=None)
     plan = _build_plan(cfg, tokenizer, log, "pretrain")
+    plan.overwrite = overwrite
+    plan.resume_cmd = resume_command("pretrain", config, overrides, out)
     resume_state = None
     if source_ckpt is not None:
-        load_weights(unwrap(plan.model), source_ckpt.weights(), str(source_ckpt.path))
+        load_weights(unwrap(plan.task.backbone), source_ckpt.weights(), str(source_ckpt.path))
         resume_state = source_ckpt.train_state()
         log(f"resuming from {source_ckpt.path} (step {source_ckpt.meta.get('step')})")
     if on_plan:
@@ -315,20 +427,26 @@ def finetune(
     user_model = user_raw.get("model", {}) if isinstance(user_raw.get("model", {}), dict) else {}
     cfg = from_dict(_deep_merge({"model": base_cfg.model.__dict__}, user_raw))
     _check_model_matches(cfg, base_cfg, base_ckpt.path, explicit=user_model)
+    check_out_dir(out, resume, overwrite)
     resume_ckpt = None
     if resume:
         resume_ckpt = latest_good(out, log) if out.exists() else None
         if resume_ckpt is None:
             raise LlmctlError(f"--resume: {out} has no complete checkpoint to continue from; drop --resume or use --overwrite")
-    prepare_out_dir(out, resume, overwrite)
+    if ckpt_io.ADAPTER in base_ckpt.meta["files"]:
+        raise LlmctlError(f"--from {base_ckpt.path} is a LoRA adapter; finetune from its base checkpoint "
+                          f"({(base_ckpt.meta.get('base') or {}).get('path')}) or from a full checkpoint")
     if not base_ckpt.has_tokenizer and cfg.tokenizer.path:  # an imported checkpoint without a tokenizer
         tokenizer = Tokenizer.from_file(cfg.tokenizer.path)
     else:
         tokenizer = Tokenizer.from_str(base_ckpt.tokenizer_json())
-    plan = _build_plan(cfg, tokenizer, log, "finetune")
-    plan.base = str(base_ckpt.path)
-    src = resume_ckpt or base_ckpt
-    load_weights(unwrap(plan.model), src.weights(), str(src.path))
+    plan = _build_plan(cfg, tokenizer, log, "finetune", base=base_ckpt)
+    plan.overwrite = overwrite
+    plan.resume_cmd = resume_command("finetune", config, overrides, out, from_)
+    if resume_ckpt is not None:
+        classifier = unwrap(plan.task.module) if plan.task.kind == "classification" else None
+        restore(unwrap(plan.task.backbone), classifier, resume_ckpt, cfg)
+        log(f"resuming from {resume_ckpt.path} (step {resume_ckpt.meta.get('step')})")
     resume_state = resume_ckpt.train_state() if resume_ckpt else None
     if on_plan:
         on_plan(plan)

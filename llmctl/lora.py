@@ -1,0 +1,93 @@
+"""LoRA: low-rank adapters on chosen linear layers, kept beside `model.py` so the Transformer stays plain.
+
+A wrapped layer computes  y = x W^T + b + (alpha / r) * dropout(x) A^T B^T  with A (r, in) and B (out, r); B starts at
+zero so training begins from the base model exactly. The wrapper subclasses nn.Linear and shares the base
+weight, so the base parameter names (`blocks.0.attn.qkv.weight`) are unchanged and base checkpoints load as they
+are; the adapter adds `...lora_a` and `...lora_b`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import LlmctlError
+
+TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # shared, frozen by the caller
+        self.rank, self.scale = rank, alpha / rank
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=dt))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight: W += scale * B A (exact up to float rounding)."""
+        if not self.merged:
+            self.weight += (self.lora_b @ self.lora_a) * self.scale
+            self.merged = True
+
+
+def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float) -> list[str]:
+    """Wrap every linear layer whose name ends with one of `targets`; freeze all base parameters.
+
+    Returns the wrapped names. A target that matches nothing is an error that names it.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped, hits = [], {t: 0 for t in targets}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or isinstance(module, LoRALinear):
+            continue
+        matched = [t for t in targets if name == t or name.endswith("." + t)]
+        if not matched:
+            continue
+        for t in matched:
+            hits[t] += 1
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(module, rank, alpha, dropout))
+        wrapped.append(name)
+    missing = [t for t, n in hits.items() if n == 0]
+    if missing:
+        raise LlmctlError(
+            f"finetune.lora_targets: {', '.join(missing)} matches no linear layer of the model "
+            f"(choose from {', '.join(TARGETS)})"
+        )
+    return wrapped
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors, by their full names."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_a", ".lora_b"))}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and turn the wrappers back into plain nn.Linear layers."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.merge()
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=module.weight.device, dtype=module.weight.dtype)
+            plain.weight, plain.bias = module.weight, module.bias
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    return model

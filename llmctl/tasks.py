@@ -1,0 +1,152 @@
+"""What a training run optimises: language modelling, classification or instruction tuning, full or LoRA.
+
+A `Task` bundles the module the loop trains, its batches, its loss and its evaluation. `train.fit` runs any of
+them unchanged; the commands only pick which one to build.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config
+from .data import (ExampleBatches, Examples, LMBatches, TokenData, classification_examples, eval_batches, eval_blocks,
+                   holdout, instruct_examples, packed_tokens)
+from .errors import LlmctlError
+from .evaluate import classification_metrics, classify, lm_metrics
+from .heads import Classifier
+from .lora import apply_lora
+from .model import Transformer
+from .tokenizer import Tokenizer
+from .train import lm_loss
+
+
+@dataclass
+class Task:
+    kind: str  # lm | classification | instruct
+    module: nn.Module  # what the loop trains: the Transformer, or a Classifier around it
+    backbone: Transformer
+    batches: Callable[[int], list[dict]]
+    loss: Callable[[nn.Module, dict], torch.Tensor]
+    evaluate: Callable[[int], dict]
+    tokens_per_step: Optional[int]  # None: counted from the batches
+    sizes: dict = field(default_factory=dict)  # what the run trains and validates on, for the start-up line
+    labels: Optional[list[str]] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    logits = model(batch["input_ids"], batch["lengths"])  # (B, n_classes)
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.device, amp, rank: int = 0,
+            world: int = 1) -> Task:
+    """Next-token prediction on a token stream (pretraining, and finetuning with task lm)."""
+    t, T = cfg.train, cfg.model.block_size
+    if len(td.train) < T + 2:
+        raise LlmctlError(
+            f"data.path: the training split has {len(td.train)} tokens, fewer than one block of "
+            f"model.block_size={T}; use more text or a smaller block_size"
+        )
+    batches = LMBatches(td.train, T, t.batch_size, t.grad_accum, t.seed, rank, world)
+
+    def evaluate(step: int) -> dict:
+        if len(td.val) < 2:
+            return {}
+        r = lm_metrics(backbone, eval_blocks(td.val, T, cfg.eval.batch_size, t.eval_batches), device, amp)
+        return {"val_loss": r["loss"]}
+
+    return Task("lm", backbone, backbone, batches.get, lm_loss, evaluate, t.batch_size * t.grad_accum * T * world,
+                sizes={"train_tokens": len(td.train), "val_tokens": len(td.val)})
+
+
+def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.device, amp,
+                        rank: int = 0, world: int = 1) -> Task:
+    """Sequence classification; validation is a seeded held-out slice of the training file (data.val_fraction)."""
+    d, t = cfg.data, cfg.train
+    ex, labels = classification_examples(d.path, d, tok, cfg.model.block_size, d.text_column, d.label_column,
+                                         cfg.finetune.labels)
+    cfg.finetune.labels = labels  # stored with the checkpoint: the label set is part of the model
+    train_idx, val_idx = holdout(len(ex.ids), d.val_fraction, t.seed)
+    module = Classifier(backbone, len(labels))
+    batches = ExampleBatches(ex, train_idx, "classification", tok.pad_id, t.batch_size, t.grad_accum, t.seed, rank, world)
+
+    def evaluate(step: int) -> dict:
+        if not len(val_idx):
+            return {}
+        idx = val_idx if t.eval_batches is None else val_idx[: t.eval_batches * cfg.eval.batch_size]
+        rows, pred, _, loss = classify(module, eval_batches(ex, idx, "classification", tok.pad_id, cfg.eval.batch_size),
+                                       device, amp)
+        m = classification_metrics(pred, [ex.targets[i] for i in rows.tolist()], labels)
+        return {"val_loss": loss, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+
+    notes = [f"{ex.truncated} of {len(ex.ids)} texts were longer than the context and were truncated"] if ex.truncated else []
+    return Task("classification", module, backbone, batches.get, classification_loss, evaluate, None,
+                sizes={"train_examples": len(train_idx), "val_examples": len(val_idx),
+                       "epochs": round(batches.epochs(t.max_steps), 2)},
+                labels=labels, notes=notes)
+
+
+def instruct_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.device, amp,
+                  rank: int = 0, world: int = 1) -> Task:
+    """Instruction tuning: the loss covers response tokens only (prompt labels are -100)."""
+    d, t, T = cfg.data, cfg.train, cfg.model.block_size
+    ex = instruct_examples(d.path, d, tok, T, cfg.finetune)
+    train_idx, val_idx = holdout(len(ex.ids), d.val_fraction, t.seed)
+    if cfg.finetune.packing:
+        sub = Examples([ex.ids[i] for i in train_idx], [ex.targets[i] for i in train_idx])
+        ids, labels = packed_tokens(sub, tok.eos_id)
+        get = LMBatches(ids, T, t.batch_size, t.grad_accum, t.seed, rank, world, labels=labels).get
+        tokens = t.batch_size * t.grad_accum * T * world
+    else:
+        get = ExampleBatches(ex, train_idx, "instruct", tok.pad_id, t.batch_size, t.grad_accum, t.seed, rank, world).get
+        tokens = None
+
+    def evaluate(step: int) -> dict:
+        if not len(val_idx):
+            return {}
+        r = lm_metrics(backbone, eval_batches(ex, val_idx, "instruct", tok.pad_id, cfg.eval.batch_size), device, amp)
+        return {"val_loss": r["loss"]}
+
+    notes = [f"{ex.truncated} examples were longer than the context and were cut"] if ex.truncated else []
+    return Task("instruct", backbone, backbone, get, lm_loss, evaluate, tokens,
+                sizes={"train_examples": len(train_idx), "val_examples": len(val_idx)}, notes=notes)
+
+
+BUILDERS = {"classification": classification_task, "instruct": instruct_task}
+
+
+def make_trainable(task: Task, cfg: Config) -> list[str]:
+    """Apply freezing or LoRA to the backbone; the classification head always trains. Returns LoRA-wrapped names."""
+    f, bb = cfg.finetune, task.backbone
+    wrapped: list[str] = []
+    if f.method == "lora":
+        wrapped = apply_lora(bb, f.lora_targets, f.lora_rank, f.lora_alpha, f.lora_dropout)
+    else:
+        if f.freeze_embeddings:
+            for p in [bb.wte.weight] + ([bb.wpe.weight] if bb.wpe is not None else []):
+                p.requires_grad_(False)
+        for block in bb.blocks[: f.freeze_blocks]:
+            for p in block.parameters():
+                p.requires_grad_(False)
+    for p in task.module.parameters():  # a task head is new: it always trains
+        if not any(p is q for q in bb.parameters()):
+            p.requires_grad_(True)
+    return wrapped
+
+
+def count_trainable(module: nn.Module) -> tuple[int, int]:
+    seen, total, trainable = set(), 0, 0
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+

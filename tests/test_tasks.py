@@ -1,0 +1,157 @@
+"""Finetuning tasks end to end: classification, LoRA, instruction tuning, freezing, early stopping."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SHARED, TINY, invoke, sets
+from llmctl import checkpoint as ckpt
+from llmctl import commands
+from llmctl.errors import LlmctlError
+
+SST2 = SHARED / "sst2"
+
+
+@pytest.fixture(scope="module")
+def sst_small(tmp_path_factory):
+    """400 training phrases and 60 dev sentences, in SST-2's own layouts (train: sentence, dev: content)."""
+    d = tmp_path_factory.mktemp("sst")
+    train = (SST2 / "train.tsv").read_text().splitlines()
+    dev = (SST2 / "dev.tsv").read_text().splitlines()
+    (d / "train.tsv").write_text("\n".join(train[:401]) + "\n")
+    (d / "dev.tsv").write_text("\n".join(dev[:61]) + "\n")
+    return d
+
+
+def cls_sets(sst, *extra):
+    return sets(f"data.path={sst / 'train.tsv'}", "data.text_column=sentence", "eval.text_column=content",
+                "finetune.task=classification", "train.max_steps=12", "train.batch_size=8", "train.warmup_steps=2",
+                "train.eval_interval=6", "train.best_metric=accuracy", "train.dtype=float32", "train.log_interval=1", *extra)
+
+
+def test_classification_finetune_eval_and_infer(runner, tiny_run, sst_small, tmp_path):
+    out = tmp_path / "cls"
+    r = invoke(runner, "finetune", "--from", tiny_run, *cls_sets(sst_small), "--out", out, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 12 and 0 <= summary["accuracy"] <= 1
+    meta = json.loads((ckpt.read_latest(out) / "meta.json").read_text())
+    assert meta["task"] == "classification" and "head.safetensors" in meta["files"]
+
+    r = invoke(runner, "eval", "--ckpt", out, "--data", sst_small / "dev.tsv", "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["examples"] == 60 and set(m["per_class"]) == {"0", "1"}
+    assert sum(map(sum, m["confusion"]["matrix"])) == 60 and 0 <= m["macro_f1"] <= 1
+    r = invoke(runner, "eval", "--ckpt", out, "--data", sst_small / "dev.tsv")
+    assert r.exit_code == 0 and "confusion matrix" in r.stdout and "macro_f1" in r.stdout
+
+    r = invoke(runner, "infer", "--ckpt", out, "--prompt", "a gorgeous , witty film", "--json")
+    res = json.loads(r.stdout)
+    assert res["label"] in ("0", "1") and sum(res["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a gorgeous film\nboring and flat\n")
+    r = invoke(runner, "infer", "--ckpt", out, "--input", texts, "--output", tmp_path / "labels.jsonl")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert [x["prompt"] for x in rows] == ["a gorgeous film", "boring and flat"] and all("label" in x for x in rows)
+
+
+def losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def test_lora_adapter_small_resumable_and_tied_to_its_base(tiny_run, sst_small, tmp_path):
+    args = [*cls_sets(sst_small, "finetune.method=lora", "finetune.lora_rank=2", "finetune.lora_targets=[attn.qkv]",
+                      "finetune.lora_dropout=0.1", "train.save_interval=4")][1::2]  # the --set values
+    full = tmp_path / "full"
+    commands.finetune(None, args, tiny_run, full)
+    latest = ckpt.read_latest(full)
+    assert "adapter.safetensors" in json.loads((latest / "meta.json").read_text())["files"]
+    assert not (latest / "model.safetensors").exists()
+    adapter = (latest / "adapter.safetensors").stat().st_size
+    base = (ckpt.read_latest(tiny_run) / "model.safetensors").stat().st_size
+    assert adapter < 0.10 * base
+    assert set(load_file(str(latest / "adapter.safetensors"))) == {f"blocks.{i}.attn.qkv.lora_{x}" for i in (0, 1) for x in "ab"}
+
+    part = tmp_path / "part"
+
+    def stop(state):
+        if state.step == 5:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(LlmctlError) as e:
+        commands.finetune(None, args, tiny_run, part, on_step=stop)
+    assert e.value.status == 143
+    commands.finetune(None, args, tiny_run, part, resume=True)
+    assert losses(part) == losses(full) and len(losses(full)) == 12
+
+    loaded = commands.load_model(full, "cpu")  # infer/eval apply the adapter on the recorded base
+    assert loaded.classifier is not None
+
+    other = tmp_path / "other-base"  # same shape, different weights: must be refused
+    shutil.copytree(tiny_run, other)
+    commands.finetune(None, [f"data.path={SHARED / 'tinyshakespeare.txt'}", "train.max_steps=1", "train.dtype=float32"],
+                      tiny_run, tmp_path / "retrained")
+    with pytest.raises(LlmctlError, match="does not match adapter"):
+        commands.load_model(full, "cpu", base=tmp_path / "retrained")
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory, runner):
+    """A tiny char model with a 256-token context, long enough for the instruction template."""
+    out = tmp_path_factory.mktemp("runs") / "ctx256"
+    r = invoke(runner, "pretrain", *sets(*TINY, "model.block_size=256", "train.max_steps=10"), "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_instruct_lowers_response_loss_and_chats(chat_base, tmp_path, runner):
+    from llmctl.data import eval_batches, instruct_examples
+    from llmctl.evaluate import lm_metrics
+
+    seed = SHARED / "instruct" / "seed_tasks.jsonl"
+    out = tmp_path / "sft"
+    r = invoke(runner, "finetune", "--from", chat_base, *sets(f"data.path={seed}", "finetune.task=instruct",
+               "train.max_steps=30", "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=3", "train.dtype=float32",
+               "train.eval_interval=10"), "--out", out, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+
+    def response_loss(run):
+        loaded = commands.load_model(run, "cpu")
+        ex = instruct_examples(str(seed), loaded.cfg.data, loaded.tokenizer, 256, loaded.cfg.finetune)
+        return lm_metrics(loaded.model, eval_batches(ex, range(len(ex.ids)), "instruct", loaded.tokenizer.pad_id, 16),
+                          torch.device("cpu"))["loss"]
+
+    assert response_loss(out) < response_loss(chat_base) - 0.1
+
+    r = invoke(runner, "eval", "--ckpt", out, "--json")
+    assert r.exit_code == 0 and "response_loss" in json.loads(r.stdout)
+
+    p = subprocess.run([sys.executable, "-m", "llmctl", "infer", "--ckpt", str(out), "--chat", "--max-new-tokens", "20",
+                        "--seed", "0"], input="Say something nice.\n/reset\nWhat is 2+2?\n/exit\n",
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert len(p.stdout.splitlines()) >= 2 and "Traceback" not in p.stderr
+
+
+def test_freezing_and_early_stopping(tiny_run, tmp_path):
+    out = tmp_path / "frozen"
+    args = [f"data.path={SHARED / 'tinyshakespeare.txt'}", "train.max_steps=40", "train.eval_interval=5",
+            "train.eval_batches=2", "finetune.freeze_blocks=1", "finetune.freeze_embeddings=true", "train.dtype=float32",
+            "train.best_mode=max", "train.patience=2"]  # "max" on a falling loss: no eval ever improves on the first
+    summary = commands.finetune(None, args, tiny_run, out)
+    assert summary["stopped_early"] and summary["steps"] == 15
+    before = load_file(str(ckpt.read_latest(tiny_run) / "model.safetensors"))
+    after = load_file(str(ckpt.read_latest(out) / "model.safetensors"))
+    assert torch.equal(before["wte.weight"], after["wte.weight"])
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0."))
+    assert not torch.equal(before["blocks.1.mlp.fc.weight"], after["blocks.1.mlp.fc.weight"])
