@@ -6,7 +6,7 @@ run_dir/
     model.safetensors          weights (tied weights stored once)
     train_state.pt             optimizer, RNG and loop state; loaded with torch.load(weights_only=True)
     config.yaml                the resolved config (model.vocab_size filled in)
-    tokenizer.json
+    tokenizer.json             absent only in a checkpoint imported without one (`llmctl import hf`)
     meta.json                  step, tokens, metrics, versions, and a sha256 for every file above
   latest                       a small text file naming the newest complete checkpoint, replaced atomically
 
@@ -115,7 +115,16 @@ class Checkpoint:
     def config(self) -> dict:
         return yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
 
+    @property
+    def has_tokenizer(self) -> bool:
+        return "tokenizer.json" in self.meta["files"]
+
     def tokenizer_json(self) -> str:
+        if not self.has_tokenizer:
+            raise LlmctlError(
+                f"{self.path} has no tokenizer (it was imported without one); pass --tokenizer FILE with a "
+                "tokenizer.json (infer, eval, export) or --set tokenizer.path=FILE (finetune)"
+            )
         return (self.path / "tokenizer.json").read_text(encoding="utf-8")
 
     def weights(self, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
@@ -139,13 +148,15 @@ def save(
     step: int,
     weights: dict[str, torch.Tensor],
     config_yaml: str,
-    tokenizer_json: str,
+    tokenizer_json: Optional[str],
     train_state: Optional[dict] = None,
     meta: Optional[dict] = None,
     extra_files: Optional[dict[str, dict[str, torch.Tensor]]] = None,
     weights_name: str = WEIGHTS,
 ) -> Path:
-    """Write one checkpoint atomically and point `latest` at it. Returns its path."""
+    """Write one checkpoint atomically and point `latest` at it. Returns its path.
+
+    `tokenizer_json` is None only for an imported model that came without a tokenizer."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / step_name(step)
@@ -157,7 +168,8 @@ def save(
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         _test_pause(run_dir, step)
         files = {}
         for f in sorted(tmp.iterdir()):
@@ -290,9 +302,8 @@ def load(path: str | Path, verify: bool = True) -> Checkpoint:
         raise LlmctlError(f"{ckpt} was written by a newer llmctl (format {meta['format_version']}); upgrade llmctl")
     if WEIGHTS not in meta["files"] and ADAPTER not in meta["files"]:
         raise LlmctlError(f"{ckpt} lists no weights in its manifest; the checkpoint is incomplete")
-    for required in ("config.yaml", "tokenizer.json"):
-        if required not in meta["files"]:
-            raise LlmctlError(f"{ckpt} lacks {required} in its manifest; the checkpoint is incomplete")
+    if "config.yaml" not in meta["files"]:  # tokenizer.json may be absent (see Checkpoint.tokenizer_json)
+        raise LlmctlError(f"{ckpt} lacks config.yaml in its manifest; the checkpoint is incomplete")
     if verify:
         for name, digest in meta["files"].items():
             f = ckpt / name

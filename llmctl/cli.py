@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+import_app = typer.Typer(help="Bring in checkpoints made elsewhere (Hugging Face transformers).", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 
 STATE = {"debug": bool(os.environ.get("LLMCTL_DEBUG"))}
 
@@ -36,6 +38,7 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; it holds onl
 SetOpt = typer.Option(None, "--set", "-s", help="Override one key, e.g. --set train.lr=3e-4 (repeatable).", metavar="KEY=VALUE")
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines on stderr.")
+TokenizerOpt = typer.Option(None, "--tokenizer", help="A tokenizer.json to use instead of the checkpoint's (needed when it has none).")
 
 
 def run(fn: Callable[[], Optional[int]]) -> None:
@@ -66,6 +69,11 @@ def _print_error(message: str) -> None:
 
 def _log(message: str) -> None:
     err.print(message)
+
+
+def _log_line(message: str) -> None:
+    """A log line that is never hard-wrapped (it may hold long paths that users copy)."""
+    err.print(message, soft_wrap=True)
 
 
 def _print_json(obj) -> None:
@@ -205,6 +213,7 @@ def infer(
     base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = typer.Option(False, "--json", help="Classifiers: print the label and probabilities as JSON."),
+    tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
     """Generate text from a prompt (streamed to stdout), complete a file of prompts, chat, or classify text."""
     from . import commands
@@ -216,7 +225,7 @@ def infer(
             raise LlmctlError("give --input or --prompt/--prompt-file, not both")
         if output_file is not None and input_file is None:
             raise LlmctlError("--output goes with --input")
-        loaded = commands.load_model(ckpt, device, base=base)
+        loaded = commands.load_model(ckpt, device, base=base, tokenizer=tokenizer)
         if loaded.classifier is not None:
             _infer_classifier(commands, loaded, prompt, prompt_file, input_file, output_file, json_out)
             return
@@ -329,6 +338,7 @@ def eval_(
     base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = JsonOpt,
+    tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
     """Measure a checkpoint: loss, perplexity and bits per byte (language models, one full pass of non-overlapping
     blocks); accuracy, precision, recall, F1 and confusion matrix (classifiers); response loss (instruction-tuned)."""
@@ -338,7 +348,7 @@ def eval_(
         if batch_size is not None and batch_size < 1:
             raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
         r = commands.evaluate(ckpt, data, batch_size, device, log=_log, text_column=text_column,
-                              label_column=label_column, base=base)
+                              label_column=label_column, base=base, tokenizer=tokenizer)
         if json_out:
             _print_json(r)
         elif "confusion" in r:
@@ -404,6 +414,52 @@ def config_show(
             _print_json(cfg.to_dict())
         else:
             sys.stdout.write(cfg.to_yaml())
+
+    run(go)
+
+
+@import_app.command("hf")
+def import_hf(
+    source: str = typer.Argument(..., help="A transformers checkpoint directory, or hf:NAME to download from the hub.", metavar="DIR|hf:NAME"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create (its checkpoint is step-0000000)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A tokenizer.json to store instead of (or when missing) the directory's."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Import a GPT2LMHeadModel or LlamaForCausalLM checkpoint; finetune, infer and eval then take it."""
+    from . import commands
+
+    def go() -> None:
+        r = commands.import_hf(source, out_dir, tokenizer, overwrite, log=(lambda m: None) if quiet else _log_line)
+        if json_out:
+            _print_json(r)
+        else:
+            out.print(_table("imported", r))
+
+    run(go)
+
+
+@app.command("export")
+def export(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint) or a step-* checkpoint."),
+    fmt: str = typer.Option("hf", "--format", "-f", help="Target format: hf (a transformers directory)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write; from_pretrained(DIR) loads it."),
+    tokenizer: Optional[Path] = TokenizerOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Export a checkpoint as a Hugging Face transformers model (config, safetensors, tokenizer); a LoRA adapter is
+    merged into its base."""
+    from . import commands
+
+    def go() -> None:
+        r = commands.export(ckpt, fmt, out_dir, tokenizer, overwrite, log=_log_line, base=base)
+        if json_out:
+            _print_json(r)
+        else:
+            out.print(_table("exported", {**r, "files": ", ".join(r["files"])}))
 
     run(go)
 

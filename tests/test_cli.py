@@ -86,6 +86,56 @@ def _corrupt(tmp: Path, run: Path) -> Path:
     return dst
 
 
+LLAMA_JSON = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48, "vocab_size": 40}
+
+
+def _hf_dir(tmp: Path, weights: str = "none", **fields) -> Path:
+    """A transformers-style directory: config.json (LLAMA_JSON with `fields`; None drops a key) and, if asked,
+    weights: "full", "missing-tensor" (one left out), "wrong-shape" (one a column short) or "pickle" (a
+    pytorch_model.bin holding an object)."""
+    import json as _json
+
+    d = tmp / "hfmodel"
+    d.mkdir()
+    cfg = {k: v for k, v in {**LLAMA_JSON, **fields}.items() if v is not None}
+    (d / "config.json").write_text(_json.dumps(cfg))
+    if weights in ("full", "missing-tensor", "wrong-shape"):
+        from safetensors.torch import save_file
+
+        from llmctl import hf
+        from llmctl.model import Transformer
+
+        m = hf.to_model_config(cfg)
+        tensors = hf.to_hf_weights(Transformer(m).state_dict(), m, "test")
+        if weights == "missing-tensor":
+            tensors.pop("model.layers.0.self_attn.k_proj.weight")
+        elif weights == "wrong-shape":
+            tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:, :-1].contiguous()
+        save_file(tensors, str(d / "model.safetensors"))
+    elif weights == "pickle":
+        import datetime
+
+        import torch
+
+        torch.save({"model.embed_tokens.weight": datetime.datetime.now()}, d / "pytorch_model.bin")
+    return d
+
+
+def _bare_import(tmp: Path, run: Path) -> Path:
+    """tiny_run exported without its tokenizer, then imported: a checkpoint with no tokenizer.json."""
+    from llmctl import checkpoint as ckpt_io
+    from llmctl import hf
+    from llmctl.commands import import_hf
+    from llmctl.config import from_dict
+
+    ck = ckpt_io.load(run)
+    (tmp / "bare").mkdir()
+    hf.write_dir(tmp / "bare", from_dict(ck.config), ck.weights(), None, str(ck.path))
+    import_hf(str(tmp / "bare"), tmp / "imported")
+    return tmp / "imported"
+
+
 BAD = [
     ("malformed-yaml", lambda t, r: ["pretrain", "-c", _file(t, "c.yaml", "model: [1, 2\n"), "--out", t / "o"],
      ["not valid YAML", "line"]),
@@ -162,6 +212,41 @@ BAD = [
      "data.path=" + str(_file(t, "i.jsonl", '{"question": "a", "answer": "b"}\n'))), "--out", t / "o"], ["expected fields", "question"]),
     ("data-column-missing", lambda t, r: ["prepare", *sets(*TINY, "data.path=" + str(_file(t, "d.jsonl", '{"body": "x"}')))],
      ["no column 'text'", "data.text_column"]),
+    # Hugging Face import / export
+    ("import-unsupported-architecture", lambda t, r: ["import", "hf", _hf_dir(t, architectures=["MistralForCausalLM"],
+     model_type="mistral"), "--out", t / "o"], ["unsupported architecture", "MistralForCausalLM"]),
+    ("import-rope-scaling", lambda t, r: ["import", "hf", _hf_dir(t, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+     "--out", t / "o"], ["rope_scaling", "cannot be represented"]),
+    ("import-rope-parameters-scaling", lambda t, r: ["import", "hf", _hf_dir(t, rope_parameters={"rope_type": "yarn",
+     "rope_theta": 1e4, "factor": 4.0}), "--out", t / "o"], ["rope_parameters.rope_type", "yarn"]),
+    ("import-mlp-bias-differs", lambda t, r: ["import", "hf", _hf_dir(t, attention_bias=True, mlp_bias=False), "--out", t / "o"],
+     ["mlp_bias", "attention_bias"]),
+    ("import-head-dim", lambda t, r: ["import", "hf", _hf_dir(t, head_dim=16), "--out", t / "o"], ["head_dim=16"]),
+    ("import-hidden-act", lambda t, r: ["import", "hf", _hf_dir(t, hidden_act="gelu"), "--out", t / "o"], ["hidden_act", "gelu"]),
+    ("import-gpt2-activation", lambda t, r: ["import", "hf", _hf_dir(t, architectures=["GPT2LMHeadModel"], model_type="gpt2",
+     n_embd=32, n_layer=1, n_head=4, activation_function="relu"), "--out", t / "o"], ["activation_function", "relu"]),
+    ("import-missing-field", lambda t, r: ["import", "hf", _hf_dir(t, hidden_size=None), "--out", t / "o"], ["hidden_size"]),
+    ("import-missing-config", lambda t, r: ["import", "hf", t, "--out", t / "o"], ["no config.json"]),
+    ("import-not-a-directory", lambda t, r: ["import", "hf", t / "nope", "--out", t / "o"], ["not a directory"]),
+    ("import-missing-weights", lambda t, r: ["import", "hf", _hf_dir(t), "--out", t / "o"], ["no weights", "model.safetensors"]),
+    ("import-missing-tensor", lambda t, r: ["import", "hf", _hf_dir(t, weights="missing-tensor"), "--out", t / "o"],
+     ["lacks tensor", "k_proj"]),
+    ("import-wrong-shape", lambda t, r: ["import", "hf", _hf_dir(t, weights="wrong-shape"), "--out", t / "o"],
+     ["up_proj.weight", "(48, 31)", "(48, 32)"]),
+    ("import-pickled-object", lambda t, r: ["import", "hf", _hf_dir(t, weights="pickle"), "--out", t / "o"],
+     ["pytorch_model.bin", "cannot be loaded safely"]),
+    ("import-out-exists", lambda t, r: ["import", "hf", _hf_dir(t, weights="full"), "--out", r], ["not empty", "--overwrite"]),
+    ("import-tokenizer-too-big", lambda t, r: ["import", "hf", _hf_dir(t, weights="full"), "--out", t / "o",
+     "--tokenizer", r / "tokenizer.json"], ["tokens but the model only 40"]),
+    ("infer-imported-without-tokenizer", lambda t, r: ["infer", "--ckpt", _bare_import(t, r), "--prompt", "hi"],
+     ["no tokenizer", "--tokenizer"]),
+    ("eval-imported-without-data", lambda t, r: ["eval", "--ckpt", _bare_import(t, r), "--tokenizer", r / "tokenizer.json"],
+     ["no data.path", "--data"]),
+    ("export-unknown-format", lambda t, r: ["export", "--ckpt", r, "--format", "onnx", "--out", t / "o"], ["--format", "onnx"]),
+    ("export-out-not-empty", lambda t, r: ["export", "--ckpt", r, "--out", _file(t, "x", "").parent], ["not empty", "--overwrite"]),
+    ("export-classifier", lambda t, r: ["export", "--ckpt", _classifier(t, r), "--out", t / "o"],
+     ["classification checkpoint", "language models only"]),
+    ("export-missing-checkpoint", lambda t, r: ["export", "--ckpt", t / "nope", "--out", t / "o"], ["checkpoint not found"]),
 ]
 
 

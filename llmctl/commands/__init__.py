@@ -8,10 +8,11 @@ from .common import Loaded, for_inference, load_model, load_weights, resolve_amp
 from .evaluation import evaluate
 from .inference import (ChatSession, classify_texts, complete, complete_rows, encode_prompt, read_inputs, read_prompt,
                         sampling, stream, write_outputs)
+from .interop import export, import_hf
 from .training import TrainPlan, describe, finetune, prepare, pretrain, show_config
 
 __all__ = [
     "ChatSession", "Loaded", "TrainPlan", "for_inference", "classify_texts", "complete", "complete_rows", "describe", "encode_prompt",
-    "evaluate", "finetune", "load_model", "load_weights", "prepare", "pretrain", "read_inputs", "read_prompt",
+    "evaluate", "export", "finetune", "import_hf", "load_model", "load_weights", "prepare", "pretrain", "read_inputs", "read_prompt",
     "resolve_amp", "resolve_device", "sampling", "show_config", "stream", "unwrap", "write_outputs",
 ]

@@ -104,7 +104,7 @@ class Loaded:
 
     ckpt: ckpt_io.Checkpoint
     cfg: Config
-    tokenizer: Tokenizer
+    tokenizer: Optional[Tokenizer]  # None only when loaded with require_tokenizer=False
     model: Transformer  # the backbone (with LoRA adapters applied when the checkpoint is an adapter)
     device: torch.device
     classifier: Optional[Classifier] = None  # set for classification checkpoints
@@ -169,15 +169,27 @@ def restore(backbone: Transformer, classifier: Optional[Classifier], ck: ckpt_io
         classifier.head.load_state_dict(head)
 
 
+def load_tokenizer(ck: ckpt_io.Checkpoint, cfg: Config, tokenizer: Optional[Path] = None) -> Tokenizer:
+    """The checkpoint's tokenizer, or `tokenizer` (a tokenizer.json) when given: imported checkpoints may lack one."""
+    tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else Tokenizer.from_str(ck.tokenizer_json())
+    if cfg.model.vocab_size is not None and tok.vocab_size > cfg.model.vocab_size:
+        raise LlmctlError(f"the tokenizer has {tok.vocab_size} tokens but the model in {ck.path} only "
+                          f"{cfg.model.vocab_size} embeddings; give the tokenizer that belongs to this model")
+    return tok
+
+
 def load_model(path: str | Path, device: str = "auto", dtype: Optional[torch.dtype] = None,
-               base: Optional[Path] = None) -> Loaded:
-    """Verify and load a checkpoint (run directory, step directory, or its latest/best pointer) for use."""
+               base: Optional[Path] = None, tokenizer: Optional[Path] = None, require_tokenizer: bool = True) -> Loaded:
+    """Verify and load a checkpoint (run directory, step directory, or its latest/best pointer) for use.
+
+    `tokenizer` (a tokenizer.json) replaces the checkpoint's, or supplies one that an imported checkpoint lacks;
+    with `require_tokenizer=False` a checkpoint without one loads with `Loaded.tokenizer` None."""
     ck = ckpt_io.load(path)
     try:
         cfg = from_dict(ck.config)
     except LlmctlError as e:
         raise LlmctlError(f"{ck.path}/config.yaml does not describe a valid model: {e}") from None
-    tok = Tokenizer.from_str(ck.tokenizer_json())
+    tok = load_tokenizer(ck, cfg, tokenizer) if require_tokenizer or tokenizer or ck.has_tokenizer else None
     dev = resolve_device(device)
     model = build_backbone(cfg, dev)
     labels = cfg.finetune.labels if ckpt_io.HEAD in ck.meta["files"] else None

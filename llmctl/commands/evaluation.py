@@ -18,6 +18,8 @@ def _default_source(loaded: Loaded, data: Optional[str]) -> str:
     if data is not None:
         return data
     path = loaded.cfg.data.path
+    if not path:  # an imported checkpoint has no training data to take a validation split from
+        raise LlmctlError(f"{loaded.ckpt.path} names no data.path to evaluate on (an imported model?); pass --data FILE")
     if path and not path.startswith(("hf:", "http://", "https://")) and not Path(path).expanduser().exists():
         raise LlmctlError(f"the checkpoint's data.path {path} is not on this machine; pass --data FILE to evaluate on a file")
     return path
@@ -25,9 +27,9 @@ def _default_source(loaded: Loaded, data: Optional[str]) -> str:
 
 def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] = None, device: str = "auto",
              log: Log = _nolog, text_column: Optional[str] = None, label_column: Optional[str] = None,
-             base: Optional[Path] = None) -> dict:
+             base: Optional[Path] = None, tokenizer: Optional[Path] = None) -> dict:
     """`llmctl eval`: without --data, the validation split the run held out; with it, all of that file."""
-    loaded = load_model(ckpt, device, base=base)
+    loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
     cfg = loaded.cfg
     bs = batch_size or cfg.eval.batch_size
     source = _default_source(loaded, data)

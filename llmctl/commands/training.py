@@ -472,7 +472,10 @@ def finetune(
     if ckpt_io.ADAPTER in base_ckpt.meta["files"]:
         raise LlmctlError(f"--from {base_ckpt.path} is a LoRA adapter; finetune from its base checkpoint "
                           f"({(base_ckpt.meta.get('base') or {}).get('path')}) or from a full checkpoint")
-    tokenizer = Tokenizer.from_str(base_ckpt.tokenizer_json())
+    if not base_ckpt.has_tokenizer and cfg.tokenizer.path:  # an imported checkpoint without a tokenizer
+        tokenizer = Tokenizer.from_file(cfg.tokenizer.path)
+    else:
+        tokenizer = Tokenizer.from_str(base_ckpt.tokenizer_json())
     plan = _build_plan(cfg, tokenizer, log, "finetune", base=base_ckpt)
     plan.overwrite = overwrite
     plan.resume_cmd = resume_command("finetune", config, overrides, out, from_)

@@ -1,0 +1,95 @@
+"""import / export: move checkpoints between llmctl and Hugging Face transformers (logic in `llmctl.hf`)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .. import checkpoint as ckpt_io
+from .. import hf
+from ..errors import LlmctlError
+from ..lora import merge_lora
+from .common import Log, _nolog, load_model
+from .training import check_out_dir, clear_run
+
+FORMATS = ("hf",)
+
+
+def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrite: bool = False,
+              log: Log = _nolog) -> dict:
+    """`llmctl import hf`: a transformers directory (or `hf:NAME` from the hub) -> an llmctl run directory whose
+    one checkpoint (step 0) `finetune --from`, `infer --ckpt` and `eval --ckpt` take."""
+    out = Path(out)
+    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):  # refuse before any download
+        raise LlmctlError(f"--out {out} already exists and is not empty; pass --overwrite to replace the run there, "
+                          "or choose another directory")
+    src = hf.download(source[3:], log) if source.startswith("hf:") else Path(source)
+    imported = hf.load_dir(src, tokenizer)
+    check_out_dir(out, resume=False, overwrite=overwrite)
+    if overwrite and out.is_dir():  # deleted only once the import is known to be sound
+        clear_run(out)
+    for w in imported.warnings:
+        log(f"[yellow]warning:[/yellow] {w}")
+    cfg, tok = imported.cfg, imported.tokenizer
+    config_yaml = cfg.to_yaml()
+    tok_json = tok.to_str() if tok is not None else None
+    meta = {"kind": "import", "imported_from": source, "hf_architectures": imported.hf_config.get("architectures")}
+    out.mkdir(parents=True, exist_ok=True)
+    path = ckpt_io.save(out, 0, imported.weights, config_yaml, tok_json, meta=meta)
+    ckpt_io.write_atomic(out / "config.yaml", config_yaml)  # the run-level copies a trained run has too
+    if tok_json is not None:
+        ckpt_io.write_atomic(out / "tokenizer.json", tok_json)
+    m = cfg.model
+    log(f"imported {source} as {m.arch}: {m.n_layer} layers, width {m.n_embd}, {m.n_head} heads "
+        f"({m.kv_heads} key/value), vocabulary {m.vocab_size}, context {m.block_size}")
+    return {
+        "checkpoint": str(path),
+        "source": source,
+        "arch": m.arch,
+        "parameters": sum(t.numel() for t in imported.weights.values()),
+        "vocab_size": m.vocab_size,
+        "block_size": m.block_size,
+        "tokenizer": tok.kind if tok is not None else None,
+    }
+
+
+def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, overwrite: bool = False,
+           log: Log = _nolog, base: Optional[Path] = None) -> dict:
+    """`llmctl export --format hf`: a checkpoint -> a directory transformers loads with from_pretrained.
+
+    A LoRA adapter is exported merged into its base (`base` overrides the recorded base checkpoint). The directory
+    is written next to `out` under a temporary name and renamed into place, so a failed export leaves nothing
+    half-written."""
+    if fmt not in FORMATS:
+        raise LlmctlError(f"--format {fmt!r} is not supported; choose one of: {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise LlmctlError(f"--out {out} is a file; give a directory for the export")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise LlmctlError(f"--out {out} is not empty; pass --overwrite to replace an earlier export")
+            if not (out / "config.json").exists():
+                raise LlmctlError(f"--overwrite refuses to delete {out}: it does not look like an exported model (no config.json)")
+    loaded = load_model(ckpt, "cpu", base=base, tokenizer=tokenizer, require_tokenizer=False)
+    ck, cfg, tok = loaded.ckpt, loaded.cfg, loaded.tokenizer
+    if loaded.classifier is not None:
+        raise LlmctlError(f"{ck.path} is a classification checkpoint; export --format hf writes language models only "
+                          "(export the checkpoint it was finetuned from)")
+    if tok is None:
+        log(f"[yellow]warning:[/yellow] {ck.path} has no tokenizer, so the export has none; pass --tokenizer FILE to include one")
+    weights = merge_lora(loaded.model).state_dict()  # LoRA adapters folded into the weights they adapt
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files = hf.write_dir(tmp, cfg, weights, tok, str(ck.path))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported {ck.path} to {out} ({cfg.model.arch} -> {hf.to_hf_config(cfg.model, tok)['architectures'][0]})")
+    return {"checkpoint": str(ck.path), "out": str(out), "format": fmt, "files": files}
