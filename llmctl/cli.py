@@ -447,15 +447,17 @@ def export(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write; from_pretrained(DIR) loads it."),
     tokenizer: Optional[Path] = TokenizerOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out."),
+    merge_lora_adapter: bool = typer.Option(False, "--merge-lora", help="For a LoRA adapter: fold it into its base's weights and export the merged model."),
     base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Export a checkpoint as a Hugging Face transformers model (config, safetensors, tokenizer); a LoRA adapter is
-    merged into its base."""
+    """Export a checkpoint as a Hugging Face transformers model (config, safetensors, tokenizer); a LoRA adapter
+    with --merge-lora."""
     from . import commands
 
     def go() -> None:
-        r = commands.export(ckpt, fmt, out_dir, tokenizer, overwrite, log=_log_line, base=base)
+        r = commands.export(ckpt, fmt, out_dir, tokenizer, overwrite, log=_log_line, base=base,
+                            merge_lora_adapter=merge_lora_adapter)
         if json_out:
             _print_json(r)
         else:

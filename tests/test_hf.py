@@ -267,8 +267,10 @@ def test_export_merges_a_lora_adapter(tiny_run, runner, tmp_path):
                "train.max_steps=3", "train.lr=1e-2", "train.dtype=float32", "train.eval_interval=0"), "--out", adapter, "--quiet")
     assert r.exit_code == 0, r.output
     assert ckpt_io.ADAPTER in ckpt_io.load(adapter).meta["files"]
-    for run, out in ((adapter, tmp_path / "exp"), (tiny_run, tmp_path / "base")):
-        assert invoke(runner, "export", "--ckpt", run, "--out", out).exit_code == 0
+    r = invoke(runner, "export", "--ckpt", adapter, "--out", tmp_path / "exp")
+    assert r.exit_code == 2 and "--merge-lora" in r.stderr  # merging is asked for, never implied
+    assert invoke(runner, "export", "--ckpt", adapter, "--merge-lora", "--out", tmp_path / "exp").exit_code == 0
+    assert invoke(runner, "export", "--ckpt", tiny_run, "--out", tmp_path / "base").exit_code == 0
     ours = load_model(adapter, "cpu").model  # base weights + adapter, unmerged
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp").eval()
     ids = torch.randint(0, ours.cfg.vocab_size, (2, ours.cfg.block_size), generator=torch.Generator().manual_seed(2))

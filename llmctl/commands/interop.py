@@ -56,10 +56,11 @@ def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrit
 
 
 def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, overwrite: bool = False,
-           log: Log = _nolog, base: Optional[Path] = None) -> dict:
+           log: Log = _nolog, base: Optional[Path] = None, merge_lora_adapter: bool = False) -> dict:
     """`llmctl export --format hf`: a checkpoint -> a directory transformers loads with from_pretrained.
 
-    A LoRA adapter is exported merged into its base (`base` overrides the recorded base checkpoint). The directory
+    A LoRA adapter is exported with `merge_lora_adapter` (--merge-lora): folded into its base's weights (`base`
+    overrides the recorded base checkpoint). The directory
     is written next to `out` under a temporary name and renamed into place, so a failed export leaves nothing
     half-written."""
     if fmt not in FORMATS:
@@ -75,6 +76,8 @@ def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, ov
                 raise LlmctlError(f"--overwrite refuses to delete {out}: it does not look like an exported model (no config.json)")
     loaded = load_model(ckpt, "cpu", base=base, tokenizer=tokenizer, require_tokenizer=False)
     ck, cfg, tok = loaded.ckpt, loaded.cfg, loaded.tokenizer
+    if ckpt_io.ADAPTER in ck.meta["files"] and not merge_lora_adapter:
+        raise LlmctlError(f"{ck.path} is a LoRA adapter; pass --merge-lora to fold it into its base's weights and export that")
     if loaded.classifier is not None:
         raise LlmctlError(f"{ck.path} is a classification checkpoint; export --format hf writes language models only "
                           "(export the checkpoint it was finetuned from)")
