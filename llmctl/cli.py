@@ -336,6 +336,8 @@ def eval_(
     label_column: Optional[str] = typer.Option(None, "--label-column", help="Classifiers: label column of --data. Default: eval.label_column, else data.label_column."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass. Default: eval.batch_size (16)."),
     base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
+    dtype: str = typer.Option("float32", "--dtype", help="Language models: float32, bfloat16, or auto (what infer uses)."),
+    quantize_mode: str = typer.Option("none", "--quantize", help="Language models: none, int8, or auto (what infer uses)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = JsonOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
@@ -347,8 +349,12 @@ def eval_(
     def go() -> None:
         if batch_size is not None and batch_size < 1:
             raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
+        if dtype not in ("auto", "float32", "bfloat16") or quantize_mode not in ("auto", "none", "int8"):
+            raise LlmctlError(f"--dtype must be auto, float32 or bfloat16 and --quantize auto, none or int8 "
+                              f"(got {dtype}, {quantize_mode})")
         r = commands.evaluate(ckpt, data, batch_size, device, log=_log, text_column=text_column,
-                              label_column=label_column, base=base, tokenizer=tokenizer)
+                              label_column=label_column, base=base, tokenizer=tokenizer, dtype=dtype,
+                              quantize_mode=quantize_mode)
         if json_out:
             _print_json(r)
         elif "confusion" in r:

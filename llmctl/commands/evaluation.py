@@ -10,7 +10,7 @@ from ..data import (classification_examples, eval_batches, eval_blocks, holdout,
                     prepare as prepare_tokens, tokenize_file)
 from ..errors import LlmctlError
 from ..evaluate import classification_metrics, classify, lm_metrics
-from .common import Loaded, Log, _nolog, load_model
+from .common import Loaded, Log, _nolog, for_inference, load_model
 
 
 def _default_source(loaded: Loaded, data: Optional[str]) -> str:
@@ -27,10 +27,17 @@ def _default_source(loaded: Loaded, data: Optional[str]) -> str:
 
 def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] = None, device: str = "auto",
              log: Log = _nolog, text_column: Optional[str] = None, label_column: Optional[str] = None,
-             base: Optional[Path] = None, tokenizer: Optional[Path] = None) -> dict:
-    """`llmctl eval`: without --data, the validation split the run held out; with it, all of that file."""
+             base: Optional[Path] = None, tokenizer: Optional[Path] = None, dtype: str = "float32",
+             quantize_mode: str = "none") -> dict:
+    """`llmctl eval`: without --data, the validation split the run held out; with it, all of that file.
+
+    Language models are measured in float32 unless `dtype` / `quantize_mode` ask for an inference precision
+    ("auto" = what `llmctl infer` uses), to see what bfloat16 or int8 cost in perplexity.
+    """
     loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
     cfg = loaded.cfg
+    if (dtype, quantize_mode) != ("float32", "none") and loaded.classifier is None:
+        for_inference(loaded, dtype, quantize_mode)
     bs = batch_size or cfg.eval.batch_size
     source = _default_source(loaded, data)
     where = source if data is not None else f"{source} (validation split)"
@@ -52,7 +59,7 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
         raise LlmctlError(f"{where} has fewer than 2 tokens; nothing to evaluate")
     n_bytes = len(tok.decode([int(i) for i in tokens[1:]]).encode("utf-8"))
     r = lm_metrics(loaded.model, eval_blocks(tokens, cfg.model.block_size, bs), loaded.device, None, n_bytes=n_bytes)
-    return {"checkpoint": str(loaded.ckpt.path), "data": where, **r}
+    return {"checkpoint": str(loaded.ckpt.path), "data": where, "precision": loaded.precision, **r}
 
 
 def _eval_classifier(loaded: Loaded, source: str, whole_file: bool, batch_size: int,
