@@ -121,6 +121,7 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 0  # steps between checkpoints; 0 = only the final one
     keep_last: int = 2  # step checkpoints kept (the newest ones)
+    log: list[Literal["tensorboard"]] = field(default_factory=list)  # extra metric sinks besides metrics.jsonl
 
 
 @dataclass

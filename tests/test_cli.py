@@ -133,3 +133,40 @@ def test_bad_input(case, runner, tiny_run, tmp_path):
         assert w in r.stderr, (w, r.stderr)
     for status in tmp_path.rglob("status.json"):  # no run directory that claims success
         assert json.loads(status.read_text())["status"] != "finished" or status.parent.name == "corrupt"
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name), cmd
+
+
+def test_every_option_shows_its_default(runner):
+    """`--help` of every command states each option's default (Typer hides None and False unless told)."""
+    import typer.main
+
+    from llmctl.cli import app
+
+    group = typer.main.get_command(app)
+    names = []
+    for path, cmd in _commands(group):
+        names.append(" ".join(path))
+        for p in cmd.params:
+            if p.name == "help" or p.required:
+                continue
+            shown = isinstance(p.show_default, str) or (p.show_default and p.default not in (None, False, []))
+            assert shown, f"llmctl {' '.join(path)}: {p.opts} has no default in --help"
+    assert {"pretrain", "finetune", "runs", "plot", "config show"} <= set(names)
+    r = invoke(runner, "pretrain", "--help")
+    assert "--dry-run" in r.stdout and "default: (off)" in r.stdout
+
+
+def test_json_on_every_reporting_command():
+    import typer.main
+
+    from llmctl.cli import app
+
+    for path, cmd in _commands(typer.main.get_command(app)):
+        assert any("--json" in p.opts for p in cmd.params), f"llmctl {' '.join(path)} has no --json"

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import checkpoint as ckpt_io
+from .. import checkpoint as ckpt_io, estimate, tblog
 from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
 from ..data import LMBatches, eval_blocks, prepare as prepare_tokens
 from ..errors import LlmctlError
@@ -143,7 +143,7 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
         set_rng_state(resume_state["rng"])
         if state.step >= t.max_steps:
             raise LlmctlError(f"the run is already at step {state.step} of train.max_steps={t.max_steps}; raise train.max_steps to train further")
-    metrics = MetricsFile(out / "metrics.jsonl", resume_step=state.step if resume_state is not None else None)
+    metrics = tblog.tee(MetricsFile(out / "metrics.jsonl", resume_step=state.step if resume_state is not None else None), out, t.log)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
     batches = LMBatches(plan.train_tokens, cfg.model.block_size, t.batch_size, t.grad_accum, t.seed)
 
@@ -212,6 +212,7 @@ def _last_step(out: Path) -> Optional[int]:
 def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str) -> TrainPlan:
     device = resolve_device(cfg.train.device)
     amp = resolve_amp(cfg.train.dtype, device)
+    tblog.check(cfg.train.log)
     td = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log)
     cfg.model.vocab_size = vocab_for(cfg, td.tokenizer)
     if len(td.train) < cfg.model.block_size + 2:
@@ -242,8 +243,12 @@ def pretrain(
     log: Log = _nolog,
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
+    dry_run: bool = False,
 ) -> dict:
-    """`llmctl pretrain`: train a model from scratch (or continue one) on `data.path`."""
+    """`llmctl pretrain`: train a model from scratch (or continue one) on `data.path`.
+
+    With `dry_run`, build and check everything, then return `estimate.dry_run`'s report instead of training
+    (no run directory is created, touched or deleted)."""
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
@@ -256,7 +261,8 @@ def pretrain(
         source_ckpt = latest_good(out, log)
         if source_ckpt is None:
             raise LlmctlError(f"--resume: {out} has no complete checkpoint to continue from; use --overwrite to start again")
-    prepare_out_dir(out, resume or resume_from is not None, overwrite)
+    if not dry_run:
+        prepare_out_dir(out, resume or resume_from is not None, overwrite)
     base = source_ckpt.config if source_ckpt is not None and config is None else None
     cfg = load_train_config(config, overrides, base=base)
     tokenizer = Tokenizer.from_str(source_ckpt.tokenizer_json()) if source_ckpt else None
@@ -270,6 +276,8 @@ def pretrain(
         log(f"resuming from {source_ckpt.path} (step {source_ckpt.meta.get('step')})")
     if on_plan:
         on_plan(plan)
+    if dry_run:
+        return estimate.dry_run(plan, start_step=resume_state["loop"]["step"] if resume_state else 0, out=out)
     return run_training(plan, out, reporter, log, resume_state, on_step)
 
 
@@ -301,6 +309,7 @@ def finetune(
     log: Log = _nolog,
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
+    dry_run: bool = False,
 ) -> dict:
     """`llmctl finetune`: continue training a checkpoint's model on new data (same loop, same format).
 
@@ -320,7 +329,8 @@ def finetune(
         resume_ckpt = latest_good(out, log) if out.exists() else None
         if resume_ckpt is None:
             raise LlmctlError(f"--resume: {out} has no complete checkpoint to continue from; drop --resume or use --overwrite")
-    prepare_out_dir(out, resume, overwrite)
+    if not dry_run:
+        prepare_out_dir(out, resume, overwrite)
     tokenizer = Tokenizer.from_str(base_ckpt.tokenizer_json())
     plan = _build_plan(cfg, tokenizer, log, "finetune")
     plan.base = str(base_ckpt.path)
@@ -329,6 +339,8 @@ def finetune(
     resume_state = resume_ckpt.train_state() if resume_ckpt else None
     if on_plan:
         on_plan(plan)
+    if dry_run:
+        return estimate.dry_run(plan, start_step=resume_state["loop"]["step"] if resume_state else 0, out=out)
     return run_training(plan, out, reporter, log, resume_state, on_step)
 
 
