@@ -298,7 +298,7 @@ def runs_(
             raise LlmctlError("give one folder of runs (llmctl runs DIR) or compare two runs (llmctl runs compare A B)")
         directory = Path(items[0]) if items else Path("runs")
         rows = runs_mod.list_runs(directory)
-        _print_json(rows) if json_out else out.print(views.runs_table(rows, str(directory)))
+        _print_json({"directory": str(directory), "runs": rows}) if json_out else out.print(views.runs_table(rows, str(directory)))
 
     run(go)
 

@@ -423,6 +423,7 @@ def dry_run(plan: Any, start_step: int = 0, timed_steps: int = 5, warmup_steps: 
     report: dict = {
         "kind": plan.kind,
         "out": str(out) if out is not None else None,
+        "out_exists": bool(out is not None and Path(out).is_dir() and any(Path(out).iterdir())),
         "config": cfg.to_dict(),
         "device": str(device),
         "precision": "float32" if amp is None else f"{str(amp).replace('torch.', '')} autocast",

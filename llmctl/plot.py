@@ -23,6 +23,14 @@ def _pyplot():
     return plt
 
 
+def _short(x: float) -> str:
+    """Axis label for a token count: 0, 500, 250k, 1.5M, 2B."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:g}{unit}"
+    return f"{x:g}"
+
+
 def plot(runs: list[Path], out: Path, title: Optional[str] = None, log_x: bool = False) -> dict:
     """Draw every run's train loss (line) and validation loss (dashed, markers) in one colour; save to `out`."""
     if not runs:
@@ -54,6 +62,9 @@ def plot(runs: list[Path], out: Path, title: Optional[str] = None, log_x: bool =
         if val:
             ax.plot([t for t, _ in val], [v for _, v in val], color=c, lw=1.4, ls="--", marker="o", ms=4,
                     label=f"{name} val")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _short(x)))
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats per token)")
     if log_x:

@@ -8,6 +8,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import yaml
+from pathlib import Path
+
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -64,7 +67,10 @@ def dry_run(report: dict) -> Group:
     parts = []
     head = Text()
     head.append(f"dry run of {report['kind']}", style="bold")
-    head.append(f" (nothing trained, nothing written; the run would go to {report['out']})\n" if report.get("out") else "\n")
+    if report.get("out"):
+        exists = " (it holds a run: --resume or --overwrite)" if report.get("out_exists") else ""
+        head.append(f": nothing trained, nothing written; the run would go to {report['out']}{exists}")
+    head.append("\n")
     head.append(f"device {report['device']}, {report['precision']}\n")
     parts.append(head)
 
@@ -144,9 +150,9 @@ def dry_run(report: dict) -> Group:
 
 
 def runs_table(rows: list[dict], directory: str) -> Table:
-    t = Table(title=f"runs in {directory}", title_justify="left", header_style="bold")
-    for col, just in (("name", "left"), ("status", "left"), ("steps", "right"), ("best val loss", "right"),
-                      ("tokens seen", "right"), ("tokens/s", "right")):
+    t = Table(title=f"runs in {directory}", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
+    for col, just in (("name", "left"), ("status", "left"), ("steps", "right"), ("best val\nloss", "right"),
+                      ("tokens\nseen", "right"), ("tokens/s", "right")):
         t.add_column(col, justify=just, no_wrap=col != "name", overflow="fold")
     colour = {"finished": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "diverged": "red",
               "crashed": "red"}
@@ -159,7 +165,10 @@ def runs_table(rows: list[dict], directory: str) -> Table:
 
 
 def comparison(c: dict) -> Group:
-    a, b = c["a"], c["b"]
+    a, b = Path(c["a"]).name, Path(c["b"]).name
+    if a == b:
+        a, b = "A", "B"
+    head = Text(f"A: {c['a']}\nB: {c['b']}\n") if (a, b) == ("A", "B") else Text("")
     diff = Table(title="config keys that differ", title_justify="left", header_style="bold")
     diff.add_column("key")
     diff.add_column(a)
@@ -173,5 +182,6 @@ def comparison(c: dict) -> Group:
     metrics.add_column(a, justify="right")
     metrics.add_column(b, justify="right")
     for k in c["metrics"]["a"]:
-        metrics.add_row(k, _fmt(c["metrics"]["a"][k]), _fmt(c["metrics"]["b"][k]))
-    return Group(diff, Text(""), metrics)
+        digits = 4 if "loss" in k else 1
+        metrics.add_row(k, _fmt(c["metrics"]["a"][k], digits), _fmt(c["metrics"]["b"][k], digits))
+    return Group(head, diff, Text(""), metrics)

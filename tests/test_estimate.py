@@ -15,7 +15,7 @@ from llmctl.model import Transformer
 def test_dry_run_report_fields(tmp_path):
     out = tmp_path / "never"
     r = commands.pretrain(None, TINY, out, dry_run=True)
-    assert not out.exists()  # nothing written
+    assert not out.exists() and r["out_exists"] is False  # nothing written
     assert r["kind"] == "pretrain" and r["config"]["model"]["n_layer"] == 2 and r["config"]["train"]["max_steps"] == 30
     p = r["parameters"]
     assert p["head_tied"] and p["head"] == 0
@@ -46,6 +46,7 @@ def test_dry_run_cli_json_and_touches_no_existing_run(runner, tiny_run):
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["precision"] == "bfloat16 autocast" and report["memory"]["autocast_copies"] > 0
+    assert report["out_exists"] is True
     assert sorted(p.name for p in tiny_run.iterdir()) == before  # --overwrite did not delete anything
     r = invoke(runner, "finetune", "--from", tiny_run, *sets(*TINY[-1:], "train.max_steps=3"), "--out", tiny_run / "ft", "--dry-run")
     assert r.exit_code == 0, r.output
