@@ -60,7 +60,7 @@ def param_counts(model: nn.Module) -> dict:
         part = _part(name)
         counts[part] = counts.get(part, 0) + p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    counts["total"] = sum(v for k, v in counts.items())
+    counts["total"] = sum(counts.values())
     counts["trainable"] = trainable
     counts["head_tied"] = bool(getattr(getattr(model, "cfg", None), "tied", False))
     return counts
@@ -91,8 +91,7 @@ def _size(dtype: Optional[torch.dtype]) -> int:
     return 4 if dtype is None else torch.empty((), dtype=dtype).element_size()
 
 
-def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, amp: Optional[torch.dtype],
-                     training_dropout: Optional[float] = None) -> dict:
+def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, amp: Optional[torch.dtype]) -> dict:
     """Bytes of the tensors autograd keeps for the backward pass of one micro-batch, per term.
 
     The residual stream and the norms run in float32; under autocast the inputs of every Linear are saved as
@@ -105,11 +104,12 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
     C, H, V, L = cfg.n_embd, cfg.hidden, cfg.vocab_size or 0, cfg.n_layer
     qd, kvd = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     rms = cfg.arch == "llama"
-    dropout = cfg.dropout if training_dropout is None else training_dropout
+    dropout = cfg.dropout
     norm = 4 * C * (2 if rms else 1)  # fp32 input (+ fp32 normalised output kept for the gain's gradient in RMSNorm)
     if dropout > 0 and device_type != "cuda":
         # attention with dropout takes the math path here: float32 q, k, v and three (T, T) tensors per head
-        # (probabilities, dropout mask, dropped probabilities), 12 bytes per score
+        # (probabilities, dropout mask, dropped probabilities), 12 bytes per score; in float32 its output is
+        # copied once more on the way to the projection
         core = 4 * (qd + 2 * kvd) + 12 * cfg.n_head * seq + (4 * qd if p == 4 else 0)
     else:
         # flash / memory-efficient attention keeps q, k, v, its output and the log-sum-exp. When it runs in the
@@ -124,7 +124,8 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
     masks = 2 * p * C if dropout > 0 else 0  # residual dropout masks, in the dtype of what they drop
     mlp = p * C + (4 * p * H if cfg.arch == "llama" else 2 * p * H)  # fc input, fc output (gate/up), proj input
     block = norm + attn + norm + mlp + masks  # per token
-    head = norm + p * C + 4 * V + 8 + 8 + (4 * C if dropout > 0 else 0)  # final norm, head input, log-probs, ids, targets, embedding dropout mask
+    # final norm, head input, float32 log-probabilities, input ids and targets (int64), embedding dropout mask
+    head = norm + p * C + 4 * V + 8 + 8 + (4 * C if dropout > 0 else 0)
     tokens = batch * seq
     full = tokens * (L * block + head)
     checkpointed = tokens * (L * 4 * C + block + head)

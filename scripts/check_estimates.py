@@ -79,6 +79,7 @@ def main() -> None:
     run([*exe, "prepare", *sum((["--set", s] for s in sets), [])], env)
     ok = True
     for i in range(args.repeat):
+        load_before = os.getloadavg()[0]  # other processes on the machine make both timings meaningless
         with tempfile.TemporaryDirectory() as tmp:
             steps = args.warmup + args.steps
             real_sets = [*sets, f"train.max_steps={steps}", "train.log_interval=10"]
@@ -101,7 +102,8 @@ def main() -> None:
         mem_ratio = mem["total"] / m["peak_growth"]
         time_ratio = est_time / m["steady_seconds"]
         print(f"run {i + 1}: {report['parameters']['total']:,} parameters, {report['precision']}, "
-              f"batch {report['config']['train']['batch_size']} x {report['config']['model']['block_size']}")
+              f"batch {report['config']['train']['batch_size']} x {report['config']['model']['block_size']}; "
+              f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)")
         print(f"  memory terms (MiB): weights {mem['weights'] / 2**20:.1f}, gradients {mem['gradients'] / 2**20:.1f}, "
               f"optimizer {mem['optimizer'] / 2**20:.1f}, autocast copies {mem['autocast_copies'] / 2**20:.1f}, "
               f"activations {mem['activations'] / 2**20:.1f} (checkpointed {mem['activations_checkpointed'] / 2**20:.1f})")
