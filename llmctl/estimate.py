@@ -330,6 +330,7 @@ def time_steps(model: nn.Module, cfg: Config, train_tokens, device: torch.device
         optimizer = build_optimizer(model, t, device.type)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        rss_before = _reset_peak_rss() if device.type == "cpu" else None
 
         def on_step(state: LoopState) -> None:
             if device.type == "cuda":
@@ -340,7 +341,11 @@ def time_steps(model: nn.Module, cfg: Config, train_tokens, device: torch.device
         fit(model, optimizer, loop_cfg, Hooks(batches=batches.get, on_step=on_step), LoopState(step=start_step),
             device=device, amp_dtype=amp, scaler=scaler, tokens_per_step=t.batch_size * t.grad_accum * cfg.model.block_size)
         durations = np.diff([t0, *stamps]).tolist()
-        measured_peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+        if device.type == "cuda":
+            measured_peak = int(torch.cuda.max_memory_allocated(device))
+        else:
+            peak_rss = _proc_status("VmHWM")
+            measured_peak = peak_rss - rss_before if rss_before is not None and peak_rss is not None else None
         del optimizer
     timed = durations[warmup:]
     return {
@@ -350,6 +355,32 @@ def time_steps(model: nn.Module, cfg: Config, train_tokens, device: torch.device
         "warmup_steps": warmup,
         "measured_peak_memory": measured_peak,
     }
+
+
+def _proc_status(field: str) -> Optional[int]:
+    """A byte figure from /proc/self/status (Linux), e.g. VmRSS or VmHWM (the peak resident size)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_peak_rss() -> Optional[int]:
+    """Reset the process's peak resident size to the current one (Linux); returns it, or None if unsupported.
+
+    On CPU the growth of the peak over this point, across the timed steps, is the memory the run really takes,
+    allocator behaviour included (glibc's malloc keeps freed heap, so it exceeds the tensors' own total).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status("VmRSS")
 
 
 def eval_plan(n_val: int, cfg: Config, start_step: int = 0) -> dict:

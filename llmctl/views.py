@@ -123,7 +123,8 @@ def dry_run(report: dict) -> Group:
             ("whole run", fmt_duration(tm["run_seconds"]), "(checkpoint saves not included)"),
         ]
         if tm.get("measured_peak_memory"):
-            rows.append(("measured peak memory", fmt_bytes(tm["measured_peak_memory"]), "(timed steps)"))
+            what = "allocated" if report["device"].startswith("cuda") else "resident growth"
+            rows.append((f"measured peak ({what})", fmt_bytes(tm["measured_peak_memory"]), "during the timed steps"))
         title = f"\ntime (median of {tm['steps_timed']} timed steps after {tm['warmup_steps']} warm-up steps, on {report['device']})"
         parts.append(_kv_table(title, rows))
 

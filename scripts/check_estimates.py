@@ -96,6 +96,7 @@ def main() -> None:
             ("memory: estimate (total)", mem["total"] / 2**20, "MiB"),
             ("memory: measured peak RSS growth", m["peak_growth"] / 2**20, "MiB"),
             ("  same, MALLOC_TRIM_THRESHOLD_=0", trim["peak_growth"] / 2**20, "MiB"),
+            ("  dry run's own RSS growth, timed steps", (tm.get("measured_peak_memory") or 0) / 2**20, "MiB"),
             (f"time: estimate for {m['steps']} steps", est_time, "s"),
             (f"time: measured, steps {args.warmup + 1}-{steps}", m["steady_seconds"], "s"),
         ]
