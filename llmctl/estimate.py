@@ -242,24 +242,29 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, seconds: float = 0.2
     return best
 
 
-def cpu_peak(amp: Optional[torch.dtype], cache_dir: Optional[str] = None) -> float:
-    """This CPU's matmul peak for the precision in use: measured once, then read from <cache>/peak_flops.json.
+def cpu_peak(amp: Optional[torch.dtype], cache_dir: Optional[str] = None, measurements: int = 3) -> float:
+    """This CPU's matmul peak for the precision in use, cached in <cache>/peak_flops.json.
 
-    Keyed by CPU model, thread count, torch version and dtype. Delete the file to measure again (for example
-    after measuring on a busy machine).
+    Keyed by CPU model, thread count, torch version and dtype. The first `measurements` uses each measure again
+    (about a second) and keep the best, so one measurement taken while other processes load the machine does not
+    stay the peak for good; after that the cached value is used. Delete the file to start over.
     """
     dtype = amp or torch.float32
     key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{str(dtype).replace('torch.', '')}"
     path = Path(cache_dir or default_cache_dir()).expanduser() / "peak_flops.json"
-    table: dict = {}
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):
         table = {}
-    if isinstance(table.get(key), (int, float)):
-        return float(table[key])
-    value = measure_matmul_flops(dtype)
-    table[key] = value
+    entry = table.get(key) if isinstance(table, dict) else None
+    if not isinstance(table, dict):
+        table = {}
+    if not (isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and isinstance(entry.get("n"), int)):
+        entry = {"flops": 0.0, "n": 0}
+    if entry["n"] >= measurements:
+        return float(entry["flops"])
+    entry = {"flops": max(float(entry["flops"]), measure_matmul_flops(dtype)), "n": entry["n"] + 1}
+    table[key] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -267,7 +272,7 @@ def cpu_peak(amp: Optional[torch.dtype], cache_dir: Optional[str] = None) -> flo
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs a new measurement next time
-    return value
+    return entry["flops"]
 
 
 def peak_flops(device: torch.device, amp: Optional[torch.dtype], cache_dir: Optional[str] = None) -> dict:
@@ -283,7 +288,7 @@ def peak_flops(device: torch.device, amp: Optional[torch.dtype], cache_dir: Opti
         value = gpu_peak(name, amp)
         return {"flops": value, "source": f"datasheet ({name})" if value else f"unknown GPU {name}: set LLMCTL_PEAK_TFLOPS"}
     if device.type == "cpu":
-        return {"flops": cpu_peak(amp, cache_dir), "source": f"{_cpu_name()}, {torch.get_num_threads()} threads: matmul measured once"}
+        return {"flops": cpu_peak(amp, cache_dir), "source": f"{_cpu_name()}, {torch.get_num_threads()} threads: best measured matmul"}
     return {"flops": None, "source": f"no peak known for {device.type}: set LLMCTL_PEAK_TFLOPS"}
 
 
