@@ -34,11 +34,16 @@ app.add_typer(import_app, name="import")
 
 STATE = {"debug": bool(os.environ.get("LLMCTL_DEBUG"))}
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; it holds only what differs from the defaults in code.")
-SetOpt = typer.Option(None, "--set", "-s", help="Override one key, e.g. --set train.lr=3e-4 (repeatable).", metavar="KEY=VALUE")
-JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines on stderr.")
-TokenizerOpt = typer.Option(None, "--tokenizer", help="A tokenizer.json to use instead of the checkpoint's (needed when it has none).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; it holds only what differs from the defaults in code.",
+                         show_default="defaults in code")
+SetOpt = typer.Option(None, "--set", "-s", help="Override one key, e.g. --set train.lr=3e-4 (repeatable).", metavar="KEY=VALUE",
+                      show_default="none")
+JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.", show_default="off")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines on stderr.", show_default="off")
+DryRunOpt = typer.Option(False, "--dry-run", help="Build everything, time a few steps (then undo them) and report parameters, "
+                         "FLOPs, memory, time and a sample batch; train nothing, write no run directory.", show_default="off")
+TokenizerOpt = typer.Option(None, "--tokenizer", help="A tokenizer.json to use instead of the checkpoint's (needed when it has none).",
+                            show_default="the checkpoint's")
 
 
 def run(fn: Callable[[], Optional[int]]) -> None:
@@ -107,19 +112,26 @@ def _print_config(cfg, quiet: bool) -> None:
 
 @app.callback()
 def main(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors (also LLMCTL_DEBUG=1)."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors (also LLMCTL_DEBUG=1).", show_default="off"),
 ) -> None:
     """llmctl: from your own text to a trained, measured language model."""
     if debug:
         STATE["debug"] = True
 
 
-def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, json_out, quiet, **extra) -> None:
-    from . import commands
+def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, json_out, quiet, dry_run=False, **extra) -> None:
+    from . import commands, estimate, views
+
+    rep = reporter(kind, quiet)
+    perf: dict = {}
 
     def on_plan(plan) -> None:
-        _print_config(plan.cfg, quiet)
-        if not quiet:
+        _print_config(plan.cfg, quiet or dry_run)
+        if not dry_run:  # MFU in the progress bar and the summary
+            perf["flops"] = estimate.flops_per_token(commands.unwrap(plan.model), plan.cfg.model)["train"]
+            perf["peak"] = estimate.peak_flops(plan.device, plan.amp, plan.cfg.data.cache_dir)["flops"]
+            getattr(rep, "set_mfu", lambda *a: None)(perf["flops"], perf["peak"])
+        if not quiet and not dry_run:
             info = commands.describe(plan)
             share = info["trainable_parameters"] / max(1, info["parameters"])
             parts = [f"{info['task']} ({info['method']})",
@@ -140,13 +152,16 @@ def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, jso
     def go() -> None:
         from .distributed import peer_errors
 
-        rep = reporter(kind, quiet)
         fn = commands.pretrain if kind == "pretrain" else commands.finetune
         with peer_errors():  # under torchrun: a failed collective becomes one clear line (exit 4)
             summary = fn(config, overrides or [], out=out_dir, resume=resume, overwrite=overwrite, reporter=rep,
-                         log=(lambda m: None) if quiet else _log, on_plan=on_plan, **extra)
+                         log=(lambda m: None) if quiet else _log, on_plan=on_plan, dry_run=dry_run, **extra)
         if summary is None:  # a rank other than 0 under torchrun: rank 0 reports
             return
+        if dry_run:
+            _print_json(summary) if json_out else out.print(views.dry_run(summary))
+            return
+        summary["mfu"] = estimate.mfu(summary.get("tokens_per_sec"), perf.get("flops", 0), perf.get("peak"))
         if json_out:
             _print_json(summary)
         else:
@@ -163,16 +178,17 @@ def _default_out(config: Optional[Path], kind: str) -> Path:
 def pretrain(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory. Default: runs/<config name>."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest good checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --out and start again."),
-    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue from this checkpoint (or run) into --out."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory.", show_default="runs/<config name>"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest good checkpoint.", show_default="off"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --out and start again.", show_default="off"),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue from this checkpoint (or run) into --out.", show_default="none"),
+    dry_run: bool = DryRunOpt,
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Train a model from scratch on data.path (tokenizer and token cache are prepared when needed)."""
     _train_command("pretrain", config, overrides, out_dir or _default_out(config, "pretrain"), resume, overwrite,
-                   json_out, quiet, resume_from=resume_from)
+                   json_out, quiet, dry_run, resume_from=resume_from)
 
 
 @app.command()
@@ -180,39 +196,40 @@ def finetune(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
     from_: Path = typer.Option(..., "--from", help="Run directory or checkpoint to start from (model and tokenizer come from it)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory. Default: runs/<config name>."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the finetune run in --out from its latest good checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --out and start again."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory.", show_default="runs/<config name>"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the finetune run in --out from its latest good checkpoint.", show_default="off"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --out and start again.", show_default="off"),
+    dry_run: bool = DryRunOpt,
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Finetune a checkpoint on new data with the same training loop (full finetune, language-model objective)."""
     _train_command("finetune", config, overrides, out_dir or _default_out(config, "finetune"), resume, overwrite,
-                   json_out, quiet, from_=from_)
+                   json_out, quiet, dry_run, from_=from_)
 
 
 @app.command()
 def infer(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint), a step-* checkpoint, or RUN/best."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text; an empty string samples unconditionally."),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A file whose whole content is one prompt."),
-    input_file: Optional[Path] = typer.Option(None, "--input", "-i", help='Many prompts: JSONL rows {"prompt": ...} (optional per-row max_new_tokens, temperature, top_k, top_p, stop, seed) or a text file with one prompt per line.'),
-    output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="Where --input results go (JSONL, written atomically). Default: stdout."),
-    chat: bool = typer.Option(False, "--chat", help="Interactive chat with an instruction-tuned model (/reset clears, /exit or Ctrl-D quits)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate. Default: generate.max_new_tokens of the checkpoint (256)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 = greedy. Default 0.8."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens. Default 200."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: smallest set with this much probability. Default off."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible samples."),
-    truncate: bool = typer.Option(False, "--truncate", help="Keep the last tokens of a prompt longer than the context instead of refusing it."),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeating tokens. Default 1 (off)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text; an empty string samples unconditionally.", show_default="none"),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A file whose whole content is one prompt.", show_default="none"),
+    input_file: Optional[Path] = typer.Option(None, "--input", "-i", help='Many prompts: JSONL rows {"prompt": ...} (optional per-row max_new_tokens, temperature, top_k, top_p, stop, seed) or a text file with one prompt per line.', show_default="none"),
+    output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="Where --input results go (JSONL, written atomically).", show_default="stdout"),
+    chat: bool = typer.Option(False, "--chat", help="Interactive chat with an instruction-tuned model (/reset clears, /exit or Ctrl-D quits).", show_default="off"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate.", show_default="generate.max_new_tokens, 256"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 = greedy.", show_default="generate.temperature, 0.8"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens.", show_default="generate.top_k, 200"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: smallest set with this much probability.", show_default="generate.top_p, off"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible samples.", show_default="random"),
+    truncate: bool = typer.Option(False, "--truncate", help="Keep the last tokens of a prompt longer than the context instead of refusing it.", show_default="off"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeating tokens.", show_default="generate.repetition_penalty, 1 = off"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16. auto: see README 'Inference speed'."),
     quantize_mode: str = typer.Option("auto", "--quantize", help="auto, none or int8 (CPU: dynamic int8; CUDA: weight-only int8)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (first use compiles for ~30-60 s; cached afterwards)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together. Default: generate.batch_size (8)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (first use compiles for ~30-60 s; cached afterwards).", show_default="off"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together.", show_default="generate.batch_size, 8"),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.", show_default="the base recorded at training"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    json_out: bool = typer.Option(False, "--json", help="Classifiers: print the label and probabilities as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Classifiers: print the label and probabilities as JSON.", show_default="off"),
     tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
     """Generate text from a prompt (streamed to stdout), complete a file of prompts, chat, or classify text."""
@@ -248,6 +265,9 @@ def infer(
             return
         text = commands.read_prompt(prompt, prompt_file)
         pieces = commands.stream(loaded, text, settings, truncate)
+        if json_out:
+            _print_json({"checkpoint": str(loaded.ckpt.path), "prompt": text, "completion": "".join(pieces)})
+            return
         sys.stdout.write(text)
         for piece in pieces:
             sys.stdout.write(piece)
@@ -331,11 +351,11 @@ def _chat(session) -> None:
 @app.command("eval")
 def eval_(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint), a step-* checkpoint, or RUN/best."),
-    data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this file (all of it) instead of the run's held-out validation split."),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Classifiers: text column of --data. Default: eval.text_column, else data.text_column."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="Classifiers: label column of --data. Default: eval.label_column, else data.label_column."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass. Default: eval.batch_size (16)."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this file (all of it) instead of the run's held-out validation split.", show_default="the run's validation split"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Classifiers: text column of --data.", show_default="eval.text_column, else data.text_column"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Classifiers: label column of --data.", show_default="eval.label_column, else data.label_column"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass.", show_default="eval.batch_size, 16"),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.", show_default="the base recorded at training"),
     dtype: str = typer.Option("float32", "--dtype", help="Language models: float32, bfloat16, or auto (what infer uses)."),
     quantize_mode: str = typer.Option("none", "--quantize", help="Language models: none, int8, or auto (what infer uses)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
@@ -428,8 +448,8 @@ def config_show(
 def import_hf(
     source: str = typer.Argument(..., help="A transformers checkpoint directory, or hf:NAME to download from the hub.", metavar="DIR|hf:NAME"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create (its checkpoint is step-0000000)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A tokenizer.json to store instead of (or when missing) the directory's."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A tokenizer.json to store instead of (or when missing) the directory's.", show_default="the checkpoint's"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out.", show_default="off"),
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -446,15 +466,59 @@ def import_hf(
     run(go)
 
 
+@app.command("runs")
+def runs_(
+    args: Optional[List[str]] = typer.Argument(None, metavar="DIR | compare RUN_A RUN_B",
+                                               help="A folder of runs to list, or: compare RUN_A RUN_B.", show_default="runs"),
+    json_out: bool = JsonOpt,
+) -> None:
+    """List runs (name, status, steps, best val loss, tokens seen, tokens/s), or compare two: config keys that differ and final metrics."""
+    from . import runs as runs_mod, views
+
+    def go() -> None:
+        items = list(args or [])
+        if items and items[0] == "compare":
+            if len(items) != 3:
+                raise LlmctlError("usage: llmctl runs compare RUN_A RUN_B (two run directories)")
+            c = runs_mod.compare(Path(items[1]), Path(items[2]))
+            _print_json(c) if json_out else out.print(views.comparison(c))
+            return
+        if len(items) > 1:
+            raise LlmctlError("give one folder of runs (llmctl runs DIR) or compare two runs (llmctl runs compare A B)")
+        directory = Path(items[0]) if items else Path("runs")
+        rows = runs_mod.list_runs(directory)
+        _print_json({"directory": str(directory), "runs": rows}) if json_out else out.print(views.runs_table(rows, str(directory)))
+
+    run(go)
+
+
+@app.command("plot")
+def plot_(
+    run_dirs: List[Path] = typer.Argument(..., metavar="RUN...", help="Run directories to draw on one chart."),
+    output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="Image file to write (.png, .svg or .pdf).", show_default="stdout"),
+    title: Optional[str] = typer.Option(None, "--title", help="Chart title.", show_default="the run names"),
+    log_x: bool = typer.Option(False, "--log-x", help="Logarithmic tokens axis.", show_default="off"),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Training and validation loss against tokens seen, several runs on one chart (needs llmctl\\[plot])."""
+    from .plot import plot
+
+    def go() -> None:
+        r = plot(run_dirs, output, title, log_x)
+        _print_json(r) if json_out else out.print(f"wrote {r['output']} ({len(r['runs'])} runs, {r['points']} points)")
+
+    run(go)
+
+
 @app.command("export")
 def export(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint) or a step-* checkpoint."),
     fmt: str = typer.Option("hf", "--format", "-f", help="Target format: hf (a transformers directory)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write; from_pretrained(DIR) loads it."),
     tokenizer: Optional[Path] = TokenizerOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out."),
-    merge_lora_adapter: bool = typer.Option(False, "--merge-lora", help="For a LoRA adapter: fold it into its base's weights and export the merged model."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out.", show_default="off"),
+    merge_lora_adapter: bool = typer.Option(False, "--merge-lora", help="For a LoRA adapter: fold it into its base's weights and export the merged model.", show_default="off"),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.", show_default="the base recorded at training"),
     json_out: bool = JsonOpt,
 ) -> None:
     """Export a checkpoint as a Hugging Face transformers model (config, safetensors, tokenizer); a LoRA adapter

@@ -132,6 +132,7 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"  # replicate the model (DDP) or shard it (FSDP2 fully_shard)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before failing
+    log: list[Literal["tensorboard"]] = field(default_factory=list)  # extra metric sinks besides metrics.jsonl
 
 
 @dataclass

@@ -20,14 +20,29 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-class RichReporter:
-    """Step, loss, lr, tokens/s and ETA in a live bar on stderr."""
+class MfuMixin:
+    """Model FLOP utilisation from tokens/s: `set_mfu(train FLOPs per token, device peak FLOP/s)` turns it on."""
+
+    flops_per_token: float = 0.0
+    peak: Optional[float] = None
+
+    def set_mfu(self, flops_per_token: float, peak: Optional[float]) -> None:
+        self.flops_per_token, self.peak = flops_per_token, peak
+
+    def mfu_text(self, tokens_per_sec: float) -> str:
+        if not self.peak or not self.flops_per_token:
+            return ""
+        return f"MFU {100 * tokens_per_sec * self.flops_per_token / self.peak:.1f}%"
+
+
+class RichReporter(MfuMixin):
+    """Step, loss, lr, tokens/s, MFU and ETA in a live bar on stderr."""
 
     def __init__(self, console: Console = err, label: str = "train"):
         self.console, self.label = console, label
         self.progress: Optional[Progress] = None
         self.task = None
-        self.fields = {"loss": "", "lr": "", "tps": ""}
+        self.fields = {"loss": "", "lr": "", "tps": "", "mfu": ""}
 
     def start(self, total: int, done: int) -> None:
         self.progress = Progress(
@@ -37,6 +52,7 @@ class RichReporter:
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("{task.fields[mfu]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
@@ -49,6 +65,7 @@ class RichReporter:
     def update(self, step: int, info: dict) -> None:
         if "tokens_per_sec" in info:
             self.fields["tps"] = f"{info['tokens_per_sec']:,.0f}" + _per_device(info)
+            self.fields["mfu"] = self.mfu_text(info["tokens_per_sec"])
         self.fields["loss"] = f"{info['loss']:.4f}"
         self.fields["lr"] = f"{info['lr']:.2e}"
         self.progress.update(self.task, completed=step, **self.fields)
@@ -62,7 +79,7 @@ class RichReporter:
             self.progress = None
 
 
-class PlainReporter:
+class PlainReporter(MfuMixin):
     """One line per logged step, for logs, pipes and CI."""
 
     def __init__(self, stream=None, label: str = "train"):
@@ -79,9 +96,10 @@ class PlainReporter:
             return
         done = step - self.start_step
         eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
+        mfu = self.mfu_text(info["tokens_per_sec"])
         print(
             f"{self.label} step {step}/{self.total} | loss {info['loss']:.4f} | lr {info['lr']:.2e} | "
-            f"{info['tokens_per_sec']:,.0f}{_per_device(info)} tok/s | eta {fmt_duration(eta)}",
+            f"{info['tokens_per_sec']:,.0f}{_per_device(info)} tok/s | {mfu + ' | ' if mfu else ''}eta {fmt_duration(eta)}",
             file=self.stream,
             flush=True,
         )

@@ -67,6 +67,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def attention_dtype(device_type: str, dtype: torch.dtype, kv_len: int) -> torch.dtype:
+    """The dtype attention runs in, given the dtype of q/k/v (shared with llmctl.estimate's memory model).
+
+    CPU flash attention in bf16 is 3-4x slower than in fp32 for short sequences (measured, torch 2.13), so there
+    it runs in fp32; the matmuls around it stay bf16.
+    """
+    if device_type == "cpu" and dtype == torch.bfloat16 and kv_len < 512:
+        return torch.float32
+    return dtype
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -94,9 +105,7 @@ class Attention(nn.Module):
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
                 mask = mask[..., :kv_len] if mask is not None else None
         dtype = q.dtype
-        if q.device.type == "cpu" and dtype == torch.bfloat16 and k.shape[2] < 512:
-            # CPU flash attention in bf16 is 3-4x slower than in fp32 for short sequences (measured, torch 2.13);
-            # the matmuls around it stay bf16
+        if attention_dtype(q.device.type, dtype, k.shape[2]) != dtype:
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast(q.device.type, enabled=False):
             y = F.scaled_dot_product_attention(

@@ -7,7 +7,7 @@ them unchanged; the commands only pick which one to build.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -54,6 +54,7 @@ class Task:
     sizes: dict = field(default_factory=dict)  # what the run trains and validates on, for the start-up line
     labels: Optional[list[str]] = None
     notes: list[str] = field(default_factory=list)
+    val_tokens: Any = None  # the validation token stream of a language-modelling task
 
 
 def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -79,7 +80,7 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
         return {"val_loss": distributed.lm_metrics(model, blocks, layout.dist, device, amp)["loss"]}
 
     return Task("lm", backbone, backbone, batches.get, lm_loss, evaluate, t.batch_size * layout.accum * T * layout.world,
-                sizes={"train_tokens": len(td.train), "val_tokens": len(td.val)})
+                sizes={"train_tokens": len(td.train), "val_tokens": len(td.val)}, val_tokens=td.val)
 
 
 def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.device, amp,

@@ -345,3 +345,40 @@ def test_no_output_file_after_bad_input(runner, tiny_run, tmp_path):
     bad = _file(tmp_path, "in.txt", "ok\n" + "x" * 100 + "\n")
     r = invoke(runner, "infer", "--ckpt", tiny_run, "--input", bad, "--output", tmp_path / "out.jsonl")
     assert r.exit_code == 2 and not (tmp_path / "out.jsonl").exists() and not list(tmp_path.glob(".out.jsonl*"))
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name), cmd
+
+
+def test_every_option_shows_its_default(runner):
+    """`--help` of every command states each option's default (Typer hides None and False unless told)."""
+    import typer.main
+
+    from llmctl.cli import app
+
+    group = typer.main.get_command(app)
+    names = []
+    for path, cmd in _commands(group):
+        names.append(" ".join(path))
+        for p in cmd.params:
+            if p.name == "help" or p.required:
+                continue
+            shown = isinstance(p.show_default, str) or (p.show_default and p.default not in (None, False, []))
+            assert shown, f"llmctl {' '.join(path)}: {p.opts} has no default in --help"
+    assert {"pretrain", "finetune", "runs", "plot", "config show"} <= set(names)
+    r = invoke(runner, "pretrain", "--help")
+    assert "--dry-run" in r.stdout and "default: (off)" in r.stdout
+
+
+def test_json_on_every_reporting_command():
+    import typer.main
+
+    from llmctl.cli import app
+
+    for path, cmd in _commands(typer.main.get_command(app)):
+        assert any("--json" in p.opts for p in cmd.params), f"llmctl {' '.join(path)} has no --json"

@@ -13,8 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import checkpoint as ckpt_io
-from .. import distributed
+from .. import checkpoint as ckpt_io, distributed, estimate, tblog
 from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
 from ..data import prepare as prepare_tokens
 from ..errors import LlmctlError
@@ -230,8 +229,8 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
             raise LlmctlError(f"the run is already complete at step {state.step} (train.max_steps={t.max_steps}"
                               f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to train further")
     distributed.restore_rng(plan.dist, resume_state, t.seed)
-    metrics = (MetricsFile(out / "metrics.jsonl", resume_step=state.step if resume_state is not None else None)
-               if main else distributed.Discard())
+    metrics = (tblog.tee(MetricsFile(out / "metrics.jsonl", resume_step=state.step if resume_state is not None else None),
+                         out, t.log) if main else distributed.Discard())
     base_meta = {}
     if plan.base is not None:
         base_meta = {"base": {"path": str(plan.base.path.resolve()),
@@ -342,6 +341,7 @@ def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str
     device = ctx.device
     amp = resolve_amp(cfg.train.dtype, device)
     accum = distributed.check(ctx, cfg.train, amp)
+    tblog.check(cfg.train.log)
     task_kind = cfg.finetune.task if kind == "finetune" else "lm"
     td = None
     if task_kind == "lm":
@@ -382,17 +382,20 @@ def pretrain(
     log: Log = _nolog,
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
-) -> dict:
+    dry_run: bool = False,
+) -> Optional[dict]:
     """`llmctl pretrain`: train a model from scratch (or continue one) on `data.path`.
 
     Everything is checked (arguments, run directory, config, data, model, disk) before the run directory is
-    created or, with --overwrite, emptied.
+    created or, with --overwrite, emptied. With `dry_run`, build and check everything, then return
+    `estimate.dry_run`'s report instead of training (no run directory is created, touched or deleted).
     """
     reporter, log, on_plan = distributed.rank0_only(reporter, log, on_plan)  # under torchrun only rank 0 speaks
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
-    check_out_dir(out, resume or resume_from is not None, overwrite)
+    if not dry_run:
+        check_out_dir(out, resume or resume_from is not None, overwrite)
     source_ckpt = None
     if resume_from is not None:
         source_ckpt = ckpt_io.load(resume_from)
@@ -417,6 +420,8 @@ def pretrain(
         log(f"resuming from {source_ckpt.path} (step {source_ckpt.meta.get('step')})")
     if on_plan:
         on_plan(plan)
+    if dry_run:
+        return estimate.dry_run(plan, start_step=resume_state["loop"]["step"] if resume_state else 0, out=out)
     return run_training(plan, out, reporter, log, resume_state, on_step)
 
 
@@ -448,7 +453,8 @@ def finetune(
     log: Log = _nolog,
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
-) -> dict:
+    dry_run: bool = False,
+) -> Optional[dict]:
     """`llmctl finetune`: continue training a checkpoint's model on new data (same loop, same format).
 
     The model shape and tokenizer come from the checkpoint; model keys in the config must agree with it.
@@ -463,7 +469,8 @@ def finetune(
     user_model = user_raw.get("model", {}) if isinstance(user_raw.get("model", {}), dict) else {}
     cfg = from_dict(_deep_merge({"model": base_cfg.model.__dict__}, user_raw))
     _check_model_matches(cfg, base_cfg, base_ckpt.path, explicit=user_model)
-    check_out_dir(out, resume, overwrite)
+    if not dry_run:
+        check_out_dir(out, resume, overwrite)
     resume_ckpt = None
     if resume:
         resume_ckpt = latest_good(out, log) if out.exists() else None
@@ -486,6 +493,8 @@ def finetune(
     resume_state = resume_ckpt.train_state() if resume_ckpt else None
     if on_plan:
         on_plan(plan)
+    if dry_run:
+        return estimate.dry_run(plan, start_step=resume_state["loop"]["step"] if resume_state else 0, out=out)
     return run_training(plan, out, reporter, log, resume_state, on_step)
 
 

@@ -1,0 +1,518 @@
+"""See before you spend: parameter counts, FLOPs, memory and time estimates, device peak FLOP/s and MFU.
+
+Everything here reads a built model and config; nothing trains for real or writes a run directory. The memory
+model counts what PyTorch keeps alive during a training step of this Transformer (README "Dry run" lists the
+terms); `dry_run` assembles the full report of `llmctl pretrain|finetune --dry-run`, including a few timed steps
+whose effects (weights, optimizer state, RNG) are discarded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .config import Config, ModelConfig, default_cache_dir
+from .data import eval_blocks
+from .evaluate import lm_metrics
+from .model import attention_dtype
+from .optim import build_optimizer
+from .train import Hooks, LoopState, fit, rng_state, set_rng_state
+
+PARTS = ("embeddings", "attention", "mlp", "norms", "head")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Parameters and FLOPs
+
+
+def _part(name: str) -> str:
+    name = name.removeprefix("backbone.")  # a task head wraps the Transformer (heads.Classifier)
+    if name.startswith(("wte.", "wpe.")):
+        return "embeddings"
+    if ".attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    if name.startswith(("lm_head.", "head.")):
+        return "head"
+    if "norm" in name:
+        return "norms"
+    return "other"
+
+
+def param_counts(model: nn.Module) -> dict:
+    """Parameters by part, each counted once: a head tied to the embedding counts under embeddings (head 0)."""
+    counts = dict.fromkeys(PARTS, 0)
+    trainable = 0
+    for name, p in model.named_parameters():  # shared (tied) parameters are listed once
+        part = _part(name)
+        counts[part] = counts.get(part, 0) + p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    counts["total"] = sum(counts.values())
+    counts["trainable"] = trainable
+    counts["head_tied"] = bool(getattr(getattr(model, "cfg", None), "tied", False))
+    return counts
+
+
+def matmul_weights(model: nn.Module) -> int:
+    """Elements of every Linear weight as used in matmuls (a tied head counts: it is a matmul too)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: Optional[int] = None) -> dict:
+    """Forward and training (forward + backward = 3x forward) FLOPs per token.
+
+    Forward: 2 FLOPs per multiply-add of every Linear weight, plus attention scores and values, 2 * 2 * T * d per
+    layer for a context of T tokens and attention width d (the full T x T product, not the causal half; the
+    convention of the PaLM paper's MFU, so figures compare with published ones).
+    """
+    T = seq_len or cfg.block_size
+    forward = 2 * matmul_weights(model) + 4 * cfg.n_layer * T * cfg.n_head * cfg.head_dim
+    return {"forward": int(forward), "train": int(3 * forward)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def _size(dtype: Optional[torch.dtype]) -> int:
+    return 4 if dtype is None else torch.empty((), dtype=dtype).element_size()
+
+
+def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, amp: Optional[torch.dtype]) -> dict:
+    """Bytes of the tensors autograd keeps for the backward pass of one micro-batch, per term.
+
+    The residual stream and the norms run in float32; under autocast the inputs of every Linear are saved as
+    `amp` copies; attention runs in `attention_dtype` (fp32 for short bf16 sequences on CPU) and keeps q, k, v,
+    its output and the log-sum-exp; the loss keeps float32 log-probabilities. `checkpointed` is the same with
+    per-block activation checkpointing: every block's input, one block recomputed at a time, and the head.
+    """
+    p = _size(amp)  # bytes of a matmul input under autocast (4 without)
+    s = _size(attention_dtype(device_type, amp or torch.float32, seq))
+    C, H, V, L = cfg.n_embd, cfg.hidden, cfg.vocab_size or 0, cfg.n_layer
+    qd, kvd = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    rms = cfg.arch == "llama"
+    dropout = cfg.dropout
+    norm = 4 * C * (2 if rms else 1)  # fp32 input (+ fp32 normalised output kept for the gain's gradient in RMSNorm)
+    if dropout > 0 and device_type != "cuda":
+        # attention with dropout takes the math path here: float32 q, k, v and three (T, T) tensors per head
+        # (probabilities, dropout mask, dropped probabilities), 12 bytes per score; in float32 its output is
+        # copied once more on the way to the projection
+        core = 4 * (qd + 2 * kvd) + 12 * cfg.n_head * seq + (4 * qd if p == 4 else 0)
+    else:
+        # flash / memory-efficient attention keeps q, k, v, its output and the log-sum-exp. When it runs in the
+        # matmul dtype, q, k, v are views of the fused qkv output (whose whole storage stays alive) and RoPE adds
+        # fresh q and k; otherwise they are upcast copies
+        if s != p:
+            core = s * (qd + 2 * kvd)
+        else:
+            core = p * (qd + 2 * kvd) + (p * (qd + kvd) if cfg.arch == "llama" else 0)
+        core += s * qd + 4 * cfg.n_head
+    attn = p * C + core + (p * qd if (s != p or dropout > 0) else 0)  # qkv input, attention, proj input (a cast copy)
+    masks = 2 * p * C if dropout > 0 else 0  # residual dropout masks, in the dtype of what they drop
+    mlp = p * C + (4 * p * H if cfg.arch == "llama" else 2 * p * H)  # fc input, fc output (gate/up), proj input
+    block = norm + attn + norm + mlp + masks  # per token
+    # final norm, head input, float32 log-probabilities, input ids and targets (int64), embedding dropout mask
+    head = norm + p * C + 4 * V + 8 + 8 + (4 * C if dropout > 0 else 0)
+    tokens = batch * seq
+    full = tokens * (L * block + head)
+    checkpointed = tokens * (L * 4 * C + block + head)
+    return {"per_layer": tokens * block, "head": tokens * head, "full": full, "checkpointed": checkpointed}
+
+
+def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Optional[torch.dtype]) -> dict:
+    """Estimated bytes per device for one training step at train.batch_size x model.block_size.
+
+    weights, gradients (trainable parameters, in their dtype), AdamW state (two moments per trainable parameter),
+    the autocast copies of matmul weights kept for the backward pass, and activations with and without
+    checkpointing. `total` adds them up (gradients and activations are counted as if all alive at once: the
+    backward pass frees activations while it fills gradients, so this is an upper bound on live tensors; the
+    CPU allocator's retained memory often makes up the difference in the process's resident size).
+    """
+    seen, weights, grads, opt = set(), 0, 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        weights += p.numel() * p.element_size()
+        if p.requires_grad:
+            grads += p.numel() * p.element_size()
+            opt += 2 * p.numel() * p.element_size()
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    copies = 0
+    if amp is not None:
+        ids = set()
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and id(m.weight) not in ids:
+                ids.add(id(m.weight))
+                copies += m.weight.numel() * _size(amp)
+    act = activation_bytes(cfg.model, cfg.train.batch_size, cfg.model.block_size, device.type, amp)
+    base = weights + grads + opt + copies
+    return {
+        "weights": weights, "gradients": grads, "optimizer": opt, "autocast_copies": copies,
+        "activations": act["full"], "activations_checkpointed": act["checkpointed"],
+        "total": base + act["full"], "total_checkpointed": base + act["checkpointed"],
+        "device_capacity": device_capacity(device),
+    }
+
+
+def device_capacity(device: torch.device) -> Optional[int]:
+    """Memory of the device in bytes (physical RAM on CPU), when it can be read."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Peak FLOP/s of the device, for MFU
+
+# Dense tensor-core peaks from the vendors' datasheets, TFLOP/s: (name pattern, bf16, fp16, fp32). First match wins.
+GPU_PEAKS: list[tuple[str, Optional[float], Optional[float], Optional[float]]] = [
+    (r"GH200|H200", 989.4, 989.4, 66.9),
+    (r"H100.*PCIe", 756.5, 756.5, 51.2),
+    (r"H100.*NVL", 835.5, 835.5, 60.0),
+    (r"H100|H800", 989.4, 989.4, 66.9),
+    (r"B200", 2250.0, 2250.0, None),
+    (r"A100|A800", 312.0, 312.0, 19.5),
+    (r"\bA10\b", 125.0, 125.0, 31.2),
+    (r"\bA30\b", 165.0, 165.0, 10.3),
+    (r"\bA40\b", 149.7, 149.7, 37.4),
+    (r"L40S", 362.1, 362.1, 91.6),
+    (r"\bL40\b", 181.0, 181.0, 90.5),
+    (r"\bL4\b", 121.0, 121.0, 30.3),
+    (r"RTX 4090", 165.2, 165.2, 82.6),
+    (r"RTX 3090", 71.0, 71.0, 35.6),
+    (r"V100", None, 125.0, 15.7),
+    (r"\bT4\b", None, 65.0, 8.1),
+    (r"MI300X", 1307.4, 1307.4, 163.4),
+    (r"MI250X", 383.0, 383.0, 47.9),
+]
+
+
+def gpu_peak(name: str, amp: Optional[torch.dtype]) -> Optional[float]:
+    """Peak FLOP/s of a GPU by its name for the precision in use, or None when it is not in the table."""
+    column = {torch.bfloat16: 1, torch.float16: 2}.get(amp, 3)
+    for row in GPU_PEAKS:
+        if re.search(row[0], name):
+            return row[column] * 1e12 if row[column] else None
+    return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, seconds: float = 0.25, rounds: int = 3) -> float:
+    """Best FLOP/s of a square n x n matmul in `dtype` on this CPU (best of `rounds`, each ~`seconds`)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # first call creates the kernels
+    best = 0.0
+    for _ in range(rounds):
+        k, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            k += 1
+            dt = time.perf_counter() - t0
+            if dt >= seconds:
+                break
+        best = max(best, 2 * n**3 * k / dt)
+    return best
+
+
+def cpu_peak(amp: Optional[torch.dtype], cache_dir: Optional[str] = None, measurements: int = 3) -> float:
+    """This CPU's matmul peak for the precision in use, cached in <cache>/peak_flops.json.
+
+    Keyed by CPU model, thread count, torch version and dtype. The first `measurements` uses each measure again
+    (about a second) and keep the best, so one measurement taken while other processes load the machine does not
+    stay the peak for good; after that the cached value is used. Delete the file to start over.
+    """
+    dtype = amp or torch.float32
+    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{str(dtype).replace('torch.', '')}"
+    path = Path(cache_dir or default_cache_dir()).expanduser() / "peak_flops.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    entry = table.get(key) if isinstance(table, dict) else None
+    if not isinstance(table, dict):
+        table = {}
+    if not (isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and isinstance(entry.get("n"), int)):
+        entry = {"flops": 0.0, "n": 0}
+    if entry["n"] >= measurements:
+        return float(entry["flops"])
+    entry = {"flops": max(float(entry["flops"]), measure_matmul_flops(dtype)), "n": entry["n"] + 1}
+    table[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs a new measurement next time
+    return entry["flops"]
+
+
+def peak_flops(device: torch.device, amp: Optional[torch.dtype], cache_dir: Optional[str] = None) -> dict:
+    """{"flops": peak FLOP/s or None, "source": where it came from}. LLMCTL_PEAK_TFLOPS overrides."""
+    env = os.environ.get("LLMCTL_PEAK_TFLOPS")
+    if env:
+        try:
+            return {"flops": float(env) * 1e12, "source": "LLMCTL_PEAK_TFLOPS"}
+        except ValueError:
+            pass
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        value = gpu_peak(name, amp)
+        return {"flops": value, "source": f"datasheet ({name})" if value else f"unknown GPU {name}: set LLMCTL_PEAK_TFLOPS"}
+    if device.type == "cpu":
+        return {"flops": cpu_peak(amp, cache_dir), "source": f"{_cpu_name()}, {torch.get_num_threads()} threads: best measured matmul"}
+    return {"flops": None, "source": f"no peak known for {device.type}: set LLMCTL_PEAK_TFLOPS"}
+
+
+def mfu(tokens_per_sec: Optional[float], flops_per_token: float, peak: Optional[float]) -> Optional[float]:
+    """Model FLOP utilisation: achieved training FLOP/s over the device's peak."""
+    if not tokens_per_sec or not peak:
+        return None
+    return tokens_per_sec * flops_per_token / peak
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Time: a few real steps of the real loop, their effects discarded
+
+
+@contextlib.contextmanager
+def discarded(model: nn.Module):
+    """Run something that trains `model`, then put back its weights, gradients, mode and every RNG."""
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rng, was_training = rng_state(), model.training
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            model.load_state_dict(weights)
+        for p in model.parameters():
+            p.grad = None
+        set_rng_state(rng)
+        model.train(was_training)
+
+
+def time_steps(model: nn.Module, cfg: Config, task: Any, device: torch.device, amp: Optional[torch.dtype],
+               steps: int = 5, warmup: int = 2, start_step: int = 0) -> dict:
+    """Seconds per optimizer step: `warmup` untimed steps, then the median of `steps` timed ones, through `fit`
+    with the task's own batches and loss.
+
+    A fresh optimizer is used and dropped; weights and RNG are restored afterwards (`discarded`).
+    """
+    t = cfg.train
+    n = warmup + steps
+    loop_cfg = dataclasses.replace(t, max_steps=start_step + n, eval_interval=0, save_interval=0, log_interval=10**9)
+    stamps: list[float] = []
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    with discarded(model):
+        optimizer = build_optimizer(model, t, device.type)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rss_before = _reset_peak_rss() if device.type == "cpu" else None
+
+        def on_step(state: LoopState) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            stamps.append(time.perf_counter())
+
+        t0 = time.perf_counter()
+        fit(model, optimizer, loop_cfg, Hooks(batches=task.batches, loss=task.loss, on_step=on_step),
+            LoopState(step=start_step), device=device, amp_dtype=amp, scaler=scaler, tokens_per_step=task.tokens_per_step)
+        durations = np.diff([t0, *stamps]).tolist()
+        if device.type == "cuda":
+            measured_peak = int(torch.cuda.max_memory_allocated(device))
+        else:
+            peak_rss = _proc_status("VmHWM")
+            measured_peak = peak_rss - rss_before if rss_before is not None and peak_rss is not None else None
+        del optimizer
+    timed = durations[warmup:]
+    return {
+        "step_seconds": statistics.median(timed),
+        "first_step_seconds": durations[0],
+        "steps_timed": len(timed),
+        "warmup_steps": warmup,
+        "measured_peak_memory": measured_peak,
+    }
+
+
+def _proc_status(field: str) -> Optional[int]:
+    """A byte figure from /proc/self/status (Linux), e.g. VmRSS or VmHWM (the peak resident size)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_peak_rss() -> Optional[int]:
+    """Reset the process's peak resident size to the current one (Linux); returns it, or None if unsupported.
+
+    On CPU the growth of the peak over this point, across the timed steps, is the memory the run really takes,
+    allocator behaviour included (glibc's malloc keeps freed heap, so it exceeds the tensors' own total).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status("VmRSS")
+
+
+def eval_plan(n_val: int, cfg: Config, start_step: int = 0) -> dict:
+    """How many evaluation passes a run makes and how many batches each has (as `fit` and `eval_blocks` do)."""
+    t, T, bs = cfg.train, cfg.model.block_size, cfg.eval.batch_size
+    if n_val < 2:
+        return {"evals": 0, "batches": 0}
+    n_full = (n_val - 1) // T
+    if t.eval_batches is not None and n_full > t.eval_batches * bs:
+        batches = t.eval_batches
+    else:
+        batches = math.ceil(n_full / bs) + (1 if (n_val - 1) % T else 0)
+    if t.eval_interval:
+        evals = t.max_steps // t.eval_interval - start_step // t.eval_interval
+        evals += 0 if t.max_steps % t.eval_interval == 0 else 1
+    else:
+        evals = 1
+    return {"evals": max(evals, 0), "batches": batches}
+
+
+def time_eval_batch(model: nn.Module, cfg: Config, val_tokens, device: torch.device, amp: Optional[torch.dtype],
+                    batches: int = 2) -> Optional[float]:
+    """Seconds per validation batch (one untimed batch first)."""
+    if len(val_tokens) < cfg.model.block_size + 2:
+        return None
+    lm_metrics(model, eval_blocks(val_tokens, cfg.model.block_size, cfg.eval.batch_size, 1), device, amp)
+    t0 = time.perf_counter()
+    lm_metrics(model, eval_blocks(val_tokens, cfg.model.block_size, cfg.eval.batch_size, batches), device, amp)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / batches
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The sample batch
+
+
+def sample_batch(task: Any, tokenizer, step: int = 0, labels_names: Optional[list] = None) -> dict:
+    """The first sequence of the first micro-batch of `step`, as spans of text marked trained on or not.
+
+    Token j of the input is trained on when it is the target of position j - 1 (its label is not -100); the first
+    token of a sequence is context only. A classification example shows its text and its label instead.
+    """
+    batch = task.batches(step)[0]
+    ids = batch["input_ids"][0].tolist()
+    if "lengths" in batch:  # classification: one label per sequence
+        n = int(batch["lengths"][0])
+        label = int(batch["labels"][0])
+        return {"step": step, "tokens": n, "trained_tokens": 0, "label": labels_names[label] if labels_names else label,
+                "spans": [{"trained": False, "tokens": n, "text": tokenizer.decode(ids[:n], skip_special=False)}]}
+    labels = batch["labels"][0].tolist()
+    trained = [False] + [lab != -100 for lab in labels[:-1]]
+    spans: list[dict] = []
+    for tok_id, flag in zip(ids, trained):
+        if spans and spans[-1]["trained"] == flag:
+            spans[-1]["ids"].append(tok_id)
+        else:
+            spans.append({"trained": flag, "ids": [tok_id]})
+    out_spans = [{"trained": sp["trained"], "tokens": len(sp["ids"]), "text": tokenizer.decode(sp["ids"], skip_special=False)}
+                 for sp in spans]
+    return {"step": step, "tokens": len(ids), "trained_tokens": int(sum(trained)) + int(labels[-1] != -100),
+            "spans": out_spans}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The whole dry-run report
+
+
+def dry_run(plan: Any, start_step: int = 0, timed_steps: int = 5, warmup_steps: int = 2, out: Optional[Path] = None) -> dict:
+    """Everything `--dry-run` shows, as one JSON-ready dict. `plan` is a commands.TrainPlan (duck-typed)."""
+    cfg, model, device, amp, task = plan.cfg, plan.model, plan.device, plan.amp, plan.task
+    t = cfg.train
+    raw = getattr(model, "_orig_mod", model)
+    tokens_per_step = task.tokens_per_step or t.batch_size * plan.grad_accum * cfg.model.block_size  # padded: at most
+    flops = flops_per_token(raw, cfg.model)
+    peak = peak_flops(device, amp, cfg.data.cache_dir)
+    report: dict = {
+        "kind": plan.kind,
+        "out": str(out) if out is not None else None,
+        "out_exists": bool(out is not None and Path(out).is_dir() and any(Path(out).iterdir())),
+        "config": cfg.to_dict(),
+        "device": str(device),
+        "precision": "float32" if amp is None else f"{str(amp).replace('torch.', '')} autocast",
+        "parameters": param_counts(raw),
+        "flops_per_token": flops["train"],
+        "flops_per_token_forward": flops["forward"],
+        "tokens_per_step": tokens_per_step,
+        "task": task.kind,
+        **{k: v for k, v in task.sizes.items() if k != "epochs"},
+        "epochs": (round((t.max_steps - start_step) * tokens_per_step / max(1, task.sizes["train_tokens"]), 3)
+                   if "train_tokens" in task.sizes else task.sizes.get("epochs")),
+        "memory": memory_estimate(raw, cfg, device, amp),
+        "peak_flops": peak["flops"],
+        "peak_flops_source": peak["source"],
+    }
+    try:
+        timing = time_steps(model, cfg, task, device, amp, timed_steps, warmup_steps, start_step)
+        if task.kind == "lm":
+            per_eval_batch = time_eval_batch(task.backbone, cfg, task.val_tokens, device, amp)
+            ev = eval_plan(len(task.val_tokens), cfg, start_step)
+        else:  # one whole validation pass, timed
+            t0 = time.perf_counter()
+            task.evaluate(model, start_step)
+            per_eval_batch, ev = time.perf_counter() - t0, {**eval_plan(2, cfg, start_step), "batches": 1}
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) and "memory" not in str(e).lower():
+            raise
+        report["time"] = {"error": f"out of memory during the timed steps: {str(e).splitlines()[0][:200]}"}
+        report["fits"] = False
+    else:
+        step_s = timing["step_seconds"]
+        eval_s = (per_eval_batch or 0.0) * ev["batches"] * ev["evals"]
+        steps_left = t.max_steps - start_step
+        tps = tokens_per_step / step_s if step_s > 0 else None
+        report["time"] = {
+            **timing,
+            "tokens_per_sec": tps,
+            "mfu": mfu(tps, flops["train"], peak["flops"]),
+            "steps": steps_left,
+            "train_seconds": step_s * steps_left,
+            "evals": ev["evals"],
+            "eval_batches": ev["batches"],
+            "eval_seconds": eval_s,
+            "run_seconds": step_s * steps_left + eval_s,
+        }
+        cap = report["memory"]["device_capacity"]
+        report["fits"] = None if cap is None else bool(report["memory"]["total"] <= cap)
+    report["sample"] = sample_batch(task, plan.tokenizer, start_step, task.labels)
+    return report

@@ -1,0 +1,194 @@
+"""Rich renderings of the reports for people: the dry run, the table of runs, a comparison of two runs.
+
+The same reports go out as JSON with `--json`; these functions only decide how they look on a terminal.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import yaml
+from pathlib import Path
+
+from rich import box
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from .console import fmt_duration
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def fmt_count(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f}"
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _kv_table(title: str, rows: list[tuple[str, str, str]] | list[tuple[str, str]]) -> Table:
+    t = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False, title_style="bold")
+    width = max(len(r) for r in rows) if rows else 2
+    t.add_column(style="cyan")
+    for _ in range(width - 1):
+        t.add_column(justify="right")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+def dry_run(report: dict) -> Group:
+    """The dry-run report: config, parameters, compute, memory, time, and the sample batch with its loss mask."""
+    cfg = report["config"]
+    m, tr = cfg["model"], cfg["train"]
+    parts = []
+    head = Text()
+    head.append(f"dry run of {report['kind']}", style="bold")
+    if report.get("out"):
+        exists = " (it holds a run: --resume or --overwrite)" if report.get("out_exists") else ""
+        head.append(f": nothing trained, nothing written; the run would go to {report['out']}{exists}")
+    head.append("\n")
+    head.append(f"device {report['device']}, {report['precision']}\n")
+    parts.append(head)
+
+    p = report["parameters"]
+    rows = [(k, f"{p.get(k, 0):,}") for k in ("embeddings", "attention", "mlp", "norms")]
+    rows.append(("head", "tied to the embedding" if p.get("head_tied") else f"{p.get('head', 0):,}"))
+    if p.get("other"):
+        rows.append(("other", f"{p['other']:,}"))
+    rows.append(("total", f"{p['total']:,}" + (f" ({p['trainable']:,} trainable)" if p["trainable"] != p["total"] else "")))
+    parts.append(_kv_table("parameters", rows))
+
+    acc = tr["grad_accum"]
+    rows = [
+        ("FLOPs per token (training)", f"{fmt_count(report['flops_per_token'])} (forward {fmt_count(report['flops_per_token_forward'])})"),
+        ("tokens per optimizer step", f"{report['tokens_per_step']:,} ({tr['batch_size']} x {m['block_size']}" + (f" x {acc} micro-batches)" if acc > 1 else ")")),
+        (("train / val tokens", f"{report['train_tokens']:,} / {report['val_tokens']:,} ({report['epochs']} epochs)")
+         if "train_tokens" in report else
+         ("train / val examples", f"{report['train_examples']:,} / {report['val_examples']:,} ({report['epochs']} epochs)")),
+        ("device peak", f"{fmt_count(report['peak_flops'])}FLOP/s" if report.get("peak_flops") else "unknown"),
+        ("peak from", report["peak_flops_source"]),
+    ]
+    parts.append(_kv_table("\ncompute", rows))
+
+    mem = report["memory"]
+    rows = [
+        ("weights", fmt_bytes(mem["weights"]), ""),
+        ("gradients", fmt_bytes(mem["gradients"]), ""),
+        ("optimizer state (AdamW)", fmt_bytes(mem["optimizer"]), ""),
+    ]
+    if mem["autocast_copies"]:
+        rows.append(("autocast weight copies", fmt_bytes(mem["autocast_copies"]), ""))
+    rows += [
+        (f"activations ({tr['batch_size']} x {m['block_size']})", fmt_bytes(mem["activations"]),
+         f"with checkpointing {fmt_bytes(mem['activations_checkpointed'])}"),
+        ("total", fmt_bytes(mem["total"]), f"with checkpointing {fmt_bytes(mem['total_checkpointed'])}"),
+    ]
+    if mem.get("device_capacity"):
+        fits = report.get("fits")
+        rows.append(("device memory", fmt_bytes(mem["device_capacity"]),
+                     "fits" if fits else ("does NOT fit" if fits is False else "")))
+    parts.append(_kv_table("\nmemory per device (estimate)", rows))
+
+    tm = report.get("time", {})
+    if "error" in tm:
+        parts.append(Text(f"\ntime: {tm['error']}", style="red"))
+    elif tm:
+        mfu = f", MFU {100 * tm['mfu']:.1f}%" if tm.get("mfu") else ""
+        rows = [
+            ("per step", f"{tm['step_seconds']:.3f} s", f"{tm['tokens_per_sec']:,.0f} tok/s{mfu}"),
+            (f"{tm['steps']:,} steps", fmt_duration(tm["train_seconds"]), ""),
+            (f"{tm['evals']} evaluations", fmt_duration(tm["eval_seconds"]), f"{tm['eval_batches']} batches each"),
+            ("whole run", fmt_duration(tm["run_seconds"]), "(checkpoint saves not included)"),
+        ]
+        if tm.get("measured_peak_memory"):
+            what = "allocated" if report["device"].startswith("cuda") else "resident growth"
+            rows.append((f"measured peak ({what})", fmt_bytes(tm["measured_peak_memory"]), "during the timed steps"))
+        title = f"\ntime (median of {tm['steps_timed']} timed steps after {tm['warmup_steps']} warm-up steps, on {report['device']})"
+        parts.append(_kv_table(title, rows))
+
+    s = report["sample"]
+    if "label" in s:
+        parts.append(Text(f"\nsample batch (step {s['step']}, first sequence): {s['tokens']} tokens, label {s['label']}; "
+                          "the classifier reads the text in ⟦ ⟧", style="bold"))
+    else:
+        parts.append(Text(f"\nsample batch (step {s['step']}, first sequence): {s['trained_tokens']} of {s['tokens']} "
+                          "targets are trained on; text in ⟦ ⟧ is context only", style="bold"))
+    text = Text()
+    shown = 0
+    for span in s["spans"]:
+        piece = span["text"]
+        if shown + len(piece) > 3000:
+            piece = piece[: max(0, 3000 - shown)] + " [...]"
+        shown += len(piece)
+        if span["trained"]:
+            text.append(piece)
+        else:
+            text.append("⟦" + piece + "⟧", style="dim")
+        if shown >= 3000:
+            break
+    parts.append(text)
+    parts.append(Text("\nresolved config", style="bold"))
+    parts.append(Text(yaml.safe_dump(cfg, sort_keys=False).rstrip(), style="dim"))
+    return Group(*parts)
+
+
+def runs_table(rows: list[dict], directory: str) -> Table:
+    t = Table(title=f"runs in {directory}", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
+    for col, just in (("name", "left"), ("status", "left"), ("steps", "right"), ("best val\nloss", "right"),
+                      ("tokens\nseen", "right"), ("tokens/s", "right")):
+        t.add_column(col, justify=just, no_wrap=col != "name", overflow="fold")
+    colour = {"finished": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "diverged": "red",
+              "crashed": "red"}
+    for r in rows:
+        status = r["status"] + (f" ({r['detail']})" if r["status"] == "interrupted" and r.get("detail") else "")
+        steps = _fmt(r["steps"]) + (f"/{r['max_steps']:,}" if isinstance(r.get("max_steps"), int) else "")
+        t.add_row(r["name"], Text(status, style=colour.get(r["status"], "")), steps, _fmt(r["best_val_loss"]),
+                  _fmt(r["tokens"]), _fmt(r["tokens_per_sec"], 0) if r["tokens_per_sec"] is not None else "-")
+    return t
+
+
+def comparison(c: dict) -> Group:
+    a, b = Path(c["a"]).name, Path(c["b"]).name
+    if a == b:
+        a, b = "A", "B"
+    head = Text(f"A: {c['a']}\nB: {c['b']}\n") if (a, b) == ("A", "B") else Text("")
+    diff = Table(title="config keys that differ", title_justify="left", header_style="bold")
+    diff.add_column("key")
+    diff.add_column(a)
+    diff.add_column(b)
+    for d in c["config_diff"]:
+        diff.add_row(d["key"], _fmt(d["a"], 6), _fmt(d["b"], 6))
+    if not c["config_diff"]:
+        diff.add_row("(none)", "", "")
+    metrics = Table(title="final metrics", title_justify="left", header_style="bold")
+    metrics.add_column("metric")
+    metrics.add_column(a, justify="right")
+    metrics.add_column(b, justify="right")
+    for k in c["metrics"]["a"]:
+        digits = 4 if "loss" in k else 1
+        metrics.add_row(k, _fmt(c["metrics"]["a"][k], digits), _fmt(c["metrics"]["b"][k], digits))
+    return Group(head, diff, Text(""), metrics)

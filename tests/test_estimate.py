@@ -1,0 +1,139 @@
+"""The dry-run report and the estimator behind it (no timing assertions: timings on a shared CPU are noise)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY, invoke, sets
+from llmctl import commands, estimate
+from llmctl.config import Config, ModelConfig
+from llmctl.model import Transformer
+
+
+def test_dry_run_report_fields(tmp_path):
+    out = tmp_path / "never"
+    r = commands.pretrain(None, TINY, out, dry_run=True)
+    assert not out.exists() and r["out_exists"] is False  # nothing written
+    assert r["kind"] == "pretrain" and r["config"]["model"]["n_layer"] == 2 and r["config"]["train"]["max_steps"] == 30
+    p = r["parameters"]
+    assert p["head_tied"] and p["head"] == 0
+    assert sum(p[k] for k in estimate.PARTS) == p["total"] == p["trainable"]
+    assert p["attention"] == 2 * (32 * 96 + 96 + 32 * 32 + 32)  # gpt2: fused qkv and proj, with biases
+    assert p["embeddings"] == r["config"]["model"]["vocab_size"] * 32 + 32 * 32
+    assert r["flops_per_token"] == 3 * r["flops_per_token_forward"] > 0
+    assert r["tokens_per_step"] == 4 * 32
+    m = r["memory"]
+    assert m["weights"] == 4 * p["total"] and m["gradients"] == m["weights"] and m["optimizer"] == 2 * m["weights"]
+    assert m["autocast_copies"] == 0  # TINY trains in float32
+    assert m["total"] == m["weights"] + m["gradients"] + m["optimizer"] + m["activations"]
+    assert 0 < m["activations_checkpointed"] < m["activations"]
+    t = r["time"]
+    assert {"step_seconds", "tokens_per_sec", "mfu", "train_seconds", "eval_seconds", "run_seconds"} <= set(t)
+    assert t["steps"] == 30 and t["steps_timed"] == 5 and t["evals"] == 2 and t["eval_batches"] == 4
+    assert t["run_seconds"] == pytest.approx(t["train_seconds"] + t["eval_seconds"])
+    assert "measured_peak_memory" in t  # resident growth of the timed steps on Linux, None where unreadable
+    s = r["sample"]
+    assert s["tokens"] == 32 and s["trained_tokens"] == 32
+    assert [sp["trained"] for sp in s["spans"]] == [False, True]  # the first token is context only
+    assert sum(sp["tokens"] for sp in s["spans"]) == 32 and all(sp["text"] for sp in s["spans"])
+    json.dumps(r)  # JSON-ready
+
+
+def test_dry_run_cli_json_and_touches_no_existing_run(runner, tiny_run):
+    before = sorted(p.name for p in tiny_run.iterdir())
+    r = invoke(runner, "pretrain", *sets(*TINY, "train.dtype=bfloat16"), "--out", tiny_run, "--overwrite", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["precision"] == "bfloat16 autocast" and report["memory"]["autocast_copies"] > 0
+    assert report["out_exists"] is True
+    assert sorted(p.name for p in tiny_run.iterdir()) == before  # --overwrite did not delete anything
+    r = invoke(runner, "finetune", "--from", tiny_run, *sets(*TINY[-1:], "train.max_steps=3"), "--out", tiny_run / "ft", "--dry-run")
+    assert r.exit_code == 0, r.output
+    for words in ("parameters", "memory per device", "activations", "whole run", "sample batch", "resolved config"):
+        assert words in r.stdout
+    assert not (tiny_run / "ft").exists()
+
+
+def test_timed_steps_leave_weights_and_rng_untouched():
+    cfg = Config()
+    cfg.model = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=40, dropout=0.1)
+    cfg.train.batch_size = 2
+    model = Transformer(cfg.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    tokens = torch.randint(0, 40, (500,)).numpy().astype("uint16")
+    torch.manual_seed(7)
+    from llmctl.data import TokenData
+    from llmctl.tasks import lm_task
+
+    task = lm_task(cfg, TokenData(None, tokens, tokens[:100], None, {}), model, torch.device("cpu"), None)
+    r = estimate.time_steps(model, cfg, task, torch.device("cpu"), None, steps=2, warmup=1)
+    assert r["steps_timed"] == 2 and r["step_seconds"] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.rand(3), expected)  # the RNG is where it was
+
+
+def _saved_bytes(cfg: ModelConfig, batch: int, amp) -> int:
+    """Bytes of every tensor autograd saves for backward, excluding the parameters themselves."""
+    model = Transformer(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            F.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_activation_model_matches_what_autograd_saves(arch, amp):
+    cfg = ModelConfig(arch=arch, n_layer=2, n_head=4, n_kv_head=2 if arch == "llama" else None, n_embd=64,
+                      block_size=48, vocab_size=70)
+    full = Config(model=cfg)
+    full.train.batch_size = 3
+    mem = estimate.memory_estimate(Transformer(cfg), full, torch.device("cpu"), amp)
+    measured = _saved_bytes(cfg, 3, amp)  # under autocast this includes the bf16 weight copies
+    assert mem["activations"] + mem["autocast_copies"] == pytest.approx(measured, rel=0.03)
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+    model = Transformer(cfg)
+    per_layer = 32 * 96 + 32 * 32 + 32 * 128 * 2
+    f = estimate.flops_per_token(model, cfg)
+    assert f["forward"] == 2 * (2 * per_layer + 50 * 32) + 4 * 2 * 16 * 32
+    assert f["train"] == 3 * f["forward"]
+
+
+def test_gpu_peak_table():
+    assert estimate.gpu_peak("NVIDIA H100 PCIe", torch.bfloat16) == 756.5e12
+    assert estimate.gpu_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4e12
+    assert estimate.gpu_peak("NVIDIA A100-SXM4-80GB", torch.float16) == 312e12
+    assert estimate.gpu_peak("Tesla T4", torch.bfloat16) is None and estimate.gpu_peak("Tesla T4", torch.float16) == 65e12
+    assert estimate.gpu_peak("NVIDIA A10G", torch.bfloat16) is None  # not an A10: unknown rather than wrong
+    assert estimate.gpu_peak("NVIDIA L40S", torch.bfloat16) == 362.1e12
+
+
+def test_cpu_peak_is_measured_a_few_times_then_cached(tmp_path, monkeypatch):
+    values = iter([100e9, 300e9, 200e9, 999e9])
+    calls = []
+    monkeypatch.setattr(estimate, "measure_matmul_flops", lambda dtype: calls.append(dtype) or next(values))
+    seen = [estimate.cpu_peak(torch.bfloat16, str(tmp_path)) for _ in range(5)]
+    assert seen == [100e9, 300e9, 300e9, 300e9, 300e9]  # the best of three measurements, then cached
+    assert calls == [torch.bfloat16] * 3
+    assert json.loads((tmp_path / "peak_flops.json").read_text()).popitem()[1] == {"flops": 300e9, "n": 3}
+    assert estimate.cpu_peak(None, str(tmp_path)) == 999e9 and calls[-1] == torch.float32  # its own key
+    assert estimate.mfu(1000.0, 1e6, 1e10) == pytest.approx(0.1)
