@@ -29,6 +29,7 @@ import torch
 
 from .config import DataConfig, TokenizerConfig
 from .errors import LlmctlError
+from .fileio import read_jsonl, sha256_file
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -55,17 +56,9 @@ class Source:
             h.update(f"hub:{self.hub_name}:{cfg.hf_config}:{cfg.hf_split}".encode())
         for f in self.files:
             h.update(f.name.encode())
-            h.update(file_sha256(f).encode())
+            h.update(sha256_file(f).encode())
         h.update(f"{self.builder}:{cfg.text_column}".encode())
         return h.hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download(url: str, cache_dir: str, sha256: Optional[str]) -> Path:
@@ -84,7 +77,7 @@ def download(url: str, cache_dir: str, sha256: Optional[str]) -> Path:
             raise LlmctlError(f"could not download {url}: {e}; check the URL and the network, or give a local file as data.path") from None
         os.replace(tmp, dest)
     if sha256:
-        got = file_sha256(dest)
+        got = sha256_file(dest)
         if got != sha256.lower():
             dest.unlink()
             raise LlmctlError(f"{url} downloaded with sha256 {got}, but data.sha256 is {sha256}; fix data.sha256 or the URL")
@@ -498,7 +491,7 @@ def instruct_examples(path: str, data: DataConfig, tokenizer: Tokenizer, block_s
     source = resolve_source(path, data, key)
     if source.builder != "json":
         raise LlmctlError(f"{key}: instruction tuning reads JSONL (one object per line), not {source.suffix} files")
-    rows = _read_jsonl(source.files, key)
+    rows = [row for f in source.files for row in read_jsonl(f, f"{key}:")]
     ids, targets, truncated = [], [], 0
     for n, row in rows:
         for prompt, response in instruct_pairs(row, ft, f"{key} line {n}"):
@@ -515,27 +508,6 @@ def instruct_examples(path: str, data: DataConfig, tokenizer: Tokenizer, block_s
     if not ids:
         raise LlmctlError(f"{key}: {path} has no usable examples")
     return Examples(ids, targets, truncated)
-
-
-def _read_jsonl(files: list[Path], key: str) -> list[tuple[int, dict]]:
-    rows = []
-    for f in files:
-        text = f.read_text(encoding="utf-8")
-        if f.suffix == ".json" and text.lstrip().startswith("["):
-            data = json.loads(text)
-            rows += [(i + 1, r) for i, r in enumerate(data)]
-            continue
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LlmctlError(f"{key}: {f} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict):
-                raise LlmctlError(f"{key}: {f} line {n} must be a JSON object")
-            rows.append((n, obj))
-    return rows
 
 
 def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

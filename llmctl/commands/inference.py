@@ -9,6 +9,7 @@ from typing import Iterator, Optional
 
 from ..data import Examples, eval_batches, render_prompt
 from ..errors import LlmctlError
+from ..fileio import read_jsonl, read_text
 from ..evaluate import classify
 from ..generate import Request, generate, generate_batch
 from ..tokenizer import StreamDecoder, Tokenizer
@@ -20,12 +21,7 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
         raise LlmctlError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
         p = Path(prompt_file)
-        if not p.is_file():
-            raise LlmctlError(f"--prompt-file {p} does not exist")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise LlmctlError(f"--prompt-file {p} is not UTF-8 text") from None
+        text = read_text(p, "--prompt-file")
         if not text.strip():
             raise LlmctlError(f"--prompt-file {p} is empty; put the prompt text in it")
         return text
@@ -170,27 +166,15 @@ def classify_texts(loaded: Loaded, texts: list[str], batch_size: int = 32) -> li
 def read_inputs(path: Path) -> list[dict]:
     """Rows of an --input file: JSONL objects with `prompt` (or `text`), or plain text with one prompt per line."""
     p = Path(path)
-    if not p.is_file():
-        raise LlmctlError(f"--input {p} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LlmctlError(f"--input {p} is not UTF-8 text") from None
     rows: list[dict] = []
     if p.suffix in (".jsonl", ".json"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LlmctlError(f"--input {p} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt", obj.get("text")), str):
+        for n, obj in read_jsonl(p, "--input"):
+            if not isinstance(obj.get("prompt", obj.get("text")), str):
                 raise LlmctlError(f"--input {p} line {n} needs a \"prompt\" (or \"text\") string field")
             obj.setdefault("prompt", obj.get("text"))
             rows.append(obj)
     else:
-        rows = [{"prompt": line} for line in text.splitlines() if line.strip()]
+        rows = [{"prompt": line} for line in read_text(p, "--input").splitlines() if line.strip()]
     if not rows:
         raise LlmctlError(f"--input {p} holds no prompts")
     return rows

@@ -17,6 +17,7 @@ from .. import checkpoint as ckpt_io, distributed, estimate, tblog
 from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
 from ..data import prepare as prepare_tokens
 from ..errors import LlmctlError
+from ..fileio import write_atomic
 from ..model import Transformer
 from ..optim import build_optimizer
 from ..tasks import BUILDERS as TASKS
@@ -107,7 +108,7 @@ class MetricsFile:
         if resume_step is not None and path.exists():  # drop rows after the step we resume from
             rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in rows if _row_step(ln) <= resume_step]
-            ckpt_io.write_atomic(path, "".join(r + "\n" for r in kept))
+            write_atomic(path, "".join(r + "\n" for r in kept))
         self.f = open(path, "a", encoding="utf-8")
 
     def __call__(self, row: dict) -> None:
@@ -214,7 +215,7 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
     write_status = ckpt_io.write_status if main else distributed.discard
     config_yaml = cfg.to_yaml()
     if main:
-        ckpt_io.write_atomic(out / "config.yaml", config_yaml)
+        write_atomic(out / "config.yaml", config_yaml)
         plan.tokenizer.save(out / "tokenizer.json")
     model = distributed.prepare_model(plan.model, t, plan.dist)  # activation checkpointing, DDP / FSDP, torch.compile
     state = LoopState()
