@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from .console import err, out, reporter
-from .errors import EXIT_SIGINT, EXIT_UNEXPECTED, LlmctlError
+from .errors import EXIT_BROKEN_PIPE, EXIT_SIGINT, EXIT_UNEXPECTED, LlmctlError
 
 app = typer.Typer(
     name="llmctl",
@@ -60,6 +60,9 @@ def run(fn: Callable[[], Optional[int]]) -> None:
         raise typer.Exit(EXIT_SIGINT)
     except typer.Exit:
         raise
+    except BrokenPipeError:  # the reader went away (`llmctl eval ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        raise typer.Exit(EXIT_BROKEN_PIPE)
     except Exception as e:  # an unexpected failure: say so plainly, the traceback only on request
         if STATE["debug"]:
             traceback.print_exc()

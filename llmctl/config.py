@@ -167,6 +167,7 @@ class FinetuneConfig:
     task: Literal["lm", "classification", "instruct"] = "lm"
     method: Literal["full", "lora"] = "full"
     labels: Optional[list[str]] = None  # classification: label names in order; None: sorted values in the data
+    pooling: Literal["last", "mean"] = "last"  # classification: the final <eos> state, or the mean over the text
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0

@@ -542,13 +542,39 @@ def pad_batch(ex: Examples, rows: list[int] | np.ndarray, pad_id: int, kind: str
 
 
 class ExampleBatches:
-    """Padded batches of examples, a pure function of (seed, step, rank): epoch-wise permutations of the training
-    indices, so every example is seen once per epoch and resuming needs only the step."""
+    """Padded batches of examples, a pure function of (seed, step, rank).
+
+    Each epoch is a seeded permutation of the training examples. To pad little, every pool of `POOL` global batches
+    is sorted by length, cut into global batches, and those are shuffled: a step's examples have similar lengths,
+    yet the order stays random. Everything depends on the global batch (not on how it is split over ranks and
+    micro-batches), so every example is seen once per epoch, resuming needs only the step, and the data do not
+    depend on the world size.
+    """
+
+    POOL = 50
 
     def __init__(self, ex: Examples, indices: np.ndarray, kind: str, pad_id: int, batch_size: int, grad_accum: int,
                  seed: int, rank: int = 0, world_size: int = 1):
         self.ex, self.idx, self.kind, self.pad = ex, np.asarray(indices), kind, pad_id
         self.B, self.accum, self.seed, self.rank, self.world = batch_size, grad_accum, seed, rank, world_size
+        self.lengths = np.array([len(ex.ids[i]) for i in self.idx])
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Positions into `indices` in the order epoch `epoch` visits them."""
+        if epoch not in self._orders:
+            rng = np.random.default_rng([self.seed, epoch])
+            g = self.accum * self.world * self.B
+            perm = rng.permutation(len(self.idx))
+            groups = []
+            for start in range(0, len(perm), g * self.POOL):
+                pool = perm[start : start + g * self.POOL]
+                pool = pool[np.argsort(self.lengths[pool], kind="stable")]
+                groups += [pool[i : i + g] for i in range(0, len(pool), g)]
+            if len(self._orders) > 1:  # a step spans at most two epochs
+                self._orders.clear()
+            self._orders[epoch] = np.concatenate([groups[j] for j in rng.permutation(len(groups))])
+        return self._orders[epoch]
 
     def rows(self, step: int) -> np.ndarray:
         """Example indices of the whole global batch of `step`: (grad_accum, world_size, batch_size)."""
@@ -557,8 +583,7 @@ class ExampleBatches:
         out = np.empty(g, dtype=np.int64)
         for epoch in np.unique(pos // n):
             sel = pos // n == epoch
-            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
-            out[sel] = self.idx[perm[pos[sel] % n]]
+            out[sel] = self.idx[self.order(int(epoch))[pos[sel] % n]]
         return out.reshape(self.accum, self.world, self.B)
 
     def get(self, step: int) -> list[dict]:

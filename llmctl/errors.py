@@ -13,6 +13,7 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_PEER = 4  # torchrun: another rank died, hung past train.dist_timeout, or the network failed
 EXIT_SIGINT = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `cat big | head`
 EXIT_SIGTERM = 143
 
 

@@ -53,6 +53,19 @@ def test_config_show(runner):
     assert "arch: llama" in r.stdout and "lr: 0.0005" in r.stdout
 
 
+def test_closed_stdout_stops_quietly():
+    """`llmctl ... | head` closes the pipe early: exit like a Unix tool (141), no 'unexpected error' line."""
+    import os
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "llmctl", "config", "show", "-c", str(ROOT / "configs/shakespeare-char.yaml")],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and r.stderr == "", r.stderr
+
+
 def test_python_m_and_help():
     out = subprocess.run([sys.executable, "-m", "llmctl", "pretrain", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--resume" in out.stdout and "--set" in out.stdout

@@ -193,7 +193,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: Optional[torch.dty
     dev = resolve_device(device)
     model = build_backbone(cfg, dev)
     labels = cfg.finetune.labels if ckpt_io.HEAD in ck.meta["files"] else None
-    classifier = Classifier(model, len(labels)) if labels else None
+    classifier = Classifier(model, len(labels), cfg.finetune.pooling) if labels else None
     restore(model, classifier, ck, cfg, base)
     if dtype is not None:
         model.to(dtype)
