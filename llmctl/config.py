@@ -490,7 +490,7 @@ def _check_values(cfg: Config) -> list[str]:
     if f.lora_rank < 1 or f.lora_alpha <= 0 or not 0.0 <= f.lora_dropout < 1.0:
         p.append("finetune.lora_rank must be at least 1, lora_alpha positive and lora_dropout in [0, 1)")
     if f.method == "lora" and not f.lora_targets:
-        p.append("finetune.lora_targets: name at least one layer (attn.qkv, attn.proj, mlp.fc, mlp.proj)")
+        p.append("finetune.lora_targets: name at least one layer (attn.qkv, attn.proj, mlp.fc, mlp.proj, wte)")
     if f.freeze_blocks < 0 or (m.n_layer >= 1 and f.freeze_blocks > m.n_layer):
         p.append(f"finetune.freeze_blocks: must be between 0 and model.n_layer={m.n_layer} (got {f.freeze_blocks})")
     if f.labels is not None and len(set(f.labels)) < 2:

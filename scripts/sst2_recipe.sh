@@ -20,14 +20,31 @@ llmctl eval --ckpt "$RUNS/full/best" --data "$SST2/dev.tsv" --json > "$RUNS/full
 llmctl eval --ckpt "$RUNS/lora/best" --data "$SST2/dev.tsv" --json > "$RUNS/lora-dev.json"
 end=$(date +%s)
 python - "$RUNS" $((lm_done - start)) $((full_done - lm_done)) $((lora_done - full_done)) $((end - start)) <<'PY'
-import json, sys
+import json, math, os, sys
+from safetensors import safe_open
 runs, lm, full, lora, total = sys.argv[1], *map(int, sys.argv[2:])
+
+def numel(path):
+    with safe_open(path, "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+full_dir, lora_dir = (f"{runs}/{x}/" + open(f"{runs}/{x}/best").read().strip() for x in ("full", "lora"))  # RUN/best names it
+base = numel(f"{full_dir}/model.safetensors")
+adapter, head = numel(f"{lora_dir}/adapter.safetensors"), numel(f"{lora_dir}/head.safetensors")
+lora_info = {"trainable_parameters": adapter + head, "model_parameters": base + adapter + head,
+             "trainable_fraction": round((adapter + head) / (base + adapter + head), 4),
+             "adapter_bytes": os.path.getsize(f"{lora_dir}/adapter.safetensors"),
+             "full_model_bytes": os.path.getsize(f"{full_dir}/model.safetensors")}
+lora_info["adapter_size_fraction"] = round(lora_info["adapter_bytes"] / lora_info["full_model_bytes"], 4)
 rows = {"full finetune": json.load(open(f"{runs}/full-dev.json")), "LoRA": json.load(open(f"{runs}/lora-dev.json"))}
 print(f"\nSST-2 dev ({rows['LoRA']['examples']} sentences)  pretrain {lm}s, full finetune {full}s, LoRA {lora}s, total {total}s")
-print(f"{'method':15s} {'accuracy':>9s} {'macro F1':>9s}")
-for name, r in rows.items():
-    print(f"{name:15s} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f}")
+print(f"{'method':15s} {'accuracy':>9s} {'macro F1':>9s} {'minutes (pretrain + finetune)':>30s}")
+for (name, r), t in zip(rows.items(), (lm + full, lm + lora)):
+    print(f"{name:15s} {r['accuracy']:>9.4f} {r['macro_f1']:>9.4f} {t / 60:>30.1f}")
+print(f"LoRA: {lora_info['trainable_parameters']:,} trainable parameters ({100 * lora_info['trainable_fraction']:.1f}%), "
+      f"adapter file {lora_info['adapter_bytes']:,} bytes ({100 * lora_info['adapter_size_fraction']:.1f}% of the full model's)")
 summary = {name: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"]} for name, r in rows.items()}
 summary["seconds"] = {"pretrain": lm, "full": full, "lora": lora, "total": total}
+summary["lora"] = lora_info
 json.dump(summary, open(f"{runs}/summary.json", "w"), indent=2)
 PY

@@ -16,7 +16,8 @@ def test_end_to_end_prepare_pretrain_finetune_infer_eval(tmp_path, runner, tiny_
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["train_tokens"] == 1_003_854
 
-    assert read_status(tiny_run)["status"] == "finished"
+    status = read_status(tiny_run)
+    assert status["status"] == "finished" and status["step"] == status["steps"] == status["max_steps"]
     rows = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens", "time"} <= set(rows[0]) and any("val_loss" in x for x in rows)
     assert (tiny_run / "config.yaml").exists() and (tiny_run / "tokenizer.json").exists()
@@ -216,7 +217,7 @@ BAD = [
     ("cls-unseen-label-at-eval", lambda t, r: ["eval", "--ckpt", _classifier(t, r), "--data",
      _file(t, "d.tsv", "label\tcontent\n1\tgood\n7\tbad\n"), "--text-column", "content"], ["'7'", "not one the model was trained on"]),
     ("lora-target-matches-nothing", lambda t, r: ["finetune", "--from", r, *sets(f"data.path={SHAKESPEARE}",
-     "finetune.method=lora", "finetune.lora_targets=[attn.q_proj]"), "--out", t / "o"], ["attn.q_proj", "matches no linear layer"]),
+     "finetune.method=lora", "finetune.lora_targets=[attn.q_proj]"), "--out", t / "o"], ["attn.q_proj", "matches no layer"]),
     ("adapter-base-mismatch", lambda t, r: ["infer", "--ckpt", _adapter(t, r), "--base", _retrained(t, r), "--prompt", "hi"],
      ["does not match adapter"]),
     ("instruct-bad-jsonl-line", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=instruct",

@@ -14,7 +14,7 @@ from ..config import Config, from_dict
 from ..errors import LlmctlError
 from ..generate import Decoder
 from ..heads import Classifier
-from ..lora import LoRALinear, apply_lora, lora_state
+from ..lora import LORA_MODULES, apply_lora, lora_state
 from ..model import Transformer
 from ..quantize import quantize
 from ..tokenizer import Tokenizer
@@ -150,7 +150,7 @@ def restore(backbone: Transformer, classifier: Optional[Classifier], ck: ckpt_io
     if ckpt_io.ADAPTER in files:
         base_ck = adapter_base(ck, base)
         load_weights(backbone, base_ck.weights(), str(base_ck.path))
-        if not any(isinstance(m, LoRALinear) for m in backbone.modules()):
+        if not any(isinstance(m, LORA_MODULES) for m in backbone.modules()):
             f = cfg.finetune
             apply_lora(backbone, f.lora_targets, f.lora_rank, f.lora_alpha, f.lora_dropout)
         adapter = ck.weights(ckpt_io.ADAPTER)

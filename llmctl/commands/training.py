@@ -313,7 +313,7 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
         world = plan.dist.world_size
         summary["world_size"] = world
         summary["tokens_per_sec_per_device"] = round(state.tokens / state.elapsed / world, 1) if state.elapsed else None
-    write_status(out, "finished", **{k: v for k, v in summary.items() if k not in ("run",)})
+    write_status(out, "finished", step=state.step, **{k: v for k, v in summary.items() if k not in ("run",)})
     return summary
 
 
