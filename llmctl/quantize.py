@@ -32,6 +32,11 @@ class Int8WeightOnlyLinear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
+def cpu_int8_available() -> bool:
+    """Whether this torch build has fbgemm, the x86 engine behind dynamic int8 (ARM builds have only qnnpack)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
 def quantize(model: nn.Module, mode: str) -> nn.Module:
     """Return the model with its linear layers in int8 (`mode` = "int8"; "none" returns it unchanged)."""
     if mode in (None, "none"):
@@ -40,7 +45,7 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
         raise LlmctlError(f"--quantize must be none or int8 (got {mode})")
     device = next(model.parameters()).device
     if device.type == "cpu":
-        if "fbgemm" not in torch.backends.quantized.supported_engines:
+        if not cpu_int8_available():
             raise LlmctlError("int8 on this CPU needs the fbgemm engine, which this torch build lacks; use --quantize none")
         torch.backends.quantized.engine = "fbgemm"
         with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; the API still works
