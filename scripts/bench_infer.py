@@ -96,9 +96,9 @@ def measure(args: dict) -> dict:
                              pad_token_id=0, eos_token_id=None)
     else:
         from llmctl.generate import Decoder, Request, generate_batch
-        from llmctl.quantize import quantize
+        from llmctl.quantize import prepare
 
-        model = quantize(model.to(dtype), args["quantize"])
+        model = prepare(model, args["dtype"], args["quantize"])  # what `llmctl infer` does for this precision
         decoder = Decoder(model, compile=args["compile"])
 
         def run(n: int):

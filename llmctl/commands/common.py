@@ -17,7 +17,6 @@ from ..heads import Classifier
 from ..lora import LORA_MODULES, apply_lora, lora_state
 from ..model import Transformer
 from .. import quantize as quantize_mod
-from ..quantize import quantize
 from ..tokenizer import Tokenizer
 
 Log = Callable[[str], None]
@@ -239,9 +238,7 @@ def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "aut
         g = loaded.cfg.generate
         dtype, quantize_mode, compile = g.dtype, g.quantize, compile or g.compile
     dtype, quantize_mode = inference_precision(dtype, quantize_mode, loaded.device)
-    if dtype == "bfloat16":
-        loaded.model.to(torch.bfloat16)
-    loaded.model = quantize(loaded.model, quantize_mode)
+    loaded.model = quantize_mod.prepare(loaded.model, dtype, quantize_mode)
     loaded.decoder = Decoder(loaded.model, compile=compile)
     loaded.precision = dtype + (" + int8" if quantize_mode == "int8" else "") + (" compiled" if compile else "")
     return loaded
