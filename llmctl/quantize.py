@@ -44,14 +44,16 @@ class InputMajorLinear(nn.Module):
 def input_major(model: nn.Module) -> nn.Module:
     """Swap every nn.Linear for an InputMajorLinear (in place). An embedding tied to a swapped layer is re-pointed
     at a view of the transposed weight, so tied weights stay stored once."""
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear:
-            new = InputMajorLinear(module)
-            for emb in model.modules():
-                if isinstance(emb, nn.Embedding) and emb.weight is module.weight:
-                    emb.weight = nn.Parameter(new.weight_t.t(), requires_grad=False)  # (vocab, C) view, no copy
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    for name in names:  # one layer at a time, so at most one extra weight is alive at once
+        module = model.get_submodule(name)
+        new = InputMajorLinear(module)
+        for emb in model.modules():
+            if isinstance(emb, nn.Embedding) and emb.weight is module.weight:
+                emb.weight = nn.Parameter(new.weight_t.t(), requires_grad=False)  # (vocab, C) view, no copy
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        del module
     return model
 
 
