@@ -107,7 +107,7 @@ def measure(args: dict) -> dict:
                 pass
 
     t0 = time.perf_counter()
-    run(1)  # first call: includes any compile
+    run(2)  # first call: prefill and one decode step, so it includes any compile of the step
     first_call = time.perf_counter() - t0
     ttft, totals = [], []
     for _ in range(args["repeats"]):
@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--ckpt", help="also measure this trained run (default precision vs transformers float32)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks/infer.json")
     args = ap.parse_args()
     if args.one:
@@ -232,13 +232,15 @@ def main() -> None:
                   f"{r['tokens_per_sec']:8.1f} tok/s  ttft {r['ttft_ms']:7.1f} ms  rss {r['peak_rss_mb']:6.0f} MB",
                   file=sys.stderr, flush=True)
     if args.ckpt:
-        for impl, dtype, q in (("transformers", "float32", "none"), ("llmctl", "float32", "int8"),
-                               ("llmctl", "bfloat16", "none"), ("llmctl", "float32", "none")):
-            spec = dict(ckpt=args.ckpt, impl=impl, dtype=dtype, quantize=q, compile=False, batch=1, repeats=args.repeats)
+        for impl, dtype, q, comp in (("transformers", "float32", "none", False), ("llmctl", "float32", "int8", False),
+                                     ("llmctl", "bfloat16", "none", False), ("llmctl", "float32", "none", False),
+                                     ("llmctl", "float32", "none", True)):
+            spec = dict(ckpt=args.ckpt, impl=impl, dtype=dtype, quantize=q, compile=comp, batch=1, repeats=args.repeats)
             r = one(spec)
-            rows.append({"model": f"trained:{args.ckpt}", "impl": impl, "dtype": dtype, "quantize": q, "compile": False,
+            rows.append({"model": f"trained:{args.ckpt}", "impl": impl, "dtype": dtype, "quantize": q, "compile": comp,
                          "batch": 1, **r})
-            print(f"trained {impl:12s} {dtype:9s} {q:5s}: {r['tokens_per_sec']:8.1f} tok/s", file=sys.stderr, flush=True)
+            print(f"trained {impl:12s} {dtype:9s} {q:5s} {'compiled' if comp else 'eager':8s}: "
+                  f"{r['tokens_per_sec']:8.1f} tok/s", file=sys.stderr, flush=True)
         info["trained_perplexity"] = perplexities(args.ckpt)
 
     # ratios against transformers in the same dtype and batch
