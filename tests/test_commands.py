@@ -22,5 +22,8 @@ def test_inference_precision_auto(monkeypatch):
     assert common.inference_precision("auto", "auto", cpu) == ("float32", "int8")
     assert common.inference_precision("bfloat16", "auto", cpu) == ("bfloat16", "none")
     assert common.inference_precision("auto", "none", cpu) == ("float32", "none")
+    # a small model decodes faster in float32: its steps are overhead, not weight reads
+    assert common.inference_precision("auto", "auto", cpu, n_params=4_000_000) == ("float32", "none")
+    assert common.inference_precision("auto", "auto", cpu, n_params=124_000_000) == ("float32", "int8")
     monkeypatch.setattr(quantize, "cpu_int8_available", lambda: False)  # e.g. an ARM build of torch
     assert common.inference_precision("auto", "auto", cpu) == ("float32", "none")
