@@ -227,7 +227,8 @@ def infer(
     truncate: bool = typer.Option(False, "--truncate", help="Keep the last tokens of a prompt longer than the context instead of refusing it.", show_default="off"),
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeating tokens.", show_default="generate.repetition_penalty, 1 = off"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16. auto: see README 'Inference speed'."),
-    quantize_mode: str = typer.Option("auto", "--quantize", help="auto, none or int8 (CPU: dynamic int8; CUDA: weight-only int8)."),
+    quantize_mode: str = typer.Option("auto", "--quantize", help="auto, none or int8 (CPU: dynamic int8; CUDA: weight-only int8). auto: int8 on x86 CPUs for models of 10M+ "
+                                      "parameters, none below and elsewhere (README 'Inference speed')."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (first use compiles for ~30-60 s; cached afterwards).", show_default="off"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together.", show_default="generate.batch_size, 8"),
     base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.", show_default="the base recorded at training"),

@@ -129,13 +129,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, LORA_MODULES):
             module.merge()
+            # built on the meta device, then given the merged tensors: no second copy of the weights is allocated
             if isinstance(module, LoRALinear):
                 plain: nn.Module = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                             device=module.weight.device, dtype=module.weight.dtype)
+                                             device="meta")
                 plain.weight, plain.bias = module.weight, module.bias
             else:
-                plain = nn.Embedding(module.num_embeddings, module.embedding_dim, device=module.weight.device,
-                                     dtype=module.weight.dtype)
+                plain = nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta")
                 plain.weight = module.weight
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)

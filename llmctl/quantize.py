@@ -2,8 +2,10 @@
 Transformer stays plain.
 
 CPU: dynamic int8 through fbgemm (`torch.ao.quantization.quantize_dynamic`): int8 weights and per-batch int8
-activations; on a CPU this is the fastest decode path measured (README "Inference speed"). CUDA: weight-only
-int8 with a per-output-channel scale, dequantized into the activation dtype inside the matmul.
+activations; the fastest CPU decode path measured for models whose weight reads dominate a step (100M-class),
+slower than float32 on small ones (README "Inference speed"). CUDA: weight-only int8 with a per-output-channel
+scale, dequantized into the activation dtype inside the matmul. float32 on a CPU: weights stored transposed for
+decoding (InputMajorLinear).
 """
 
 from __future__ import annotations
