@@ -48,23 +48,28 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op
         # normalise in float32, cast back, then scale: the order transformers' LlamaRMSNorm uses
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (length, head_dim) in HF's rotate-half layout."""
+    """cos and signed sin tables of shape (length, head_dim) in HF's rotate-half layout.
+
+    HF rotates as x * cos + cat(-x2, x1) * sin. The sin table here carries the minus sign on its first half, so
+    the rotation is x * cos + roll(x, hd/2) * sin: the same products, in half the ops."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (hd/2,)
     freqs = torch.outer(torch.arange(length, dtype=torch.int64).float(), inv_freq)  # (L, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    sin[:, : head_dim // 2] *= -1
+    return emb.cos(), sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, hd); cos/sin: (B or 1, 1, T, hd)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    # x: (B, H, T, hd); cos/sin: (B or 1, 1, T, hd); roll(x, hd/2) = cat(x2, x1)
+    return (x * cos + x.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)
 
 
 def attention_dtype(device_type: str, dtype: torch.dtype, kv_len: int) -> torch.dtype:
@@ -89,7 +94,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, rope, input_pos, mask, kv_len: Optional[int]) -> torch.Tensor:
+    def forward(self, x, rope, input_pos, mask, kv_len: Optional[int], causal: bool = True) -> torch.Tensor:
+        # mask: (B|1, 1, T, S) bool or None; without one, attention is causal if `causal`, else over every key read
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -111,7 +117,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v,
                 attn_mask=mask,
-                is_causal=mask is None,
+                is_causal=mask is None and causal,
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             ).to(dtype)  # (B, nh, T, hd)
@@ -150,8 +156,8 @@ class Block(nn.Module):
         self.norm2 = Norm(cfg.n_embd, cfg.norm_eps, kind, cfg.has_bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, input_pos, mask, kv_len):
-        x = x + self.attn(self.norm1(x), rope, input_pos, mask, kv_len)
+    def forward(self, x, rope, input_pos, mask, kv_len, causal=True):
+        x = x + self.attn(self.norm1(x), rope, input_pos, mask, kv_len, causal)
         return x + self.mlp(self.norm2(x))
 
 
@@ -204,18 +210,31 @@ class Transformer(nn.Module):
         return n
 
     # ---------------------------------------------------------------------------------------------------------
-    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> None:
-        """Allocate the static KV cache for generation (`max_len` <= block_size slots per sequence)."""
+    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                    reuse: Optional[list[Optional[KVCache]]] = None) -> None:
+        """Allocate the static KV cache for generation (`max_len` <= block_size slots per sequence).
+
+        A layer's cache of the right shape (the current one, or its entry in `reuse`, from `clear_cache`) is kept
+        rather than reallocated: a compiled decode step is specialised to those very tensors."""
         max_len = min(max_len or self.cfg.block_size, self.cfg.block_size)
         p = self.wte.weight  # (the output head may be swapped for a quantized layer)
-        for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim, dtype or p.dtype, p.device)
+        dtype = dtype or p.dtype
+        shape = (batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim)
+        for i, block in enumerate(self.blocks):
+            kv = block.attn.kv_cache if block.attn.kv_cache is not None else (reuse[i] if reuse else None)
+            # an existing cache of the same shape is kept: a compiled decode step is specialised to its tensors
+            if kv is None or kv.k.shape != shape or kv.k.dtype != dtype or kv.k.device != p.device:
+                kv = KVCache(batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim, dtype, p.device)
+            block.attn.kv_cache = kv
         self.cache_len = max_len
 
-    def clear_cache(self) -> None:
+    def clear_cache(self) -> list[Optional[KVCache]]:
+        """Drop the KV cache; returns it, so a caller can hand it back to `setup_cache(reuse=...)`."""
+        caches = [block.attn.kv_cache for block in self.blocks]
         for block in self.blocks:
             block.attn.kv_cache = None
         self.cache_len = 0
+        return caches
 
     def positions(self, input_pos: torch.Tensor, left_pad: Optional[torch.Tensor]) -> torch.Tensor:
         """Position ids (B or 1, T): the cache slot minus the sequence's left padding."""
@@ -236,7 +255,8 @@ class Transformer(nn.Module):
         idx: (B, T) token ids. Without a cache, positions are 0..T-1 and attention is causal.
         With a cache (`setup_cache`), `input_pos` (T,) are the cache slots written by this call, `left_pad` (B,)
         the number of padding slots at the start of each row (masked out, positions shifted), and `kv_len` an
-        optional Python int bounding the slots read (eager decoding; leave None under torch.compile).
+        optional Python int bounding the slots read (eager decoding, whose queries are always the last T of the
+        kv_len slots; leave None under torch.compile).
         """
         B, T = idx.shape
         cached = self.cache_len > 0
@@ -254,21 +274,25 @@ class Transformer(nn.Module):
         else:
             rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype), self.rope_sin[pos].unsqueeze(1).to(x.dtype))  # (B|1, 1, T, hd)
         x = self.drop(x)
-        mask = None
-        if cached:
+        mask, causal = None, True
+        if cached and kv_len is not None and left_pad is None and T in (1, kv_len):
+            # eager decoding reads slots 0..kv_len-1 and the queries are the last T of them: one query sees every
+            # slot read, and T == kv_len is plain causal attention; either way no mask is needed
+            causal = T > 1
+        elif cached:
             slots = torch.arange(self.cache_len, device=idx.device)
             mask = slots[None, None, None, :] <= input_pos[None, None, :, None]  # (1, 1, T, S) causal over slots
             if left_pad is not None:
                 mask = mask & (slots[None, None, None, :] >= left_pad[:, None, None, None])  # (B, 1, T, S)
         elif left_pad is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            mask = causal[None, None] & (input_pos[None, None, None, :] >= left_pad[:, None, None, None])
+            tril = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = tril[None, None] & (input_pos[None, None, None, :] >= left_pad[:, None, None, None])
         if mask is not None and left_pad is not None:
             # a padding query row would mask every key; let it see itself so softmax stays finite
             own_slot = input_pos[:, None] == torch.arange(mask.shape[-1], device=idx.device)[None, :]  # (T, S)
             mask = mask | own_slot[None, None]
         for block in self.blocks:
-            x = block(x, rope, input_pos, mask, kv_len)
+            x = block(x, rope, input_pos, mask, kv_len, causal)
         return self.norm(x)
 
     def forward(

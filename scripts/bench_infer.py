@@ -98,7 +98,7 @@ def measure(args: dict) -> dict:
         from llmctl.generate import Decoder, Request, generate_batch
         from llmctl.quantize import prepare
 
-        model = prepare(model, args["dtype"], args["quantize"])  # what `llmctl infer` does for this precision
+        model = prepare(model, args["dtype"], args["quantize"], args["compile"])  # what `llmctl infer` does for this precision
         decoder = Decoder(model, compile=args["compile"])
 
         def run(n: int):
@@ -109,6 +109,8 @@ def measure(args: dict) -> dict:
     t0 = time.perf_counter()
     run(2)  # first call: prefill and one decode step, so it includes any compile of the step
     first_call = time.perf_counter() - t0
+    if args.get("compile"):
+        run(NEW)  # compiles the step for the longer run's cache length too (lengths are bucketed)
     ttft, totals = [], []
     for _ in range(args["repeats"]):
         t0 = time.perf_counter()

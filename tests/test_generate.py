@@ -86,8 +86,24 @@ def test_compiled_decode_equals_eager():
 
     m = model("llama")
     eager = list(generate(m, [5, 9, 3], 12, temperature=0))
-    compiled = list(generate(m, [5, 9, 3], 12, temperature=0, decoder=Decoder(m, compile=True)))
+    decoder = Decoder(m, compile=True)
+    compiled = list(generate(m, [5, 9, 3], 12, temperature=0, decoder=decoder))
     assert compiled == eager
+    # a later call of another length in the same cache bucket reuses the compiled step and its cache tensors,
+    # also when the window slides past the context
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = list(generate(m, [7, 1], 40, temperature=0, decoder=decoder))
+    assert again == list(generate(m, [7, 1], 40, temperature=0))
+    assert m.cache_len == 0 and all(b.attn.kv_cache is None for b in m.blocks)  # detached between calls
+
+
+def test_cache_lengths_are_bucketed_only_when_compiled():
+    from llmctl.generate import Decoder
+
+    m = Transformer(ModelConfig(arch="llama", n_layer=1, n_head=2, n_embd=8, block_size=1024, vocab_size=10))
+    assert Decoder(m).cache_length(216) == 216
+    compiled = Decoder(m, compile=True)  # (compiles lazily: nothing is built here)
+    assert [compiled.cache_length(n) for n in (5, 64, 65, 216, 900, 2000)] == [64, 64, 128, 256, 1024, 1024]
 
 
 def test_int8_and_bfloat16_decode_run():

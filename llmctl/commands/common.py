@@ -246,7 +246,7 @@ def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "aut
         dtype, quantize_mode, compile = g.dtype, g.quantize, compile or g.compile
     n_params = sum(p.numel() for p in loaded.model.parameters())
     dtype, quantize_mode = inference_precision(dtype, quantize_mode, loaded.device, n_params)
-    loaded.model = quantize_mod.prepare(loaded.model, dtype, quantize_mode)
+    loaded.model = quantize_mod.prepare(loaded.model, dtype, quantize_mode, compile)
     loaded.decoder = Decoder(loaded.model, compile=compile)
     loaded.precision = dtype + (" + int8" if quantize_mode == "int8" else "") + (" compiled" if compile else "")
     return loaded
