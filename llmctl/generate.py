@@ -73,9 +73,9 @@ class Decoder:
     """Runs the model on its KV cache: eager prefill, and a decode step that can be compiled.
 
     The compiled step sees fixed shapes (batch, one token, the whole cache), so inductor builds it once per batch
-    size and cache length. Cache lengths are rounded up to a power of two and the cache tensors are kept between
-    calls, so later generations of similar length reuse the compiled step; inductor's artifacts live under the
-    llmctl cache and are reused across runs. On a CPU the step is compiled with inductor's weight freezing and
+    size and cache length. Cache lengths are rounded up to a power of two and each shape's cache tensors are kept
+    between calls, so later generations of a seen shape reuse the compiled step; inductor's artifacts live under
+    the llmctl cache and are reused across runs. On a CPU the step is compiled with inductor's weight freezing and
     its autotuned C++ GEMM templates: batch-1 decoding is a chain of matrix-vector products, and those templates
     read the frozen weights at close to memory bandwidth (about 2-4x torch's default kernels here).
     """
@@ -83,30 +83,34 @@ class Decoder:
     def __init__(self, model: Transformer, compile: bool = False):
         self.model = model
         self.compiled = None
-        self._kept: Optional[list] = None  # the compiled step's KV cache between calls
+        self._kept: dict[tuple[int, int], list] = {}  # the compiled step's KV caches between calls, by (batch, length)
+        self._key = (0, 0)
         self._steady = False  # the compiled step already ran for this call's shapes
         if compile:
             configure_compile_cache()
             self.compiled = torch.compile(model, dynamic=False)
 
     def cache_length(self, needed: int) -> int:
-        """Slots to allocate for `needed` tokens: exactly that when eager, else the next power of two (>= 64)."""
+        """Slots to allocate for `needed` tokens: exactly that when eager, else the next power of two (>= 256).
+
+        Each (batch size, length) compiles its own step, which holds its own pre-packed copy of the weights, so
+        there are few lengths: at most three for a 1024-token context."""
         block = self.model.cfg.block_size
         if self.compiled is None:
             return min(needed, block)
-        return min(block, max(64, 1 << (needed - 1).bit_length()))
+        return min(block, max(256, 1 << (needed - 1).bit_length()))
 
     def begin(self, batch_size: int, needed: int) -> None:
         """Set up the model's KV cache for `batch_size` rows of up to `needed` tokens."""
-        self.model.setup_cache(batch_size, self.cache_length(needed), reuse=self._kept)
-        self._kept = None
+        self._key = (batch_size, self.cache_length(needed))
+        self.model.setup_cache(*self._key, reuse=self._kept.pop(self._key, None))
         self._steady = False
 
     def end(self) -> None:
         """Detach the KV cache from the model (kept for the next call when compiled)."""
         caches = self.model.clear_cache()
-        if self.compiled is not None:
-            self._kept = caches
+        if self.compiled is not None:  # the compiled step is specialised to these very tensors
+            self._kept[self._key] = caches
 
     def prefill(self, idx: torch.Tensor, left_pad: Optional[torch.Tensor]) -> torch.Tensor:
         """idx (B, T) written at slots 0..T-1 -> logits of the last position (B, V)."""

@@ -103,7 +103,16 @@ def test_cache_lengths_are_bucketed_only_when_compiled():
     m = Transformer(ModelConfig(arch="llama", n_layer=1, n_head=2, n_embd=8, block_size=1024, vocab_size=10))
     assert Decoder(m).cache_length(216) == 216
     compiled = Decoder(m, compile=True)  # (compiles lazily: nothing is built here)
-    assert [compiled.cache_length(n) for n in (5, 64, 65, 216, 900, 2000)] == [64, 64, 128, 256, 1024, 1024]
+    compiled.begin(1, 10)
+    first = m.blocks[0].attn.kv_cache.k
+    compiled.end()
+    compiled.begin(2, 10)  # another batch size: its own cache
+    assert m.blocks[0].attn.kv_cache.k is not first
+    compiled.end()
+    compiled.begin(1, 200)  # a seen shape gets its very tensors back (the compiled step is specialised to them)
+    assert m.blocks[0].attn.kv_cache.k is first
+    compiled.end()
+    assert [compiled.cache_length(n) for n in (5, 64, 65, 256, 900, 2000)] == [256, 256, 256, 256, 1024, 1024]
 
 
 def test_int8_and_bfloat16_decode_run():

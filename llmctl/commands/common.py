@@ -247,6 +247,8 @@ def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "aut
     n_params = sum(p.numel() for p in loaded.model.parameters())
     dtype, quantize_mode = inference_precision(dtype, quantize_mode, loaded.device, n_params)
     loaded.model = quantize_mod.prepare(loaded.model, dtype, quantize_mode, compile)
+    if loaded.classifier is not None:  # (quantize_dynamic returns a copy: keep the head on the converted model)
+        loaded.classifier.backbone = loaded.model
     loaded.decoder = Decoder(loaded.model, compile=compile)
     loaded.precision = dtype + (" + int8" if quantize_mode == "int8" else "") + (" compiled" if compile else "")
     return loaded
