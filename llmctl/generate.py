@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -140,8 +141,14 @@ def compile_options(device_type: str):
 
     if device_type != "cpu":
         return contextlib.nullcontext()
-    # freezing: weights become constants that inductor pre-packs; autotune: try its C++ GEMM templates vs aten
-    return inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+    stack = contextlib.ExitStack()
+    # freezing: weights become constants that inductor pre-packs; autotune: try its C++ GEMM templates vs aten,
+    # without printing each contest to the terminal
+    stack.enter_context(inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
+                                              autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # raised inside inductor's autotuner
+    return stack
 
 
 def configure_compile_cache() -> None:
