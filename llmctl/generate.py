@@ -115,6 +115,7 @@ class Decoder:
 
     def prefill(self, idx: torch.Tensor, left_pad: Optional[torch.Tensor]) -> torch.Tensor:
         """idx (B, T) written at slots 0..T-1 -> logits of the last position (B, V)."""
+        self._steady = False  # a new prefill (a slide) may change left_pad to or from None: check guards again
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
         return self.model(idx, input_pos=pos, left_pad=left_pad, kv_len=T)[:, -1]
@@ -124,8 +125,8 @@ class Decoder:
         input_pos = torch.tensor([pos], device=tok.device)
         if self.compiled is not None:
             if self._steady:
-                # later steps of a call repeat the first one's shapes and tensors, so the guards that pick the
-                # compiled graph can only agree; evaluating all of them costs ~0.5 ms a step on a 124M model
+                # later steps after a prefill repeat the first one's shapes and tensors, so the guards that pick
+                # the compiled graph can only agree; evaluating all of them costs ~0.5 ms a step on a 124M model
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     return self.compiled(tok[:, None], input_pos=input_pos, left_pad=left_pad)[:, -1]
             with compile_options(tok.device.type):

@@ -82,7 +82,7 @@ def test_batch_rows_keep_their_own_settings_and_can_be_cancelled():
 
 
 def test_compiled_decode_equals_eager():
-    from llmctl.generate import Decoder
+    from llmctl.generate import Decoder, Request, generate_batch
 
     m = model("llama")
     eager = list(generate(m, [5, 9, 3], 12, temperature=0))
@@ -95,6 +95,12 @@ def test_compiled_decode_equals_eager():
         again = list(generate(m, [7, 1], 40, temperature=0, decoder=decoder))
     assert again == list(generate(m, [7, 1], 40, temperature=0))
     assert m.cache_len == 0 and all(b.attn.kv_cache is None for b in m.blocks)  # detached between calls
+    # a left-padded batch whose rows slide at different times (left padding comes and goes between prefills)
+    prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4]]
+    out = [[] for _ in prompts]
+    for row, t in generate_batch(m, [Request(p, 30, temperature=0) for p in prompts], decoder=decoder):
+        out[row].append(t)
+    assert out == [list(generate(m, p, 30, temperature=0)) for p in prompts]
 
 
 def test_cache_lengths_are_bucketed_only_when_compiled():
