@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from .errors import LlmctlError
 from .model import Transformer
 
 
@@ -129,8 +130,13 @@ class Decoder:
                 # the compiled graph can only agree; evaluating all of them costs ~0.5 ms a step on a 124M model
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     return self.compiled(tok[:, None], input_pos=input_pos, left_pad=left_pad)[:, -1]
-            with compile_options(tok.device.type):
-                out = self.compiled(tok[:, None], input_pos=input_pos, left_pad=left_pad)[:, -1]
+            try:
+                with compile_options(tok.device.type):
+                    out = self.compiled(tok[:, None], input_pos=input_pos, left_pad=left_pad)[:, -1]
+            except Exception as e:  # compiling happens here: a missing C++ compiler, an unsupported op, ...
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise LlmctlError(f"--compile failed to compile the decode step ({type(e).__name__}: {first}); run "
+                                  "without --compile (on a CPU, inductor also needs a working C++ compiler)") from e
             self._steady = True
             return out
         return self.model(tok[:, None], input_pos=input_pos, left_pad=left_pad, kv_len=pos + 1)[:, -1]

@@ -13,7 +13,7 @@ and the memory-bandwidth floor: weight bytes / measured read bandwidth.
 With --ckpt RUN it also measures a trained checkpoint (llmctl's default CPU precision vs transformers' default
 float32) and the perplexity of each precision on the run's validation split.
 
-    python scripts/bench_infer.py                       # the shapes, about 15 minutes on 2 cores
+    python scripts/bench_infer.py                       # the shapes, about 25 minutes on 2 cores
     python scripts/bench_infer.py --ckpt runs/shakespeare-bpe
     python scripts/bench_infer.py --ckpt runs/shakespeare-bpe --keep-shapes   # only the trained model's rows
 """

@@ -103,6 +103,21 @@ def test_compiled_decode_equals_eager():
     assert out == [list(generate(m, p, 30, temperature=0)) for p in prompts]
 
 
+def test_a_failed_compile_is_one_clear_error():
+    from llmctl.errors import LlmctlError
+    from llmctl.generate import Decoder
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n  target: mkl._mkl_linear")
+
+    m = model("gpt2")
+    decoder = Decoder(m)
+    decoder.compiled = broken  # what torch.compile raises from inside inductor when it cannot build kernels
+    with pytest.raises(LlmctlError, match=r"--compile failed .*InvalidCxxCompiler: No working C\+\+ compiler found\); run without --compile"):
+        list(generate(m, [1, 2, 3], 5, temperature=0, decoder=decoder))
+    assert m.cache_len == 0
+
+
 def test_cache_lengths_are_bucketed_only_when_compiled():
     from llmctl.generate import Decoder
 
