@@ -87,7 +87,7 @@ class Decoder:
         self.compiled = None
         self._kept: dict[tuple[int, int], list] = {}  # the compiled step's KV caches between calls, by (batch, length)
         self._key = (0, 0)
-        self._steady = False  # the compiled step already ran for this call's shapes
+        self._steady = False  # the compiled step ran (guards checked) since the last prefill
         if compile:
             configure_compile_cache()
             self.compiled = torch.compile(model, dynamic=False)

@@ -203,7 +203,8 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.one))))
         return
 
-    bw = read_bandwidth_gbs()
+    old = json.loads(args.json.read_text()) if args.keep_shapes else None
+    bw = old["read_bandwidth_gbs"] if old else read_bandwidth_gbs()
     rows, info = [], {"read_bandwidth_gbs": round(bw, 1), "prompt_tokens": PROMPT, "new_tokens": NEW,
                       "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}}
     settings = [  # (impl, dtype, quantize, compile, batch)
@@ -216,10 +217,9 @@ def main() -> None:
         ("transformers", "bfloat16", "none", False, 8), ("llmctl", "bfloat16", "none", False, 8),
         ("llmctl", "float32", "int8", False, 8),
     ]
-    if args.keep_shapes:
-        old = json.loads(args.json.read_text())
+    if old:  # --keep-shapes: the shape rows, floors and bandwidth of the earlier run stay as they were
         rows = [r for r in old["rows"] if not r["model"].startswith("trained:")]
-        info["floor_tokens_per_sec"], info["read_bandwidth_gbs"] = old["floor_tokens_per_sec"], old["read_bandwidth_gbs"]
+        info["floor_tokens_per_sec"] = old["floor_tokens_per_sec"]
     for shape in [] if args.keep_shapes else args.shapes.split(","):
         floor32 = bw * 1e9 / weight_bytes(SHAPES[shape], 4)
         info.setdefault("floor_tokens_per_sec", {})[shape] = {"float32": round(floor32, 1), "bfloat16": round(2 * floor32, 1),

@@ -221,7 +221,7 @@ def inference_precision(dtype: str, quantize_mode: str, device: torch.device, n_
     """Resolve `auto` for generation: (dtype, quantization).
 
     CPU: int8 dynamic quantization (fbgemm) for models of INT8_MIN_PARAMS parameters or more, where reading the
-    weights dominates each step (3.6-3.7x transformers' float32 on GPT-2 124M and a 56M LLaMA; perplexity within
+    weights dominates each step (5.2x transformers' float32 on GPT-2 124M, 3.7x on a 56M LLaMA; perplexity within
     2% of float32, +1.1% measured); float32 for smaller models, where int8's activation quantization costs more than
     it saves (README "Inference speed"). CUDA: bfloat16 weights when supported; elsewhere float32.
     """
@@ -247,8 +247,6 @@ def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "aut
     n_params = sum(p.numel() for p in loaded.model.parameters())
     dtype, quantize_mode = inference_precision(dtype, quantize_mode, loaded.device, n_params)
     loaded.model = quantize_mod.prepare(loaded.model, dtype, quantize_mode, compile)
-    if loaded.classifier is not None:  # (quantize_dynamic returns a copy: keep the head on the converted model)
-        loaded.classifier.backbone = loaded.model
     loaded.decoder = Decoder(loaded.model, compile=compile)
     loaded.precision = dtype + (" + int8" if quantize_mode == "int8" else "") + (" compiled" if compile else "")
     return loaded
