@@ -229,7 +229,7 @@ def infer(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16. auto: see README 'Inference speed'."),
     quantize_mode: str = typer.Option("auto", "--quantize", help="auto, none or int8 (CPU: dynamic int8; CUDA: weight-only int8). auto: int8 on x86 CPUs for models of 10M+ "
                                       "parameters, none below and elsewhere (README 'Inference speed')."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step: several times faster per token on a CPU, but the first run compiles for ~1 min and later runs for ~10-25 s (cached), so it pays for long or many generations.", show_default="off"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="The decode step compiled ahead of time (AOTInductor): several times faster per token. --compile builds it if the cache lacks it (about a minute on a CPU, once per model, precision and shape); later runs load it in ~0.1 s. By default a cached one is used and none is built; --no-compile always decodes eagerly.", show_default="generate.compile, auto"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together.", show_default="generate.batch_size, 8"),
     base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.", show_default="the base recorded at training"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
@@ -257,7 +257,7 @@ def infer(
         if batch_size is not None and batch_size < 1:
             raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
         settings = commands.sampling(loaded, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty)
-        commands.for_inference(loaded, dtype, quantize_mode, compile)
+        commands.for_inference(loaded, dtype, quantize_mode, compile, notify=lambda msg: err.print(msg))
         if chat:
             _chat(commands.ChatSession(loaded, settings))
             return

@@ -147,7 +147,8 @@ class GenerateConfig:
     repetition_penalty: float = 1.0  # > 1 discourages repeating tokens
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: see README "Inference speed"
     quantize: Literal["auto", "none", "int8"] = "auto"
-    compile: bool = False  # torch.compile the decode step (pays off for long generations)
+    # the decode step compiled ahead of time (llmctl.aot): auto = use it when cached, true = build it if missing
+    compile: Literal["auto", True, False] = "auto"
     batch_size: int = 8  # prompts decoded together by `infer --input`
 
 
@@ -231,9 +232,12 @@ def _coerce(value: Any, tp: Any) -> tuple[Any, Optional[str]]:
         return None, reasons[0] if reasons else "must be null"
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, str) and True in choices and value.lower() in ("true", "yes", "on", "false", "no", "off"):
+            value = value.lower() in ("true", "yes", "on")  # a Literal that also takes true/false (`--set k=false`)
         if value in choices:
             return value, None
-        return None, f"must be one of {', '.join(map(str, choices))} (got {value!r})"
+        names = [str(c).lower() if isinstance(c, bool) else str(c) for c in choices]
+        return None, f"must be one of {', '.join(names)} (got {value!r})"
     if origin in (list, tuple):
         (inner,) = typing.get_args(tp)[:1] or (Any,)
         if isinstance(value, str):

@@ -7,16 +7,11 @@ other rows (exactly so in float32). Yields token ids; turning them into text is 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from .errors import LlmctlError
 from .model import Transformer
 
 
@@ -72,51 +67,50 @@ def slide_keep(block_size: int) -> int:
 
 
 class Decoder:
-    """Runs the model on its KV cache: eager prefill, and a decode step that can be compiled.
+    """Runs the model on its KV cache: eager prefill, then a decode step that is compiled ahead of time or eager.
 
-    The compiled step sees fixed shapes (batch, one token, the whole cache), so inductor builds it once per batch
-    size and cache length. Cache lengths are rounded up to a power of two and each shape's cache tensors are kept
-    between calls, so later generations of a seen shape reuse the compiled step; inductor's artifacts live under
-    the llmctl cache and are reused across runs. On a CPU the step is compiled with inductor's weight freezing and
-    its autotuned C++ GEMM templates: batch-1 decoding is a chain of matrix-vector products, and those templates
-    read the frozen weights at close to memory bandwidth (about 2-4x torch's default kernels here).
+    `compile`: "auto" uses a compiled decode step when the cache holds one for this model, precision and shape
+    (loading it takes ~0.1 s, so it pays off even for a short generation), True also builds a missing one first
+    (about a minute on a CPU, once per model, precision and shape; see llmctl.aot), False always runs eager.
+    Cache lengths are rounded up to a power of two (at least 256) when compiled steps are in play, so few shapes
+    exist: at most three for a 1024-token context and one batch size.
     """
 
-    def __init__(self, model: Transformer, compile: bool = False):
+    def __init__(self, model: Transformer, compile: bool | str = False,
+                 notify: Optional[Callable[[str], None]] = None, store=None):
+        from . import aot
+
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto' (got {compile!r})")
         self.model = model
-        self.compiled = None
-        self._kept: dict[tuple[int, int], list] = {}  # the compiled step's KV caches between calls, by (batch, length)
-        self._key = (0, 0)
-        self._steady = False  # the compiled step ran (guards checked) since the last prefill
-        if compile:
-            configure_compile_cache()
-            self.compiled = torch.compile(model, dynamic=False)
+        self.mode = compile
+        self.store = None if compile is False else (store or aot.StepStore(model, notify=notify))
+        self.compiled = None  # the compiled step of the current shape, if any
+        self._caches: list[torch.Tensor] = []  # the model's cache tensors, flat: k0, v0, k1, v1, ...
+        self._no_pad: Optional[torch.Tensor] = None
 
     def cache_length(self, needed: int) -> int:
-        """Slots to allocate for `needed` tokens: exactly that when eager, else the next power of two (>= 256).
-
-        Each (batch size, length) compiles its own step, which holds its own pre-packed copy of the weights, so
-        there are few lengths: at most three for a 1024-token context."""
+        """Slots to allocate for `needed` tokens: exactly that when eager, else the next power of two (>= 256)."""
         block = self.model.cfg.block_size
-        if self.compiled is None:
+        if self.store is None:
             return min(needed, block)
         return min(block, max(256, 1 << (needed - 1).bit_length()))
 
     def begin(self, batch_size: int, needed: int) -> None:
-        """Set up the model's KV cache for `batch_size` rows of up to `needed` tokens."""
-        self._key = (batch_size, self.cache_length(needed))
-        self.model.setup_cache(*self._key, reuse=self._kept.pop(self._key, None))
-        self._steady = False
+        """Set up the model's KV cache for `batch_size` rows of up to `needed` tokens, and find the compiled step."""
+        length = self.cache_length(needed)
+        self.model.setup_cache(batch_size, length)
+        self.compiled = self.store.get(batch_size, length, build_missing=self.mode is True) if self.store else None
+        self._caches = [t for block in self.model.blocks for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
+        self._no_pad = torch.zeros(batch_size, dtype=torch.long, device=self.model.wte.weight.device)
 
     def end(self) -> None:
-        """Detach the KV cache from the model (kept for the next call when compiled)."""
-        caches = self.model.clear_cache()
-        if self.compiled is not None:  # the compiled step is specialised to these very tensors
-            self._kept[self._key] = caches
+        """Detach the KV cache from the model."""
+        self.model.clear_cache()
+        self.compiled, self._caches = None, []
 
     def prefill(self, idx: torch.Tensor, left_pad: Optional[torch.Tensor]) -> torch.Tensor:
         """idx (B, T) written at slots 0..T-1 -> logits of the last position (B, V)."""
-        self._steady = False  # a new prefill (a slide) may change left_pad to or from None: check guards again
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
         return self.model(idx, input_pos=pos, left_pad=left_pad, kv_len=T)[:, -1]
@@ -124,46 +118,9 @@ class Decoder:
     def step(self, tok: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor]) -> torch.Tensor:
         """tok (B,) at slot `pos` -> next logits (B, V)."""
         input_pos = torch.tensor([pos], device=tok.device)
-        if self.compiled is not None:
-            if self._steady:
-                # later steps after a prefill repeat the first one's shapes and tensors, so the guards that pick
-                # the compiled graph can only agree; evaluating all of them costs ~0.5 ms a step on a 124M model
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    return self.compiled(tok[:, None], input_pos=input_pos, left_pad=left_pad)[:, -1]
-            try:
-                with compile_options(tok.device.type):
-                    out = self.compiled(tok[:, None], input_pos=input_pos, left_pad=left_pad)[:, -1]
-            except Exception as e:  # compiling happens here: a missing C++ compiler, an unsupported op, ...
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                raise LlmctlError(f"--compile failed to compile the decode step ({type(e).__name__}: {first}); run "
-                                  "without --compile (on a CPU, inductor also needs a working C++ compiler)") from e
-            self._steady = True
-            return out
+        if self.compiled is not None:  # (no padding is zero padding: the same mask)
+            return self.compiled(tok[:, None], input_pos, self._no_pad if left_pad is None else left_pad, self._caches)
         return self.model(tok[:, None], input_pos=input_pos, left_pad=left_pad, kv_len=pos + 1)[:, -1]
-
-
-def compile_options(device_type: str):
-    """Inductor settings for compiling the decode step (read when a graph is compiled, so set around each call)."""
-    import torch._inductor.config as inductor_config
-
-    if device_type != "cpu":
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    # freezing: weights become constants that inductor pre-packs; autotune: try its C++ GEMM templates vs aten,
-    # without printing each contest to the terminal
-    stack.enter_context(inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
-                                              autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False))
-    stack.enter_context(warnings.catch_warnings())
-    warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # raised inside inductor's autotuner
-    return stack
-
-
-def configure_compile_cache() -> None:
-    """Keep inductor's compiled artifacts in llmctl's cache so a second run skips most of the compile."""
-    from .config import default_cache_dir
-
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(default_cache_dir()) / "inductor"))
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
 
 
 @torch.inference_mode()  # lighter than no_grad: no version counters (~30% of a small model's step)
@@ -212,8 +169,8 @@ def generate_batch(
         return idx.to(device), (torch.tensor(pads, device=device) if any(pads) else None)
 
     model.eval()
-    decoder.begin(B, max(len(s) for s in seqs) + max(r.max_new_tokens for r in requests))
     try:
+        decoder.begin(B, max(len(s) for s in seqs) + max(r.max_new_tokens for r in requests))
         idx, left_pad = left_padded(seqs)
         logits = decoder.prefill(idx, left_pad)  # (B, V)
         pos = idx.shape[1]

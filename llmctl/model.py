@@ -210,26 +210,24 @@ class Transformer(nn.Module):
         return n
 
     # ---------------------------------------------------------------------------------------------------------
-    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                    reuse: Optional[list[Optional[KVCache]]] = None) -> None:
+    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> None:
         """Allocate the static KV cache for generation (`max_len` <= block_size slots per sequence).
 
-        A layer's cache of the right shape (the current one, or its entry in `reuse`, from `clear_cache`) is kept
-        rather than reallocated: a compiled decode step is specialised to those very tensors."""
+        A layer's current cache of the right shape is kept (zeroing it is not needed: slots are written before
+        they are read)."""
         max_len = min(max_len or self.cfg.block_size, self.cfg.block_size)
         p = self.wte.weight  # (the output head may be swapped for a quantized layer)
         dtype = dtype or p.dtype
         shape = (batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim)
-        for i, block in enumerate(self.blocks):
-            kv = block.attn.kv_cache if block.attn.kv_cache is not None else (reuse[i] if reuse else None)
-            # an existing cache of the same shape is kept: a compiled decode step is specialised to its tensors
+        for block in self.blocks:
+            kv = block.attn.kv_cache
             if kv is None or kv.k.shape != shape or kv.k.dtype != dtype or kv.k.device != p.device:
                 kv = KVCache(batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim, dtype, p.device)
             block.attn.kv_cache = kv
         self.cache_len = max_len
 
     def clear_cache(self) -> list[Optional[KVCache]]:
-        """Drop the KV cache; returns it, so a caller can hand it back to `setup_cache(reuse=...)`."""
+        """Drop the KV cache; returns the layers' caches (so a caller can put them back)."""
         caches = [block.attn.kv_cache for block in self.blocks]
         for block in self.blocks:
             block.attn.kv_cache = None

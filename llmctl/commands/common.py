@@ -239,16 +239,21 @@ def inference_precision(dtype: str, quantize_mode: str, device: torch.device, n_
     return dtype, quantize_mode
 
 
-def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "auto", compile: bool = False) -> Loaded:
-    """Turn a loaded model into a decoder in the requested precision (in place)."""
-    if dtype == "auto" and quantize_mode == "auto":
-        g = loaded.cfg.generate
-        dtype, quantize_mode, compile = g.dtype, g.quantize, compile or g.compile
+def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "auto",
+                  compile: Optional[bool | str] = None, notify: Optional[Callable[[str], None]] = None) -> Loaded:
+    """Turn a loaded model into a decoder in the requested precision (in place). `dtype`, `quantize_mode` "auto"
+    and `compile` None fall back to the checkpoint's `generate` settings; `notify` hears about compiling."""
+    g = loaded.cfg.generate
+    dtype = g.dtype if dtype == "auto" else dtype
+    quantize_mode = g.quantize if quantize_mode == "auto" else quantize_mode
+    compile = g.compile if compile is None else compile
     n_params = sum(p.numel() for p in loaded.model.parameters())
     dtype, quantize_mode = inference_precision(dtype, quantize_mode, loaded.device, n_params)
-    loaded.model = quantize_mod.prepare(loaded.model, dtype, quantize_mode, compile)
-    loaded.decoder = Decoder(loaded.model, compile=compile)
-    loaded.precision = dtype + (" + int8" if quantize_mode == "int8" else "") + (" compiled" if compile else "")
+    if compile == "auto" and quantize_mode == "int8" and loaded.device.type == "cpu":
+        compile = False  # dynamic int8 modules do not export; explicit --compile reports that
+    loaded.model = quantize_mod.prepare(loaded.model, dtype, quantize_mode)
+    loaded.decoder = Decoder(loaded.model, compile=compile, notify=notify)
+    loaded.precision = dtype + (" + int8" if quantize_mode == "int8" else "")
     return loaded
 
 

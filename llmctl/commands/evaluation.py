@@ -37,7 +37,7 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
     loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
     cfg = loaded.cfg
     if (dtype, quantize_mode) != ("float32", "none") and loaded.classifier is None:
-        for_inference(loaded, dtype, quantize_mode)
+        for_inference(loaded, dtype, quantize_mode, compile=False)
     bs = batch_size or cfg.eval.batch_size
     source = _default_source(loaded, data)
     where = source if data is not None else f"{source} (validation split)"

@@ -1,0 +1,201 @@
+"""Ahead-of-time compiled decode steps: exported once per model, precision and shape, loaded in ~0.1 s afterwards.
+
+The decode step (one token per row against the static KV cache) is exported with `torch.export`, compiled by
+AOTInductor into a shared library and packaged as a `.pt2` file under llmctl's cache directory. Later runs of the
+same weights and shape load that file through the C++ package loader (no Python-side recompilation, no dynamo
+guards), so even a short generation gains from it. The KV cache tensors are inputs of the compiled step, which
+writes the new keys and values into them in place; prefill stays eager and writes into the same tensors.
+
+Packages are keyed by everything they bake in: the weights themselves (constants of the library; on a CPU also
+pre-packed for the GEMM kernels), the model config, the batch size and cache length, the dtype, the torch version
+and the CPU's instruction set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .errors import LlmctlError
+from .model import KVCache, Transformer
+
+FORMAT = 1  # bump when the exported step's inputs or outputs change
+
+
+class _Slots(nn.Module):
+    """Stands in for a layer's KVCache while exporting, so that the cache tensors are inputs of the graph."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        super().__init__()
+        self.k, self.v = k, v
+
+    update = KVCache.update
+
+
+class _Step(nn.Module):
+    """One decode step with the per-layer (k, v) cache tensors as explicit inputs (mutated in place)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tok, input_pos, left_pad, caches):
+        # tok (B, 1), input_pos (1,), left_pad (B,) (zeros for unpadded rows), caches [(k, v)] of (B, nkv, S, hd)
+        for block, (k, v) in zip(self.model.blocks, caches):
+            block.attn.kv_cache = _Slots(k, v)
+        try:
+            return self.model(tok, input_pos=input_pos, left_pad=left_pad)[:, -1]  # (B, V)
+        finally:
+            for block in self.model.blocks:
+                block.attn.kv_cache = None
+
+
+def inductor_options(device_type: str) -> dict:
+    """Inductor settings for the decode step. On a CPU: weight freezing (weights become constants that inductor
+    pre-packs) and autotuned C++ GEMM templates, which read the weights at close to memory bandwidth where torch's
+    default matrix-vector kernels reach a quarter to a half of it; the autotuner's reports stay off the terminal."""
+    if device_type != "cpu":
+        return {}
+    return dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
+                autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+
+
+def configure_compile_cache() -> None:
+    """Keep inductor's own caches (autotune results, built kernels) in llmctl's cache so rebuilds are quicker."""
+    from .config import default_cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(default_cache_dir()) / "inductor"))
+
+
+def _device_tag(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda-sm{major}{minor}-{torch.version.cuda}"
+    return f"{device.type}-{torch.backends.cpu.get_cpu_capability()}"
+
+
+def shape_key(model: Transformer, batch: int, length: int) -> str:
+    """What a package depends on besides the weight values: code format, torch, device, config, shape, dtype."""
+    p = model.wte.weight
+    desc = dict(format=FORMAT, torch=torch.__version__, device=_device_tag(p.device), batch=batch, length=length,
+                dtype=str(p.dtype), config=dataclasses.asdict(model.cfg),
+                layers=sorted({type(m).__name__ for m in model.modules() if not isinstance(m, KVCache)}))
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def weights_digest(model: Transformer) -> str:
+    """sha256 over the names and bytes of every parameter and persistent buffer (about 1 GB/s)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:32]
+
+
+class CompiledStep:
+    """A loaded package: call it like the decode step, with the flat list of cache tensors [k0, v0, k1, v1, ...]."""
+
+    def __init__(self, path: Path, device: torch.device):
+        index = -1 if device.type == "cpu" else (device.index if device.index is not None else torch.cuda.current_device())
+        # the C++ loader directly: torch._inductor's Python wrapper would add ~1.3 s of imports to every run
+        self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+        self.path = path
+
+    def __call__(self, tok: torch.Tensor, input_pos: torch.Tensor, left_pad: torch.Tensor,
+                 caches: list[torch.Tensor]) -> torch.Tensor:
+        return self._loader.boxed_run([tok, input_pos, left_pad, *caches])[0]  # (B, V)
+
+
+def build(model: Transformer, batch: int, length: int, path: Path) -> None:
+    """Export the decode step of `model` for (batch, length) and compile it into the package `path` (atomically)."""
+    configure_compile_cache()
+    p = model.wte.weight
+    kept = model.clear_cache()  # the exported step must not alias the model's own cache buffers
+    model.cache_len = length
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # (the packager wants a .pt2 name)
+    try:
+        # (generation runs under inference_mode, whose tensors export cannot trace in-place updates of)
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # raised inside inductor's autotuner
+            shape = (batch, model.cfg.kv_heads, length, model.cfg.head_dim)
+            caches = [(torch.zeros(shape, dtype=p.dtype, device=p.device),
+                       torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in model.blocks]
+            args = (torch.zeros(batch, 1, dtype=torch.long, device=p.device), torch.tensor([0], device=p.device),
+                    torch.zeros(batch, dtype=torch.long, device=p.device), caches)
+            program = torch.export.export(_Step(model), args, strict=False)
+            from torch._inductor import aoti_compile_and_package
+
+            aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=inductor_options(p.device.type))
+        os.replace(tmp, path)
+    except Exception as e:  # a missing C++ compiler, an op export or inductor cannot handle, ...
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise LlmctlError(f"could not compile the decode step ({type(e).__name__}: {first}); run with --no-compile "
+                          "(on a CPU, inductor also needs a working C++ compiler)") from e
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        model.clear_cache()
+        for block, kv in zip(model.blocks, kept):
+            block.attn.kv_cache = kv
+        model.cache_len = kept[0].k.shape[2] if kept and kept[0] is not None else 0
+
+
+class StepStore:
+    """Finds, loads and (when asked) builds the compiled decode steps of one model, by (batch, cache length)."""
+
+    def __init__(self, model: Transformer, root: Optional[Path] = None, notify: Optional[Callable[[str], None]] = None):
+        from .config import default_cache_dir
+
+        self.model = model
+        self.root = Path(root) if root is not None else Path(default_cache_dir()) / "compiled"
+        self.notify = notify or (lambda msg: None)
+        self._digest: Optional[str] = None
+        self._loaded: dict[tuple[int, int], CompiledStep] = {}
+        self.builds = 0  # packages built by this store (tests and benchmarks read it)
+
+    def path(self, batch: int, length: int, digest: Optional[str] = None) -> Path:
+        return self.root / shape_key(self.model, batch, length) / f"{digest or self.digest()}.pt2"
+
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = weights_digest(self.model)
+        return self._digest
+
+    def get(self, batch: int, length: int, build_missing: bool) -> Optional[CompiledStep]:
+        """The compiled step for this shape: loaded from the cache, else built if `build_missing`, else None."""
+        if (batch, length) in self._loaded:
+            return self._loaded[(batch, length)]
+        if not build_missing and not (self.root / shape_key(self.model, batch, length)).is_dir():
+            return None  # nothing of this shape was ever built: skip hashing the weights
+        path = self.path(batch, length)
+        step = None
+        if path.is_file():
+            try:
+                step = CompiledStep(path, self.model.wte.weight.device)
+            except Exception:  # a truncated or foreign file: it is only a cache, drop it
+                path.unlink(missing_ok=True)
+                self.notify(f"dropped an unreadable compiled decode step from the cache ({path})")
+        if step is None and build_missing:
+            self.notify(f"compiling the decode step for batch {batch} and {length} cache slots: once per model, "
+                        "precision and shape (about a minute on a CPU); later runs load it from the cache")
+            start = time.perf_counter()
+            build(self.model, batch, length, path)
+            self.builds += 1
+            self.notify(f"compiled in {time.perf_counter() - start:.0f} s")
+            step = CompiledStep(path, self.model.wte.weight.device)
+        if step is not None:
+            self._loaded[(batch, length)] = step
+        return step
+
