@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from . import aot
 from .model import Transformer
 
 
@@ -70,22 +71,22 @@ class Decoder:
     """Runs the model on its KV cache: eager prefill, then a decode step that is compiled ahead of time or eager.
 
     `compile`: "auto" uses a compiled decode step when the cache holds one for this model, precision and shape
-    (loading it takes ~0.1 s, so it pays off even for a short generation), True also builds a missing one first
-    (about a minute on a CPU, once per model, precision and shape; see llmctl.aot), False always runs eager.
+    (loading it takes ~0.05 s, so it pays off even for a short generation), True also builds a missing one first
+    (half a minute to two minutes on a CPU, once per model, precision and shape; see llmctl.aot), False always
+    decodes eagerly. `notify` hears about builds and dropped cache files.
     Cache lengths are rounded up to a power of two (at least 256) when compiled steps are in play, so few shapes
     exist: at most three for a 1024-token context and one batch size.
     """
 
     def __init__(self, model: Transformer, compile: bool | str = False,
-                 notify: Optional[Callable[[str], None]] = None, store=None):
-        from . import aot
-
+                 notify: Optional[Callable[[str], None]] = None, store: Optional[aot.StepStore] = None):
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto' (got {compile!r})")
         self.model = model
         self.mode = compile
         self.store = None if compile is False else (store or aot.StepStore(model, notify=notify))
         self.compiled = None  # the compiled step of the current shape, if any
+        self.build_next = False  # auto: build the next shape's step if missing (a long job asks, see complete_rows)
         self._caches: list[torch.Tensor] = []  # the model's cache tensors, flat: k0, v0, k1, v1, ...
         self._no_pad: Optional[torch.Tensor] = None
 
@@ -100,7 +101,9 @@ class Decoder:
         """Set up the model's KV cache for `batch_size` rows of up to `needed` tokens, and find the compiled step."""
         length = self.cache_length(needed)
         self.model.setup_cache(batch_size, length)
-        self.compiled = self.store.get(batch_size, length, build_missing=self.mode is True) if self.store else None
+        if self.store is not None:
+            self.compiled = self.store.get(batch_size, length, build_missing=self.mode is True or self.build_next)
+            self.build_next = False
         self._caches = [t for block in self.model.blocks for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
         self._no_pad = torch.zeros(batch_size, dtype=torch.long, device=self.model.wte.weight.device)
 

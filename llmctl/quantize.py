@@ -38,6 +38,10 @@ class InputMajorLinear(nn.Module):
         return self.weight_t.t()  # (out, in) view, for readers of `.weight`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # exported for the compiled decode step: inductor packs the frozen weight itself, and does better from
+            # nn.Linear's pattern (GPT-2 124M float32: 13.5 vs 19 ms per token)
+            return F.linear(x, self.weight_t.t(), self.bias)
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         y = torch.mm(x2, self.weight_t) if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
         return y.view(*x.shape[:-1], self.out_features)
@@ -61,8 +65,8 @@ def input_major(model: nn.Module) -> nn.Module:
 
 def prepare(model: nn.Module, dtype: str, quantize_mode: str) -> nn.Module:
     """The model in an inference precision: `dtype` float32 or bfloat16 weights, `quantize_mode` none or int8.
-    float32 on a CPU also gets the transposed layout (InputMajorLinear); an ahead-of-time compiled decode step is
-    as fast from it as from nn.Linear's (0.37 ms per token either way on the trained Shakespeare model)."""
+    float32 on a CPU also gets the transposed layout (InputMajorLinear), which exports as nn.Linear for a compiled
+    decode step."""
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     model = quantize(model, quantize_mode)

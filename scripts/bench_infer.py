@@ -6,7 +6,8 @@ For each model shape (a GPT-2-124M shape and a small LLaMA shape, random weights
 same weights for transformers through llmctl's exporter where needed, and measures greedy decoding of 200 new
 tokens after a 16-token prompt:
   - steady-state tokens/s: (200 - 1) new tokens per row over the time after the first token;
-  - time to first token (prefill + one step), cold and warm compile cache for compiled runs;
+  - time to first token (prefill + one step); for compiled runs also the first call with a cold cache (which
+    builds the ahead-of-time compiled step) and with a warm one (which loads it);
   - peak RSS of the process;
 and the memory-bandwidth floor: weight bytes / measured read bandwidth.
 
@@ -99,7 +100,8 @@ def measure(args: dict) -> dict:
         from llmctl.generate import Decoder, Request, generate_batch
         from llmctl.quantize import prepare
 
-        model = prepare(model, args["dtype"], args["quantize"], args["compile"])  # what `llmctl infer` does for this precision
+        model = prepare(model, args["dtype"], args["quantize"])  # what `llmctl infer` does for this precision
+        # compiled: the ahead-of-time step, built into $LLMCTL_CACHE_DIR if missing (cold) or loaded from it (warm)
         decoder = Decoder(model, compile=args["compile"])
 
         def run(n: int):
@@ -108,10 +110,8 @@ def measure(args: dict) -> dict:
                 pass
 
     t0 = time.perf_counter()
-    run(2)  # first call: prefill and one decode step, so it includes any compile of the step
+    run(2)  # first call: prefill and one decode step, so it includes building or loading a compiled step
     first_call = time.perf_counter() - t0
-    if args.get("compile"):
-        run(NEW)  # compiles the step for the longer run's cache length too (lengths are bucketed)
     ttft, totals = [], []
     for _ in range(args["repeats"]):
         t0 = time.perf_counter()
@@ -203,6 +203,8 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.one))))
         return
 
+    if args.keep_shapes and not args.json.is_file():
+        raise SystemExit(f"--keep-shapes keeps the shape rows of {args.json}, which does not exist; run without it first")
     old = json.loads(args.json.read_text()) if args.keep_shapes else None
     bw = old["read_bandwidth_gbs"] if old else read_bandwidth_gbs()
     rows, info = [], {"read_bandwidth_gbs": round(bw, 1), "prompt_tokens": PROMPT, "new_tokens": NEW,
@@ -227,9 +229,9 @@ def main() -> None:
         for impl, dtype, q, comp, batch in settings:
             spec = dict(shape=shape, impl=impl, dtype=dtype, quantize=q, compile=comp, batch=batch, repeats=args.repeats)
             env = None
-            if comp:  # cold compile cache first, then warm: both times to first token are reported
-                cache = tempfile.mkdtemp(prefix="inductor-")
-                env = {"TORCHINDUCTOR_CACHE_DIR": cache}
+            if comp:  # cold cache first (builds the compiled step), then warm (loads it): both first calls reported
+                cache = tempfile.mkdtemp(prefix="llmctl-bench-")
+                env = {"LLMCTL_CACHE_DIR": cache, "TORCHINDUCTOR_CACHE_DIR": str(Path(cache) / "inductor")}
                 cold = one(spec, env)
                 r = one(spec, env)
                 r["first_call_cold_s"] = cold["first_call_s"]
@@ -248,14 +250,19 @@ def main() -> None:
                    ("llmctl", "bfloat16", "none", False), ("llmctl", "float32", "none", False),
                    ("llmctl", "float32", "none", True))
         runs: dict = {t: [] for t in trained}
+        cache = tempfile.mkdtemp(prefix="llmctl-bench-")  # the compiled step: built in round 1, loaded after
+        env = {"LLMCTL_CACHE_DIR": cache, "TORCHINDUCTOR_CACHE_DIR": str(Path(cache) / "inductor")}
         for _ in range(args.rounds):
             for impl, dtype, q, comp in trained:
                 spec = dict(ckpt=args.ckpt, impl=impl, dtype=dtype, quantize=q, compile=comp, batch=1,
                             repeats=args.repeats)
-                runs[(impl, dtype, q, comp)].append(one(spec))
+                runs[(impl, dtype, q, comp)].append(one(spec, env if comp else None))
+        shutil.rmtree(cache, ignore_errors=True)
         for (impl, dtype, q, comp), rs in runs.items():
-            r = sorted(rs, key=lambda x: x["tokens_per_sec"])[len(rs) // 2]
+            r = dict(sorted(rs, key=lambda x: x["tokens_per_sec"])[len(rs) // 2])
             r["tokens_per_sec_rounds"] = [round(x["tokens_per_sec"], 1) for x in rs]
+            if comp:
+                r["first_call_cold_s"], r["first_call_s"] = rs[0]["first_call_s"], statistics.median(x["first_call_s"] for x in rs[1:])
             rows.append({"model": f"trained:{args.ckpt}", "impl": impl, "dtype": dtype, "quantize": q, "compile": comp,
                          "batch": 1, **r})
             print(f"trained {impl:12s} {dtype:9s} {q:5s} {'compiled' if comp else 'eager':8s}: "

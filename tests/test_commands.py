@@ -27,3 +27,31 @@ def test_inference_precision_auto(monkeypatch):
     assert common.inference_precision("auto", "auto", cpu, n_params=124_000_000) == ("float32", "int8")
     monkeypatch.setattr(quantize, "cpu_int8_available", lambda: False)  # e.g. an ARM build of torch
     assert common.inference_precision("auto", "auto", cpu) == ("float32", "none")
+
+
+def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeypatch):
+    from llmctl.commands import inference
+
+    class Store:  # records what the decoder asks for instead of building (a real build is tested in test_generate)
+        def __init__(self):
+            self.asked = []
+
+        def get(self, batch, length, build_missing):
+            self.asked.append((batch, build_missing))
+            return None
+
+    def job(threshold: float) -> list:
+        loaded = common.for_inference(common.load_model(tiny_run), compile="auto")
+        loaded.decoder.store = Store()
+        monkeypatch.setattr(inference, "AUTO_BUILD_AFTER_S", threshold)
+        rows = [{"prompt": "ab" * (i + 1), "max_new_tokens": 4, "temperature": 0} for i in range(5)]
+        s = inference.sampling(loaded)
+        inference.complete_rows(loaded, rows, s, batch_size=2)
+        return loaded.decoder.store.asked
+
+    # the first batch runs eager and times the job; what is left would take longer than the threshold: the next
+    # batch builds its step (once), a later batch of another shape (the last, with one row) does not
+    assert job(0.0) == [(2, False), (2, True), (1, False)]
+    assert job(1e9) == [(2, False), (2, False), (1, False)]  # a short job never builds
+    loaded = common.for_inference(common.load_model(tiny_run), compile=False)
+    assert loaded.decoder.store is None  # --no-compile: no cache lookups at all

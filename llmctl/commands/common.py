@@ -249,8 +249,11 @@ def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "aut
     compile = g.compile if compile is None else compile
     n_params = sum(p.numel() for p in loaded.model.parameters())
     dtype, quantize_mode = inference_precision(dtype, quantize_mode, loaded.device, n_params)
-    if compile == "auto" and quantize_mode == "int8" and loaded.device.type == "cpu":
-        compile = False  # dynamic int8 modules do not export; explicit --compile reports that
+    if quantize_mode == "int8" and loaded.device.type == "cpu":
+        if compile is True:
+            raise LlmctlError("--compile does not apply to int8 on a CPU (dynamic int8 layers do not export); "
+                              "use --quantize none to compile, or --no-compile")
+        compile = False
     loaded.model = quantize_mod.prepare(loaded.model, dtype, quantize_mode)
     loaded.decoder = Decoder(loaded.model, compile=compile, notify=notify)
     loaded.precision = dtype + (" + int8" if quantize_mode == "int8" else "")
