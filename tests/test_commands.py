@@ -1,6 +1,7 @@
 """How commands resolve `auto`: training precision and inference precision, per device and CPU."""
 
 import torch
+import yaml
 
 from llmctl import quantize
 from llmctl.commands import common
@@ -55,3 +56,29 @@ def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeyp
     assert job(1e9) == [(2, False), (2, False), (1, False)]  # a short job never builds
     loaded = common.for_inference(common.load_model(tiny_run), compile=False)
     assert loaded.decoder.store is None  # --no-compile: no cache lookups at all
+
+
+def test_a_long_cpu_run_ends_by_compiling_its_decode_step(tiny_run, monkeypatch):
+    from llmctl import aot
+    from llmctl.commands import training
+    from llmctl.config import from_dict
+    from llmctl.errors import LlmctlError
+
+    asked = []
+
+    def build(model, batch, length, path):  # a real build is tested in test_generate; here only who asks for one
+        asked.append((batch, length))
+        raise LlmctlError("no C++ compiler (stub)")
+
+    monkeypatch.setattr(aot, "build", build)
+    cfg = from_dict(yaml.safe_load((tiny_run / "config.yaml").read_text()))
+    cpu, lines = torch.device("cpu"), []
+    training.compile_decode_step(tiny_run, cfg, "lm", cpu, 5.0, lines.append)  # a short run: not worth it
+    assert asked == []
+    training.compile_decode_step(tiny_run, cfg, "lm", cpu, training.COMPILE_AFTER_S, lines.append)
+    assert asked == [(1, 32)]  # batch 1, the whole 32-token context: the shape of `infer --prompt`
+    assert "not compiled (no C++ compiler (stub))" in lines[-1]  # reported; the finished run stays finished
+    training.compile_decode_step(tiny_run, cfg, "classification", cpu, 1e9, lines.append)
+    cfg.generate.compile = False
+    training.compile_decode_step(tiny_run, cfg, "lm", cpu, 1e9, lines.append)
+    assert asked == [(1, 32)]
