@@ -1,4 +1,4 @@
-"""Ahead-of-time compiled decode steps: exported once per model, precision and shape, loaded in ~0.1 s afterwards.
+"""Ahead-of-time compiled decode steps: built once per model, precision and shape, then loaded in well under a second.
 
 The decode step (one token per row against the static KV cache) is exported with `torch.export`, compiled by
 AOTInductor into a shared library and packaged as a `.pt2` file under llmctl's cache directory. Later runs of the
@@ -204,7 +204,7 @@ class StepStore:
                 self.notify(f"dropped an unreadable compiled decode step from the cache ({path})")
         if step is None and build_missing:
             self.notify(f"compiling the decode step for batch {batch} and {length} cache slots: once per model, "
-                        "precision and shape (about a minute on a CPU); later runs load it from the cache")
+                        "precision and shape (half a minute to a minute on a CPU); later runs load it from the cache")
             start = time.perf_counter()
             build(self.model, batch, length, path)
             self.builds += 1

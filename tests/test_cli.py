@@ -315,6 +315,10 @@ BAD += [
      ["line 1", "prompt"]),
     ("bad-quantize", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--quantize", "int4"], ["--quantize"]),
     ("output-without-input", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--output", t / "o.jsonl"], ["--output goes with --input"]),
+    ("bad-compile-setting", lambda t, r: ["pretrain", *sets(*TINY, "generate.compile=sometimes"), "--out", t / "o"],
+     ["generate.compile", "auto, true, false", "sometimes"]),
+    ("compile-with-cpu-int8", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--quantize", "int8", "--compile"],
+     ["--compile does not apply to int8", "--quantize none"]),
 ]
 
 

@@ -197,7 +197,7 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
     return summary
 
 
-COMPILE_AFTER_S = 600.0  # CPU runs at least this long end by compiling their decode step (~0.5 min, <= 5% of them)
+COMPILE_AFTER_S = 300.0  # CPU runs at least this long end by compiling their decode step (~0.5 min, <= 10% of them)
 
 
 def compile_decode_step(out: Path, cfg: Config, task_kind: str, device: torch.device, train_seconds: float,
@@ -219,6 +219,8 @@ def compile_decode_step(out: Path, cfg: Config, task_kind: str, device: torch.de
         g = loaded.cfg.generate
         if inference_precision(g.dtype, g.quantize, loaded.device, n_params)[1] == "int8":
             return
+        log("building the compiled decode step `llmctl infer` will use for this run "
+            "(--set generate.compile=false skips this)")
         for_inference(loaded, compile=True, notify=log)
         with torch.inference_mode():
             loaded.decoder.begin(1, 1 + g.max_new_tokens)  # the shape of `infer --prompt` with default settings
