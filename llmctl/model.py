@@ -59,8 +59,9 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
     HF rotates as x * cos + cat(-x2, x1) * sin. The sin table here carries the minus sign on its first half, so
     the rotation is x * cos + roll(x, hd/2) * sin: the same products, in half the ops."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (hd/2,)
-    freqs = torch.outer(torch.arange(length, dtype=torch.int64).float(), inv_freq)  # (L, hd/2)
+    # on the CPU even inside a meta-device context: the same ops on meta tensors would import torch._dynamo (~1 s)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))  # (hd/2,)
+    freqs = torch.outer(torch.arange(length, dtype=torch.int64, device="cpu").float(), inv_freq)  # (L, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
     sin = emb.sin()
     sin[:, : head_dim // 2] *= -1
@@ -169,8 +170,14 @@ class Transformer(nn.Module):
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.arch == "gpt2" else None
+        # on the meta device (checkpoint loading builds there) embeddings skip their own normal_ init, which would
+        # import torch._dynamo there (~1 s); elsewhere it runs as usual, keeping the random stream of training inits
+        shapes_only = torch.get_default_device().type == "meta"
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd,
+                                _weight=torch.empty(cfg.vocab_size, cfg.n_embd) if shapes_only else None)
+        self.wpe = (nn.Embedding(cfg.block_size, cfg.n_embd,
+                                 _weight=torch.empty(cfg.block_size, cfg.n_embd) if shapes_only else None)
+                    if cfg.arch == "gpt2" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = Norm(cfg.n_embd, cfg.norm_eps, "layernorm" if cfg.arch == "gpt2" else "rmsnorm", cfg.has_bias)
@@ -189,6 +196,8 @@ class Transformer(nn.Module):
         """GPT-2 initialisation: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer)."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            if p.is_meta:  # shapes only (a checkpoint's weights replace them); init is skipped, see __init__
+                continue
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif "norm" in name:
