@@ -24,7 +24,8 @@ from ..tasks import BUILDERS as TASKS
 from ..tasks import Layout, Task, count_trainable, lm_task, make_trainable
 from ..tokenizer import Tokenizer
 from ..train import Hooks, LoopState, NullReporter, Reporter, fit, seed_everything
-from .common import Log, _nolog, build_backbone, load_weights, resolve_amp, resolve_device, restore, unwrap, vocab_for
+from .common import (Log, _nolog, build_backbone, for_inference, inference_precision, load_model, load_weights,
+                     resolve_amp, resolve_device, restore, unwrap, vocab_for)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -206,8 +207,6 @@ def compile_decode_step(out: Path, cfg: Config, task_kind: str, device: torch.de
     by default (generate.compile auto), so the model is fast from its first generation. With generate.compile
     auto only after a run of COMPILE_AFTER_S or more, with true after any run, with false never. Not for int8
     (the CPU default from 10M parameters up) or classifiers. A failed build is reported, not fatal: training is done."""
-    from .common import for_inference, inference_precision, load_model
-
     mode = cfg.generate.compile
     if mode is False or task_kind == "classification" or device.type != "cpu" or not out.is_dir():
         return
@@ -225,8 +224,9 @@ def compile_decode_step(out: Path, cfg: Config, task_kind: str, device: torch.de
         with torch.inference_mode():
             loaded.decoder.begin(1, 1 + g.max_new_tokens)  # the shape of `infer --prompt` with default settings
             loaded.decoder.end()
-    except LlmctlError as e:
-        log(f"the decode step was not compiled ({e.message}); `llmctl infer` decodes eagerly until `--compile`")
+    except Exception as e:  # (LlmctlError from a failed build, or anything else: the finished run stays finished)
+        why = e.message if isinstance(e, LlmctlError) else f"{type(e).__name__}: {e}"
+        log(f"the decode step was not compiled ({why}); `llmctl infer` decodes eagerly until `--compile`")
 
 
 def _split_weights(plan: TrainPlan, full: dict) -> tuple[dict, str, dict]:
