@@ -133,9 +133,9 @@ def build(model: Transformer, batch: int, length: int, path: Path) -> None:
     p = model.wte.weight
     kept = model.clear_cache()  # the exported step must not alias the model's own cache buffers
     model.cache_len = length
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # (the packager wants a .pt2 name)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         # (generation runs under inference_mode, whose tensors export cannot trace in-place updates of)
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # raised inside inductor's autotuner
