@@ -131,8 +131,9 @@ def build(model: Transformer, batch: int, length: int, path: Path) -> None:
     """Export the decode step of `model` for (batch, length) and compile it into the package `path` (atomically)."""
     configure_compile_cache()
     p = model.wte.weight
+    kept_len = model.cache_len
     kept = model.clear_cache()  # the exported step must not alias the model's own cache buffers
-    model.cache_len = length
+    model.cache_len = length  # (what makes the model take its cached path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # (the packager wants a .pt2 name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,10 +157,9 @@ def build(model: Transformer, batch: int, length: int, path: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        model.clear_cache()
         for block, kv in zip(model.blocks, kept):
             block.attn.kv_cache = kv
-        model.cache_len = kept[0].k.shape[2] if kept and kept[0] is not None else 0
+        model.cache_len = kept_len
 
 
 class StepStore:

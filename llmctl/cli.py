@@ -189,7 +189,10 @@ def pretrain(
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Train a model from scratch on data.path (tokenizer and token cache are prepared when needed)."""
+    """Train a model from scratch on data.path (tokenizer and token cache are prepared when needed).
+
+    On a CPU, a language-model run of 5+ minutes ends by compiling the decode step `infer` will use (about half a
+    minute; --set generate.compile=false skips it)."""
     _train_command("pretrain", config, overrides, out_dir or _default_out(config, "pretrain"), resume, overwrite,
                    json_out, quiet, dry_run, resume_from=resume_from)
 
@@ -206,7 +209,10 @@ def finetune(
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Finetune a checkpoint on new data with the same training loop (full finetune, language-model objective)."""
+    """Finetune a checkpoint on new data with the same training loop (full finetune, language-model objective).
+
+    On a CPU, a language-model run of 5+ minutes ends by compiling the decode step `infer` will use (about half a
+    minute; --set generate.compile=false skips it)."""
     _train_command("finetune", config, overrides, out_dir or _default_out(config, "finetune"), resume, overwrite,
                    json_out, quiet, dry_run, from_=from_)
 

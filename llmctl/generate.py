@@ -72,7 +72,7 @@ class Decoder:
 
     `compile`: "auto" uses a compiled decode step when the cache holds one for this model, precision and shape
     (loading it takes ~0.05 s, so it pays off even for a short generation), True also builds a missing one first
-    (half a minute to two minutes on a CPU, once per model, precision and shape; see llmctl.aot), False always
+    (half a minute to a minute on a CPU, once per model, precision and shape; see llmctl.aot), False always
     decodes eagerly. `notify` hears about builds and dropped cache files.
     Cache lengths are rounded up to a power of two (at least 256) when compiled steps are in play, so few shapes
     exist: at most three for a 1024-token context and one batch size.

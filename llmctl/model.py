@@ -263,7 +263,7 @@ class Transformer(nn.Module):
         With a cache (`setup_cache`), `input_pos` (T,) are the cache slots written by this call, `left_pad` (B,)
         the number of padding slots at the start of each row (masked out, positions shifted), and `kv_len` an
         optional Python int bounding the slots read (eager decoding, whose queries are always the last T of the
-        kv_len slots; leave None under torch.compile).
+        kv_len slots; leave None when exporting the compiled step).
         """
         B, T = idx.shape
         cached = self.cache_len > 0

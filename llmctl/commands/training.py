@@ -24,8 +24,8 @@ from ..tasks import BUILDERS as TASKS
 from ..tasks import Layout, Task, count_trainable, lm_task, make_trainable
 from ..tokenizer import Tokenizer
 from ..train import Hooks, LoopState, NullReporter, Reporter, fit, seed_everything
-from .common import (Log, _nolog, build_backbone, for_inference, inference_precision, load_model, load_weights,
-                     resolve_amp, resolve_device, restore, unwrap, vocab_for)
+from .common import (Log, _nolog, build_backbone, for_inference, load_model, load_weights, resolve_amp, resolve_device,
+                     restore, unwrap, vocab_for)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -213,16 +213,15 @@ def compile_decode_step(out: Path, cfg: Config, task_kind: str, device: torch.de
     if mode == "auto" and train_seconds < COMPILE_AFTER_S:
         return
     try:
-        loaded = load_model(out, "cpu")
-        n_params = sum(p.numel() for p in loaded.model.parameters())
-        g = loaded.cfg.generate
-        if inference_precision(g.dtype, g.quantize, loaded.device, n_params)[1] == "int8":
+        loaded = for_inference(load_model(out, "cpu"), compile="auto", notify=log)  # what `infer` will run
+        if loaded.decoder.store is None:  # int8: never compiled
             return
         log("building the compiled decode step `llmctl infer` will use for this run "
             "(--set generate.compile=false skips this)")
-        for_inference(loaded, compile=True, notify=log)
+        loaded.decoder.build_next = True
         with torch.inference_mode():
-            loaded.decoder.begin(1, 1 + g.max_new_tokens)  # the shape of `infer --prompt` with default settings
+            # the shape of `infer --prompt` with default settings
+            loaded.decoder.begin(1, 1 + loaded.cfg.generate.max_new_tokens)
             loaded.decoder.end()
     except Exception as e:  # (LlmctlError from a failed build, or anything else: the finished run stays finished)
         why = e.message if isinstance(e, LlmctlError) else f"{type(e).__name__}: {e}"
