@@ -22,7 +22,6 @@ import json
 import os
 import socket
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import LlmctlError
-from .fileio import sha256_file, write_atomic
+from .fileio import apply_umask, sha256_file, temp_dir, write_atomic
 
 FORMAT = "llmctl-checkpoint"
 FORMAT_VERSION = 1
@@ -137,7 +136,7 @@ def save(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / step_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=run_dir))
+    tmp = temp_dir(run_dir, prefix=f".tmp-{final.name}-")  # 0755 under umask 022, like the files written into it
     try:
         save_file(unique_tensors(weights), str(tmp / weights_name))
         for name, tensors in (extra_files or {}).items():
@@ -150,6 +149,7 @@ def save(
         _test_pause(run_dir, step)
         files = {}
         for f in sorted(tmp.iterdir()):
+            apply_umask(f)  # safetensors writes 0600 files: give them what open() would (0644 under umask 022)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
             files[f.name] = sha256_file(f)
@@ -266,6 +266,36 @@ def resolve(path: str | Path) -> Path:
     raise LlmctlError(f"{p} holds no checkpoint (no meta.json, no latest, no step-* directories)")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_meta(where: Path, meta: dict) -> None:
+    """The fields of meta.json that loading and its callers rely on have the types `save` writes; a hand-edited or
+    damaged one is one line naming the file, the field and the fix, not a TypeError later."""
+
+    def bad(field: str, expected: str, fix: str) -> LlmctlError:
+        return LlmctlError(f"{where}: {field} must be {expected} (got {meta[field]!r}); {fix}, or use another checkpoint")
+
+    if "format_version" in meta and not _is_int(meta["format_version"]):
+        raise bad("format_version", "an integer", f"restore it (this llmctl writes {FORMAT_VERSION})")
+    if "step" in meta and not (_is_int(meta["step"]) and meta["step"] >= 0):
+        named = where.parent.name.rpartition("-")[2]
+        fix = f"set it to {int(named)}, the step in the directory name" if named.isdigit() else "restore it"
+        raise bad("step", "a non-negative integer", fix)
+    base = meta.get("base")
+    if base is not None and not (isinstance(base, dict) and all(isinstance(base.get(k), (str, type(None)))
+                                                                for k in ("path", "sha256"))):
+        raise bad("base", "a mapping with the base checkpoint's path and sha256", "restore it")
+    for name, digest in meta["files"].items():
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise LlmctlError(f"{where}: files lists {name!r}, which is not a file name inside the checkpoint; "
+                              "the file was edited or damaged: use another checkpoint")
+        if not isinstance(digest, str):
+            raise LlmctlError(f"{where}: files gives {name} a sha256 of {digest!r}, not a hex string; the file was "
+                              "edited or damaged: use another checkpoint")
+
+
 def load(path: str | Path, verify: bool = True) -> Checkpoint:
     """Resolve and verify a checkpoint: every file listed in meta.json must exist and match its sha256."""
     ckpt = resolve(path)
@@ -275,6 +305,7 @@ def load(path: str | Path, verify: bool = True) -> Checkpoint:
         raise LlmctlError(f"{ckpt / 'meta.json'} is unreadable ({e}); the checkpoint is damaged, use another one") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
         raise LlmctlError(f"{ckpt} is not an llmctl checkpoint (meta.json lacks format/files); import other formats with `llmctl import`")
+    _check_meta(ckpt / "meta.json", meta)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise LlmctlError(f"{ckpt} was written by a newer llmctl (format {meta['format_version']}); upgrade llmctl")
     if WEIGHTS not in meta["files"] and ADAPTER not in meta["files"]:
@@ -303,8 +334,39 @@ def write_status(run_dir: Path, state: str, **extra: Any) -> None:
     info = {**prev, **extra, "status": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if state == "running":
         info.setdefault("started", info["updated"])
-        info["pid"] = os.getpid()
+        # who to ask whether the run still lives (llmctl.runs.status_label): a pid alone is not enough, since pids
+        # are reused (after a reboot, or wrapping around) and mean nothing on another machine
+        info.update(pid=os.getpid(), pid_start=process_start(os.getpid()), host=socket.gethostname())
     write_atomic(path, json.dumps(info, indent=2) + "\n")
+
+
+def _proc_stat(pid: int) -> Optional[list[str]]:
+    """The fields of /proc/PID/stat after the command name (Linux), or None where there is none to read."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()
+    except (OSError, ValueError, TypeError, OverflowError):
+        return None
+
+
+def process_start(pid: int) -> Optional[str]:
+    """An identity of process `pid` that a later process reusing its pid does not share: the boot it runs in and
+    its start time in clock ticks since that boot (Linux); None where the system does not tell."""
+    fields = _proc_stat(pid)
+    if not fields or len(fields) < 20:
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    return f"{boot}:{fields[19]}"  # field 22 of stat (starttime), counted from the state, field 3
+
+
+def process_state(pid: int) -> Optional[str]:
+    """The one-letter state of process `pid` (R, S, D, T, Z for a zombie, X for dead...), None where unknown."""
+    fields = _proc_stat(pid)
+    return fields[0] if fields else None
 
 
 def read_status(run_dir: Path) -> dict:

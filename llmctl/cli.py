@@ -48,12 +48,24 @@ TokenizerOpt = typer.Option(None, "--tokenizer", help="A tokenizer.json to use i
 
 def run(fn: Callable[[], Optional[int]]) -> None:
     """Call a command, turning expected failures into one clear line and an exit status."""
+    from .interrupt import STOP, Stopped, as_stop
+
     try:
-        code = fn()
+        with STOP.handling():  # SIGINT / SIGTERM stop the command within seconds (llmctl.interrupt)
+            try:
+                code = fn()
+            except Exception as e:
+                stop = as_stop(e)  # a library's error on the way out of an interrupted call is the stop
+                if stop is None:
+                    raise
+                raise stop from None
     except LlmctlError as e:
         if STATE["debug"]:
             traceback.print_exc()
         _print_error(e.message)
+        raise typer.Exit(e.status)
+    except Stopped as e:
+        _print_error(f"interrupted by {e.name}")
         raise typer.Exit(e.status)
     except KeyboardInterrupt:
         _print_error("interrupted")
@@ -76,12 +88,14 @@ def _print_error(message: str) -> None:
 
 
 def _log(message: str) -> None:
-    err.print(message)
+    err.print(message, soft_wrap=True)  # one line per message: long paths and commands stay copyable and greppable
 
 
-def _log_line(message: str) -> None:
-    """A log line that is never hard-wrapped (it may hold long paths that users copy)."""
-    err.print(message, soft_wrap=True)
+def _warn(message: str) -> None:
+    """One warning line on stderr, never wrapped, its text shown as is (no rich markup or emoji codes in it)."""
+    from rich.text import Text
+
+    err.print(Text.assemble(("warning:", "yellow"), " ", message), soft_wrap=True)
 
 
 def _print_json(obj) -> None:
@@ -105,7 +119,7 @@ def _table(title: str, rows: dict) -> Table:
 
 def _print_config(cfg, quiet: bool) -> None:
     for w in cfg.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        err.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
     if quiet:
         return
     for section, values in cfg.to_dict().items():
@@ -265,16 +279,17 @@ def infer(
         settings = commands.sampling(loaded, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty)
         commands.for_inference(loaded, dtype, quantize_mode, compile, notify=lambda msg: err.print(msg))
         if chat:
-            _chat(commands.ChatSession(loaded, settings))
+            _chat(commands.ChatSession(loaded, settings, warn=_warn))
             return
         if input_file is not None:
             rows = commands.read_inputs(input_file)
             with _row_progress(len(rows)) as advance:
-                results = commands.complete_rows(loaded, rows, settings, truncate, on_row=advance, batch_size=batch_size)
+                results = commands.complete_rows(loaded, rows, settings, truncate, on_row=advance, batch_size=batch_size,
+                                                 warn=_warn)
             _emit_rows(commands, results, output_file)
             return
         text = commands.read_prompt(prompt, prompt_file)
-        pieces = commands.stream(loaded, text, settings, truncate)
+        pieces = commands.stream(loaded, text, settings, truncate, warn=_warn)
         if json_out:
             _print_json({"checkpoint": str(loaded.ckpt.path), "prompt": text, "completion": "".join(pieces)})
             return
@@ -314,13 +329,13 @@ def _emit_rows(commands, rows: list, output_file: Optional[Path]) -> None:
 def _infer_classifier(commands, loaded, prompt, prompt_file, input_file, output_file, json_out) -> None:
     if input_file is not None:
         rows = commands.read_inputs(input_file)
-        results = commands.classify_texts(loaded, [r["prompt"] for r in rows])
+        results = commands.classify_texts(loaded, [r["prompt"] for r in rows], warn=_warn)
         _emit_rows(commands, [{**r, **res} for r, res in zip(rows, results)], output_file)
         return
     text = commands.read_prompt(prompt, prompt_file)
     if not text.strip():
         raise LlmctlError("the text to classify is empty")
-    res = commands.classify_texts(loaded, [text])[0]
+    res = commands.classify_texts(loaded, [text], warn=_warn, what="the text")[0]
     if json_out:
         _print_json(res)
         return
@@ -384,7 +399,7 @@ def eval_(
                               f"(got {dtype}, {quantize_mode})")
         r = commands.evaluate(ckpt, data, batch_size, device, log=_log, text_column=text_column,
                               label_column=label_column, base=base, tokenizer=tokenizer, dtype=dtype,
-                              quantize_mode=quantize_mode)
+                              quantize_mode=quantize_mode, warn=_warn)
         if json_out:
             _print_json(r)
         elif "confusion" in r:
@@ -445,7 +460,7 @@ def config_show(
     def go() -> None:
         cfg = commands.show_config(config, overrides or [])
         for w in cfg.warnings:
-            err.print(f"[yellow]warning:[/yellow] {w}")
+            err.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
         if json_out:
             _print_json(cfg.to_dict())
         else:
@@ -467,7 +482,7 @@ def import_hf(
     from . import commands
 
     def go() -> None:
-        r = commands.import_hf(source, out_dir, tokenizer, overwrite, log=(lambda m: None) if quiet else _log_line)
+        r = commands.import_hf(source, out_dir, tokenizer, overwrite, log=(lambda m: None) if quiet else _log)
         if json_out:
             _print_json(r)
         else:
@@ -536,7 +551,7 @@ def export(
     from . import commands
 
     def go() -> None:
-        r = commands.export(ckpt, fmt, out_dir, tokenizer, overwrite, log=_log_line, base=base,
+        r = commands.export(ckpt, fmt, out_dir, tokenizer, overwrite, log=_log, base=base,
                             merge_lora_adapter=merge_lora_adapter)
         if json_out:
             _print_json(r)

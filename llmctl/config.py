@@ -296,6 +296,14 @@ def _coerce(value: Any, tp: Any) -> tuple[Any, Optional[str]]:
     return value, None
 
 
+# A section written with nothing under it (`model:`, `model: null`, or every key commented out) is an error, the
+# same one wherever it comes from (config show, pretrain, finetune; with or without --set model.* given too):
+# null is never "the default" for a key (`train.lr: null` is an error too), so an empty section is more likely a
+# half-deleted one than a wish for defaults, and the fix is one line either way. Before, a --set for that section
+# silently replaced the null (so pretrain accepted what config show refused).
+EMPTY_SECTION = "is empty (null); give it keys, or remove the line"
+
+
 def _merge_section(obj: Any, raw: dict, prefix: str, problems: list[str]) -> None:
     """Set the fields of dataclass `obj` from `raw`, recording unknown keys and bad types."""
     hints = typing.get_type_hints(type(obj))
@@ -309,6 +317,9 @@ def _merge_section(obj: Any, raw: dict, prefix: str, problems: list[str]) -> Non
             continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
+            if value is None:
+                problems.append(f"{where}: {EMPTY_SECTION}")  # (from --set {key}=null or a dict)
+                continue
             if not isinstance(value, dict):
                 problems.append(f"{where}: must be a mapping of {key} settings (got {value!r})")
                 continue
@@ -382,6 +393,12 @@ def read_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise LlmctlError(f"config file {p} must be a mapping of sections (model:, train:, ...), not {type(raw).__name__}")
+    # sections are checked here, before a --set for one can be merged over a null or a scalar (see EMPTY_SECTION)
+    names = {f.name for f in sections(Config)}
+    bad = [f"{k}: in {p} {EMPTY_SECTION}" if v is None else f"{k}: in {p} must be a mapping of {k} settings (got {v!r})"
+           for k, v in raw.items() if k in names and not isinstance(v, dict)]
+    if bad:
+        raise LlmctlError(_format_problems(bad))
     return raw
 
 

@@ -30,9 +30,10 @@ class MfuMixin:
         self.flops_per_token, self.peak = flops_per_token, peak
 
     def mfu_text(self, tokens_per_sec: float) -> str:
-        if not self.peak or not self.flops_per_token:
-            return ""
-        return f"MFU {100 * tokens_per_sec * self.flops_per_token / self.peak:.1f}%"
+        from .estimate import mfu
+
+        value = mfu(tokens_per_sec, self.flops_per_token, self.peak)
+        return "" if value is None else f"MFU {100 * value:.1f}%"
 
 
 class RichReporter(MfuMixin):

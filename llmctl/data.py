@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -29,7 +28,7 @@ import torch
 
 from .config import DataConfig, TokenizerConfig
 from .errors import LlmctlError
-from .fileio import read_jsonl, sha256_file
+from .fileio import read_jsonl, sha256_file, temp_dir
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -190,7 +189,7 @@ def _auto_num_proc(cfg: DataConfig, n_chars: int) -> int:
 def _atomic_dir(final: Path, build: Callable[[Path], None]) -> None:
     """Build into a temporary sibling directory, then rename it into place (complete or absent)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = temp_dir(final.parent, prefix=f".{final.name}.")  # with the user's umask, not mkdtemp's 0700
     try:
         build(tmp)
         try:

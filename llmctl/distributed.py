@@ -37,7 +37,8 @@ import torch.nn as nn
 from .config import TrainConfig
 from .errors import EXIT_DIVERGED, EXIT_PEER, EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
 from .evaluate import lm_metrics as _lm_metrics
-from .train import NullReporter, Reporter, StopFlag, rng_state, set_rng_state
+from .interrupt import STOP, Stopped
+from .train import NullReporter, Reporter, rng_state, set_rng_state
 
 T = TypeVar("T")
 
@@ -97,7 +98,7 @@ def init(cfg: TrainConfig, device: torch.device) -> DistContext:
         backend = "gloo"
     else:
         raise LlmctlError(f"distributed training runs on CUDA (nccl) or CPU (gloo), not {device.type}; set train.device=cpu")
-    StopFlag.repeat_window = 2.0  # the terminal's Ctrl-C and torchrun's forwarded copy are one Ctrl-C
+    STOP.repeat_window = 2.0  # the terminal's Ctrl-C and torchrun's forwarded copy are one Ctrl-C
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist_timeout))
@@ -299,13 +300,31 @@ def loop_hooks(model: nn.Module, ctx: DistContext) -> dict:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)  # gloo has no AVG
         return t / ctx.world_size
 
-    def sync_stop(signum: Optional[int]) -> Optional[int]:
-        # a signal may reach the ranks at different steps: all stop (and save) at the same one
-        t = torch.tensor([signum or 0], device=ctx.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item()) or None
+    return {"no_sync": no_sync, "reduce_mean": reduce_mean, "sync_stop": lambda signum: agree_signal(ctx, signum)}
 
-    return {"no_sync": no_sync, "reduce_mean": reduce_mean, "sync_stop": sync_stop}
+
+def agree_signal(ctx: DistContext, signum: Optional[int]) -> Optional[int]:
+    """The stop signal any rank received (collective under torchrun: every rank calls it at the same point).
+
+    A signal may reach the ranks at different moments; all of them stop (and save) at the same point."""
+    if not ctx.enabled:
+        return signum
+    t = torch.tensor([signum or 0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
+
+
+def polled(batches: Iterable[T], ctx: DistContext, every: int = 1) -> Iterator[T]:
+    """`batches`, raising `interrupt.Stopped` before every `every`-th one once any rank received a signal.
+
+    For passes that run while the training loop defers signals (validation); under torchrun every rank must
+    draw the same number of items, so that the agreement lines up."""
+    for i, b in enumerate(batches):
+        if i % every == 0:
+            signum = agree_signal(ctx, STOP.signum)
+            if signum is not None:
+                raise Stopped(signum)
+        yield b
 
 
 def lm_metrics(model: nn.Module, blocks: Callable[[], Iterable[dict]], ctx: DistContext, device: torch.device,
@@ -316,16 +335,16 @@ def lm_metrics(model: nn.Module, blocks: Callable[[], Iterable[dict]], ctx: Dist
     runs a padding batch whose labels are all ignored (-100): it adds nothing to the sums.
     """
     if not ctx.enabled:
-        return _lm_metrics(model, blocks(), device, amp)
+        return _lm_metrics(model, polled(blocks(), ctx), device, amp)
     net = inner(model)  # DDP: replicas are identical, evaluate without DDP's hooks; FSDP: the sharded root
     n = sum(1 for _ in blocks())
     if n < ctx.world_size:  # too few batches to share: every rank evaluates all of them
-        return _lm_metrics(net, blocks(), device, amp)
+        return _lm_metrics(net, polled(blocks(), ctx), device, amp)
     per_rank = math.ceil(n / ctx.world_size)
 
     def mine() -> Iterator[dict]:
         first, count = None, 0
-        for i, b in enumerate(blocks()):
+        for i, b in enumerate(polled(blocks(), ctx, every=ctx.world_size)):  # every rank draws all n
             if i % ctx.world_size == ctx.rank:
                 first, count = (b if first is None else first), count + 1
                 yield b

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import LlmctlError
@@ -20,10 +21,84 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small text file so that readers see the old or the new content, never a torn one."""
+# ----------------------------------------------------------------------------------------------------------------
+# Temporary names that become the real files: created like open() and mkdir() would (the user's umask)
+#
+# `tempfile.mkstemp` and `mkdtemp` create 0600 files and 0700 directories whatever the umask, so everything that
+# is written under a temporary name and renamed into place (run files, checkpoints, exports, the token cache)
+# would stay unreadable to the rest of a group on a shared filesystem. These two are the one place that gives
+# such names the permissions a plain open() / mkdir() would (0644 / 0755 under umask 022), and `apply_umask` the
+# files written into them by libraries that do not follow the umask; the names are still created exclusively
+# (O_EXCL), so the writes stay atomic.
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (/proc/self/status, kernel 4.7+).
+
+    Elsewhere it is read the only portable way, by setting and restoring it, under a lock so that two readers
+    cannot interleave (a thread creating a file in that instant would get the temporary mask 0o077, which only
+    removes permissions, never adds them)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def _chmod_fd(fd: int, mode: int) -> None:
+    try:
+        os.fchmod(fd, mode)
+    except OSError:  # a filesystem without permissions (some network or FAT mounts): keep what it gave
+        pass
+
+
+def temp_file(directory: Path, prefix: str, suffix: str = "") -> tuple[int, Path]:
+    """(open fd, path) of a new, exclusively created file in `directory`, with the umask's permissions."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    _chmod_fd(fd, 0o666 & ~current_umask())
+    return fd, Path(name)
+
+
+def temp_dir(directory: Path, prefix: str) -> Path:
+    """A new, exclusively created directory in `directory`, with the umask's permissions."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return path
+    try:
+        _chmod_fd(fd, 0o777 & ~current_umask())
+    finally:
+        os.close(fd)
+    return path
+
+
+def apply_umask(path: Path) -> None:
+    """Give a file or directory written into one of those temporary names the umask's permissions, for writers
+    that do not follow it (safetensors' save_file creates its files 0600). Symbolic links are left alone."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    if path.is_symlink():
+        return
+    try:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
+    except OSError:
+        pass
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small text file so that readers see the old or the new content, never a torn one.
+
+    The file gets the permissions a plain open() would give it (the umask's), not mkstemp's 0600."""
+    path = Path(path)
+    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

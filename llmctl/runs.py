@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from .checkpoint import read_status
+from .checkpoint import process_start, process_state, read_latest, read_status
 from .errors import LlmctlError
 
 SIGNALS = {130: "SIGINT", 143: "SIGTERM"}
 
 
 def is_run(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in ("status.json", "metrics.jsonl", "config.yaml"))
+    """A run directory; not one of its step-* checkpoints, which hold a config.yaml too (and a meta.json), nor a
+    hidden temporary one (a checkpoint or export being written, or left by a killed write)."""
+    if path.name.startswith(".") or not path.is_dir() or (path / "meta.json").exists():
+        return False
+    return any((path / f).exists() for f in ("status.json", "metrics.jsonl", "config.yaml"))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -46,13 +51,26 @@ def read_config(run_dir: Path) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def _alive(pid: Any) -> bool:
+def _alive(pid: Any, identity: Optional[str] = None) -> bool:
+    """Whether the process that wrote a `running` status.json still runs here.
+
+    A zombie (killed, not yet reaped by its parent: a torchrun agent that is busy or stopped, a launcher that never
+    waits) is gone, although signal 0 still reaches it; so is a live process whose start time differs from the
+    one recorded (its pid was reused, after a reboot or wrapping around)."""
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, ValueError, TypeError, OverflowError):
-        return True  # exists but not ours, or no pid recorded: assume it still runs
+    except PermissionError:
+        pass  # exists but not ours: /proc still tells whether it is the same process
+    except (ValueError, TypeError, OverflowError):
+        return True  # no usable pid recorded: assume it still runs
+    if process_state(int(pid)) in ("Z", "X", "x"):
+        return False
+    if identity is not None:
+        now = process_start(int(pid))
+        if now is not None and now != identity:
+            return False
     return True
 
 
@@ -64,9 +82,22 @@ def status_label(status: dict) -> tuple[str, Optional[str]]:
         detail = SIGNALS.get(status.get("exit_status"))
     elif state in ("failed", "diverged"):
         detail = status.get("error")
-    elif state == "running" and "pid" in status and not _alive(status["pid"]):
-        state, detail = "crashed", f"process {status['pid']} is gone without a final status"
+    elif state == "running" and "pid" in status:
+        host = status.get("host")
+        if host and host != socket.gethostname():
+            detail = f"on {host}, process {status['pid']}: only that machine can tell whether it still runs"
+        elif not _alive(status["pid"], status.get("pid_start")):
+            state, detail = "crashed", f"process {status['pid']} is gone without a final status"
     return state, detail
+
+
+def checkpoint_step_of(run_dir: Path) -> Optional[int]:
+    """The step of the checkpoint `latest` names (from its name, step-NNNNNNN: no weights are read), or None."""
+    latest = read_latest(run_dir)
+    if latest is None:
+        return None
+    digits = latest.name.rpartition("-")[2]
+    return int(digits) if latest.name.startswith("step-") and digits.isdigit() else None
 
 
 def summarize(run_dir: Path) -> dict:
@@ -81,6 +112,8 @@ def summarize(run_dir: Path) -> dict:
     last = train_rows[-1] if train_rows else {}
     # steps reached: metrics.jsonl knows them even when the run died before a checkpoint or a final status
     steps = max(int(r.get("step", 0)) for r in rows) if rows else status.get("steps", status.get("step"))
+    # ... and the checkpoint a resume would start from, which lags behind when the run died between saves
+    checkpoint_step = checkpoint_step_of(run_dir)
     tps = status.get("tokens_per_sec") if state == "finished" else None
     if tps is None and last.get("time"):
         tps = round(last.get("tokens", 0) / last["time"], 1) if last["time"] > 0 else None
@@ -91,6 +124,7 @@ def summarize(run_dir: Path) -> dict:
         "detail": detail,
         "kind": status.get("kind"),
         "steps": steps,
+        "checkpoint_step": checkpoint_step,
         "max_steps": (cfg.get("train") or {}).get("max_steps", status.get("max_steps")),
         "tokens": last.get("tokens", status.get("tokens")),
         "loss": last.get("loss"),
@@ -137,7 +171,7 @@ def compare(a: Path, b: Path) -> dict:
     a, b = _require_run(a), _require_run(b)
     ca, cb = _flatten(read_config(a)), _flatten(read_config(b))
     diff = [{"key": k, "a": ca.get(k), "b": cb.get(k)} for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
-    keys = ("status", "steps", "tokens", "loss", "val_loss", "best_val_loss", "tokens_per_sec", "train_seconds")
+    keys = ("status", "steps", "checkpoint_step", "tokens", "loss", "val_loss", "best_val_loss", "tokens_per_sec", "train_seconds")
     sa, sb = summarize(a), summarize(b)
     return {
         "a": str(a),

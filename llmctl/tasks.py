@@ -101,8 +101,8 @@ def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, devi
         idx = val_idx if t.eval_batches is None else val_idx[: t.eval_batches * cfg.eval.batch_size]
         # every rank classifies the whole (small) validation slice: identical results, and FSDP's collective
         # forward passes line up
-        rows, pred, _, loss = classify(distributed.inner(model),
-                                       eval_batches(ex, idx, "classification", tok.pad_id, cfg.eval.batch_size), device, amp)
+        batches = eval_batches(ex, idx, "classification", tok.pad_id, cfg.eval.batch_size)
+        rows, pred, _, loss = classify(distributed.inner(model), distributed.polled(batches, layout.dist), device, amp)
         m = classification_metrics(pred, [ex.targets[i] for i in rows.tolist()], labels)
         return {"val_loss": loss, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 

@@ -7,6 +7,8 @@ so later finetuning on text with unseen characters or that needs padding never r
 from __future__ import annotations
 
 import hashlib
+import json
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -14,11 +16,16 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .errors import LlmctlError
+from .interrupt import in_thread
 
 EOS, PAD, UNK = "<eos>", "<pad>", "<unk>"
 # end-of-text and padding spellings of tokenizers made elsewhere (GPT-2, Llama 2/3, ChatML)
 EOS_CANDIDATES = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
 PAD_CANDIDATES = (PAD, "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+# characters per piece of a long text, and per native call: one call takes well under a second (~1-2 MB/s on
+# a CPU core), so a signal is heard between calls (llmctl.interrupt) and pieces spread over the cores
+PIECE_CHARS = 1 << 18
+CALL_CHARS = 1 << 20
 
 
 class Tokenizer:
@@ -64,7 +71,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tk.train_from_iterator(texts, trainer=trainer)
+        in_thread(lambda: tk.train_from_iterator(texts, trainer=trainer))  # minutes on a big corpus: stay stoppable
         return cls(tk)
 
     @classmethod
@@ -105,13 +112,86 @@ class Tokenizer:
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+        """The ids of each text. Long texts are encoded in pieces (the same ids: see `pieces`), a bounded amount
+        per native call; a long text that cannot be cut is encoded in a worker thread."""
+        if sum(len(t) for t in texts) <= CALL_CHARS:
+            return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+        out: list[list[int]] = []
+        for text in texts:
+            parts = self.pieces(text)
+            if len(parts) == 1 and len(text) > CALL_CHARS:
+                out.append(in_thread(lambda: self.encode(text)))
+                continue
+            ids: list[int] = []
+            group: list[str] = []
+            for i, part in enumerate(parts):
+                group.append(part)
+                if i == len(parts) - 1 or sum(map(len, group)) + len(parts[i + 1]) > CALL_CHARS:
+                    for e in self.tk.encode_batch(group, add_special_tokens=False):
+                        ids.extend(e.ids)
+                    group = []
+            out.append(ids)
+        return out
+
+    def pieces(self, text: str, size: int = PIECE_CHARS) -> list[str]:
+        """`text` cut into pieces of about `size` characters whose ids, concatenated, are the ids of the whole.
+
+        Cuts go before a line that starts with a non-space character. A character tokenizer could be cut anywhere
+        but for its special tokens spelled out in the text (no newline in them); GPT-2-style byte-level BPE (a
+        ByteLevel pre-tokenizer with its regex, no prefix space, no normalizer: llmctl's own and GPT-2's) has no
+        pre-token that spans a newline followed by a non-space. Any other tokenizer keeps the text whole."""
+        if len(text) <= size or not self._cuts_at_lines:
+            return [text]
+        out, start = [], 0
+        while len(text) - start > size:
+            cut = text.find("\n", start + size - 1)
+            while cut != -1 and cut + 1 < len(text) and text[cut + 1].isspace():
+                cut = text.find("\n", cut + 1)
+            if cut == -1 or cut + 1 >= len(text):
+                break
+            out.append(text[start : cut + 1])
+            start = cut + 1
+        out.append(text[start:])
+        return out
+
+    @cached_property
+    def _cuts_at_lines(self) -> bool:
+        if self.kind == "char":
+            return True
+        spec = json.loads(self.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        return bool(spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                    and not pre.get("add_prefix_space", False) and type(self.tk.model).__name__ == "BPE")
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self.tk.token_to_id(token)
+
+    def unseen(self, texts: str | Iterable[str]) -> "Unseen":
+        """What of `texts` this tokenizer can only map to <unk> (characters a char tokenizer never saw in training):
+        the distinct pieces in order of first appearance, how many there are in all, and which texts hold them.
+
+        Found from the encoding itself (ids equal to the <unk> id, sliced out by their offsets), so it holds for any
+        tokenizer with an <unk> token; byte-level BPE has none and never reports anything. `<unk>` spelled out in
+        a text is the special token on purpose, not an unseen character."""
+        found = Unseen()
+        if self.unk_id is None:
+            return found
+        for n, text in enumerate([texts] if isinstance(texts, str) else texts):
+            text = text if isinstance(text, str) else ""
+            # a char tokenizer's pieces can be encoded apart (no special token spans a line break): one native call
+            # per piece keeps a long --data file from holding signals back
+            parts = _lines_cut(text) if self.kind == "char" else [text]
+            for part in parts:
+                enc = self.tk.encode(part, add_special_tokens=False)
+                if self.unk_id not in enc.ids:
+                    continue
+                for i, (start, end) in zip(enc.ids, enc.offsets):
+                    if i == self.unk_id and part[start:end] != UNK:
+                        found.add(part[start:end], n)
+        return found
 
     def stream(self, ids: Iterable[int]) -> Iterator[str]:
         """Decode incrementally: yield each new piece of text once it is complete UTF-8."""
@@ -152,3 +232,48 @@ class StreamDecoder:
         tail = self.tok.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return tail[len(before) :] if len(tail) > len(before) else ""
+
+
+def _lines_cut(text: str, size: int = 1 << 16) -> list[str]:
+    """`text` in pieces of at least `size` characters that end with a line break (the last one may not)."""
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = text.find("\n", start + size)
+        if cut == -1:
+            break
+        out.append(text[start : cut + 1])
+        start = cut + 1
+    out.append(text[start:])
+    return out
+
+
+class Unseen:
+    """What `Tokenizer.unseen` found: `pieces` (distinct, in order), `count` (all occurrences), `texts` (the indices
+    of the texts holding any). Falsy when nothing was found; `message(what)` is the one warning line."""
+
+    SHOWN = 5  # distinct pieces named in the message
+
+    def __init__(self) -> None:
+        self.pieces: dict[str, int] = {}  # piece -> occurrences
+        self.count = 0
+        self.texts: list[int] = []
+
+    def add(self, piece: str, text: int) -> None:
+        self.pieces[piece] = self.pieces.get(piece, 0) + 1
+        self.count += 1
+        if not self.texts or self.texts[-1] != text:
+            self.texts.append(text)
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def message(self, what: str) -> str:
+        """The warning, e.g. "the prompt: 3 characters the tokenizer never saw in training became <unk> (2 distinct:
+        '🙂', '🎉'); the model reads nothing there" (`what`: the prompt, --input rows 2, 5, --data FILE...)."""
+        names = [repr(p) for p in list(self.pieces)[: self.SHOWN]]
+        more = len(self.pieces) - len(names)
+        shown = ", ".join(names) + (f" and {more} more" if more else "")
+        one = self.count == 1
+        distinct = f"{len(self.pieces)} distinct: " if len(self.pieces) != self.count else ""
+        return (f"{what}: {self.count} character{'' if one else 's'} the tokenizer never saw in training "
+                f"became <unk> ({distinct}{shown}); the model reads nothing there")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ContextManager, Optional, Protocol
@@ -21,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .errors import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
+from .errors import EXIT_DIVERGED, LlmctlError
+from .interrupt import STOP, Stopped, exit_status
 from .optim import lr_at
 
 Batch = dict[str, torch.Tensor]
@@ -40,6 +40,7 @@ class LoopState:
     skipped: int = 0  # non-finite steps skipped so far (train.skip_nonfinite)
     evals_since_best: int = 0  # for early stopping (train.patience)
     stopped_early: bool = False
+    eval_due: bool = False  # a signal stopped the validation pass of `step`: a resumed run does it first
     last_eval: dict = field(default_factory=dict)
 
 
@@ -106,43 +107,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Signals: finish the step, save, exit 130 / 143; a second Ctrl-C aborts at once
-
-
-class StopFlag:
-    # seconds in which a repeated SIGINT is the same Ctrl-C: torchrun forwards the terminal's Ctrl-C to workers
-    # that received it already (llmctl.distributed sets this under torchrun)
-    repeat_window: float = 0.0
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._first = 0.0
-        self._old: dict = {}
-
-    def __enter__(self) -> "StopFlag":
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            if time.monotonic() - self._first < self.repeat_window:
-                return
-            raise KeyboardInterrupt  # second Ctrl-C: abort now
-        if self.signum is None:
-            self._first = time.monotonic()
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-# ------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -176,17 +140,72 @@ def fit(
 ) -> LoopState:
     """Train until `cfg.max_steps`, evaluating every `eval_interval` and saving every `save_interval` and at the end.
 
-    Raises `Interrupted` (exit 130/143) after saving when a signal arrives, and LlmctlError with exit 3 when the loss
-    or the gradient norm is not finite (nothing is saved then: the last good checkpoint stays `latest`).
+    A SIGINT / SIGTERM is acted on after the step it arrives in, or between the batches of a validation pass: the
+    loop saves (when it trained since the last checkpoint) and raises `Interrupted` (exit 130/143). A loss or
+    gradient norm that is not finite raises LlmctlError with exit 3 (nothing is saved then: the last good
+    checkpoint stays `latest`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     reporter.start(cfg.max_steps, state.step)
     window_t, window_tokens = time.perf_counter(), 0
     maximize = cfg.best_mode == "max" or (cfg.best_mode == "auto" and cfg.best_metric in MAXIMIZED)
+    saved_step = None if state.eval_due else state.step  # the step of the newest checkpoint (a resumed run's is on disk)
+
+    def save(reason: str) -> Any:
+        nonlocal saved_step, window_t
+        path = hooks.save(state, reason)
+        saved_step, window_t = state.step, time.perf_counter()
+        return path
+
+    def stop(signum: int, during: str = "") -> None:
+        """Save what was trained since the last checkpoint, then raise Interrupted."""
+        path = save("signal") if hooks.save and saved_step != state.step else None
+        name = "SIGINT" if exit_status(signum) == 130 else "SIGTERM"
+        raise Interrupted(f"interrupted by {name} {during}after step {state.step}"
+                          + (f"; saved {path}" if path else ""), exit_status(signum))
+
+    def after_step(last: bool) -> bool:
+        """Validation and checkpoints due at `state.step`; True when early stopping ends the run here."""
+        nonlocal window_t
+        stop_early = False
+        due = cfg.eval_interval and state.step % cfg.eval_interval == 0
+        if hooks.evaluate and (due or last or state.eval_due):
+            state.eval_due = True  # until the pass is complete: a checkpoint written on a signal says so
+            try:
+                result = hooks.evaluate(state.step)  # polls STOP between batches
+            except Stopped as e:
+                stop(e.signum, "during the validation pass ")
+            finally:
+                model.train()
+            state.eval_due = False
+            state.last_eval = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+            value = result.get(cfg.best_metric)
+            improved = value is not None and (state.best is None or (value > state.best if maximize else value < state.best))
+            if improved:
+                state.best, state.best_step = value, state.step
+            state.evals_since_best = 0 if improved else state.evals_since_best + 1
+            stop_early = bool(cfg.patience) and value is not None and state.evals_since_best >= cfg.patience
+            hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
+            reporter.log(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+                         + (" (best)" if improved and not last else ""))
+            if stop_early:
+                reporter.log(f"early stop: no better {cfg.best_metric} in {cfg.patience} evaluations "
+                             f"(best {state.best:.4f} at step {state.best_step})")
+                state.stopped_early = True
+                last = True
+            if improved and cfg.keep_best and hooks.save and not last:
+                save("best")
+            window_t = time.perf_counter()  # evaluation time is not training throughput
+        if hooks.save and saved_step != state.step and (last or (cfg.save_interval and state.step % cfg.save_interval == 0)):
+            save(("early_stop" if stop_early else "final") if last else "interval")
+        return stop_early
+
     model.train()
-    with StopFlag() as stop:
-        while state.step < cfg.max_steps:
+    with STOP.handling(), STOP.deferred():  # a signal is acted on at the points below, never inside a step or a save
+        # the validation pass a signal stopped comes before anything else
+        ended = state.eval_due and after_step(state.step >= cfg.max_steps)
+        while state.step < cfg.max_steps and not ended:
             t0 = time.perf_counter()
             step = state.step
             lr = lr_at(step, cfg)
@@ -253,39 +272,10 @@ def fit(
                 hooks.on_step(state)
 
             last = state.step == cfg.max_steps
-            stop_early = False
-            saved = None  # the checkpoint written at this step, if any
-            if hooks.evaluate and ((cfg.eval_interval and state.step % cfg.eval_interval == 0) or last):
-                result = hooks.evaluate(state.step)
-                model.train()
-                state.last_eval = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-                value = result.get(cfg.best_metric)
-                improved = value is not None and (state.best is None or (value > state.best if maximize else value < state.best))
-                if improved:
-                    state.best, state.best_step = value, state.step
-                state.evals_since_best = 0 if improved else state.evals_since_best + 1
-                stop_early = bool(cfg.patience) and value is not None and state.evals_since_best >= cfg.patience
-                hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
-                reporter.log(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
-                             + (" (best)" if improved and not last else ""))
-                if stop_early:
-                    reporter.log(f"early stop: no better {cfg.best_metric} in {cfg.patience} evaluations "
-                                 f"(best {state.best:.4f} at step {state.best_step})")
-                    state.stopped_early = True
-                    last = True
-                if improved and cfg.keep_best and hooks.save and not last:
-                    saved = hooks.save(state, "best")
-                window_t = time.perf_counter()  # evaluation time is not training throughput
-            if hooks.save and saved is None and (last or (cfg.save_interval and state.step % cfg.save_interval == 0)):
-                saved = hooks.save(state, ("early_stop" if stop_early else "final") if last else "interval")
-                window_t = time.perf_counter()
-            signum = hooks.sync_stop(stop.signum)
-            if signum is not None and not last:
-                if hooks.save and saved is None:
-                    saved = hooks.save(state, "signal")
-                status = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
-                name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
-                raise Interrupted(f"interrupted by {name} after step {state.step}" + (f"; saved {saved}" if saved else ""), status)
+            stop_early = after_step(last)
+            signum = hooks.sync_stop(STOP.signum)
+            if signum is not None and not (last or stop_early):
+                stop(signum)
             if stop_early:
                 break
     reporter.stop()

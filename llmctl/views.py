@@ -158,15 +158,19 @@ def dry_run(report: dict) -> Group:
 
 def runs_table(rows: list[dict], directory: str) -> Table:
     t = Table(title=f"runs in {directory}", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
-    for col, just in (("name", "left"), ("status", "left"), ("steps", "right"), ("best val\nloss", "right"),
-                      ("tokens\nseen", "right"), ("tokens/s", "right")):
+    for col, just in (("name", "left"), ("status", "left"), ("steps", "right"), ("last\ncheckpoint", "right"),
+                      ("best val\nloss", "right"), ("tokens\nseen", "right"), ("tokens/s", "right")):
         t.add_column(col, justify=just, no_wrap=col != "name", overflow="fold")
     colour = {"finished": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "diverged": "red",
               "crashed": "red"}
     for r in rows:
         status = r["status"] + (f" ({r['detail']})" if r["status"] == "interrupted" and r.get("detail") else "")
         steps = _fmt(r["steps"]) + (f"/{r['max_steps']:,}" if isinstance(r.get("max_steps"), int) else "")
-        t.add_row(r["name"], Text(status, style=colour.get(r["status"], "")), steps, _fmt(r["best_val_loss"]),
+        # the step a resume starts from, beside the last logged one: they differ when a run died between saves
+        saved = _fmt(r.get("checkpoint_step"))
+        if r.get("checkpoint_step") is not None and r.get("steps") is not None and r["checkpoint_step"] != r["steps"]:
+            saved = Text(saved, style="yellow")
+        t.add_row(r["name"], Text(status, style=colour.get(r["status"], "")), steps, saved, _fmt(r["best_val_loss"]),
                   _fmt(r["tokens"]), _fmt(r["tokens_per_sec"], 0) if r["tokens_per_sec"] is not None else "-")
     return t
 

@@ -59,3 +59,30 @@ def test_resolve_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LlmctlError, match="holds no checkpoint"):
         ck.load(tmp_path / "empty")
+
+
+def _edit_meta(path, **fields):
+    import json
+
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(fields)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("fields,words", [
+    ({"format_version": "abc"}, ["format_version must be an integer", "'abc'", "this llmctl writes 1"]),
+    ({"format_version": None}, ["format_version must be an integer"]),
+    ({"step": "7"}, ["step must be a non-negative integer", "set it to 7"]),
+    ({"step": -1}, ["step must be a non-negative integer"]),
+    ({"base": "somewhere"}, ["base must be a mapping"]),
+    ({"files": {"../model.safetensors": "00"}}, ["not a file name inside the checkpoint"]),
+    ({"files": {"model.safetensors": 5, "config.yaml": "00"}}, ["sha256 of 5"]),
+])
+def test_malformed_meta_fields_are_one_clear_error(tmp_path, fields, words):
+    path = save(tmp_path, 7)
+    _edit_meta(path, **fields)
+    with pytest.raises(LlmctlError) as e:
+        ck.load(path)
+    assert str(path / "meta.json") in e.value.message and e.value.status == 2
+    for w in words:
+        assert w in e.value.message, e.value.message

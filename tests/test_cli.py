@@ -173,7 +173,7 @@ BAD = [
     ("eval-corrupt-checkpoint", lambda t, r: ["eval", "--ckpt", _corrupt(t, r)], ["sha256"]),
     ("out-exists", lambda t, r: ["pretrain", *sets(*TINY), "--out", r], ["already holds a run", "--resume", "--overwrite"]),
     ("resume-and-overwrite", lambda t, r: ["pretrain", *sets(*TINY), "--out", r, "--resume", "--overwrite"], ["contradict"]),
-    ("resume-nothing", lambda t, r: ["pretrain", *sets(*TINY), "--out", t / "fresh", "--resume"], ["no run to continue"]),
+    ("resume-not-a-run", lambda t, r: ["pretrain", *sets(*TINY), "--out", _nonrun(t), "--resume"], ["holds no llmctl run"]),
     ("prompt-too-long", lambda t, r: ["infer", "--ckpt", r, "--prompt", "x" * 100], ["100 tokens", "context is 32", "--truncate"]),
     ("max-new-tokens-zero", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--max-new-tokens", "0"], ["--max-new-tokens"]),
     ("max-new-tokens-negative", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--max-new-tokens", "-3"], ["--max-new-tokens"]),
@@ -322,6 +322,36 @@ BAD += [
 ]
 
 
+def _meta_edited(tmp: Path, run: Path, **fields) -> Path:
+    """A copy of `run` whose latest checkpoint's meta.json has `fields` changed."""
+    import shutil
+
+    dst = tmp / "edited"
+    shutil.copytree(run, dst)
+    meta = dst / (dst / "latest").read_text().strip() / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), **fields}))
+    return dst
+
+
+NULL_MODEL = ["model: in", "is empty (null)", "give it keys, or remove the line"]
+
+BAD += [
+    ("meta-format-version-not-int", lambda t, r: ["infer", "--ckpt", _meta_edited(t, r, format_version="abc"), "--prompt", "hi"],
+     ["meta.json", "format_version must be an integer", "'abc'", "use another checkpoint"]),
+    ("meta-step-not-int", lambda t, r: ["eval", "--ckpt", _meta_edited(t, r, step="thirty")],
+     ["meta.json", "step must be a non-negative integer", "set it to 30"]),
+    # a null section is the same error everywhere, with or without a --set for that section
+    ("model-null-config-show", lambda t, r: ["config", "show", "-c", _file(t, "c.yaml", "model:\ntrain:\n  lr: 1e-3\n")],
+     NULL_MODEL),
+    ("model-null-config-show-with-set", lambda t, r: ["config", "show", "-c", _file(t, "c.yaml", "model: null\n"),
+     "--set", "model.n_layer=2"], NULL_MODEL),
+    ("model-null-pretrain-with-set", lambda t, r: ["pretrain", "-c", _file(t, "c.yaml", "model: null\n"), *sets(*TINY),
+     "--out", t / "o"], NULL_MODEL),
+    ("model-null-finetune-with-set", lambda t, r: ["finetune", "--from", r, "-c", _file(t, "c.yaml", "model:\n"),
+     "--set", "model.n_layer=2", "--out", t / "o"], NULL_MODEL),
+]
+
+
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input(case, runner, tiny_run, tmp_path):
     _, make, words = case
@@ -335,6 +365,43 @@ def test_bad_input(case, runner, tiny_run, tmp_path):
     for status in tmp_path.rglob("status.json"):  # the failed command left no run that claims success
         if before.get(status) != status.stat().st_mtime_ns:
             assert json.loads(status.read_text())["status"] != "finished"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input that warns: the command goes on (exit 0), one warning line on stderr names the problem, no traceback.
+# Each case: (id, setup(tmp, tiny_run) -> (args, stdin or None), words the warning line must contain).
+
+UNSEEN = "🙂☃"  # characters Tiny Shakespeare never has: the char tokenizer maps them to <unk>
+
+WARN = [
+    ("unseen-chars-prompt", lambda t, r: (["infer", "--ckpt", r, "--prompt", f"ROMEO: {UNSEEN}{UNSEEN[0]}", "-n", "5"], None),
+     ["the prompt: 3 characters the tokenizer never saw", "became <unk>", "2 distinct: '🙂', '☃'"]),
+    ("unseen-chars-prompt-json", lambda t, r: (["infer", "--ckpt", r, "--prompt", UNSEEN, "-n", "5", "--json"], None),
+     ["the prompt: 2 characters"]),
+    ("unseen-chars-prompt-file", lambda t, r: (["infer", "--ckpt", r, "--prompt-file", _file(t, "p.txt", f"JULIET {UNSEEN}"),
+     "-n", "5"], None), ["the prompt: 2 characters", "'🙂', '☃'"]),
+    ("unseen-chars-input-rows", lambda t, r: (["infer", "--ckpt", r, "--input", _file(t, "in.txt", f"ROMEO:\nhi {UNSEEN[0]}\n"
+     f"ok {UNSEEN[1]}\n"), "-n", "3"], None), ["--input rows 2, 3: 2 characters", "'🙂', '☃'"]),
+    ("unseen-chars-chat", lambda t, r: (["infer", "--ckpt", r, "--chat", "-n", "3"], f"hello {UNSEEN[0]}\n/exit\n"),
+     ["your message: 1 character the tokenizer never saw", "'🙂'"]),
+    ("unseen-chars-eval-data", lambda t, r: (["eval", "--ckpt", r, "--data", _file(t, "d.txt", SHAKESPEARE.read_text()[:3000]
+     + f"\n{UNSEEN}\n")], None), ["--data", "d.txt: 2 characters the tokenizer never saw", "'🙂', '☃'"]),
+]
+
+
+@pytest.mark.parametrize("case", WARN, ids=[c[0] for c in WARN])
+def test_bad_input_that_warns(case, runner, tiny_run, tmp_path):
+    from llmctl.cli import app
+
+    _, make, words = case
+    args, stdin = make(tmp_path, tiny_run)
+    r = runner.invoke(app, [str(a) for a in args], input=stdin, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output and "warning" not in r.stdout
+    lines = [line for line in r.stderr.splitlines() if "warning:" in line]
+    assert len(lines) == 1, r.stderr  # one line, not wrapped
+    for w in words:
+        assert w in lines[0], (w, lines[0])
 
 
 def test_infer_input_file_batched_with_per_row_settings(runner, tiny_run, tmp_path):

@@ -89,3 +89,22 @@ def test_every_shipped_config_loads(path):
             if section == "data" and k == "path":
                 continue
             assert defaults[section][k] != v or section == "model" and k == "arch", f"{path.name}: {section}.{k} repeats the default"
+
+
+@pytest.mark.parametrize("text", ["model:\ntrain:\n  lr: 1e-3\n", "model: null\n", "model: ~\n", "model:\n  # n_layer: 4\n"])
+@pytest.mark.parametrize("overrides", [[], ["model.n_layer=2"], ["train.lr=1e-3"]])
+def test_empty_section_is_one_error_with_or_without_set(tmp_path, text, overrides):
+    """A null section is refused the same way whether or not a --set for that section would fill it."""
+    with pytest.raises(LlmctlError) as e:
+        load_config(write(tmp_path, text), overrides)
+    assert "model: in" in e.value.message and "is empty (null); give it keys, or remove the line" in e.value.message
+    assert e.value.status == 2
+
+
+def test_section_that_is_not_a_mapping_is_refused_even_with_set(tmp_path):
+    with pytest.raises(LlmctlError, match=r"train: in .* must be a mapping of train settings \(got 3\)"):
+        load_config(write(tmp_path, "train: 3\n"), ["train.lr=1e-3"])
+    with pytest.raises(LlmctlError, match=r"model: is empty \(null\)"):
+        from_dict({"model": None})
+    with pytest.raises(LlmctlError, match=r"model: is empty \(null\)"):
+        load_config(None, ["model=null"])

@@ -1,6 +1,9 @@
 """The dry-run report and the estimator behind it (no timing assertions: timings on a shared CPU are noise)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,12 +131,37 @@ def test_gpu_peak_table():
 
 
 def test_cpu_peak_is_measured_a_few_times_then_cached(tmp_path, monkeypatch):
-    values = iter([100e9, 300e9, 200e9, 999e9])
+    values = {torch.bfloat16: iter([100e9, 300e9, 200e9]), torch.float32: iter([50e9, 80e9, 60e9, 999e9])}
     calls = []
-    monkeypatch.setattr(estimate, "measure_matmul_flops", lambda dtype: calls.append(dtype) or next(values))
+    monkeypatch.setattr(estimate, "measure_matmul_flops", lambda dtype: calls.append(dtype) or next(values[dtype]))
     seen = [estimate.cpu_peak(torch.bfloat16, str(tmp_path)) for _ in range(5)]
     assert seen == [100e9, 300e9, 300e9, 300e9, 300e9]  # the best of three measurements, then cached
-    assert calls == [torch.bfloat16] * 3
-    assert json.loads((tmp_path / "peak_flops.json").read_text()).popitem()[1] == {"flops": 300e9, "n": 3}
-    assert estimate.cpu_peak(None, str(tmp_path)) == 999e9 and calls[-1] == torch.float32  # its own key
+    assert calls == [torch.bfloat16, torch.float32] * 3  # float32's own peak is measured beside it
+    table = json.loads((tmp_path / "peak_flops.json").read_text())
+    assert sorted(e["flops"] for e in table.values()) == [80e9, 300e9] and all(e["n"] == 3 for e in table.values())
+    assert estimate.cpu_peak(None, str(tmp_path)) == 80e9 and len(calls) == 6  # float32 has its own, cached key
     assert estimate.mfu(1000.0, 1e6, 1e10) == pytest.approx(0.1)
+
+
+def test_cpu_peak_under_emulated_bf16_is_float32s_and_mfu_stays_a_fraction(tmp_path, monkeypatch):
+    # an AVX2-only CPU: bf16 matmuls emulated at ~1 GFLOP/s, float32 at 200
+    monkeypatch.setattr(estimate, "measure_matmul_flops", lambda dtype: 1e9 if dtype == torch.bfloat16 else 200e9)
+    peak = estimate.cpu_peak(torch.bfloat16, str(tmp_path))
+    assert peak == 200e9
+    assert estimate.mfu(30_000, 6e6, 1e9) == 1.0  # an under-measured peak never shows more than 100%
+    assert estimate.mfu(30_000, 6e6, peak) == pytest.approx(0.9)
+    assert estimate.mfu(None, 6e6, peak) is None and estimate.mfu(1.0, 6e6, None) is None
+
+
+@pytest.mark.slow
+def test_peak_measurement_is_bounded_where_bf16_is_emulated():
+    # oneDNN capped at AVX2 emulates bf16 as an AVX2-only CPU does (a 2048 product then takes about a minute)
+    code = ("import time, torch; from llmctl import estimate, hardware; t = time.perf_counter(); "
+            "f = estimate.measure_matmul_flops(torch.bfloat16); "
+            "print(hardware.cpu_has_fast_bf16(), f, time.perf_counter() - t)")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    native, flops, seconds = r.stdout.split()
+    assert native == "False" and float(flops) > 0
+    assert float(seconds) < 5  # a fraction of a second unloaded; minutes before it was bounded

@@ -55,3 +55,25 @@ def test_bad_tokenizer_file(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(LlmctlError, match="not a valid tokenizer.json"):
         Tokenizer.from_file(tmp_path / "bad.json")
+
+
+def test_unseen_characters_are_reported_with_counts_and_texts():
+    tok = Tokenizer.train_char([TEXT])
+    assert not tok.unseen(TEXT) and not tok.unseen("")
+    found = tok.unseen("hear 🙂🙂 Zé <unk>")  # <unk> spelled out is the special token, not an unseen character
+    assert found.count == 4 and list(found.pieces) == ["🙂", "Z", "é"] and found.pieces["🙂"] == 2
+    msg = found.message("the prompt")
+    assert msg.startswith("the prompt: 4 characters the tokenizer never saw in training became <unk>")
+    assert "3 distinct: '🙂', 'Z', 'é'" in msg and "\n" not in msg
+    many = tok.unseen(["hear", "Z", "me", "🙂 ☃ 漢 字 ü ö"])
+    assert many.texts == [1, 3] and many.count == 7
+    assert "and 2 more" in many.message("--input")  # five named, the rest counted
+    one = tok.unseen("Z").message("x")
+    assert "1 character the tokenizer" in one and "distinct" not in one
+    long = TEXT * 5000 + "Zx\n" + TEXT  # a long text is looked at in pieces, with the same result
+    assert list(tok.unseen(long).pieces) == ["Z", "x"] and tok.unseen(long).count == 2
+
+
+def test_byte_level_bpe_has_no_unseen_characters():
+    tok = Tokenizer.train_bpe([TEXT * 20], 300)
+    assert tok.unk_id is None and not tok.unseen("漢字 🙂")

@@ -13,6 +13,7 @@ from .. import checkpoint as ckpt_io
 from ..config import Config, from_dict
 from ..errors import LlmctlError
 from ..generate import Decoder
+from ..hardware import cpu_has_fast_bf16, slow_precision_warning
 from ..heads import Classifier
 from ..lora import LORA_MODULES, apply_lora, lora_state
 from ..model import Transformer
@@ -61,14 +62,6 @@ def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_fast_bf16() else None
     return None
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 matmuls natively here (AVX-512 or AMX); on older CPUs it emulates them slowly."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -262,6 +255,9 @@ def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "aut
     compile = g.compile if compile is None else compile
     n_params = sum(p.numel() for p in loaded.model.parameters())
     dtype, quantize_mode = inference_precision(dtype, quantize_mode, loaded.device, n_params)
+    slow = slow_precision_warning(getattr(torch, dtype), loaded.device, "--dtype")
+    if slow and notify:
+        notify(f"warning: {slow}")
     if quantize_mode == "int8" and loaded.device.type == "cpu":
         if compile is True:
             raise LlmctlError("--compile does not apply to int8 on a CPU (dynamic int8 layers do not export); "

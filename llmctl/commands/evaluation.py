@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..data import (classification_examples, eval_batches, eval_blocks, holdout, instruct_examples,
-                    prepare as prepare_tokens, tokenize_file)
+from ..config import DataConfig
+from ..data import (classification_examples, eval_batches, eval_blocks, holdout, instruct_examples, load_texts,
+                    prepare as prepare_tokens, resolve_source, tokenize_file)
 from ..errors import LlmctlError
 from ..evaluate import classification_metrics, classify, lm_metrics
 from .common import Loaded, Log, _nolog, for_inference, load_model
@@ -28,11 +29,12 @@ def _default_source(loaded: Loaded, data: Optional[str]) -> str:
 def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] = None, device: str = "auto",
              log: Log = _nolog, text_column: Optional[str] = None, label_column: Optional[str] = None,
              base: Optional[Path] = None, tokenizer: Optional[Path] = None, dtype: str = "float32",
-             quantize_mode: str = "none") -> dict:
+             quantize_mode: str = "none", warn: Log = _nolog) -> dict:
     """`llmctl eval`: without --data, the validation split the run held out; with it, all of that file.
 
     Language models are measured in float32 unless `dtype` / `quantize_mode` ask for an inference precision
-    ("auto" = what `llmctl infer` uses), to see what bfloat16 or int8 cost in perplexity.
+    ("auto" = what `llmctl infer` uses), to see what bfloat16 or int8 cost in perplexity. `warn` hears about
+    characters of --data the tokenizer has never seen (they count as <unk> tokens; the measurement goes on).
     """
     loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
     cfg = loaded.cfg
@@ -53,6 +55,7 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
     tok = loaded.tokenizer
     if data is not None:
         tokens = tokenize_file(data, cfg.data, tok)
+        _warn_unseen(tok, tokens, data, cfg.data, warn)
     else:
         tokens = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tok, log=log).val
     if len(tokens) < 2:
@@ -60,6 +63,18 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
     n_bytes = len(tok.decode([int(i) for i in tokens[1:]]).encode("utf-8"))
     r = lm_metrics(loaded.model, eval_blocks(tokens, cfg.model.block_size, bs), loaded.device, None, n_bytes=n_bytes)
     return {"checkpoint": str(loaded.ckpt.path), "data": where, "precision": loaded.precision, **r}
+
+
+def _warn_unseen(tok, tokens, data: str, cfg: DataConfig, warn: Log) -> None:
+    """One warning line naming the characters of the --data file that became <unk>. The token ids (cached) say
+    whether there are any; only then is the text read again to name them."""
+    if tok.unk_id is None or not (tokens == tok.unk_id).any():
+        return
+    d = DataConfig(**{**cfg.__dict__, "path": data, "val_path": None, "val_fraction": 0.0})  # as tokenize_file reads it
+    texts = load_texts(resolve_source(data, d, "--data"), d, key="--data")["text"]
+    found = tok.unseen([t if isinstance(t, str) else "" for t in texts])
+    if found:
+        warn(found.message(f"--data {data}"))
 
 
 def _eval_classifier(loaded: Loaded, source: str, whole_file: bool, batch_size: int,

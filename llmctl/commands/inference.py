@@ -14,7 +14,7 @@ from ..fileio import read_jsonl, read_text
 from ..evaluate import classify
 from ..generate import Request, generate, generate_batch
 from ..tokenizer import StreamDecoder, Tokenizer
-from .common import Loaded
+from .common import Loaded, Log, _nolog
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
@@ -46,6 +46,18 @@ def encode_prompt(tok: Tokenizer, text: str, block_size: int, truncate: bool) ->
     return ids
 
 
+def warn_unseen(tok: Tokenizer, texts: str | list[str], what: str, warn: Log) -> None:
+    """One warning line when `texts` hold characters the tokenizer maps to <unk> (generation goes on: exit 0).
+    For several texts (--input rows), `what` is followed by the numbers of the rows that hold them."""
+    found = tok.unseen(texts)
+    if not found:
+        return
+    if not isinstance(texts, str):
+        rows = [str(i + 1) for i in found.texts[:5]] + (["..."] if len(found.texts) > 5 else [])
+        what = f"{what} row{'s' if len(found.texts) > 1 else ''} {', '.join(rows)}"
+    warn(found.message(what))
+
+
 def sampling(loaded: Loaded, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
              repetition_penalty: Optional[float] = None) -> dict:
@@ -71,9 +83,11 @@ def sampling(loaded: Loaded, max_new_tokens: Optional[int] = None, temperature: 
     }
 
 
-def stream(loaded: Loaded, prompt: str, s: dict, truncate: bool = False) -> Iterator[str]:
-    """`llmctl infer --prompt`: the completion of one prompt as text pieces, as they are generated."""
+def stream(loaded: Loaded, prompt: str, s: dict, truncate: bool = False, warn: Log = _nolog) -> Iterator[str]:
+    """`llmctl infer --prompt`: the completion of one prompt as text pieces, as they are generated. `warn` hears
+    about characters of the prompt the tokenizer has never seen."""
     ids = encode_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
+    warn_unseen(loaded.tokenizer, prompt, "the prompt", warn)
     gen = generate(loaded.model, ids, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
                    eos_id=loaded.tokenizer.eos_id, seed=s["seed"], repetition_penalty=s["repetition_penalty"],
                    decoder=loaded.decoder)
@@ -102,10 +116,11 @@ AUTO_BUILD_AFTER_S = 120.0  # generate.compile auto builds a compiled step when 
 
 
 def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = False, on_row=None,
-                  batch_size: Optional[int] = None) -> list[dict]:
+                  batch_size: Optional[int] = None, warn: Log = _nolog) -> list[dict]:
     """`llmctl infer --input`: complete every row, `generate.batch_size` prompts at a time (similar lengths
     together), each with its own settings where it gives them. Output rows repeat the input and add `completion`,
-    `finish_reason` (length, stop, eos), `prompt_tokens` and `completion_tokens`, in input order."""
+    `finish_reason` (length, stop, eos), `prompt_tokens` and `completion_tokens`, in input order. `warn` hears
+    about characters of the prompts the tokenizer has never seen (one line for all rows)."""
     tok, T = loaded.tokenizer, loaded.cfg.model.block_size
     settings = [_row_settings(r, s, n) for n, r in enumerate(rows, 1)]
     ids = []
@@ -114,6 +129,7 @@ def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = Fa
             ids.append(encode_prompt(tok, r["prompt"], T, truncate))
         except LlmctlError as e:
             raise LlmctlError(f"--input row {n}: {e.message}") from None
+    warn_unseen(tok, [r["prompt"] for r in rows], "--input", warn)  # one line for all rows
     order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
     results: list[dict] = [{} for _ in rows]
     bs = batch_size or loaded.cfg.generate.batch_size
@@ -156,9 +172,12 @@ def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = Fa
 # Classification checkpoints
 
 
-def classify_texts(loaded: Loaded, texts: list[str], batch_size: int = 32) -> list[dict]:
-    """Label and class probabilities for each text (cut to the context like training does)."""
+def classify_texts(loaded: Loaded, texts: list[str], batch_size: int = 32, warn: Log = _nolog,
+                   what: str = "--input") -> list[dict]:
+    """Label and class probabilities for each text (cut to the context like training does). `warn` hears about
+    unseen characters; `what` names the texts there ("--input", followed by the row numbers, or "the text")."""
     tok, T = loaded.tokenizer, loaded.cfg.model.block_size
+    warn_unseen(tok, texts[0] if len(texts) == 1 else texts, what, warn)
     ids = []
     for enc in tok.encode_batch(texts):
         ids.append(enc[: T - 1] + [tok.eos_id])
@@ -207,8 +226,10 @@ def write_outputs(path: Path, rows: list[dict]) -> None:
 # Completions with stop strings, and chat
 
 
-def complete(loaded: Loaded, prompt: str, s: dict, stop: Optional[list[str]] = None, truncate: bool = False) -> dict:
+def complete(loaded: Loaded, prompt: str, s: dict, stop: Optional[list[str]] = None, truncate: bool = False,
+             warn: Log = _nolog) -> dict:
     """One completion: text, why it ended (length, stop, eos) and token counts."""
+    warn_unseen(loaded.tokenizer, prompt, "the prompt", warn)
     return complete_rows(loaded, [{"prompt": prompt, "stop": stop or []}], s, truncate)[0]
 
 
@@ -216,14 +237,15 @@ class ChatSession:
     """`infer --chat`: each turn is rendered with the instruction template the model was tuned with; earlier turns
     stay in the context (oldest tokens dropped when it is full)."""
 
-    def __init__(self, loaded: Loaded, s: dict):
-        self.loaded, self.history, self.s = loaded, [], s
+    def __init__(self, loaded: Loaded, s: dict, warn: Log = _nolog):
+        self.loaded, self.history, self.s, self.warn = loaded, [], s, warn
 
     def reset(self) -> None:
         self.history = []
 
     def reply(self, message: str) -> Iterator[str]:
         tok, ft = self.loaded.tokenizer, self.loaded.cfg.finetune
+        warn_unseen(tok, message, "your message", self.warn)
         ids: list[int] = []
         for user, answer in self.history:
             ids += tok.encode(render_prompt(user, "", ft) + answer) + [tok.eos_id]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from .. import checkpoint as ckpt_io
 from .. import hf
 from ..errors import LlmctlError
-from ..fileio import write_atomic
+from ..fileio import apply_umask, temp_dir, write_atomic
 from ..lora import merge_lora
 from .common import Log, _nolog, load_model
 from .training import check_out_dir, clear_run
@@ -86,9 +85,11 @@ def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, ov
         log(f"[yellow]warning:[/yellow] {ck.path} has no tokenizer, so the export has none; pass --tokenizer FILE to include one")
     weights = merge_lora(loaded.model).state_dict()  # LoRA adapters folded into the weights they adapt
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir(out.parent, prefix=f".{out.name}.")  # the umask's permissions, not mkdtemp's 0700
     try:
         files = hf.write_dir(tmp, cfg, weights, tok, str(ck.path))
+        for f in tmp.iterdir():
+            apply_umask(f)  # (safetensors writes its file 0600)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

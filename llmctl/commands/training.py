@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -17,13 +18,15 @@ from .. import checkpoint as ckpt_io, distributed, estimate, tblog
 from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
 from ..data import prepare as prepare_tokens
 from ..errors import LlmctlError
+from ..hardware import slow_precision_warning
 from ..fileio import write_atomic
 from ..model import Transformer
 from ..optim import build_optimizer
 from ..tasks import BUILDERS as TASKS
 from ..tasks import Layout, Task, count_trainable, lm_task, make_trainable
 from ..tokenizer import Tokenizer
-from ..train import Hooks, LoopState, NullReporter, Reporter, fit, seed_everything
+from ..interrupt import Stopped, as_stop
+from ..train import Hooks, Interrupted, LoopState, NullReporter, Reporter, fit, seed_everything
 from .common import (Log, _nolog, build_backbone, for_inference, load_model, load_weights, resolve_amp, resolve_device,
                      restore, unwrap, vocab_for)
 
@@ -85,6 +88,36 @@ def preflight(out: Path, model: torch.nn.Module) -> None:
             f"--out {out}: only {free / 1e6:,.0f} MB free on that disk, but one checkpoint needs about "
             f"{need / 1e6:,.0f} MB; free some space or choose another --out"
         )
+
+
+def resume_point(out: Path, log: Log) -> tuple[Optional[ckpt_io.Checkpoint], bool]:
+    """--resume: (the checkpoint to continue from, whether to clear `out` first).
+
+    A run stopped before its first checkpoint (a signal during data preparation or the first step, a crash)
+    starts again from step 0, so the resume command a stopped run prints always works. A run directory whose
+    checkpoints all fail verification, or a folder that holds something else, is refused."""
+    entries = [p for p in out.iterdir() if p.name != ckpt_io.LOCK] if out.is_dir() else []
+    if entries and not any((out / n).exists() for n in ("status.json", "config.yaml", ckpt_io.LATEST)):
+        raise LlmctlError(f"--resume: {out} holds no llmctl run; choose another --out or drop --resume")
+    found = latest_good(out, log) if entries else None
+    if found is None and ckpt_io.list_checkpoints(out):
+        raise LlmctlError(f"--resume: no checkpoint in {out} passes verification; use --overwrite to start again")
+    if found is None:
+        log(f"--resume: {out} has no checkpoint yet; starting the run from step 0")
+    return found, found is None and bool(entries)
+
+
+@contextlib.contextmanager
+def reported_stop(resume_cmd: str):
+    """A signal while the run is prepared (data, tokenizer, model): one line with the command that continues it."""
+    try:
+        yield
+    except BaseException as e:
+        stop = as_stop(e)
+        if stop is None:
+            raise
+        raise Interrupted(f"interrupted by {stop.name} while preparing the run; nothing was trained. "
+                          f"Resume with: {resume_cmd}", stop.status) from None
 
 
 def latest_good(run_dir: Path, log: Log) -> Optional[ckpt_io.Checkpoint]:
@@ -194,7 +227,7 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
         summary = _train_locked(plan, out, reporter, log, resume_state, on_step)
     distributed.finish(plan.dist)  # torchrun: all ranks leave the process group together
     if summary is not None:
-        compile_decode_step(out, plan.cfg, plan.task.kind, plan.device, summary["train_seconds"], log)
+        compile_decode_step(out, plan.cfg, plan.task.kind, plan.device, summary["train_seconds"], log, plan.resume_cmd)
     return summary
 
 
@@ -202,11 +235,12 @@ COMPILE_AFTER_S = 300.0  # CPU runs at least this long end by compiling their de
 
 
 def compile_decode_step(out: Path, cfg: Config, task_kind: str, device: torch.device, train_seconds: float,
-                        log: Log) -> None:
+                        log: Log, resume_cmd: str = "") -> None:
     """After a CPU run that trained a language model: build the compiled decode step that `llmctl infer` then uses
     by default (generate.compile auto), so the model is fast from its first generation. With generate.compile
     auto only after a run of COMPILE_AFTER_S or more, with true after any run, with false never. Not for int8
-    (the CPU default from 10M parameters up) or classifiers. A failed build is reported, not fatal: training is done."""
+    (the CPU default from 10M parameters up) or classifiers. A failed build is reported, not fatal: training is done.
+    A signal stops the build (status.json's `decode_step` says "interrupted"); `--resume` then builds it."""
     mode = cfg.generate.compile
     if mode is False or task_kind == "classification" or device.type != "cpu" or not out.is_dir():
         return
@@ -223,9 +257,30 @@ def compile_decode_step(out: Path, cfg: Config, task_kind: str, device: torch.de
             # the shape of `infer --prompt` with default settings
             loaded.decoder.begin(1, 1 + loaded.cfg.generate.max_new_tokens)
             loaded.decoder.end()
+    except Stopped as e:  # the run is complete and saved: only the build is given up
+        ckpt_io.write_status(out, "finished", decode_step="interrupted")
+        raise Interrupted(f"interrupted by {e.name} while compiling the decode step; the run is finished and saved "
+                          f"({ckpt_io.read_latest(out)}). Build the step with: {resume_cmd}", e.status) from None
     except Exception as e:  # (LlmctlError from a failed build, or anything else: the finished run stays finished)
         why = e.message if isinstance(e, LlmctlError) else f"{type(e).__name__}: {e}"
         log(f"the decode step was not compiled ({why}); `llmctl infer` decodes eagerly until `--compile`")
+        ckpt_io.write_status(out, "finished", decode_step="failed")
+    else:
+        ckpt_io.write_status(out, "finished", decode_step="built")
+
+
+def finish_build(out: Path, ck: ckpt_io.Checkpoint, cfg: Config, log: Log, resume_cmd: str) -> Optional[dict]:
+    """--resume of a finished run whose compiled decode step a signal stopped (and that is not asked to train
+    further): build the step; returns the run's summary. None when there is no such build to finish."""
+    status = ckpt_io.read_status(out)
+    if (status.get("status") != "finished" or status.get("decode_step") != "interrupted"
+            or int(ck.meta.get("step") or 0) < cfg.train.max_steps):
+        return None
+    log("--resume: the run is finished; building the compiled decode step its stop interrupted")
+    cfg = from_dict(ck.config)
+    compile_decode_step(out, cfg, status.get("task") or "lm", torch.device("cpu"), float("inf"), log, resume_cmd)
+    skip = ("status", "updated", "started", "pid", "decode_step", "kind", "task", "max_steps", "step")
+    return {"run": str(out), **{k: v for k, v in ckpt_io.read_status(out).items() if k not in skip}}
 
 
 def _split_weights(plan: TrainPlan, full: dict) -> tuple[dict, str, dict]:
@@ -259,7 +314,7 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         state = LoopState(**resume_state["loop"])
-        if state.step >= t.max_steps or state.stopped_early:
+        if (state.step >= t.max_steps and not state.eval_due) or state.stopped_early:
             raise LlmctlError(f"the run is already complete at step {state.step} (train.max_steps={t.max_steps}"
                               f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to train further")
     distributed.restore_rng(plan.dist, resume_state, t.seed)
@@ -313,6 +368,11 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
             state = fit(model, optimizer, t, hooks, state, device=plan.device, amp_dtype=plan.amp, scaler=scaler,
                         tokens_per_step=plan.task.tokens_per_step,
                         reporter=distributed.per_device_reporter(reporter, plan.dist))
+    except Stopped as e:  # before the loop took over the signals (building the optimizer, wrapping the model)
+        reporter.stop()
+        message = f"interrupted by {e.name} before the first step; nothing was trained. Resume with: {plan.resume_cmd}"
+        write_status(out, "interrupted", error=message, exit_status=e.status, step=_last_step(out))
+        raise Interrupted(message, e.status) from None
     except LlmctlError as e:
         reporter.stop()
         status = {130: "interrupted", 143: "interrupted", 3: "diverged"}.get(e.status, "failed")
@@ -374,6 +434,9 @@ def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str
     ctx = distributed.init(cfg.train, resolve_device(cfg.train.device))  # under torchrun: join the group
     device = ctx.device
     amp = resolve_amp(cfg.train.dtype, device)
+    slow = slow_precision_warning(amp, device, "train.dtype")  # (auto never picks an emulated precision)
+    if slow:
+        log(f"[yellow]warning:[/yellow] {slow}")
     accum = distributed.check(ctx, cfg.train, amp)
     tblog.check(cfg.train.log)
     task_kind = cfg.finetune.task if kind == "finetune" else "lm"
@@ -430,23 +493,27 @@ def pretrain(
     out = Path(out)
     if not dry_run:
         check_out_dir(out, resume or resume_from is not None, overwrite)
-    source_ckpt = None
+    source_ckpt, clear = None, overwrite
     if resume_from is not None:
         source_ckpt = ckpt_io.load(resume_from)
     elif resume:
-        if not out.exists() or not any(p.name != ckpt_io.LOCK for p in out.iterdir()):
-            raise LlmctlError(f"--resume: {out} holds no run to continue; drop --resume to start a new run")
-        source_ckpt = latest_good(out, log)
-        if source_ckpt is None:
-            raise LlmctlError(f"--resume: {out} has no complete checkpoint to continue from; use --overwrite to start again")
+        source_ckpt, clear = resume_point(out, log)
     base = source_ckpt.config if source_ckpt is not None and config is None else None
+    if base is None and resume and config is None and (out / "config.yaml").is_file():
+        base = read_yaml(out / "config.yaml")  # a run stopped before its first checkpoint
     cfg = load_config(config, overrides, base=base)
+    if resume and source_ckpt is not None:
+        built = finish_build(out, source_ckpt, cfg, log, resume_command("pretrain", config, overrides, out))
+        if built:
+            return built
     tokenizer = Tokenizer.from_str(source_ckpt.tokenizer_json()) if source_ckpt else None
     if source_ckpt is not None:
         _check_model_matches(cfg, from_dict(source_ckpt.config), source_ckpt.path, explicit=None)
-    plan = _build_plan(cfg, tokenizer, log, "pretrain")
-    plan.overwrite = overwrite
-    plan.resume_cmd = resume_command("pretrain", config, overrides, out)
+    resume_cmd = resume_command("pretrain", config, overrides, out)
+    with reported_stop(resume_cmd):
+        plan = _build_plan(cfg, tokenizer, log, "pretrain")
+    plan.overwrite = clear
+    plan.resume_cmd = resume_cmd
     resume_state = None
     if source_ckpt is not None:
         load_weights(unwrap(plan.task.backbone), source_ckpt.weights(), str(source_ckpt.path))
@@ -505,11 +572,13 @@ def finetune(
     _check_model_matches(cfg, base_cfg, base_ckpt.path, explicit=user_model)
     if not dry_run:
         check_out_dir(out, resume, overwrite)
-    resume_ckpt = None
+    resume_ckpt, clear = None, overwrite
     if resume:
-        resume_ckpt = latest_good(out, log) if out.exists() else None
-        if resume_ckpt is None:
-            raise LlmctlError(f"--resume: {out} has no complete checkpoint to continue from; drop --resume or use --overwrite")
+        resume_ckpt, clear = resume_point(out, log)
+        built = resume_ckpt and finish_build(out, resume_ckpt, cfg, log,
+                                             resume_command("finetune", config, overrides, out, from_))
+        if built:
+            return built
     if ckpt_io.ADAPTER in base_ckpt.meta["files"]:
         raise LlmctlError(f"--from {base_ckpt.path} is a LoRA adapter; finetune from its base checkpoint "
                           f"({(base_ckpt.meta.get('base') or {}).get('path')}) or from a full checkpoint")
@@ -517,9 +586,11 @@ def finetune(
         tokenizer = Tokenizer.from_file(cfg.tokenizer.path)
     else:
         tokenizer = Tokenizer.from_str(base_ckpt.tokenizer_json())
-    plan = _build_plan(cfg, tokenizer, log, "finetune", base=base_ckpt)
-    plan.overwrite = overwrite
-    plan.resume_cmd = resume_command("finetune", config, overrides, out, from_)
+    resume_cmd = resume_command("finetune", config, overrides, out, from_)
+    with reported_stop(resume_cmd):
+        plan = _build_plan(cfg, tokenizer, log, "finetune", base=base_ckpt)
+    plan.overwrite = clear
+    plan.resume_cmd = resume_cmd
     if resume_ckpt is not None:
         classifier = unwrap(plan.task.module) if plan.task.kind == "classification" else None
         restore(unwrap(plan.task.backbone), classifier, resume_ckpt, cfg)
