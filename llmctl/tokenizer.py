@@ -181,10 +181,7 @@ class Tokenizer:
             return found
         for n, text in enumerate([texts] if isinstance(texts, str) else texts):
             text = text if isinstance(text, str) else ""
-            # a char tokenizer's pieces can be encoded apart (no special token spans a line break): one native call
-            # per piece keeps a long --data file from holding signals back
-            parts = _lines_cut(text) if self.kind == "char" else [text]
-            for part in parts:
+            for part in self.pieces(text):  # one bounded native call each: a long --data file stays stoppable
                 enc = self.tk.encode(part, add_special_tokens=False)
                 if self.unk_id not in enc.ids:
                     continue
@@ -232,19 +229,6 @@ class StreamDecoder:
         tail = self.tok.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return tail[len(before) :] if len(tail) > len(before) else ""
-
-
-def _lines_cut(text: str, size: int = 1 << 16) -> list[str]:
-    """`text` in pieces of at least `size` characters that end with a line break (the last one may not)."""
-    out, start = [], 0
-    while len(text) - start > size:
-        cut = text.find("\n", start + size)
-        if cut == -1:
-            break
-        out.append(text[start : cut + 1])
-        start = cut + 1
-    out.append(text[start:])
-    return out
 
 
 class Unseen:

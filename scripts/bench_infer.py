@@ -206,9 +206,11 @@ def main() -> None:
     if args.keep_shapes and not args.json.is_file():
         raise SystemExit(f"--keep-shapes keeps the shape rows of {args.json}, which does not exist; run without it first")
     old = json.loads(args.json.read_text()) if args.keep_shapes else None
+    from llmctl import hardware  # the CPU class every figure holds for
     bw = old["read_bandwidth_gbs"] if old else read_bandwidth_gbs()
     rows, info = [], {"read_bandwidth_gbs": round(bw, 1), "prompt_tokens": PROMPT, "new_tokens": NEW,
-                      "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}}
+                      "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                                  "cpu": hardware.cpu_name(), "isa": hardware.cpu_isa()}}
     settings = [  # (impl, dtype, quantize, compile, batch)
         ("transformers", "float32", "none", False, 1), ("llmctl", "float32", "none", False, 1),
         ("llmctl", "float32", "none", True, 1),

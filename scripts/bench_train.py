@@ -113,8 +113,10 @@ def main() -> None:
         summary[name] = {"tokens_per_sec": round(tps), "ratio_vs_nanogpt": round(tps / base, 2), "wall_s": round(wall, 1),
                          "runs": runs}
         print(f"{name:34s} {tps:>10,.0f} {tps / base:>10.2f}x {wall:>9.1f}")
+    from llmctl import hardware  # the CPU class every figure holds for
     info = {"steps": args.steps, "rounds": args.rounds, "warmup_steps_excluded": WARMUP,
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                                  "cpu": hardware.cpu_name(), "isa": hardware.cpu_isa()},
             "config": "configs/shakespeare-char-gpt2.yaml", "results": summary}
     try:
         import torch
