@@ -160,10 +160,15 @@ def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, jso
                 parts.append(f"~{info['epochs']} epochs")
             parts += [info["device"], info["precision"]]
             err.print(f"{kind}: " + ", ".join(parts))
+            if info["tp_size"] > 1:  # the ranks of a tensor-parallel group share their micro-batch
+                replicas = (f"{info['dp_size']} data-parallel replica{'s' if info['dp_size'] > 1 else ''} "
+                            f"({info['world_size']} processes in tensor-parallel groups of {info['tp_size']})")
+            else:
+                replicas = f"{info['world_size']} process{'es' if info['world_size'] > 1 else ''}"
             err.print(
                 f"global batch {info['global_batch']:,} sequences = {info['batch_size']} per device x {info['grad_accum']} "
-                f"accumulation x {info['world_size']} process{'es' if info['world_size'] > 1 else ''}"
-                + (f" ({info['parallel'].upper()})" if info["parallel"] != "none" else "")
+                f"accumulation x {replicas}" + (f" ({info['parallel'].upper()})" if info["parallel"] != "none" else ""),
+                soft_wrap=True,
             )
 
     def go() -> None:

@@ -129,7 +129,10 @@ class TrainConfig:
     patience: int = 0  # early stopping: evaluations without a new best before stopping; 0 = never stop early
     # scaling out (README "Scaling out"); parallel and dist_timeout apply only under torchrun
     global_batch_size: Optional[int] = None  # sequences per step over all ranks; grad_accum is then derived
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # replicate the model (DDP) or shard it (FSDP2 fully_shard)
+    # replicate the model (ddp), shard it (fsdp: FSDP2 fully_shard), split its layers over the ranks (tp: tensor
+    # parallel), or both on a 2-D mesh (fsdp_tp: tensor-parallel groups of tp_size ranks, FSDP across them)
+    parallel: Literal["ddp", "fsdp", "tp", "fsdp_tp"] = "ddp"
+    tp_size: Optional[int] = None  # ranks per tensor-parallel group; None: all ranks for tp (fsdp_tp needs it)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before failing
     log: list[Literal["tensorboard"]] = field(default_factory=list)  # extra metric sinks besides metrics.jsonl
@@ -489,6 +492,10 @@ def _check_values(cfg: Config) -> list[str]:
             p.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.batch_size={t.batch_size}")
     if t.dist_timeout <= 0:
         p.append(f"train.dist_timeout: must be positive seconds (got {t.dist_timeout})")
+    if t.tp_size is not None and t.tp_size < 1:
+        p.append(f"train.tp_size: must be a positive number of processes (got {t.tp_size})")
+    if t.tp_size is not None and t.tp_size > 1 and t.parallel not in ("tp", "fsdp_tp"):
+        p.append(f"train.tp_size={t.tp_size} applies to train.parallel=tp or fsdp_tp, not {t.parallel}; set one of them")
     if t.keep_last < 1:
         p.append(f"train.keep_last: must be at least 1 (got {t.keep_last})")
     if t.eval_batches is not None and t.eval_batches < 1:

@@ -2,7 +2,11 @@
 
 `llmctl pretrain` and `finetune` run unchanged in one process; under `torchrun` (RANK, WORLD_SIZE and LOCAL_RANK
 in the environment) they join a process group (nccl on CUDA with the device taken from LOCAL_RANK, gloo on CPU)
-and wrap the model in DistributedDataParallel, or shard it with FSDP2's `fully_shard` (`train.parallel`).
+and wrap the model in DistributedDataParallel, shard it with FSDP2's `fully_shard`, split its layers with tensor
+parallelism (`llmctl.tensor_parallel`), or both on a 2-D mesh (`train.parallel`: ddp, fsdp, tp, fsdp_tp).
+
+Under tensor parallelism the ranks of one group (`train.tp_size` consecutive ranks, inside a node) work on the same
+micro-batch: data, RNG and validation follow the data-parallel rank (`DistContext.dp_rank`), not the rank.
 
 What stays the same whatever the world size:
 - the data: `LMBatches` draws each step's global batch from the seed and every rank takes its slice;
@@ -37,6 +41,7 @@ import torch.nn as nn
 from .config import TrainConfig
 from .errors import EXIT_DIVERGED, EXIT_PEER, EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
 from .evaluate import lm_metrics as _lm_metrics
+from . import tensor_parallel
 from .interrupt import STOP, Stopped
 from .train import NullReporter, Reporter, rng_state, set_rng_state
 
@@ -63,13 +68,29 @@ class DistContext:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    parallel: str = "none"  # none | ddp | fsdp
+    parallel: str = "none"  # none | ddp | fsdp | tp | fsdp_tp
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     timeout: float = 300.0
+    tp_size: int = 1  # ranks per tensor-parallel group (consecutive ranks); 1 without tensor parallelism
 
     @property
     def enabled(self) -> bool:
         return self.parallel != "none"
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: the number of different micro-batches each step (world / tp_size)."""
+        return self.world_size // self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """Which micro-batch this rank works on: the ranks of one tensor-parallel group share theirs."""
+        return self.rank // self.tp_size
+
+    @property
+    def dtensors(self) -> bool:
+        """Parameters are DTensors (FSDP or tensor parallel): state dicts are gathered and set through DCP."""
+        return self.parallel in ("fsdp", "tp", "fsdp_tp")
 
     @property
     def is_main(self) -> bool:
@@ -85,6 +106,7 @@ def init(cfg: TrainConfig, device: torch.device) -> DistContext:
     if not launched():
         return DistContext(device=device)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    tp = tp_size(cfg, world)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise LlmctlError(
@@ -109,7 +131,24 @@ def init(cfg: TrainConfig, device: torch.device) -> DistContext:
                 status=EXIT_PEER,
             ) from None
         atexit.register(teardown)
-    return DistContext(rank, local_rank, world, cfg.parallel, device, cfg.dist_timeout)
+    return DistContext(rank, local_rank, world, cfg.parallel, device, cfg.dist_timeout, tp)
+
+
+def tp_size(cfg: TrainConfig, world: int) -> int:
+    """Ranks per tensor-parallel group for this launch: all of them for tp, train.tp_size for fsdp_tp."""
+    if cfg.parallel not in ("tp", "fsdp_tp"):
+        return 1
+    tp = cfg.tp_size or (world if cfg.parallel == "tp" else None)
+    if tp is None:
+        raise LlmctlError("train.parallel=fsdp_tp needs train.tp_size (processes per tensor-parallel group, e.g. "
+                          "the GPUs of one node); the rest of the processes is the FSDP dimension")
+    if world % tp:
+        raise LlmctlError(f"train.tp_size={tp} does not divide the {world} processes; launch a multiple of it, "
+                          "or change train.tp_size")
+    if cfg.parallel == "fsdp_tp" and tp == world:
+        raise LlmctlError(f"train.parallel=fsdp_tp with train.tp_size={tp} leaves no FSDP dimension for "
+                          f"{world} processes; use train.parallel=tp, or a smaller train.tp_size")
+    return tp
 
 
 def teardown() -> None:
@@ -185,22 +224,52 @@ def check(ctx: DistContext, cfg: TrainConfig, amp: Optional[torch.dtype]) -> int
     With `train.global_batch_size` (sequences per optimizer step over all ranks), grad_accum is derived so the
     global batch is the same on 1 device or 64: global = batch_size * grad_accum * world_size.
     """
-    if ctx.parallel == "fsdp" and amp == torch.float16:
-        raise LlmctlError("train.parallel=fsdp does not support train.dtype=float16 (its grad scaler is not sharded); "
-                          "use train.dtype=bfloat16 or float32")
+    if ctx.dtensors and amp == torch.float16:
+        raise LlmctlError(f"train.parallel={ctx.parallel} does not support train.dtype=float16 (its grad scaler is "
+                          "not sharded); use train.dtype=bfloat16 or float32")
     if cfg.global_batch_size is None:
         return cfg.grad_accum
-    per_step = cfg.batch_size * ctx.world_size
+    per_step = cfg.batch_size * ctx.dp_size
     if cfg.global_batch_size % per_step:
+        replicas = (f"{ctx.dp_size} data-parallel replicas ({ctx.world_size} processes in tensor-parallel groups of "
+                    f"{ctx.tp_size})" if ctx.tp_size > 1 else f"{ctx.world_size} processes")
         raise LlmctlError(
             f"train.global_batch_size={cfg.global_batch_size} is not a multiple of train.batch_size={cfg.batch_size} "
-            f"x {ctx.world_size} processes = {per_step}; change one of them"
+            f"x {replicas} = {per_step}; change one of them"
         )
     return cfg.global_batch_size // per_step
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # The model: activation checkpointing, DDP or FSDP2, torch.compile
+
+
+def inherited_layout(raw: dict, log: Callable[[str], None]) -> dict:
+    """A checkpoint's config to continue from: its tensor-parallel layout applies only under torchrun, so one
+    process continues a TP checkpoint whole (with a note) instead of refusing the layout it did not ask for."""
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    if launched() or train.get("parallel") not in ("tp", "fsdp_tp"):
+        return raw
+    log(f"note: the checkpoint was trained with train.parallel={train['parallel']}; one process trains it whole")
+    return {**raw, "train": {**train, "parallel": "ddp", "tp_size": None}}
+
+
+def check_layout(cfg, finetune: bool = False) -> None:
+    """Before joining the process group: the tensor-parallel layout against this launch, the model's shape and the
+    finetuning method (cfg: the whole Config). Pure: nothing is started, so a bad layout fails at once."""
+    t = cfg.train
+    if t.parallel not in ("tp", "fsdp_tp"):
+        return
+    if not launched():
+        raise LlmctlError(f"train.parallel={t.parallel} splits the model over processes: launch with torchrun "
+                          "(e.g. torchrun --nproc_per_node=2 -m llmctl pretrain ...), or use train.parallel=ddp")
+    tp = tp_size(t, int(os.environ["WORLD_SIZE"]))
+    bad = tensor_parallel.divisibility_problems(cfg.model, tp)
+    if bad:
+        raise LlmctlError(f"train.parallel={t.parallel}: " + "; ".join(bad) + "; change train.tp_size or the model")
+    if finetune and cfg.finetune.method == "lora":
+        raise LlmctlError(f"train.parallel={t.parallel} does not shard LoRA adapters; finetune with "
+                          "finetune.method=lora under train.parallel=ddp or fsdp")
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
@@ -232,14 +301,18 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> nn.Mo
     """
     if cfg.activation_checkpointing:
         checkpoint_blocks(model)
-    if ctx.parallel == "fsdp":
+    if ctx.parallel in ("fsdp", "tp", "fsdp_tp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-        for block in _blocks(model):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        # a 2-D mesh (data-parallel, tensor-parallel) with the TP groups as consecutive ranks: inside a node
+        mesh = init_device_mesh(ctx.device.type, (ctx.dp_size, ctx.tp_size), mesh_dim_names=("dp", "tp"))
+        if ctx.tp_size > 1:
+            tensor_parallel.parallelize(model, _backbone(model).cfg, mesh["tp"])
+        if ctx.parallel in ("fsdp", "fsdp_tp"):
+            for block in _blocks(model):
+                fully_shard(block, mesh=mesh["dp"])
+            fully_shard(model, mesh=mesh["dp"])
     elif ctx.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -257,7 +330,11 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> nn.Mo
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
     """The Transformer blocks of the trained module (a Transformer, or a task head around one)."""
-    return model.blocks if hasattr(model, "blocks") else model.backbone.blocks
+    return _backbone(model).blocks
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    return model if hasattr(model, "blocks") else model.backbone
 
 
 def inner(model: nn.Module) -> nn.Module:
@@ -278,12 +355,16 @@ def _ddp(model: nn.Module) -> nn.Module:
 
 
 def loop_hooks(model: nn.Module, ctx: DistContext) -> dict:
-    """`no_sync`, `reduce_mean` and `sync_stop` for train.Hooks (empty for a single process)."""
+    """`no_sync`, `reduce_mean`, `sync_stop` and `clip_grads` for train.Hooks (empty for a single process)."""
     if not ctx.enabled:
         return {}
+    extra: dict = {}
+    no_sync: Optional[Callable[[], ContextManager]] = None
+    if ctx.tp_size > 1:  # tensor-parallel gradients are DTensors beside replicated tensors: one norm over both
+        extra["clip_grads"] = lambda params, max_norm: tensor_parallel.clip_grad_norm(params, max_norm, ctx.world_size)
     if ctx.parallel == "ddp":
-        no_sync: Callable[[], ContextManager] = _ddp(model).no_sync
-    else:
+        no_sync = _ddp(model).no_sync
+    elif ctx.parallel in ("fsdp", "fsdp_tp"):
         root = inner(model)
 
         @contextlib.contextmanager
@@ -300,7 +381,7 @@ def loop_hooks(model: nn.Module, ctx: DistContext) -> dict:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)  # gloo has no AVG
         return t / ctx.world_size
 
-    return {"no_sync": no_sync, "reduce_mean": reduce_mean, "sync_stop": lambda signum: agree_signal(ctx, signum)}
+    return {"no_sync": no_sync, "reduce_mean": reduce_mean, "sync_stop": lambda signum: agree_signal(ctx, signum), **extra}
 
 
 def agree_signal(ctx: DistContext, signum: Optional[int]) -> Optional[int]:
@@ -338,23 +419,25 @@ def lm_metrics(model: nn.Module, blocks: Callable[[], Iterable[dict]], ctx: Dist
         return _lm_metrics(model, polled(blocks(), ctx), device, amp)
     net = inner(model)  # DDP: replicas are identical, evaluate without DDP's hooks; FSDP: the sharded root
     n = sum(1 for _ in blocks())
-    if n < ctx.world_size:  # too few batches to share: every rank evaluates all of them
+    dp, me = ctx.dp_size, ctx.dp_rank  # a tensor-parallel group evaluates its batches together
+    if n < dp:  # too few batches to share: every rank evaluates all of them
         return _lm_metrics(net, polled(blocks(), ctx), device, amp)
-    per_rank = math.ceil(n / ctx.world_size)
+    per_rank = math.ceil(n / dp)
 
     def mine() -> Iterator[dict]:
         first, count = None, 0
-        for i, b in enumerate(polled(blocks(), ctx, every=ctx.world_size)):  # every rank draws all n
-            if i % ctx.world_size == ctx.rank:
+        for i, b in enumerate(polled(blocks(), ctx, every=dp)):  # every rank draws all n
+            if i % dp == me:
                 first, count = (b if first is None else first), count + 1
                 yield b
-        if ctx.parallel == "fsdp":
+        if ctx.parallel in ("fsdp", "fsdp_tp"):
             for _ in range(per_rank - count):
                 yield {"input_ids": first["input_ids"], "labels": torch.full_like(first["labels"], -100)}
 
     r = _lm_metrics(net, mine(), device, amp)
     sums = torch.tensor([r["loss"] * r["tokens"], float(r["tokens"])], dtype=torch.float64, device=device)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    sums /= ctx.tp_size  # each tensor-parallel group summed its batches tp_size times
     total, count = sums.tolist()
     mean = total / count
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(count)}
@@ -378,11 +461,16 @@ def gather_for_save(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Dis
     rng entries are {"rng": rank 0's state} plus {"rng_ranks": [every rank's state]} when there are several ranks.
     """
     net = inner(model)
-    if ctx.parallel == "fsdp":
+    if ctx.dtensors:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        weights = get_model_state_dict(net, options=_full_options())
-        by_name = get_optimizer_state_dict(net, optimizer, options=_full_options())
+        with _quiet_redistribute():
+            weights = get_model_state_dict(net, options=_full_options())
+            by_name = get_optimizer_state_dict(net, optimizer, options=_full_options())
+        if ctx.is_main and ctx.tp_size > 1:  # back from the interleaved rows of tensor parallelism
+            cfg = _backbone(net).cfg
+            weights = tensor_parallel.to_checkpoint(weights, cfg, ctx.tp_size)
+            by_name["state"] = tensor_parallel.to_checkpoint(by_name["state"], cfg, ctx.tp_size)
         if ctx.is_main:
             # a tied head is one parameter with two names: store it once, under the embedding's name, as a
             # single process does
@@ -405,6 +493,21 @@ def gather_for_save(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Dis
     return weights, opt_state, rng
 
 
+@contextlib.contextmanager
+def _quiet_redistribute() -> Iterator[None]:
+    """Gathering FSDP x TP parameters (FSDP's strided shard over TP's) takes two all-gathers, which DTensor reports
+    as a warning on every rank; a checkpoint is gathered once per save, so the cost is known and the line noise."""
+    import logging
+
+    logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _by_index(by_name: dict) -> dict:
     """A name-keyed full optimizer state dict -> the index-keyed format of `optimizer.state_dict()`."""
     order = [name for g in by_name["param_groups"] for name in g["params"]]
@@ -416,8 +519,20 @@ def _by_index(by_name: dict) -> dict:
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, ctx: DistContext) -> None:
-    """Load a checkpoint's optimizer state (the one format) into this run's optimizer, sharded or not."""
-    if ctx.parallel != "fsdp":
+    """Load a checkpoint's optimizer state (the one format) into this run's optimizer, sharded or not.
+
+    The implementation (fused, foreach or per parameter) stays this run's: a checkpoint written under tensor
+    parallelism (per parameter) resumes fused in one process, and one written fused resumes under TP."""
+    impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    try:
+        _load_optimizer_state(model, optimizer, state, ctx)
+    finally:
+        for group, kept in zip(optimizer.param_groups, impl):
+            group.update(kept)
+
+
+def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, ctx: DistContext) -> None:
+    if not ctx.dtensors:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -434,6 +549,9 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         "state": {name[i]: v for i, v in state["state"].items()},
         "param_groups": [{**g, "params": [name[i] for i in g["params"]]} for g in state["param_groups"]],
     }
+    if ctx.tp_size > 1:  # into the interleaved rows of tensor parallelism
+        cfg = _backbone(net).cfg
+        by_name["state"] = tensor_parallel.from_checkpoint(by_name["state"], cfg, ctx.tp_size)
     # every rank passes the full state (all read the checkpoint); each keeps its own shard
     set_optimizer_state_dict(net, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
@@ -446,15 +564,15 @@ def restore_rng(ctx: DistContext, resume_state: Optional[dict], seed: int) -> No
     checkpoint has no state for (a larger world) derive one from (seed, rank, step).
     """
     if resume_state is None:
-        if ctx.rank:
-            torch.manual_seed(_derive(seed, ctx.rank))
+        if ctx.dp_rank:  # the ranks of a tensor-parallel group share one stream: identical dropout masks
+            torch.manual_seed(_derive(seed, ctx.dp_rank))
         return
     per_rank = resume_state.get("rng_ranks") or [resume_state["rng"]]
     if ctx.rank < len(per_rank):
         set_rng_state(per_rank[ctx.rank])
     else:
         set_rng_state(resume_state["rng"])
-        torch.manual_seed(_derive(seed, ctx.rank, int(resume_state["loop"]["step"])))
+        torch.manual_seed(_derive(seed, ctx.dp_rank, int(resume_state["loop"]["step"])))
 
 
 def _derive(*parts: int) -> int:

@@ -25,10 +25,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, per_parameter: bool = False
+                    ) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`. `per_parameter`: one update per parameter instead of one fused launch, for a
+    model whose parameters mix sharded DTensors and plain tensors (tensor parallelism), which one kernel cannot take."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    if per_parameter:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
     # the fused kernel is one launch for all parameters: faster on CUDA and on CPU
     fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)

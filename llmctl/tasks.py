@@ -35,11 +35,13 @@ class Layout:
 
     @property
     def rank(self) -> int:
-        return self.dist.rank
+        """The data-parallel rank: the ranks of one tensor-parallel group draw the same micro-batches."""
+        return self.dist.dp_rank
 
     @property
     def world(self) -> int:
-        return self.dist.world_size
+        """Data-parallel replicas (world size / tensor-parallel size)."""
+        return self.dist.dp_size
 
 
 @dataclass

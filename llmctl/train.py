@@ -121,6 +121,7 @@ class Hooks:
     no_sync: Optional[Callable[[], ContextManager]] = None  # skip the gradient all-reduce on non-final micro-steps
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # average a scalar over ranks
     sync_stop: Callable[[Optional[int]], Optional[int]] = lambda signum: signum  # agree on a stop signal over ranks
+    clip_grads: Optional[Callable[[list, float], torch.Tensor]] = None  # (params, max_norm or 0) -> global norm
     on_step: Optional[Callable[[LoopState], None]] = None  # test hook
     world_size: int = 1  # processes training together (scales a variable-length batch's token count)
 
@@ -226,7 +227,9 @@ def fit(
                 total += loss.detach()
             if scaler:
                 scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
+            if hooks.clip_grads is not None:  # (tensor parallel: sharded and replicated gradients together)
+                gnorm = hooks.clip_grads(params, cfg.grad_clip)
+            elif cfg.grad_clip > 0:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
                 gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))

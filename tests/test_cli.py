@@ -352,10 +352,35 @@ BAD += [
 ]
 
 
+# tensor-parallel layouts, checked before the process group is joined; the env is what torchrun would set
+TORCHRUN_3 = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3"}
+TORCHRUN_2 = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+BAD += [
+    ("tp-without-torchrun", lambda t, r: ["pretrain", *sets(*TINY, "train.parallel=tp"), "--out", t / "o"],
+     ["train.parallel=tp", "launch with torchrun"]),
+    ("tp-size-not-dividing-world", lambda t, r: ["pretrain", *sets(*TINY, "train.parallel=tp", "train.tp_size=2"),
+     "--out", t / "o"], ["train.tp_size=2 does not divide the 3 processes"], TORCHRUN_3),
+    ("tp-heads-not-dividing", lambda t, r: ["pretrain", *sets(*TINY, "model.n_head=1", "train.parallel=tp"),
+     "--out", t / "o"], ["model.n_head=1 is not divisible by train.tp_size=2"], TORCHRUN_2),
+    ("tp-kv-heads-not-dividing", lambda t, r: ["pretrain", *sets(*TINY, "model.arch=llama", "model.n_head=4",
+     "model.n_kv_head=1", "train.parallel=tp"), "--out", t / "o"], ["model.n_kv_head=1 is not divisible"], TORCHRUN_2),
+    ("fsdp-tp-without-tp-size", lambda t, r: ["pretrain", *sets(*TINY, "train.parallel=fsdp_tp"), "--out", t / "o"],
+     ["fsdp_tp needs train.tp_size"], TORCHRUN_2),
+    ("fsdp-tp-no-fsdp-dimension", lambda t, r: ["pretrain", *sets(*TINY, "train.parallel=fsdp_tp", "train.tp_size=2"),
+     "--out", t / "o"], ["leaves no FSDP dimension"], TORCHRUN_2),
+    ("tp-size-with-ddp", lambda t, r: ["pretrain", *sets(*TINY, "train.tp_size=2"), "--out", t / "o"],
+     ["train.tp_size=2 applies to train.parallel=tp or fsdp_tp"]),
+    ("tp-lora", lambda t, r: ["finetune", "--from", r, *sets(f"data.path={SHAKESPEARE}", "finetune.method=lora",
+     "train.parallel=tp"), "--out", t / "o"], ["does not shard LoRA adapters"], TORCHRUN_2),
+]
+
+
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
-def test_bad_input(case, runner, tiny_run, tmp_path):
-    _, make, words = case
+def test_bad_input(case, runner, tiny_run, tmp_path, monkeypatch):
+    _, make, words, *env = case
     args = make(tmp_path, tiny_run)  # builds any fixture runs first
+    for key, value in (env[0] if env else {}).items():
+        monkeypatch.setenv(key, value)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("status.json")}
     r = invoke(runner, *args)
     assert r.exit_code == 2, r.output

@@ -81,6 +81,12 @@ def test_global_batch_size_derives_grad_accum_and_conflicts_are_config_errors():
     fsdp = distributed.DistContext(rank=0, world_size=2, parallel="fsdp")
     with pytest.raises(LlmctlError, match="float16"):
         distributed.check(fsdp, TrainConfig(), torch.float16)
+    # under tensor parallelism a group of ranks shares one micro-batch: 4 processes in groups of 2 are 2 replicas
+    fsdp_tp = distributed.DistContext(rank=3, world_size=4, parallel="fsdp_tp", tp_size=2)
+    assert (fsdp_tp.dp_size, fsdp_tp.dp_rank) == (2, 1) and distributed.check(fsdp_tp, t, None) == 2
+    with pytest.raises(LlmctlError) as e:
+        distributed.check(fsdp_tp, TrainConfig(batch_size=4, global_batch_size=12), None)
+    assert "x 2 data-parallel replicas (4 processes in tensor-parallel groups of 2) = 8" in e.value.message
 
 
 def test_global_batch_size_in_one_process_trains_like_grad_accum(tmp_path):
@@ -210,6 +216,129 @@ def test_resume_with_the_same_world_size_is_exact_with_dropout(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Tensor parallelism (train.parallel=tp, and FSDP x TP on a 2-D mesh) against one process
+
+FLAVOURS = {  # grouped-query attention in the LLaMA flavour; tied embeddings and biases in the GPT-2 one
+    "llama-gqa": ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2"],
+    "gpt2-tied": ["model.arch=gpt2", "model.n_head=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def single_flavour(tmp_path_factory):
+    """One process, batch 8, per flavour: the references for tensor parallelism."""
+    made: dict = {}
+
+    def get(flavour: str) -> Path:
+        if flavour not in made:
+            out = tmp_path_factory.mktemp("tp") / f"single-{flavour}"
+            commands.pretrain(None, [*BASE, *FLAVOURS[flavour], "train.batch_size=8"], out)
+            made[flavour] = out
+        return made[flavour]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_tensor_parallel_two_processes_log_the_losses_of_one(tmp_path, single_flavour, flavour):
+    single = single_flavour(flavour)
+    out = tmp_path / "tp"
+    # the two ranks of one tensor-parallel group share their micro-batch: batch 8 is the global batch
+    r = torchrun("pretrain", *sets(*BASE, *FLAVOURS[flavour], "train.batch_size=8", "train.parallel=tp"),
+                 "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_losses(losses(single), losses(out), range(1, 21))
+    assert_same_val_losses(single, out)
+    assert r.stderr.count("global batch 8 sequences = 8 per device x 1 accumulation x 1 data-parallel replica "
+                          "(2 processes in tensor-parallel groups of 2) (TP)") == 1, r.stderr[-2000:]
+    summary = json.loads(r.stdout)
+    assert summary["world_size"] == 2 and summary["tokens"] == 20 * 8 * 32
+    # the checkpoint is the one format, q|k|v and gate|up back in their order
+    one, two = ckpt.load(single / "step-0000020"), ckpt.load(out / "step-0000020")
+    w1, w2 = one.weights(), two.weights()
+    assert sorted(w1) == sorted(w2) and all(w1[k].shape == w2[k].shape for k in w1)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < TOL
+    o1, o2 = one.train_state()["optimizer"], two.train_state()["optimizer"]
+    assert max((o1["state"][i][m] - o2["state"][i][m]).abs().max().item()
+               for i in o1["state"] for m in ("exp_avg", "exp_avg_sq")) < TOL
+    # ... so it resumes in one process like the single run's own checkpoint
+    resumed = tmp_path / "resumed"
+    commands.pretrain(None, [*BASE, *FLAVOURS[flavour], "train.batch_size=8"], resumed, resume_from=out / "step-0000010")
+    assert_same_losses(losses(single), losses(resumed), range(11, 21))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_fsdp_times_tensor_parallel_four_processes_log_the_losses_of_one(tmp_path, single_flavour, flavour):
+    single = single_flavour(flavour)
+    out = tmp_path / "fsdp_tp"
+    r = torchrun("pretrain", *sets(*BASE, *FLAVOURS[flavour], "train.batch_size=4", "train.parallel=fsdp_tp",
+                                   "train.tp_size=2"), "--out", str(out), "--quiet", nproc=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_losses(losses(single), losses(out), range(1, 21))
+    assert_same_val_losses(single, out)
+    w1, w2 = ckpt.load(single / "step-0000020").weights(), ckpt.load(out / "step-0000020").weights()
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < TOL
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_under_tensor_parallelism(tmp_path, single_flavour):
+    single = single_flavour("llama-gqa")
+    out = tmp_path / "resumed"
+    r = torchrun("pretrain", *sets(*BASE, *FLAVOURS["llama-gqa"], "train.batch_size=8", "train.parallel=tp"),
+                 "--out", str(out), "--resume-from", str(single / "step-0000010"), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_losses(losses(single), losses(out), range(11, 21))
+
+
+SHARDS = """
+import json, sys, torch, torch.distributed as dist
+from llmctl import distributed
+from llmctl.config import ModelConfig, TrainConfig
+from llmctl.model import Transformer
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+out = {}
+for name, cfg in {"llama-gqa": ModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16,
+                                           vocab_size=40),
+                  "gpt2-tied": ModelConfig(arch="gpt2", n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=40)}.items():
+    torch.manual_seed(0)
+    plain = Transformer(cfg)
+    model = Transformer(cfg)
+    model.load_state_dict(plain.state_dict())
+    ctx = distributed.DistContext(rank, rank, world, "tp", torch.device("cpu"), 60.0, world)
+    model = distributed.prepare_model(model, TrainConfig(parallel="tp"), ctx)
+    idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(idx) - plain(idx)).abs().max().item()
+    local = {n: (p.to_local().numel() if hasattr(p, "to_local") else p.numel(), p.numel())
+             for n, p in model.named_parameters()}
+    out[name] = {"diff": diff, "local": local, "tied": model.lm_head.weight is model.wte.weight}
+json.dump(out, open(sys.argv[1] + f"/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_each_rank_holds_its_share_of_every_tensor_parallel_matrix(tmp_path):
+    script = tmp_path / "shards.py"
+    script.write_text(SHARDS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for flavour, info in got.items():
+            assert info["diff"] < 1e-5, (flavour, info["diff"])  # the sharded forward is the whole model's
+            assert info["tied"] is (flavour == "gpt2-tied")
+            for name, (mine, whole) in info["local"].items():
+                split = name.endswith(("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight",
+                                       "attn.qkv.bias", "mlp.fc.bias"))
+                assert mine * (2 if split else 1) == whole, (flavour, name, mine, whole)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # A rank that dies
 
 
@@ -232,13 +361,15 @@ def _children(pid: int) -> dict[int, int]:
 
 
 @pytest.mark.slow
-def test_killing_a_rank_stops_the_others_with_a_clear_message(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "tp"])
+def test_killing_a_rank_stops_the_others_with_a_clear_message(tmp_path, parallel):
     out = tmp_path / "killed"
     # activation checkpointing under DDP rides along, and bf16 autocast where the CPU runs it natively (emulated,
     # its steps would be slow for no gain here); the run would take many minutes
     dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"
     args = [*BASE, "train.max_steps=100000", "train.eval_interval=0", "train.save_interval=0", "train.batch_size=4",
-            f"train.dtype={dtype}", "train.activation_checkpointing=true", "train.dist_timeout=60"]
+            f"train.dtype={dtype}", "train.activation_checkpointing=true", "train.dist_timeout=60",
+            f"train.parallel={parallel}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmctl",
            "pretrain", *sets(*args), "--out", str(out), "--quiet"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

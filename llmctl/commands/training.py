@@ -188,7 +188,7 @@ class TrainPlan:
 def describe(plan: TrainPlan) -> dict:
     cfg, t = plan.cfg, plan.cfg.train
     trainable, total = count_trainable(plan.task.module)
-    global_batch = t.batch_size * plan.grad_accum * plan.dist.world_size  # sequences per optimizer step
+    global_batch = t.batch_size * plan.grad_accum * plan.dist.dp_size  # sequences per optimizer step (a TP group shares)
     out = {
         "task": plan.task.kind,
         "method": cfg.finetune.method if plan.kind == "finetune" else "full",
@@ -200,6 +200,8 @@ def describe(plan: TrainPlan) -> dict:
         "batch_size": t.batch_size,
         "grad_accum": plan.grad_accum,
         "world_size": plan.dist.world_size,
+        "tp_size": plan.dist.tp_size,
+        "dp_size": plan.dist.dp_size,
         "parallel": plan.dist.parallel,
         **plan.task.sizes,
         "vocab_size": cfg.model.vocab_size,
@@ -307,7 +309,7 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
         plan.tokenizer.save(out / "tokenizer.json")
     model = distributed.prepare_model(plan.model, t, plan.dist)  # activation checkpointing, DDP / FSDP, torch.compile
     state = LoopState()
-    optimizer = build_optimizer(model, t, plan.device.type)
+    optimizer = build_optimizer(model, t, plan.device.type, per_parameter=plan.dist.tp_size > 1)
     scaler = torch.amp.GradScaler(plan.device.type) if plan.amp == torch.float16 else None
     if resume_state is not None:
         distributed.load_optimizer_state(model, optimizer, resume_state["optimizer"], plan.dist)
@@ -362,7 +364,7 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
     try:
         hooks = Hooks(batches=plan.task.batches, loss=plan.task.loss, evaluate=lambda step: plan.task.evaluate(model, step),
                       save=save, log_metrics=distributed.per_device_metrics(metrics, plan.dist), on_step=on_step,
-                      world_size=plan.dist.world_size,
+                      world_size=plan.dist.dp_size,
                       **distributed.loop_hooks(model, plan.dist))
         with distributed.peer_errors(plan.dist):
             state = fit(model, optimizer, t, hooks, state, device=plan.device, amp_dtype=plan.amp, scaler=scaler,
@@ -431,6 +433,7 @@ def _last_step(out: Path) -> Optional[int]:
 def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str,
                 base: Optional[ckpt_io.Checkpoint] = None) -> TrainPlan:
     """Tokenizer, data, model and task, all checked; a finetune's backbone starts from `base`'s weights."""
+    distributed.check_layout(cfg, finetune=kind == "finetune")  # (before joining: a bad layout fails at once)
     ctx = distributed.init(cfg.train, resolve_device(cfg.train.device))  # under torchrun: join the group
     device = ctx.device
     amp = resolve_amp(cfg.train.dtype, device)
@@ -499,6 +502,7 @@ def pretrain(
     elif resume:
         source_ckpt, clear = resume_point(out, log)
     base = source_ckpt.config if source_ckpt is not None and config is None else None
+    base = distributed.inherited_layout(base, log) if base is not None else None
     if base is None and resume and config is None and (out / "config.yaml").is_file():
         base = read_yaml(out / "config.yaml")  # a run stopped before its first checkpoint
     cfg = load_config(config, overrides, base=base)
