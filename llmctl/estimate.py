@@ -27,6 +27,7 @@ from .config import Config, ModelConfig, default_cache_dir
 from .data import eval_blocks
 from .evaluate import lm_metrics
 from .fileio import write_atomic
+from . import tensor_parallel
 from .hardware import cpu_isa, cpu_name
 from .model import attention_dtype
 from .optim import build_optimizer
@@ -93,13 +94,16 @@ def _size(dtype: Optional[torch.dtype]) -> int:
     return 4 if dtype is None else torch.empty((), dtype=dtype).element_size()
 
 
-def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, amp: Optional[torch.dtype]) -> dict:
+def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, amp: Optional[torch.dtype],
+                     tp: int = 1) -> dict:
     """Bytes of the tensors autograd keeps for the backward pass of one micro-batch, per term.
 
     The residual stream and the norms run in float32; under autocast the inputs of every Linear are saved as
     `amp` copies; attention runs in `attention_dtype` (fp32 for short bf16 sequences on CPU) and keeps q, k, v,
     its output and the log-sum-exp; the loss keeps float32 log-probabilities. `checkpointed` is the same with
     per-block activation checkpointing: every block's input, one block recomputed at a time, and the head.
+    Under tensor parallelism (`tp` ranks per group) each rank keeps its heads' and channels' share of the attention
+    and MLP internals; the residual stream, the norms and the head stay whole.
     """
     p = _size(amp)  # bytes of a matmul input under autocast (4 without)
     s = _size(attention_dtype(device_type, amp or torch.float32, seq))
@@ -122,20 +126,24 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
         else:
             core = p * (qd + 2 * kvd) + (p * (qd + kvd) if cfg.arch == "llama" else 0)
         core += s * qd + 4 * cfg.n_head
-    attn = p * C + core + (p * qd if (s != p or dropout > 0) else 0)  # qkv input, attention, proj input (a cast copy)
+    attn = p * C + (core + (p * qd if (s != p or dropout > 0) else 0)) / tp  # qkv input, attention, proj input
     masks = 2 * p * C if dropout > 0 else 0  # residual dropout masks, in the dtype of what they drop
-    mlp = p * C + (4 * p * H if cfg.arch == "llama" else 2 * p * H)  # fc input, fc output (gate/up), proj input
+    mlp = p * C + (4 * p * H if cfg.arch == "llama" else 2 * p * H) / tp  # fc input, fc output (gate/up), proj input
     block = norm + attn + norm + mlp + masks  # per token
     # final norm, head input, float32 log-probabilities, input ids and targets (int64), embedding dropout mask
     head = norm + p * C + 4 * V + 8 + 8 + (4 * C if dropout > 0 else 0)
     tokens = batch * seq
     full = tokens * (L * block + head)
     checkpointed = tokens * (L * 4 * C + block + head)
-    return {"per_layer": tokens * block, "head": tokens * head, "full": full, "checkpointed": checkpointed}
+    return {"per_layer": int(tokens * block), "head": int(tokens * head), "full": int(full), "checkpointed": int(checkpointed)}
 
 
-def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Optional[torch.dtype]) -> dict:
+def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Optional[torch.dtype],
+                    layout: Any = None) -> dict:
     """Estimated bytes per device for one training step at train.batch_size x model.block_size.
+
+    `layout` (a distributed.DistContext) divides what each device holds: FSDP shards every parameter, gradient and
+    AdamW moment over the data-parallel ranks; tensor parallelism splits the block matrices over its group.
 
     weights, gradients (trainable parameters, in their dtype), AdamW state (two moments per trainable parameter),
     the autocast copies of matmul weights kept for the backward pass, and activations with and without
@@ -143,24 +151,33 @@ def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Op
     backward pass frees activations while it fills gradients, so this is an upper bound on live tensors; the
     CPU allocator's retained memory often makes up the difference in the process's resident size).
     """
-    seen, weights, grads, opt = set(), 0, 0, 0
-    for p in model.parameters():
+    tp = getattr(layout, "tp_size", 1)
+    fsdp = getattr(layout, "dp_size", 1) if getattr(layout, "parallel", "") in ("fsdp", "fsdp_tp") else 1
+
+    def share(name: str) -> float:  # the fraction of a parameter one device holds
+        split = tp > 1 and tensor_parallel.is_split(name)
+        return 1 / (fsdp * (tp if split else 1))
+
+    seen, weights, grads, opt = set(), 0.0, 0.0, 0.0
+    for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        weights += p.numel() * p.element_size()
+        part = p.numel() * p.element_size() * share(name)
+        weights += part
         if p.requires_grad:
-            grads += p.numel() * p.element_size()
-            opt += 2 * p.numel() * p.element_size()
+            grads += part
+            opt += 2 * part
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    copies = 0
+    copies = 0.0
     if amp is not None:
         ids = set()
-        for m in model.modules():
+        for name, m in model.named_modules():
             if isinstance(m, nn.Linear) and id(m.weight) not in ids:
                 ids.add(id(m.weight))
-                copies += m.weight.numel() * _size(amp)
-    act = activation_bytes(cfg.model, cfg.train.batch_size, cfg.model.block_size, device.type, amp)
+                copies += m.weight.numel() * _size(amp) * share(name + ".weight")
+    weights, grads, opt, copies = int(weights), int(grads), int(opt), int(copies)
+    act = activation_bytes(cfg.model, cfg.train.batch_size, cfg.model.block_size, device.type, amp, tp)
     base = weights + grads + opt + copies
     return {
         "weights": weights, "gradients": grads, "optimizer": opt, "autocast_copies": copies,
@@ -488,7 +505,7 @@ def dry_run(plan: Any, start_step: int = 0, timed_steps: int = 5, warmup_steps: 
         **{k: v for k, v in task.sizes.items() if k != "epochs"},
         "epochs": (round((t.max_steps - start_step) * tokens_per_step / max(1, task.sizes["train_tokens"]), 3)
                    if "train_tokens" in task.sizes else task.sizes.get("epochs")),
-        "memory": memory_estimate(raw, cfg, device, amp),
+        "memory": memory_estimate(raw, cfg, device, amp, plan.dist),
         "peak_flops": peak["flops"],
         "peak_flops_source": peak["source"],
     }

@@ -27,7 +27,15 @@ import torch.nn as nn
 
 from .config import ModelConfig
 
+# the layers split in every block: column-parallel where the width grows, row-parallel where it shrinks back
+PLAN = {"attn.qkv": "colwise", "attn.proj": "rowwise", "mlp.fc": "colwise", "mlp.proj": "rowwise"}
 FUSED = ("attn.qkv", "mlp.fc")  # column-parallel layers whose rows are interleaved before sharding
+
+
+def is_split(name: str) -> bool:
+    """Whether parameter `name` is sharded over a tensor-parallel group (a row-parallel bias is added whole)."""
+    return any(name.endswith(f"{layer}.weight") or (kind == "colwise" and name.endswith(f"{layer}.bias"))
+               for layer, kind in PLAN.items())
 
 
 def divisibility_problems(cfg: ModelConfig, tp: int) -> list[str]:
@@ -93,8 +101,8 @@ def parallelize(model: nn.Module, cfg: ModelConfig, tp_mesh) -> None:
                     order = row_order(cfg, f"blocks.{i}.{name}.{pname}", tp)
                     if order is not None:
                         p.copy_(p[order])
-        parallelize_module(block, tp_mesh, {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
-                                            "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()})
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        parallelize_module(block, tp_mesh, {name: styles[kind]() for name, kind in PLAN.items()})
         # each rank computes its own heads and channels: the modules split their local outputs accordingly
         block.attn.n_head //= tp
         block.attn.n_kv_head //= tp

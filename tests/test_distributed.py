@@ -17,7 +17,7 @@ import torch
 
 from conftest import SHAKESPEARE, sets
 from llmctl import checkpoint as ckpt
-from llmctl import commands, distributed
+from llmctl import commands, distributed, tensor_parallel
 from llmctl.config import TrainConfig, load_config
 from llmctl.errors import LlmctlError
 from llmctl.hardware import cpu_has_fast_bf16
@@ -292,6 +292,57 @@ def test_one_process_checkpoint_resumes_under_tensor_parallelism(tmp_path, singl
     assert_same_losses(losses(single), losses(out), range(11, 21))
 
 
+@pytest.mark.slow
+def test_tensor_parallel_classification_with_accumulation_matches_one_process(tmp_path, single_flavour):
+    base = single_flavour("llama-gqa")
+    data = tmp_path / "train.tsv"
+    data.write_text("label\tsentence\n" + "".join(f"{i % 2}\t{'good' if i % 2 else 'bad'} words {i}\n" for i in range(48)))
+    args = ["finetune.task=classification", f"data.path={data}", "data.text_column=sentence", "train.max_steps=6",
+            "train.batch_size=4", "train.grad_accum=2", "train.log_interval=1", "train.eval_interval=3",
+            "train.warmup_steps=1", "train.dtype=float32"]
+    one = tmp_path / "one"
+    commands.finetune(None, args, base, one)
+    out = tmp_path / "tp"
+    r = torchrun("finetune", "--from", str(base), *sets(*args, "train.parallel=tp"), "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_losses(losses(one), losses(out), range(1, 7))
+    acc = {p: [row["accuracy"] for row in rows(p) if "accuracy" in row] for p in (one, out)}
+    assert acc[one] == acc[out] and len(acc[one]) == 2
+
+
+@pytest.mark.slow
+def test_sigterm_under_tensor_parallelism_saves_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    dtype = "bfloat16" if cpu_has_fast_bf16() else "float32"  # bf16 autocast where the CPU runs it natively
+    args = sets(*BASE, *FLAVOURS["llama-gqa"], "train.batch_size=4", "train.max_steps=100000", "train.eval_interval=0",
+                "train.save_interval=0", f"train.dtype={dtype}", "train.activation_checkpointing=true",
+                "train.parallel=tp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmctl",
+           "pretrain", *args, "--out", str(out), "--quiet"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not ((out / "metrics.jsonl").exists() and len(rows(out)) >= 3):
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            assert time.time() - t0 < 180, "the run did not start"
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks: they agree on a step and save
+        _, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    status = ckpt.read_status(out)
+    assert status["status"] == "interrupted" and status["exit_status"] == 143, (status, err[-3000:])
+    saved = ckpt.read_latest(out)
+    step = ckpt.load(saved).train_state()["loop"]["step"]
+    assert saved is not None and step >= 3
+    resumed = torchrun("pretrain", *[a.replace("train.max_steps=100000", f"train.max_steps={step + 2}") for a in args],
+                       "--out", str(out), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(r["step"] for r in rows(out) if "loss" in r)[-2:] == [step + 1, step + 2]
+
+
 SHARDS = """
 import json, sys, torch, torch.distributed as dist
 from llmctl import distributed
@@ -333,8 +384,9 @@ def test_each_rank_holds_its_share_of_every_tensor_parallel_matrix(tmp_path):
             assert info["diff"] < 1e-5, (flavour, info["diff"])  # the sharded forward is the whole model's
             assert info["tied"] is (flavour == "gpt2-tied")
             for name, (mine, whole) in info["local"].items():
-                split = name.endswith(("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight",
-                                       "attn.qkv.bias", "mlp.fc.bias"))
+                split = tensor_parallel.is_split(name)
+                assert split == name.endswith(("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight",
+                                               "mlp.proj.weight", "attn.qkv.bias", "mlp.fc.bias"))
                 assert mine * (2 if split else 1) == whole, (flavour, name, mine, whole)
 
 

@@ -112,6 +112,25 @@ def test_activation_model_matches_what_autograd_saves(arch, amp):
     assert mem["activations"] + mem["autocast_copies"] == pytest.approx(measured, rel=0.03)
 
 
+def test_memory_per_device_follows_the_layout():
+    from llmctl.distributed import DistContext
+
+    cfg = ModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=32, vocab_size=70)
+    model = Transformer(cfg)
+    full = Config(model=cfg)
+    one = estimate.memory_estimate(model, full, torch.device("cpu"), None)
+    split = sum(p.numel() * 4 for n, p in model.named_parameters() if n.split(".", 2)[-1].rsplit(".", 1)[0] in
+                ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"))
+    layouts = {"tp": DistContext(world_size=2, parallel="tp", tp_size=2),
+               "fsdp": DistContext(world_size=2, parallel="fsdp"),
+               "fsdp_tp": DistContext(world_size=4, parallel="fsdp_tp", tp_size=2)}
+    tp, fsdp, both = (estimate.memory_estimate(model, full, torch.device("cpu"), None, layouts[k]) for k in layouts)
+    assert tp["weights"] == one["weights"] - split // 2  # the block matrices are halved, the rest stays whole
+    assert fsdp["gradients"] == one["gradients"] // 2 and fsdp["optimizer"] == one["optimizer"] // 2
+    assert both["gradients"] == (one["gradients"] - split // 2) // 2
+    assert tp["activations"] < one["activations"] and fsdp["activations"] == one["activations"]
+
+
 def test_flops_per_token_counts_matmuls_and_attention():
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)
     model = Transformer(cfg)
