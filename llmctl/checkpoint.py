@@ -193,8 +193,30 @@ def _test_pause(run_dir: Path, step: int) -> None:
     time.sleep(float(seconds))
 
 
+# how the writers of a checkpoint report a full disk when they do not raise OSError(ENOSPC): torch.save's zip
+# writer ("[enforce fail at inline_container.cc] . unexpected pos N vs M", "PytorchStreamWriter failed writing
+# file"), safetensors ("No space left on device (os error 28)")
+DISK_FULL_SIGNS = ("no space left on device", "disk quota exceeded", "unexpected pos", "failed writing file",
+                   "os error 28", "os error 122")
+
+
 def is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    """Whether `e`, raised by any writer of a checkpoint, means the disk (or the quota) is full."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, (OSError, RuntimeError, SafetensorError)) and any(s in str(e).lower() for s in DISK_FULL_SIGNS)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what killed saves left: `.tmp-step-*` being written and `.old-step-*` being replaced.
+
+    Only the holder of the run lock writes checkpoints, so whatever of these exists when it starts, or once its
+    own save is complete, belongs to a process that is gone."""
+    removed = []
+    for stale in [*Path(run_dir).glob(".tmp-step-*"), *Path(run_dir).glob(".old-step-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+        removed.append(stale)
+    return removed
 
 
 def set_best(run_dir: Path, ckpt: Path) -> None:
@@ -224,8 +246,7 @@ def prune(run_dir: Path, keep_last: int) -> list[Path]:
         if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
-    for stale in run_dir.glob(".tmp-step-*"):  # leftovers of a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(run_dir)
     return removed
 
 

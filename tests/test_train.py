@@ -167,6 +167,56 @@ def test_disk_full_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert read_status(out)["status"] == "failed" and not list(out.glob(".tmp-*"))
 
 
+def test_disk_full_inside_torch_save_is_the_same_clear_error(tmp_path, monkeypatch):
+    from llmctl import checkpoint as ck_mod
+
+    real = ck_mod.torch.save
+    calls = {"n": 0}
+
+    def short_write(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # how torch's zip writer reports a full disk
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1287488 vs 1287376")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(ck_mod.torch, "save", short_write)
+    out = tmp_path / "full-disk"
+    with pytest.raises(LlmctlError) as e:
+        commands.pretrain(None, [*TINY, "train.max_steps=12", "train.save_interval=4", "train.keep_best=false"], out)
+    assert e.value.status == 2 and "no space left" in e.value.message and "step-0000004 is kept" in e.value.message
+    assert ckpt.read_latest(out).name == "step-0000004" and not list(out.glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint(tmp_path, runner):
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        out = disk / "run"  # checkpoints of ~0.4 MB fill it after a few, in whichever writer
+        r = invoke(runner, "pretrain", *sets(*TINY, "train.max_steps=40", "train.save_interval=2", "train.keep_last=100",
+                                             "train.keep_best=false"), "--out", out, "--quiet")
+        assert r.exit_code == 2, r.output
+        assert "no space left on the disk" in r.stderr and "is kept" in r.stderr and "Traceback" not in r.output
+        kept = ckpt.read_latest(out)
+        assert kept is not None and ckpt.load(kept).meta["step"] >= 2 and not list(out.glob(".tmp-*"))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_new_start_removes_the_unfinished_writes_of_killed_processes(tmp_path):
+    out = tmp_path / "run"
+    commands.pretrain(None, [*TINY, "train.max_steps=4"], out)
+    for name in (".tmp-step-0000006-abc", ".tmp-step-0000008-def", ".old-step-0000004-123"):
+        (out / name).mkdir()
+        (out / name / "model.safetensors").write_bytes(b"partial")
+    commands.pretrain(None, [*TINY, "train.max_steps=6"], out, resume=True)
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+    assert ckpt.read_latest(out).name == "step-0000006"
+
+
 def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tmp_path):
     plan = {}
 

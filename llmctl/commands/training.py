@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors import SafetensorError
 
 from .. import checkpoint as ckpt_io, distributed, estimate, tblog
 from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
@@ -226,6 +227,9 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
             log(f"cleared a stale lock left by a process that is gone ({lock.stale})")
         if plan.overwrite:
             clear_run(out)
+        stale = ckpt_io.remove_stale_temporaries(out)
+        if stale:
+            log(f"removed {len(stale)} unfinished checkpoint write{'s' if len(stale) > 1 else ''} of a killed process")
         summary = _train_locked(plan, out, reporter, log, resume_state, on_step)
     distributed.finish(plan.dist)  # torchrun: all ranks leave the process group together
     if summary is not None:
@@ -344,7 +348,7 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
         try:
             path = ckpt_io.save(out, st.step, weights, config_yaml, plan.tokenizer.to_str(), train_state, meta,
                                 extra_files=extra, weights_name=name)
-        except OSError as e:
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
             if not ckpt_io.is_disk_full(e):
                 raise
             kept = ckpt_io.read_latest(out)
