@@ -109,6 +109,39 @@ def seed_everything(seed: int) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+class Evaluator:
+    """Validation policy: when a pass is due (every `eval_interval` steps, at the end, or the pass a signal
+    stopped), which metric is tracked and which direction is better, and when patience runs out."""
+
+    def __init__(self, cfg: TrainConfig, run: Optional[Callable[[int], dict]]):
+        self.cfg, self.run = cfg, run  # run: step -> {"val_loss": ...}, polling STOP between batches
+        self.maximize = cfg.best_mode == "max" or (cfg.best_mode == "auto" and cfg.best_metric in MAXIMIZED)
+
+    def due(self, state: LoopState, last: bool) -> bool:
+        interval = self.cfg.eval_interval and state.step % self.cfg.eval_interval == 0
+        return self.run is not None and bool(interval or last or state.eval_due)
+
+    def judge(self, state: LoopState, result: dict) -> tuple[bool, bool]:
+        """Record `result` in `state`: (a new best, patience exhausted)."""
+        cfg = self.cfg
+        state.last_eval = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        value = result.get(cfg.best_metric)
+        improved = value is not None and (state.best is None or (value > state.best if self.maximize else value < state.best))
+        if improved:
+            state.best, state.best_step = value, state.step
+        state.evals_since_best = 0 if improved else state.evals_since_best + 1
+        return improved, bool(cfg.patience) and value is not None and state.evals_since_best >= cfg.patience
+
+
+class Saver(Protocol):
+    """What the loop asks about checkpoints (llmctl.saver.Saver is the one implementation)."""
+
+    def begin(self, state: LoopState) -> None: ...
+    def reason(self, state: LoopState, last: bool, improved: bool, stop_early: bool) -> Optional[str]: ...
+    def save(self, state: LoopState, reason: str) -> Any: ...
+    def on_stop(self, state: LoopState) -> Any: ...
+
+
 @dataclass
 class Hooks:
     """What the loop calls out to. All optional but `batches`."""
@@ -116,7 +149,7 @@ class Hooks:
     batches: Callable[[int], list[Batch]]  # step -> micro-batches for this rank
     loss: Callable[[nn.Module, Batch], torch.Tensor] = lm_loss
     evaluate: Optional[Callable[[int], dict]] = None  # step -> {"val_loss": ...}
-    save: Optional[Callable[[LoopState, str], Any]] = None  # (state, reason) -> path; reason: interval|final|signal
+    saver: Optional[Saver] = None  # decides when to checkpoint, and writes
     log_metrics: Callable[[dict], None] = lambda row: None  # one row of metrics.jsonl
     no_sync: Optional[Callable[[], ContextManager]] = None  # skip the gradient all-reduce on non-final micro-steps
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # average a scalar over ranks
@@ -150,56 +183,44 @@ def fit(
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     reporter.start(cfg.max_steps, state.step)
     window_t, window_tokens = time.perf_counter(), 0
-    maximize = cfg.best_mode == "max" or (cfg.best_mode == "auto" and cfg.best_metric in MAXIMIZED)
-    saved_step = None if state.eval_due else state.step  # the step of the newest checkpoint (a resumed run's is on disk)
-
-    def save(reason: str) -> Any:
-        nonlocal saved_step, window_t
-        path = hooks.save(state, reason)
-        saved_step, window_t = state.step, time.perf_counter()
-        return path
+    evaluator, saver = Evaluator(cfg, hooks.evaluate), hooks.saver
+    if saver:
+        saver.begin(state)
 
     def stop(signum: int, during: str = "") -> None:
         """Save what was trained since the last checkpoint, then raise Interrupted."""
-        path = save("signal") if hooks.save and saved_step != state.step else None
+        path = saver.on_stop(state) if saver else None
         name = "SIGINT" if exit_status(signum) == 130 else "SIGTERM"
         raise Interrupted(f"interrupted by {name} {during}after step {state.step}"
                           + (f"; saved {path}" if path else ""), exit_status(signum))
 
     def after_step(last: bool) -> bool:
-        """Validation and checkpoints due at `state.step`; True when early stopping ends the run here."""
+        """Validation and the checkpoint due at `state.step`; True when early stopping ends the run here."""
         nonlocal window_t
-        stop_early = False
-        due = cfg.eval_interval and state.step % cfg.eval_interval == 0
-        if hooks.evaluate and (due or last or state.eval_due):
+        improved = stop_early = False
+        evaluated = evaluator.due(state, last)
+        if evaluated:
             state.eval_due = True  # until the pass is complete: a checkpoint written on a signal says so
             try:
-                result = hooks.evaluate(state.step)  # polls STOP between batches
+                result = evaluator.run(state.step)  # polls STOP between batches
             except Stopped as e:
                 stop(e.signum, "during the validation pass ")
             finally:
                 model.train()
             state.eval_due = False
-            state.last_eval = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-            value = result.get(cfg.best_metric)
-            improved = value is not None and (state.best is None or (value > state.best if maximize else value < state.best))
-            if improved:
-                state.best, state.best_step = value, state.step
-            state.evals_since_best = 0 if improved else state.evals_since_best + 1
-            stop_early = bool(cfg.patience) and value is not None and state.evals_since_best >= cfg.patience
+            improved, stop_early = evaluator.judge(state, result)
             hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
             reporter.log(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
-                         + (" (best)" if improved and not last else ""))
+                         + (" (best)" if improved and not (last or stop_early) else ""))
             if stop_early:
                 reporter.log(f"early stop: no better {cfg.best_metric} in {cfg.patience} evaluations "
                              f"(best {state.best:.4f} at step {state.best_step})")
                 state.stopped_early = True
-                last = True
-            if improved and cfg.keep_best and hooks.save and not last:
-                save("best")
-            window_t = time.perf_counter()  # evaluation time is not training throughput
-        if hooks.save and saved_step != state.step and (last or (cfg.save_interval and state.step % cfg.save_interval == 0)):
-            save(("early_stop" if stop_early else "final") if last else "interval")
+        reason = saver.reason(state, last or stop_early, improved, stop_early) if saver else None
+        if reason:
+            saver.save(state, reason)
+        if reason or evaluated:
+            window_t = time.perf_counter()  # evaluation and saving time is not training throughput
         return stop_early
 
     model.train()

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors import SafetensorError
 
 from .. import checkpoint as ckpt_io, distributed, estimate, tblog
 from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
@@ -25,6 +24,7 @@ from ..model import Transformer
 from ..optim import build_optimizer
 from ..tasks import BUILDERS as TASKS
 from ..tasks import Layout, Task, count_trainable, lm_task, make_trainable
+from ..saver import Saver
 from ..tokenizer import Tokenizer
 from ..interrupt import Stopped, as_stop
 from ..train import Hooks, Interrupted, LoopState, NullReporter, Reporter, fit, seed_everything
@@ -326,48 +326,17 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
     distributed.restore_rng(plan.dist, resume_state, t.seed)
     metrics = (tblog.tee(MetricsFile(out / "metrics.jsonl", resume_step=state.step if resume_state is not None else None),
                          out, t.log) if main else distributed.Discard())
-    base_meta = {}
+    meta = {"kind": plan.kind, "task": plan.task.kind, "method": cfg.finetune.method if plan.kind == "finetune" else "full"}
     if plan.base is not None:
-        base_meta = {"base": {"path": str(plan.base.path.resolve()),
-                              "sha256": plan.base.meta["files"].get(ckpt_io.WEIGHTS)}}
-
-    def save(st: LoopState, reason: str) -> Path:
-        gathered = distributed.gather_for_save(model, optimizer, plan.dist)  # collective: every rank calls it
-        if gathered is None:  # not rank 0, which writes the checkpoint
-            return out / ckpt_io.step_name(st.step)
-        full, optimizer_state, rng = gathered
-        train_state = {
-            "optimizer": optimizer_state,
-            "scaler": scaler.state_dict() if scaler else {},
-            "loop": {**st.__dict__},
-            **rng,
-        }
-        meta = {"kind": plan.kind, "task": plan.task.kind, "method": cfg.finetune.method if plan.kind == "finetune" else "full",
-                "tokens": st.tokens, "metrics": st.last_eval, "reason": reason, **base_meta}
-        weights, name, extra = _split_weights(plan, full)
-        try:
-            path = ckpt_io.save(out, st.step, weights, config_yaml, plan.tokenizer.to_str(), train_state, meta,
-                                extra_files=extra, weights_name=name)
-        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
-            if not ckpt_io.is_disk_full(e):
-                raise
-            kept = ckpt_io.read_latest(out)
-            raise LlmctlError(
-                f"no space left on the disk of {out} while saving step {st.step}; "
-                + (f"the last good checkpoint {kept} is kept. " if kept else "no checkpoint was written. ")
-                + f"Free some space, then resume with: {plan.resume_cmd}"
-            ) from None
-        if st.best_step == st.step:
-            ckpt_io.set_best(out, path)
-        ckpt_io.prune(out, t.keep_last)
-        log(f"saved {path}")
-        return path
+        meta["base"] = {"path": str(plan.base.path.resolve()), "sha256": plan.base.meta["files"].get(ckpt_io.WEIGHTS)}
+    saver = Saver(out, cfg, model, optimizer, scaler, plan.dist, plan.tokenizer.to_str(), meta,
+                  lambda full: _split_weights(plan, full), plan.resume_cmd, log)
 
     write_status(out, "running", kind=plan.kind, task=plan.task.kind, step=state.step, max_steps=t.max_steps)
     t0 = time.time()
     try:
         hooks = Hooks(batches=plan.task.batches, loss=plan.task.loss, evaluate=lambda step: plan.task.evaluate(model, step),
-                      save=save, log_metrics=distributed.per_device_metrics(metrics, plan.dist), on_step=on_step,
+                      saver=saver, log_metrics=distributed.per_device_metrics(metrics, plan.dist), on_step=on_step,
                       world_size=plan.dist.dp_size,
                       **distributed.loop_hooks(model, plan.dist))
         with distributed.peer_errors(plan.dist):
