@@ -337,8 +337,9 @@ def _backbone(model: nn.Module) -> nn.Module:
     return model if hasattr(model, "blocks") else model.backbone
 
 
-def inner(model: nn.Module) -> nn.Module:
-    """The plain Transformer (for FSDP: the sharded root module itself) under torch.compile and DDP."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module (a Transformer, or a task head around one; for FSDP the sharded root itself) under the
+    wrappers `prepare_model` adds: torch.compile and DDP."""
     while hasattr(model, "_orig_mod") or hasattr(model, "module"):
         model = getattr(model, "_orig_mod", None) or model.module
     return model
@@ -365,7 +366,7 @@ def loop_hooks(model: nn.Module, ctx: DistContext) -> dict:
     if ctx.parallel == "ddp":
         no_sync = _ddp(model).no_sync
     elif ctx.parallel in ("fsdp", "fsdp_tp"):
-        root = inner(model)
+        root = unwrap(model)
 
         @contextlib.contextmanager
         def no_sync() -> Iterator[None]:
@@ -417,7 +418,7 @@ def lm_metrics(model: nn.Module, blocks: Callable[[], Iterable[dict]], ctx: Dist
     """
     if not ctx.enabled:
         return _lm_metrics(model, polled(blocks(), ctx), device, amp)
-    net = inner(model)  # DDP: replicas are identical, evaluate without DDP's hooks; FSDP: the sharded root
+    net = unwrap(model)  # DDP: replicas are identical, evaluate without DDP's hooks; FSDP: the sharded root
     n = sum(1 for _ in blocks())
     dp, me = ctx.dp_size, ctx.dp_rank  # a tensor-parallel group evaluates its batches together
     if n < dp:  # too few batches to share: every rank evaluates all of them
@@ -460,7 +461,7 @@ def gather_for_save(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Dis
     single-process run (`optimizer.state_dict()` of the plain model: parameters numbered in group order), and the
     rng entries are {"rng": rank 0's state} plus {"rng_ranks": [every rank's state]} when there are several ranks.
     """
-    net = inner(model)
+    net = unwrap(model)
     if ctx.dtensors:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -537,7 +538,7 @@ def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, st
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    net = inner(model)
+    net = unwrap(model)
     name_of = {id(p): n for n, p in net.named_parameters()}
     names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
     saved = [i for g in state["param_groups"] for i in g["params"]]

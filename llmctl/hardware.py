@@ -1,6 +1,6 @@
 """What this CPU can do: its name, its instruction-set flags, and whether 16-bit matmuls run natively.
 
-One home for the facts that precision choice (`commands.common.resolve_amp`), the peak FLOP/s measurement
+One home for the facts that precision choice (`precision.resolve_amp`), the peak FLOP/s measurement
 (`estimate.cpu_peak`) and their warnings read.
 """
 

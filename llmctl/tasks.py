@@ -104,7 +104,7 @@ def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, devi
         # every rank classifies the whole (small) validation slice: identical results, and FSDP's collective
         # forward passes line up
         batches = eval_batches(ex, idx, "classification", tok.pad_id, cfg.eval.batch_size)
-        rows, pred, _, loss = classify(distributed.inner(model), distributed.polled(batches, layout.dist), device, amp)
+        rows, pred, _, loss = classify(distributed.unwrap(model), distributed.polled(batches, layout.dist), device, amp)
         m = classification_metrics(pred, [ex.targets[i] for i in rows.tolist()], labels)
         return {"val_loss": loss, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 

@@ -4,30 +4,30 @@ import torch
 import yaml
 
 from llmctl import quantize
-from llmctl.commands import common
+from llmctl import loading, precision
 
 
 def test_training_precision_auto_follows_the_cpu(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: True)
-    assert common.resolve_amp("auto", cpu) is torch.bfloat16
-    assert common.resolve_amp("float32", cpu) is None
-    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: False)  # emulated bf16 would be slower than float32
-    assert common.resolve_amp("auto", cpu) is None
-    assert common.resolve_amp("bfloat16", cpu) is torch.bfloat16  # asked for explicitly: honoured
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert precision.resolve_amp("auto", cpu) is torch.bfloat16
+    assert precision.resolve_amp("float32", cpu) is None
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)  # emulated bf16 would be slower than float32
+    assert precision.resolve_amp("auto", cpu) is None
+    assert precision.resolve_amp("bfloat16", cpu) is torch.bfloat16  # asked for explicitly: honoured
 
 
 def test_inference_precision_auto(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(quantize, "cpu_int8_available", lambda: True)
-    assert common.inference_precision("auto", "auto", cpu) == ("float32", "int8")
-    assert common.inference_precision("bfloat16", "auto", cpu) == ("bfloat16", "none")
-    assert common.inference_precision("auto", "none", cpu) == ("float32", "none")
+    assert precision.inference_precision("auto", "auto", cpu) == ("float32", "int8")
+    assert precision.inference_precision("bfloat16", "auto", cpu) == ("bfloat16", "none")
+    assert precision.inference_precision("auto", "none", cpu) == ("float32", "none")
     # a small model decodes faster in float32: its steps are overhead, not weight reads
-    assert common.inference_precision("auto", "auto", cpu, n_params=4_000_000) == ("float32", "none")
-    assert common.inference_precision("auto", "auto", cpu, n_params=124_000_000) == ("float32", "int8")
+    assert precision.inference_precision("auto", "auto", cpu, n_params=4_000_000) == ("float32", "none")
+    assert precision.inference_precision("auto", "auto", cpu, n_params=124_000_000) == ("float32", "int8")
     monkeypatch.setattr(quantize, "cpu_int8_available", lambda: False)  # e.g. an ARM build of torch
-    assert common.inference_precision("auto", "auto", cpu) == ("float32", "none")
+    assert precision.inference_precision("auto", "auto", cpu) == ("float32", "none")
 
 
 def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeypatch):
@@ -42,7 +42,7 @@ def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeyp
             return None
 
     def job(threshold: float) -> list:
-        loaded = common.for_inference(common.load_model(tiny_run), compile="auto")
+        loaded = loading.for_inference(loading.load_model(tiny_run), compile="auto")
         loaded.decoder.store = Store()
         monkeypatch.setattr(inference, "AUTO_BUILD_AFTER_S", threshold)
         rows = [{"prompt": "ab" * (i + 1), "max_new_tokens": 4, "temperature": 0} for i in range(5)]
@@ -54,7 +54,7 @@ def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeyp
     # batch builds its step (once), a later batch of another shape (the last, with one row) does not
     assert job(0.0) == [(2, False), (2, True), (1, False)]
     assert job(1e9) == [(2, False), (2, False), (1, False)]  # a short job never builds
-    loaded = common.for_inference(common.load_model(tiny_run), compile=False)
+    loaded = loading.for_inference(loading.load_model(tiny_run), compile=False)
     assert loaded.decoder.store is None  # --no-compile: no cache lookups at all
 
 

@@ -11,7 +11,8 @@ from ..data import (classification_examples, eval_batches, eval_blocks, holdout,
                     prepare as prepare_tokens, resolve_source, tokenize_file)
 from ..errors import LlmctlError
 from ..evaluate import classification_metrics, classify, lm_metrics
-from .common import Loaded, Log, _nolog, for_inference, load_model
+from ..loading import Loaded, for_inference, load_model
+from . import Log, nolog
 
 
 def _default_source(loaded: Loaded, data: Optional[str]) -> str:
@@ -27,9 +28,9 @@ def _default_source(loaded: Loaded, data: Optional[str]) -> str:
 
 
 def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] = None, device: str = "auto",
-             log: Log = _nolog, text_column: Optional[str] = None, label_column: Optional[str] = None,
+             log: Log = nolog, text_column: Optional[str] = None, label_column: Optional[str] = None,
              base: Optional[Path] = None, tokenizer: Optional[Path] = None, dtype: str = "float32",
-             quantize_mode: str = "none", warn: Log = _nolog) -> dict:
+             quantize_mode: str = "none", warn: Log = nolog) -> dict:
     """`llmctl eval`: without --data, the validation split the run held out; with it, all of that file.
 
     Language models are measured in float32 unless `dtype` / `quantize_mode` ask for an inference precision

@@ -14,7 +14,8 @@ from ..fileio import read_jsonl, read_text
 from ..evaluate import classify
 from ..generate import Request, generate, generate_batch
 from ..tokenizer import StreamDecoder, Tokenizer
-from .common import Loaded, Log, _nolog
+from ..loading import Loaded
+from . import Log, nolog
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
@@ -83,7 +84,7 @@ def sampling(loaded: Loaded, max_new_tokens: Optional[int] = None, temperature: 
     }
 
 
-def stream(loaded: Loaded, prompt: str, s: dict, truncate: bool = False, warn: Log = _nolog) -> Iterator[str]:
+def stream(loaded: Loaded, prompt: str, s: dict, truncate: bool = False, warn: Log = nolog) -> Iterator[str]:
     """`llmctl infer --prompt`: the completion of one prompt as text pieces, as they are generated. `warn` hears
     about characters of the prompt the tokenizer has never seen."""
     ids = encode_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
@@ -116,7 +117,7 @@ AUTO_BUILD_AFTER_S = 120.0  # generate.compile auto builds a compiled step when 
 
 
 def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = False, on_row=None,
-                  batch_size: Optional[int] = None, warn: Log = _nolog) -> list[dict]:
+                  batch_size: Optional[int] = None, warn: Log = nolog) -> list[dict]:
     """`llmctl infer --input`: complete every row, `generate.batch_size` prompts at a time (similar lengths
     together), each with its own settings where it gives them. Output rows repeat the input and add `completion`,
     `finish_reason` (length, stop, eos), `prompt_tokens` and `completion_tokens`, in input order. `warn` hears
@@ -172,7 +173,7 @@ def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = Fa
 # Classification checkpoints
 
 
-def classify_texts(loaded: Loaded, texts: list[str], batch_size: int = 32, warn: Log = _nolog,
+def classify_texts(loaded: Loaded, texts: list[str], batch_size: int = 32, warn: Log = nolog,
                    what: str = "--input") -> list[dict]:
     """Label and class probabilities for each text (cut to the context like training does). `warn` hears about
     unseen characters; `what` names the texts there ("--input", followed by the row numbers, or "the text")."""
@@ -227,7 +228,7 @@ def write_outputs(path: Path, rows: list[dict]) -> None:
 
 
 def complete(loaded: Loaded, prompt: str, s: dict, stop: Optional[list[str]] = None, truncate: bool = False,
-             warn: Log = _nolog) -> dict:
+             warn: Log = nolog) -> dict:
     """One completion: text, why it ended (length, stop, eos) and token counts."""
     warn_unseen(loaded.tokenizer, prompt, "the prompt", warn)
     return complete_rows(loaded, [{"prompt": prompt, "stop": stop or []}], s, truncate)[0]
@@ -237,7 +238,7 @@ class ChatSession:
     """`infer --chat`: each turn is rendered with the instruction template the model was tuned with; earlier turns
     stay in the context (oldest tokens dropped when it is full)."""
 
-    def __init__(self, loaded: Loaded, s: dict, warn: Log = _nolog):
+    def __init__(self, loaded: Loaded, s: dict, warn: Log = nolog):
         self.loaded, self.history, self.s, self.warn = loaded, [], s, warn
 
     def reset(self) -> None:

@@ -11,14 +11,15 @@ from .. import hf
 from ..errors import LlmctlError
 from ..fileio import apply_umask, temp_dir, write_atomic
 from ..lora import merge_lora
-from .common import Log, _nolog, load_model
+from ..loading import load_model
+from . import Log, nolog
 from .training import check_out_dir, clear_run
 
 FORMATS = ("hf",)
 
 
 def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrite: bool = False,
-              log: Log = _nolog) -> dict:
+              log: Log = nolog) -> dict:
     """`llmctl import hf`: a transformers directory (or `hf:NAME` from the hub) -> an llmctl run directory whose
     one checkpoint (step 0) `finetune --from`, `infer --ckpt` and `eval --ckpt` take."""
     out = Path(out)
@@ -56,7 +57,7 @@ def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrit
 
 
 def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, overwrite: bool = False,
-           log: Log = _nolog, base: Optional[Path] = None, merge_lora_adapter: bool = False) -> dict:
+           log: Log = nolog, base: Optional[Path] = None, merge_lora_adapter: bool = False) -> dict:
     """`llmctl export --format hf`: a checkpoint -> a directory transformers loads with from_pretrained.
 
     A LoRA adapter is exported with `merge_lora_adapter` (--merge-lora): folded into its base's weights (`base`

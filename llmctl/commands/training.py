@@ -28,8 +28,10 @@ from ..saver import Saver
 from ..tokenizer import Tokenizer
 from ..interrupt import Stopped, as_stop
 from ..train import Hooks, Interrupted, LoopState, NullReporter, Reporter, fit, seed_everything
-from .common import (Log, _nolog, build_backbone, for_inference, load_model, load_weights, resolve_amp, resolve_device,
-                     restore, unwrap, vocab_for)
+from ..distributed import unwrap
+from ..loading import build_backbone, for_inference, load_model, load_weights, restore, vocab_for
+from ..precision import resolve_amp, resolve_device
+from . import Log, nolog
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -452,7 +454,7 @@ def pretrain(
     overwrite: bool = False,
     resume_from: Optional[Path] = None,
     reporter: Reporter = NullReporter(),
-    log: Log = _nolog,
+    log: Log = nolog,
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
     dry_run: bool = False,
@@ -528,7 +530,7 @@ def finetune(
     resume: bool = False,
     overwrite: bool = False,
     reporter: Reporter = NullReporter(),
-    log: Log = _nolog,
+    log: Log = nolog,
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
     dry_run: bool = False,
@@ -584,7 +586,7 @@ def finetune(
 # prepare, infer, eval
 
 
-def prepare(config: Optional[Path], overrides: list[str], log: Log = _nolog) -> dict:
+def prepare(config: Optional[Path], overrides: list[str], log: Log = nolog) -> dict:
     """`llmctl prepare`: tokenize once into the cache; report what is there."""
     cfg = load_config(config, overrides)
     td = prepare_tokens(cfg.data, cfg.tokenizer, log=log)
