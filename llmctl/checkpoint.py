@@ -17,10 +17,8 @@ then does `latest` move and are old checkpoints pruned, so a crash at any moment
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
-import socket
 import shutil
 import time
 from dataclasses import dataclass
@@ -41,9 +39,11 @@ WEIGHTS = "model.safetensors"  # full model weights
 ADAPTER = "adapter.safetensors"  # LoRA adapter only (the base is referenced in meta.json)
 HEAD = "head.safetensors"  # a task head (classification)
 TRAIN_STATE = "train_state.pt"
+CONFIG = "config.yaml"  # the resolved config (a run directory holds a copy too)
+TOKENIZER = "tokenizer.json"
+META = "meta.json"
 LATEST = "latest"
 BEST = "best"
-LOCK = ".lock"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -89,11 +89,11 @@ class Checkpoint:
 
     @property
     def config(self) -> dict:
-        return yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))
+        return yaml.safe_load((self.path / CONFIG).read_text(encoding="utf-8"))
 
     @property
     def has_tokenizer(self) -> bool:
-        return "tokenizer.json" in self.meta["files"]
+        return TOKENIZER in self.meta["files"]
 
     def tokenizer_json(self) -> str:
         if not self.has_tokenizer:
@@ -101,7 +101,7 @@ class Checkpoint:
                 f"{self.path} has no tokenizer (it was imported without one); pass --tokenizer FILE with a "
                 "tokenizer.json (infer, eval, export) or --set tokenizer.path=FILE (finetune)"
             )
-        return (self.path / "tokenizer.json").read_text(encoding="utf-8")
+        return (self.path / TOKENIZER).read_text(encoding="utf-8")
 
     def weights(self, name: str = WEIGHTS) -> dict[str, torch.Tensor]:
         try:
@@ -143,9 +143,9 @@ def save(
             save_file(unique_tensors(tensors), str(tmp / name))
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
-        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        (tmp / CONFIG).write_text(config_yaml, encoding="utf-8")
         if tokenizer_json is not None:
-            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+            (tmp / TOKENIZER).write_text(tokenizer_json, encoding="utf-8")
         _test_pause(run_dir, step)
         files = {}
         for f in sorted(tmp.iterdir()):
@@ -162,7 +162,7 @@ def save(
             **(meta or {}),
             "files": files,
         }
-        (tmp / "meta.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        (tmp / META).write_text(json.dumps(info, indent=2), encoding="utf-8")
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. after resuming): swap, never delete before the new one is in
             old = run_dir / f".old-{final.name}-{os.getpid()}"
@@ -229,7 +229,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.glob("step-*") if p.is_dir() and (p / "meta.json").exists())
+    return sorted(p for p in run_dir.glob("step-*") if p.is_dir() and (p / META).exists())
 
 
 def prune(run_dir: Path, keep_last: int) -> list[Path]:
@@ -276,7 +276,7 @@ def resolve(path: str | Path) -> Path:
         raise LlmctlError(f"checkpoint not found: {p} (give a run directory or one of its step-* checkpoints)")
     if not p.is_dir():
         raise LlmctlError(f"checkpoint must be a directory (a run directory or a step-* checkpoint), got a file: {p}")
-    if (p / "meta.json").exists():
+    if (p / META).exists():
         return p
     latest = read_latest(p)
     if latest is not None:
@@ -321,9 +321,9 @@ def load(path: str | Path, verify: bool = True) -> Checkpoint:
     """Resolve and verify a checkpoint: every file listed in meta.json must exist and match its sha256."""
     ckpt = resolve(path)
     try:
-        meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+        meta = json.loads((ckpt / META).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise LlmctlError(f"{ckpt / 'meta.json'} is unreadable ({e}); the checkpoint is damaged, use another one") from None
+        raise LlmctlError(f"{ckpt / META} is unreadable ({e}); the checkpoint is damaged, use another one") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
         raise LlmctlError(f"{ckpt} is not an llmctl checkpoint (meta.json lacks format/files); import other formats with `llmctl import`")
     _check_meta(ckpt / "meta.json", meta)
@@ -331,7 +331,7 @@ def load(path: str | Path, verify: bool = True) -> Checkpoint:
         raise LlmctlError(f"{ckpt} was written by a newer llmctl (format {meta['format_version']}); upgrade llmctl")
     if WEIGHTS not in meta["files"] and ADAPTER not in meta["files"]:
         raise LlmctlError(f"{ckpt} lists no weights in its manifest; the checkpoint is incomplete")
-    if "config.yaml" not in meta["files"]:  # tokenizer.json may be absent (see Checkpoint.tokenizer_json)
+    if CONFIG not in meta["files"]:  # tokenizer.json may be absent (see Checkpoint.tokenizer_json)
         raise LlmctlError(f"{ckpt} lacks config.yaml in its manifest; the checkpoint is incomplete")
     if verify:
         for name, digest in meta["files"].items():
@@ -343,109 +343,3 @@ def load(path: str | Path, verify: bool = True) -> Checkpoint:
     return Checkpoint(ckpt, meta)
 
 
-def write_status(run_dir: Path, state: str, **extra: Any) -> None:
-    """status.json: running | finished | interrupted | failed | diverged, with when and why."""
-    path = Path(run_dir) / "status.json"
-    prev = {}
-    if path.exists():
-        try:
-            prev = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            prev = {}
-    info = {**prev, **extra, "status": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if state == "running":
-        info.setdefault("started", info["updated"])
-        # who to ask whether the run still lives (llmctl.runs.status_label): a pid alone is not enough, since pids
-        # are reused (after a reboot, or wrapping around) and mean nothing on another machine
-        info.update(pid=os.getpid(), pid_start=process_start(os.getpid()), host=socket.gethostname())
-    write_atomic(path, json.dumps(info, indent=2) + "\n")
-
-
-def _proc_stat(pid: int) -> Optional[list[str]]:
-    """The fields of /proc/PID/stat after the command name (Linux), or None where there is none to read."""
-    try:
-        with open(f"/proc/{int(pid)}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rpartition(")")[2].split()
-    except (OSError, ValueError, TypeError, OverflowError):
-        return None
-
-
-def process_start(pid: int) -> Optional[str]:
-    """An identity of process `pid` that a later process reusing its pid does not share: the boot it runs in and
-    its start time in clock ticks since that boot (Linux); None where the system does not tell."""
-    fields = _proc_stat(pid)
-    if not fields or len(fields) < 20:
-        return None
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "?"
-    return f"{boot}:{fields[19]}"  # field 22 of stat (starttime), counted from the state, field 3
-
-
-def process_state(pid: int) -> Optional[str]:
-    """The one-letter state of process `pid` (R, S, D, T, Z for a zombie, X for dead...), None where unknown."""
-    fields = _proc_stat(pid)
-    return fields[0] if fields else None
-
-
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-class RunLock:
-    """One training process per run directory, through an advisory `flock` on RUN/.lock.
-
-    The kernel drops the lock when its process dies, so a lock file left by a killed run is stale by construction:
-    it is detected (the file exists but nobody holds it) and taken over.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK
-        self.fd: Optional[int] = None
-        self.stale: Optional[str] = None  # what a stale lock file said, when one was cleared
-
-    @staticmethod
-    def holder(run_dir: Path) -> Optional[str]:
-        """Who holds the lock of `run_dir` right now (None when nobody does)."""
-        path = Path(run_dir) / LOCK
-        if not path.exists():
-            return None
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        except BlockingIOError:
-            return path.read_text(encoding="utf-8", errors="replace").strip() or "another process"
-        finally:
-            os.close(fd)
-
-    def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            who = self.path.read_text(encoding="utf-8", errors="replace").strip()
-            raise LlmctlError(f"{self.path.parent} is in use by another llmctl process ({who}); wait for it or stop it first") from None
-        previous = os.read(fd, 4096).decode(errors="replace").strip()
-        if previous:
-            self.stale = previous
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode())
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)  # an empty file means "released cleanly"
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None

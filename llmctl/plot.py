@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import LlmctlError
-from .runs import _require_run, read_metrics
+from .rundir import read_metrics
+from .runs import require_run
 
 
 def _pyplot():
@@ -35,7 +36,7 @@ def plot(runs: list[Path], out: Path, title: Optional[str] = None, log_x: bool =
     """Draw every run's train loss (line) and validation loss (dashed, markers) in one colour; save to `out`."""
     if not runs:
         raise LlmctlError("give at least one run directory to plot")
-    dirs = [_require_run(Path(r)) for r in runs]
+    dirs = [require_run(Path(r)) for r in runs]
     series = []
     for d in dirs:
         rows = read_metrics(d)

@@ -6,49 +6,16 @@ them without loading any weights, so listing hundreds of runs is quick.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 
-from .checkpoint import process_start, process_state, read_latest, read_status
+from .checkpoint import read_latest
+from .rundir import SIGNALS, is_run, process_start, process_state, read_config, read_metrics, read_status
 from .errors import LlmctlError
 
-SIGNALS = {130: "SIGINT", 143: "SIGTERM"}
-
-
-def is_run(path: Path) -> bool:
-    """A run directory; not one of its step-* checkpoints, which hold a config.yaml too (and a meta.json), nor a
-    hidden temporary one (a checkpoint or export being written, or left by a killed write)."""
-    if path.name.startswith(".") or not path.is_dir() or (path / "meta.json").exists():
-        return False
-    return any((path / f).exists() for f in ("status.json", "metrics.jsonl", "config.yaml"))
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl (a torn last line, from a crash mid-write, is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
-
-
-def read_config(run_dir: Path) -> dict:
-    try:
-        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
 
 
 def _alive(pid: Any, identity: Optional[str] = None) -> bool:
@@ -157,7 +124,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _require_run(path: Path) -> Path:
+def require_run(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise LlmctlError(f"run not found: {path}")
@@ -168,7 +135,7 @@ def _require_run(path: Path) -> Path:
 
 def compare(a: Path, b: Path) -> dict:
     """The config keys whose values differ between two runs (dotted), and each run's final metrics."""
-    a, b = _require_run(a), _require_run(b)
+    a, b = require_run(a), require_run(b)
     ca, cb = _flatten(read_config(a)), _flatten(read_config(b))
     diff = [{"key": k, "a": ca.get(k), "b": cb.get(k)} for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
     keys = ("status", "steps", "checkpoint_step", "tokens", "loss", "val_loss", "best_val_loss", "tokens_per_sec", "train_seconds")

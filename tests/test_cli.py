@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SHAKESPEARE, TINY, invoke, sets
-from llmctl.checkpoint import read_status
+from llmctl.rundir import read_status
 
 
 def test_end_to_end_prepare_pretrain_finetune_infer_eval(tmp_path, runner, tiny_run):

@@ -17,6 +17,7 @@ import torch
 
 from conftest import SHAKESPEARE, sets
 from llmctl import checkpoint as ckpt
+from llmctl import rundir
 from llmctl import commands, distributed, tensor_parallel
 from llmctl.config import TrainConfig, load_config
 from llmctl.errors import LlmctlError
@@ -332,7 +333,7 @@ def test_sigterm_under_tensor_parallelism_saves_and_resumes(tmp_path):
         if p.poll() is None:
             p.kill()
             p.communicate()
-    status = ckpt.read_status(out)
+    status = rundir.read_status(out)
     assert status["status"] == "interrupted" and status["exit_status"] == 143, (status, err[-3000:])
     saved = ckpt.read_latest(out)
     step = ckpt.load(saved).train_state()["loop"]["step"]
@@ -442,5 +443,5 @@ def test_killing_a_rank_stops_the_others_with_a_clear_message(tmp_path, parallel
     assert p.returncode != 0
     assert "error: rank 0 of 2: lost contact with the other ranks" in err, err[-3000:]
     assert re.search(r"exitcode\s*:\s*4 ", err), err[-3000:]  # torchrun's summary: the survivor exited with status 4
-    status = ckpt.read_status(out)
+    status = rundir.read_status(out)
     assert status["status"] == "failed" and status["exit_status"] == 4 and "lost contact" in status["error"]

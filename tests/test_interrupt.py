@@ -17,6 +17,7 @@ import pytest
 
 from conftest import SHAKESPEARE, TINY, sets
 from llmctl import checkpoint as ckpt
+from llmctl import rundir
 from llmctl.interrupt import STOP, Stopped, in_thread
 
 
@@ -169,13 +170,13 @@ def test_a_signal_during_validation_saves_and_resume_validates_first(tmp_path):
     saved = ckpt.load(out / "step-0000002")
     loop = saved.train_state()["loop"]
     assert loop["step"] == 2 and loop["eval_due"] is True
-    assert ckpt.read_status(out)["status"] == "interrupted"
+    assert rundir.read_status(out)["status"] == "interrupted"
     resumed = subprocess.run(_resume_command(err), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]  # the stopped pass first, then the rest
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-    assert ckpt.read_status(out)["status"] == "finished"
+    assert rundir.read_status(out)["status"] == "finished"
 
 
 @pytest.mark.slow
@@ -190,7 +191,7 @@ def test_a_signal_during_the_final_validation_pass_saves_the_last_step(tmp_path)
     resumed = subprocess.run(_resume_command(err), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "step-0000003" / "meta.json").read_text())["reason"] == "final"
-    assert ckpt.read_status(out)["status"] == "finished"
+    assert rundir.read_status(out)["status"] == "finished"
 
 
 @pytest.mark.slow
@@ -204,10 +205,10 @@ def test_a_signal_during_the_compiled_step_build_keeps_the_run_and_resume_builds
     status, err = run.stop()
     assert status == 130, err[-3000:]
     assert "interrupted by SIGINT while compiling the decode step; the run is finished and saved" in err
-    st = ckpt.read_status(out)
+    st = rundir.read_status(out)
     assert st["status"] == "finished" and st["decode_step"] == "interrupted" and st["steps"] == 2
     assert not list((cache / "compiled").rglob("*.pt2")) if (cache / "compiled").exists() else True
     resumed = subprocess.run(_resume_command(err), capture_output=True, text=True, timeout=400, env={**os.environ, **env})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert ckpt.read_status(out)["decode_step"] == "built"
+    assert rundir.read_status(out)["decode_step"] == "built"
     assert len(list((cache / "compiled").rglob("*.pt2"))) == 1

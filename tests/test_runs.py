@@ -13,7 +13,7 @@ import pytest
 
 from conftest import TINY, invoke, sets
 from llmctl import commands, runs
-from llmctl.checkpoint import read_status, write_status
+from llmctl.rundir import read_status, write_status
 from llmctl.errors import LlmctlError
 
 SHORT = [*TINY, "train.max_steps=6", "train.eval_interval=3", "train.log_interval=1"]
@@ -135,7 +135,7 @@ def _wait_for(what, cond, timeout: float = 60):
 def test_a_killed_process_not_yet_reaped_is_crashed(tmp_path):
     """A zombie (killed, its parent has not waited for it yet: a busy or stopped launcher, one that never waits)
     still answers signal 0; it used to keep the run `running` for as long as the parent lived."""
-    code = ("import sys, time; from llmctl.checkpoint import write_status; "
+    code = ("import sys, time; from llmctl.rundir import write_status; "
             "write_status(sys.argv[1], 'running', step=0); time.sleep(120)")
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)])
     try:

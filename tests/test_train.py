@@ -9,8 +9,8 @@ import pytest
 
 from conftest import TINY, invoke, sets
 from llmctl import checkpoint as ckpt
-from llmctl import commands
-from llmctl.checkpoint import read_status
+from llmctl import commands, rundir
+from llmctl.rundir import read_status
 from llmctl.config import TrainConfig
 from llmctl.errors import LlmctlError
 from llmctl.optim import lr_at
@@ -124,7 +124,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
 def test_second_run_into_a_busy_run_directory_is_refused_and_stale_lock_cleared(tmp_path, runner):
     out = tmp_path / "busy"
     out.mkdir()
-    with ckpt.RunLock(out):
+    with rundir.RunLock(out):
         r = invoke(runner, "pretrain", *sets(*TINY), "--out", out, "--overwrite")
         assert r.exit_code == 2 and "in use by another llmctl process" in r.stderr and f"pid {os.getpid()}" in r.stderr
     (out / ".lock").write_text("pid 999999 on elsewhere since yesterday")  # left by a killed process

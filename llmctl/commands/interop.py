@@ -9,11 +9,11 @@ from typing import Optional
 from .. import checkpoint as ckpt_io
 from .. import hf
 from ..errors import LlmctlError
-from ..fileio import apply_umask, temp_dir, write_atomic
+from ..fileio import apply_umask, temp_dir
 from ..lora import merge_lora
 from ..loading import load_model
 from . import Log, nolog
-from .training import check_out_dir, clear_run
+from ..rundir import check_out_dir, clear_run, write_run_files
 
 FORMATS = ("hf",)
 
@@ -39,9 +39,7 @@ def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrit
     meta = {"kind": "import", "imported_from": source, "hf_architectures": imported.hf_config.get("architectures")}
     out.mkdir(parents=True, exist_ok=True)
     path = ckpt_io.save(out, 0, imported.weights, config_yaml, tok_json, meta=meta)
-    write_atomic(out / "config.yaml", config_yaml)  # the run-level copies a trained run has too
-    if tok_json is not None:
-        write_atomic(out / "tokenizer.json", tok_json)
+    write_run_files(out, config_yaml, tok_json)  # the run-level copies a trained run has too
     m = cfg.model
     log(f"imported {source} as {m.arch}: {m.n_layer} layers, width {m.n_embd}, {m.n_head} heads "
         f"({m.kv_heads} key/value), vocabulary {m.vocab_size}, context {m.block_size}")

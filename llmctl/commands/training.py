@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shlex
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +11,11 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import checkpoint as ckpt_io, distributed, estimate, tblog
+from .. import checkpoint as ckpt_io, distributed, estimate, rundir, tblog
 from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
 from ..data import prepare as prepare_tokens
 from ..errors import LlmctlError
 from ..hardware import slow_precision_warning
-from ..fileio import write_atomic
 from ..model import Transformer
 from ..optim import build_optimizer
 from ..tasks import BUILDERS as TASKS
@@ -38,78 +34,6 @@ from . import Log, nolog
 # Run directories
 
 
-def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch a run that is in use, or to clobber an existing one unless asked. Changes nothing."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise LlmctlError(f"--out {out} is a file; give a directory for the run")
-    holder = ckpt_io.RunLock.holder(out)
-    if holder:
-        raise LlmctlError(f"{out} is in use by another llmctl process ({holder}); wait for it or stop it first")
-    if resume or not [p for p in out.iterdir() if p.name != ckpt_io.LOCK]:
-        return
-    if overwrite:
-        looks_like_run = any((out / n).exists() for n in ("status.json", "config.yaml", ckpt_io.LATEST))
-        if not looks_like_run:
-            raise LlmctlError(f"--overwrite refuses to delete {out}: it does not look like an llmctl run directory")
-        return
-    raise LlmctlError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-
-
-def clear_run(out: Path) -> None:
-    """Empty a run directory for --overwrite (keeping the lock file this process holds)."""
-    for p in out.iterdir():
-        if p.name == ckpt_io.LOCK:
-            continue
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
-
-def checkpoint_bytes(model: torch.nn.Module) -> int:
-    """Size of one checkpoint: weights plus AdamW's two moments per trainable parameter, plus slack."""
-    seen, weights, moments = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        weights += p.numel() * p.element_size()
-        moments += 2 * p.numel() * 4 if p.requires_grad else 0
-    return int((weights + moments) * 1.05) + (1 << 20)
-
-
-def preflight(out: Path, model: torch.nn.Module) -> None:
-    """Before any compute: the output directory is writable and has room for a checkpoint."""
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise LlmctlError(f"--out {out}: {probe} is not writable; choose another --out")
-    need = checkpoint_bytes(model)
-    free = shutil.disk_usage(probe).free
-    if free < need:
-        raise LlmctlError(
-            f"--out {out}: only {free / 1e6:,.0f} MB free on that disk, but one checkpoint needs about "
-            f"{need / 1e6:,.0f} MB; free some space or choose another --out"
-        )
-
-
-def resume_point(out: Path, log: Log) -> tuple[Optional[ckpt_io.Checkpoint], bool]:
-    """--resume: (the checkpoint to continue from, whether to clear `out` first).
-
-    A run stopped before its first checkpoint (a signal during data preparation or the first step, a crash)
-    starts again from step 0, so the resume command a stopped run prints always works. A run directory whose
-    checkpoints all fail verification, or a folder that holds something else, is refused."""
-    entries = [p for p in out.iterdir() if p.name != ckpt_io.LOCK] if out.is_dir() else []
-    if entries and not any((out / n).exists() for n in ("status.json", "config.yaml", ckpt_io.LATEST)):
-        raise LlmctlError(f"--resume: {out} holds no llmctl run; choose another --out or drop --resume")
-    found = latest_good(out, log) if entries else None
-    if found is None and ckpt_io.list_checkpoints(out):
-        raise LlmctlError(f"--resume: no checkpoint in {out} passes verification; use --overwrite to start again")
-    if found is None:
-        log(f"--resume: {out} has no checkpoint yet; starting the run from step 0")
-    return found, found is None and bool(entries)
-
-
 @contextlib.contextmanager
 def reported_stop(resume_cmd: str):
     """A signal while the run is prepared (data, tokenizer, model): one line with the command that continues it."""
@@ -121,46 +45,6 @@ def reported_stop(resume_cmd: str):
             raise
         raise Interrupted(f"interrupted by {stop.name} while preparing the run; nothing was trained. "
                           f"Resume with: {resume_cmd}", stop.status) from None
-
-
-def latest_good(run_dir: Path, log: Log) -> Optional[ckpt_io.Checkpoint]:
-    """The newest checkpoint of a run that passes verification (a damaged newer one is skipped, with a note)."""
-    cands = ckpt_io.list_checkpoints(run_dir)
-    latest = ckpt_io.read_latest(run_dir)
-    if latest is not None and latest in cands:  # prefer what `latest` names, then older ones
-        cands = [c for c in cands if c.name <= latest.name]
-    for c in reversed(cands):
-        try:
-            return ckpt_io.load(c)
-        except LlmctlError as e:
-            log(f"[yellow]skipping {c.name}: {e}")
-    return None
-
-
-class MetricsFile:
-    """metrics.jsonl: one JSON object per logged step and per evaluation, flushed as written."""
-
-    def __init__(self, path: Path, resume_step: Optional[int] = None):
-        self.path = path
-        if resume_step is not None and path.exists():  # drop rows after the step we resume from
-            rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in rows if _row_step(ln) <= resume_step]
-            write_atomic(path, "".join(r + "\n" for r in kept))
-        self.f = open(path, "a", encoding="utf-8")
-
-    def __call__(self, row: dict) -> None:
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _row_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return 0
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -223,12 +107,12 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
         _train_locked(plan, out, reporter, log, resume_state, on_step)
         distributed.finish(plan.dist)
         return None
-    preflight(out, plan.model)
-    with ckpt_io.RunLock(out) as lock:
+    rundir.preflight(out, plan.model)
+    with rundir.RunLock(out) as lock:
         if lock.stale:
             log(f"cleared a stale lock left by a process that is gone ({lock.stale})")
         if plan.overwrite:
-            clear_run(out)
+            rundir.clear_run(out)
         stale = ckpt_io.remove_stale_temporaries(out)
         if stale:
             log(f"removed {len(stale)} unfinished checkpoint write{'s' if len(stale) > 1 else ''} of a killed process")
@@ -266,21 +150,21 @@ def compile_decode_step(out: Path, cfg: Config, task_kind: str, device: torch.de
             loaded.decoder.begin(1, 1 + loaded.cfg.generate.max_new_tokens)
             loaded.decoder.end()
     except Stopped as e:  # the run is complete and saved: only the build is given up
-        ckpt_io.write_status(out, "finished", decode_step="interrupted")
+        rundir.write_status(out, "finished", decode_step="interrupted")
         raise Interrupted(f"interrupted by {e.name} while compiling the decode step; the run is finished and saved "
                           f"({ckpt_io.read_latest(out)}). Build the step with: {resume_cmd}", e.status) from None
     except Exception as e:  # (LlmctlError from a failed build, or anything else: the finished run stays finished)
         why = e.message if isinstance(e, LlmctlError) else f"{type(e).__name__}: {e}"
         log(f"the decode step was not compiled ({why}); `llmctl infer` decodes eagerly until `--compile`")
-        ckpt_io.write_status(out, "finished", decode_step="failed")
+        rundir.write_status(out, "finished", decode_step="failed")
     else:
-        ckpt_io.write_status(out, "finished", decode_step="built")
+        rundir.write_status(out, "finished", decode_step="built")
 
 
 def finish_build(out: Path, ck: ckpt_io.Checkpoint, cfg: Config, log: Log, resume_cmd: str) -> Optional[dict]:
     """--resume of a finished run whose compiled decode step a signal stopped (and that is not asked to train
     further): build the step; returns the run's summary. None when there is no such build to finish."""
-    status = ckpt_io.read_status(out)
+    status = rundir.read_status(out)
     if (status.get("status") != "finished" or status.get("decode_step") != "interrupted"
             or int(ck.meta.get("step") or 0) < cfg.train.max_steps):
         return None
@@ -288,7 +172,7 @@ def finish_build(out: Path, ck: ckpt_io.Checkpoint, cfg: Config, log: Log, resum
     cfg = from_dict(ck.config)
     compile_decode_step(out, cfg, status.get("task") or "lm", torch.device("cpu"), float("inf"), log, resume_cmd)
     skip = ("status", "updated", "started", "pid", "decode_step", "kind", "task", "max_steps", "step")
-    return {"run": str(out), **{k: v for k, v in ckpt_io.read_status(out).items() if k not in skip}}
+    return {"run": str(out), **{k: v for k, v in rundir.read_status(out).items() if k not in skip}}
 
 
 def _split_weights(plan: TrainPlan, full: dict) -> tuple[dict, str, dict]:
@@ -308,11 +192,10 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
                   on_step: Optional[Callable[[LoopState], None]]) -> dict:
     cfg, t = plan.cfg, plan.cfg.train
     main = plan.dist.is_main
-    write_status = ckpt_io.write_status if main else distributed.discard
+    write_status = rundir.write_status if main else distributed.discard
     config_yaml = cfg.to_yaml()
     if main:
-        write_atomic(out / "config.yaml", config_yaml)
-        plan.tokenizer.save(out / "tokenizer.json")
+        rundir.write_run_files(out, config_yaml, plan.tokenizer.to_str())
     model = distributed.prepare_model(plan.model, t, plan.dist)  # activation checkpointing, DDP / FSDP, torch.compile
     state = LoopState()
     optimizer = build_optimizer(model, t, plan.device.type, per_parameter=plan.dist.tp_size > 1)
@@ -326,7 +209,7 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
             raise LlmctlError(f"the run is already complete at step {state.step} (train.max_steps={t.max_steps}"
                               f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to train further")
     distributed.restore_rng(plan.dist, resume_state, t.seed)
-    metrics = (tblog.tee(MetricsFile(out / "metrics.jsonl", resume_step=state.step if resume_state is not None else None),
+    metrics = (tblog.tee(rundir.MetricsFile(out / rundir.METRICS, resume_step=state.step if resume_state is not None else None),
                          out, t.log) if main else distributed.Discard())
     meta = {"kind": plan.kind, "task": plan.task.kind, "method": cfg.finetune.method if plan.kind == "finetune" else "full"}
     if plan.base is not None:
@@ -348,19 +231,19 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
     except Stopped as e:  # before the loop took over the signals (building the optimizer, wrapping the model)
         reporter.stop()
         message = f"interrupted by {e.name} before the first step; nothing was trained. Resume with: {plan.resume_cmd}"
-        write_status(out, "interrupted", error=message, exit_status=e.status, step=_last_step(out))
+        write_status(out, "interrupted", error=message, exit_status=e.status, step=rundir.last_step(out))
         raise Interrupted(message, e.status) from None
     except LlmctlError as e:
         reporter.stop()
-        status = {130: "interrupted", 143: "interrupted", 3: "diverged"}.get(e.status, "failed")
+        status = rundir.outcome(e.status)
         if status == "interrupted":
             e.message += f". Resume with: {plan.resume_cmd}"
-        write_status(out, status, error=e.message, exit_status=e.status, step=_last_step(out))
+        write_status(out, status, error=e.message, exit_status=e.status, step=rundir.last_step(out))
         raise
     except BaseException as e:
         reporter.stop()
         write_status(out, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                     error=f"{type(e).__name__}: {e}", step=_last_step(out))
+                     error=f"{type(e).__name__}: {e}", step=rundir.last_step(out))
         raise
     finally:
         metrics.close()
@@ -398,11 +281,6 @@ def resume_command(kind: str, config: Optional[Path], overrides: list[str], out:
         parts += ["--from", str(from_)]
     parts += ["--out", str(out), "--resume"]
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def _last_step(out: Path) -> Optional[int]:
-    latest = ckpt_io.read_latest(out)
-    return int(latest.name.split("-")[1]) if latest else None
 
 
 def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str,
@@ -470,16 +348,16 @@ def pretrain(
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
     if not dry_run:
-        check_out_dir(out, resume or resume_from is not None, overwrite)
+        rundir.check_out_dir(out, resume or resume_from is not None, overwrite)
     source_ckpt, clear = None, overwrite
     if resume_from is not None:
         source_ckpt = ckpt_io.load(resume_from)
     elif resume:
-        source_ckpt, clear = resume_point(out, log)
+        source_ckpt, clear = rundir.resume_point(out, log)
     base = source_ckpt.config if source_ckpt is not None and config is None else None
     base = distributed.inherited_layout(base, log) if base is not None else None
-    if base is None and resume and config is None and (out / "config.yaml").is_file():
-        base = read_yaml(out / "config.yaml")  # a run stopped before its first checkpoint
+    if base is None and resume and config is None and (out / ckpt_io.CONFIG).is_file():
+        base = read_yaml(out / ckpt_io.CONFIG)  # a run stopped before its first checkpoint
     cfg = load_config(config, overrides, base=base)
     if resume and source_ckpt is not None:
         built = finish_build(out, source_ckpt, cfg, log, resume_command("pretrain", config, overrides, out))
@@ -550,10 +428,10 @@ def finetune(
     cfg = from_dict(_deep_merge({"model": base_cfg.model.__dict__}, user_raw))
     _check_model_matches(cfg, base_cfg, base_ckpt.path, explicit=user_model)
     if not dry_run:
-        check_out_dir(out, resume, overwrite)
+        rundir.check_out_dir(out, resume, overwrite)
     resume_ckpt, clear = None, overwrite
     if resume:
-        resume_ckpt, clear = resume_point(out, log)
+        resume_ckpt, clear = rundir.resume_point(out, log)
         built = resume_ckpt and finish_build(out, resume_ckpt, cfg, log,
                                              resume_command("finetune", config, overrides, out, from_))
         if built:
