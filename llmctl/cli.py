@@ -16,6 +16,7 @@ from typing import Callable, List, Optional
 import typer
 from rich.table import Table
 
+from .config import INFER_DTYPES, QUANTIZE_MODES
 from .console import err, out, reporter
 from .errors import EXIT_BROKEN_PIPE, EXIT_SIGINT, EXIT_UNEXPECTED, LlmctlError
 
@@ -137,39 +138,15 @@ def main(
 
 
 def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, json_out, quiet, dry_run=False, **extra) -> None:
-    from . import commands, estimate, views
+    from . import commands, views
 
     rep = reporter(kind, quiet)
-    perf: dict = {}
 
     def on_plan(plan) -> None:
         _print_config(plan.cfg, quiet or dry_run)
-        if not dry_run:  # MFU in the progress bar and the summary
-            perf["flops"] = estimate.flops_per_token(commands.unwrap(plan.model), plan.cfg.model)["train"]
-            perf["peak"] = estimate.peak_flops(plan.device, plan.amp, plan.cfg.data.cache_dir)["flops"]
-            getattr(rep, "set_mfu", lambda *a: None)(perf["flops"], perf["peak"])
         if not quiet and not dry_run:
-            info = commands.describe(plan)
-            share = info["trainable_parameters"] / max(1, info["parameters"])
-            parts = [f"{info['task']} ({info['method']})",
-                     f"{info['parameters']:,} parameters, {info['trainable_parameters']:,} trainable ({share:.1%})"]
-            if info.get("tokens_per_step"):
-                parts.append(f"{info['tokens_per_step']:,} tokens per step")
-            parts += [f"{v:,} {k.replace('_', ' ')}" for k, v in info.items() if k.startswith(("train_", "val_"))]
-            if "epochs" in info:
-                parts.append(f"~{info['epochs']} epochs")
-            parts += [info["device"], info["precision"]]
-            err.print(f"{kind}: " + ", ".join(parts))
-            if info["tp_size"] > 1:  # the ranks of a tensor-parallel group share their micro-batch
-                replicas = (f"{info['dp_size']} data-parallel replica{'s' if info['dp_size'] > 1 else ''} "
-                            f"({info['world_size']} processes in tensor-parallel groups of {info['tp_size']})")
-            else:
-                replicas = f"{info['world_size']} process{'es' if info['world_size'] > 1 else ''}"
-            err.print(
-                f"global batch {info['global_batch']:,} sequences = {info['batch_size']} per device x {info['grad_accum']} "
-                f"accumulation x {replicas}" + (f" ({info['parallel'].upper()})" if info["parallel"] != "none" else ""),
-                soft_wrap=True,
-            )
+            for line in views.plan_lines(kind, commands.describe(plan)):
+                err.print(line, soft_wrap=True, markup=False)
 
     def go() -> None:
         from .distributed import peer_errors
@@ -183,7 +160,6 @@ def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, jso
         if dry_run:
             _print_json(summary) if json_out else out.print(views.dry_run(summary))
             return
-        summary["mfu"] = estimate.mfu(summary.get("tokens_per_sec"), perf.get("flops", 0), perf.get("peak"))
         if json_out:
             _print_json(summary)
         else:
@@ -251,8 +227,8 @@ def infer(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible samples.", show_default="random"),
     truncate: bool = typer.Option(False, "--truncate", help="Keep the last tokens of a prompt longer than the context instead of refusing it.", show_default="off"),
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeating tokens.", show_default="generate.repetition_penalty, 1 = off"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16. auto: see README 'Inference speed'."),
-    quantize_mode: str = typer.Option("auto", "--quantize", help="auto, none or int8 (CPU: dynamic int8; CUDA: weight-only int8). auto: int8 on x86 CPUs for models of 10M+ "
+    dtype: str = typer.Option("auto", "--dtype", help=f"{', '.join(INFER_DTYPES)}. auto: see README 'Inference speed'."),
+    quantize_mode: str = typer.Option("auto", "--quantize", help=f"{', '.join(QUANTIZE_MODES)} (CPU: dynamic int8; CUDA: weight-only int8). auto: int8 on x86 CPUs for models of 10M+ "
                                       "parameters, none below and elsewhere (README 'Inference speed')."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="The decode step compiled ahead of time (AOTInductor): several times faster per token. --compile builds it if the cache lacks it (half a minute to a minute on a CPU, once per model, precision and shape); later runs load it in well under a second. By default a cached one is used, and one is built only for an --input job long enough to pay for it (and at the end of a CPU training run of 5+ minutes); --no-compile always decodes eagerly.", show_default="generate.compile, auto"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together.", show_default="generate.batch_size, 8"),
@@ -275,10 +251,6 @@ def infer(
         if loaded.classifier is not None:
             _infer_classifier(commands, loaded, prompt, prompt_file, input_file, output_file, json_out)
             return
-        if dtype not in ("auto", "float32", "bfloat16"):
-            raise LlmctlError(f"--dtype must be auto, float32 or bfloat16 (got {dtype})")
-        if quantize_mode not in ("auto", "none", "int8"):
-            raise LlmctlError(f"--quantize must be auto, none or int8 (got {quantize_mode})")
         if batch_size is not None and batch_size < 1:
             raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
         settings = commands.sampling(loaded, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty)
@@ -386,8 +358,8 @@ def eval_(
     label_column: Optional[str] = typer.Option(None, "--label-column", help="Classifiers: label column of --data.", show_default="eval.label_column, else data.label_column"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass.", show_default="eval.batch_size, 16"),
     base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.", show_default="the base recorded at training"),
-    dtype: str = typer.Option("float32", "--dtype", help="Language models: float32, bfloat16, or auto (what infer uses)."),
-    quantize_mode: str = typer.Option("none", "--quantize", help="Language models: none, int8, or auto (what infer uses)."),
+    dtype: str = typer.Option("float32", "--dtype", help=f"Language models: {', '.join(INFER_DTYPES)} (auto: what infer uses)."),
+    quantize_mode: str = typer.Option("none", "--quantize", help=f"Language models: {', '.join(QUANTIZE_MODES)} (auto: what infer uses)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = JsonOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
@@ -397,11 +369,6 @@ def eval_(
     from . import commands
 
     def go() -> None:
-        if batch_size is not None and batch_size < 1:
-            raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
-        if dtype not in ("auto", "float32", "bfloat16") or quantize_mode not in ("auto", "none", "int8"):
-            raise LlmctlError(f"--dtype must be auto, float32 or bfloat16 and --quantize auto, none or int8 "
-                              f"(got {dtype}, {quantize_mode})")
         r = commands.evaluate(ckpt, data, batch_size, device, log=_log, text_column=text_column,
                               label_column=label_column, base=base, tokenizer=tokenizer, dtype=dtype,
                               quantize_mode=quantize_mode, warn=_warn)

@@ -20,6 +20,10 @@ import yaml
 
 from .errors import LlmctlError
 
+# the precisions and weight formats generation runs in (generate.dtype / --dtype, generate.quantize / --quantize)
+INFER_DTYPES = ("auto", "float32", "bfloat16")
+QUANTIZE_MODES = ("auto", "none", "int8")
+
 
 def default_cache_dir() -> str:
     """Where token caches and downloads live unless `data.cache_dir` says otherwise."""
@@ -148,8 +152,8 @@ class GenerateConfig:
     top_p: Optional[float] = None
     seed: Optional[int] = None
     repetition_penalty: float = 1.0  # > 1 discourages repeating tokens
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: see README "Inference speed"
-    quantize: Literal["auto", "none", "int8"] = "auto"
+    dtype: Literal[INFER_DTYPES] = "auto"  # auto: see README "Inference speed"
+    quantize: Literal[QUANTIZE_MODES] = "auto"
     # the decode step compiled ahead of time (llmctl.aot): auto = use it when cached, true = build it if missing
     compile: Literal["auto", True, False] = "auto"
     batch_size: int = 8  # prompts decoded together by `infer --input`

@@ -19,7 +19,7 @@ from .hardware import slow_precision_warning
 from .heads import Classifier
 from .lora import LORA_MODULES, apply_lora, lora_state
 from .model import Transformer
-from .precision import inference_precision, resolve_device
+from .precision import check_choices, inference_precision, resolve_device
 from .tokenizer import Tokenizer
 
 
@@ -178,6 +178,7 @@ def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "aut
                   compile: Optional[bool | str] = None, notify: Optional[Callable[[str], None]] = None) -> Loaded:
     """Turn a loaded model into a decoder in the requested precision (in place). `dtype`, `quantize_mode` "auto"
     and `compile` None fall back to the checkpoint's `generate` settings; `notify` hears about compiling."""
+    check_choices(dtype, quantize_mode)
     g = loaded.cfg.generate
     dtype = g.dtype if dtype == "auto" else dtype
     quantize_mode = g.quantize if quantize_mode == "auto" else quantize_mode

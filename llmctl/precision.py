@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from . import quantize as quantize_mod
+from .config import INFER_DTYPES, QUANTIZE_MODES
 from .errors import LlmctlError
 from .hardware import cpu_has_fast_bf16
 
@@ -46,6 +47,13 @@ def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 INT8_MIN_PARAMS = 10_000_000  # below this, per-step overhead dominates decoding and int8 costs more than it saves
+
+
+def check_choices(dtype: str, quantize_mode: str) -> None:
+    """--dtype and --quantize against the one list of each (config.INFER_DTYPES, config.QUANTIZE_MODES)."""
+    for option, value, choices in (("--dtype", dtype, INFER_DTYPES), ("--quantize", quantize_mode, QUANTIZE_MODES)):
+        if value not in choices:
+            raise LlmctlError(f"{option} must be {', '.join(choices[:-1])} or {choices[-1]} (got {value})")
 
 
 def inference_precision(dtype: str, quantize_mode: str, device: torch.device, n_params: Optional[int] = None

@@ -60,6 +60,29 @@ def _kv_table(title: str, rows: list[tuple[str, str, str]] | list[tuple[str, str
     return t
 
 
+def plan_lines(kind: str, info: dict) -> list[str]:
+    """The two lines a training run starts with: what it trains, and how its global batch is made up
+    (`info`: commands.describe)."""
+    share = info["trainable_parameters"] / max(1, info["parameters"])
+    parts = [f"{info['task']} ({info['method']})",
+             f"{info['parameters']:,} parameters, {info['trainable_parameters']:,} trainable ({share:.1%})"]
+    if info.get("tokens_per_step"):
+        parts.append(f"{info['tokens_per_step']:,} tokens per step")
+    parts += [f"{v:,} {k.replace('_', ' ')}" for k, v in info.items() if k.startswith(("train_", "val_"))]
+    if "epochs" in info:
+        parts.append(f"~{info['epochs']} epochs")
+    parts += [info["device"], info["precision"]]
+    if info["tp_size"] > 1:  # the ranks of a tensor-parallel group share their micro-batch
+        replicas = (f"{info['dp_size']} data-parallel replica{'s' if info['dp_size'] > 1 else ''} "
+                    f"({info['world_size']} processes in tensor-parallel groups of {info['tp_size']})")
+    else:
+        replicas = f"{info['world_size']} process{'es' if info['world_size'] > 1 else ''}"
+    batch = (f"global batch {info['global_batch']:,} sequences = {info['batch_size']} per device x "
+             f"{info['grad_accum']} accumulation x {replicas}"
+             + (f" ({info['parallel'].upper()})" if info["parallel"] != "none" else ""))
+    return [f"{kind}: " + ", ".join(parts), batch]
+
+
 def dry_run(report: dict) -> Group:
     """The dry-run report: config, parameters, compute, memory, time, and the sample batch with its loss mask."""
     cfg = report["config"]

@@ -12,6 +12,7 @@ from ..data import (classification_examples, eval_batches, eval_blocks, holdout,
 from ..errors import LlmctlError
 from ..evaluate import classification_metrics, classify, lm_metrics
 from ..loading import Loaded, for_inference, load_model
+from ..precision import check_choices
 from . import Log, nolog
 
 
@@ -37,6 +38,9 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
     ("auto" = what `llmctl infer` uses), to see what bfloat16 or int8 cost in perplexity. `warn` hears about
     characters of --data the tokenizer has never seen (they count as <unk> tokens; the measurement goes on).
     """
+    check_choices(dtype, quantize_mode)
+    if batch_size is not None and batch_size < 1:
+        raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
     loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
     cfg = loaded.cfg
     if (dtype, quantize_mode) != ("float32", "none") and loaded.classifier is None:
