@@ -75,6 +75,33 @@ class ModelConfig:
     def tied(self) -> bool:
         return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
 
+    def check(self, cfg: "Config") -> list[str]:
+        """Impossible shapes: what no Transformer can be built with."""
+        m = self
+        p: list[str] = []
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_multiple"):
+            if getattr(m, name) < 1:
+                p.append(f"model.{name}: must be at least 1 (got {getattr(m, name)})")
+        if m.n_head >= 1 and m.n_embd >= 1 and m.n_embd % m.n_head:
+            p.append(f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}; pick sizes where it is")
+        if m.n_kv_head is not None:
+            if m.n_kv_head < 1 or (m.n_head >= 1 and m.n_head % m.n_kv_head):
+                p.append(f"model.n_kv_head: must divide model.n_head={m.n_head} (got {m.n_kv_head})")
+            elif m.arch == "gpt2" and m.n_kv_head != m.n_head:
+                p.append("model.n_kv_head: grouped-query attention needs model.arch=llama (GPT-2 has none)")
+        if m.arch == "llama" and m.n_head >= 1 and m.n_embd % m.n_head == 0 and m.head_dim % 2:
+            p.append(f"model.n_embd/n_head: RoPE needs an even head size (got {m.head_dim})")
+        if m.vocab_size is not None and m.vocab_size < 1:
+            p.append(f"model.vocab_size: must be positive (got {m.vocab_size})")
+        if m.mlp_hidden is not None and m.mlp_hidden < 1:
+            p.append(f"model.mlp_hidden: must be positive (got {m.mlp_hidden})")
+        if not 0.0 <= m.dropout < 1.0:
+            p.append(f"model.dropout: must be in [0, 1) (got {m.dropout})")
+        if m.norm_eps <= 0 or m.rope_theta <= 0 or m.init_std <= 0:
+            p.append("model.norm_eps, model.rope_theta and model.init_std must be positive")
+
+        return p
+
 
 @dataclass
 class TokenizerConfig:
@@ -83,6 +110,14 @@ class TokenizerConfig:
     kind: Literal["char", "bpe"] = "char"
     vocab_size: int = 4096  # bpe only: total size including special tokens
     path: Optional[str] = None  # an existing tokenizer.json; then nothing is trained
+
+    def check(self, cfg: "Config") -> list[str]:
+        """A tokenizer that cannot be trained."""
+        p: list[str] = []
+        if self.kind == "bpe" and self.vocab_size < 260:
+            p.append(f"tokenizer.vocab_size: a byte-level BPE needs at least 260 tokens (got {self.vocab_size})")
+
+        return p
 
 
 @dataclass
@@ -99,6 +134,19 @@ class DataConfig:
     val_fraction: float = 0.1  # the last fraction of tokens is the validation split
     cache_dir: str = field(default_factory=default_cache_dir)
     num_proc: int = 0  # tokenizer worker processes; 0 = one per CPU core (at most 8)
+
+    def check(self, cfg: "Config") -> list[str]:
+        """Impossible split and source settings."""
+        d = self
+        p: list[str] = []
+        if not 0.0 <= d.val_fraction < 1.0:
+            p.append(f"data.val_fraction: must be in [0, 1) (got {d.val_fraction})")
+        if d.num_proc < 0:
+            p.append(f"data.num_proc: must be 0 (auto) or more (got {d.num_proc})")
+        if d.sha256 is not None and (len(d.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in d.sha256)):
+            p.append("data.sha256: must be 64 hexadecimal characters")
+
+        return p
 
 
 @dataclass
@@ -141,6 +189,64 @@ class TrainConfig:
     dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before failing
     log: list[Literal["tensorboard"]] = field(default_factory=list)  # extra metric sinks besides metrics.jsonl
 
+    def check(self, cfg: "Config") -> list[str]:
+        """Impossible loop settings (adjustments of merely odd ones are `adjust`'s)."""
+        t = self
+        p: list[str] = []
+        for name in ("batch_size", "grad_accum", "max_steps", "log_interval"):
+            if getattr(t, name) < 1:
+                p.append(f"train.{name}: must be at least 1 (got {getattr(t, name)})")
+        for name in ("warmup_steps", "eval_interval", "save_interval", "weight_decay", "grad_clip"):
+            if getattr(t, name) < 0:
+                p.append(f"train.{name}: must not be negative (got {getattr(t, name)})")
+        if t.lr <= 0:
+            p.append(f"train.lr: must be positive (got {t.lr})")
+        if t.min_lr is not None and t.min_lr < 0:
+            p.append(f"train.min_lr: must not be negative (got {t.min_lr})")
+        if t.skip_nonfinite < 0:
+            p.append(f"train.skip_nonfinite: must not be negative (got {t.skip_nonfinite})")
+        if t.global_batch_size is not None:
+            if t.global_batch_size < 1:
+                p.append(f"train.global_batch_size: must be at least 1 (got {t.global_batch_size})")
+            elif t.grad_accum != 1:
+                p.append("train.global_batch_size and train.grad_accum are both set; set only one "
+                         "(with global_batch_size, grad_accum = global_batch_size / (batch_size x processes))")
+            elif t.batch_size >= 1 and t.global_batch_size % t.batch_size:
+                p.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.batch_size={t.batch_size}")
+        if t.dist_timeout <= 0:
+            p.append(f"train.dist_timeout: must be positive seconds (got {t.dist_timeout})")
+        if t.tp_size is not None and t.tp_size < 1:
+            p.append(f"train.tp_size: must be a positive number of processes (got {t.tp_size})")
+        if t.tp_size is not None and t.tp_size > 1 and t.parallel not in ("tp", "fsdp_tp"):
+            p.append(f"train.tp_size={t.tp_size} applies to train.parallel=tp or fsdp_tp, not {t.parallel}; set one of them")
+        if t.keep_last < 1:
+            p.append(f"train.keep_last: must be at least 1 (got {t.keep_last})")
+        if t.eval_batches is not None and t.eval_batches < 1:
+            p.append(f"train.eval_batches: must be at least 1, or null for a full pass (got {t.eval_batches})")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(t, name) < 1.0:
+                p.append(f"train.{name}: must be in [0, 1) (got {getattr(t, name)})")
+        if t.eps <= 0:
+            p.append(f"train.eps: must be positive (got {t.eps})")
+
+        if t.patience < 0:
+            p.append(f"train.patience: must not be negative (got {t.patience})")
+        return p
+
+    def adjust(self) -> list[str]:
+        """Odd but workable values, set to what they can only mean; one warning each."""
+        t, warnings = self, []
+        if t.warmup_steps > t.max_steps:
+            warnings.append(f"train.warmup_steps={t.warmup_steps} is longer than train.max_steps={t.max_steps}; clamped to {t.max_steps}")
+            t.warmup_steps = t.max_steps
+        if t.min_lr is not None and t.min_lr > t.lr:
+            warnings.append(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; clamped to {t.lr}")
+            t.min_lr = t.lr
+        if t.eval_interval > t.max_steps:
+            warnings.append(f"train.eval_interval={t.eval_interval} exceeds train.max_steps; validation runs only at the end")
+            t.eval_interval = 0
+        return warnings
+
 
 @dataclass
 class GenerateConfig:
@@ -158,6 +264,22 @@ class GenerateConfig:
     compile: Literal["auto", True, False] = "auto"
     batch_size: int = 8  # prompts decoded together by `infer --input`
 
+    def check(self, cfg: "Config") -> list[str]:
+        """Impossible sampling settings."""
+        g = self
+        p: list[str] = []
+        if g.max_new_tokens < 1:
+            p.append(f"generate.max_new_tokens: must be at least 1 (got {g.max_new_tokens})")
+        if g.temperature < 0:
+            p.append(f"generate.temperature: must not be negative (got {g.temperature})")
+        if g.top_k is not None and g.top_k < 1:
+            p.append(f"generate.top_k: must be at least 1 or null (got {g.top_k})")
+        if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
+            p.append(f"generate.top_p: must be in (0, 1] or null (got {g.top_p})")
+        if g.repetition_penalty <= 0 or g.batch_size < 1:
+            p.append("generate.repetition_penalty must be positive and generate.batch_size at least 1")
+        return p
+
 
 @dataclass
 class EvalConfig:
@@ -166,6 +288,13 @@ class EvalConfig:
     batch_size: int = 16
     text_column: Optional[str] = None  # columns of the file given to `eval --data`; None: data.text_column
     label_column: Optional[str] = None  # None: data.label_column
+
+    def check(self, cfg: "Config") -> list[str]:
+        """Impossible evaluation settings."""
+        p: list[str] = []
+        if self.batch_size < 1:
+            p.append(f"eval.batch_size: must be at least 1 (got {self.batch_size})")
+        return p
 
 
 @dataclass
@@ -192,6 +321,23 @@ class FinetuneConfig:
     prompt_template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
     prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
     packing: bool = False  # instruct: pack examples into full blocks instead of padding each batch
+
+    def check(self, cfg: "Config") -> list[str]:
+        """Impossible finetuning settings (freeze_blocks against cfg.model)."""
+        f, m = self, cfg.model
+        p: list[str] = []
+        if f.lora_rank < 1 or f.lora_alpha <= 0 or not 0.0 <= f.lora_dropout < 1.0:
+            p.append("finetune.lora_rank must be at least 1, lora_alpha positive and lora_dropout in [0, 1)")
+        if f.method == "lora" and not f.lora_targets:
+            p.append("finetune.lora_targets: name at least one layer (attn.qkv, attn.proj, mlp.fc, mlp.proj, wte)")
+        if f.freeze_blocks < 0 or (m.n_layer >= 1 and f.freeze_blocks > m.n_layer):
+            p.append(f"finetune.freeze_blocks: must be between 0 and model.n_layer={m.n_layer} (got {f.freeze_blocks})")
+        if f.labels is not None and len(set(f.labels)) < 2:
+            p.append("finetune.labels: a classifier needs at least two distinct labels")
+        for name in ("prompt_template", "prompt_template_no_input"):
+            if "{instruction}" not in getattr(f, name):
+                p.append(f"finetune.{name}: must contain {{instruction}}")
+        return p
 
 
 @dataclass
@@ -370,14 +516,20 @@ def parse_overrides(overrides: list[str] | None) -> dict:
     return nested
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def merge_settings(base: dict, extra: dict) -> dict:
+    """Raw settings `extra` layered over `base` (nested sections merged key by key): the one way configs stack."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = merge_settings(out[k], v)
         else:
             out[k] = v
     return out
+
+
+def user_settings(path: str | Path | None, overrides: list[str] | None) -> dict:
+    """What the user asked for, as raw settings: the YAML file, then the `--set` overrides over it."""
+    return merge_settings(read_yaml(path) if path is not None else {}, parse_overrides(overrides))
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -429,11 +581,7 @@ def from_dict(raw: dict, *, validate: bool = True, cls: type = None) -> Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     """Defaults <- `base` (for example a checkpoint's config) <- YAML file <- `--set` overrides."""
-    raw: dict = dict(base or {})
-    if path is not None:
-        raw = _deep_merge(raw, read_yaml(path))
-    raw = _deep_merge(raw, parse_overrides(overrides))
-    return from_dict(raw)
+    return from_dict(merge_settings(dict(base or {}), user_settings(path, overrides)))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -441,110 +589,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _check_values(cfg: Config) -> list[str]:
-    p: list[str] = []
-    m, t, d, g = cfg.model, cfg.train, cfg.data, cfg.generate
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_multiple"):
-        if getattr(m, name) < 1:
-            p.append(f"model.{name}: must be at least 1 (got {getattr(m, name)})")
-    if m.n_head >= 1 and m.n_embd >= 1 and m.n_embd % m.n_head:
-        p.append(f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}; pick sizes where it is")
-    if m.n_kv_head is not None:
-        if m.n_kv_head < 1 or (m.n_head >= 1 and m.n_head % m.n_kv_head):
-            p.append(f"model.n_kv_head: must divide model.n_head={m.n_head} (got {m.n_kv_head})")
-        elif m.arch == "gpt2" and m.n_kv_head != m.n_head:
-            p.append("model.n_kv_head: grouped-query attention needs model.arch=llama (GPT-2 has none)")
-    if m.arch == "llama" and m.n_head >= 1 and m.n_embd % m.n_head == 0 and m.head_dim % 2:
-        p.append(f"model.n_embd/n_head: RoPE needs an even head size (got {m.head_dim})")
-    if m.vocab_size is not None and m.vocab_size < 1:
-        p.append(f"model.vocab_size: must be positive (got {m.vocab_size})")
-    if m.mlp_hidden is not None and m.mlp_hidden < 1:
-        p.append(f"model.mlp_hidden: must be positive (got {m.mlp_hidden})")
-    if not 0.0 <= m.dropout < 1.0:
-        p.append(f"model.dropout: must be in [0, 1) (got {m.dropout})")
-    if m.norm_eps <= 0 or m.rope_theta <= 0 or m.init_std <= 0:
-        p.append("model.norm_eps, model.rope_theta and model.init_std must be positive")
-
-    if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 260:
-        p.append(f"tokenizer.vocab_size: a byte-level BPE needs at least 260 tokens (got {cfg.tokenizer.vocab_size})")
-
-    if not 0.0 <= d.val_fraction < 1.0:
-        p.append(f"data.val_fraction: must be in [0, 1) (got {d.val_fraction})")
-    if d.num_proc < 0:
-        p.append(f"data.num_proc: must be 0 (auto) or more (got {d.num_proc})")
-    if d.sha256 is not None and (len(d.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in d.sha256)):
-        p.append("data.sha256: must be 64 hexadecimal characters")
-
-    for name in ("batch_size", "grad_accum", "max_steps", "log_interval"):
-        if getattr(t, name) < 1:
-            p.append(f"train.{name}: must be at least 1 (got {getattr(t, name)})")
-    for name in ("warmup_steps", "eval_interval", "save_interval", "weight_decay", "grad_clip"):
-        if getattr(t, name) < 0:
-            p.append(f"train.{name}: must not be negative (got {getattr(t, name)})")
-    if t.lr <= 0:
-        p.append(f"train.lr: must be positive (got {t.lr})")
-    if t.min_lr is not None and t.min_lr < 0:
-        p.append(f"train.min_lr: must not be negative (got {t.min_lr})")
-    if t.skip_nonfinite < 0:
-        p.append(f"train.skip_nonfinite: must not be negative (got {t.skip_nonfinite})")
-    if t.global_batch_size is not None:
-        if t.global_batch_size < 1:
-            p.append(f"train.global_batch_size: must be at least 1 (got {t.global_batch_size})")
-        elif t.grad_accum != 1:
-            p.append("train.global_batch_size and train.grad_accum are both set; set only one "
-                     "(with global_batch_size, grad_accum = global_batch_size / (batch_size x processes))")
-        elif t.batch_size >= 1 and t.global_batch_size % t.batch_size:
-            p.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.batch_size={t.batch_size}")
-    if t.dist_timeout <= 0:
-        p.append(f"train.dist_timeout: must be positive seconds (got {t.dist_timeout})")
-    if t.tp_size is not None and t.tp_size < 1:
-        p.append(f"train.tp_size: must be a positive number of processes (got {t.tp_size})")
-    if t.tp_size is not None and t.tp_size > 1 and t.parallel not in ("tp", "fsdp_tp"):
-        p.append(f"train.tp_size={t.tp_size} applies to train.parallel=tp or fsdp_tp, not {t.parallel}; set one of them")
-    if t.keep_last < 1:
-        p.append(f"train.keep_last: must be at least 1 (got {t.keep_last})")
-    if t.eval_batches is not None and t.eval_batches < 1:
-        p.append(f"train.eval_batches: must be at least 1, or null for a full pass (got {t.eval_batches})")
-    for name in ("beta1", "beta2"):
-        if not 0.0 <= getattr(t, name) < 1.0:
-            p.append(f"train.{name}: must be in [0, 1) (got {getattr(t, name)})")
-    if t.eps <= 0:
-        p.append(f"train.eps: must be positive (got {t.eps})")
-
-    if g.max_new_tokens < 1:
-        p.append(f"generate.max_new_tokens: must be at least 1 (got {g.max_new_tokens})")
-    if g.temperature < 0:
-        p.append(f"generate.temperature: must not be negative (got {g.temperature})")
-    if g.top_k is not None and g.top_k < 1:
-        p.append(f"generate.top_k: must be at least 1 or null (got {g.top_k})")
-    if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
-        p.append(f"generate.top_p: must be in (0, 1] or null (got {g.top_p})")
-    f = cfg.finetune
-    if f.lora_rank < 1 or f.lora_alpha <= 0 or not 0.0 <= f.lora_dropout < 1.0:
-        p.append("finetune.lora_rank must be at least 1, lora_alpha positive and lora_dropout in [0, 1)")
-    if f.method == "lora" and not f.lora_targets:
-        p.append("finetune.lora_targets: name at least one layer (attn.qkv, attn.proj, mlp.fc, mlp.proj, wte)")
-    if f.freeze_blocks < 0 or (m.n_layer >= 1 and f.freeze_blocks > m.n_layer):
-        p.append(f"finetune.freeze_blocks: must be between 0 and model.n_layer={m.n_layer} (got {f.freeze_blocks})")
-    if f.labels is not None and len(set(f.labels)) < 2:
-        p.append("finetune.labels: a classifier needs at least two distinct labels")
-    for name in ("prompt_template", "prompt_template_no_input"):
-        if "{instruction}" not in getattr(f, name):
-            p.append(f"finetune.{name}: must contain {{instruction}}")
-    if t.patience < 0:
-        p.append(f"train.patience: must not be negative (got {t.patience})")
-    if g.repetition_penalty <= 0 or g.batch_size < 1:
-        p.append("generate.repetition_penalty must be positive and generate.batch_size at least 1")
-    if cfg.eval.batch_size < 1:
-        p.append(f"eval.batch_size: must be at least 1 (got {cfg.eval.batch_size})")
-
-    if not p:  # adjustments only make sense on an otherwise valid config
-        if t.warmup_steps > t.max_steps:
-            cfg.warnings.append(f"train.warmup_steps={t.warmup_steps} is longer than train.max_steps={t.max_steps}; clamped to {t.max_steps}")
-            t.warmup_steps = t.max_steps
-        if t.min_lr is not None and t.min_lr > t.lr:
-            cfg.warnings.append(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; clamped to {t.lr}")
-            t.min_lr = t.lr
-        if t.eval_interval > t.max_steps:
-            cfg.warnings.append(f"train.eval_interval={t.eval_interval} exceeds train.max_steps; validation runs only at the end")
-            t.eval_interval = 0
-    return p
+    """Every section's own check (each lives beside its fields); merely odd values are adjusted with a warning
+    once the whole config is valid."""
+    problems = [p for f in sections(cfg) for p in getattr(cfg, f.name).check(cfg)]
+    if not problems:  # adjustments only make sense on an otherwise valid config
+        cfg.warnings += cfg.train.adjust()
+    return problems

@@ -91,7 +91,6 @@ def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, devi
     d, t = cfg.data, cfg.train
     ex, labels = classification_examples(d.path, d, tok, cfg.model.block_size, d.text_column, d.label_column,
                                          cfg.finetune.labels)
-    cfg.finetune.labels = labels  # stored with the checkpoint: the label set is part of the model
     train_idx, val_idx = holdout(len(ex.ids), d.val_fraction, t.seed)
     module = Classifier(backbone, len(labels), cfg.finetune.pooling)
     batches = ExampleBatches(ex, train_idx, "classification", tok.pad_id, t.batch_size, layout.accum, t.seed,

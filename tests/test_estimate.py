@@ -184,3 +184,10 @@ def test_peak_measurement_is_bounded_where_bf16_is_emulated():
     native, flops, seconds = r.stdout.split()
     assert native == "False" and float(flops) > 0
     assert float(seconds) < 5  # a fraction of a second unloaded; minutes before it was bounded
+
+
+def test_measuring_the_peak_leaves_the_random_stream_alone():
+    # it runs between seeding and the first step of a run: drawing from the global stream would change the run
+    before = torch.get_rng_state()
+    estimate.measure_matmul_flops(torch.float32, budget=0.05)
+    assert torch.equal(before, torch.get_rng_state())

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import checkpoint as ckpt_io, distributed, estimate, rundir, tblog
-from ..config import Config, _deep_merge, from_dict, load_config, parse_overrides, read_yaml
+from ..config import Config, from_dict, load_config, merge_settings, read_yaml, user_settings
 from ..data import prepare as prepare_tokens
 from ..errors import LlmctlError
 from ..hardware import slow_precision_warning
@@ -321,6 +321,8 @@ def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str
         task = lm_task(cfg, td, backbone, device, amp, layout)
     else:
         task = TASKS[task_kind](cfg, tokenizer, backbone, device, amp, layout)
+    if task.labels is not None:
+        cfg.finetune.labels = task.labels  # saved with every checkpoint: the label set is part of the model
     if kind == "finetune":
         make_trainable(task, cfg)
     for note in task.notes:
@@ -428,9 +430,9 @@ def finetune(
     out = Path(out)
     base_ckpt = ckpt_io.load(from_)
     base_cfg = from_dict(base_ckpt.config)
-    user_raw = _deep_merge(read_yaml(config) if config else {}, parse_overrides(overrides))
+    user_raw = user_settings(config, overrides)
     user_model = user_raw.get("model", {}) if isinstance(user_raw.get("model", {}), dict) else {}
-    cfg = from_dict(_deep_merge({"model": base_cfg.model.__dict__}, user_raw))
+    cfg = from_dict(merge_settings({"model": base_cfg.model.__dict__}, user_raw))  # the model comes from the checkpoint
     _check_model_matches(cfg, base_cfg, base_ckpt.path, explicit=user_model)
     if not dry_run:
         rundir.check_out_dir(out, resume, overwrite)
