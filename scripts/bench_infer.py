@@ -17,6 +17,10 @@ float32) and the perplexity of each precision on the run's validation split.
     python scripts/bench_infer.py                       # the shapes, about 25 minutes on 2 cores
     python scripts/bench_infer.py --ckpt runs/shakespeare-bpe
     python scripts/bench_infer.py --ckpt runs/shakespeare-bpe --keep-shapes   # only the trained model's rows
+
+`measure(spec)` is also what scripts/gpu_check.py runs on a GPU: a spec may name `device` (cpu, cuda), a shape as
+a dict of ModelConfig fields instead of a name, and `prompt_tokens` / `new_tokens` (default 16 / 200); on CUDA a
+row adds `peak_gpu_memory_bytes` (torch.cuda.max_memory_allocated over the measurement).
 """
 
 from __future__ import annotations
@@ -76,6 +80,11 @@ def _hf_model(model, dtype):
 def measure(args: dict) -> dict:
     import torch
 
+    device = torch.device(args.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    prompt_len, new = args.get("prompt_tokens", PROMPT), args.get("new_tokens", NEW)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     if args.get("ckpt"):
         from llmctl.commands import load_model
@@ -83,15 +92,26 @@ def measure(args: dict) -> dict:
         model = load_model(args["ckpt"], "cpu").model
         vocab = model.cfg.vocab_size
     else:
-        model = _build(SHAPES[args["shape"]])
+        shape = args["shape"]
+        model = _build(SHAPES[shape] if isinstance(shape, str) else shape)
         vocab = model.cfg.vocab_size
     B = args["batch"]
-    prompts = torch.randint(3, vocab, (B, PROMPT), generator=torch.Generator().manual_seed(1))
+    prompts = torch.randint(3, vocab, (B, prompt_len), generator=torch.Generator().manual_seed(1))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args["dtype"]]
-    if args["impl"] == "transformers":
-        net = _hf_model(model, dtype)
-        del model
 
+    def synced(fn):  # CUDA runs asynchronously: a time is only taken once the GPU is done
+        def run(n: int):
+            fn(n)
+            if cuda:
+                torch.cuda.synchronize(device)
+        return run
+
+    if args["impl"] == "transformers":
+        net = _hf_model(model, dtype).to(device)
+        del model
+        prompts = prompts.to(device)
+
+        @synced
         def run(n: int):
             with torch.no_grad():
                 net.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
@@ -100,10 +120,11 @@ def measure(args: dict) -> dict:
         from llmctl.generate import Decoder, Request, generate_batch
         from llmctl.quantize import prepare
 
-        model = prepare(model, args["dtype"], args["quantize"])  # what `llmctl infer` does for this precision
+        model = prepare(model.to(device), args["dtype"], args["quantize"])  # what `llmctl infer` does for this precision
         # compiled: the ahead-of-time step, built into $LLMCTL_CACHE_DIR if missing (cold) or loaded from it (warm)
         decoder = Decoder(model, compile=args["compile"])
 
+        @synced
         def run(n: int):
             reqs = [Request(p.tolist(), n, temperature=0) for p in prompts]
             for _ in generate_batch(model, reqs, decoder=decoder):
@@ -118,16 +139,19 @@ def measure(args: dict) -> dict:
         run(1)
         ttft.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        run(NEW)
+        run(new)
         totals.append(time.perf_counter() - t0)
     t1, tn = statistics.median(ttft), statistics.median(totals)
-    return {
-        "tokens_per_sec": B * (NEW - 1) / max(tn - t1, 1e-9),
-        "ms_per_step": (tn - t1) / (NEW - 1) * 1000,
+    row = {
+        "tokens_per_sec": B * (new - 1) / max(tn - t1, 1e-9),
+        "ms_per_step": (tn - t1) / (new - 1) * 1000,
         "ttft_ms": t1 * 1000,
         "first_call_s": first_call,
         "peak_rss_mb": peak_rss_mb(),
     }
+    if cuda:
+        row["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return row
 
 
 def peak_rss_mb() -> float:

@@ -20,6 +20,19 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped, with the reason (`pytest -rs`), where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here "
+                                   f"(torch {torch.__version__}); scripts/gpu_check.sh runs it on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def sets(*items: str) -> list[str]:
     """['a=1', 'b=2'] -> ['--set', 'a=1', '--set', 'b=2']"""
     out: list[str] = []
