@@ -193,86 +193,119 @@ def _split_weights(plan: TrainPlan, full: dict) -> tuple[dict, str, dict]:
     return {k: v for k, v in backbone.items() if not k.endswith((".lora_a", ".lora_b"))}, ckpt_io.WEIGHTS, extra
 
 
+class Recipe:
+    """One training run inside its run directory, in torchtune's recipe shape: `setup` (run files, the wrapped
+    model, optimizer, grad scaler), `resume` (their state and the loop's, from a checkpoint), `train` (the loop,
+    with status.json kept honest whatever happens) and `finish` (the summary)."""
+
+    def __init__(self, plan: TrainPlan, out: Path, reporter: Reporter, log: Log,
+                 on_step: Optional[Callable[[LoopState], None]] = None):
+        self.plan, self.out, self.reporter, self.log, self.on_step = plan, out, reporter, log, on_step
+        self.write_status = rundir.write_status if plan.dist.is_main else distributed.discard
+        self.state = LoopState()
+        self.resumed = False
+
+    def setup(self) -> None:
+        plan, t = self.plan, self.plan.cfg.train
+        if plan.dist.is_main:
+            rundir.write_run_files(self.out, plan.cfg.to_yaml(), plan.tokenizer.to_str())
+        self.model = distributed.prepare_model(plan.model, t, plan.dist)  # checkpointing, DDP / FSDP / TP, compile
+        self.optimizer = build_optimizer(self.model, t, plan.device.type, per_parameter=plan.dist.tp_size > 1)
+        self.scaler = torch.amp.GradScaler(plan.device.type) if plan.amp == torch.float16 else None
+
+    def resume(self, resume_state: Optional[dict]) -> None:
+        """Continue from a checkpoint's train state (None: a fresh run); every rank gets its RNG stream."""
+        plan, t = self.plan, self.plan.cfg.train
+        if resume_state is not None:
+            distributed.load_optimizer_state(self.model, self.optimizer, resume_state["optimizer"], plan.dist)
+            if self.scaler is not None and resume_state.get("scaler"):
+                self.scaler.load_state_dict(resume_state["scaler"])
+            state = self.state = LoopState(**resume_state["loop"])
+            if (state.step >= t.max_steps and not state.eval_due) or state.stopped_early:
+                raise LlmctlError(f"the run is already complete at step {state.step} (train.max_steps={t.max_steps}"
+                                  f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to train further")
+            self.resumed = True
+        distributed.restore_rng(plan.dist, resume_state, t.seed)
+
+    def _saver(self) -> Saver:
+        plan, cfg = self.plan, self.plan.cfg
+        meta = {"kind": plan.kind, "task": plan.task.kind, "method": cfg.finetune.method if plan.kind == "finetune" else "full"}
+        if plan.base is not None:
+            meta["base"] = {"path": str(plan.base.path.resolve()), "sha256": plan.base.meta["files"].get(ckpt_io.WEIGHTS)}
+        return Saver(self.out, cfg, self.model, self.optimizer, self.scaler, plan.dist, plan.tokenizer.to_str(), meta,
+                     lambda full: _split_weights(plan, full), plan.resume_cmd, self.log)
+
+    def train(self) -> None:
+        """The one loop. A signal, a failure or a divergence ends with its state in status.json and re-raised."""
+        plan, out, t = self.plan, self.out, self.plan.cfg.train
+        main = plan.dist.is_main
+        metrics = (tblog.tee(rundir.MetricsFile(out / rundir.METRICS, resume_step=self.state.step if self.resumed else None),
+                             out, t.log) if main else distributed.Discard())
+        self.write_status(out, "running", kind=plan.kind, task=plan.task.kind, step=self.state.step, max_steps=t.max_steps)
+        t0 = time.time()
+        try:
+            hooks = Hooks(batches=plan.task.batches, loss=plan.task.loss, saver=self._saver(),
+                          evaluate=lambda step: plan.task.evaluate(self.model, step),
+                          log_metrics=distributed.per_device_metrics(metrics, plan.dist), on_step=self.on_step,
+                          world_size=plan.dist.dp_size, **distributed.loop_hooks(self.model, plan.dist))
+            with distributed.peer_errors(plan.dist):
+                self.state = fit(self.model, self.optimizer, t, hooks, self.state, device=plan.device, amp_dtype=plan.amp,
+                                 scaler=self.scaler, tokens_per_step=plan.task.tokens_per_step,
+                                 reporter=distributed.per_device_reporter(self.reporter, plan.dist))
+        except Stopped as e:  # before the loop took over the signals
+            message = f"interrupted by {e.name} before the first step; nothing was trained. Resume with: {plan.resume_cmd}"
+            self._ended("interrupted", message, e.status)
+            raise Interrupted(message, e.status) from None
+        except LlmctlError as e:
+            status = rundir.outcome(e.status)
+            if status == "interrupted":
+                e.message += f". Resume with: {plan.resume_cmd}"
+            self._ended(status, e.message, e.status)
+            raise
+        except BaseException as e:
+            self._ended("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            metrics.close()
+        self.wall = time.time() - t0
+
+    def _ended(self, status: str, error: str, exit_status: Optional[int] = None) -> None:
+        self.reporter.stop()
+        extra = {"exit_status": exit_status} if exit_status is not None else {}
+        self.write_status(self.out, status, error=error, step=rundir.last_step(self.out), **extra)
+
+    def finish(self) -> dict:
+        """The run's summary, also written to status.json as `finished`."""
+        plan, out, state, t = self.plan, self.out, self.state, self.plan.cfg.train
+        best = ckpt_io.read_pointer(out, ckpt_io.BEST)
+        tps = round(state.tokens / state.elapsed, 1) if state.elapsed else None
+        summary = {
+            "run": str(out),
+            "checkpoint": str(ckpt_io.read_latest(out)),
+            "best_checkpoint": str(best) if best else None,
+            "steps": state.step,
+            "stopped_early": state.stopped_early,
+            "tokens": state.tokens,
+            **{k: v for k, v in state.last_eval.items()},
+            f"best_{t.best_metric}": state.best,
+            "train_seconds": round(state.elapsed, 2),
+            "wall_seconds": round(self.wall, 2),
+            "tokens_per_sec": tps,
+        }
+        if plan.dist.enabled:
+            summary["world_size"] = plan.dist.world_size
+            summary["tokens_per_sec_per_device"] = round(tps / plan.dist.world_size, 1) if tps else None
+        self.write_status(out, "finished", step=state.step, **{k: v for k, v in summary.items() if k != "run"})
+        return summary
+
+
 def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resume_state: Optional[dict],
                   on_step: Optional[Callable[[LoopState], None]]) -> dict:
-    cfg, t = plan.cfg, plan.cfg.train
-    main = plan.dist.is_main
-    write_status = rundir.write_status if main else distributed.discard
-    config_yaml = cfg.to_yaml()
-    if main:
-        rundir.write_run_files(out, config_yaml, plan.tokenizer.to_str())
-    model = distributed.prepare_model(plan.model, t, plan.dist)  # activation checkpointing, DDP / FSDP, torch.compile
-    state = LoopState()
-    optimizer = build_optimizer(model, t, plan.device.type, per_parameter=plan.dist.tp_size > 1)
-    scaler = torch.amp.GradScaler(plan.device.type) if plan.amp == torch.float16 else None
-    if resume_state is not None:
-        distributed.load_optimizer_state(model, optimizer, resume_state["optimizer"], plan.dist)
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        state = LoopState(**resume_state["loop"])
-        if (state.step >= t.max_steps and not state.eval_due) or state.stopped_early:
-            raise LlmctlError(f"the run is already complete at step {state.step} (train.max_steps={t.max_steps}"
-                              f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to train further")
-    distributed.restore_rng(plan.dist, resume_state, t.seed)
-    metrics = (tblog.tee(rundir.MetricsFile(out / rundir.METRICS, resume_step=state.step if resume_state is not None else None),
-                         out, t.log) if main else distributed.Discard())
-    meta = {"kind": plan.kind, "task": plan.task.kind, "method": cfg.finetune.method if plan.kind == "finetune" else "full"}
-    if plan.base is not None:
-        meta["base"] = {"path": str(plan.base.path.resolve()), "sha256": plan.base.meta["files"].get(ckpt_io.WEIGHTS)}
-    saver = Saver(out, cfg, model, optimizer, scaler, plan.dist, plan.tokenizer.to_str(), meta,
-                  lambda full: _split_weights(plan, full), plan.resume_cmd, log)
-
-    write_status(out, "running", kind=plan.kind, task=plan.task.kind, step=state.step, max_steps=t.max_steps)
-    t0 = time.time()
-    try:
-        hooks = Hooks(batches=plan.task.batches, loss=plan.task.loss, evaluate=lambda step: plan.task.evaluate(model, step),
-                      saver=saver, log_metrics=distributed.per_device_metrics(metrics, plan.dist), on_step=on_step,
-                      world_size=plan.dist.dp_size,
-                      **distributed.loop_hooks(model, plan.dist))
-        with distributed.peer_errors(plan.dist):
-            state = fit(model, optimizer, t, hooks, state, device=plan.device, amp_dtype=plan.amp, scaler=scaler,
-                        tokens_per_step=plan.task.tokens_per_step,
-                        reporter=distributed.per_device_reporter(reporter, plan.dist))
-    except Stopped as e:  # before the loop took over the signals (building the optimizer, wrapping the model)
-        reporter.stop()
-        message = f"interrupted by {e.name} before the first step; nothing was trained. Resume with: {plan.resume_cmd}"
-        write_status(out, "interrupted", error=message, exit_status=e.status, step=rundir.last_step(out))
-        raise Interrupted(message, e.status) from None
-    except LlmctlError as e:
-        reporter.stop()
-        status = rundir.outcome(e.status)
-        if status == "interrupted":
-            e.message += f". Resume with: {plan.resume_cmd}"
-        write_status(out, status, error=e.message, exit_status=e.status, step=rundir.last_step(out))
-        raise
-    except BaseException as e:
-        reporter.stop()
-        write_status(out, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                     error=f"{type(e).__name__}: {e}", step=rundir.last_step(out))
-        raise
-    finally:
-        metrics.close()
-    wall = time.time() - t0
-    best = ckpt_io.read_pointer(out, ckpt_io.BEST)
-    summary = {
-        "run": str(out),
-        "checkpoint": str(ckpt_io.read_latest(out)),
-        "best_checkpoint": str(best) if best else None,
-        "steps": state.step,
-        "stopped_early": state.stopped_early,
-        "tokens": state.tokens,
-        **{k: v for k, v in state.last_eval.items()},
-        f"best_{t.best_metric}": state.best,
-        "train_seconds": round(state.elapsed, 2),
-        "wall_seconds": round(wall, 2),
-        "tokens_per_sec": round(state.tokens / state.elapsed, 1) if state.elapsed else None,
-    }
-    if plan.dist.enabled:
-        world = plan.dist.world_size
-        summary["world_size"] = world
-        summary["tokens_per_sec_per_device"] = round(state.tokens / state.elapsed / world, 1) if state.elapsed else None
-    write_status(out, "finished", step=state.step, **{k: v for k, v in summary.items() if k not in ("run",)})
-    return summary
+    recipe = Recipe(plan, out, reporter, log, on_step)
+    recipe.setup()
+    recipe.resume(resume_state)
+    recipe.train()
+    return recipe.finish()
 
 
 def resume_command(kind: str, config: Optional[Path], overrides: list[str], out: Path, from_: Optional[Path] = None) -> str:
