@@ -109,7 +109,8 @@ class CompiledStep:
     """A loaded package: call it like the decode step, with the flat list of cache tensors [k0, v0, k1, v1, ...]."""
 
     def __init__(self, path: Path, device: torch.device):
-        index = -1 if device.type == "cpu" else (device.index if device.index is not None else torch.cuda.current_device())
+        index = -1 if device.type == "cpu" else (device.index if device.index is not None
+                                                 else torch.cuda.current_device())
         # the C++ loader directly: torch._inductor's Python wrapper would add ~1.3 s of imports to every run
         try:
             self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
@@ -139,7 +140,8 @@ def build(model: Transformer, batch: int, length: int, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # (generation runs under inference_mode, whose tensors export cannot trace in-place updates of)
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # raised inside inductor's autotuner
+            # raised inside inductor's autotuner
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             shape = (batch, model.cfg.kv_heads, length, model.cfg.head_dim)
             caches = [(torch.zeros(shape, dtype=p.dtype, device=p.device),
                        torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in model.blocks]

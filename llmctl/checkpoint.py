@@ -107,12 +107,14 @@ class Checkpoint:
         try:
             return load_file(str(self.path / name))
         except (SafetensorError, OSError, ValueError) as e:
-            raise LlmctlError(f"checkpoint file {self.path / name} cannot be read ({e}); use another checkpoint") from None
+            raise LlmctlError(f"checkpoint file {self.path / name} cannot be read ({e}); "
+                              "use another checkpoint") from None
 
     def train_state(self) -> dict:
         p = self.path / TRAIN_STATE
         if not p.exists():
-            raise LlmctlError(f"{self.path} has no {TRAIN_STATE}, so training cannot resume from it (it holds weights only)")
+            raise LlmctlError(f"{self.path} has no {TRAIN_STATE}, so training cannot resume from it "
+                              "(it holds weights only)")
         try:
             return torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # an unpickling refusal or a corrupt file: both mean "do not trust it"
@@ -296,7 +298,8 @@ def _check_meta(where: Path, meta: dict) -> None:
     damaged one is one line naming the file, the field and the fix, not a TypeError later."""
 
     def bad(field: str, expected: str, fix: str) -> LlmctlError:
-        return LlmctlError(f"{where}: {field} must be {expected} (got {meta[field]!r}); {fix}, or use another checkpoint")
+        return LlmctlError(f"{where}: {field} must be {expected} (got {meta[field]!r}); {fix}, "
+                           "or use another checkpoint")
 
     if "format_version" in meta and not _is_int(meta["format_version"]):
         raise bad("format_version", "an integer", f"restore it (this llmctl writes {FORMAT_VERSION})")
@@ -325,7 +328,8 @@ def load(path: str | Path, verify: bool = True) -> Checkpoint:
     except (OSError, json.JSONDecodeError) as e:
         raise LlmctlError(f"{ckpt / META} is unreadable ({e}); the checkpoint is damaged, use another one") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
-        raise LlmctlError(f"{ckpt} is not an llmctl checkpoint (meta.json lacks format/files); import other formats with `llmctl import`")
+        raise LlmctlError(f"{ckpt} is not an llmctl checkpoint (meta.json lacks format/files); import other formats "
+                          "with `llmctl import`")
     _check_meta(ckpt / "meta.json", meta)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise LlmctlError(f"{ckpt} was written by a newer llmctl (format {meta['format_version']}); upgrade llmctl")
@@ -339,7 +343,8 @@ def load(path: str | Path, verify: bool = True) -> Checkpoint:
             if not f.is_file():
                 raise LlmctlError(f"checkpoint file missing: {f}; the checkpoint is incomplete, use another one")
             if sha256_file(f) != digest:
-                raise LlmctlError(f"checkpoint file {f} fails its sha256 check (corrupt or modified); use another checkpoint")
+                raise LlmctlError(f"checkpoint file {f} fails its sha256 check (corrupt or modified); "
+                                  "use another checkpoint")
     return Checkpoint(ckpt, meta)
 
 

@@ -35,15 +35,19 @@ app.add_typer(import_app, name="import")
 
 STATE = {"debug": bool(os.environ.get("LLMCTL_DEBUG"))}
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; it holds only what differs from the defaults in code.",
+ConfigOpt = typer.Option(None, "--config", "-c",
+                         help="YAML config; it holds only what differs from the defaults in code.",
                          show_default="defaults in code")
-SetOpt = typer.Option(None, "--set", "-s", help="Override one key, e.g. --set train.lr=3e-4 (repeatable).", metavar="KEY=VALUE",
-                      show_default="none")
+SetOpt = typer.Option(None, "--set", "-s", help="Override one key, e.g. --set train.lr=3e-4 (repeatable).",
+                      metavar="KEY=VALUE", show_default="none")
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.", show_default="off")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines on stderr.", show_default="off")
-DryRunOpt = typer.Option(False, "--dry-run", help="Build everything, time a few steps (then undo them) and report parameters, "
-                         "FLOPs, memory, time and a sample batch; train nothing, write no run directory.", show_default="off")
-TokenizerOpt = typer.Option(None, "--tokenizer", help="A tokenizer.json to use instead of the checkpoint's (needed when it has none).",
+DryRunOpt = typer.Option(False, "--dry-run",
+                         help="Build everything, time a few steps (then undo them) and report parameters, "
+                              "FLOPs, memory, time and a sample batch; train nothing, write no run directory.",
+                         show_default="off")
+TokenizerOpt = typer.Option(None, "--tokenizer",
+                            help="A tokenizer.json to use instead of the checkpoint's (needed when it has none).",
                             show_default="the checkpoint's")
 
 
@@ -130,14 +134,16 @@ def _print_config(cfg, quiet: bool) -> None:
 
 @app.callback()
 def main(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors (also LLMCTL_DEBUG=1).", show_default="off"),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors (also LLMCTL_DEBUG=1).",
+                               show_default="off"),
 ) -> None:
     """llmctl: from your own text to a trained, measured language model."""
     if debug:
         STATE["debug"] = True
 
 
-def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, json_out, quiet, dry_run=False, **extra) -> None:
+def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, json_out, quiet, dry_run=False,
+                   **extra) -> None:
     from . import commands, views
 
     rep = reporter(kind, quiet)
@@ -176,10 +182,15 @@ def _default_out(config: Optional[Path], kind: str) -> Path:
 def pretrain(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory.", show_default="runs/<config name>"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest good checkpoint.", show_default="off"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --out and start again.", show_default="off"),
-    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue from this checkpoint (or run) into --out.", show_default="none"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory.",
+                                           show_default="runs/<config name>"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest good checkpoint.",
+                                show_default="off"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --out and start again.",
+                                   show_default="off"),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from",
+                                               help="Continue from this checkpoint (or run) into --out.",
+                                               show_default="none"),
     dry_run: bool = DryRunOpt,
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
@@ -196,10 +207,15 @@ def pretrain(
 def finetune(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
-    from_: Path = typer.Option(..., "--from", help="Run directory or checkpoint to start from (model and tokenizer come from it)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory.", show_default="runs/<config name>"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the finetune run in --out from its latest good checkpoint.", show_default="off"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --out and start again.", show_default="off"),
+    from_: Path = typer.Option(..., "--from",
+                               help="Run directory or checkpoint to start from (model and tokenizer come from it)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory.",
+                                           show_default="runs/<config name>"),
+    resume: bool = typer.Option(False, "--resume",
+                                help="Continue the finetune run in --out from its latest good checkpoint.",
+                                show_default="off"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --out and start again.",
+                                   show_default="off"),
     dry_run: bool = DryRunOpt,
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
@@ -214,27 +230,62 @@ def finetune(
 
 @app.command()
 def infer(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint), a step-* checkpoint, or RUN/best."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text; an empty string samples unconditionally.", show_default="none"),
-    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A file whose whole content is one prompt.", show_default="none"),
-    input_file: Optional[Path] = typer.Option(None, "--input", "-i", help='Many prompts: JSONL rows {"prompt": ...} (optional per-row max_new_tokens, temperature, top_k, top_p, stop, seed) or a text file with one prompt per line.', show_default="none"),
-    output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="Where --input results go (JSONL, written atomically).", show_default="stdout"),
-    chat: bool = typer.Option(False, "--chat", help="Interactive chat with an instruction-tuned model (/reset clears, /exit or Ctrl-D quits).", show_default="off"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate.", show_default="generate.max_new_tokens, 256"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 = greedy.", show_default="generate.temperature, 0.8"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens.", show_default="generate.top_k, 200"),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: smallest set with this much probability.", show_default="generate.top_p, off"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible samples.", show_default="random"),
-    truncate: bool = typer.Option(False, "--truncate", help="Keep the last tokens of a prompt longer than the context instead of refusing it.", show_default="off"),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="> 1 discourages repeating tokens.", show_default="generate.repetition_penalty, 1 = off"),
-    dtype: str = typer.Option("auto", "--dtype", help=f"{', '.join(INFER_DTYPES)}. auto: see README 'Inference speed'."),
-    quantize_mode: str = typer.Option("auto", "--quantize", help=f"{', '.join(QUANTIZE_MODES)} (CPU: dynamic int8; CUDA: weight-only int8). auto: int8 on x86 CPUs for models of 10M+ "
-                                      "parameters, none below and elsewhere (README 'Inference speed')."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="The decode step compiled ahead of time (AOTInductor): several times faster per token. --compile builds it if the cache lacks it (half a minute to a minute on a CPU, once per model, precision and shape); later runs load it in well under a second. By default a cached one is used, and one is built only for an --input job long enough to pay for it (and at the end of a CPU training run of 5+ minutes); --no-compile always decodes eagerly.", show_default="generate.compile, auto"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together.", show_default="generate.batch_size, 8"),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.", show_default="the base recorded at training"),
+    ckpt: Path = typer.Option(..., "--ckpt",
+                              help="Run directory (its latest checkpoint), a step-* checkpoint, or RUN/best."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
+                                         help="Prompt text; an empty string samples unconditionally.",
+                                         show_default="none"),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A file whose whole content is one prompt.",
+                                               show_default="none"),
+    input_file: Optional[Path] = typer.Option(None, "--input", "-i",
+                                              help='Many prompts: JSONL rows {"prompt": ...} (optional per-row '
+                                                   'max_new_tokens, temperature, top_k, top_p, stop, seed) or a text '
+                                                   'file with one prompt per line.', show_default="none"),
+    output_file: Optional[Path] = typer.Option(None, "--output", "-o",
+                                               help="Where --input results go (JSONL, written atomically).",
+                                               show_default="stdout"),
+    chat: bool = typer.Option(False, "--chat",
+                              help="Interactive chat with an instruction-tuned model (/reset clears, /exit or "
+                                   "Ctrl-D quits).", show_default="off"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate.",
+                                                 show_default="generate.max_new_tokens, 256"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 = greedy.",
+                                                show_default="generate.temperature, 0.8"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens.",
+                                        show_default="generate.top_k, 200"),
+    top_p: Optional[float] = typer.Option(None, "--top-p",
+                                          help="Nucleus sampling: smallest set with this much probability.",
+                                          show_default="generate.top_p, off"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible samples.",
+                                       show_default="random"),
+    truncate: bool = typer.Option(False, "--truncate",
+                                  help="Keep the last tokens of a prompt longer than the context instead of "
+                                       "refusing it.", show_default="off"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty",
+                                                       help="> 1 discourages repeating tokens.",
+                                                       show_default="generate.repetition_penalty, 1 = off"),
+    dtype: str = typer.Option("auto", "--dtype",
+                              help=f"{', '.join(INFER_DTYPES)}. auto: see README 'Inference speed'."),
+    quantize_mode: str = typer.Option("auto", "--quantize",
+                                      help=f"{', '.join(QUANTIZE_MODES)} (CPU: dynamic int8; CUDA: weight-only int8). "
+                                           "auto: int8 on x86 CPUs for models of 10M+ "
+                                           "parameters, none below and elsewhere (README 'Inference speed')."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="The decode step compiled ahead of time (AOTInductor): several times "
+                                                "faster per token. --compile builds it if the cache lacks it (half a "
+                                                "minute to a minute on a CPU, once per model, precision and shape); "
+                                                "later runs load it in well under a second. By default a cached one is "
+                                                "used, and one is built only for an --input job long enough to pay for "
+                                                "it (and at the end of a CPU training run of 5+ minutes); --no-compile "
+                                                "always decodes eagerly.", show_default="generate.compile, auto"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together.",
+                                             show_default="generate.batch_size, 8"),
+    base: Optional[Path] = typer.Option(None, "--base",
+                                        help="Base checkpoint of a LoRA adapter, if it moved since training.",
+                                        show_default="the base recorded at training"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    json_out: bool = typer.Option(False, "--json", help="Classifiers: print the label and probabilities as JSON.", show_default="off"),
+    json_out: bool = typer.Option(False, "--json", help="Classifiers: print the label and probabilities as JSON.",
+                                  show_default="off"),
     tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
     """Generate text from a prompt (streamed to stdout), complete a file of prompts, chat, or classify text."""
@@ -261,8 +312,8 @@ def infer(
         if input_file is not None:
             rows = commands.read_inputs(input_file)
             with _row_progress(len(rows)) as advance:
-                results = commands.complete_rows(loaded, rows, settings, truncate, on_row=advance, batch_size=batch_size,
-                                                 warn=_warn)
+                results = commands.complete_rows(loaded, rows, settings, truncate, on_row=advance,
+                                                 batch_size=batch_size, warn=_warn)
             _emit_rows(commands, results, output_file)
             return
         text = commands.read_prompt(prompt, prompt_file)
@@ -289,7 +340,8 @@ def _row_progress(total: int):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err) as p:
+    with Progress(TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err) as p:
         task = p.add_task("infer", total=total)
         yield lambda: p.advance(task)
 
@@ -352,14 +404,24 @@ def _chat(session) -> None:
 
 @app.command("eval")
 def eval_(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint), a step-* checkpoint, or RUN/best."),
-    data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this file (all of it) instead of the run's held-out validation split.", show_default="the run's validation split"),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Classifiers: text column of --data.", show_default="eval.text_column, else data.text_column"),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="Classifiers: label column of --data.", show_default="eval.label_column, else data.label_column"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass.", show_default="eval.batch_size, 16"),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.", show_default="the base recorded at training"),
-    dtype: str = typer.Option("float32", "--dtype", help=f"Language models: {', '.join(INFER_DTYPES)} (auto: what infer uses)."),
-    quantize_mode: str = typer.Option("none", "--quantize", help=f"Language models: {', '.join(QUANTIZE_MODES)} (auto: what infer uses)."),
+    ckpt: Path = typer.Option(..., "--ckpt",
+                              help="Run directory (its latest checkpoint), a step-* checkpoint, or RUN/best."),
+    data: Optional[str] = typer.Option(None, "--data",
+                                       help="Evaluate on this file (all of it) instead of the run's held-out "
+                                            "validation split.", show_default="the run's validation split"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Classifiers: text column of --data.",
+                                              show_default="eval.text_column, else data.text_column"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Classifiers: label column of --data.",
+                                               show_default="eval.label_column, else data.label_column"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass.",
+                                             show_default="eval.batch_size, 16"),
+    base: Optional[Path] = typer.Option(None, "--base",
+                                        help="Base checkpoint of a LoRA adapter, if it moved since training.",
+                                        show_default="the base recorded at training"),
+    dtype: str = typer.Option("float32", "--dtype",
+                              help=f"Language models: {', '.join(INFER_DTYPES)} (auto: what infer uses)."),
+    quantize_mode: str = typer.Option("none", "--quantize",
+                                      help=f"Language models: {', '.join(QUANTIZE_MODES)} (auto: what infer uses)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = JsonOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
@@ -443,9 +505,12 @@ def config_show(
 
 @import_app.command("hf")
 def import_hf(
-    source: str = typer.Argument(..., help="A transformers checkpoint directory, or hf:NAME to download from the hub.", metavar="DIR|hf:NAME"),
+    source: str = typer.Argument(..., help="A transformers checkpoint directory, or hf:NAME to download from the hub.",
+                                 metavar="DIR|hf:NAME"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create (its checkpoint is step-0000000)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A tokenizer.json to store instead of (or when missing) the directory's.", show_default="the checkpoint's"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
+                                             help="A tokenizer.json to store instead of (or when missing) "
+                                                  "the directory's.", show_default="the checkpoint's"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out.", show_default="off"),
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
@@ -466,11 +531,13 @@ def import_hf(
 @app.command("runs")
 def runs_(
     args: Optional[List[str]] = typer.Argument(None, metavar="DIR | compare RUN_A RUN_B",
-                                               help="A folder of runs to list, or: compare RUN_A RUN_B.", show_default="runs"),
+                                               help="A folder of runs to list, or: compare RUN_A RUN_B.",
+                                               show_default="runs"),
     json_out: bool = JsonOpt,
 ) -> None:
-    """List runs (name, status, steps, best val loss, tokens seen, tokens/s), or compare two: config keys that differ and final metrics."""
-    from . import runs as runs_mod, views
+    """List runs (name, status, steps, best val loss, tokens seen, tokens/s), or compare two: config keys that differ and final metrics."""  # noqa: E501 (typer's command list keeps a docstring's line breaks)
+    from . import runs as runs_mod
+    from . import views
 
     def go() -> None:
         items = list(args or [])
@@ -484,7 +551,8 @@ def runs_(
             raise LlmctlError("give one folder of runs (llmctl runs DIR) or compare two runs (llmctl runs compare A B)")
         directory = Path(items[0]) if items else Path("runs")
         rows = runs_mod.list_runs(directory)
-        _print_json({"directory": str(directory), "runs": rows}) if json_out else out.print(views.runs_table(rows, str(directory)))
+        _print_json({"directory": str(directory), "runs": rows}) if json_out else out.print(
+            views.runs_table(rows, str(directory)))
 
     run(go)
 
@@ -492,7 +560,8 @@ def runs_(
 @app.command("plot")
 def plot_(
     run_dirs: List[Path] = typer.Argument(..., metavar="RUN...", help="Run directories to draw on one chart."),
-    output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="Image file to write (.png, .svg or .pdf).", show_default="stdout"),
+    output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="Image file to write (.png, .svg or .pdf).",
+                                show_default="stdout"),
     title: Optional[str] = typer.Option(None, "--title", help="Chart title.", show_default="the run names"),
     log_x: bool = typer.Option(False, "--log-x", help="Logarithmic tokens axis.", show_default="off"),
     json_out: bool = JsonOpt,
@@ -513,9 +582,14 @@ def export(
     fmt: str = typer.Option("hf", "--format", "-f", help="Target format: hf (a transformers directory)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write; from_pretrained(DIR) loads it."),
     tokenizer: Optional[Path] = TokenizerOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out.", show_default="off"),
-    merge_lora_adapter: bool = typer.Option(False, "--merge-lora", help="For a LoRA adapter: fold it into its base's weights and export the merged model.", show_default="off"),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.", show_default="the base recorded at training"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out.",
+                                   show_default="off"),
+    merge_lora_adapter: bool = typer.Option(False, "--merge-lora",
+                                            help="For a LoRA adapter: fold it into its base's weights and export the "
+                                                 "merged model.", show_default="off"),
+    base: Optional[Path] = typer.Option(None, "--base",
+                                        help="Base checkpoint of a LoRA adapter, if it moved since training.",
+                                        show_default="the base recorded at training"),
     json_out: bool = JsonOpt,
 ) -> None:
     """Export a checkpoint as a Hugging Face transformers model (config, safetensors, tokenizer); a LoRA adapter

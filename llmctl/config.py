@@ -212,13 +212,15 @@ class TrainConfig:
                 p.append("train.global_batch_size and train.grad_accum are both set; set only one "
                          "(with global_batch_size, grad_accum = global_batch_size / (batch_size x processes))")
             elif t.batch_size >= 1 and t.global_batch_size % t.batch_size:
-                p.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.batch_size={t.batch_size}")
+                p.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                         f"train.batch_size={t.batch_size}")
         if t.dist_timeout <= 0:
             p.append(f"train.dist_timeout: must be positive seconds (got {t.dist_timeout})")
         if t.tp_size is not None and t.tp_size < 1:
             p.append(f"train.tp_size: must be a positive number of processes (got {t.tp_size})")
         if t.tp_size is not None and t.tp_size > 1 and t.parallel not in ("tp", "fsdp_tp"):
-            p.append(f"train.tp_size={t.tp_size} applies to train.parallel=tp or fsdp_tp, not {t.parallel}; set one of them")
+            p.append(f"train.tp_size={t.tp_size} applies to train.parallel=tp or fsdp_tp, not {t.parallel}; "
+                     "set one of them")
         if t.keep_last < 1:
             p.append(f"train.keep_last: must be at least 1 (got {t.keep_last})")
         if t.eval_batches is not None and t.eval_batches < 1:
@@ -237,13 +239,15 @@ class TrainConfig:
         """Odd but workable values, set to what they can only mean; one warning each."""
         t, warnings = self, []
         if t.warmup_steps > t.max_steps:
-            warnings.append(f"train.warmup_steps={t.warmup_steps} is longer than train.max_steps={t.max_steps}; clamped to {t.max_steps}")
+            warnings.append(f"train.warmup_steps={t.warmup_steps} is longer than train.max_steps={t.max_steps}; "
+                            f"clamped to {t.max_steps}")
             t.warmup_steps = t.max_steps
         if t.min_lr is not None and t.min_lr > t.lr:
             warnings.append(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; clamped to {t.lr}")
             t.min_lr = t.lr
         if t.eval_interval > t.max_steps:
-            warnings.append(f"train.eval_interval={t.eval_interval} exceeds train.max_steps; validation runs only at the end")
+            warnings.append(f"train.eval_interval={t.eval_interval} exceeds train.max_steps; "
+                            "validation runs only at the end")
             t.eval_interval = 0
         return warnings
 
@@ -551,7 +555,8 @@ def read_yaml(path: str | Path) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise LlmctlError(f"config file {p} must be a mapping of sections (model:, train:, ...), not {type(raw).__name__}")
+        raise LlmctlError(f"config file {p} must be a mapping of sections (model:, train:, ...), "
+                          f"not {type(raw).__name__}")
     # sections are checked here, before a --set for one can be merged over a null or a scalar (see EMPTY_SECTION)
     names = {f.name for f in sections(Config)}
     bad = [f"{k}: in {p} {EMPTY_SECTION}" if v is None else f"{k}: in {p} must be a mapping of {k} settings (got {v!r})"

@@ -100,7 +100,8 @@ class PlainReporter(MfuMixin):
         mfu = self.mfu_text(info["tokens_per_sec"])
         print(
             f"{self.label} step {step}/{self.total} | loss {info['loss']:.4f} | lr {info['lr']:.2e} | "
-            f"{info['tokens_per_sec']:,.0f}{_per_device(info)} tok/s | {mfu + ' | ' if mfu else ''}eta {fmt_duration(eta)}",
+            f"{info['tokens_per_sec']:,.0f}{_per_device(info)} tok/s | "
+            f"{mfu + ' | ' if mfu else ''}eta {fmt_duration(eta)}",
             file=self.stream,
             flush=True,
         )

@@ -32,7 +32,8 @@ from .fileio import read_jsonl, sha256_file, temp_dir
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
-BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
+            ".parquet": "parquet"}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -73,20 +74,23 @@ def download(url: str, cache_dir: str, sha256: Optional[str]) -> Path:
                 shutil.copyfileobj(r, f)
         except Exception as e:  # network errors come in many types
             tmp.unlink(missing_ok=True)
-            raise LlmctlError(f"could not download {url}: {e}; check the URL and the network, or give a local file as data.path") from None
+            raise LlmctlError(f"could not download {url}: {e}; check the URL and the network, "
+                              "or give a local file as data.path") from None
         os.replace(tmp, dest)
     if sha256:
         got = sha256_file(dest)
         if got != sha256.lower():
             dest.unlink()
-            raise LlmctlError(f"{url} downloaded with sha256 {got}, but data.sha256 is {sha256}; fix data.sha256 or the URL")
+            raise LlmctlError(f"{url} downloaded with sha256 {got}, but data.sha256 is {sha256}; "
+                              "fix data.sha256 or the URL")
     return dest
 
 
 def resolve_source(path: Optional[str], cfg: DataConfig, key: str = "data.path") -> Source:
     """Turn `data.path` into files (downloading a URL) or a hub name. A missing local path is an error."""
     if not path:
-        raise LlmctlError(f"{key} is not set: give a text file, folder, hf:NAME or URL (for example --set {key}=input.txt)")
+        raise LlmctlError(f"{key} is not set: give a text file, folder, hf:NAME or URL "
+                          f"(for example --set {key}=input.txt)")
     if path.startswith("hf:"):
         return Source(files=[], builder="hub", hub_name=path[3:])
     if path.startswith(("https://", "http://")):
@@ -94,9 +98,11 @@ def resolve_source(path: Optional[str], cfg: DataConfig, key: str = "data.path")
         return _local_source([f], key)
     p = Path(path).expanduser()
     if not p.exists():
-        raise LlmctlError(f"{key}: {path} does not exist (give an existing file or folder, hf:NAME for a hub dataset, or a URL)")
+        raise LlmctlError(f"{key}: {path} does not exist (give an existing file or folder, hf:NAME for a hub dataset, "
+                          "or a URL)")
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in BUILDERS and not f.name.startswith("."))
+        files = sorted(f for f in p.rglob("*")
+                       if f.is_file() and f.suffix.lower() in BUILDERS and not f.name.startswith("."))
         if not files:
             raise LlmctlError(f"{key}: folder {path} has no .txt, .jsonl, .json, .csv, .tsv or .parquet files")
         return _local_source(files, key)
@@ -146,7 +152,8 @@ def require_columns(ds, columns: dict[str, str], key: str) -> None:
     """Every needed column exists; the message names the missing one, what there is, and the setting to change."""
     for setting, column in columns.items():
         if column not in ds.column_names:
-            raise LlmctlError(f"{key}: no column '{column}' in the data (columns: {', '.join(ds.column_names)}); set {setting}")
+            raise LlmctlError(f"{key}: no column '{column}' in the data (columns: {', '.join(ds.column_names)}); "
+                              f"set {setting}")
 
 
 def load_texts(source: Source, cfg: DataConfig, column: Optional[str] = None, key: str = "data.path"):
@@ -155,7 +162,8 @@ def load_texts(source: Source, cfg: DataConfig, column: Optional[str] = None, ke
     column = "text" if source.builder == "text" else (column or cfg.text_column)
     require_columns(ds, {"data.text_column": column}, key)
     if column != "text":
-        ds = ds.rename_column(column, "text") if "text" not in ds.column_names else ds.map(lambda r: {"text": r[column]})
+        ds = (ds.rename_column(column, "text") if "text" not in ds.column_names
+              else ds.map(lambda r: {"text": r[column]}))
     return ds.select_columns(["text"])
 
 
@@ -287,12 +295,14 @@ def prepare(
             ds = ds_loader()
             n_chars = sum(len(t) for t in _iter_texts(ds))
             if n_chars == 0 or not any(t.strip() for t in _iter_texts(ds)):
-                raise LlmctlError(f"data.path: {data.path} holds no text (the corpus is empty); point it at a non-empty corpus")
+                raise LlmctlError(f"data.path: {data.path} holds no text (the corpus is empty); "
+                                  "point it at a non-empty corpus")
             nproc = _auto_num_proc(data, n_chars)
             n_all = _write_tokens(ds, tokenizer, tmp, "all.npy", nproc)
             if val_source is not None:
                 os.replace(tmp / "all.npy", tmp / "train.npy")
-                n_val = _write_tokens(load_texts(val_source, data, key="data.val_path"), tokenizer, tmp, "val.npy", nproc)
+                n_val = _write_tokens(load_texts(val_source, data, key="data.val_path"),
+                                      tokenizer, tmp, "val.npy", nproc)
                 n_train = n_all
             else:
                 # contiguous split: the first (1 - val_fraction) of the tokens train, the rest validate
@@ -353,7 +363,8 @@ class LMBatches:
                  rank: int = 0, world_size: int = 1, labels: Optional[np.ndarray] = None):
         if len(tokens) < block_size + 2:
             raise LlmctlError(
-                f"the training split has {len(tokens)} tokens, fewer than one block of model.block_size={block_size} + 1; "
+                f"the training split has {len(tokens)} tokens, fewer than one block of "
+                f"model.block_size={block_size} + 1; "
                 "use more text or a smaller model.block_size"
             )
         self.tokens, self.T, self.B, self.accum = tokens, block_size, batch_size, grad_accum
@@ -374,12 +385,14 @@ class LMBatches:
             t = torch.from_numpy(rows)
             labels = t[:, 1:]
             if self.labels is not None:
-                labels = torch.from_numpy(np.stack([self.labels[o + 1 : o + self.T + 1] for o in micro]).astype(np.int64))
+                labels = torch.from_numpy(
+                    np.stack([self.labels[o + 1 : o + self.T + 1] for o in micro]).astype(np.int64))
             out.append({"input_ids": t[:, :-1], "labels": labels})
         return out
 
 
-def eval_blocks(tokens: np.ndarray, block_size: int, batch_size: int, max_batches: Optional[int] = None) -> Iterator[dict]:
+def eval_blocks(tokens: np.ndarray, block_size: int, batch_size: int,
+                max_batches: Optional[int] = None) -> Iterator[dict]:
     """Non-overlapping blocks covering every token once (the last, shorter block included).
 
     Yields {'input_ids': (b, t), 'labels': (b, t)}; every token but the first is predicted exactly once.
@@ -439,14 +452,16 @@ def classification_examples(
         raise LlmctlError(f"{key}: {path} has no rows")
     for i, (t, y) in enumerate(zip(texts, raw)):
         if t is None or not str(t).strip():
-            raise LlmctlError(f"{key}: row {i + 1} of {path} has an empty text in column '{text_column}'; remove or fill it")
+            raise LlmctlError(f"{key}: row {i + 1} of {path} has an empty text in column '{text_column}'; "
+                              "remove or fill it")
         if y is None or str(y).strip() == "":
             raise LlmctlError(f"{key}: row {i + 1} of {path} has no label in column '{label_column}'")
     values = [str(y).strip() for y in raw]
     if labels is None:
         labels = sorted(set(values), key=_label_key)
         if len(labels) < 2:
-            raise LlmctlError(f"{key}: column '{label_column}' has a single label ({labels[0]}); a classifier needs two or more")
+            raise LlmctlError(f"{key}: column '{label_column}' has a single label ({labels[0]}); "
+                              "a classifier needs two or more")
     index = {name: i for i, name in enumerate(labels)}
     unseen = sorted({v for v in values if v not in index}, key=_label_key)
     if unseen:
@@ -472,10 +487,12 @@ def render_prompt(instruction: str, input_text: str, ft) -> str:
 def instruct_pairs(row: dict, ft, where: str) -> list[tuple[str, str]]:
     """(prompt, response) pairs of one JSONL row in any of the accepted layouts."""
     if ft.instances_field in row and ft.instruction_field in row:  # seed_tasks.jsonl
-        return [(render_prompt(row[ft.instruction_field], inst.get(ft.input_field) or "", ft), inst.get(ft.output_field) or "")
+        return [(render_prompt(row[ft.instruction_field], inst.get(ft.input_field) or "", ft),
+                 inst.get(ft.output_field) or "")
                 for inst in row[ft.instances_field] or []]
     if ft.instruction_field in row and ft.output_field in row:  # instruction / input / output
-        return [(render_prompt(row[ft.instruction_field], row.get(ft.input_field) or "", ft), row[ft.output_field] or "")]
+        return [(render_prompt(row[ft.instruction_field], row.get(ft.input_field) or "", ft),
+                 row[ft.output_field] or "")]
     if ft.prompt_field in row and ft.response_field in row:  # prompt / response
         return [(render_prompt(row[ft.prompt_field], "", ft), row[ft.response_field] or "")]
     raise LlmctlError(
@@ -485,7 +502,8 @@ def instruct_pairs(row: dict, ft, where: str) -> list[tuple[str, str]]:
     )
 
 
-def instruct_examples(path: str, data: DataConfig, tokenizer: Tokenizer, block_size: int, ft, key: str = "data.path") -> Examples:
+def instruct_examples(path: str, data: DataConfig, tokenizer: Tokenizer, block_size: int, ft,
+                      key: str = "data.path") -> Examples:
     """Prompt + response + <eos> per example; labels are -100 on the prompt, so only the response is learned."""
     source = resolve_source(path, data, key)
     if source.builder != "json":

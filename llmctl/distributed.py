@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import tensor_parallel
 from .config import TrainConfig
 from .errors import EXIT_DIVERGED, EXIT_PEER, EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
 from .evaluate import lm_metrics as _lm_metrics
-from . import tensor_parallel
 from .interrupt import STOP, Stopped
 from .train import NullReporter, Reporter, rng_state, set_rng_state
 
@@ -119,7 +119,8 @@ def init(cfg: TrainConfig, device: torch.device) -> DistContext:
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise LlmctlError(f"distributed training runs on CUDA (nccl) or CPU (gloo), not {device.type}; set train.device=cpu")
+        raise LlmctlError(f"distributed training runs on CUDA (nccl) or CPU (gloo), not {device.type}; "
+                          "set train.device=cpu")
     STOP.repeat_window = 2.0  # the terminal's Ctrl-C and torchrun's forwarded copy are one Ctrl-C
     if not dist.is_initialized():
         try:
@@ -314,13 +315,14 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> nn.Mo
                 fully_shard(block, mesh=mesh["dp"])
             fully_shard(model, mesh=mesh["dp"])
     elif ctx.parallel == "ddp":
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # buffers are constant RoPE tables: no need to broadcast them before every forward pass (torch >= 2.13
         # spells that forward_sync_buffers, older versions broadcast_buffers)
-        import inspect
-
-        quiet_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+        quiet_buffers = ({"forward_sync_buffers": False}
+                         if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
                          else {"broadcast_buffers": False})
         model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **quiet_buffers)
     if cfg.compile:
@@ -382,7 +384,8 @@ def loop_hooks(model: nn.Module, ctx: DistContext) -> dict:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)  # gloo has no AVG
         return t / ctx.world_size
 
-    return {"no_sync": no_sync, "reduce_mean": reduce_mean, "sync_stop": lambda signum: agree_signal(ctx, signum), **extra}
+    return {"no_sync": no_sync, "reduce_mean": reduce_mean, "sync_stop": lambda signum: agree_signal(ctx, signum),
+            **extra}
 
 
 def agree_signal(ctx: DistContext, signum: Optional[int]) -> Optional[int]:
@@ -454,7 +457,8 @@ def _full_options():
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def gather_for_save(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext) -> Optional[tuple[dict, dict, dict]]:
+def gather_for_save(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    ctx: DistContext) -> Optional[tuple[dict, dict, dict]]:
     """(weights, optimizer state, rng entries) for the checkpoint on rank 0; None on the other ranks.
 
     Collective: every rank must call it at the same step. The optimizer state is in the one format of a
@@ -475,7 +479,8 @@ def gather_for_save(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Dis
         if ctx.is_main:
             # a tied head is one parameter with two names: store it once, under the embedding's name, as a
             # single process does
-            aliases = {n for n, _ in net.named_parameters(remove_duplicate=False)} - {n for n, _ in net.named_parameters()}
+            aliases = ({n for n, _ in net.named_parameters(remove_duplicate=False)}
+                       - {n for n, _ in net.named_parameters()})
             weights = {k: v for k, v in weights.items() if k not in aliases}
             opt_state = _by_index(by_name)
     else:  # one process, or DDP: every rank holds the whole model and optimizer
@@ -543,7 +548,8 @@ def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, st
     names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
     saved = [i for g in state["param_groups"] for i in g["params"]]
     if len(saved) != len(names) or len(state["param_groups"]) != len(optimizer.param_groups):
-        raise LlmctlError(f"the checkpoint's optimizer state holds {len(saved)} parameters, this model trains {len(names)}; "
+        raise LlmctlError(f"the checkpoint's optimizer state holds {len(saved)} parameters, "
+                          f"this model trains {len(names)}; "
                           "resume with the same model and trainable parameters")
     name = dict(zip(saved, names))  # saved index -> parameter name (both in group order)
     by_name = {

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import tensor_parallel
 from .config import Config, ModelConfig, default_cache_dir
 from .data import eval_blocks
 from .evaluate import lm_metrics
 from .fileio import write_atomic
-from . import tensor_parallel
 from .hardware import cpu_isa, cpu_name
 from .model import attention_dtype
 from .optim import build_optimizer
@@ -135,7 +135,8 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
     tokens = batch * seq
     full = tokens * (L * block + head)
     checkpointed = tokens * (L * 4 * C + block + head)
-    return {"per_layer": int(tokens * block), "head": int(tokens * head), "full": int(full), "checkpointed": int(checkpointed)}
+    return {"per_layer": int(tokens * block), "head": int(tokens * head), "full": int(full),
+            "checkpointed": int(checkpointed)}
 
 
 def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Optional[torch.dtype],
@@ -287,7 +288,8 @@ def _cached_peak(dtype: torch.dtype, cache_dir: Optional[str], measurements: int
     entry = table.get(key) if isinstance(table, dict) else None
     if not isinstance(table, dict):
         table = {}
-    if not (isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and isinstance(entry.get("n"), int)):
+    if not (isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float))
+            and isinstance(entry.get("n"), int)):
         entry = {"flops": 0.0, "n": 0}
     if entry["n"] >= measurements:
         return float(entry["flops"])
@@ -312,9 +314,11 @@ def peak_flops(device: torch.device, amp: Optional[torch.dtype], cache_dir: Opti
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         value = gpu_peak(name, amp)
-        return {"flops": value, "source": f"datasheet ({name})" if value else f"unknown GPU {name}: set LLMCTL_PEAK_TFLOPS"}
+        return {"flops": value,
+                "source": f"datasheet ({name})" if value else f"unknown GPU {name}: set LLMCTL_PEAK_TFLOPS"}
     if device.type == "cpu":
-        return {"flops": cpu_peak(amp, cache_dir), "source": f"{cpu_name()}, {torch.get_num_threads()} threads: best measured matmul"}
+        return {"flops": cpu_peak(amp, cache_dir),
+                "source": f"{cpu_name()}, {torch.get_num_threads()} threads: best measured matmul"}
     return {"flops": None, "source": f"no peak known for {device.type}: set LLMCTL_PEAK_TFLOPS"}
 
 
@@ -373,7 +377,8 @@ def time_steps(model: nn.Module, cfg: Config, task: Any, device: torch.device, a
 
         t0 = time.perf_counter()
         fit(model, optimizer, loop_cfg, Hooks(batches=task.batches, loss=task.loss, on_step=on_step),
-            LoopState(step=start_step), device=device, amp_dtype=amp, scaler=scaler, tokens_per_step=task.tokens_per_step)
+            LoopState(step=start_step), device=device, amp_dtype=amp, scaler=scaler,
+            tokens_per_step=task.tokens_per_step)
         durations = np.diff([t0, *stamps]).tolist()
         if device.type == "cuda":
             measured_peak = int(torch.cuda.max_memory_allocated(device))
@@ -473,7 +478,8 @@ def sample_batch(task: Any, tokenizer, step: int = 0, labels_names: Optional[lis
             spans[-1]["ids"].append(tok_id)
         else:
             spans.append({"trained": flag, "ids": [tok_id]})
-    out_spans = [{"trained": sp["trained"], "tokens": len(sp["ids"]), "text": tokenizer.decode(sp["ids"], skip_special=False)}
+    out_spans = [{"trained": sp["trained"], "tokens": len(sp["ids"]),
+                  "text": tokenizer.decode(sp["ids"], skip_special=False)}
                  for sp in spans]
     return {"step": step, "tokens": len(ids), "trained_tokens": int(sum(trained)) + int(labels[-1] != -100),
             "spans": out_spans}
@@ -483,7 +489,8 @@ def sample_batch(task: Any, tokenizer, step: int = 0, labels_names: Optional[lis
 # The whole dry-run report
 
 
-def dry_run(plan: Any, start_step: int = 0, timed_steps: int = 5, warmup_steps: int = 2, out: Optional[Path] = None) -> dict:
+def dry_run(plan: Any, start_step: int = 0, timed_steps: int = 5, warmup_steps: int = 2,
+            out: Optional[Path] = None) -> dict:
     """Everything `--dry-run` shows, as one JSON-ready dict. `plan` is a commands.TrainPlan (duck-typed)."""
     cfg, model, device, amp, task = plan.cfg, plan.model, plan.device, plan.amp, plan.task
     t = cfg.train

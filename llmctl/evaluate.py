@@ -68,12 +68,14 @@ def classify(model: nn.Module, batches: Iterable[dict], device: torch.device, am
 
 
 def classification_metrics(pred: list[int] | torch.Tensor, gold: list[int] | torch.Tensor, labels: list[str]) -> dict:
-    """Accuracy, per-class and macro precision / recall / F1, and the confusion matrix (rows: gold, columns: predicted)."""
+    """Accuracy, per-class and macro precision / recall / F1, and the confusion matrix
+    (rows: gold, columns: predicted)."""
     pred, gold = torch.as_tensor(pred).long(), torch.as_tensor(gold).long()
     k = len(labels)
     confusion = torch.bincount(gold * k + pred, minlength=k * k).reshape(k, k)
     tp = confusion.diag().double()
-    precision = torch.where(confusion.sum(0) > 0, tp / confusion.sum(0).clamp(min=1), torch.zeros(k, dtype=torch.double))
+    precision = torch.where(confusion.sum(0) > 0, tp / confusion.sum(0).clamp(min=1),
+                            torch.zeros(k, dtype=torch.double))
     recall = torch.where(confusion.sum(1) > 0, tp / confusion.sum(1).clamp(min=1), torch.zeros(k, dtype=torch.double))
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
                      torch.zeros(k, dtype=torch.double))

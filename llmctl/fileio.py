@@ -138,7 +138,8 @@ def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
             try:
                 rows.append((n, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise LlmctlError(f"{what} {path} line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+                raise LlmctlError(f"{what} {path} line {n} is not valid JSON ({e.msg}); "
+                                  "fix or remove that line") from None
     for n, obj in rows:
         if not isinstance(obj, dict):
             raise LlmctlError(f"{what} {path} line {n} must be a JSON object")

@@ -125,7 +125,8 @@ def from_hf_weights(theirs: dict[str, torch.Tensor], m: ModelConfig, source: str
     needed = [n for p in pairs for n in p.theirs]
     missing = [n for n in needed if n not in theirs]
     if missing:
-        raise LlmctlError(f"{source} lacks tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        raise LlmctlError(f"{source} lacks tensor {missing[0]}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                           + "; the weights do not match config.json or are incomplete")
     known = set(needed) | ({"lm_head.weight"} if m.tied else set())  # a tied head saved anyway is the embedding
     extra = [n for n in theirs if n not in known and not n.endswith(IGNORED_SUFFIXES)]
@@ -257,11 +258,13 @@ def to_model_config(hf: dict, source: str = "config.json") -> ModelConfig:
             raise unrepresentable(source, "hidden_act", act, "llmctl's Llama MLP is SwiGLU (silu)")
         attention_bias, mlp_bias = f("attention_bias", bool, False), f("mlp_bias", bool, False)
         if attention_bias != mlp_bias:
-            raise unrepresentable(source, "mlp_bias", mlp_bias, f"llmctl has one bias switch, and attention_bias={json.dumps(attention_bias)}")
+            raise unrepresentable(source, "mlp_bias", mlp_bias,
+                                  f"llmctl has one bias switch, and attention_bias={json.dumps(attention_bias)}")
         hidden, heads = f("hidden_size", int), f("num_attention_heads", int)
         head_dim = f("head_dim", int, None)
         if head_dim is not None and heads and head_dim * heads != hidden:
-            raise unrepresentable(source, "head_dim", head_dim, f"llmctl's head size is hidden_size/num_attention_heads = {hidden / heads:g}")
+            raise unrepresentable(source, "head_dim", head_dim,
+                                  f"llmctl's head size is hidden_size/num_attention_heads = {hidden / heads:g}")
         m = ModelConfig(
             arch="llama", n_layer=f("num_hidden_layers", int), n_head=heads, n_embd=hidden,
             n_kv_head=f("num_key_value_heads", int, None), block_size=f("max_position_embeddings", int, 2048),
@@ -290,7 +293,8 @@ def _rope_theta(hf: dict, source: str) -> float:
         if not isinstance(params, dict):
             raise unrepresentable(source, "rope_parameters", params, "expected a mapping")
         if params.get("rope_type", "default") != "default":
-            raise unrepresentable(source, "rope_parameters.rope_type", params["rope_type"], "llmctl's RoPE has no scaling")
+            raise unrepresentable(source, "rope_parameters.rope_type", params["rope_type"],
+                                  "llmctl's RoPE has no scaling")
         if "rope_theta" in params:  # transformers 5 prefers it over a top-level rope_theta
             return _field(params, "rope_theta", float, source=f"{source} rope_parameters")
     return _field(hf, "rope_theta", float, 10000.0, source)
@@ -473,7 +477,8 @@ def load_dir(src: Path, tokenizer_path: Optional[Path] = None) -> Imported:
     else:
         tok = None
         other = [n for n in ("tokenizer.model", "vocab.json") if (src / n).exists()]
-        warnings.append(f"{src} has no tokenizer.json" + (f" (llmctl does not read {', '.join(other)})" if other else "")
+        warnings.append(f"{src} has no tokenizer.json"
+                        + (f" (llmctl does not read {', '.join(other)})" if other else "")
                         + ": the checkpoint is imported without a tokenizer; give one with --tokenizer FILE")
     if tok is not None and tok.vocab_size > m.vocab_size:
         raise LlmctlError(f"the tokenizer has {tok.vocab_size} tokens but the model only {m.vocab_size} embeddings; "
@@ -483,7 +488,8 @@ def load_dir(src: Path, tokenizer_path: Optional[Path] = None) -> Imported:
     return Imported(cfg, weights, tok, str(src), hf_cfg, warnings)
 
 
-def write_dir(out: Path, cfg: Config, weights: dict[str, torch.Tensor], tok: Optional[Tokenizer], source: str) -> list[str]:
+def write_dir(out: Path, cfg: Config, weights: dict[str, torch.Tensor], tok: Optional[Tokenizer],
+              source: str) -> list[str]:
     """Write a transformers directory into `out` (which must exist and be empty). Returns the file names."""
     m = cfg.model
     files: dict[str, Any] = {

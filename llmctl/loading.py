@@ -49,7 +49,8 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:3])}")
         if wrong:
-            parts.append(f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
+            parts.append(f"shape of {wrong[0]} is {tuple(tensors[wrong[0]].shape)}, expected "
+                         f"{tuple(own[wrong[0]].shape)}")
         raise LlmctlError(f"weights in {source} do not match the model config ({'; '.join(parts)})")
     model.load_state_dict(tensors, strict=False)
 
@@ -90,7 +91,8 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> None:
                     torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad)
         for name, b in list(module._buffers.items()):
             if b is not None:
-                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device) if b.is_meta else b.to(device)
+                module._buffers[name] = (torch.empty(b.shape, dtype=b.dtype, device=device) if b.is_meta
+                                         else b.to(device))
 
 
 def adapter_base(ck: ckpt_io.Checkpoint, base: Optional[Path] = None) -> ckpt_io.Checkpoint:
@@ -125,7 +127,8 @@ def restore(backbone: Transformer, classifier: Optional[Classifier], ck: ckpt_io
         adapter = ck.weights(ckpt_io.ADAPTER)
         expected = lora_state(backbone)
         if set(adapter) != set(expected) or any(adapter[k].shape != expected[k].shape for k in adapter):
-            raise LlmctlError(f"adapter in {ck.path} does not match the model's LoRA layers (finetune.lora_* settings differ)")
+            raise LlmctlError(f"adapter in {ck.path} does not match the model's LoRA layers "
+                              "(finetune.lora_* settings differ)")
         backbone.load_state_dict(adapter, strict=False)
     else:
         load_weights(backbone, ck.weights(), str(ck.path))

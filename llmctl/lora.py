@@ -101,8 +101,9 @@ def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dr
             hits[t] += 1
         if isinstance(module, nn.Embedding):
             if head is not None and head.weight is module.weight:
-                raise LlmctlError(f"finetune.lora_targets: {name} is tied to the output head (model.tie_embeddings), so "
-                                  f"an adapter on it would change the head only after merging; remove {name} from the targets")
+                raise LlmctlError(f"finetune.lora_targets: {name} is tied to the output head (model.tie_embeddings), "
+                                  "so an adapter on it would change the head only after merging; "
+                                  f"remove {name} from the targets")
             wrapper: nn.Module = LoRAEmbedding(module, rank, alpha)
         else:
             wrapper = LoRALinear(module, rank, alpha, dropout)

@@ -60,7 +60,8 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
     HF rotates as x * cos + cat(-x2, x1) * sin. The sin table here carries the minus sign on its first half, so
     the rotation is x * cos + roll(x, hd/2) * sin: the same products, in half the ops."""
     # on the CPU even inside a meta-device context: the same ops on meta tensors would import torch._dynamo (~1 s)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))  # (hd/2,)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+                                / head_dim))  # (hd/2,)
     freqs = torch.outer(torch.arange(length, dtype=torch.int64, device="cpu").float(), inv_freq)  # (L, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
     sin = emb.sin()
@@ -279,7 +280,8 @@ class Transformer(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(pos)
         else:
-            rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype), self.rope_sin[pos].unsqueeze(1).to(x.dtype))  # (B|1, 1, T, hd)
+            rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype),
+                    self.rope_sin[pos].unsqueeze(1).to(x.dtype))  # (B|1, 1, T, hd)
         x = self.drop(x)
         mask, causal = None, True
         if cached and kv_len is not None and left_pad is None and T in (1, kv_len):

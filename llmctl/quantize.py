@@ -106,7 +106,8 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     device = next(model.parameters()).device
     if device.type == "cpu":
         if not cpu_int8_available():
-            raise LlmctlError("int8 on this CPU needs the fbgemm engine, which this torch build lacks; use --quantize none")
+            raise LlmctlError("int8 on this CPU needs the fbgemm engine, which this torch build lacks; "
+                              "use --quantize none")
         torch.backends.quantized.engine = "fbgemm"
         with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; the API still works
             warnings.simplefilter("ignore")

@@ -288,7 +288,8 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             who = self.path.read_text(encoding="utf-8", errors="replace").strip()
-            raise LlmctlError(f"{self.path.parent} is in use by another llmctl process ({who}); wait for it or stop it first") from None
+            raise LlmctlError(f"{self.path.parent} is in use by another llmctl process ({who}); "
+                              "wait for it or stop it first") from None
         previous = os.read(fd, 4096).decode(errors="replace").strip()
         if previous:
             self.stale = previous

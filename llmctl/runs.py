@@ -11,11 +11,9 @@ import socket
 from pathlib import Path
 from typing import Any, Optional
 
-
 from .checkpoint import read_latest
-from .rundir import SIGNALS, is_run, process_start, process_state, read_config, read_metrics, read_status
 from .errors import LlmctlError
-
+from .rundir import SIGNALS, is_run, process_start, process_state, read_config, read_metrics, read_status
 
 
 def _alive(pid: Any, identity: Optional[str] = None) -> bool:
@@ -96,7 +94,8 @@ def summarize(run_dir: Path) -> dict:
         "tokens": last.get("tokens", status.get("tokens")),
         "loss": last.get("loss"),
         "val_loss": val_rows[-1]["val_loss"] if val_rows else None,
-        "best_val_loss": min((r["val_loss"] for r in val_rows if isinstance(r["val_loss"], (int, float))), default=None),
+        "best_val_loss": min((r["val_loss"] for r in val_rows if isinstance(r["val_loss"], (int, float))),
+                             default=None),
         "tokens_per_sec": tps,
         "train_seconds": status.get("train_seconds", last.get("time")),
         "updated": status.get("updated"),
@@ -138,7 +137,8 @@ def compare(a: Path, b: Path) -> dict:
     a, b = require_run(a), require_run(b)
     ca, cb = _flatten(read_config(a)), _flatten(read_config(b))
     diff = [{"key": k, "a": ca.get(k), "b": cb.get(k)} for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
-    keys = ("status", "steps", "checkpoint_step", "tokens", "loss", "val_loss", "best_val_loss", "tokens_per_sec", "train_seconds")
+    keys = ("status", "steps", "checkpoint_step", "tokens", "loss", "val_loss", "best_val_loss", "tokens_per_sec",
+            "train_seconds")
     sa, sb = summarize(a), summarize(b)
     return {
         "a": str(a),

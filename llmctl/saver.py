@@ -29,8 +29,10 @@ class Saver:
                  scaler: Optional[torch.amp.GradScaler], dist: distributed.DistContext, tokenizer_json: str,
                  meta: dict, split: Callable[[dict], tuple[dict, str, dict]], resume_cmd: str,
                  log: Callable[[str], None]):
-        self.out, self.cfg, self.model, self.optimizer, self.scaler, self.dist = out, cfg, model, optimizer, scaler, dist
-        self.tokenizer_json, self.meta, self.split, self.resume_cmd, self.log = tokenizer_json, meta, split, resume_cmd, log
+        self.out, self.cfg, self.model, self.optimizer, self.scaler, self.dist = (
+            out, cfg, model, optimizer, scaler, dist)
+        self.tokenizer_json, self.meta, self.split, self.resume_cmd, self.log = (
+            tokenizer_json, meta, split, resume_cmd, log)
         self.config_yaml = cfg.to_yaml()
         self.saved_step: Optional[int] = None  # the step whose state is on disk (or needs none): see `begin`
 

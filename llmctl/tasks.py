@@ -15,8 +15,18 @@ import torch.nn.functional as F
 
 from . import distributed
 from .config import Config
-from .data import (ExampleBatches, Examples, LMBatches, TokenData, classification_examples, eval_batches, eval_blocks,
-                   holdout, instruct_examples, packed_tokens)
+from .data import (
+    ExampleBatches,
+    Examples,
+    LMBatches,
+    TokenData,
+    classification_examples,
+    eval_batches,
+    eval_blocks,
+    holdout,
+    instruct_examples,
+    packed_tokens,
+)
 from .errors import LlmctlError
 from .evaluate import classification_metrics, classify
 from .heads import Classifier
@@ -81,7 +91,8 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
         blocks = lambda: eval_blocks(td.val, T, cfg.eval.batch_size, t.eval_batches)  # noqa: E731
         return {"val_loss": distributed.lm_metrics(model, blocks, layout.dist, device, amp)["loss"]}
 
-    return Task("lm", backbone, backbone, batches.get, lm_loss, evaluate, t.batch_size * layout.accum * T * layout.world,
+    return Task("lm", backbone, backbone, batches.get, lm_loss, evaluate,
+                t.batch_size * layout.accum * T * layout.world,
                 sizes={"train_tokens": len(td.train), "val_tokens": len(td.val)}, val_tokens=td.val)
 
 
@@ -107,7 +118,8 @@ def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, devi
         m = classification_metrics(pred, [ex.targets[i] for i in rows.tolist()], labels)
         return {"val_loss": loss, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
-    notes = [f"{ex.truncated} of {len(ex.ids)} texts were longer than the context and were truncated"] if ex.truncated else []
+    notes = ([f"{ex.truncated} of {len(ex.ids)} texts were longer than the context and were truncated"]
+             if ex.truncated else [])
     return Task("classification", module, backbone, batches.get, classification_loss, evaluate, None,
                 sizes={"train_examples": len(train_idx), "val_examples": len(val_idx),
                        "epochs": round(batches.epochs(t.max_steps), 2)},

@@ -40,7 +40,8 @@ def is_split(name: str) -> bool:
 
 def divisibility_problems(cfg: ModelConfig, tp: int) -> list[str]:
     """What of the model's shape cannot be split over `tp` ranks (empty when all of it can)."""
-    parts = [("model.n_head", cfg.n_head), ("model.n_kv_head", cfg.kv_heads), ("the MLP width (model.mlp_hidden)", cfg.hidden)]
+    parts = [("model.n_head", cfg.n_head), ("model.n_kv_head", cfg.kv_heads),
+             ("the MLP width (model.mlp_hidden)", cfg.hidden)]
     return [f"{name}={n} is not divisible by train.tp_size={tp}" for name, n in parts if n % tp]
 
 

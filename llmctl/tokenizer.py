@@ -40,7 +40,8 @@ class Tokenizer:
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         if self.eos_id is None:
             raise LlmctlError(
-                "the tokenizer has no end-of-text token (one of " + ", ".join(EOS_CANDIDATES) + "); add one to tokenizer.json"
+                "the tokenizer has no end-of-text token (one of " + ", ".join(EOS_CANDIDATES)
+                + "); add one to tokenizer.json"
             )
 
     # --- construction ------------------------------------------------------------------------------------------

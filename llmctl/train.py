@@ -126,7 +126,8 @@ class Evaluator:
         cfg = self.cfg
         state.last_eval = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         value = result.get(cfg.best_metric)
-        improved = value is not None and (state.best is None or (value > state.best if self.maximize else value < state.best))
+        improved = value is not None and (state.best is None
+                                          or (value > state.best if self.maximize else value < state.best))
         if improved:
             state.best, state.best_step = value, state.step
         state.evals_since_best = 0 if improved else state.evals_since_best + 1
@@ -210,7 +211,8 @@ def fit(
             state.eval_due = False
             improved, stop_early = evaluator.judge(state, result)
             hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
-            reporter.log(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+            reporter.log(f"step {state.step}: "
+                         + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
                          + (" (best)" if improved and not (last or stop_early) else ""))
             if stop_early:
                 reporter.log(f"early stop: no better {cfg.best_metric} in {cfg.patience} evaluations "
@@ -261,13 +263,15 @@ def fit(
                 value = loss_val if what == "loss" else gnorm_val
                 if state.skipped >= cfg.skip_nonfinite:
                     raise LlmctlError(
-                        f"training diverged at step {step + 1}: the {what} is {value}; the last good checkpoint is kept. "
+                        f"training diverged at step {step + 1}: the {what} is {value}; "
+                        "the last good checkpoint is kept. "
                         "Lower train.lr, raise train.warmup_steps, or use train.dtype=float32",
                         status=EXIT_DIVERGED,
                     )
                 state.skipped += 1
                 optimizer.zero_grad(set_to_none=True)
-                reporter.log(f"warning: step {step + 1}: the {what} is {value}; step skipped ({state.skipped} of train.skip_nonfinite={cfg.skip_nonfinite})")
+                reporter.log(f"warning: step {step + 1}: the {what} is {value}; step skipped ({state.skipped} of "
+                             f"train.skip_nonfinite={cfg.skip_nonfinite})")
                 hooks.log_metrics({"step": step + 1, "skipped": what})
                 state.step += 1
                 continue

@@ -5,11 +5,10 @@ The same reports go out as JSON with `--json`; these functions only decide how t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pathlib import Path
-
 from rich import box
 from rich.console import Group
 from rich.table import Table
@@ -102,16 +101,21 @@ def dry_run(report: dict) -> Group:
     rows.append(("head", "tied to the embedding" if p.get("head_tied") else f"{p.get('head', 0):,}"))
     if p.get("other"):
         rows.append(("other", f"{p['other']:,}"))
-    rows.append(("total", f"{p['total']:,}" + (f" ({p['trainable']:,} trainable)" if p["trainable"] != p["total"] else "")))
+    rows.append(("total",
+                 f"{p['total']:,}" + (f" ({p['trainable']:,} trainable)" if p["trainable"] != p["total"] else "")))
     parts.append(_kv_table("parameters", rows))
 
     acc = tr["grad_accum"]
     rows = [
-        ("FLOPs per token (training)", f"{fmt_count(report['flops_per_token'])} (forward {fmt_count(report['flops_per_token_forward'])})"),
-        ("tokens per optimizer step", f"{report['tokens_per_step']:,} ({tr['batch_size']} x {m['block_size']}" + (f" x {acc} micro-batches)" if acc > 1 else ")")),
+        ("FLOPs per token (training)",
+         f"{fmt_count(report['flops_per_token'])} (forward {fmt_count(report['flops_per_token_forward'])})"),
+        ("tokens per optimizer step",
+         f"{report['tokens_per_step']:,} ({tr['batch_size']} x {m['block_size']}"
+         + (f" x {acc} micro-batches)" if acc > 1 else ")")),
         (("train / val tokens", f"{report['train_tokens']:,} / {report['val_tokens']:,} ({report['epochs']} epochs)")
          if "train_tokens" in report else
-         ("train / val examples", f"{report['train_examples']:,} / {report['val_examples']:,} ({report['epochs']} epochs)")),
+         ("train / val examples",
+          f"{report['train_examples']:,} / {report['val_examples']:,} ({report['epochs']} epochs)")),
         ("device peak", f"{fmt_count(report['peak_flops'])}FLOP/s" if report.get("peak_flops") else "unknown"),
         ("peak from", report["peak_flops_source"]),
     ]
@@ -150,12 +154,14 @@ def dry_run(report: dict) -> Group:
         if tm.get("measured_peak_memory"):
             what = "allocated" if report["device"].startswith("cuda") else "resident growth"
             rows.append((f"measured peak ({what})", fmt_bytes(tm["measured_peak_memory"]), "during the timed steps"))
-        title = f"\ntime (median of {tm['steps_timed']} timed steps after {tm['warmup_steps']} warm-up steps, on {report['device']})"
+        title = (f"\ntime (median of {tm['steps_timed']} timed steps after {tm['warmup_steps']} warm-up steps, "
+                 f"on {report['device']})")
         parts.append(_kv_table(title, rows))
 
     s = report["sample"]
     if "label" in s:
-        parts.append(Text(f"\nsample batch (step {s['step']}, first sequence): {s['tokens']} tokens, label {s['label']}; "
+        parts.append(Text(f"\nsample batch (step {s['step']}, first sequence): {s['tokens']} tokens, "
+                          f"label {s['label']}; "
                           "the classifier reads the text in ⟦ ⟧", style="bold"))
     else:
         parts.append(Text(f"\nsample batch (step {s['step']}, first sequence): {s['trained_tokens']} of {s['tokens']} "

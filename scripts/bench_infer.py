@@ -120,7 +120,8 @@ def measure(args: dict) -> dict:
         from llmctl.generate import Decoder, Request, generate_batch
         from llmctl.quantize import prepare
 
-        model = prepare(model.to(device), args["dtype"], args["quantize"])  # what `llmctl infer` does for this precision
+        # what `llmctl infer` does for this precision
+        model = prepare(model.to(device), args["dtype"], args["quantize"])
         # compiled: the ahead-of-time step, built into $LLMCTL_CACHE_DIR if missing (cold) or loaded from it (warm)
         decoder = Decoder(model, compile=args["compile"])
 
@@ -228,7 +229,8 @@ def main() -> None:
         return
 
     if args.keep_shapes and not args.json.is_file():
-        raise SystemExit(f"--keep-shapes keeps the shape rows of {args.json}, which does not exist; run without it first")
+        raise SystemExit(f"--keep-shapes keeps the shape rows of {args.json}, which does not exist; "
+                         "run without it first")
     old = json.loads(args.json.read_text()) if args.keep_shapes else None
     from llmctl import hardware  # the CPU class every figure holds for
     bw = old["read_bandwidth_gbs"] if old else read_bandwidth_gbs()
@@ -250,10 +252,12 @@ def main() -> None:
         info["floor_tokens_per_sec"] = old["floor_tokens_per_sec"]
     for shape in [] if args.keep_shapes else args.shapes.split(","):
         floor32 = bw * 1e9 / weight_bytes(SHAPES[shape], 4)
-        info.setdefault("floor_tokens_per_sec", {})[shape] = {"float32": round(floor32, 1), "bfloat16": round(2 * floor32, 1),
-                                                             "int8": round(4 * floor32, 1)}
+        info.setdefault("floor_tokens_per_sec", {})[shape] = {"float32": round(floor32, 1),
+                                                              "bfloat16": round(2 * floor32, 1),
+                                                              "int8": round(4 * floor32, 1)}
         for impl, dtype, q, comp, batch in settings:
-            spec = dict(shape=shape, impl=impl, dtype=dtype, quantize=q, compile=comp, batch=batch, repeats=args.repeats)
+            spec = dict(shape=shape, impl=impl, dtype=dtype, quantize=q, compile=comp, batch=batch,
+                        repeats=args.repeats)
             env = None
             if comp:  # cold cache first (builds the compiled step), then warm (loads it): both first calls reported
                 cache = tempfile.mkdtemp(prefix="llmctl-bench-")
@@ -288,16 +292,19 @@ def main() -> None:
             r = dict(sorted(rs, key=lambda x: x["tokens_per_sec"])[len(rs) // 2])
             r["tokens_per_sec_rounds"] = [round(x["tokens_per_sec"], 1) for x in rs]
             if comp:
-                r["first_call_cold_s"], r["first_call_s"] = rs[0]["first_call_s"], statistics.median(x["first_call_s"] for x in rs[1:])
+                r["first_call_cold_s"], r["first_call_s"] = (rs[0]["first_call_s"],
+                                                             statistics.median(x["first_call_s"] for x in rs[1:]))
             rows.append({"model": f"trained:{args.ckpt}", "impl": impl, "dtype": dtype, "quantize": q, "compile": comp,
                          "batch": 1, **r})
             print(f"trained {impl:12s} {dtype:9s} {q:5s} {'compiled' if comp else 'eager':8s}: "
-                  f"{r['tokens_per_sec']:8.1f} tok/s (rounds: {r['tokens_per_sec_rounds']})", file=sys.stderr, flush=True)
+                  f"{r['tokens_per_sec']:8.1f} tok/s (rounds: {r['tokens_per_sec_rounds']})", file=sys.stderr,
+                  flush=True)
         info["trained_perplexity"] = perplexities(args.ckpt)
 
     # ratios against transformers in the same dtype and batch
     base = {(r["model"], r["dtype"], r["batch"]): r["tokens_per_sec"] for r in rows if r["impl"] == "transformers"}
-    hf32 = {(r["model"], r["batch"]): r["tokens_per_sec"] for r in rows if r["impl"] == "transformers" and r["dtype"] == "float32"}
+    hf32 = {(r["model"], r["batch"]): r["tokens_per_sec"] for r in rows
+            if r["impl"] == "transformers" and r["dtype"] == "float32"}
     print(f"\n{'model':14s} {'impl':12s} {'dtype':9s} {'quant':5s} {'mode':8s} {'batch':>5s} {'tok/s':>8s} "
           f"{'vs HF same dtype':>16s} {'vs HF fp32':>10s} {'ttft ms':>8s} {'RSS MB':>7s}")
     for r in rows:

@@ -56,7 +56,8 @@ def run_nanogpt(nanogpt: Path, steps: int) -> dict:
     losses = {int(m[1]): float(m[2]) for m in re.finditer(r"iter (\d+): loss ([\d.]+), time ([\d.]+)ms", p.stdout)}
     steady = [t for i, t in times.items() if i >= WARMUP]
     ms = statistics.median(steady)
-    return {"tokens_per_sec": 12 * 64 / (ms / 1000), "ms_per_step": ms, "wall_s": wall, "final_loss": losses[max(losses)]}
+    return {"tokens_per_sec": 12 * 64 / (ms / 1000), "ms_per_step": ms, "wall_s": wall,
+            "final_loss": losses[max(losses)]}
 
 
 def run_llmctl(data: Path, steps: int, dtype: str | None) -> dict:
@@ -79,7 +80,8 @@ def run_llmctl(data: Path, steps: int, dtype: str | None) -> dict:
     steady = [r["tokens_per_sec"] for r in steps_rows if r["step"] > WARMUP]
     tps = statistics.median(steady)
     shutil.rmtree(out.parent, ignore_errors=True)
-    return {"tokens_per_sec": tps, "ms_per_step": 12 * 64 / tps * 1000, "wall_s": wall, "final_loss": steps_rows[-1]["loss"]}
+    return {"tokens_per_sec": tps, "ms_per_step": 12 * 64 / tps * 1000, "wall_s": wall,
+            "final_loss": steps_rows[-1]["loss"]}
 
 
 def main() -> None:
@@ -110,8 +112,8 @@ def main() -> None:
     for name, runs in results.items():
         tps = statistics.median(x["tokens_per_sec"] for x in runs)
         wall = statistics.median(x["wall_s"] for x in runs)
-        summary[name] = {"tokens_per_sec": round(tps), "ratio_vs_nanogpt": round(tps / base, 2), "wall_s": round(wall, 1),
-                         "runs": runs}
+        summary[name] = {"tokens_per_sec": round(tps), "ratio_vs_nanogpt": round(tps / base, 2),
+                         "wall_s": round(wall, 1), "runs": runs}
         print(f"{name:34s} {tps:>10,.0f} {tps / base:>10.2f}x {wall:>9.1f}")
     from llmctl import hardware  # the CPU class every figure holds for
     info = {"steps": args.steps, "rounds": args.rounds, "warmup_steps_excluded": WARMUP,

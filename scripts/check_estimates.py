@@ -85,7 +85,8 @@ def main() -> None:
             real_sets = [*sets, f"train.max_steps={steps}", "train.log_interval=10"]
             report = json.loads(run([*exe, "pretrain", *sum((["--set", s] for s in real_sets), []), "--dry-run",
                                      "--json", "--out", f"{tmp}/run"], env))
-            m = json.loads(run([sys.executable, "-c", MEASURE, json.dumps(real_sets), f"{tmp}/run", str(args.warmup)], env))
+            m = json.loads(run([sys.executable, "-c", MEASURE, json.dumps(real_sets), f"{tmp}/run", str(args.warmup)],
+                               env))
             # the same with glibc returning freed memory at once: what the tensors need, without the heap the
             # default allocator keeps after the first step (memory only: 4 steps reach the peak)
             trim = json.loads(run([sys.executable, "-c", MEASURE, json.dumps([*sets, "train.max_steps=4"]),
@@ -107,7 +108,8 @@ def main() -> None:
               f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)")
         print(f"  memory terms (MiB): weights {mem['weights'] / 2**20:.1f}, gradients {mem['gradients'] / 2**20:.1f}, "
               f"optimizer {mem['optimizer'] / 2**20:.1f}, autocast copies {mem['autocast_copies'] / 2**20:.1f}, "
-              f"activations {mem['activations'] / 2**20:.1f} (checkpointed {mem['activations_checkpointed'] / 2**20:.1f})")
+              f"activations {mem['activations'] / 2**20:.1f} "
+              f"(checkpointed {mem['activations_checkpointed'] / 2**20:.1f})")
         print(f"  baseline RSS after imports {m['baseline_rss'] / 2**20:.0f} MiB "
               f"(torch._dynamo's lazy import: {m['dynamo_import'] / 2**20:.0f} MiB of it)")
         for name, value, unit in rows:

@@ -52,7 +52,8 @@ TRAIN_RUN_KEYS = ["tokens_per_sec", "mfu", "step_ms_median", "tokens_per_sec_who
                   "seconds_to_first_step", "train_seconds", "wall_seconds", "steps", "final_loss", "val_loss",
                   "peak_memory_bytes", "peak_memory_reserved_bytes"]
 # (name, implementation, batch, compiled, quantize), in the order they run: the goal's figures first
-DECODE = [("transformers_b1", "transformers", 1, False, "none"), ("transformers_b16", "transformers", 16, False, "none"),
+DECODE = [("transformers_b1", "transformers", 1, False, "none"),
+          ("transformers_b16", "transformers", 16, False, "none"),
           ("llmctl_b1", "llmctl", 1, False, "none"), ("llmctl_compiled_b1", "llmctl", 1, True, "none"),
           ("llmctl_b16", "llmctl", 16, False, "none"), ("llmctl_int8_b1", "llmctl", 1, False, "int8"),
           ("llmctl_int8_b16", "llmctl", 16, False, "int8"), ("llmctl_compiled_b16", "llmctl", 16, True, "none")]
@@ -253,7 +254,8 @@ class Check:
         self.work = args.work
         self.report = Report(self.out / "gpu_check.json")
         self.details = self.out / "details.log"  # every worker's and pytest's own output
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        self.env = {**os.environ,
+                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                     "LLMCTL_CACHE_DIR": str(self.work / "cache"),
                     "TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor"),  # cold: compile times are honest
                     "PYTHONUNBUFFERED": "1"}
@@ -392,7 +394,8 @@ class Check:
         print(f"gpu check: cuda-marked tests: {counts['passed']} passed, {counts['skipped']} skipped, "
               f"{counts['failed'] + counts['errors']} failing, of {counts['collected']} ({secs:.0f} s)", flush=True)
         if rc not in (0,) or failures:
-            self.report.note("errors", "tests", f"pytest exit {rc}; failing: {', '.join(failures) or 'see details.log'}")
+            self.report.note("errors", "tests",
+                             f"pytest exit {rc}; failing: {', '.join(failures) or 'see details.log'}")
         if self.args.device == "cpu" and counts["skipped"] != counts["collected"]:
             self.report.note("errors", "tests", "on a CPU every cuda-marked test should be skipped")
         if counts["collected"] == 0:
@@ -434,7 +437,8 @@ class Check:
         r.put("train.config", "configs/gpt2-small.yaml")
         r.put("train.steps", self.p["steps"])
         r.put("train.warmup_steps_excluded", self.p["warmup_excluded"])
-        r.put("train.overrides", [s for s in self.train_sets(corpus, False) if not s.startswith(("data.path", "train.compile"))])
+        r.put("train.overrides",
+              [s for s in self.train_sets(corpus, False) if not s.startswith(("data.path", "train.compile"))])
         base = dict(device=self.args.device, warmup_excluded=self.p["warmup_excluded"])
         if self.has_time("dry run", 40):
             dry = self.worker("train", {**base, "overrides": self.train_sets(corpus, False), "dry_run": True,
@@ -455,7 +459,8 @@ class Check:
             if not self.has_time(f"train {name}", 100 if compiled else 45):
                 continue
             res = self.worker("train", {**base, "overrides": self.train_sets(corpus, compiled), "dry_run": False,
-                                        "out": str(self.work / f"run-{name}")}, min(420, self.left() - 15), f"train-{name}")
+                                        "out": str(self.work / f"run-{name}")}, min(420, self.left() - 15),
+                              f"train-{name}")
             if not res:
                 continue
             self._train_info(res)
@@ -487,7 +492,8 @@ class Check:
         cpu_quick = self.args.quick and self.args.device == "cpu"
         names = [d[0] for d in DECODE if not (cpu_quick and d[3])]
         if cpu_quick:
-            r.note("skipped", "decode compiled", "--quick on a CPU: building a compiled step takes about 30 s per shape")
+            r.note("skipped", "decode compiled",
+                   "--quick on a CPU: building a compiled step takes about 30 s per shape")
         rows_file = self.work / "decode-rows.jsonl"
         rows_file.unlink(missing_ok=True)
         ran = {}  # implementation -> whether its worker ran to the end
@@ -512,7 +518,8 @@ class Check:
                 r.note("errors", f"decode {name}", row["error"])
                 continue
             r.put(f"decode.settings.{name}", {"impl": impl, "batch": batch, "compiled": compiled, "quantize": quantize,
-                                               "tokens_per_sec": row["tokens_per_sec"], "ms_per_step": row["ms_per_step"],
+                                               "tokens_per_sec": row["tokens_per_sec"],
+                                               "ms_per_step": row["ms_per_step"],
                                                "ttft_ms": row["ttft_ms"], "first_call_s": row["first_call_s"],
                                                "peak_memory_bytes": row.get("peak_gpu_memory_bytes")})
         for b in (1, 16):
@@ -575,8 +582,8 @@ class Check:
                      f"{size(m['estimate_checkpointed_bytes'])}), the dry run's own peak "
                      f"{size(m['dry_run_measured_peak_bytes'])}; estimate / measured peak: eager "
                      f"{m['estimate_over_eager_peak']}, compiled {m['estimate_over_compiled_peak']}")
-        lines.append(f"decode {dec['model']}, {dec['dtype']}, {dec['prompt_tokens']}-token prompt + {dec['new_tokens']} "
-                     "new tokens, greedy, tokens/s:")
+        lines.append(f"decode {dec['model']}, {dec['dtype']}, {dec['prompt_tokens']}-token prompt + "
+                     f"{dec['new_tokens']} new tokens, greedy, tokens/s:")
         for b in (1, 16):
             s = dec["settings"]
             row = ", ".join(f"{n.replace(f'_b{b}', '')} {num(s[n]['tokens_per_sec'])}"

@@ -60,7 +60,8 @@ def test_closed_stdout_stops_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        r = subprocess.run([sys.executable, "-m", "llmctl", "config", "show", "-c", str(ROOT / "configs/shakespeare-char.yaml")],
+        r = subprocess.run([sys.executable, "-m", "llmctl", "config", "show", "-c",
+                            str(ROOT / "configs/shakespeare-char.yaml")],
                            stdout=write_end, stderr=subprocess.PIPE, text=True)
     finally:
         os.close(write_end)
@@ -125,7 +126,8 @@ def _hf_dir(tmp: Path, weights: str = "none", **fields) -> Path:
         if weights == "missing-tensor":
             tensors.pop("model.layers.0.self_attn.k_proj.weight")
         elif weights == "wrong-shape":
-            tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:, :-1].contiguous()
+            tensors["model.layers.0.mlp.up_proj.weight"] = (
+                tensors["model.layers.0.mlp.up_proj.weight"][:, :-1].contiguous())
         save_file(tensors, str(d / "model.safetensors"))
     elif weights == "pickle":
         import datetime
@@ -157,110 +159,145 @@ BAD = [
      ["train.lrr", "did you mean", "train.lr"]),
     ("wrong-type", lambda t, r: ["pretrain", *sets("train.batch_size=big"), "--out", t / "o"],
      ["train.batch_size", "integer"]),
-    ("n_embd-not-divisible", lambda t, r: ["pretrain", *sets(*TINY, "model.n_embd=30", "model.n_head=4"), "--out", t / "o"],
+    ("n_embd-not-divisible",
+     lambda t, r: ["pretrain", *sets(*TINY, "model.n_embd=30", "model.n_head=4"), "--out", t / "o"],
      ["n_embd", "divisible"]),
     ("negative-lr", lambda t, r: ["pretrain", *sets(*TINY, "train.lr=-1"), "--out", t / "o"], ["train.lr", "positive"]),
-    ("missing-config-file", lambda t, r: ["pretrain", "-c", t / "nope.yaml", "--out", t / "o"], ["config file not found"]),
+    ("missing-config-file", lambda t, r: ["pretrain", "-c", t / "nope.yaml", "--out", t / "o"],
+     ["config file not found"]),
     ("missing-data-file", lambda t, r: ["pretrain", *sets(*TINY, f"data.path={t / 'missing.txt'}"), "--out", t / "o"],
      ["data.path", "does not exist"]),
     ("empty-corpus", lambda t, r: ["pretrain", *sets(*TINY, f"data.path={_file(t, 'e.txt', '')}"), "--out", t / "o"],
      ["empty"]),
-    ("corpus-shorter-than-block", lambda t, r: ["pretrain", *sets(*TINY, f"data.path={_file(t, 's.txt', 'tiny text')}"), "--out", t / "o"],
+    ("corpus-shorter-than-block",
+     lambda t, r: ["pretrain", *sets(*TINY, f"data.path={_file(t, 's.txt', 'tiny text')}"), "--out", t / "o"],
      ["block_size"]),
     ("missing-checkpoint", lambda t, r: ["infer", "--ckpt", t / "no-run", "--prompt", "hi"], ["checkpoint not found"]),
     ("checkpoint-fails-manifest", lambda t, r: ["infer", "--ckpt", _corrupt(t, r), "--prompt", "hi"],
      ["model.safetensors", "sha256"]),
     ("eval-corrupt-checkpoint", lambda t, r: ["eval", "--ckpt", _corrupt(t, r)], ["sha256"]),
-    ("out-exists", lambda t, r: ["pretrain", *sets(*TINY), "--out", r], ["already holds a run", "--resume", "--overwrite"]),
-    ("resume-and-overwrite", lambda t, r: ["pretrain", *sets(*TINY), "--out", r, "--resume", "--overwrite"], ["contradict"]),
-    ("resume-not-a-run", lambda t, r: ["pretrain", *sets(*TINY), "--out", _nonrun(t), "--resume"], ["holds no llmctl run"]),
-    ("prompt-too-long", lambda t, r: ["infer", "--ckpt", r, "--prompt", "x" * 100], ["100 tokens", "context is 32", "--truncate"]),
-    ("max-new-tokens-zero", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--max-new-tokens", "0"], ["--max-new-tokens"]),
-    ("max-new-tokens-negative", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--max-new-tokens", "-3"], ["--max-new-tokens"]),
+    ("out-exists", lambda t, r: ["pretrain", *sets(*TINY), "--out", r],
+     ["already holds a run", "--resume", "--overwrite"]),
+    ("resume-and-overwrite", lambda t, r: ["pretrain", *sets(*TINY), "--out", r, "--resume", "--overwrite"],
+     ["contradict"]),
+    ("resume-not-a-run", lambda t, r: ["pretrain", *sets(*TINY), "--out", _nonrun(t), "--resume"],
+     ["holds no llmctl run"]),
+    ("prompt-too-long", lambda t, r: ["infer", "--ckpt", r, "--prompt", "x" * 100],
+     ["100 tokens", "context is 32", "--truncate"]),
+    ("max-new-tokens-zero", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--max-new-tokens", "0"],
+     ["--max-new-tokens"]),
+    ("max-new-tokens-negative", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--max-new-tokens", "-3"],
+     ["--max-new-tokens"]),
     ("empty-prompt-file", lambda t, r: ["infer", "--ckpt", r, "--prompt-file", _file(t, "p.txt", "  \n")], ["empty"]),
-    ("missing-prompt-file", lambda t, r: ["infer", "--ckpt", r, "--prompt-file", t / "nope.txt"], ["--prompt-file", "does not exist"]),
+    ("missing-prompt-file", lambda t, r: ["infer", "--ckpt", r, "--prompt-file", t / "nope.txt"],
+     ["--prompt-file", "does not exist"]),
     ("no-prompt", lambda t, r: ["infer", "--ckpt", r], ["no prompt"]),
     ("eval-missing-data", lambda t, r: ["eval", "--ckpt", r, "--data", t / "nope.txt"], ["does not exist"]),
     ("bad-override-syntax", lambda t, r: ["config", "show", "--set", "train.lr"], ["KEY=VALUE"]),
-    ("finetune-missing-base", lambda t, r: ["finetune", "--from", t / "nope", "--out", t / "o"], ["checkpoint not found"]),
+    ("finetune-missing-base", lambda t, r: ["finetune", "--from", t / "nope", "--out", t / "o"],
+     ["checkpoint not found"]),
     ("unknown-option", lambda t, r: ["pretrain", "--nope"], ["No such option"]),
     ("resume-from-missing", lambda t, r: ["pretrain", *sets(*TINY), "--resume-from", t / "nope", "--out", t / "o"],
      ["checkpoint not found"]),
     ("eval-batch-size-zero", lambda t, r: ["eval", "--ckpt", r, "--batch-size", "0"], ["--batch-size"]),
-    ("negative-temperature", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--temperature", "-1"], ["--temperature"]),
+    ("negative-temperature", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--temperature", "-1"],
+     ["--temperature"]),
     ("top-p-above-one", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--top-p", "2"], ["--top-p"]),
-    ("prompt-and-prompt-file", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--prompt-file", _file(t, "p.txt", "b")],
+    ("prompt-and-prompt-file",
+     lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--prompt-file", _file(t, "p.txt", "b")],
      ["either --prompt or --prompt-file"]),
     ("config-show-missing-file", lambda t, r: ["config", "show", "-c", t / "nope.yaml"], ["config file not found"]),
     ("prepare-missing-data", lambda t, r: ["prepare", "--set", f"data.path={t / 'nope.txt'}"], ["does not exist"]),
     ("prepare-no-data-path", lambda t, r: ["prepare"], ["data.path is not set"]),
     ("tokenizer-path-missing", lambda t, r: ["prepare", *sets(*TINY, f"tokenizer.path={t / 'tok.json'}")],
      ["tokenizer file not found"]),
-    ("tokenizer-file-invalid", lambda t, r: ["prepare", *sets(*TINY, f"tokenizer.path={_file(t, 'tok.json', '{oops')}")],
+    ("tokenizer-file-invalid",
+     lambda t, r: ["prepare", *sets(*TINY, f"tokenizer.path={_file(t, 'tok.json', '{oops')}")],
      ["not a valid tokenizer.json"]),
     ("vocab-smaller-than-tokenizer", lambda t, r: ["pretrain", *sets(*TINY, "model.vocab_size=10"), "--out", t / "o"],
      ["model.vocab_size=10", "tokenizer"]),
     ("finetune-without-from", lambda t, r: ["finetune", "--out", t / "o"], ["--from"]),
     ("checkpoint-is-a-file", lambda t, r: ["eval", "--ckpt", _file(t, "ck.bin", "x")], ["must be a directory"]),
-    ("not-an-llmctl-checkpoint", lambda t, r: ["infer", "--ckpt", _foreign(t), "--prompt", "hi"], ["not an llmctl checkpoint"]),
+    ("not-an-llmctl-checkpoint", lambda t, r: ["infer", "--ckpt", _foreign(t), "--prompt", "hi"],
+     ["not an llmctl checkpoint"]),
     ("out-is-a-file", lambda t, r: ["pretrain", *sets(*TINY), "--out", _file(t, "o.txt", "x")], ["is a file"]),
     ("overwrite-non-run-dir", lambda t, r: ["pretrain", *sets(*TINY), "--out", _nonrun(t), "--overwrite"],
      ["does not look like an llmctl run"]),
-    ("bad-dtype-choice", lambda t, r: ["pretrain", *sets(*TINY, "train.dtype=fp8"), "--out", t / "o"], ["train.dtype", "one of"]),
+    ("bad-dtype-choice", lambda t, r: ["pretrain", *sets(*TINY, "train.dtype=fp8"), "--out", t / "o"],
+     ["train.dtype", "one of"]),
     ("device-unavailable", lambda t, r: ["pretrain", *sets(*TINY, "train.device=cuda"), "--out", t / "o"], ["CUDA"]),
     ("cls-missing-label-column", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=classification",
-     "data.path=" + str(_file(t, "c.tsv", "stars\tsentence\n1\tgood\n0\tbad\n")), "data.text_column=sentence"), "--out", t / "o"],
+     "data.path=" + str(_file(t, "c.tsv", "stars\tsentence\n1\tgood\n0\tbad\n")), "data.text_column=sentence"),
+     "--out", t / "o"],
      ["no column 'label'", "data.label_column"]),
     ("cls-empty-text", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=classification",
-     "data.path=" + str(_file(t, "c.tsv", "label\tsentence\n1\tgood\n0\t \n")), "data.text_column=sentence"), "--out", t / "o"],
+     "data.path=" + str(_file(t, "c.tsv", "label\tsentence\n1\tgood\n0\t \n")), "data.text_column=sentence"),
+     "--out", t / "o"],
      ["row 2", "empty text"]),
     ("cls-unseen-label-at-eval", lambda t, r: ["eval", "--ckpt", _classifier(t, r), "--data",
-     _file(t, "d.tsv", "label\tcontent\n1\tgood\n7\tbad\n"), "--text-column", "content"], ["'7'", "not one the model was trained on"]),
+     _file(t, "d.tsv", "label\tcontent\n1\tgood\n7\tbad\n"), "--text-column", "content"],
+     ["'7'", "not one the model was trained on"]),
     ("lora-target-matches-nothing", lambda t, r: ["finetune", "--from", r, *sets(f"data.path={SHAKESPEARE}",
-     "finetune.method=lora", "finetune.lora_targets=[attn.q_proj]"), "--out", t / "o"], ["attn.q_proj", "matches no layer"]),
-    ("adapter-base-mismatch", lambda t, r: ["infer", "--ckpt", _adapter(t, r), "--base", _retrained(t, r), "--prompt", "hi"],
+     "finetune.method=lora", "finetune.lora_targets=[attn.q_proj]"), "--out", t / "o"],
+     ["attn.q_proj", "matches no layer"]),
+    ("adapter-base-mismatch",
+     lambda t, r: ["infer", "--ckpt", _adapter(t, r), "--base", _retrained(t, r), "--prompt", "hi"],
      ["does not match adapter"]),
     ("instruct-bad-jsonl-line", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=instruct",
-     "data.path=" + str(_file(t, "i.jsonl", '{"prompt": "a", "response": "b"}\n{oops\n'))), "--out", t / "o"], ["line 2", "not valid JSON"]),
+     "data.path=" + str(_file(t, "i.jsonl", '{"prompt": "a", "response": "b"}\n{oops\n'))), "--out", t / "o"],
+     ["line 2", "not valid JSON"]),
     ("instruct-unknown-layout", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=instruct",
-     "data.path=" + str(_file(t, "i.jsonl", '{"question": "a", "answer": "b"}\n'))), "--out", t / "o"], ["expected fields", "question"]),
-    ("data-column-missing", lambda t, r: ["prepare", *sets(*TINY, "data.path=" + str(_file(t, "d.jsonl", '{"body": "x"}')))],
+     "data.path=" + str(_file(t, "i.jsonl", '{"question": "a", "answer": "b"}\n'))), "--out", t / "o"],
+     ["expected fields", "question"]),
+    ("data-column-missing",
+     lambda t, r: ["prepare", *sets(*TINY, "data.path=" + str(_file(t, "d.jsonl", '{"body": "x"}')))],
      ["no column 'text'", "data.text_column"]),
     # Hugging Face import / export
     ("import-unsupported-architecture", lambda t, r: ["import", "hf", _hf_dir(t, architectures=["MistralForCausalLM"],
      model_type="mistral"), "--out", t / "o"], ["unsupported architecture", "MistralForCausalLM"]),
-    ("import-rope-scaling", lambda t, r: ["import", "hf", _hf_dir(t, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+    ("import-rope-scaling",
+     lambda t, r: ["import", "hf", _hf_dir(t, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
      "--out", t / "o"], ["rope_scaling", "cannot be represented"]),
     ("import-rope-parameters-scaling", lambda t, r: ["import", "hf", _hf_dir(t, rope_parameters={"rope_type": "yarn",
      "rope_theta": 1e4, "factor": 4.0}), "--out", t / "o"], ["rope_parameters.rope_type", "yarn"]),
-    ("import-mlp-bias-differs", lambda t, r: ["import", "hf", _hf_dir(t, attention_bias=True, mlp_bias=False), "--out", t / "o"],
+    ("import-mlp-bias-differs",
+     lambda t, r: ["import", "hf", _hf_dir(t, attention_bias=True, mlp_bias=False), "--out", t / "o"],
      ["mlp_bias", "attention_bias"]),
     ("import-head-dim", lambda t, r: ["import", "hf", _hf_dir(t, head_dim=16), "--out", t / "o"], ["head_dim=16"]),
-    ("import-hidden-act", lambda t, r: ["import", "hf", _hf_dir(t, hidden_act="gelu"), "--out", t / "o"], ["hidden_act", "gelu"]),
-    ("import-gpt2-activation", lambda t, r: ["import", "hf", _hf_dir(t, architectures=["GPT2LMHeadModel"], model_type="gpt2",
+    ("import-hidden-act", lambda t, r: ["import", "hf", _hf_dir(t, hidden_act="gelu"), "--out", t / "o"],
+     ["hidden_act", "gelu"]),
+    ("import-gpt2-activation",
+     lambda t, r: ["import", "hf", _hf_dir(t, architectures=["GPT2LMHeadModel"], model_type="gpt2",
      n_embd=32, n_layer=1, n_head=4, activation_function="relu"), "--out", t / "o"], ["activation_function", "relu"]),
-    ("import-missing-field", lambda t, r: ["import", "hf", _hf_dir(t, hidden_size=None), "--out", t / "o"], ["hidden_size"]),
+    ("import-missing-field", lambda t, r: ["import", "hf", _hf_dir(t, hidden_size=None), "--out", t / "o"],
+     ["hidden_size"]),
     ("import-missing-config", lambda t, r: ["import", "hf", t, "--out", t / "o"], ["no config.json"]),
     ("import-not-a-directory", lambda t, r: ["import", "hf", t / "nope", "--out", t / "o"], ["not a directory"]),
-    ("import-missing-weights", lambda t, r: ["import", "hf", _hf_dir(t), "--out", t / "o"], ["no weights", "model.safetensors"]),
+    ("import-missing-weights", lambda t, r: ["import", "hf", _hf_dir(t), "--out", t / "o"],
+     ["no weights", "model.safetensors"]),
     ("import-missing-tensor", lambda t, r: ["import", "hf", _hf_dir(t, weights="missing-tensor"), "--out", t / "o"],
      ["lacks tensor", "k_proj"]),
     ("import-wrong-shape", lambda t, r: ["import", "hf", _hf_dir(t, weights="wrong-shape"), "--out", t / "o"],
      ["up_proj.weight", "(48, 31)", "(48, 32)"]),
     ("import-pickled-object", lambda t, r: ["import", "hf", _hf_dir(t, weights="pickle"), "--out", t / "o"],
      ["pytorch_model.bin", "cannot be loaded safely"]),
-    ("import-out-exists", lambda t, r: ["import", "hf", _hf_dir(t, weights="full"), "--out", r], ["not empty", "--overwrite"]),
+    ("import-out-exists", lambda t, r: ["import", "hf", _hf_dir(t, weights="full"), "--out", r],
+     ["not empty", "--overwrite"]),
     ("import-tokenizer-too-big", lambda t, r: ["import", "hf", _hf_dir(t, weights="full"), "--out", t / "o",
      "--tokenizer", r / "tokenizer.json"], ["tokens but the model only 40"]),
     ("infer-imported-without-tokenizer", lambda t, r: ["infer", "--ckpt", _bare_import(t, r), "--prompt", "hi"],
      ["no tokenizer", "--tokenizer"]),
-    ("eval-imported-without-data", lambda t, r: ["eval", "--ckpt", _bare_import(t, r), "--tokenizer", r / "tokenizer.json"],
+    ("eval-imported-without-data",
+     lambda t, r: ["eval", "--ckpt", _bare_import(t, r), "--tokenizer", r / "tokenizer.json"],
      ["no data.path", "--data"]),
-    ("export-unknown-format", lambda t, r: ["export", "--ckpt", r, "--format", "onnx", "--out", t / "o"], ["--format", "onnx"]),
-    ("export-out-not-empty", lambda t, r: ["export", "--ckpt", r, "--out", _file(t, "x", "").parent], ["not empty", "--overwrite"]),
+    ("export-unknown-format", lambda t, r: ["export", "--ckpt", r, "--format", "onnx", "--out", t / "o"],
+     ["--format", "onnx"]),
+    ("export-out-not-empty", lambda t, r: ["export", "--ckpt", r, "--out", _file(t, "x", "").parent],
+     ["not empty", "--overwrite"]),
     ("export-classifier", lambda t, r: ["export", "--ckpt", _classifier(t, r), "--out", t / "o"],
      ["classification checkpoint", "language models only"]),
-    ("export-missing-checkpoint", lambda t, r: ["export", "--ckpt", t / "nope", "--out", t / "o"], ["checkpoint not found"]),
+    ("export-missing-checkpoint", lambda t, r: ["export", "--ckpt", t / "nope", "--out", t / "o"],
+     ["checkpoint not found"]),
 ]
 
 
@@ -278,7 +315,9 @@ def _adapter(tmp: Path, run: Path) -> Path:
     from llmctl import commands
 
     out = tmp / "adapter"
-    commands.finetune(None, [f"data.path={SHAKESPEARE}", "finetune.method=lora", "train.max_steps=2", "train.dtype=float32"], run, out)
+    commands.finetune(None,
+                      [f"data.path={SHAKESPEARE}", "finetune.method=lora", "train.max_steps=2", "train.dtype=float32"],
+                      run, out)
     return out
 
 
@@ -305,16 +344,20 @@ def _nonrun(tmp: Path) -> Path:
 
 
 BAD += [
-    ("input-malformed-jsonl", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.jsonl", '{"prompt": "a"}\n{"prompt": \n'),
+    ("input-malformed-jsonl",
+     lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.jsonl", '{"prompt": "a"}\n{"prompt": \n'),
      "--output", t / "out.jsonl"], ["line 2", "not valid JSON"]),
-    ("input-empty-file", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.txt", "\n\n"), "--output", t / "out.jsonl"],
+    ("input-empty-file",
+     lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.txt", "\n\n"), "--output", t / "out.jsonl"],
      ["holds no prompts"]),
-    ("input-prompt-too-long", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.txt", "ok\n" + "x" * 100 + "\n"),
+    ("input-prompt-too-long",
+     lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.txt", "ok\n" + "x" * 100 + "\n"),
      "--output", t / "out.jsonl"], ["row 2", "100 tokens", "--truncate"]),
-    ("input-missing-prompt-field", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.jsonl", '{"text": 1}\n')],
-     ["line 1", "prompt"]),
+    ("input-missing-prompt-field",
+     lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "in.jsonl", '{"text": 1}\n')], ["line 1", "prompt"]),
     ("bad-quantize", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--quantize", "int4"], ["--quantize"]),
-    ("output-without-input", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--output", t / "o.jsonl"], ["--output goes with --input"]),
+    ("output-without-input", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--output", t / "o.jsonl"],
+     ["--output goes with --input"]),
     ("bad-compile-setting", lambda t, r: ["pretrain", *sets(*TINY, "generate.compile=sometimes"), "--out", t / "o"],
      ["generate.compile", "auto, true, false", "sometimes"]),
     ("compile-with-cpu-int8", lambda t, r: ["infer", "--ckpt", r, "--prompt", "a", "--quantize", "int8", "--compile"],
@@ -336,13 +379,14 @@ def _meta_edited(tmp: Path, run: Path, **fields) -> Path:
 NULL_MODEL = ["model: in", "is empty (null)", "give it keys, or remove the line"]
 
 BAD += [
-    ("meta-format-version-not-int", lambda t, r: ["infer", "--ckpt", _meta_edited(t, r, format_version="abc"), "--prompt", "hi"],
+    ("meta-format-version-not-int",
+     lambda t, r: ["infer", "--ckpt", _meta_edited(t, r, format_version="abc"), "--prompt", "hi"],
      ["meta.json", "format_version must be an integer", "'abc'", "use another checkpoint"]),
     ("meta-step-not-int", lambda t, r: ["eval", "--ckpt", _meta_edited(t, r, step="thirty")],
      ["meta.json", "step must be a non-negative integer", "set it to 30"]),
     # a null section is the same error everywhere, with or without a --set for that section
-    ("model-null-config-show", lambda t, r: ["config", "show", "-c", _file(t, "c.yaml", "model:\ntrain:\n  lr: 1e-3\n")],
-     NULL_MODEL),
+    ("model-null-config-show",
+     lambda t, r: ["config", "show", "-c", _file(t, "c.yaml", "model:\ntrain:\n  lr: 1e-3\n")], NULL_MODEL),
     ("model-null-config-show-with-set", lambda t, r: ["config", "show", "-c", _file(t, "c.yaml", "model: null\n"),
      "--set", "model.n_layer=2"], NULL_MODEL),
     ("model-null-pretrain-with-set", lambda t, r: ["pretrain", "-c", _file(t, "c.yaml", "model: null\n"), *sets(*TINY),
@@ -399,17 +443,21 @@ def test_bad_input(case, runner, tiny_run, tmp_path, monkeypatch):
 UNSEEN = "🙂☃"  # characters Tiny Shakespeare never has: the char tokenizer maps them to <unk>
 
 WARN = [
-    ("unseen-chars-prompt", lambda t, r: (["infer", "--ckpt", r, "--prompt", f"ROMEO: {UNSEEN}{UNSEEN[0]}", "-n", "5"], None),
+    ("unseen-chars-prompt",
+     lambda t, r: (["infer", "--ckpt", r, "--prompt", f"ROMEO: {UNSEEN}{UNSEEN[0]}", "-n", "5"], None),
      ["the prompt: 3 characters the tokenizer never saw", "became <unk>", "2 distinct: '🙂', '☃'"]),
     ("unseen-chars-prompt-json", lambda t, r: (["infer", "--ckpt", r, "--prompt", UNSEEN, "-n", "5", "--json"], None),
      ["the prompt: 2 characters"]),
-    ("unseen-chars-prompt-file", lambda t, r: (["infer", "--ckpt", r, "--prompt-file", _file(t, "p.txt", f"JULIET {UNSEEN}"),
+    ("unseen-chars-prompt-file",
+     lambda t, r: (["infer", "--ckpt", r, "--prompt-file", _file(t, "p.txt", f"JULIET {UNSEEN}"),
      "-n", "5"], None), ["the prompt: 2 characters", "'🙂', '☃'"]),
-    ("unseen-chars-input-rows", lambda t, r: (["infer", "--ckpt", r, "--input", _file(t, "in.txt", f"ROMEO:\nhi {UNSEEN[0]}\n"
+    ("unseen-chars-input-rows",
+     lambda t, r: (["infer", "--ckpt", r, "--input", _file(t, "in.txt", f"ROMEO:\nhi {UNSEEN[0]}\n"
      f"ok {UNSEEN[1]}\n"), "-n", "3"], None), ["--input rows 2, 3: 2 characters", "'🙂', '☃'"]),
     ("unseen-chars-chat", lambda t, r: (["infer", "--ckpt", r, "--chat", "-n", "3"], f"hello {UNSEEN[0]}\n/exit\n"),
      ["your message: 1 character the tokenizer never saw", "'🙂'"]),
-    ("unseen-chars-eval-data", lambda t, r: (["eval", "--ckpt", r, "--data", _file(t, "d.txt", SHAKESPEARE.read_text()[:3000]
+    ("unseen-chars-eval-data",
+     lambda t, r: (["eval", "--ckpt", r, "--data", _file(t, "d.txt", SHAKESPEARE.read_text()[:3000]
      + f"\n{UNSEEN}\n")], None), ["--data", "d.txt: 2 characters the tokenizer never saw", "'🙂', '☃'"]),
 ]
 
@@ -436,7 +484,8 @@ def test_infer_input_file_batched_with_per_row_settings(runner, tiny_run, tmp_pa
     f = tmp_path / "in.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out.jsonl"
-    r = invoke(runner, "infer", "--ckpt", tiny_run, "--input", f, "--output", out, "--batch-size", "2", "--quantize", "none")
+    r = invoke(runner, "infer", "--ckpt", tiny_run, "--input", f, "--output", out,
+               "--batch-size", "2", "--quantize", "none")
     assert r.exit_code == 0, r.output
     got = [json.loads(x) for x in out.read_text().splitlines()]
     assert [g["prompt"] for g in got] == [r["prompt"] for r in rows] and got[2]["id"] == "x"

@@ -3,8 +3,7 @@
 import torch
 import yaml
 
-from llmctl import quantize
-from llmctl import loading, precision
+from llmctl import loading, precision, quantize
 
 
 def test_training_precision_auto_follows_the_cpu(monkeypatch):

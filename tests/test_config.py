@@ -88,10 +88,12 @@ def test_every_shipped_config_loads(path):
         for k, v in values.items():
             if section == "data" and k == "path":
                 continue
-            assert defaults[section][k] != v or section == "model" and k == "arch", f"{path.name}: {section}.{k} repeats the default"
+            assert defaults[section][k] != v or section == "model" and k == "arch", (
+                f"{path.name}: {section}.{k} repeats the default")
 
 
-@pytest.mark.parametrize("text", ["model:\ntrain:\n  lr: 1e-3\n", "model: null\n", "model: ~\n", "model:\n  # n_layer: 4\n"])
+@pytest.mark.parametrize("text",
+                         ["model:\ntrain:\n  lr: 1e-3\n", "model: null\n", "model: ~\n", "model:\n  # n_layer: 4\n"])
 @pytest.mark.parametrize("overrides", [[], ["model.n_layer=2"], ["train.lr=1e-3"]])
 def test_empty_section_is_one_error_with_or_without_set(tmp_path, text, overrides):
     """A null section is refused the same way whether or not a --set for that section would fill it."""

@@ -119,7 +119,8 @@ def test_batches_are_a_function_of_seed_and_step_and_split_by_rank():
     r0 = LMBatches(tokens, 8, batch_size=2, grad_accum=2, seed=7, rank=0, world_size=2)
     r1 = LMBatches(tokens, 8, batch_size=2, grad_accum=2, seed=7, rank=1, world_size=2)
     single = LMBatches(tokens, 8, batch_size=4, grad_accum=2, seed=7)
-    assert sorted(single.offsets(5).ravel()) == sorted(np.concatenate([r0.offsets(5)[:, 0].ravel(), r1.offsets(5)[:, 1].ravel()]))
+    assert sorted(single.offsets(5).ravel()) == sorted(np.concatenate([r0.offsets(5)[:, 0].ravel(),
+                                                                       r1.offsets(5)[:, 1].ravel()]))
 
 
 def torch_equal(a, b) -> bool:

@@ -17,8 +17,7 @@ import torch
 
 from conftest import SHAKESPEARE, sets
 from llmctl import checkpoint as ckpt
-from llmctl import rundir
-from llmctl import commands, distributed, tensor_parallel
+from llmctl import commands, distributed, rundir, tensor_parallel
 from llmctl.config import TrainConfig, load_config
 from llmctl.errors import LlmctlError
 from llmctl.hardware import cpu_has_fast_bf16
@@ -26,7 +25,8 @@ from llmctl.hardware import cpu_has_fast_bf16
 # float32, dropout 0: one process with batch B and two with B/2 see the same global batch and must agree
 BASE = [
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.0",
-    "train.max_steps=20", "train.warmup_steps=5", "train.log_interval=1", "train.eval_interval=10", "train.eval_batches=3",
+    "train.max_steps=20", "train.warmup_steps=5", "train.log_interval=1", "train.eval_interval=10",
+    "train.eval_batches=3",
     "train.save_interval=10", "train.keep_last=3", "train.dtype=float32", f"data.path={SHAKESPEARE}",
 ]
 TOL = 1e-5
@@ -57,7 +57,8 @@ def assert_same_val_losses(a: Path, b: Path) -> None:
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=N -m llmctl ...` (torchrun itself may not be on PATH)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "llmctl", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "llmctl",
+           *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -150,7 +151,8 @@ def single(tmp_path_factory) -> Path:
 def fsdp_run(tmp_path_factory, single) -> tuple[Path, subprocess.CompletedProcess]:
     """Two processes, batch 4 each, FSDP2 with activation checkpointing."""
     out = tmp_path_factory.mktemp("dist") / "fsdp"
-    r = torchrun("pretrain", *sets(*BASE, "train.batch_size=4", "train.parallel=fsdp", "train.activation_checkpointing=true"),
+    r = torchrun("pretrain",
+                 *sets(*BASE, "train.batch_size=4", "train.parallel=fsdp", "train.activation_checkpointing=true"),
                  "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
@@ -167,7 +169,8 @@ def test_ddp_two_processes_log_the_losses_of_one(tmp_path, single):
     assert r.stderr.count("global batch 8 sequences = 4 per device x 1 accumulation x 2 processes (DDP)") == 1
     assert r.stderr.count("step 20: val_loss") == 1
     step_rows = [row for row in rows(out) if "tokens_per_sec" in row]
-    assert all(row["tokens_per_sec_per_device"] == pytest.approx(row["tokens_per_sec"] / 2, abs=0.1) for row in step_rows)
+    assert all(row["tokens_per_sec_per_device"] == pytest.approx(row["tokens_per_sec"] / 2, abs=0.1)
+               for row in step_rows)
     assert_same_val_losses(single, out)
 
 
@@ -265,7 +268,8 @@ def test_tensor_parallel_two_processes_log_the_losses_of_one(tmp_path, single_fl
                for i in o1["state"] for m in ("exp_avg", "exp_avg_sq")) < TOL
     # ... so it resumes in one process like the single run's own checkpoint
     resumed = tmp_path / "resumed"
-    commands.pretrain(None, [*BASE, *FLAVOURS[flavour], "train.batch_size=8"], resumed, resume_from=out / "step-0000010")
+    commands.pretrain(None, [*BASE, *FLAVOURS[flavour], "train.batch_size=8"], resumed,
+                      resume_from=out / "step-0000010")
     assert_same_losses(losses(single), losses(resumed), range(11, 21))
 
 
@@ -297,7 +301,8 @@ def test_one_process_checkpoint_resumes_under_tensor_parallelism(tmp_path, singl
 def test_tensor_parallel_classification_with_accumulation_matches_one_process(tmp_path, single_flavour):
     base = single_flavour("llama-gqa")
     data = tmp_path / "train.tsv"
-    data.write_text("label\tsentence\n" + "".join(f"{i % 2}\t{'good' if i % 2 else 'bad'} words {i}\n" for i in range(48)))
+    data.write_text("label\tsentence\n"
+                    + "".join(f"{i % 2}\t{'good' if i % 2 else 'bad'} words {i}\n" for i in range(48)))
     args = ["finetune.task=classification", f"data.path={data}", "data.text_column=sentence", "train.max_steps=6",
             "train.batch_size=4", "train.grad_accum=2", "train.log_interval=1", "train.eval_interval=3",
             "train.warmup_steps=1", "train.dtype=float32"]
@@ -354,7 +359,8 @@ rank, world = dist.get_rank(), dist.get_world_size()
 out = {}
 for name, cfg in {"llama-gqa": ModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16,
                                            vocab_size=40),
-                  "gpt2-tied": ModelConfig(arch="gpt2", n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=40)}.items():
+                  "gpt2-tied": ModelConfig(arch="gpt2", n_layer=2, n_head=4, n_embd=32, block_size=16,
+                                           vocab_size=40)}.items():
     torch.manual_seed(0)
     plain = Transformer(cfg)
     model = Transformer(cfg)
@@ -376,7 +382,8 @@ dist.destroy_process_group()
 def test_each_rank_holds_its_share_of_every_tensor_parallel_matrix(tmp_path):
     script = tmp_path / "shards.py"
     script.write_text(SHARDS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
@@ -405,7 +412,8 @@ def _children(pid: int) -> dict[int, int]:
             ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
             if ppid != pid:
                 continue
-            env = dict(x.split("=", 1) for x in (d / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in x)
+            env = dict(x.split("=", 1)
+                       for x in (d / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in x)
         except (OSError, ValueError, IndexError):
             continue
         if "RANK" in env:

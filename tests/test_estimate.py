@@ -46,13 +46,15 @@ def test_dry_run_report_fields(tmp_path):
 
 def test_dry_run_cli_json_and_touches_no_existing_run(runner, tiny_run):
     before = sorted(p.name for p in tiny_run.iterdir())
-    r = invoke(runner, "pretrain", *sets(*TINY, "train.dtype=bfloat16"), "--out", tiny_run, "--overwrite", "--dry-run", "--json")
+    r = invoke(runner, "pretrain", *sets(*TINY, "train.dtype=bfloat16"), "--out", tiny_run, "--overwrite", "--dry-run",
+               "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["precision"] == "bfloat16 autocast" and report["memory"]["autocast_copies"] > 0
     assert report["out_exists"] is True
     assert sorted(p.name for p in tiny_run.iterdir()) == before  # --overwrite did not delete anything
-    r = invoke(runner, "finetune", "--from", tiny_run, *sets(*TINY[-1:], "train.max_steps=3"), "--out", tiny_run / "ft", "--dry-run")
+    r = invoke(runner, "finetune", "--from", tiny_run, *sets(*TINY[-1:], "train.max_steps=3"), "--out", tiny_run / "ft",
+               "--dry-run")
     assert r.exit_code == 0, r.output
     for words in ("parameters", "memory per device", "activations", "whole run", "sample batch", "resolved config"):
         assert words in r.stdout
@@ -144,7 +146,8 @@ def test_gpu_peak_table():
     assert estimate.gpu_peak("NVIDIA H100 PCIe", torch.bfloat16) == 756.5e12
     assert estimate.gpu_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4e12
     assert estimate.gpu_peak("NVIDIA A100-SXM4-80GB", torch.float16) == 312e12
-    assert estimate.gpu_peak("Tesla T4", torch.bfloat16) is None and estimate.gpu_peak("Tesla T4", torch.float16) == 65e12
+    assert (estimate.gpu_peak("Tesla T4", torch.bfloat16) is None
+            and estimate.gpu_peak("Tesla T4", torch.float16) == 65e12)
     assert estimate.gpu_peak("NVIDIA A10G", torch.bfloat16) is None  # not an A10: unknown rather than wrong
     assert estimate.gpu_peak("NVIDIA L40S", torch.bfloat16) == 362.1e12
 

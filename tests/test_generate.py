@@ -70,7 +70,8 @@ def test_batch_rows_keep_their_own_settings_and_can_be_cancelled():
     from llmctl.generate import Request, generate_batch
 
     m = model("gpt2")
-    reqs = [Request([1, 2], 5, temperature=0), Request([3, 4], 9, temperature=1.0, top_k=5, seed=7), Request([5], 12, temperature=0)]
+    reqs = [Request([1, 2], 5, temperature=0), Request([3, 4], 9, temperature=1.0, top_k=5, seed=7),
+            Request([5], 12, temperature=0)]
     alone = list(generate(m, [3, 4], 9, temperature=1.0, top_k=5, seed=7))
     out = {0: [], 1: [], 2: []}
     cancelled: set[int] = set()
@@ -145,7 +146,8 @@ def test_an_unreadable_cached_package_is_dropped(tmp_path):
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"PK\x03\x04 not really a package")
     decoder = Decoder(m, compile="auto", store=store)
-    assert list(generate(m, [1, 2, 3], 5, temperature=0, decoder=decoder)) == list(generate(m, [1, 2, 3], 5, temperature=0))
+    assert (list(generate(m, [1, 2, 3], 5, temperature=0, decoder=decoder))
+            == list(generate(m, [1, 2, 3], 5, temperature=0)))
     assert not bad.exists() and any("unreadable" in n for n in notes)
 
 

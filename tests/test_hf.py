@@ -264,7 +264,8 @@ def test_exported_tokenizer_encodes_and_decodes_like_ours(name, exported):
 def test_export_merges_a_lora_adapter(tiny_run, runner, tmp_path):
     adapter = tmp_path / "adapter"
     r = invoke(runner, "finetune", "--from", tiny_run, *sets(f"data.path={SHAKESPEARE}", "finetune.method=lora",
-               "train.max_steps=3", "train.lr=1e-2", "train.dtype=float32", "train.eval_interval=0"), "--out", adapter, "--quiet")
+               "train.max_steps=3", "train.lr=1e-2", "train.dtype=float32", "train.eval_interval=0"), "--out", adapter,
+               "--quiet")
     assert r.exit_code == 0, r.output
     assert ckpt_io.ADAPTER in ckpt_io.load(adapter).meta["files"]
     r = invoke(runner, "export", "--ckpt", adapter, "--out", tmp_path / "exp")
@@ -276,7 +277,8 @@ def test_export_merges_a_lora_adapter(tiny_run, runner, tmp_path):
     ids = torch.randint(0, ours.cfg.vocab_size, (2, ours.cfg.block_size), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (theirs(ids).logits - ours(ids)).abs().max().item() < TOL
-    merged, base = load_file(str(tmp_path / "exp" / "model.safetensors")), load_file(str(tmp_path / "base" / "model.safetensors"))
+    merged, base = (load_file(str(tmp_path / "exp" / "model.safetensors")),
+                    load_file(str(tmp_path / "base" / "model.safetensors")))
     assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"], base["transformer.h.0.attn.c_attn.weight"])
 
 
@@ -357,9 +359,11 @@ def test_finetune_from_an_imported_llama(hf_models, runner, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(PARAGRAPH * 4)
     r = invoke(runner, "finetune", "--from", tmp_path / "imp", *sets(f"data.path={corpus}", "train.max_steps=3",
-               "train.batch_size=2", "train.dtype=float32", "train.eval_interval=0"), "--out", tmp_path / "ft", "--quiet", "--json")
+               "train.batch_size=2", "train.dtype=float32", "train.eval_interval=0"), "--out", tmp_path / "ft",
+               "--quiet", "--json")
     assert r.exit_code == 0, r.output
-    r = invoke(runner, "infer", "--ckpt", tmp_path / "ft", "--prompt", "ROMEO:", "--max-new-tokens", "10", "--seed", "0")
+    r = invoke(runner, "infer", "--ckpt", tmp_path / "ft", "--prompt", "ROMEO:",
+               "--max-new-tokens", "10", "--seed", "0")
     assert r.exit_code == 0 and r.stdout.startswith("ROMEO:")
 
 

@@ -20,7 +20,6 @@ from llmctl import checkpoint as ckpt
 from llmctl import rundir
 from llmctl.interrupt import STOP, Stopped, in_thread
 
-
 # ------------------------------------------------------------------------------------------------------------------
 # The handler itself
 
@@ -146,7 +145,8 @@ def test_a_signal_during_tokenization_stops_within_seconds(tmp_path, kind, num_p
     assert status == (130 if signum == signal.SIGINT else 143), err[-3000:]
     assert "Traceback" not in err
     name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
-    assert f"error: interrupted by {name} while preparing the run; nothing was trained. Resume with: llmctl pretrain" in err
+    assert (f"error: interrupted by {name} while preparing the run; nothing was trained. "
+            "Resume with: llmctl pretrain" in err)
     assert not out.exists()  # nothing was written to --out
     tokens = cache / "tokens"
     assert not tokens.exists() or not any(tokens.iterdir()), list(tokens.iterdir())  # no half-built cache entry
@@ -208,7 +208,8 @@ def test_a_signal_during_the_compiled_step_build_keeps_the_run_and_resume_builds
     st = rundir.read_status(out)
     assert st["status"] == "finished" and st["decode_step"] == "interrupted" and st["steps"] == 2
     assert not list((cache / "compiled").rglob("*.pt2")) if (cache / "compiled").exists() else True
-    resumed = subprocess.run(_resume_command(err), capture_output=True, text=True, timeout=400, env={**os.environ, **env})
+    resumed = subprocess.run(_resume_command(err), capture_output=True, text=True, timeout=400,
+                             env={**os.environ, **env})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert rundir.read_status(out)["decode_step"] == "built"
     assert len(list((cache / "compiled").rglob("*.pt2"))) == 1

@@ -13,8 +13,8 @@ import pytest
 
 from conftest import TINY, invoke, sets
 from llmctl import commands, runs
-from llmctl.rundir import read_status, write_status
 from llmctl.errors import LlmctlError
+from llmctl.rundir import read_status, write_status
 
 SHORT = [*TINY, "train.max_steps=6", "train.eval_interval=3", "train.log_interval=1"]
 

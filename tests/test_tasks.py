@@ -31,7 +31,8 @@ def sst_small(tmp_path_factory):
 def cls_sets(sst, *extra):
     return sets(f"data.path={sst / 'train.tsv'}", "data.text_column=sentence", "eval.text_column=content",
                 "finetune.task=classification", "train.max_steps=12", "train.batch_size=8", "train.warmup_steps=2",
-                "train.eval_interval=6", "train.best_metric=accuracy", "train.dtype=float32", "train.log_interval=1", *extra)
+                "train.eval_interval=6", "train.best_metric=accuracy", "train.dtype=float32", "train.log_interval=1",
+                *extra)
 
 
 def test_classification_finetune_eval_and_infer(runner, tiny_run, sst_small, tmp_path):
@@ -63,7 +64,8 @@ def test_classification_finetune_eval_and_infer(runner, tiny_run, sst_small, tmp
 
 
 def losses(run):
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
 
 
 def test_lora_adapter_small_resumable_and_tied_to_its_base(tiny_run, sst_small, tmp_path):
@@ -77,7 +79,8 @@ def test_lora_adapter_small_resumable_and_tied_to_its_base(tiny_run, sst_small, 
     adapter = (latest / "adapter.safetensors").stat().st_size
     base = (ckpt.read_latest(tiny_run) / "model.safetensors").stat().st_size
     assert adapter < 0.10 * base
-    assert set(load_file(str(latest / "adapter.safetensors"))) == {f"blocks.{i}.attn.qkv.lora_{x}" for i in (0, 1) for x in "ab"}
+    assert set(load_file(str(latest / "adapter.safetensors"))) == {
+        f"blocks.{i}.attn.qkv.lora_{x}" for i in (0, 1) for x in "ab"}
 
     part = tmp_path / "part"
 
@@ -121,8 +124,8 @@ def test_instruct_lowers_response_loss_and_chats(chat_base, tmp_path, runner):
     seed = SHARED / "instruct" / "seed_tasks.jsonl"
     out = tmp_path / "sft"
     r = invoke(runner, "finetune", "--from", chat_base, *sets(f"data.path={seed}", "finetune.task=instruct",
-               "train.max_steps=30", "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=3", "train.dtype=float32",
-               "train.eval_interval=10"), "--out", out, "--quiet", "--json")
+               "train.max_steps=30", "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=3",
+               "train.dtype=float32", "train.eval_interval=10"), "--out", out, "--quiet", "--json")
     assert r.exit_code == 0, r.output
 
     def response_loss(run):
@@ -146,7 +149,8 @@ def test_instruct_lowers_response_loss_and_chats(chat_base, tmp_path, runner):
 def test_freezing_and_early_stopping(tiny_run, tmp_path):
     out = tmp_path / "frozen"
     args = [f"data.path={SHARED / 'tinyshakespeare.txt'}", "train.max_steps=40", "train.eval_interval=5",
-            "train.eval_batches=2", "finetune.freeze_blocks=1", "finetune.freeze_embeddings=true", "train.dtype=float32",
+            "train.eval_batches=2", "finetune.freeze_blocks=1", "finetune.freeze_embeddings=true",
+            "train.dtype=float32",
             "train.best_mode=max", "train.patience=2"]  # "max" on a falling loss: no eval ever improves on the first
     summary = commands.finetune(None, args, tiny_run, out)
     assert summary["stopped_early"] and summary["steps"] == 15

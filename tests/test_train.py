@@ -10,10 +10,10 @@ import pytest
 from conftest import TINY, invoke, sets
 from llmctl import checkpoint as ckpt
 from llmctl import commands, rundir
-from llmctl.rundir import read_status
 from llmctl.config import TrainConfig
 from llmctl.errors import LlmctlError
 from llmctl.optim import lr_at
+from llmctl.rundir import read_status
 
 
 def test_schedule_warmup_cosine_floor():
@@ -196,8 +196,8 @@ def test_a_really_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint(tmp
         pytest.skip("mounting a small tmpfs needs root")
     try:
         out = disk / "run"  # checkpoints of ~0.4 MB fill it after a few, in whichever writer
-        r = invoke(runner, "pretrain", *sets(*TINY, "train.max_steps=40", "train.save_interval=2", "train.keep_last=100",
-                                             "train.keep_best=false"), "--out", out, "--quiet")
+        r = invoke(runner, "pretrain", *sets(*TINY, "train.max_steps=40", "train.save_interval=2",
+                                             "train.keep_last=100", "train.keep_best=false"), "--out", out, "--quiet")
         assert r.exit_code == 2, r.output
         assert "no space left on the disk" in r.stderr and "is kept" in r.stderr and "Traceback" not in r.output
         kept = ckpt.read_latest(out)

@@ -18,13 +18,23 @@ from ..loading import Loaded, for_inference, load_model, load_weights  # noqa: E
 from ..precision import resolve_amp, resolve_device  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
 from .inference import (  # noqa: E402
-    ChatSession, classify_texts, complete, complete_rows, encode_prompt, read_inputs, read_prompt,
-                        sampling, stream, write_outputs)
+    ChatSession,
+    classify_texts,
+    complete,
+    complete_rows,
+    encode_prompt,
+    read_inputs,
+    read_prompt,
+    sampling,
+    stream,
+    write_outputs,
+)
 from .interop import export, import_hf  # noqa: E402
 from .training import TrainPlan, describe, finetune, prepare, pretrain, show_config  # noqa: E402
 
 __all__ = [
-    "ChatSession", "Loaded", "Log", "nolog", "TrainPlan", "for_inference", "classify_texts", "complete", "complete_rows", "describe", "encode_prompt",
-    "evaluate", "export", "finetune", "import_hf", "load_model", "load_weights", "prepare", "pretrain", "read_inputs", "read_prompt",
-    "resolve_amp", "resolve_device", "sampling", "show_config", "stream", "unwrap", "write_outputs",
+    "ChatSession", "Loaded", "Log", "nolog", "TrainPlan", "for_inference", "classify_texts", "complete",
+    "complete_rows", "describe", "encode_prompt", "evaluate", "export", "finetune", "import_hf", "load_model",
+    "load_weights", "prepare", "pretrain", "read_inputs", "read_prompt", "resolve_amp", "resolve_device", "sampling",
+    "show_config", "stream", "unwrap", "write_outputs",
 ]

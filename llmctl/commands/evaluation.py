@@ -7,8 +7,17 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import DataConfig
-from ..data import (classification_examples, eval_batches, eval_blocks, holdout, instruct_examples, load_texts,
-                    prepare as prepare_tokens, resolve_source, tokenize_file)
+from ..data import (
+    classification_examples,
+    eval_batches,
+    eval_blocks,
+    holdout,
+    instruct_examples,
+    load_texts,
+    resolve_source,
+    tokenize_file,
+)
+from ..data import prepare as prepare_tokens
 from ..errors import LlmctlError
 from ..evaluate import classification_metrics, classify, lm_metrics
 from ..loading import Loaded, for_inference, load_model
@@ -22,9 +31,11 @@ def _default_source(loaded: Loaded, data: Optional[str]) -> str:
         return data
     path = loaded.cfg.data.path
     if not path:  # an imported checkpoint has no training data to take a validation split from
-        raise LlmctlError(f"{loaded.ckpt.path} names no data.path to evaluate on (an imported model?); pass --data FILE")
+        raise LlmctlError(f"{loaded.ckpt.path} names no data.path to evaluate on (an imported model?); "
+                          "pass --data FILE")
     if path and not path.startswith(("hf:", "http://", "https://")) and not Path(path).expanduser().exists():
-        raise LlmctlError(f"the checkpoint's data.path {path} is not on this machine; pass --data FILE to evaluate on a file")
+        raise LlmctlError(f"the checkpoint's data.path {path} is not on this machine; "
+                          "pass --data FILE to evaluate on a file")
     return path
 
 
@@ -55,7 +66,8 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
         key = "--data" if data is not None else "data.path"
         ex = instruct_examples(source, cfg.data, loaded.tokenizer, cfg.model.block_size, cfg.finetune, key=key)
         idx = range(len(ex.ids)) if data is not None else holdout(len(ex.ids), cfg.data.val_fraction, cfg.train.seed)[1]
-        r = lm_metrics(loaded.model, eval_batches(ex, list(idx), "instruct", loaded.tokenizer.pad_id, bs), loaded.device)
+        r = lm_metrics(loaded.model, eval_batches(ex, list(idx), "instruct", loaded.tokenizer.pad_id, bs),
+                       loaded.device)
         return {"checkpoint": str(loaded.ckpt.path), "data": where, "response_loss": r["loss"], **r}
     tok = loaded.tokenizer
     if data is not None:
@@ -93,7 +105,8 @@ def _eval_classifier(loaded: Loaded, source: str, whole_file: bool, batch_size: 
     key = "--data" if whole_file else "data.path"
     ex, labels = classification_examples(source, cfg.data, tok, cfg.model.block_size, text_col, label_col,
                                          loaded.labels, key=key)
-    idx = list(range(len(ex.ids))) if whole_file else holdout(len(ex.ids), cfg.data.val_fraction, cfg.train.seed)[1].tolist()
+    idx = (list(range(len(ex.ids))) if whole_file
+           else holdout(len(ex.ids), cfg.data.val_fraction, cfg.train.seed)[1].tolist())
     rows, pred, _, loss = classify(loaded.classifier, eval_batches(ex, idx, "classification", tok.pad_id, batch_size),
                                    loaded.device)
     m = classification_metrics(pred, [ex.targets[i] for i in rows.tolist()], labels)

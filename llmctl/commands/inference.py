@@ -10,11 +10,11 @@ from typing import Iterator, Optional
 
 from ..data import Examples, eval_batches, render_prompt
 from ..errors import LlmctlError
-from ..fileio import read_jsonl, read_text
 from ..evaluate import classify
+from ..fileio import read_jsonl, read_text
 from ..generate import Request, generate, generate_batch
-from ..tokenizer import StreamDecoder, Tokenizer
 from ..loading import Loaded
+from ..tokenizer import StreamDecoder, Tokenizer
 from . import Log, nolog
 
 

@@ -10,10 +10,10 @@ from .. import checkpoint as ckpt_io
 from .. import hf
 from ..errors import LlmctlError
 from ..fileio import apply_umask, temp_dir
-from ..lora import merge_lora
 from ..loading import load_model
-from . import Log, nolog
+from ..lora import merge_lora
 from ..rundir import check_out_dir, clear_run, write_run_files
+from . import Log, nolog
 
 FORMATS = ("hf",)
 
@@ -72,16 +72,19 @@ def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, ov
             if not overwrite:
                 raise LlmctlError(f"--out {out} is not empty; pass --overwrite to replace an earlier export")
             if not (out / "config.json").exists():
-                raise LlmctlError(f"--overwrite refuses to delete {out}: it does not look like an exported model (no config.json)")
+                raise LlmctlError(f"--overwrite refuses to delete {out}: it does not look like an exported model "
+                                  "(no config.json)")
     loaded = load_model(ckpt, "cpu", base=base, tokenizer=tokenizer, require_tokenizer=False)
     ck, cfg, tok = loaded.ckpt, loaded.cfg, loaded.tokenizer
     if ckpt_io.ADAPTER in ck.meta["files"] and not merge_lora_adapter:
-        raise LlmctlError(f"{ck.path} is a LoRA adapter; pass --merge-lora to fold it into its base's weights and export that")
+        raise LlmctlError(f"{ck.path} is a LoRA adapter; "
+                          "pass --merge-lora to fold it into its base's weights and export that")
     if loaded.classifier is not None:
         raise LlmctlError(f"{ck.path} is a classification checkpoint; export --format hf writes language models only "
                           "(export the checkpoint it was finetuned from)")
     if tok is None:
-        log(f"[yellow]warning:[/yellow] {ck.path} has no tokenizer, so the export has none; pass --tokenizer FILE to include one")
+        log(f"[yellow]warning:[/yellow] {ck.path} has no tokenizer, so the export has none; "
+            "pass --tokenizer FILE to include one")
     weights = merge_lora(loaded.model).state_dict()  # LoRA adapters folded into the weights they adapt
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, prefix=f".{out.name}.")  # the umask's permissions, not mkdtemp's 0700

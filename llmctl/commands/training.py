@@ -11,24 +11,24 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import checkpoint as ckpt_io, distributed, estimate, rundir, tblog
+from .. import checkpoint as ckpt_io
+from .. import distributed, estimate, rundir, tblog
 from ..config import Config, from_dict, load_config, merge_settings, read_yaml, user_settings
 from ..data import prepare as prepare_tokens
+from ..distributed import unwrap
 from ..errors import LlmctlError
 from ..hardware import slow_precision_warning
+from ..interrupt import Stopped, as_stop
+from ..loading import build_backbone, for_inference, load_model, load_weights, restore, vocab_for
 from ..model import Transformer
 from ..optim import build_optimizer
+from ..precision import resolve_amp, resolve_device
+from ..saver import Saver
 from ..tasks import BUILDERS as TASKS
 from ..tasks import Layout, Task, count_trainable, lm_task, make_trainable
-from ..saver import Saver
 from ..tokenizer import Tokenizer
-from ..interrupt import Stopped, as_stop
 from ..train import Hooks, Interrupted, LoopState, NullReporter, Reporter, fit, seed_everything
-from ..distributed import unwrap
-from ..loading import build_backbone, for_inference, load_model, load_weights, restore, vocab_for
-from ..precision import resolve_amp, resolve_device
 from . import Log, nolog
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # Run directories
@@ -75,7 +75,8 @@ class TrainPlan:
 def describe(plan: TrainPlan) -> dict:
     cfg, t = plan.cfg, plan.cfg.train
     trainable, total = count_trainable(plan.task.module)
-    global_batch = t.batch_size * plan.grad_accum * plan.dist.dp_size  # sequences per optimizer step (a TP group shares)
+    # sequences per optimizer step (a TP group shares)
+    global_batch = t.batch_size * plan.grad_accum * plan.dist.dp_size
     out = {
         "task": plan.task.kind,
         "method": cfg.finetune.method if plan.kind == "finetune" else "full",
@@ -223,15 +224,18 @@ class Recipe:
             state = self.state = LoopState(**resume_state["loop"])
             if (state.step >= t.max_steps and not state.eval_due) or state.stopped_early:
                 raise LlmctlError(f"the run is already complete at step {state.step} (train.max_steps={t.max_steps}"
-                                  f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to train further")
+                                  f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to "
+                                  "train further")
             self.resumed = True
         distributed.restore_rng(plan.dist, resume_state, t.seed)
 
     def _saver(self) -> Saver:
         plan, cfg = self.plan, self.plan.cfg
-        meta = {"kind": plan.kind, "task": plan.task.kind, "method": cfg.finetune.method if plan.kind == "finetune" else "full"}
+        meta = {"kind": plan.kind, "task": plan.task.kind,
+                "method": cfg.finetune.method if plan.kind == "finetune" else "full"}
         if plan.base is not None:
-            meta["base"] = {"path": str(plan.base.path.resolve()), "sha256": plan.base.meta["files"].get(ckpt_io.WEIGHTS)}
+            meta["base"] = {"path": str(plan.base.path.resolve()),
+                            "sha256": plan.base.meta["files"].get(ckpt_io.WEIGHTS)}
         return Saver(self.out, cfg, self.model, self.optimizer, self.scaler, plan.dist, plan.tokenizer.to_str(), meta,
                      lambda full: _split_weights(plan, full), plan.resume_cmd, self.log)
 
@@ -239,9 +243,11 @@ class Recipe:
         """The one loop. A signal, a failure or a divergence ends with its state in status.json and re-raised."""
         plan, out, t = self.plan, self.out, self.plan.cfg.train
         main = plan.dist.is_main
-        metrics = (tblog.tee(rundir.MetricsFile(out / rundir.METRICS, resume_step=self.state.step if self.resumed else None),
+        metrics = (tblog.tee(rundir.MetricsFile(out / rundir.METRICS,
+                                                resume_step=self.state.step if self.resumed else None),
                              out, t.log) if main else distributed.Discard())
-        self.write_status(out, "running", kind=plan.kind, task=plan.task.kind, step=self.state.step, max_steps=t.max_steps)
+        self.write_status(out, "running", kind=plan.kind, task=plan.task.kind, step=self.state.step,
+                          max_steps=t.max_steps)
         t0 = time.time()
         try:
             hooks = Hooks(batches=plan.task.batches, loss=plan.task.loss, saver=self._saver(),
@@ -249,11 +255,12 @@ class Recipe:
                           log_metrics=distributed.per_device_metrics(metrics, plan.dist), on_step=self.on_step,
                           world_size=plan.dist.dp_size, **distributed.loop_hooks(self.model, plan.dist))
             with distributed.peer_errors(plan.dist):
-                self.state = fit(self.model, self.optimizer, t, hooks, self.state, device=plan.device, amp_dtype=plan.amp,
-                                 scaler=self.scaler, tokens_per_step=plan.task.tokens_per_step,
+                self.state = fit(self.model, self.optimizer, t, hooks, self.state, device=plan.device,
+                                 amp_dtype=plan.amp, scaler=self.scaler, tokens_per_step=plan.task.tokens_per_step,
                                  reporter=distributed.per_device_reporter(self.reporter, plan.dist))
         except Stopped as e:  # before the loop took over the signals
-            message = f"interrupted by {e.name} before the first step; nothing was trained. Resume with: {plan.resume_cmd}"
+            message = (f"interrupted by {e.name} before the first step; nothing was trained. "
+                       f"Resume with: {plan.resume_cmd}")
             self._ended("interrupted", message, e.status)
             raise Interrupted(message, e.status) from None
         except LlmctlError as e:
@@ -308,7 +315,8 @@ def _train_locked(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resu
     return recipe.finish()
 
 
-def resume_command(kind: str, config: Optional[Path], overrides: list[str], out: Path, from_: Optional[Path] = None) -> str:
+def resume_command(kind: str, config: Optional[Path], overrides: list[str], out: Path,
+                   from_: Optional[Path] = None) -> str:
     """The exact command line that continues a run (printed when a run is interrupted or runs out of disk)."""
     parts = [*distributed.launch_prefix(), "llmctl", kind]
     if config is not None:
@@ -337,7 +345,8 @@ def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str
     td = None
     if task_kind == "lm":
         # under torchrun one process per node tokenizes; the others then open the cache
-        td = distributed.local_rank0_first(ctx, lambda: prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log))
+        td = distributed.local_rank0_first(
+            ctx, lambda: prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log))
         tokenizer = td.tokenizer
     elif cfg.data.path is None:
         raise LlmctlError(f"data.path is not set: finetune.task={task_kind} needs a training file")
@@ -437,7 +446,8 @@ def _check_model_matches(cfg: Config, ck_cfg: Config, where: Path, explicit: Opt
         if mine != v:
             bad.append(f"model.{k}={mine!r} but the checkpoint has {v!r}")
     if bad:
-        raise LlmctlError(f"config disagrees with checkpoint {where}: " + "; ".join(bad) + " (remove these keys from the config)")
+        raise LlmctlError(f"config disagrees with checkpoint {where}: " + "; ".join(bad)
+                          + " (remove these keys from the config)")
 
 
 def finetune(
