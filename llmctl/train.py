@@ -11,7 +11,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Optional, Protocol
 
 import numpy as np
@@ -308,7 +308,3 @@ def fit(
                 break
     reporter.stop()
     return state
-
-
-def loop_state_dict(state: LoopState) -> dict:
-    return asdict(state)

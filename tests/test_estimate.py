@@ -36,7 +36,7 @@ def test_dry_run_report_fields(tmp_path):
     assert {"step_seconds", "tokens_per_sec", "mfu", "train_seconds", "eval_seconds", "run_seconds"} <= set(t)
     assert t["steps"] == 30 and t["steps_timed"] == 5 and t["evals"] == 2 and t["eval_batches"] == 4
     assert t["run_seconds"] == pytest.approx(t["train_seconds"] + t["eval_seconds"])
-    assert "measured_peak_memory" in t  # resident growth of the timed steps on Linux, None where unreadable
+    assert isinstance(t["measured_peak_memory"], int) and t["measured_peak_memory"] > 0  # resident growth (Linux)
     s = r["sample"]
     assert s["tokens"] == 32 and s["trained_tokens"] == 32
     assert [sp["trained"] for sp in s["spans"]] == [False, True]  # the first token is context only

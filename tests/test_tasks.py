@@ -40,7 +40,10 @@ def test_classification_finetune_eval_and_infer(runner, tiny_run, sst_small, tmp
     r = invoke(runner, "finetune", "--from", tiny_run, *cls_sets(sst_small), "--out", out, "--quiet", "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    assert summary["steps"] == 12 and 0 <= summary["accuracy"] <= 1
+    assert summary["steps"] == 12
+    held_out = invoke(runner, "eval", "--ckpt", out, "--json")  # the validation slice the run held out
+    assert held_out.exit_code == 0, held_out.output
+    assert json.loads(held_out.stdout)["accuracy"] == pytest.approx(summary["accuracy"])
     meta = json.loads((ckpt.read_latest(out) / "meta.json").read_text())
     assert meta["task"] == "classification" and "head.safetensors" in meta["files"]
 
@@ -48,7 +51,9 @@ def test_classification_finetune_eval_and_infer(runner, tiny_run, sst_small, tmp
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)
     assert m["examples"] == 60 and set(m["per_class"]) == {"0", "1"}
-    assert sum(map(sum, m["confusion"]["matrix"])) == 60 and 0 <= m["macro_f1"] <= 1
+    matrix = m["confusion"]["matrix"]
+    assert sum(map(sum, matrix)) == 60 and m["accuracy"] == pytest.approx((matrix[0][0] + matrix[1][1]) / 60)
+    assert m["macro_f1"] == pytest.approx(sum(c["f1"] for c in m["per_class"].values()) / 2)
     r = invoke(runner, "eval", "--ckpt", out, "--data", sst_small / "dev.tsv")
     assert r.exit_code == 0 and "confusion matrix" in r.stdout and "macro_f1" in r.stdout
 

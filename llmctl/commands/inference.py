@@ -227,13 +227,6 @@ def write_outputs(path: Path, rows: list[dict]) -> None:
 # Completions with stop strings, and chat
 
 
-def complete(loaded: Loaded, prompt: str, s: dict, stop: Optional[list[str]] = None, truncate: bool = False,
-             warn: Log = nolog) -> dict:
-    """One completion: text, why it ended (length, stop, eos) and token counts."""
-    warn_unseen(loaded.tokenizer, prompt, "the prompt", warn)
-    return complete_rows(loaded, [{"prompt": prompt, "stop": stop or []}], s, truncate)[0]
-
-
 class ChatSession:
     """`infer --chat`: each turn is rendered with the instruction template the model was tuned with; earlier turns
     stay in the context (oldest tokens dropped when it is full)."""
