@@ -32,8 +32,10 @@ from .fileio import read_jsonl, sha256_file, temp_dir
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
-BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
-            ".parquet": "parquet"}
+FORMATS = {  # file suffix -> the datasets builder that reads it
+    ".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
+    ".parquet": "parquet",
+}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def resolve_source(path: Optional[str], cfg: DataConfig, key: str = "data.path")
                           "or a URL)")
     if p.is_dir():
         files = sorted(f for f in p.rglob("*")
-                       if f.is_file() and f.suffix.lower() in BUILDERS and not f.name.startswith("."))
+                       if f.is_file() and f.suffix.lower() in FORMATS and not f.name.startswith("."))
         if not files:
             raise LlmctlError(f"{key}: folder {path} has no .txt, .jsonl, .json, .csv, .tsv or .parquet files")
         return _local_source(files, key)
@@ -111,11 +113,11 @@ def resolve_source(path: Optional[str], cfg: DataConfig, key: str = "data.path")
 
 def _local_source(files: list[Path], key: str) -> Source:
     suffixes = {f.suffix.lower() for f in files}
-    unknown = [s for s in suffixes if s not in BUILDERS]
+    unknown = [s for s in suffixes if s not in FORMATS]
     if unknown:
         # an unknown suffix is read as plain text, the common case for corpora such as input.txt.1
         suffixes = {".txt" if s in unknown else s for s in suffixes}
-    builders = {BUILDERS[s] for s in suffixes}
+    builders = {FORMATS[s] for s in suffixes}
     if len(builders) > 1:
         raise LlmctlError(f"{key}: mixes file formats ({', '.join(sorted(suffixes))}); put one format per folder")
     suffix = sorted(suffixes)[0]

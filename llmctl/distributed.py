@@ -293,7 +293,7 @@ def checkpoint_blocks(model: nn.Module) -> None:
         block._llmctl_checkpointed = True
 
 
-def prepare_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> nn.Module:
+def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> nn.Module:
     """The module to train: activation checkpointing, then DDP or FSDP2 under torchrun, then torch.compile.
 
     Weights must already be loaded (FSDP shards what is there). For FSDP every block is its own unit (its
@@ -341,7 +341,7 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module (a Transformer, or a task head around one; for FSDP the sharded root itself) under the
-    wrappers `prepare_model` adds: torch.compile and DDP."""
+    wrappers `wrap_model` adds: torch.compile and DDP."""
     while hasattr(model, "_orig_mod") or hasattr(model, "module"):
         model = getattr(model, "_orig_mod", None) or model.module
     return model

@@ -524,7 +524,7 @@ def dry_run(plan: Any, start_step: int = 0, timed_steps: int = 5, warmup_steps: 
             ev = eval_plan(len(task.val_tokens), cfg, start_step)
         else:  # one whole validation pass, timed
             t0 = time.perf_counter()
-            task.evaluate(model, start_step)
+            task.validate(model, start_step)
             per_eval_batch, ev = time.perf_counter() - t0, {**eval_plan(2, cfg, start_step), "batches": 1}
     except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) and "memory" not in str(e).lower():

@@ -196,7 +196,7 @@ def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "aut
             raise LlmctlError("--compile does not apply to int8 on a CPU (dynamic int8 layers do not export); "
                               "use --quantize none to compile, or --no-compile")
         compile = False
-    loaded.model = quantize_mod.prepare(loaded.model, dtype, quantize_mode)
+    loaded.model = quantize_mod.convert(loaded.model, dtype, quantize_mode)
     loaded.decoder = Decoder(loaded.model, compile=compile, notify=notify)
     loaded.precision = dtype + (" + int8" if quantize_mode == "int8" else "")
     return loaded

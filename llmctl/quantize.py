@@ -63,7 +63,7 @@ def input_major(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare(model: nn.Module, dtype: str, quantize_mode: str) -> nn.Module:
+def convert(model: nn.Module, dtype: str, quantize_mode: str) -> nn.Module:
     """The model in an inference precision: `dtype` float32 or bfloat16 weights, `quantize_mode` none or int8.
     float32 on a CPU also gets the transposed layout (InputMajorLinear), which exports as nn.Linear for a compiled
     decode step."""

@@ -61,7 +61,7 @@ class Task:
     backbone: Transformer
     batches: Callable[[int], list[dict]]
     loss: Callable[[nn.Module, dict], torch.Tensor]
-    evaluate: Callable[[nn.Module, int], dict]  # (the module as trained, maybe wrapped; step) -> metrics
+    validate: Callable[[nn.Module, int], dict]  # (the module as trained, maybe wrapped; step) -> metrics
     tokens_per_step: Optional[int]  # None: counted from the batches
     sizes: dict = field(default_factory=dict)  # what the run trains and validates on, for the start-up line
     labels: Optional[list[str]] = None
@@ -85,13 +85,13 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
         )
     batches = LMBatches(td.train, T, t.batch_size, layout.accum, t.seed, layout.rank, layout.world)
 
-    def evaluate(model: nn.Module, step: int) -> dict:
+    def validate(model: nn.Module, step: int) -> dict:
         if len(td.val) < 2:
             return {}
         blocks = lambda: eval_blocks(td.val, T, cfg.eval.batch_size, t.eval_batches)  # noqa: E731
         return {"val_loss": distributed.lm_metrics(model, blocks, layout.dist, device, amp)["loss"]}
 
-    return Task("lm", backbone, backbone, batches.get, lm_loss, evaluate,
+    return Task("lm", backbone, backbone, batches.get, lm_loss, validate,
                 t.batch_size * layout.accum * T * layout.world,
                 sizes={"train_tokens": len(td.train), "val_tokens": len(td.val)}, val_tokens=td.val)
 
@@ -107,7 +107,7 @@ def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, devi
     batches = ExampleBatches(ex, train_idx, "classification", tok.pad_id, t.batch_size, layout.accum, t.seed,
                              layout.rank, layout.world)
 
-    def evaluate(model: nn.Module, step: int) -> dict:
+    def validate(model: nn.Module, step: int) -> dict:
         if not len(val_idx):
             return {}
         idx = val_idx if t.eval_batches is None else val_idx[: t.eval_batches * cfg.eval.batch_size]
@@ -120,7 +120,7 @@ def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, devi
 
     notes = ([f"{ex.truncated} of {len(ex.ids)} texts were longer than the context and were truncated"]
              if ex.truncated else [])
-    return Task("classification", module, backbone, batches.get, classification_loss, evaluate, None,
+    return Task("classification", module, backbone, batches.get, classification_loss, validate, None,
                 sizes={"train_examples": len(train_idx), "val_examples": len(val_idx),
                        "epochs": round(batches.epochs(t.max_steps), 2)},
                 labels=labels, notes=notes)
@@ -142,14 +142,14 @@ def instruct_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: to
                              layout.rank, layout.world).get
         tokens = None
 
-    def evaluate(model: nn.Module, step: int) -> dict:
+    def validate(model: nn.Module, step: int) -> dict:
         if not len(val_idx):
             return {}
         batches = lambda: eval_batches(ex, val_idx, "instruct", tok.pad_id, cfg.eval.batch_size)  # noqa: E731
         return {"val_loss": distributed.lm_metrics(model, batches, layout.dist, device, amp)["loss"]}
 
     notes = [f"{ex.truncated} examples were longer than the context and were cut"] if ex.truncated else []
-    return Task("instruct", backbone, backbone, get, lm_loss, evaluate, tokens,
+    return Task("instruct", backbone, backbone, get, lm_loss, validate, tokens,
                 sizes={"train_examples": len(train_idx), "val_examples": len(val_idx)}, notes=notes)
 
 

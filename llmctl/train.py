@@ -109,7 +109,7 @@ def seed_everything(seed: int) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-class Evaluator:
+class Validator:
     """Validation policy: when a pass is due (every `eval_interval` steps, at the end, or the pass a signal
     stopped), which metric is tracked and which direction is better, and when patience runs out."""
 
@@ -149,7 +149,7 @@ class Hooks:
 
     batches: Callable[[int], list[Batch]]  # step -> micro-batches for this rank
     loss: Callable[[nn.Module, Batch], torch.Tensor] = lm_loss
-    evaluate: Optional[Callable[[int], dict]] = None  # step -> {"val_loss": ...}
+    validate: Optional[Callable[[int], dict]] = None  # step -> {"val_loss": ...}: one validation pass
     saver: Optional[Saver] = None  # decides when to checkpoint, and writes
     log_metrics: Callable[[dict], None] = lambda row: None  # one row of metrics.jsonl
     no_sync: Optional[Callable[[], ContextManager]] = None  # skip the gradient all-reduce on non-final micro-steps
@@ -184,7 +184,7 @@ def fit(
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     reporter.start(cfg.max_steps, state.step)
     window_t, window_tokens = time.perf_counter(), 0
-    evaluator, saver = Evaluator(cfg, hooks.evaluate), hooks.saver
+    validator, saver = Validator(cfg, hooks.validate), hooks.saver
     if saver:
         saver.begin(state)
 
@@ -199,17 +199,17 @@ def fit(
         """Validation and the checkpoint due at `state.step`; True when early stopping ends the run here."""
         nonlocal window_t
         improved = stop_early = False
-        evaluated = evaluator.due(state, last)
-        if evaluated:
+        validated = validator.due(state, last)
+        if validated:
             state.eval_due = True  # until the pass is complete: a checkpoint written on a signal says so
             try:
-                result = evaluator.run(state.step)  # polls STOP between batches
+                result = validator.run(state.step)  # polls STOP between batches
             except Stopped as e:
                 stop(e.signum, "during the validation pass ")
             finally:
                 model.train()
             state.eval_due = False
-            improved, stop_early = evaluator.judge(state, result)
+            improved, stop_early = validator.judge(state, result)
             hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
             reporter.log(f"step {state.step}: "
                          + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
@@ -221,7 +221,7 @@ def fit(
         reason = saver.reason(state, last or stop_early, improved, stop_early) if saver else None
         if reason:
             saver.save(state, reason)
-        if reason or evaluated:
+        if reason or validated:
             window_t = time.perf_counter()  # evaluation and saving time is not training throughput
         return stop_early
 

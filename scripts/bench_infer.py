@@ -118,10 +118,10 @@ def measure(args: dict) -> dict:
                              pad_token_id=0, eos_token_id=None)
     else:
         from llmctl.generate import Decoder, Request, generate_batch
-        from llmctl.quantize import prepare
+        from llmctl.quantize import convert
 
         # what `llmctl infer` does for this precision
-        model = prepare(model.to(device), args["dtype"], args["quantize"])
+        model = convert(model.to(device), args["dtype"], args["quantize"])
         # compiled: the ahead-of-time step, built into $LLMCTL_CACHE_DIR if missing (cold) or loaded from it (warm)
         decoder = Decoder(model, compile=args["compile"])
 

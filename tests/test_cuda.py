@@ -193,10 +193,10 @@ def test_the_fused_adamw_step_equals_the_reference_step():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_int8_weight_only_decoding_is_close_to_float(dtype):
-    from llmctl.quantize import Int8WeightOnlyLinear, prepare
+    from llmctl.quantize import Int8WeightOnlyLinear, convert
 
-    ref = prepare(tiny("gpt2").to(DEV), dtype, "none")
-    q = prepare(tiny("gpt2").to(DEV), dtype, "int8")  # what `infer --quantize int8` runs on CUDA
+    ref = convert(tiny("gpt2").to(DEV), dtype, "none")
+    q = convert(tiny("gpt2").to(DEV), dtype, "int8")  # what `infer --quantize int8` runs on CUDA
     layers = [m for m in q.modules() if isinstance(m, Int8WeightOnlyLinear)]
     assert len(layers) == 2 * 4 + 1 and not any(type(m) is nn.Linear for m in q.modules())  # 4 per block + head
     assert all(lin.weight_int8.dtype == torch.int8 and lin.weight_int8.is_cuda for lin in layers)

@@ -366,7 +366,7 @@ for name, cfg in {"llama-gqa": ModelConfig(arch="llama", n_layer=2, n_head=4, n_
     model = Transformer(cfg)
     model.load_state_dict(plain.state_dict())
     ctx = distributed.DistContext(rank, rank, world, "tp", torch.device("cpu"), 60.0, world)
-    model = distributed.prepare_model(model, TrainConfig(parallel="tp"), ctx)
+    model = distributed.wrap_model(model, TrainConfig(parallel="tp"), ctx)
     idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (model(idx) - plain(idx)).abs().max().item()

@@ -97,9 +97,9 @@ def test_batch_rows_keep_their_own_settings_and_can_be_cancelled():
 def test_compiled_decode_equals_eager_and_is_reused_from_the_cache(tmp_path):
     from llmctl.aot import StepStore
     from llmctl.generate import Decoder, Request, generate_batch
-    from llmctl.quantize import InputMajorLinear, prepare
+    from llmctl.quantize import InputMajorLinear, convert
 
-    m = prepare(model("llama"), "float32", "none")  # as `infer` runs it: float32 weights stored transposed
+    m = convert(model("llama"), "float32", "none")  # as `infer` runs it: float32 weights stored transposed
     assert isinstance(m.lm_head, InputMajorLinear)
 
     def run(decoder, prompts, n):

@@ -5,7 +5,7 @@ import torch
 from llmctl.config import ModelConfig
 from llmctl.generate import Request, generate_batch
 from llmctl.model import Transformer
-from llmctl.quantize import InputMajorLinear, prepare
+from llmctl.quantize import InputMajorLinear, convert
 
 
 def _model(arch: str) -> Transformer:
@@ -15,7 +15,7 @@ def _model(arch: str) -> Transformer:
 
 def test_input_major_layout_matches_linear_and_keeps_tied_weights_once():
     for arch in ("gpt2", "llama"):
-        ref, m = _model(arch), prepare(_model(arch), "float32", "none")
+        ref, m = _model(arch), convert(_model(arch), "float32", "none")
         assert all(type(x) is not torch.nn.Linear for x in m.modules())
         assert isinstance(m.lm_head, InputMajorLinear)
         if arch == "gpt2":  # tied: the embedding reads a view of the head's transposed weight, no second copy
@@ -28,5 +28,5 @@ def test_input_major_layout_matches_linear_and_keeps_tied_weights_once():
 
 
 def test_bfloat16_keeps_the_usual_layout():
-    m = prepare(_model("llama"), "bfloat16", "none")
+    m = convert(_model("llama"), "bfloat16", "none")
     assert m.lm_head.weight.dtype == torch.bfloat16 and type(m.lm_head) is torch.nn.Linear

@@ -210,7 +210,7 @@ class Recipe:
         plan, t = self.plan, self.plan.cfg.train
         if plan.dist.is_main:
             rundir.write_run_files(self.out, plan.cfg.to_yaml(), plan.tokenizer.to_str())
-        self.model = distributed.prepare_model(plan.model, t, plan.dist)  # checkpointing, DDP / FSDP / TP, compile
+        self.model = distributed.wrap_model(plan.model, t, plan.dist)  # checkpointing, DDP / FSDP / TP, compile
         self.optimizer = build_optimizer(self.model, t, plan.device.type, per_parameter=plan.dist.tp_size > 1)
         self.scaler = torch.amp.GradScaler(plan.device.type) if plan.amp == torch.float16 else None
 
@@ -251,7 +251,7 @@ class Recipe:
         t0 = time.time()
         try:
             hooks = Hooks(batches=plan.task.batches, loss=plan.task.loss, saver=self._saver(),
-                          evaluate=lambda step: plan.task.evaluate(self.model, step),
+                          validate=lambda step: plan.task.validate(self.model, step),
                           log_metrics=distributed.per_device_metrics(metrics, plan.dist), on_step=self.on_step,
                           world_size=plan.dist.dp_size, **distributed.loop_hooks(self.model, plan.dist))
             with distributed.peer_errors(plan.dist):
