@@ -63,9 +63,8 @@ class _Step(nn.Module):
 def inductor_options(device_type: str) -> dict:
     """Inductor settings for the decode step. On a CPU: weight freezing (weights become constants that inductor
     pre-packs) and its C++ GEMM templates, which read the weights at close to memory bandwidth where torch's default
-    matrix-vector kernels reach a quarter to a half of it. The templates are the only GEMM choice: autotuning them
-    against aten picked them for every matmul here and only added build time (68 vs 30 s cold on the trained
-    Shakespeare model; 0.35-0.45 ms per token either way, against 0.9-1.4 with freezing alone)."""
+    matrix-vector kernels reach a fraction of it. The templates are the only GEMM choice: autotuning them against
+    aten picked them for every matmul and only doubled the build time (README "Inference speed")."""
     if device_type != "cpu":
         return {}
     return dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP",

@@ -220,7 +220,8 @@ def finetune(
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Finetune a checkpoint on new data with the same training loop (full finetune, language-model objective).
+    """Finetune a checkpoint on new data with the same training loop: language modelling, classification or
+    instruction tuning (finetune.task), full or LoRA (finetune.method); model and tokenizer come from --from.
 
     On a CPU, a language-model run of 5+ minutes ends by compiling the decode step `infer` will use (about half a
     minute; --set generate.compile=false skips it)."""
@@ -284,7 +285,8 @@ def infer(
                                         help="Base checkpoint of a LoRA adapter, if it moved since training.",
                                         show_default="the base recorded at training"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    json_out: bool = typer.Option(False, "--json", help="Classifiers: print the label and probabilities as JSON.",
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming: the checkpoint, "
+                                  "prompt and completion (classifiers: the label and probabilities).",
                                   show_default="off"),
     tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
@@ -561,7 +563,7 @@ def runs_(
 def plot_(
     run_dirs: List[Path] = typer.Argument(..., metavar="RUN...", help="Run directories to draw on one chart."),
     output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="Image file to write (.png, .svg or .pdf).",
-                                show_default="stdout"),
+                                show_default="curves.png"),
     title: Optional[str] = typer.Option(None, "--title", help="Chart title.", show_default="the run names"),
     log_x: bool = typer.Option(False, "--log-x", help="Logarithmic tokens axis.", show_default="off"),
     json_out: bool = JsonOpt,

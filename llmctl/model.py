@@ -77,8 +77,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention_dtype(device_type: str, dtype: torch.dtype, kv_len: int) -> torch.dtype:
     """The dtype attention runs in, given the dtype of q/k/v (shared with llmctl.estimate's memory model).
 
-    CPU flash attention in bf16 is 3-4x slower than in fp32 for short sequences (measured, torch 2.13), so there
-    it runs in fp32; the matmuls around it stay bf16.
+    CPU flash attention in bf16 is slower than in fp32 for short sequences (torch 2.13), so there it runs in
+    fp32; the matmuls around it stay bf16.
     """
     if device_type == "cpu" and dtype == torch.bfloat16 and kv_len < 512:
         return torch.float32

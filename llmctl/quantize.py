@@ -2,8 +2,8 @@
 Transformer stays plain.
 
 CPU: dynamic int8 through fbgemm (`torch.ao.quantization.quantize_dynamic`): int8 weights and per-batch int8
-activations; the fastest CPU decode path measured for models whose weight reads dominate a step (100M-class),
-slower than float32 on small ones (README "Inference speed"). CUDA: weight-only int8 with a per-output-channel
+activations; the fastest CPU decode path for models whose weight reads dominate a step (100M-class), slower
+than float32 on small ones (README "Inference speed"). CUDA: weight-only int8 with a per-output-channel
 scale, dequantized into the activation dtype inside the matmul. float32 on a CPU: weights stored transposed for
 decoding (InputMajorLinear).
 """
@@ -22,9 +22,9 @@ from .errors import LlmctlError
 class InputMajorLinear(nn.Module):
     """y = x W^T + b with W stored transposed, (in, out) contiguous.
 
-    On a CPU, the matrix-vector products of batch-1 decoding run about 1.3x faster in float32 from this layout than
-    from nn.Linear's (out, in) (MKL, GPT-2 124M shapes: 34 vs 45 ms per token for all its matmuls); in bfloat16
-    oneDNN is faster from the usual layout, so this is used for float32 only.
+    On a CPU, MKL runs the matrix-vector products of batch-1 decoding faster in float32 from this layout than
+    from nn.Linear's (out, in) (README "Inference speed"); in bfloat16 oneDNN is faster from the usual layout, so
+    this is used for float32 only.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -40,7 +40,7 @@ class InputMajorLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             # exported for the compiled decode step: inductor packs the frozen weight itself, and does better from
-            # nn.Linear's pattern (GPT-2 124M float32: 13.5 vs 19 ms per token)
+            # nn.Linear's pattern
             return F.linear(x, self.weight_t.t(), self.bias)
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         y = torch.mm(x2, self.weight_t) if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
