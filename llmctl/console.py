@@ -30,7 +30,7 @@ class MfuMixin:
         self.flops_per_token, self.peak = flops_per_token, peak
 
     def mfu_text(self, tokens_per_sec: float) -> str:
-        from .estimate import mfu
+        from .hardware import mfu
 
         value = mfu(tokens_per_sec, self.flops_per_token, self.peak)
         return "" if value is None else f"MFU {100 * value:.1f}%"

@@ -164,7 +164,7 @@ def worker_train(spec: dict) -> dict:
     """`llmctl pretrain` in this process (dry run or real), timing every step and reading the GPU's peak."""
     import torch
 
-    from llmctl import commands, estimate
+    from llmctl import commands, estimate, hardware
 
     cuda = spec["device"] == "cuda"
     info: dict = {}
@@ -172,7 +172,7 @@ def worker_train(spec: dict) -> dict:
 
     def on_plan(plan) -> None:
         d = commands.describe(plan)
-        peak = estimate.peak_flops(plan.device, plan.amp, plan.cfg.data.cache_dir)
+        peak = hardware.peak_flops(plan.device, plan.amp, plan.cfg.data.cache_dir)
         info.update(flops_per_token=estimate.flops_per_token(commands.unwrap(plan.model), plan.cfg.model)["train"],
                     peak_flops=peak["flops"], peak_flops_source=peak["source"], tokens_per_step=d["tokens_per_step"],
                     parameters=d["parameters"], precision=d["precision"], batch_size=d["batch_size"],
@@ -201,7 +201,7 @@ def worker_train(spec: dict) -> dict:
            "tokens_per_sec_whole_run": result["tokens_per_sec"], "val_loss": result.get("val_loss"),
            "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
            "peak_memory_reserved_bytes": int(torch.cuda.max_memory_reserved()) if cuda else None}
-    out["mfu_whole_run"] = estimate.mfu(out["tokens_per_sec_whole_run"], info["flops_per_token"], info["peak_flops"])
+    out["mfu_whole_run"] = hardware.mfu(out["tokens_per_sec_whole_run"], info["flops_per_token"], info["peak_flops"])
     rows = [json.loads(x) for x in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [r["loss"] for r in rows if "loss" in r]
     out["final_loss"] = losses[-1] if losses else None
@@ -213,7 +213,7 @@ def worker_train(spec: dict) -> dict:
         (_, t_0, n0), (_, t_1, n1) = steady[0], steady[-1]
         out["tokens_per_sec"] = (n1 - n0) / (t_1 - t_0)
         out["step_ms_median"] = statistics.median(b[1] - a[1] for a, b in zip(steady, steady[1:])) * 1000
-        out["mfu"] = estimate.mfu(out["tokens_per_sec"], info["flops_per_token"], info["peak_flops"])
+        out["mfu"] = hardware.mfu(out["tokens_per_sec"], info["flops_per_token"], info["peak_flops"])
     return out
 
 

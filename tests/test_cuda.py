@@ -264,11 +264,11 @@ def test_torchrun_trains_with_ddp_over_nccl(tmp_path):
 
 
 def test_this_gpu_is_in_the_mfu_table():
-    from llmctl import estimate
+    from llmctl import hardware
 
     name = torch.cuda.get_device_name(DEV)
-    peak = estimate.gpu_peak(name, torch.bfloat16)
-    assert peak, (f"{name} is not in llmctl.estimate.GPU_PEAKS, so training shows no MFU on it: add its datasheet "
+    peak = hardware.gpu_peak(name, torch.bfloat16)
+    assert peak, (f"{name} is not in llmctl.hardware.GPU_PEAKS, so training shows no MFU on it: add its datasheet "
                   "dense bf16 peak (or set LLMCTL_PEAK_TFLOPS)")
     if not os.environ.get("LLMCTL_PEAK_TFLOPS"):
-        assert estimate.peak_flops(DEV, torch.bfloat16)["flops"] == peak
+        assert hardware.peak_flops(DEV, torch.bfloat16)["flops"] == peak

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, invoke, sets
-from llmctl import commands, estimate
+from llmctl import commands, estimate, hardware
 from llmctl.config import Config, ModelConfig
 from llmctl.model import Transformer
 
@@ -143,43 +143,43 @@ def test_flops_per_token_counts_matmuls_and_attention():
 
 
 def test_gpu_peak_table():
-    assert estimate.gpu_peak("NVIDIA H100 PCIe", torch.bfloat16) == 756.5e12
-    assert estimate.gpu_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4e12
-    assert estimate.gpu_peak("NVIDIA A100-SXM4-80GB", torch.float16) == 312e12
-    assert (estimate.gpu_peak("Tesla T4", torch.bfloat16) is None
-            and estimate.gpu_peak("Tesla T4", torch.float16) == 65e12)
-    assert estimate.gpu_peak("NVIDIA A10G", torch.bfloat16) is None  # not an A10: unknown rather than wrong
-    assert estimate.gpu_peak("NVIDIA L40S", torch.bfloat16) == 362.1e12
+    assert hardware.gpu_peak("NVIDIA H100 PCIe", torch.bfloat16) == 756.5e12
+    assert hardware.gpu_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4e12
+    assert hardware.gpu_peak("NVIDIA A100-SXM4-80GB", torch.float16) == 312e12
+    assert (hardware.gpu_peak("Tesla T4", torch.bfloat16) is None
+            and hardware.gpu_peak("Tesla T4", torch.float16) == 65e12)
+    assert hardware.gpu_peak("NVIDIA A10G", torch.bfloat16) is None  # not an A10: unknown rather than wrong
+    assert hardware.gpu_peak("NVIDIA L40S", torch.bfloat16) == 362.1e12
 
 
 def test_cpu_peak_is_measured_a_few_times_then_cached(tmp_path, monkeypatch):
     values = {torch.bfloat16: iter([100e9, 300e9, 200e9]), torch.float32: iter([50e9, 80e9, 60e9, 999e9])}
     calls = []
-    monkeypatch.setattr(estimate, "measure_matmul_flops", lambda dtype: calls.append(dtype) or next(values[dtype]))
-    seen = [estimate.cpu_peak(torch.bfloat16, str(tmp_path)) for _ in range(5)]
+    monkeypatch.setattr(hardware, "measure_matmul_flops", lambda dtype: calls.append(dtype) or next(values[dtype]))
+    seen = [hardware.cpu_peak(torch.bfloat16, str(tmp_path)) for _ in range(5)]
     assert seen == [100e9, 300e9, 300e9, 300e9, 300e9]  # the best of three measurements, then cached
     assert calls == [torch.bfloat16, torch.float32] * 3  # float32's own peak is measured beside it
     table = json.loads((tmp_path / "peak_flops.json").read_text())
     assert sorted(e["flops"] for e in table.values()) == [80e9, 300e9] and all(e["n"] == 3 for e in table.values())
-    assert estimate.cpu_peak(None, str(tmp_path)) == 80e9 and len(calls) == 6  # float32 has its own, cached key
-    assert estimate.mfu(1000.0, 1e6, 1e10) == pytest.approx(0.1)
+    assert hardware.cpu_peak(None, str(tmp_path)) == 80e9 and len(calls) == 6  # float32 has its own, cached key
+    assert hardware.mfu(1000.0, 1e6, 1e10) == pytest.approx(0.1)
 
 
 def test_cpu_peak_under_emulated_bf16_is_float32s_and_mfu_stays_a_fraction(tmp_path, monkeypatch):
     # an AVX2-only CPU: bf16 matmuls emulated at ~1 GFLOP/s, float32 at 200
-    monkeypatch.setattr(estimate, "measure_matmul_flops", lambda dtype: 1e9 if dtype == torch.bfloat16 else 200e9)
-    peak = estimate.cpu_peak(torch.bfloat16, str(tmp_path))
+    monkeypatch.setattr(hardware, "measure_matmul_flops", lambda dtype: 1e9 if dtype == torch.bfloat16 else 200e9)
+    peak = hardware.cpu_peak(torch.bfloat16, str(tmp_path))
     assert peak == 200e9
-    assert estimate.mfu(30_000, 6e6, 1e9) == 1.0  # an under-measured peak never shows more than 100%
-    assert estimate.mfu(30_000, 6e6, peak) == pytest.approx(0.9)
-    assert estimate.mfu(None, 6e6, peak) is None and estimate.mfu(1.0, 6e6, None) is None
+    assert hardware.mfu(30_000, 6e6, 1e9) == 1.0  # an under-measured peak never shows more than 100%
+    assert hardware.mfu(30_000, 6e6, peak) == pytest.approx(0.9)
+    assert hardware.mfu(None, 6e6, peak) is None and hardware.mfu(1.0, 6e6, None) is None
 
 
 @pytest.mark.slow
 def test_peak_measurement_is_bounded_where_bf16_is_emulated():
     # oneDNN capped at AVX2 emulates bf16 as an AVX2-only CPU does (a 2048 product then takes about a minute)
-    code = ("import time, torch; from llmctl import estimate, hardware; t = time.perf_counter(); "
-            "f = estimate.measure_matmul_flops(torch.bfloat16); "
+    code = ("import time, torch; from llmctl import hardware; t = time.perf_counter(); "
+            "f = hardware.measure_matmul_flops(torch.bfloat16); "
             "print(hardware.cpu_has_fast_bf16(), f, time.perf_counter() - t)")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -192,5 +192,5 @@ def test_peak_measurement_is_bounded_where_bf16_is_emulated():
 def test_measuring_the_peak_leaves_the_random_stream_alone():
     # it runs between seeding and the first step of a run: drawing from the global stream would change the run
     before = torch.get_rng_state()
-    estimate.measure_matmul_flops(torch.float32, budget=0.05)
+    hardware.measure_matmul_flops(torch.float32, budget=0.05)
     assert torch.equal(before, torch.get_rng_state())

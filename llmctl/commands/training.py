@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import checkpoint as ckpt_io
-from .. import distributed, estimate, rundir, tblog
+from .. import distributed, estimate, hardware, rundir, tblog
 from ..config import Config, from_dict, load_config, merge_settings, read_yaml, user_settings
 from ..data import prepare as prepare_tokens
 from ..distributed import unwrap
@@ -111,7 +111,7 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
     rundir.preflight(out, plan.model)
     # MFU in the progress bar and the summary: training FLOPs per token over the device's peak
     flops = estimate.flops_per_token(unwrap(plan.model), plan.cfg.model)["train"]
-    peak = estimate.peak_flops(plan.device, plan.amp, plan.cfg.data.cache_dir)["flops"]
+    peak = hardware.peak_flops(plan.device, plan.amp, plan.cfg.data.cache_dir)["flops"]
     getattr(reporter, "set_mfu", lambda *a: None)(flops, peak)
     with rundir.RunLock(out) as lock:
         if lock.stale:
@@ -124,7 +124,7 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
         summary = _train_locked(plan, out, reporter, log, resume_state, on_step)
     distributed.finish(plan.dist)  # torchrun: all ranks leave the process group together
     if summary is not None:
-        summary["mfu"] = estimate.mfu(summary.get("tokens_per_sec"), flops, peak)
+        summary["mfu"] = hardware.mfu(summary.get("tokens_per_sec"), flops, peak)
         compile_decode_step(out, plan.cfg, plan.task.kind, plan.device, summary["train_seconds"], log, plan.resume_cmd)
     return summary
 
