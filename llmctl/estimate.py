@@ -16,7 +16,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -25,9 +25,12 @@ import torch.nn as nn
 from . import hardware, tensor_parallel
 from .config import Config, ModelConfig
 from .data import eval_blocks
+from .distributed import DistContext
 from .evaluate import lm_metrics
 from .model import attention_dtype
 from .optim import build_optimizer
+from .tasks import Task
+from .tokenizer import Tokenizer
 from .train import Hooks, LoopState, fit, rng_state, set_rng_state
 
 PARTS = ("embeddings", "attention", "mlp", "norms", "head")
@@ -217,7 +220,7 @@ def discarded(model: nn.Module):
         model.train(was_training)
 
 
-def time_steps(model: nn.Module, cfg: Config, task: Any, device: torch.device, amp: Optional[torch.dtype],
+def time_steps(model: nn.Module, cfg: Config, task: Task, device: torch.device, amp: Optional[torch.dtype],
                steps: int = 5, warmup: int = 2, start_step: int = 0) -> dict:
     """Seconds per optimizer step: `warmup` untimed steps, then the median of `steps` timed ones, through `fit`
     with the task's own batches and loss.
@@ -322,7 +325,7 @@ def time_eval_batch(model: nn.Module, cfg: Config, val_tokens, device: torch.dev
 # The sample batch
 
 
-def sample_batch(task: Any, tokenizer, step: int = 0, labels_names: Optional[list] = None) -> dict:
+def sample_batch(task: Task, tokenizer: Tokenizer, step: int = 0, labels_names: Optional[list] = None) -> dict:
     """The first sequence of the first micro-batch of `step`, as spans of text marked trained on or not.
 
     Token j of the input is trained on when it is the target of position j - 1 (its label is not -100); the first
@@ -354,7 +357,23 @@ def sample_batch(task: Any, tokenizer, step: int = 0, labels_names: Optional[lis
 # The whole dry-run report
 
 
-def dry_run(plan: Any, start_step: int = 0, timed_steps: int = 5, warmup_steps: int = 2,
+class Plan(Protocol):
+    """What the dry run reads of a training plan (commands.training.TrainPlan is the one)."""
+
+    cfg: Config
+    task: Task
+    tokenizer: Tokenizer
+    device: torch.device
+    amp: Optional[torch.dtype]
+    kind: str
+    grad_accum: int
+    dist: DistContext
+
+    @property
+    def model(self) -> nn.Module: ...
+
+
+def dry_run(plan: Plan, start_step: int = 0, timed_steps: int = 5, warmup_steps: int = 2,
             out: Optional[Path] = None) -> dict:
     """Everything `--dry-run` shows, as one JSON-ready dict. `plan` is a commands.TrainPlan (duck-typed)."""
     cfg, model, device, amp, task = plan.cfg, plan.model, plan.device, plan.amp, plan.task
