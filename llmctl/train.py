@@ -160,6 +160,31 @@ class Hooks:
     world_size: int = 1  # processes training together (scales a variable-length batch's token count)
 
 
+def _gradients(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[Batch], params: list, cfg: TrainConfig,
+               hooks: Hooks, device: torch.device, autocast: Callable[[], ContextManager],
+               scaler: Optional[torch.amp.GradScaler]) -> tuple[float, float]:
+    """Forward and backward over a step's micro-batches (the gradient exchange only on the last), then unscale and
+    clip: (the loss averaged over micro-batches and ranks, the global gradient norm before clipping)."""
+    total = torch.zeros((), device=device)
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        sync = contextlib.nullcontext() if (hooks.no_sync is None or i == len(micro) - 1) else hooks.no_sync()
+        with sync:
+            with autocast():
+                loss = hooks.loss(model, batch) / len(micro)
+            (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.detach()
+    if scaler:
+        scaler.unscale_(optimizer)
+    if hooks.clip_grads is not None:  # (tensor parallel: sharded and replicated gradients together)
+        gnorm = hooks.clip_grads(params, cfg.grad_clip)
+    elif cfg.grad_clip > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    else:
+        gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    return hooks.reduce_mean(total).item(), float(gnorm)
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -236,28 +261,10 @@ def fit(
             for g in optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
             micro = hooks.batches(step)
-            total = torch.zeros((), device=device)
             # variable-length batches (classification, instruct) are counted as they come
             step_tokens = tokens_per_step or hooks.world_size * sum(
                 int(b["lengths"].sum()) if "lengths" in b else b["input_ids"].numel() for b in micro)
-            for i, batch in enumerate(micro):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                sync = contextlib.nullcontext() if (hooks.no_sync is None or i == len(micro) - 1) else hooks.no_sync()
-                with sync:
-                    with autocast():
-                        loss = hooks.loss(model, batch) / len(micro)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                total += loss.detach()
-            if scaler:
-                scaler.unscale_(optimizer)
-            if hooks.clip_grads is not None:  # (tensor parallel: sharded and replicated gradients together)
-                gnorm = hooks.clip_grads(params, cfg.grad_clip)
-            elif cfg.grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            loss_val = hooks.reduce_mean(total).item()
-            gnorm_val = float(gnorm)
+            loss_val, gnorm_val = _gradients(model, optimizer, micro, params, cfg, hooks, device, autocast, scaler)
             if not math.isfinite(loss_val) or (not math.isfinite(gnorm_val) and scaler is None):
                 what = "loss" if not math.isfinite(loss_val) else "gradient norm"
                 value = loss_val if what == "loss" else gnorm_val
