@@ -150,7 +150,13 @@ def test_a_signal_during_tokenization_stops_within_seconds(tmp_path, kind, num_p
     assert not out.exists()  # nothing was written to --out
     tokens = cache / "tokens"
     assert not tokens.exists() or not any(tokens.iterdir()), list(tokens.iterdir())  # no half-built cache entry
-    assert _resume_command(err)[-1] == "--resume"
+    resume = _resume_command(err)
+    assert resume[-1] == "--resume"
+    if kind == "txt":  # the printed command continues: it prepares the data again and trains the run
+        done = subprocess.run(resume, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "LLMCTL_CACHE_DIR": str(cache)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert rundir.read_status(out)["status"] == "finished" and ckpt.read_latest(out).name == "step-0000030"
 
 
 VAL = [*TINY, "model.n_embd=64", "model.block_size=64", "train.max_steps=4", "train.eval_interval=2",
