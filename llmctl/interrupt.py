@@ -5,7 +5,7 @@ There are two ways a signal stops work, and `STOP` (the process's one handler) p
     into a temporary directory, validation passes, compiling the decode step) is stopped by `Stopped`, raised
     by the handler in the main thread at once;
   - deferred (`STOP.deferred()`): work that must not stop half-way (a training step, writing a checkpoint, a
-    collective under torchrun) only records the signal, and asks `STOP.check()` at its safe points: the
+    collective under torchrun) only records the signal, and looks at `STOP.signum` at its safe points: the
     training loop after every step and between the batches of a validation pass.
 
 Python runs a signal handler only between bytecodes of the main thread, so a long native call (one Rust
@@ -103,21 +103,6 @@ class Stop:
             yield
         finally:
             self._deferring -= 1
-
-    @contextlib.contextmanager
-    def raising(self) -> Iterator[None]:
-        """Inside `deferred()`: raise at once again (for a stretch that can stop anywhere)."""
-        saved, self._deferring = self._deferring, 0
-        try:
-            self.check()
-            yield
-        finally:
-            self._deferring = saved
-
-    def check(self) -> None:
-        """Raise `Stopped` if a signal arrived."""
-        if self.signum is not None:
-            raise Stopped(self.signum)
 
 
 STOP = Stop()

@@ -27,20 +27,21 @@ import yaml
 
 from . import checkpoint as ckpt_io
 from .checkpoint import CONFIG, LATEST, TOKENIZER
-from .errors import EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
+from .errors import EXIT_DIVERGED, LlmctlError
 from .fileio import write_atomic
+from .interrupt import NAMES, exit_status
 
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
 LOCK = ".lock"
-SIGNALS = {EXIT_SIGINT: "SIGINT", EXIT_SIGTERM: "SIGTERM"}  # exit statuses of a run stopped by a signal
+SIGNALS = {exit_status(s): name for s, name in NAMES.items()}  # exit status of a run stopped by a signal -> its name
 
 
-def outcome(exit_status: int) -> str:
-    """status.json's state for a run that ended with `exit_status` (an LlmctlError's)."""
-    if exit_status in SIGNALS:
+def outcome(status: int) -> str:
+    """status.json's state for a run that ended with exit status `status` (an LlmctlError's)."""
+    if status in SIGNALS:
         return "interrupted"
-    return "diverged" if exit_status == EXIT_DIVERGED else "failed"
+    return "diverged" if status == EXIT_DIVERGED else "failed"
 
 
 def write_run_files(out: Path, config_yaml: str, tokenizer_json: Optional[str]) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .errors import EXIT_DIVERGED, LlmctlError
-from .interrupt import STOP, Stopped, exit_status
+from .interrupt import STOP, Stopped
 from .optim import lr_at
 
 Batch = dict[str, torch.Tensor]
@@ -216,9 +216,9 @@ def fit(
     def stop(signum: int, during: str = "") -> None:
         """Save what was trained since the last checkpoint, then raise Interrupted."""
         path = saver.on_stop(state) if saver else None
-        name = "SIGINT" if exit_status(signum) == 130 else "SIGTERM"
-        raise Interrupted(f"interrupted by {name} {during}after step {state.step}"
-                          + (f"; saved {path}" if path else ""), exit_status(signum))
+        stopped = Stopped(signum)
+        raise Interrupted(f"interrupted by {stopped.name} {during}after step {state.step}"
+                          + (f"; saved {path}" if path else ""), stopped.status)
 
     def after_step(last: bool) -> bool:
         """Validation and the checkpoint due at `state.step`; True when early stopping ends the run here."""
