@@ -29,35 +29,19 @@ import torch.nn as nn
 from .errors import LlmctlError
 from .model import KVCache, Transformer
 
-FORMAT = 1  # bump when the exported step's inputs or outputs change
-
-
-class _Slots(nn.Module):
-    """Stands in for a layer's KVCache while exporting, so that the cache tensors are inputs of the graph."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        super().__init__()
-        self.k, self.v = k, v
-
-    update = KVCache.update
+FORMAT = 2  # bump when the exported step's inputs or outputs change
 
 
 class _Step(nn.Module):
-    """One decode step with the per-layer (k, v) cache tensors as explicit inputs (mutated in place)."""
+    """One decode step with the cache tensors as explicit inputs (mutated in place)."""
 
     def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
 
-    def forward(self, tok, input_pos, left_pad, caches):
-        # tok (B, 1), input_pos (1,), left_pad (B,) (zeros for unpadded rows), caches [(k, v)] of (B, nkv, S, hd)
-        for block, (k, v) in zip(self.model.blocks, caches):
-            block.attn.kv_cache = _Slots(k, v)
-        try:
-            return self.model(tok, input_pos=input_pos, left_pad=left_pad)[:, -1]  # (B, V)
-        finally:
-            for block in self.model.blocks:
-                block.attn.kv_cache = None
+    def forward(self, tok, pos, caches):
+        # tok (S, 1), pos (S,) each slot's position, caches [k0, v0, k1, v1, ...] each (S, nkv, L, hd)
+        return self.model(tok, cache=KVCache.of(caches), pos=pos)[:, -1]  # (S, V)
 
 
 def inductor_options(device_type: str) -> dict:
@@ -90,7 +74,7 @@ def shape_key(model: Transformer, batch: int, length: int) -> str:
     p = model.wte.weight
     desc = dict(format=FORMAT, torch=torch.__version__, device=_device_tag(p.device), batch=batch, length=length,
                 dtype=str(p.dtype), config=dataclasses.asdict(model.cfg),
-                layers=sorted({type(m).__name__ for m in model.modules() if not isinstance(m, KVCache)}))
+                layers=sorted({type(m).__name__ for m in model.modules()}))
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -117,9 +101,8 @@ class CompiledStep:
             self._loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False)
         self.path = path
 
-    def __call__(self, tok: torch.Tensor, input_pos: torch.Tensor, left_pad: torch.Tensor,
-                 caches: list[torch.Tensor]) -> torch.Tensor:
-        return self._loader.boxed_run([tok, input_pos, left_pad, *caches])[0]  # (B, V)
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
+        return self._loader.boxed_run([tok, pos, *caches])[0]  # (S, V)
 
 
 def supported() -> bool:
@@ -131,9 +114,6 @@ def build(model: Transformer, batch: int, length: int, path: Path) -> None:
     """Export the decode step of `model` for (batch, length) and compile it into the package `path` (atomically)."""
     configure_compile_cache()
     p = model.wte.weight
-    kept_len = model.cache_len
-    kept = model.clear_cache()  # the exported step must not alias the model's own cache buffers
-    model.cache_len = length  # (what makes the model take its cached path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # (the packager wants a .pt2 name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,10 +121,8 @@ def build(model: Transformer, batch: int, length: int, path: Path) -> None:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             # raised inside inductor's autotuner
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            shape = (batch, model.cfg.kv_heads, length, model.cfg.head_dim)
-            caches = [(torch.zeros(shape, dtype=p.dtype, device=p.device),
-                       torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in model.blocks]
-            args = (torch.zeros(batch, 1, dtype=torch.long, device=p.device), torch.tensor([0], device=p.device),
+            caches = KVCache.empty(model.cfg, batch, length, p.dtype, p.device).flat()
+            args = (torch.zeros(batch, 1, dtype=torch.long, device=p.device),
                     torch.zeros(batch, dtype=torch.long, device=p.device), caches)
             program = torch.export.export(_Step(model), args, strict=False)
             from torch._inductor import aoti_compile_and_package
@@ -158,9 +136,6 @@ def build(model: Transformer, batch: int, length: int, path: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        for block, kv in zip(model.blocks, kept):
-            block.attn.kv_cache = kv
-        model.cache_len = kept_len
 
 
 class StepStore:

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from .chat import render_prompt
 from .config import DataConfig, TokenizerConfig
 from .errors import LlmctlError
 from .fileio import read_jsonl, sha256_file, temp_dir
@@ -477,13 +478,6 @@ def classification_examples(
             enc, truncated = enc[: block_size - 1], truncated + 1
         ids.append(enc + [tokenizer.eos_id])
     return Examples(ids, [index[v] for v in values], truncated), labels
-
-
-def render_prompt(instruction: str, input_text: str, ft) -> str:
-    """The instruction template shared by training and `infer --chat` (ft: FinetuneConfig)."""
-    if input_text and input_text.strip():
-        return ft.prompt_template.format(instruction=instruction, input=input_text)
-    return ft.prompt_template_no_input.format(instruction=instruction, input="")
 
 
 def instruct_pairs(row: dict, ft, where: str) -> list[tuple[str, str]]:

@@ -1,19 +1,32 @@
-"""Token generation on the model's one static KV cache: prefill the prompts, then decode one token per step.
+"""Token generation with continuous batching: one `Engine` owns the model, its KV cache of slots and the decode step.
 
-One decode loop serves a single prompt and a batch of prompts alike. Prompts of a batch are left-padded to a
-common length; the model shifts their positions and masks the padding, so a row's tokens do not depend on the
-other rows (exactly so in float32). Yields token ids; turning them into text is the caller's job.
+Every generation in llmctl runs here: `infer --prompt` (one slot), `infer --input` and `--chat`, and `serve`. A
+request waits until a slot is free; it then joins: its prompt is prefilled into the slot (eagerly, on its own), and
+from the next step on it decodes together with the other busy slots, one token per step each. A row that ends
+(end of text, its token budget, a stop string, a cancel) frees its slot at once, so a waiting request never waits
+for a long one to finish. Each row has its own position in its own slot and attends only to its own slot, so its
+tokens do not depend on which other rows share the batch (exactly so in float32; the dynamic int8 of a CPU
+quantizes activations per batch, see README "Serve").
+
+The decode step over all slots is compiled ahead of time (llmctl.aot) or eager. Idle slots take part in a compiled
+step (its shapes are fixed) with a dummy token at position 0 of their own slot, which the next prefill of that slot
+overwrites.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from . import aot
-from .model import Transformer
+from .model import KVCache, Transformer
+from .tokenizer import StreamDecoder, Tokenizer
+
+FINISH_REASONS = ("eos", "length", "stop", "cancelled")
 
 
 @dataclass
@@ -27,6 +40,11 @@ class Request:
     top_p: Optional[float] = None
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
     seed: Optional[int] = None
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first of them (needs the engine's tokenizer)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and self.repetition_penalty == 1.0
 
 
 def sample(
@@ -67,156 +85,304 @@ def slide_keep(block_size: int) -> int:
     return max(1, block_size - block_size // 4)
 
 
-class Decoder:
-    """Runs the model on its KV cache: eager prefill, then a decode step that is compiled ahead of time or eager.
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string (not released yet)."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    return n
+
+
+@dataclass(eq=False)
+class Row:
+    """A request in the engine: everything that is per row lives here (slot, tokens, position, sampler, text).
+
+    `tokens` holds the prompt and every generated token (for sliding and the repetition penalty); `pos` is how
+    many of the newest of them the slot's cache holds. With a tokenizer the row also keeps its text: `text` is
+    what was generated so far minus anything from a stop string on, and `take_text()` returns the part that is
+    released (a piece that could still grow into a stop string is held back until it cannot)."""
+
+    request: Request
+    tokens: list[int]
+    generator: Optional[torch.Generator] = None
+    decoder: Optional[StreamDecoder] = None
+    slot: Optional[int] = None
+    pos: int = 0
+    produced: int = 0
+    finish_reason: Optional[str] = None  # one of FINISH_REASONS once done
+    cancelled: bool = False  # set from any thread; the engine frees the slot at its next step
+    text: str = ""
+    released: int = 0  # characters of `text` that may be shown
+    taken: int = 0  # characters of `text` handed out by take_text
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: Optional[float] = None
+    new_tokens: list[int] = field(default_factory=list)  # generated since the caller last looked
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def take_text(self) -> str:
+        piece = self.text[self.taken : self.released]
+        self.taken = self.released
+        return piece
+
+    def _push(self, token: int) -> None:
+        """Append a generated token (not <eos>); ends the row at its budget or at a stop string."""
+        self.tokens.append(token)
+        self.produced += 1
+        self.new_tokens.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if self.decoder is not None:
+            self._add_text(self.decoder.push(token))
+        if not self.done and self.produced >= self.request.max_new_tokens:
+            self._finish("length")
+
+    def _add_text(self, piece: str) -> None:
+        stops = self.request.stop
+        start = max(0, len(self.text) - max((len(s) for s in stops), default=0))
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in stops if s) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.released = len(self.text)
+            self.finish_reason = "stop"
+        else:
+            self.released = len(self.text) - held_back(self.text, stops)
+
+    def _finish(self, reason: str) -> None:
+        if self.decoder is not None and reason != "stop":
+            self._add_text(self.decoder.flush())
+            if self.finish_reason == "stop":  # the last bytes completed a stop string
+                return
+            self.released = len(self.text)
+        self.finish_reason = reason
+
+
+class Engine:
+    """The model, its compile policy and (while open) a KV cache of `slots` rows with the rows in them.
 
     `compile`: "auto" uses a compiled decode step when the cache holds one for this model, precision and shape
     (loading it takes ~0.05 s, so it pays off even for a short generation), True also builds a missing one first
     (half a minute to a minute on a CPU, once per model, precision and shape; see llmctl.aot), False always
-    decodes eagerly. `notify` hears about builds and dropped cache files.
-    Cache lengths are rounded up to a power of two (at least 256) when compiled steps are in play, so few shapes
-    exist: at most three for a 1024-token context and one batch size.
+    decodes eagerly. `notify` hears about builds and dropped cache files. `tokenizer` gives rows their text and
+    stop strings, and `eos_id` (its end of text by default) ends a row.
+
+    Use `run(requests, slots)` for a job, or `open(slots, length)`, then `submit` and `step` from one thread (the
+    server's engine thread), then `close`.
     """
 
-    def __init__(self, model: Transformer, compile: bool | str = False,
-                 notify: Optional[Callable[[str], None]] = None, store: Optional[aot.StepStore] = None):
+    def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer] = None, compile: bool | str = False,
+                 notify: Optional[Callable[[str], None]] = None, store: Optional[aot.StepStore] = None,
+                 eos_id: Optional[int] = None):
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto' (got {compile!r})")
-        self.model = model
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_id = eos_id if eos_id is not None or tokenizer is None else tokenizer.eos_id
         self.mode = compile
         self.store = None if compile is False else (store or aot.StepStore(model, notify=notify))
-        self.compiled = None  # the compiled step of the current shape, if any
-        self.build_next = False  # auto: build the next shape's step if missing (a long job asks, see complete_rows)
-        self._caches: list[torch.Tensor] = []  # the model's cache tensors, flat: k0, v0, k1, v1, ...
-        self._no_pad: Optional[torch.Tensor] = None
+        self.compiled: Optional[aot.CompiledStep] = None  # the compiled step of the open shape, if any
+        self.cache: Optional[KVCache] = None
+        self.rows: list[Optional[Row]] = []  # by slot
+        self.waiting: deque[Row] = deque()  # (appended from other threads: deque appends are atomic)
+        self.steps = 0  # decode steps run since open (the server's metrics read it)
+        self._logits: Optional[torch.Tensor] = None  # (slots, V): each busy row's next-token logits
 
+    # -- shapes ----------------------------------------------------------------------------------------------------
     def cache_length(self, needed: int) -> int:
-        """Slots to allocate for `needed` tokens: exactly that when eager, else the next power of two (>= 256)."""
+        """Positions per slot for `needed` tokens: exactly that when eager, else the next power of two (>= 256), so
+        few compiled shapes exist (at most three for a 1024-token context and one slot count)."""
         block = self.model.cfg.block_size
         if self.store is None:
             return min(needed, block)
-        return min(block, max(256, 1 << (needed - 1).bit_length()))
+        return min(block, max(256, 1 << (max(needed, 1) - 1).bit_length()))
 
-    def begin(self, batch_size: int, needed: int) -> None:
-        """Set up the model's KV cache for `batch_size` rows of up to `needed` tokens, and find the compiled step."""
-        length = self.cache_length(needed)
-        self.model.setup_cache(batch_size, length)
+    def open(self, slots: int, length: Optional[int] = None, build: bool = False) -> None:
+        """Allocate the cache for `slots` rows of `length` positions (default the context) and find the compiled
+        step of that shape (building it when compile is True or `build`). A cache of the same shape is reused."""
+        length = min(length or self.model.cfg.block_size, self.model.cfg.block_size)
+        p = self.model.wte.weight  # (the output head may be swapped for a quantized layer)
+        if self.cache is None or (self.cache.slots, self.cache.length) != (slots, length) \
+                or self.cache.layers[0][0].dtype != p.dtype:
+            self.cache = KVCache.empty(self.model.cfg, slots, length, p.dtype, p.device)
+        self.rows, self.waiting, self.steps = [None] * slots, deque(), 0
+        self.compiled = None
         if self.store is not None:
-            self.compiled = self.store.get(batch_size, length, build_missing=self.mode is True or self.build_next)
-            self.build_next = False
-        self._caches = [t for block in self.model.blocks for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
-        self._no_pad = torch.zeros(batch_size, dtype=torch.long, device=self.model.wte.weight.device)
+            self.compiled = self.store.get(slots, length, build_missing=self.mode is True or build)
+        self._logits = None
 
-    def end(self) -> None:
-        """Detach the KV cache from the model."""
-        self.model.clear_cache()
-        self.compiled, self._caches = None, []
+    def build_compiled(self) -> None:
+        """Build (if missing) and use the compiled step of the open shape from the next step on (auto mode's
+        choice for a long job). No-op when compiling is off."""
+        if self.store is not None and self.compiled is None and self.cache is not None:
+            self.compiled = self.store.get(self.cache.slots, self.cache.length, build_missing=True)
 
-    def prefill(self, idx: torch.Tensor, left_pad: Optional[torch.Tensor]) -> torch.Tensor:
-        """idx (B, T) written at slots 0..T-1 -> logits of the last position (B, V)."""
-        T = idx.shape[1]
-        pos = torch.arange(T, device=idx.device)
-        return self.model(idx, input_pos=pos, left_pad=left_pad, kv_len=T)[:, -1]
+    def close(self) -> None:
+        """Free the cache (rows still in it are dropped)."""
+        self.cache, self.compiled, self.rows, self._logits = None, None, [], None
+        self.waiting = deque()
 
-    def step(self, tok: torch.Tensor, pos: int, left_pad: Optional[torch.Tensor]) -> torch.Tensor:
-        """tok (B,) at slot `pos` -> next logits (B, V)."""
-        input_pos = torch.tensor([pos], device=tok.device)
-        if self.compiled is not None:  # (no padding is zero padding: the same mask)
-            return self.compiled(tok[:, None], input_pos, self._no_pad if left_pad is None else left_pad, self._caches)
-        return self.model(tok[:, None], input_pos=input_pos, left_pad=left_pad, kv_len=pos + 1)[:, -1]
-
-
-@torch.inference_mode()  # lighter than no_grad: no version counters (~30% of a small model's step)
-def generate_batch(
-    model: Transformer,
-    requests: list[Request],
-    eos_id: Optional[int] = None,
-    pad_id: int = 0,
-    decoder: Optional[Decoder] = None,
-    cancelled: Optional[set[int]] = None,
-) -> Iterator[tuple[int, int]]:
-    """Yield (row, token id) as tokens are generated; a row ends at `eos_id` (not yielded) or its max_new_tokens.
-
-    A caller may end rows early by adding them to `cancelled` (stop strings). Prompts must fit the context
-    (callers truncate or refuse). When a row's prompt plus output outgrow the context its window slides: its newest
-    `slide_keep(block_size)` tokens are prefilled again and decoding goes on.
-    """
-    if not requests:
-        return
-    block = model.cfg.block_size
-    for r in requests:
-        if not r.prompt:
+    # -- rows ------------------------------------------------------------------------------------------------------
+    def new_row(self, request: Request) -> Row:
+        """A row for `request`, checked (callers truncate or refuse prompts that do not fit the context)."""
+        block = self.model.cfg.block_size
+        if not request.prompt:
             raise ValueError("a prompt must hold at least one token")
-        if len(r.prompt) > block:
-            raise ValueError(f"prompt of {len(r.prompt)} tokens exceeds the context of {block}")
-    decoder = decoder or Decoder(model)
-    device = model.wte.weight.device
-    B = len(requests)
-    gens = []
-    for r in requests:
-        g = torch.Generator(device=device)
-        g.manual_seed(r.seed) if r.seed is not None else g.seed()
-        gens.append(g)
-    seqs = [list(r.prompt) for r in requests]  # every row's tokens so far (for sliding and the penalty)
-    ctx = [len(r.prompt) for r in requests]  # how many of them are in the row's current window
-    done = [False] * B
-    produced = [0] * B
-    greedy_all = all(r.temperature == 0 and r.repetition_penalty == 1.0 for r in requests)
+        if len(request.prompt) > block:
+            raise ValueError(f"prompt of {len(request.prompt)} tokens exceeds the context of {block}")
+        if request.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer")
+        g = None
+        if not request.greedy:
+            g = torch.Generator(device=self.model.wte.weight.device)
+            g.manual_seed(request.seed) if request.seed is not None else g.seed()
+        dec = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
+        return Row(request, list(request.prompt), generator=g, decoder=dec)
 
-    def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        T = max(len(s) for s in rows)
-        idx = torch.full((B, T), pad_id, dtype=torch.long)
-        for i, s in enumerate(rows):
-            idx[i, T - len(s):] = torch.tensor(s)
-        pads = [T - len(s) for s in rows]
-        return idx.to(device), (torch.tensor(pads, device=device) if any(pads) else None)
+    def submit(self, request: Request) -> Row:
+        """Queue a request; it joins at the next step with a free slot. Safe to call from another thread."""
+        row = self.new_row(request)
+        self.waiting.append(row)
+        return row
 
-    model.eval()
-    try:
-        decoder.begin(B, max(len(s) for s in seqs) + max(r.max_new_tokens for r in requests))
-        idx, left_pad = left_padded(seqs)
-        logits = decoder.prefill(idx, left_pad)  # (B, V)
-        pos = idx.shape[1]
-        while True:
-            if greedy_all:
-                nxt = logits.argmax(-1)  # (B,)
-            else:
-                picks = []
-                for i, r in enumerate(requests):
-                    row = logits[i]
-                    if r.repetition_penalty != 1.0:
-                        row = penalize(row, torch.tensor(seqs[i], device=device), r.repetition_penalty)
-                    picks.append(sample(row[None], r.temperature, r.top_k, r.top_p, gens[i]))
-                nxt = torch.cat(picks)
-            toks = nxt.tolist()
-            for i, t in enumerate(toks):
-                if cancelled and i in cancelled:
-                    done[i] = True
-                if done[i]:
-                    continue
-                if eos_id is not None and t == eos_id:
-                    done[i] = True
-                    continue
-                seqs[i].append(t)
-                ctx[i] += 1
-                produced[i] += 1
-                yield i, t
-                if produced[i] >= requests[i].max_new_tokens:
-                    done[i] = True
-            if all(done):
-                return
-            if pos == model.cache_len:
-                # the longest row's context is full: it keeps its newest tokens; the other rows keep all of theirs,
-                # so each row slides exactly when it would on its own
-                ctx = [slide_keep(block) if n > block else n for n in ctx]
-                idx, left_pad = left_padded([s[-n:] for s, n in zip(seqs, ctx)])
-                logits = decoder.prefill(idx, left_pad)
-                pos = idx.shape[1]
+    @property
+    def busy(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and self.busy == 0
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    @torch.inference_mode()  # lighter than no_grad: no version counters (~30% of a small model's step)
+    def step(self) -> list[Row]:
+        """Free cancelled rows, let waiting rows join (prefill), pick every busy row's next token, and run one
+        decode step for the rows that go on. Returns the rows that got tokens or finished in this step (each once;
+        read `row.new_tokens`, `row.take_text()`, `row.finish_reason`, then clear `row.new_tokens`)."""
+        touched: list[Row] = []
+        for s, row in enumerate(self.rows):
+            if row is not None and row.cancelled:
+                row._finish("cancelled")
+                self.rows[s] = None
+                touched.append(row)
+        while self.waiting and None in self.rows:
+            row = self.waiting.popleft()
+            if row.cancelled:
+                row._finish("cancelled")
+                touched.append(row)
                 continue
-            logits = decoder.step(nxt, pos, left_pad)
-            pos += 1
-    finally:
-        decoder.end()
+            row.slot = self.rows.index(None)  # the lowest free slot: busy slots stay packed at the start
+            self.rows[row.slot] = row
+            self._prefill(row)
+        busy = [r for r in self.rows if r is not None]
+        if not busy:
+            return touched
+        self._pick(busy)
+        going = []
+        for row in busy:
+            touched.append(row)
+            if row.done:
+                self.rows[row.slot] = None
+            elif row.pos == self.cache.length:  # the slot is full: keep the newest tokens and prefill them again
+                self._prefill(row, slide_keep(self.model.cfg.block_size))
+            else:
+                going.append(row)
+        if going:
+            self._decode(going)
+        return touched
+
+    def _prefill(self, row: Row, keep: Optional[int] = None) -> None:
+        window = row.tokens[-min(keep or len(row.tokens), self.cache.length):]
+        idx = torch.tensor([window], device=self.model.wte.weight.device)
+        logits = self.model(idx, cache=self.cache, slot=row.slot)[:, -1]  # (1, V)
+        if self._logits is None:
+            self._logits = torch.zeros(self.cache.slots, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        self._logits[row.slot] = logits[0]
+        row.pos = len(window)
+
+    def _pick(self, busy: list[Row]) -> None:
+        """Sample each busy row's next token from its logits; <eos> ends a row without being added."""
+        picks: dict[int, int] = {}
+        greedy = [r for r in busy if r.request.greedy]
+        if greedy:
+            top = self._logits[: max(r.slot for r in greedy) + 1].argmax(-1).tolist()  # one call for every row
+            picks.update({r.slot: top[r.slot] for r in greedy})
+        for r in busy:
+            if r.slot in picks:
+                continue
+            q, logits = r.request, self._logits[r.slot]
+            if q.repetition_penalty != 1.0:
+                logits = penalize(logits, torch.tensor(r.tokens, device=logits.device), q.repetition_penalty)
+            picks[r.slot] = int(sample(logits[None], q.temperature, q.top_k, q.top_p, r.generator))
+        for r in busy:
+            t = picks[r.slot]
+            if self.eos_id is not None and t == self.eos_id:
+                r._finish("eos")
+            else:
+                r._push(t)
+
+    def _decode(self, going: list[Row]) -> None:
+        """One token for every slot up to the last one going on (all slots when compiled), at each row's position.
+        Slots not going on (idle, or just prefilled again) take a dummy token at a position their next write
+        overwrites: 0 for an idle slot, `pos` for a row that was just prefilled; their logits are not kept."""
+        S = self.cache.slots if self.compiled is not None else max(r.slot for r in going) + 1
+        device = self.model.wte.weight.device
+        toks, pos = [0] * S, [0] * S
+        for r in self.rows[:S]:
+            if r is not None:
+                pos[r.slot] = r.pos
+        for r in going:
+            toks[r.slot] = r.tokens[-1]
+        tok_t = torch.tensor(toks, device=device)[:, None]  # (S, 1)
+        pos_t = torch.tensor(pos, device=device)  # (S,)
+        if self.compiled is not None:
+            logits = self.compiled(tok_t, pos_t, self.cache.flat())
+        else:
+            logits = self.model(tok_t, cache=self.cache, pos=pos_t, kv_len=max(pos) + 1)[:, -1]  # (S, V)
+        if len(going) == S:
+            self._logits[:S] = logits
+        else:
+            slots = torch.tensor([r.slot for r in going], device=device)
+            self._logits[slots] = logits[slots]
+        for r in going:
+            r.pos += 1
+        self.steps += 1
+
+    # -- jobs ------------------------------------------------------------------------------------------------------
+    def run(self, requests: list[Request], slots: Optional[int] = None,
+            on_step: Optional[Callable[["Engine"], None]] = None) -> Iterator[Row]:
+        """Generate for every request, `slots` at a time (default all), rows joining as others finish. Yields each
+        row that got tokens (`row.new_tokens`, this step's) or finished in a step, as the steps run; a row's text
+        and finish reason stay on it. `on_step` runs after each step (a long job may call `build_compiled`)."""
+        if not requests:
+            return
+        rows = [self.new_row(r) for r in requests]  # every request is checked before any work
+        slots = min(slots or len(rows), len(rows))
+        needed = max(len(r.prompt) + r.max_new_tokens for r in requests)
+        self.model.eval()
+        try:
+            self.open(slots, self.cache_length(needed))
+            self.waiting.extend(rows)
+            while not self.idle:
+                for row in self.step():
+                    yield row
+                    row.new_tokens.clear()
+                if on_step is not None:
+                    on_step(self)
+        finally:
+            self.close()
+
+    def complete(self, request: Request) -> Iterator[int]:
+        """Yield the new token ids of one request (a job of one row)."""
+        for row in self.run([request]):
+            yield from row.new_tokens
 
 
 def generate(
@@ -229,12 +395,11 @@ def generate(
     eos_id: Optional[int] = None,
     seed: Optional[int] = None,
     repetition_penalty: float = 1.0,
-    decoder: Optional[Decoder] = None,
+    engine: Optional[Engine] = None,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids for one prompt (the batch loop with one row)."""
-    req = Request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-    for _, t in generate_batch(model, [req], eos_id=eos_id, decoder=decoder):
-        yield t
+    """Yield up to `max_new_tokens` new token ids for one prompt (an eager engine unless one is given)."""
+    engine = engine or Engine(model, eos_id=eos_id)
+    return engine.complete(Request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed))
 
 
 @torch.inference_mode()

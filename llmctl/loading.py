@@ -1,5 +1,5 @@
 """From a checkpoint to a model ready for use: verified weights (full, or base + LoRA adapter, plus a task head)
-in the Transformer its config describes, its tokenizer, and for generation the decoder in the chosen precision."""
+in the Transformer its config describes, its tokenizer, and for generation the engine in the chosen precision."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from . import checkpoint as ckpt_io
 from . import quantize as quantize_mod
 from .config import Config, from_dict
 from .errors import LlmctlError
-from .generate import Decoder
+from .generate import Engine
 from .hardware import slow_precision_warning
 from .heads import Classifier
 from .lora import LORA_MODULES, apply_lora, lora_state
@@ -66,7 +66,7 @@ class Loaded:
     device: torch.device
     classifier: Optional[Classifier] = None  # set for classification checkpoints
     labels: Optional[list[str]] = None
-    decoder: Optional[Decoder] = None  # set by `for_inference`
+    engine: Optional[Engine] = None  # set by `for_inference`
     precision: str = "float32"  # what `for_inference` chose, for reports
 
 
@@ -179,7 +179,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: Optional[torch.dty
 
 def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "auto",
                   compile: Optional[bool | str] = None, notify: Optional[Callable[[str], None]] = None) -> Loaded:
-    """Turn a loaded model into a decoder in the requested precision (in place). `dtype`, `quantize_mode` "auto"
+    """Give a loaded model its generation engine, in the requested precision (in place). `dtype`, `quantize_mode` "auto"
     and `compile` None fall back to the checkpoint's `generate` settings; `notify` hears about compiling."""
     check_choices(dtype, quantize_mode)
     g = loaded.cfg.generate
@@ -197,6 +197,6 @@ def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "aut
                               "use --quantize none to compile, or --no-compile")
         compile = False
     loaded.model = quantize_mod.convert(loaded.model, dtype, quantize_mode)
-    loaded.decoder = Decoder(loaded.model, compile=compile, notify=notify)
+    loaded.engine = Engine(loaded.model, loaded.tokenizer, compile=compile, notify=notify)
     loaded.precision = dtype + (" + int8" if quantize_mode == "int8" else "")
     return loaded

@@ -4,8 +4,8 @@ GPT-2 flavour: LayerNorm, learned positions, GELU MLP, tied embeddings, optional
 LLaMA flavour: RMSNorm, rotary positions (HF's rotate-half layout), SwiGLU MLP, grouped-query attention.
 Both are exactly expressible as transformers' `gpt2` / `llama` models (see `llmctl.hf`).
 
-`forward` returns logits. Loss, optimizers and I/O live elsewhere. For generation, `setup_cache` allocates one
-static KV cache per layer; `forward(idx, input_pos=...)` then writes keys/values at those positions.
+`forward` returns logits. Loss, optimizers and I/O live elsewhere. For generation the caller passes a `KVCache`
+(slots of keys and values) to `forward`, which prefills one slot or decodes one token in every slot.
 """
 
 from __future__ import annotations
@@ -20,20 +20,35 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values for one layer: (B, n_kv_head, max_len, head_dim)."""
+class KVCache:
+    """The static key/value cache of generation, addressed by slot: one (k, v) pair per layer, each
+    (slots, n_kv_head, length, head_dim). A slot holds one sequence; generation (llmctl.generate) owns the cache and
+    passes it to `Transformer.forward`, so the model itself keeps no state between calls."""
 
-    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
-        super().__init__()
-        shape = (batch, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.layers = layers
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # input_pos: (T,) slots; k, v: (B, n_kv_head, T, head_dim)
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+    @classmethod
+    def empty(cls, cfg: ModelConfig, slots: int, length: int, dtype: torch.dtype, device) -> "KVCache":
+        shape = (slots, cfg.kv_heads, length, cfg.head_dim)
+        return cls([(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                    for _ in range(cfg.n_layer)])
+
+    @classmethod
+    def of(cls, flat: list[torch.Tensor]) -> "KVCache":
+        """From the flat list [k0, v0, k1, v1, ...] (the compiled decode step's inputs)."""
+        return cls(list(zip(flat[0::2], flat[1::2])))
+
+    def flat(self) -> list[torch.Tensor]:
+        return [t for kv in self.layers for t in kv]
+
+    @property
+    def slots(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[2]
 
 
 class Norm(nn.Module):
@@ -96,8 +111,11 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, rope, input_pos, mask, kv_len: Optional[int], causal: bool = True) -> torch.Tensor:
-        # mask: (B|1, 1, T, S) bool or None; without one, attention is causal if `causal`, else over every key read
+    def forward(self, x, rope, kv=None, slot: Optional[int] = None, pos=None, mask=None) -> torch.Tensor:
+        # kv: this layer's cache tensors (k, v), each (slots, nkv, S, hd), or None (training: causal attention).
+        # Prefill (`slot` an int): x is one sequence (1, T) at positions 0..T-1; its keys and values go to that slot
+        # and attention is causal over them. Decode (`pos` (B,)): row b of x (B, 1) is slot b at position pos[b];
+        # `mask` (B, 1, 1, S') says which of the first S' slots it reads.
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -107,11 +125,16 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
-            if kv_len is not None:  # eager decoding reads only the filled part of the cache
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-                mask = mask[..., :kv_len] if mask is not None else None
+        if kv is not None:
+            kc, vc = kv
+            if slot is not None:
+                kc[slot, :, :T] = k[0].to(kc.dtype)
+                vc[slot, :, :T] = v[0].to(vc.dtype)
+            else:
+                rows = torch.arange(B, device=x.device)
+                kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)  # (B, nkv, hd) into each row's own position
+                vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
+                k, v = kc[:B, :, : mask.shape[-1]], vc[:B, :, : mask.shape[-1]]  # (B, nkv, S', hd)
         dtype = q.dtype
         if attention_dtype(q.device.type, dtype, k.shape[2]) != dtype:
             q, k, v = q.float(), k.float(), v.float()
@@ -119,7 +142,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v,
                 attn_mask=mask,
-                is_causal=mask is None and causal,
+                is_causal=mask is None,
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             ).to(dtype)  # (B, nh, T, hd)
@@ -158,8 +181,8 @@ class Block(nn.Module):
         self.norm2 = Norm(cfg.n_embd, cfg.norm_eps, kind, cfg.has_bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, input_pos, mask, kv_len, causal=True):
-        x = x + self.attn(self.norm1(x), rope, input_pos, mask, kv_len, causal)
+    def forward(self, x, rope, kv=None, slot=None, pos=None, mask=None):
+        x = x + self.attn(self.norm1(x), rope, kv, slot, pos, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -189,7 +212,6 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.cache_len = 0
         self.reset_parameters()
 
     # ---------------------------------------------------------------------------------------------------------
@@ -220,96 +242,54 @@ class Transformer(nn.Module):
         return n
 
     # ---------------------------------------------------------------------------------------------------------
-    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> None:
-        """Allocate the static KV cache for generation (`max_len` <= block_size slots per sequence).
-
-        A layer's current cache of the right shape is kept (zeroing it is not needed: slots are written before
-        they are read)."""
-        max_len = min(max_len or self.cfg.block_size, self.cfg.block_size)
-        p = self.wte.weight  # (the output head may be swapped for a quantized layer)
-        dtype = dtype or p.dtype
-        shape = (batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim)
-        for block in self.blocks:
-            kv = block.attn.kv_cache
-            if kv is None or kv.k.shape != shape or kv.k.dtype != dtype or kv.k.device != p.device:
-                kv = KVCache(batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim, dtype, p.device)
-            block.attn.kv_cache = kv
-        self.cache_len = max_len
-
-    def clear_cache(self) -> list[Optional[KVCache]]:
-        """Drop the KV cache; returns the layers' caches (so a caller can put them back)."""
-        caches = [block.attn.kv_cache for block in self.blocks]
-        for block in self.blocks:
-            block.attn.kv_cache = None
-        self.cache_len = 0
-        return caches
-
-    def positions(self, input_pos: torch.Tensor, left_pad: Optional[torch.Tensor]) -> torch.Tensor:
-        """Position ids (B or 1, T): the cache slot minus the sequence's left padding."""
-        pos = input_pos[None, :]
-        if left_pad is not None:
-            pos = (pos - left_pad[:, None]).clamp(min=0)
-        return pos
-
     def hidden(
         self,
         idx: torch.Tensor,
-        input_pos: Optional[torch.Tensor] = None,
-        left_pad: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        slot: Optional[int] = None,
+        pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (B, T, C).
+        """Final-norm hidden states (B, T, C) of token ids idx (B, T).
 
-        idx: (B, T) token ids. Without a cache, positions are 0..T-1 and attention is causal.
-        With a cache (`setup_cache`), `input_pos` (T,) are the cache slots written by this call, `left_pad` (B,)
-        the number of padding slots at the start of each row (masked out, positions shifted), and `kv_len` an
-        optional Python int bounding the slots read (eager decoding, whose queries are always the last T of the
-        kv_len slots; leave None when exporting the compiled step).
+        Without a cache: positions 0..T-1, causal attention (training, evaluation).
+        Prefill, `cache` and `slot`: idx (1, T) is a sequence from position 0; its keys and values are written to
+        that slot of the cache.
+        Decode, `cache` and `pos` (B,): idx (B, 1) holds one token per slot 0..B-1, at that slot's position pos[b];
+        each row reads its own slot's positions 0..pos[b]. `kv_len` (a Python int, >= max(pos) + 1) bounds the
+        positions read (eager decoding); None reads the whole cache (the compiled step, whose shapes are fixed).
         """
         B, T = idx.shape
-        cached = self.cache_len > 0
-        if input_pos is None:
-            if cached:
-                raise ValueError("input_pos is required when the KV cache is set up")
-            input_pos = torch.arange(T, device=idx.device)
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
-        pos = self.positions(input_pos, left_pad)  # (B or 1, T)
+        mask = None
+        if cache is not None and slot is None:
+            if pos is None or T != 1:
+                raise ValueError("decoding with a cache takes one token per row and its positions `pos` (B,)")
+            positions = pos[:, None]  # (B, 1)
+            keys = torch.arange(kv_len or cache.length, device=idx.device)
+            mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S')
+        else:
+            positions = torch.arange(T, device=idx.device)[None]  # (1, T)
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(pos)
+            x = x + self.wpe(positions)
         else:
-            rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype),
-                    self.rope_sin[pos].unsqueeze(1).to(x.dtype))  # (B|1, 1, T, hd)
+            rope = (self.rope_cos[positions].unsqueeze(1).to(x.dtype),
+                    self.rope_sin[positions].unsqueeze(1).to(x.dtype))  # (B|1, 1, T, hd)
         x = self.drop(x)
-        mask, causal = None, True
-        if cached and kv_len is not None and left_pad is None and T in (1, kv_len):
-            # eager decoding reads slots 0..kv_len-1 and the queries are the last T of them: one query sees every
-            # slot read, and T == kv_len is plain causal attention; either way no mask is needed
-            causal = T > 1
-        elif cached:
-            slots = torch.arange(self.cache_len, device=idx.device)
-            mask = slots[None, None, None, :] <= input_pos[None, None, :, None]  # (1, 1, T, S) causal over slots
-            if left_pad is not None:
-                mask = mask & (slots[None, None, None, :] >= left_pad[:, None, None, None])  # (B, 1, T, S)
-        elif left_pad is not None:
-            tril = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            mask = tril[None, None] & (input_pos[None, None, None, :] >= left_pad[:, None, None, None])
-        if mask is not None and left_pad is not None:
-            # a padding query row would mask every key; let it see itself so softmax stays finite
-            own_slot = input_pos[:, None] == torch.arange(mask.shape[-1], device=idx.device)[None, :]  # (T, S)
-            mask = mask | own_slot[None, None]
-        for block in self.blocks:
-            x = block(x, rope, input_pos, mask, kv_len, causal)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache.layers[i] if cache is not None else None, slot, pos, mask)
         return self.norm(x)
 
     def forward(
         self,
         idx: torch.Tensor,
-        input_pos: Optional[torch.Tensor] = None,
-        left_pad: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        slot: Optional[int] = None,
+        pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache arguments."""
-        return self.lm_head(self.hidden(idx, input_pos, left_pad, kv_len))
+        return self.lm_head(self.hidden(idx, cache, slot, pos, kv_len))

@@ -98,6 +98,11 @@ class Tokenizer:
         Path(path).write_text(self.to_str(), encoding="utf-8")
 
     @property
+    def eos_token(self) -> str:
+        """The end-of-text token's text (how a rendered chat closes an answer)."""
+        return self.tk.id_to_token(self.eos_id)
+
+    @property
     def sha256(self) -> str:
         return hashlib.sha256(self.to_str().encode()).hexdigest()
 

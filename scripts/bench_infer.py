@@ -117,18 +117,18 @@ def measure(args: dict) -> dict:
                 net.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
                              pad_token_id=0, eos_token_id=None)
     else:
-        from llmctl.generate import Decoder, Request, generate_batch
+        from llmctl.generate import Engine, Request
         from llmctl.quantize import convert
 
         # what `llmctl infer` does for this precision
         model = convert(model.to(device), args["dtype"], args["quantize"])
         # compiled: the ahead-of-time step, built into $LLMCTL_CACHE_DIR if missing (cold) or loaded from it (warm)
-        decoder = Decoder(model, compile=args["compile"])
+        engine = Engine(model, compile=args["compile"])
 
         @synced
         def run(n: int):
             reqs = [Request(p.tolist(), n, temperature=0) for p in prompts]
-            for _ in generate_batch(model, reqs, decoder=decoder):
+            for _ in engine.run(reqs):
                 pass
 
     t0 = time.perf_counter()

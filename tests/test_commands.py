@@ -32,7 +32,7 @@ def test_inference_precision_auto(monkeypatch):
 def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeypatch):
     from llmctl.commands import inference
 
-    class Store:  # records what the decoder asks for instead of building (a real build is tested in test_generate)
+    class Store:  # records what the engine asks for instead of building (a real build is tested in test_generate)
         def __init__(self):
             self.asked = []
 
@@ -42,19 +42,19 @@ def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeyp
 
     def job(threshold: float) -> list:
         loaded = loading.for_inference(loading.load_model(tiny_run), compile="auto")
-        loaded.decoder.store = Store()
+        loaded.engine.store = Store()
         monkeypatch.setattr(inference, "AUTO_BUILD_AFTER_S", threshold)
-        rows = [{"prompt": "ab" * (i + 1), "max_new_tokens": 4, "temperature": 0} for i in range(5)]
+        rows = [{"prompt": "ab" * (i + 1), "max_new_tokens": 20, "temperature": 0} for i in range(5)]
         s = inference.sampling(loaded)
         inference.complete_rows(loaded, rows, s, batch_size=2)
-        return loaded.decoder.store.asked
+        return loaded.engine.store.asked
 
-    # the first batch runs eager and times the job; what is left would take longer than the threshold: the next
-    # batch builds its step (once), a later batch of another shape (the last, with one row) does not
-    assert job(0.0) == [(2, False), (2, True), (1, False)]
-    assert job(1e9) == [(2, False), (2, False), (1, False)]  # a short job never builds
+    # the job opens its 2 slots (a cached step would be used), decodes eagerly and times itself; when what is left
+    # would take longer than the threshold it builds the step of its shape, once
+    assert job(0.0) == [(2, False), (2, True)]
+    assert job(1e9) == [(2, False)]  # a short job never builds
     loaded = loading.for_inference(loading.load_model(tiny_run), compile=False)
-    assert loaded.decoder.store is None  # --no-compile: no cache lookups at all
+    assert loaded.engine.store is None  # --no-compile: no cache lookups at all
 
 
 def test_a_long_cpu_run_ends_by_compiling_its_decode_step(tiny_run, monkeypatch):

@@ -5,7 +5,7 @@ a GPU machine (`python -m pytest -m cuda -rs tests/test_cuda.py`) before it meas
 What they prove, each against a reference that would catch a broken CUDA path:
 - parity: float32 on the GPU equals the CPU; bf16 autocast and bf16 weights stay close to float32;
 - attention: the training attention (causal, no mask; GQA too) runs on flash attention through SDPA;
-- generation: cached greedy decoding equals the uncached reference, batched left-padded equals one by one;
+- generation: cached greedy decoding equals the uncached reference, continuous batching equals one by one;
 - training: a bf16 autocast step of the real loop with the fused CUDA AdamW (finite loss, every weight moved,
   loss falling), and the fused step equals the reference for-loop AdamW on the same gradients;
 - int8: weight-only int8 layers on the GPU, logits and greedy decoding close to float;
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from llmctl.config import ModelConfig, TrainConfig
-from llmctl.generate import Request, generate, generate_batch, generate_uncached
+from llmctl.generate import Engine, Request, generate, generate_uncached
 from llmctl.model import Transformer
 from llmctl.train import Hooks, LoopState, fit, lm_loss
 
@@ -125,14 +125,18 @@ def test_cached_greedy_decoding_equals_uncached(arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_batched_left_padded_greedy_equals_one_by_one(arch):
+def test_continuous_batching_greedy_equals_one_by_one(arch):
     m = tiny(arch).to(DEV)
     prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4], [30, 31]]
     single = [list(generate(m, p, 70, temperature=0)) for p in prompts]
-    out = [[] for _ in prompts]
-    for row, t in generate_batch(m, [Request(p, 70, temperature=0) for p in prompts]):
-        out[row].append(t)
-    assert out == single
+    assert tokens_by_request(Engine(m), [Request(p, 70, temperature=0) for p in prompts], slots=3) == single
+
+
+def tokens_by_request(engine, reqs, slots=None):
+    out = {id(q): [] for q in reqs}
+    for row in engine.run(reqs, slots=slots):
+        out[id(row.request)] += row.new_tokens
+    return [out[id(q)] for q in reqs]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -214,25 +218,20 @@ def test_int8_weight_only_decoding_is_close_to_float(dtype):
 
 def test_compiled_decode_step_on_cuda_equals_eager(tmp_path):
     from llmctl.aot import StepStore
-    from llmctl.generate import Decoder
-
     m = tiny("llama").to(DEV)
 
-    def run(decoder, prompts, n):
-        out = [[] for _ in prompts]
-        for row, t in generate_batch(m, [Request(p, n, temperature=0) for p in prompts], decoder=decoder):
-            out[row].append(t)
-        return out
+    def run(engine, prompts, n):
+        return tokens_by_request(engine or Engine(m), [Request(p, n, temperature=0) for p in prompts], slots=2)
 
-    prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4]]  # left-padded rows that slide past the context
+    prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4]]  # rows that slide past the context, one joins late
     eager = run(None, prompts, 70)
     store = StepStore(m, root=tmp_path)
-    compiled = Decoder(m, compile=True, store=store)
+    compiled = Engine(m, compile=True, store=store)
     assert run(compiled, prompts, 70) == eager
     assert store.builds == 1 and len(list(tmp_path.rglob("*.pt2"))) == 1
     # a later run loads the package (no build) and decodes the same
     later = StepStore(m, root=tmp_path)
-    assert run(Decoder(m, compile="auto", store=later), prompts, 70) == eager and later.builds == 0
+    assert run(Engine(m, compile="auto", store=later), prompts, 70) == eager and later.builds == 0
 
 
 # ------------------------------------------------------------------------------------------------------------------

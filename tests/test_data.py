@@ -134,8 +134,9 @@ def test_eval_blocks_predict_every_token_once():
 
 
 def test_instruct_labels_mask_exactly_the_prompt(tmp_path):
+    from llmctl.chat import render_prompt
     from llmctl.config import FinetuneConfig
-    from llmctl.data import instruct_examples, render_prompt
+    from llmctl.data import instruct_examples
     from llmctl.tokenizer import Tokenizer
 
     rows = [

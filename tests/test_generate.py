@@ -65,91 +65,140 @@ def test_top_k_and_top_p_restrict_choices():
     assert int(sample(logits, 0.0)) == 2
 
 
+def tokens_by_request(engine, reqs, slots=None, on_row=None):
+    out = {id(q): [] for q in reqs}
+    for row in engine.run(reqs, slots=slots):
+        out[id(row.request)] += row.new_tokens
+        if on_row:
+            on_row(row, out[id(row.request)])
+    return [out[id(q)] for q in reqs]
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_batched_left_padded_greedy_equals_one_by_one(arch):
-    from llmctl.generate import Request, generate_batch
+@pytest.mark.parametrize("slots", [1, 2, 4])
+def test_continuous_batching_greedy_equals_one_by_one(arch, slots):
+    from llmctl.generate import Engine, Request
 
     m = model(arch)
     prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4], [30, 31]]
-    single = [list(generate(m, p, 30, temperature=0)) for p in prompts]  # 30 new tokens: slides past the context
-    out = [[] for _ in prompts]
-    for row, t in generate_batch(m, [Request(p, 30, temperature=0) for p in prompts]):
-        out[row].append(t)
-    assert out == single
+    budgets = [30, 3, 12, 20]  # 30 new tokens slide past the context; short rows leave and free their slots early
+    single = [list(generate(m, p, n, temperature=0)) for p, n in zip(prompts, budgets)]
+    reqs = [Request(p, n, temperature=0) for p, n in zip(prompts, budgets)]
+    assert tokens_by_request(Engine(m), reqs, slots) == single
 
 
-def test_batch_rows_keep_their_own_settings_and_can_be_cancelled():
-    from llmctl.generate import Request, generate_batch
+def test_a_waiting_row_joins_when_a_slot_frees_before_the_long_row_ends():
+    from llmctl.generate import Engine, Request
+
+    m = model("gpt2")
+    engine = Engine(m)
+    order = []
+    reqs = [Request([1, 2], 20, temperature=0), Request([3], 2, temperature=0), Request([4], 2, temperature=0)]
+    for row in engine.run(reqs, slots=2):
+        if row.done:
+            order.append(reqs.index(row.request))
+    assert order == [1, 2, 0]  # the third request ran in the short one's slot while the first still decoded
+
+
+def test_rows_keep_their_own_settings_and_can_be_cancelled():
+    from llmctl.generate import Engine, Request
 
     m = model("gpt2")
     reqs = [Request([1, 2], 5, temperature=0), Request([3, 4], 9, temperature=1.0, top_k=5, seed=7),
             Request([5], 12, temperature=0)]
     alone = list(generate(m, [3, 4], 9, temperature=1.0, top_k=5, seed=7))
-    out = {0: [], 1: [], 2: []}
-    cancelled: set[int] = set()
-    for row, t in generate_batch(m, reqs, cancelled=cancelled):
-        out[row].append(t)
-        if row == 2 and len(out[2]) == 3:
-            cancelled.add(2)
+
+    def cancel_third(row, so_far):
+        if row.request is reqs[2] and len(so_far) == 3:
+            row.cancel()
+
+    out = tokens_by_request(Engine(m), reqs, on_row=cancel_third)
     assert len(out[0]) == 5 and out[1] == alone and len(out[2]) == 3
+
+
+def test_stop_strings_end_a_row_and_are_never_released():
+    from llmctl.generate import Engine, Request
+    from llmctl.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_char(["abcdefghij klmnop"])
+    torch.manual_seed(1)
+    m = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=tok.vocab_size,
+                                init_std=0.5)).eval()
+    engine = Engine(m, tok, eos_id=None)
+    free = tok.decode(list(generate(m, tok.encode("ab"), 40, temperature=0)))
+    stop = free[5:8]
+    streamed, rows = [], []
+    for row in engine.run([Request(tok.encode("ab"), 40, temperature=0, stop=(stop,))]):
+        streamed.append(row.take_text())
+        rows.append(row)
+    want = free[: free.index(stop)]
+    assert "".join(streamed) == rows[-1].text == want and rows[-1].finish_reason == "stop"
+    assert rows[-1].produced < 40
+
+
+def test_held_back_is_the_longest_stop_prefix_at_the_end():
+    from llmctl.generate import held_back
+
+    assert held_back("hello wor", ("world",)) == 3
+    assert held_back("hello", ("xyz", "lo!")) == 2
+    assert held_back("hello", ()) == 0 and held_back("abc", ("q",)) == 0
 
 
 def test_compiled_decode_equals_eager_and_is_reused_from_the_cache(tmp_path):
     from llmctl.aot import StepStore
-    from llmctl.generate import Decoder, Request, generate_batch
+    from llmctl.generate import Engine, Request
     from llmctl.quantize import InputMajorLinear, convert
 
     m = convert(model("llama"), "float32", "none")  # as `infer` runs it: float32 weights stored transposed
     assert isinstance(m.lm_head, InputMajorLinear)
 
-    def run(decoder, prompts, n):
-        out = [[] for _ in prompts]
-        for row, t in generate_batch(m, [Request(p, n, temperature=0) for p in prompts], decoder=decoder):
-            out[row].append(t)
-        return out
+    def run(engine, prompts, n, slots=None):
+        return tokens_by_request(engine or Engine(m), [Request(p, n, temperature=0) for p in prompts], slots)
 
-    # a left-padded batch whose rows slide past the context at different times (left padding comes and goes)
+    # rows that slide past the context at different times, and a row joining a freed slot
     prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4]]
     eager = run(None, prompts, 30)
     assert eager == [list(generate(m, p, 30, temperature=0)) for p in prompts]
     notes = []
     store = StepStore(m, root=tmp_path, notify=notes.append)
-    built = Decoder(m, compile=True, store=store)
+    built = Engine(m, compile=True, store=store)
     assert run(built, prompts, 30) == eager
     assert store.builds == 1 and any("compiling the decode step" in n for n in notes)
-    # another call of the same shape reuses the loaded step; a new decoder (a later run) loads the package
+    # another job of the same shape reuses the loaded step; a new engine (a later run) loads the package
     assert run(built, [[3], [4, 5], [6]], 8) == run(None, [[3], [4, 5], [6]], 8)
     later = StepStore(m, root=tmp_path)
-    assert run(Decoder(m, compile="auto", store=later), prompts, 30) == eager
+    assert run(Engine(m, compile="auto", store=later), prompts, 30) == eager
     assert store.builds == 1 and later.builds == 0 and len(list(tmp_path.rglob("*.pt2"))) == 1
-    assert m.cache_len == 0 and all(b.attn.kv_cache is None for b in m.blocks)  # detached between calls
+    # idle slots are masked: 3 slots, 5 requests of uneven length, compiled, equal the eager one-by-one tokens
+    five = prompts + [[2, 2], [9]]
+    assert run(Engine(m, compile="auto", store=later), five, 30, slots=3) == run(None, five, 30, slots=1)
     # other weights are another package: auto finds none and decodes eagerly
     with torch.no_grad():
         m.lm_head.weight.mul_(2)
-    other = Decoder(m, compile="auto", store=StepStore(m, root=tmp_path))
+    other = Engine(m, compile="auto", store=StepStore(m, root=tmp_path))
     assert run(other, prompts, 5) == run(None, prompts, 5) and other.store.builds == 0
 
 
 def test_a_failed_compile_is_one_clear_error(tmp_path, monkeypatch):
     from llmctl.aot import StepStore
     from llmctl.errors import LlmctlError
-    from llmctl.generate import Decoder
+    from llmctl.generate import Engine
 
     def broken(*args, **kwargs):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n  target: mkl._mkl_linear")
 
     monkeypatch.setattr(torch.export, "export", broken)
     m = model("gpt2")
-    decoder = Decoder(m, compile=True, store=StepStore(m, root=tmp_path))
+    engine = Engine(m, compile=True, store=StepStore(m, root=tmp_path))
     with pytest.raises(LlmctlError, match=r"could not compile the decode step \(RuntimeError: InvalidCxxCompiler: "
                                           r"No working C\+\+ compiler found\); run with --no-compile"):
-        list(generate(m, [1, 2, 3], 5, temperature=0, decoder=decoder))
-    assert m.cache_len == 0 and not list(tmp_path.rglob("*.pt2*"))  # no half-written package left behind
+        list(generate(m, [1, 2, 3], 5, temperature=0, engine=engine))
+    assert engine.cache is None and not list(tmp_path.rglob("*.pt2*"))  # no half-written package left behind
 
 
 def test_an_unreadable_cached_package_is_dropped(tmp_path):
     from llmctl.aot import StepStore
-    from llmctl.generate import Decoder
+    from llmctl.generate import Engine
 
     m = model("gpt2")
     notes = []
@@ -157,23 +206,23 @@ def test_an_unreadable_cached_package_is_dropped(tmp_path):
     bad = store.path(1, 24)
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"PK\x03\x04 not really a package")
-    decoder = Decoder(m, compile="auto", store=store)
-    assert (list(generate(m, [1, 2, 3], 5, temperature=0, decoder=decoder))
+    engine = Engine(m, compile="auto", store=store)
+    assert (list(generate(m, [1, 2, 3], 5, temperature=0, engine=engine))
             == list(generate(m, [1, 2, 3], 5, temperature=0)))
     assert not bad.exists() and any("unreadable" in n for n in notes)
 
 
 def test_cache_lengths_are_bucketed_only_with_compiled_steps(tmp_path):
     from llmctl.aot import StepStore
-    from llmctl.generate import Decoder
+    from llmctl.generate import Engine
 
     m = Transformer(ModelConfig(arch="llama", n_layer=1, n_head=2, n_embd=8, block_size=1024, vocab_size=10))
-    assert Decoder(m).cache_length(216) == 216
-    auto = Decoder(m, compile="auto", store=StepStore(m, root=tmp_path))
+    assert Engine(m).cache_length(216) == 216
+    auto = Engine(m, compile="auto", store=StepStore(m, root=tmp_path))
     assert [auto.cache_length(n) for n in (5, 64, 65, 256, 900, 2000)] == [256, 256, 256, 256, 1024, 1024]
-    auto.begin(1, 10)  # nothing cached: eager, and the weights are not even hashed
-    assert auto.compiled is None and auto.store._digest is None and m.cache_len == 256
-    auto.end()
+    auto.open(1, auto.cache_length(10))  # nothing cached: eager, and the weights are not even hashed
+    assert auto.compiled is None and auto.store._digest is None and auto.cache.length == 256
+    auto.close()
 
 
 def test_int8_and_bfloat16_decode_run():

@@ -44,26 +44,31 @@ def test_causal(name):
 
 @pytest.mark.parametrize("name", SHAPES)
 def test_cache_prefill_and_decode_match_full_forward(name):
+    from llmctl.model import KVCache
+
     torch.manual_seed(0)
     m = Transformer(SHAPES[name]).eval()
     x = torch.randint(0, 50, (2, 12))
     full = m(x)
-    m.setup_cache(2, 16)
-    pre = m(x[:, :7], input_pos=torch.arange(7), kv_len=7)
-    steps = [m(x[:, i : i + 1], input_pos=torch.tensor([i]), kv_len=i + 1) for i in range(7, 12)]
-    m.clear_cache()
-    assert torch.allclose(torch.cat([pre, *steps], 1), full, atol=1e-5)
+    cache = KVCache.empty(m.cfg, 2, 16, torch.float32, "cpu")
+    pre = [m(x[b : b + 1, :7], cache=cache, slot=b) for b in range(2)]  # each slot prefilled on its own
+    steps = [m(x[:, i : i + 1], cache=cache, pos=torch.tensor([i, i]), kv_len=i + 1) for i in range(7, 12)]
+    assert torch.allclose(torch.cat([torch.cat(pre), *steps], 1), full, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
-def test_left_padding_gives_same_logits(name):
+def test_slots_at_different_positions_decode_independently(name):
+    from llmctl.model import KVCache
+
     torch.manual_seed(0)
     m = Transformer(SHAPES[name]).eval()
-    x = torch.randint(3, 50, (1, 6))
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)  # 3 pad slots in front
-    ref = m(x)
-    out = m(padded, input_pos=torch.arange(9), left_pad=torch.tensor([3]))
-    assert torch.allclose(out[:, 3:], ref, atol=1e-5)
+    a, b = torch.randint(3, 50, (1, 9)), torch.randint(3, 50, (1, 4))
+    cache = KVCache.empty(m.cfg, 3, 16, torch.float32, "cpu")
+    m(a[:, :8], cache=cache, slot=0)
+    m(b[:, :3], cache=cache, slot=1)
+    tok = torch.tensor([[a[0, 8]], [b[0, 3]], [0]])  # slot 2 is idle: a dummy token at position 0
+    got = m(tok, cache=cache, pos=torch.tensor([8, 3, 0]))[:, -1]  # the whole cache read (as when compiled)
+    assert torch.allclose(got[0], m(a)[0, -1], atol=1e-5) and torch.allclose(got[1], m(b)[0, -1], atol=1e-5)
 
 
 def test_dropout_only_in_training():

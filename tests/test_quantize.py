@@ -3,7 +3,7 @@
 import torch
 
 from llmctl.config import ModelConfig
-from llmctl.generate import Request, generate_batch
+from llmctl.generate import Engine, Request
 from llmctl.model import Transformer
 from llmctl.quantize import InputMajorLinear, convert
 
@@ -24,7 +24,7 @@ def test_input_major_layout_matches_linear_and_keeps_tied_weights_once():
         with torch.no_grad():
             assert (ref(idx) - m(idx)).abs().max() < 1e-5
         reqs = [Request(list(range(3, 9)), 20, temperature=0)]
-        assert [t for _, t in generate_batch(ref, reqs)] == [t for _, t in generate_batch(m, reqs)]
+        assert list(Engine(ref).complete(reqs[0])) == list(Engine(m).complete(reqs[0]))
 
 
 def test_bfloat16_keeps_the_usual_layout():

@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..data import Examples, eval_batches, render_prompt
+from ..chat import render_chat
+from ..data import Examples, eval_batches
 from ..errors import LlmctlError
 from ..evaluate import classify
 from ..fileio import read_jsonl, read_text
-from ..generate import Request, generate, generate_batch
+from ..generate import Engine, Request
 from ..loading import Loaded
-from ..tokenizer import StreamDecoder, Tokenizer
+from ..tokenizer import Tokenizer
 from . import Log, nolog
 
 
@@ -89,10 +90,21 @@ def stream(loaded: Loaded, prompt: str, s: dict, truncate: bool = False, warn: L
     about characters of the prompt the tokenizer has never seen."""
     ids = encode_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
     warn_unseen(loaded.tokenizer, prompt, "the prompt", warn)
-    gen = generate(loaded.model, ids, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
-                   eos_id=loaded.tokenizer.eos_id, seed=s["seed"], repetition_penalty=s["repetition_penalty"],
-                   decoder=loaded.decoder)
-    return loaded.tokenizer.stream(gen)
+    return texts(loaded.engine, [request(ids, s)])
+
+
+def request(ids: list[int], s: dict, stop: tuple[str, ...] = ()) -> Request:
+    """The engine's request for prompt `ids` with sampling settings `s` (see `sampling`)."""
+    return Request(ids, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"], s["repetition_penalty"],
+                   s["seed"], stop)
+
+
+def texts(engine: Engine, requests: list[Request]) -> Iterator[str]:
+    """The released text of a one-row job, piece by piece as it is generated."""
+    for row in engine.run(requests):
+        piece = row.take_text()
+        if piece:
+            yield piece
 
 
 def _row_settings(row: dict, s: dict, n: int) -> dict:
@@ -118,10 +130,10 @@ AUTO_BUILD_AFTER_S = 120.0  # generate.compile auto builds a compiled step when 
 
 def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = False, on_row=None,
                   batch_size: Optional[int] = None, warn: Log = nolog) -> list[dict]:
-    """`llmctl infer --input`: complete every row, `generate.batch_size` prompts at a time (similar lengths
-    together), each with its own settings where it gives them. Output rows repeat the input and add `completion`,
-    `finish_reason` (length, stop, eos), `prompt_tokens` and `completion_tokens`, in input order. `warn` hears
-    about characters of the prompts the tokenizer has never seen (one line for all rows)."""
+    """`llmctl infer --input`: complete every row, `generate.batch_size` rows decoding at a time (a row joins as
+    soon as another finishes), each with its own settings where it gives them. Output rows repeat the input and add
+    `completion`, `finish_reason` (length, stop, eos), `prompt_tokens` and `completion_tokens`, in input order.
+    `warn` hears about characters of the prompts the tokenizer has never seen (one line for all rows)."""
     tok, T = loaded.tokenizer, loaded.cfg.model.block_size
     settings = [_row_settings(r, s, n) for n, r in enumerate(rows, 1)]
     ids = []
@@ -131,39 +143,28 @@ def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = Fa
         except LlmctlError as e:
             raise LlmctlError(f"--input row {n}: {e.message}") from None
     warn_unseen(tok, [r["prompt"] for r in rows], "--input", warn)  # one line for all rows
-    order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
+    reqs = [request(ids[i], settings[i], tuple(x for x in settings[i]["stop"] if x)) for i in range(len(rows))]
+    index = {id(q): i for i, q in enumerate(reqs)}
     results: list[dict] = [{} for _ in rows]
-    bs = batch_size or loaded.cfg.generate.batch_size
-    decoder, started, done_tokens, asked = loaded.decoder, time.perf_counter(), 0, False
-    for start in range(0, len(order), bs):
-        group = order[start : start + bs]
-        if decoder is not None and decoder.mode == "auto" and not asked and done_tokens:
-            # auto compile pays for itself on a long job: build the step once the eager rate says the rest would
-            # take over AUTO_BUILD_AFTER_S (a build takes ~0.5 min on a CPU and the step is >= 2x faster)
-            rest = sum(settings[i]["max_new_tokens"] for i in order[start:])
-            if rest * (time.perf_counter() - started) / done_tokens > AUTO_BUILD_AFTER_S:
-                decoder.build_next = asked = True
-        reqs = [Request(ids[i], settings[i]["max_new_tokens"], settings[i]["temperature"], settings[i]["top_k"],
-                        settings[i]["top_p"], settings[i]["repetition_penalty"], settings[i]["seed"]) for i in group]
-        decoders = [StreamDecoder(tok) for _ in group]
-        texts = [""] * len(group)
-        counts = [0] * len(group)
-        stopped: set[int] = set()
-        for j, t in generate_batch(loaded.model, reqs, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                   decoder=loaded.decoder, cancelled=stopped):
-            counts[j] += 1
-            texts[j] += decoders[j].push(t)
-            hits = [texts[j].find(x) for x in settings[group[j]]["stop"] if x and x in texts[j]]
-            if hits:
-                texts[j] = texts[j][: min(hits)]
-                stopped.add(j)
-        for j, i in enumerate(group):
-            if j not in stopped:
-                texts[j] += decoders[j].flush()
-            reason = "stop" if j in stopped else ("length" if counts[j] >= reqs[j].max_new_tokens else "eos")
-            results[i] = {**rows[i], "completion": texts[j], "finish_reason": reason,
-                          "prompt_tokens": len(ids[i]), "completion_tokens": counts[j]}
-            done_tokens += counts[j]
+    started, total, done_tokens = time.perf_counter(), sum(q.max_new_tokens for q in reqs), 0
+    engine = loaded.engine
+    asked = engine.mode != "auto"
+
+    def on_step(e: Engine) -> None:
+        # auto compile pays for itself on a long job: build the step once the eager rate says the rest would take
+        # over AUTO_BUILD_AFTER_S (a build takes ~0.5 min on a CPU and the step is >= 2x faster)
+        nonlocal asked
+        if not asked and done_tokens >= 16:
+            if (total - done_tokens) * (time.perf_counter() - started) / done_tokens > AUTO_BUILD_AFTER_S:
+                e.build_compiled()
+            asked = True
+
+    for row in engine.run(reqs, slots=batch_size or loaded.cfg.generate.batch_size, on_step=on_step):
+        done_tokens += len(row.new_tokens)
+        if row.done:
+            i = index[id(row.request)]
+            results[i] = {**rows[i], "completion": row.text, "finish_reason": row.finish_reason,
+                          "prompt_tokens": len(ids[i]), "completion_tokens": row.produced}
             if on_row:
                 on_row()
     return results
@@ -228,29 +229,24 @@ def write_outputs(path: Path, rows: list[dict]) -> None:
 
 
 class ChatSession:
-    """`infer --chat`: each turn is rendered with the instruction template the model was tuned with; earlier turns
-    stay in the context (oldest tokens dropped when it is full)."""
+    """`infer --chat`: the conversation so far is rendered by `render_chat` (the instruction template the model was
+    tuned with) at every turn; the oldest tokens are dropped when it outgrows the context."""
 
     def __init__(self, loaded: Loaded, s: dict, warn: Log = nolog):
-        self.loaded, self.history, self.s, self.warn = loaded, [], s, warn
+        self.loaded, self.messages, self.s, self.warn = loaded, [], s, warn
 
     def reset(self) -> None:
-        self.history = []
+        self.messages = []
 
     def reply(self, message: str) -> Iterator[str]:
-        tok, ft = self.loaded.tokenizer, self.loaded.cfg.finetune
+        tok = self.loaded.tokenizer
         warn_unseen(tok, message, "your message", self.warn)
-        ids: list[int] = []
-        for user, answer in self.history:
-            ids += tok.encode(render_prompt(user, "", ft) + answer) + [tok.eos_id]
-        ids += tok.encode(render_prompt(message, "", ft))
+        messages = self.messages + [{"role": "user", "content": message}]
+        ids = tok.encode(render_chat(messages, self.loaded.cfg.finetune, tok.eos_token))
         s, block = self.s, self.loaded.cfg.model.block_size
         ids = ids[-max(1, block - min(s["max_new_tokens"], block // 2)):]  # leave room for the reply
         pieces = []
-        gen = generate(self.loaded.model, ids, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
-                       eos_id=tok.eos_id, seed=s["seed"], repetition_penalty=s["repetition_penalty"],
-                       decoder=self.loaded.decoder)
-        for piece in tok.stream(gen):
+        for piece in texts(self.loaded.engine, [request(ids, s)]):
             pieces.append(piece)
             yield piece
-        self.history.append((message, "".join(pieces)))
+        self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]

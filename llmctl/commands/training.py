@@ -146,15 +146,13 @@ def compile_decode_step(out: Path, cfg: Config, task_kind: str, device: torch.de
         return
     try:
         loaded = for_inference(load_model(out, "cpu"), compile="auto", notify=log)  # what `infer` will run
-        if loaded.decoder.store is None:  # int8: never compiled
+        if loaded.engine.store is None:  # int8: never compiled
             return
         log("building the compiled decode step `llmctl infer` will use for this run "
             "(--set generate.compile=false skips this)")
-        loaded.decoder.build_next = True
-        with torch.inference_mode():
-            # the shape of `infer --prompt` with default settings
-            loaded.decoder.begin(1, 1 + loaded.cfg.generate.max_new_tokens)
-            loaded.decoder.end()
+        engine = loaded.engine
+        engine.open(1, engine.cache_length(1 + loaded.cfg.generate.max_new_tokens), build=True)  # `infer --prompt`
+        engine.close()
     except Stopped as e:  # the run is complete and saved: only the build is given up
         rundir.write_status(out, "finished", decode_step="interrupted")
         raise Interrupted(f"interrupted by {e.name} while compiling the decode step; the run is finished and saved "
