@@ -404,6 +404,64 @@ def _chat(session) -> None:
         sys.stdout.flush()
 
 
+@app.command()
+def serve(
+    ckpt: Path = typer.Option(..., "--ckpt",
+                              help="Run directory (its latest checkpoint), a step-* checkpoint, or RUN/best."),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Address to listen on. Any address other than loopback needs an API key "
+                                  "(or --insecure)."),
+    port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (printed when ready)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file",
+                                                help="File whose first line is the API key clients must send as "
+                                                     "'Authorization: Bearer KEY' (every endpoint but /health).",
+                                                show_default="$LLMCTL_API_KEY, else no key"),
+    insecure: bool = typer.Option(False, "--insecure",
+                                  help="Allow a non-loopback --host without an API key.", show_default="off"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="YAML with serve: and generate: sections (slots, queue, limits, "
+                                               "timeouts, sampling defaults).", show_default="defaults in code"),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s",
+                                                  help="Override one key, e.g. --set serve.slots=32 (repeatable; "
+                                                       "serve.* and generate.* only).", metavar="KEY=VALUE",
+                                                  show_default="none"),
+    dtype: str = typer.Option("auto", "--dtype",
+                              help=f"{', '.join(INFER_DTYPES)}. auto: see README 'Inference speed'."),
+    quantize_mode: str = typer.Option("auto", "--quantize",
+                                      help=f"{', '.join(QUANTIZE_MODES)} (CPU: dynamic int8; CUDA: weight-only int8). "
+                                           "auto: int8 on x86 CPUs for models of 10M+ parameters, none below and "
+                                           "elsewhere."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="The decode step over all serve.slots compiled ahead of time: "
+                                                "--compile builds it if missing (half a minute to a few minutes on "
+                                                "a CPU, once per model, precision and slot count); by default a "
+                                                "cached one is used; --no-compile decodes eagerly.",
+                                           show_default="generate.compile, auto"),
+    base: Optional[Path] = typer.Option(None, "--base",
+                                        help="Base checkpoint of a LoRA adapter, if it moved since training.",
+                                        show_default="the base recorded at training"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    json_out: bool = typer.Option(False, "--json", help="When ready, print one JSON object (url, model, port, "
+                                                          "slots, ...) on stdout.", show_default="off"),
+    tokenizer: Optional[Path] = TokenizerOpt,
+) -> None:
+    """Serve a checkpoint over OpenAI's HTTP API (completions, chat, streaming, models, health, metrics; classifiers:
+    /v1/classify), with continuous batching. SIGTERM or Ctrl-C finishes the requests in flight, then exits 0."""
+    from . import commands
+
+    def ready(info: dict) -> None:
+        if json_out:
+            _print_json(info)
+        key = "API key required" if info["api_key"] else "no API key"
+        slots = f"{info['slots']} slots, " if info["kind"] == "lm" else "classifier, "
+        step = ", compiled decode step" if info["compiled"] else ""
+        err.print(f"serving {info['model']} at {info['url']}/v1 ({slots}{info['precision']}{step}, {key}); "
+                  "Ctrl-C stops", markup=False, highlight=False, soft_wrap=True)
+
+    run(lambda: commands.serve(ckpt, host, port, api_key_file, config, overrides or [], dtype, quantize_mode,
+                               compile, device, base, tokenizer, insecure, log=_log, on_ready=ready))
+
+
 @app.command("eval")
 def eval_(
     ckpt: Path = typer.Option(..., "--ckpt",

@@ -302,6 +302,32 @@ class EvalConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`llmctl serve` settings (README "Serve")."""
+
+    slots: int = 16  # requests decoded together (continuous batching): the KV cache holds this many sequences
+    max_queue: int = 256  # requests waiting for a slot; one more is refused with 429 and Retry-After
+    max_tokens: int = 4096  # the most new tokens one request may ask for (more: 400)
+    max_body_bytes: int = 1 << 20  # larger request bodies are refused with 413
+    request_timeout: float = 600.0  # seconds from arrival to the last token; then the request ends with 504
+    drain_timeout: float = 30.0  # seconds a SIGTERM/SIGINT waits for requests in flight before exiting
+    model_name: Optional[str] = None  # the model's id in the API; None: the run directory's name
+
+    def check(self, cfg: "Config") -> list[str]:
+        """Impossible serving settings."""
+        p: list[str] = []
+        for name in ("slots", "max_queue", "max_tokens", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                p.append(f"serve.{name}: must be at least 1 (got {getattr(self, name)})")
+        for name in ("request_timeout", "drain_timeout"):
+            if getattr(self, name) <= 0:
+                p.append(f"serve.{name}: must be a positive number of seconds (got {getattr(self, name)})")
+        if self.model_name is not None and not self.model_name.strip():
+            p.append("serve.model_name: must not be empty (or null for the run directory's name)")
+        return p
+
+
+@dataclass
 class FinetuneConfig:
     """What `llmctl finetune` trains: the task, the method, and what stays frozen."""
 
@@ -353,6 +379,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     warnings: list = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict:

@@ -420,6 +420,40 @@ BAD += [
 ]
 
 
+HELD: list = []  # sockets kept open while a case runs (a port in use)
+
+
+def _port_in_use() -> int:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    HELD.append(sock)
+    return sock.getsockname()[1]
+
+
+BAD += [
+    ("serve-missing-checkpoint", lambda t, r: ["serve", "--ckpt", t / "nope"], ["checkpoint not found"]),
+    ("serve-corrupt-checkpoint", lambda t, r: ["serve", "--ckpt", _corrupt(t, r)], ["sha256"]),
+    ("serve-port-in-use", lambda t, r: ["serve", "--ckpt", r, "--port", _port_in_use()],
+     ["is in use", "pick another with --port"]),
+    ("serve-public-without-key", lambda t, r: ["serve", "--ckpt", r, "--host", "0.0.0.0"],
+     ["--host 0.0.0.0 is reachable from other machines", "--api-key-file", "--insecure"]),
+    ("serve-empty-key-file", lambda t, r: ["serve", "--ckpt", r, "--api-key-file", _file(t, "key", "\n")],
+     ["--api-key-file", "is empty"]),
+    ("serve-missing-key-file", lambda t, r: ["serve", "--ckpt", r, "--api-key-file", t / "nokey"],
+     ["--api-key-file", "does not exist"]),
+    ("serve-model-setting", lambda t, r: ["serve", "--ckpt", r, "--set", "model.n_layer=3"],
+     ["takes only serve.* and generate.* settings", "model come from the checkpoint"]),
+    ("serve-bad-slots", lambda t, r: ["serve", "--ckpt", r, "--set", "serve.slots=0"],
+     ["serve.slots: must be at least 1"]),
+    ("serve-unknown-key", lambda t, r: ["serve", "--ckpt", r, "-c", _file(t, "s.yaml", "serve:\n  slot: 4\n")],
+     ["serve.slot"]),
+    ("serve-bad-port", lambda t, r: ["serve", "--ckpt", r, "--port", "70000"], ["--port must be between 0 and 65535"]),
+]
+
+
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input(case, runner, tiny_run, tmp_path, monkeypatch):
     _, make, words, *env = case

@@ -29,11 +29,12 @@ from .inference import (  # noqa: E402
     write_outputs,
 )
 from .interop import export, import_hf  # noqa: E402
+from .serving import serve  # noqa: E402
 from .training import TrainPlan, describe, finetune, prepare, pretrain, show_config  # noqa: E402
 
 __all__ = [
     "ChatSession", "Loaded", "Log", "nolog", "TrainPlan", "for_inference", "classify_texts",
     "complete_rows", "describe", "encode_prompt", "evaluate", "export", "finetune", "import_hf", "load_model",
     "load_weights", "prepare", "pretrain", "read_inputs", "read_prompt", "resolve_amp", "resolve_device", "sampling",
-    "show_config", "stream", "unwrap", "write_outputs",
+    "serve", "show_config", "stream", "unwrap", "write_outputs",
 ]

@@ -1,0 +1,295 @@
+"""OpenAI's HTTP API, as plain data: request bodies checked and turned into engine requests, and the response,
+stream-chunk and error shapes. No web framework here (llmctl.server serves these over HTTP).
+
+Supported per request: `max_tokens` (chat also `max_completion_tokens`), `temperature`, `top_p`, `top_k` and
+`repetition_penalty` (extensions), `stop`, `seed`, `stream` (with `stream_options.include_usage`), and `truncate`
+(extension: keep a too-long prompt's last tokens instead of refusing it). `n` > 1, `logprobs`, `echo`, `best_of`
+and non-zero presence/frequency penalties are refused with 400. Unknown fields are ignored, as OpenAI's own clients
+send extras (`user`, ...).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .chat import render_chat
+from .errors import LlmctlError
+from .generate import Request
+from .tokenizer import Tokenizer
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "length"}  # engine -> OpenAI
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass
+class Limits:
+    """What the server allows and the defaults it fills in (from the serve and generate config sections)."""
+
+    block_size: int
+    max_tokens: int  # serve.max_tokens
+    default_max_tokens: int  # generate.max_new_tokens
+    temperature: float  # generate.* defaults
+    top_k: Optional[int]
+    top_p: Optional[float]
+    repetition_penalty: float
+
+
+@dataclass
+class Job:
+    """A checked request: the engine requests (one per prompt) and how to answer."""
+
+    kind: str  # "completion" or "chat"
+    requests: list[Request]
+    stream: bool
+    include_usage: bool
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checking fields
+
+
+def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
+    v = body.get(name)
+    if v is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        raise bad(f"'{name}' must be {kind} (got {type(v).__name__})", name)
+    if not lo <= v <= hi:
+        raise bad(f"'{name}' must be between {lo:g} and {hi:g} (got {v})", name)
+    return v
+
+
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad(f"'{name}' must be true or false (got {type(v).__name__})", name)
+    return v
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise bad("'stop' must be a string or a list of strings", "stop")
+    return tuple(s for s in v if s)
+
+
+def _refuse_unsupported(body: dict) -> None:
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad("'n' must be 1: this server returns one choice per prompt (send the request again for more)", "n")
+    if body.get("best_of") not in (None, 1):
+        raise bad("'best_of' is not supported", "best_of")
+    if body.get("echo"):
+        raise bad("'echo' is not supported", "echo")
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
+        raise bad("'logprobs' is not supported", "logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise bad(f"'{name}' is not supported (use the 'repetition_penalty' extension)", name)
+
+
+def check_model(body: dict, name: str) -> None:
+    """404 when the body names another model (a missing `model` means this one)."""
+    model = body.get("model")
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise bad("'model' must be a string", "model")
+    if model != name:
+        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{name}' (GET /v1/models)",
+                       param="model", code="model_not_found")
+
+
+def _prompt_ids(tok: Tokenizer, ids: list[int], limits: Limits, truncate: bool, param: str) -> list[int]:
+    if not ids:
+        return [tok.eos_id]  # an empty prompt starts from <eos> (unconditional sampling), as `infer` does
+    if len(ids) > limits.block_size:
+        if not truncate:
+            raise bad(f"the prompt is {len(ids)} tokens but the model's context is {limits.block_size} tokens; "
+                      "shorten it or send \"truncate\": true to keep its last tokens", param, "context_length_exceeded")
+        ids = ids[-limits.block_size:]
+    return ids
+
+
+def _sampling(body: dict, limits: Limits, max_name: str = "max_tokens") -> dict:
+    max_tokens = body.get(max_name)
+    if max_tokens is None and max_name != "max_tokens":
+        max_name, max_tokens = "max_tokens", body.get("max_tokens")
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise bad(f"'{max_name}' must be a positive integer (got {max_tokens!r})", max_name)
+        if max_tokens > limits.max_tokens:
+            raise bad(f"'{max_name}' is {max_tokens}, over this server's limit of {limits.max_tokens} "
+                      "(serve.max_tokens)", max_name)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad("'seed' must be an integer", "seed")
+    top_k = _number(body, "top_k", limits.top_k, 1, 1 << 31, integer=True)
+    return dict(max_new_tokens=max_tokens or min(limits.default_max_tokens, limits.max_tokens),
+                temperature=float(_number(body, "temperature", limits.temperature, 0, 2)),
+                top_k=top_k if top_k != -1 else None,
+                top_p=_number(body, "top_p", limits.top_p, 1e-9, 1),
+                repetition_penalty=float(_number(body, "repetition_penalty", limits.repetition_penalty, 1e-6, 100)),
+                seed=seed, stop=_stop(body))
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    if not stream:
+        raise bad("'stream_options' goes with \"stream\": true", "stream_options")
+    return bool(opts.get("include_usage"))
+
+
+def parse_completion(body: Any, tok: Tokenizer, limits: Limits) -> Job:
+    """POST /v1/completions: `prompt` is a string, a list of strings, a list of token ids or a list of those."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    _refuse_unsupported(body)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad("'prompt' is required", "prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        prompts = prompt
+    else:
+        raise bad("'prompt' must be a string, a list of strings, or token ids (a list of integers, or of lists)",
+                  "prompt")
+    truncate, stream = _flag(body, "truncate"), _flag(body, "stream")
+    s = _sampling(body, limits)
+    requests = []
+    for i, p in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            ids = tok.encode(p) if p else []
+        elif all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tok.vocab_size for t in p):
+            ids = list(p)
+        else:
+            raise bad(f"'{param}' holds something other than token ids below {tok.vocab_size}", param)
+        requests.append(Request(_prompt_ids(tok, ids, limits, truncate, param), **s))
+    return Job("completion", requests, stream, _stream_options(body, stream))
+
+
+def parse_chat(body: Any, tok: Tokenizer, limits: Limits, ft) -> Job:
+    """POST /v1/chat/completions: `messages` rendered by llmctl.chat.render_chat (the checkpoint's template)."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    _refuse_unsupported(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise bad("'messages' is required: a list of {\"role\", \"content\"} objects", "messages")
+    for m in messages:  # content given as a list of text parts (newer clients) is joined
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            parts = m["content"]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in parts):
+                raise bad("message content parts must be text parts ({\"type\": \"text\", \"text\": ...})",
+                          "messages")
+            m["content"] = "".join(p["text"] for p in parts)
+    try:
+        text = render_chat(messages, ft, tok.eos_token)
+    except LlmctlError as e:
+        raise bad(e.message, "messages") from None
+    truncate, stream = _flag(body, "truncate"), _flag(body, "stream")
+    s = _sampling(body, limits, "max_completion_tokens")
+    ids = _prompt_ids(tok, tok.encode(text), limits, truncate, "messages")
+    return Job("chat", [Request(ids, **s)], stream, _stream_options(body, stream))
+
+
+def parse_classify(body: Any) -> list[str]:
+    """POST /v1/classify: `input` is a string or a list of strings."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise bad("'input' must be a string or a non-empty list of strings", "input")
+    return texts
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Answers
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response(kind: str, rid: str, model: str, created: int, texts: list[str], reasons: list[str],
+             prompt_tokens: int, completion_tokens: int) -> dict:
+    if kind == "chat":
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                    "finish_reason": FINISH[r]} for i, (t, r) in enumerate(zip(texts, reasons))]
+        obj = "chat.completion"
+    else:
+        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": FINISH[r]}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk(kind: str, rid: str, model: str, created: int, index: int, text: Optional[str],
+          reason: Optional[str] = None, first: bool = False) -> dict:
+    """One streamed piece; `reason` set on a choice's last chunk (its text then empty)."""
+    finish = FINISH[reason] if reason else None
+    if kind == "chat":
+        delta: dict = {"role": "assistant", "content": text or ""} if first else \
+            ({"content": text} if text else {})
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+
+
+def usage_chunk(kind: str, rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> dict:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def models(name: str, created: int, block_size: int) -> dict:
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "llmctl",
+                                        "max_model_len": block_size}]}
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,456 @@
+"""`llmctl serve`: a real server in a subprocess on 127.0.0.1, talked to with the official openai client and plain
+HTTP (httpx2 or httpx, whichever the installed openai package is built on)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SHAKESPEARE
+
+openai = pytest.importorskip("openai")
+try:
+    import httpx2 as httpx  # what openai 3.x is built on
+except ImportError:
+    import httpx
+KEY = "test-key-0123456789"
+PROMPTS = [SHAKESPEARE.read_text()[i * 97 : i * 97 + 1 + (i * 7) % 25] for i in range(32)]  # 1..25 characters
+
+
+class Server:
+    """`llmctl serve --port 0 ...` in a subprocess; `url` once it says it is ready."""
+
+    def __init__(self, ckpt: Path, *args, key_file: Path | None = None, timeout: float = 300):
+        cmd = [sys.executable, "-m", "llmctl", "serve", "--ckpt", str(ckpt), "--port", "0", *map(str, args)]
+        if key_file is not None:
+            cmd += ["--api-key-file", str(key_file)]
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            for line in self.p.stderr:
+                self.lines.append(line)
+                if line.startswith("serving "):
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        ready.wait(timeout)
+        found = [re.search(r" at (http://\S+)/v1 ", x) for x in self.lines]
+        found = [m for m in found if m]
+        assert found, "".join(self.lines)
+        self.url = found[0].group(1)
+        self.headers = {"Authorization": f"Bearer {KEY}"} if key_file is not None else {}
+
+    def client(self) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
+
+    def post(self, path: str, body, **kw) -> httpx.Response:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return httpx.post(self.url + path, content=data, headers={**self.headers, **kw.pop("headers", {})},
+                          timeout=kw.pop("timeout", 60), **kw)
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        return httpx.get(self.url + path, headers={**self.headers, **kw.pop("headers", {})}, timeout=30, **kw)
+
+    def metrics(self) -> dict:
+        from llmctl.metrics import parse
+
+        return parse(self.get("/metrics").text)
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        return self.p.wait(timeout)
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("key") / "api-key"
+    p.write_text(KEY + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, key_file):
+    s = Server(tiny_run, "--dtype", "float32", "--no-compile", key_file=key_file)
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_run) -> dict:
+    """What `llmctl infer --temperature 0 --dtype float32` gives for each prompt alone (the same code in-process;
+    test_infer_cli_equals_the_in_process_reference ties the two)."""
+    from llmctl import commands
+
+    loaded = commands.for_inference(commands.load_model(tiny_run), "float32", "none", compile=False)
+    out = {}
+    for i, p in enumerate(PROMPTS):
+        s = commands.sampling(loaded, max_new_tokens=5 + (i * 11) % 40, temperature=0)
+        out[i] = "".join(commands.stream(loaded, p, s))
+    return out
+
+
+def _body(i: int, **extra) -> dict:
+    return {"model": "tiny", "prompt": PROMPTS[i], "max_tokens": 5 + (i * 11) % 40, "temperature": 0, **extra}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The API with the openai client
+
+
+def test_openai_client_completions_chat_streaming_and_models(server, alone):
+    c = server.client()
+    r = c.completions.create(**_body(3))
+    assert r.object == "text_completion" and r.model == "tiny" and r.id.startswith("cmpl-") and r.created > 0
+    assert r.choices[0].text == alone[3] and r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens == len(alone[3]) and r.usage.prompt_tokens == len(PROMPTS[3])
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    pieces = [ch.choices[0].text for ch in c.completions.create(**_body(3), stream=True)]
+    assert "".join(pieces) == alone[3] and len(pieces) > 2  # streamed piece by piece
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."},
+                                                             {"role": "user", "content": "Who art thou?"}],
+                                     max_tokens=12, temperature=0, extra_body={"truncate": True})  # 32-token context
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert len(chat.choices[0].message.content) > 0 and chat.usage.completion_tokens <= 12
+    chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."},
+                                                                    {"role": "user", "content": "Who art thou?"}],
+                                            max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"truncate": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens and not chunks[-1].choices
+    assert [m.id for m in c.models.list()] == ["tiny"]
+    # stop strings end the text before them
+    cut = alone[3][4:7]
+    r = c.completions.create(**_body(3), stop=[cut])
+    assert r.choices[0].text == alone[3][: alone[3].index(cut)] and r.choices[0].finish_reason == "stop"
+    # a seeded sample is reproducible; a list of prompts gets one choice each, in order
+    a = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=20, temperature=1.0, seed=5)
+    b = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=20, temperature=1.0, seed=5)
+    assert a.choices[0].text == b.choices[0].text
+    both = c.completions.create(model="tiny", prompt=[PROMPTS[1], PROMPTS[2]], max_tokens=16, temperature=0)
+    assert [x.index for x in both.choices] == [0, 1]
+    assert [x.text for x in both.choices] == [alone[1][:16], alone[2][:16]]  # (1: 16 tokens; 2: the first 16 of 27)
+
+
+def test_health_needs_no_key_and_metrics_count_requests(server):
+    h = httpx.get(server.url + "/health", timeout=10)
+    assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["slots"] == 16
+    before = server.metrics()
+    server.post("/v1/completions", _body(0))
+    m = server.metrics()
+    done = 'llmctl_requests_total{endpoint="/v1/completions",status="200"}'
+    assert m[done] == before.get(done, 0) + 1
+    assert m["llmctl_generation_tokens_total"] > before.get("llmctl_generation_tokens_total", 0)
+    assert m["llmctl_busy_slots"] == 0 and m["llmctl_queue_depth"] == 0 and m["llmctl_slots"] == 16
+    assert m["llmctl_time_to_first_token_seconds_count"] >= 1
+    assert 'llmctl_time_per_output_token_seconds_bucket{le="+Inf"}' in m
+
+
+ERRORS = [
+    # (id, path, body, headers, status, param, words)
+    ("malformed-json", "/v1/completions", b'{"prompt": ', {}, 400, None, ["not valid JSON"]),
+    ("not-an-object", "/v1/completions", b"[1, 2]", {}, 400, None, ["JSON object"]),
+    ("missing-prompt", "/v1/completions", {"max_tokens": 3}, {}, 400, "prompt", ["'prompt' is required"]),
+    ("wrong-type", "/v1/completions", {"prompt": "a", "max_tokens": "ten"}, {}, 400, "max_tokens",
+     ["'max_tokens' must be a positive integer"]),
+    ("temperature-type", "/v1/completions", {"prompt": "a", "temperature": "hot"}, {}, 400, "temperature",
+     ["'temperature' must be a number"]),
+    ("prompt-too-long", "/v1/completions", {"prompt": "x" * 50}, {}, 400, "prompt",
+     ["50 tokens", "context is 32 tokens", "truncate"]),
+    ("max-tokens-over-limit", "/v1/completions", {"prompt": "a", "max_tokens": 5000}, {}, 400, "max_tokens",
+     ["5000", "limit of 4096", "serve.max_tokens"]),
+    ("n-above-one", "/v1/completions", {"prompt": "a", "n": 2}, {}, 400, "n", ["'n' must be 1"]),
+    ("echo", "/v1/completions", {"prompt": "a", "echo": True}, {}, 400, "echo", ["not supported"]),
+    ("logprobs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True}, {},
+     400, "logprobs", ["not supported"]),
+    ("bad-messages", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, {}, 400,
+     "messages", ["messages[0]", "role"]),
+    ("chat-ends-with-assistant", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, {}, 400, "messages",
+     ["last message must be the user's"]),
+    ("unknown-model", "/v1/completions", {"model": "gpt-5", "prompt": "a"}, {}, 404, "model",
+     ["'gpt-5' does not exist", "'tiny'"]),
+    ("no-key", "/v1/completions", {"prompt": "a"}, {"Authorization": ""}, 401, None, ["no API key given"]),
+    ("wrong-key", "/v1/completions", {"prompt": "a"}, {"Authorization": "Bearer nope"}, 401, None,
+     ["the API key is wrong"]),
+    ("wrong-key-models", "/v1/models", None, {"Authorization": "Bearer nope"}, 401, None, ["API key is wrong"]),
+    ("classify-on-a-language-model", "/v1/classify", {"input": ["a"]}, {}, 404, None, ["not a classifier"]),
+    ("unknown-endpoint", "/v1/engines", {"prompt": "a"}, {}, 404, None, ["no such endpoint"]),
+]
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=[c[0] for c in ERRORS])
+def test_bad_requests_get_openai_error_json(server, case):
+    _, path, body, headers, status, param, words = case
+    r = server.get(path, headers=headers) if body is None else server.post(path, body, headers=headers)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    for w in words:
+        assert w in err["message"], (w, err)
+    assert server.get("/health").status_code == 200  # the server never dies from a request
+
+
+def test_truncate_keeps_the_last_tokens_of_a_long_prompt(server, alone):
+    long = "x" * 40 + PROMPTS[5]
+    r = server.post("/v1/completions", {**_body(5), "prompt": long, "truncate": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 32
+
+
+def test_the_openai_client_raises_its_own_errors(server):
+    c = server.client()
+    with pytest.raises(openai.BadRequestError, match="context is 32 tokens"):
+        c.completions.create(model="tiny", prompt="x" * 50)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="other", prompt="a")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="bad", max_retries=0).models.list()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Continuous batching
+
+
+async def _concurrent(server: Server, bodies: list[dict], max_delay: float = 1.0, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    delays = [rng.uniform(0, max_delay) for _ in bodies]
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=300,
+                                 limits=httpx.Limits(max_connections=100)) as client:
+        async def one(body, delay):
+            await asyncio.sleep(delay)
+            r = await client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+        return await asyncio.gather(*(one(b, d) for b, d in zip(bodies, delays)))
+
+
+def test_concurrent_greedy_requests_equal_each_prompt_alone(server, alone):
+    got = asyncio.run(_concurrent(server, [_body(i) for i in range(32)]))
+    assert [g["choices"][0]["text"] for g in got] == [alone[i] for i in range(32)]
+
+
+def test_concurrent_greedy_requests_equal_alone_with_the_compiled_step(tiny_run, key_file, alone):
+    s = Server(tiny_run, "--dtype", "float32", "--compile", "--set", "serve.slots=8", key_file=key_file, timeout=600)
+    try:
+        assert "compiled decode step" in "".join(s.lines)
+        got = asyncio.run(_concurrent(s, [_body(i) for i in range(32)], seed=1))
+        assert [g["choices"][0]["text"] for g in got] == [alone[i] for i in range(32)]
+    finally:
+        assert s.stop() == 0
+
+
+def test_infer_cli_equals_the_in_process_reference(tiny_run, alone):
+    for i in (0, 7):
+        r = subprocess.run([sys.executable, "-m", "llmctl", "infer", "--ckpt", str(tiny_run), "--prompt", PROMPTS[i],
+                            "--temperature", "0", "--dtype", "float32", "-n", str(5 + (i * 11) % 40), "--json"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["completion"] == alone[i]
+
+
+def test_a_request_arriving_while_others_decode_starts_before_they_finish(server):
+    async def go():
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=300) as client:
+            finished = {}
+
+            async def one(name, body, delay=0.0):
+                await asyncio.sleep(delay)
+                r = await client.post("/v1/completions", json=body)
+                assert r.status_code == 200
+                finished[name] = time.perf_counter()
+
+            longs = [one(f"long{i}", {"prompt": "A", "max_tokens": 1500, "temperature": 0}) for i in range(3)]
+            await asyncio.gather(*longs, one("short", {"prompt": "B", "max_tokens": 3, "temperature": 0}, 0.5))
+            return finished
+
+    finished = asyncio.run(go())
+    assert finished["short"] < min(finished[f"long{i}"] for i in range(3))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Limits, faults and signals
+
+
+@pytest.fixture(scope="module")
+def small(tiny_run):
+    s = Server(tiny_run, "--no-compile", "--set", "serve.slots=1", "--set", "serve.max_queue=1", "--set",
+               "serve.max_body_bytes=4096", "--set", "serve.max_tokens=1000000", "--set", "serve.request_timeout=4")
+    yield s
+    assert s.stop() == 0
+
+
+def _wait(cond, timeout=20.0) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_body_over_the_limit_is_413(small):
+    r = small.post("/v1/completions", {"prompt": "a" * 5000})
+    assert r.status_code == 413 and "limit of 4096" in r.json()["error"]["message"]
+    chunked = httpx.post(small.url + "/v1/completions", content=iter([b'{"prompt": "', b"a" * 5000, b'"}']),
+                         timeout=30)  # no Content-Length: counted as it arrives
+    assert chunked.status_code == 413
+
+
+def test_queue_full_is_429_with_retry_after_and_a_stream_that_goes_away_frees_its_slot(small):
+    with httpx.stream("POST", small.url + "/v1/completions", timeout=60,
+                      json={"prompt": "A", "max_tokens": 100000, "temperature": 0, "stream": True}) as first:
+        lines = first.iter_lines()
+        assert next(lines).startswith("data: ")  # decoding in the only slot
+        waiting = threading.Thread(target=lambda: small.post("/v1/completions", {"prompt": "B", "max_tokens": 2}))
+        waiting.start()  # takes the one queue place
+        assert _wait(lambda: small.metrics()["llmctl_queue_depth"] == 1)
+        r = small.post("/v1/completions", {"prompt": "C", "max_tokens": 2})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    # the client closed the stream: its slot is freed, the waiting request runs, the server is idle again
+    waiting.join(30)
+    assert _wait(lambda: small.metrics()["llmctl_busy_slots"] == 0 and small.metrics()["llmctl_queue_depth"] == 0)
+
+
+def test_a_request_over_the_timeout_is_504(small):
+    r = small.post("/v1/completions", {"prompt": "A", "max_tokens": 1000000, "temperature": 0})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+    assert _wait(lambda: small.metrics()["llmctl_busy_slots"] == 0)
+
+
+def test_sigterm_finishes_the_requests_in_flight_then_exits_0(tiny_run):
+    s = Server(tiny_run, "--no-compile")
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=s.post("/v1/completions", {"prompt": "A", "max_tokens": 3000,
+                                                                                "temperature": 0})))
+    t.start()
+    assert _wait(lambda: s.metrics()["llmctl_busy_slots"] == 1)
+    assert s.stop(signal.SIGTERM) == 0
+    t.join(30)
+    assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] == 3000
+    assert any("stopping: finishing 1 request(s) in flight" in x for x in s.lines)
+    with pytest.raises(httpx.ConnectError):  # no longer listening
+        httpx.get(s.url + "/health", timeout=5)
+
+
+def test_a_second_signal_exits_at_once(tiny_run):
+    s = Server(tiny_run, "--no-compile", "--set", "serve.drain_timeout=600", "--set", "serve.max_tokens=1000000")
+    t = threading.Thread(target=lambda: _ignore(lambda: s.post("/v1/completions", {"prompt": "A", "temperature": 0,
+                                                                                   "max_tokens": 1000000},
+                                                               timeout=120)))
+    t.start()
+    assert _wait(lambda: s.metrics()["llmctl_busy_slots"] == 1)
+    s.p.send_signal(signal.SIGTERM)
+    assert _wait(lambda: any("stopping" in x for x in s.lines))
+    start = time.time()
+    assert s.stop(signal.SIGINT, timeout=30) == 130 and time.time() - start < 10
+    assert any("stopped at once by a second SIGINT" in x for x in s.lines)
+    assert not any("Traceback" in x for x in s.lines)
+
+
+def _ignore(fn):
+    try:
+        fn()
+    except httpx.HTTPError:
+        pass
+
+
+def test_load_with_disconnects_leaves_the_server_idle_and_its_memory_flat(tiny_run):
+    """500 requests from 32 concurrent clients; a quarter stream and hang up at a random point."""
+    s = Server(tiny_run, "--no-compile")
+    rng = random.Random(0)
+    plan = [(rng.random() < 0.25, rng.randint(1, 30), rng.randint(5, 60)) for _ in range(500)]
+    rss = {}
+
+    async def go():
+        sem = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(base_url=s.url, timeout=300, limits=httpx.Limits(max_connections=64)) as c:
+            async def one(i, hang_up, after, n):
+                async with sem:
+                    body = {"prompt": PROMPTS[i % 32], "max_tokens": n, "temperature": 0.8, "seed": i}
+                    if hang_up:
+                        async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                            seen = 0
+                            async for line in r.aiter_lines():
+                                seen += line.startswith("data: ")
+                                if seen >= min(after, n):
+                                    break
+                        return None
+                    r = await c.post("/v1/completions", json=body)
+                    assert r.status_code == 200, r.text
+                    res = r.json()
+                    reason, used = res["choices"][0]["finish_reason"], res["usage"]["completion_tokens"]
+                    assert (reason == "length" and used == n) or (reason == "stop" and used < n), res
+                    assert res["object"] == "text_completion" and res["id"].startswith("cmpl-")
+                    return res
+
+            first = await asyncio.gather(*(one(i, *plan[i]) for i in range(50)))
+            rss["first50"] = s.rss()
+            rest = await asyncio.gather(*(one(i, *plan[i]) for i in range(50, 500)))
+            return first + rest
+
+    try:
+        results = asyncio.run(go())
+        answered = [r for r in results if r is not None]
+        assert len(answered) == sum(not p[0] for p in plan) and all(r["choices"][0]["text"] is not None
+                                                                    for r in answered)
+        assert _wait(lambda: s.metrics()["llmctl_busy_slots"] == 0 and s.metrics()["llmctl_queue_depth"] == 0)
+        assert s.rss() <= 1.10 * rss["first50"], (s.rss(), rss["first50"])
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_classifier_serves_classify_only(tiny_run, tmp_path):
+    from llmctl import commands
+
+    data = tmp_path / "train.tsv"
+    data.write_text("label\tsentence\n" + "".join(f"{i % 2}\tword {i}\n" for i in range(40)))
+    out = tmp_path / "cls"
+    commands.finetune(None, ["finetune.task=classification", f"data.path={data}", "data.text_column=sentence",
+                             "train.max_steps=2", "train.dtype=float32"], tiny_run, out)
+    want = commands.classify_texts(commands.load_model(out), ["word 3", "word 4"])
+    s = Server(out)
+    try:
+        r = s.post("/v1/classify", {"input": ["word 3", "word 4"]})
+        assert r.status_code == 200, r.text
+        got = r.json()["data"]
+        assert [g["label"] for g in got] == [w["label"] for w in want]
+        assert all(abs(g["probabilities"][k] - w["probabilities"][k]) < 1e-5 for g, w in zip(got, want)
+                   for k in w["probabilities"])
+        r = s.post("/v1/completions", {"prompt": "a"})
+        assert r.status_code == 404 and "is a classifier" in r.json()["error"]["message"]
+        assert s.post("/v1/classify", {"input": []}).status_code == 400
+    finally:
+        assert s.stop() == 0
+
+
+def test_serve_without_the_extra_is_one_line(runner, tiny_run, monkeypatch):
+    from conftest import invoke
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
+    r = invoke(runner, "serve", "--ckpt", tiny_run)
+    assert r.exit_code == 2 and "needs the serve extra" in r.stderr and "pip install 'llmctl[serve]'" in r.stderr
+    assert "Traceback" not in r.output
+    assert os.environ.get("LLMCTL_CACHE_DIR")
