@@ -47,3 +47,29 @@ def render_chat(messages: list[dict], ft, eos: str) -> str:
     for role, content in turns:
         text += render_prompt(content, "", ft) if role == "user" else content + eos
     return text
+
+
+def chat_template(ft, eos: str) -> str:
+    """`render_chat` as a Jinja chat template (tokenizer_config.json's `chat_template`, GGUF's
+    `tokenizer.chat_template`), so `tokenizer.apply_chat_template(messages, tokenize=False)` in transformers gives the
+    same text. Consecutive messages of one role are joined as `render_chat` joins them; the checks (roles, order)
+    stay llmctl's: the template renders what it is given."""
+    before, after = ft.prompt_template_no_input.format(instruction="\x00", input="").split("\x00")
+
+    def lit(s: str) -> str:  # a Jinja string literal (Jinja reads Python's escapes)
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+    return (
+        "{%- for m in messages -%}"
+        "{%- set prev = loop.previtem['role'] if loop.previtem is defined else '' -%}"
+        "{%- set next = loop.nextitem['role'] if loop.nextitem is defined else '' -%}"
+        "{%- if m['role'] == 'system' -%}{{ m['content'] + " + lit("\n\n") + " }}"
+        "{%- elif m['role'] == 'user' -%}"
+        "{{ (" + lit("\n\n") + " if prev == 'user' else " + lit(before) + ") + m['content'] }}"
+        "{%- if next != 'user' -%}{{ " + lit(after) + " }}{%- endif -%}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{{ (" + lit("\n\n") + " if prev == 'assistant' else '') + m['content'] }}"
+        "{%- if next != 'assistant' -%}{{ " + lit(eos) + " }}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )

@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .chat import chat_template
 from .config import Config, ModelConfig, from_dict
 from .errors import LlmctlError
 from .model import Transformer
@@ -498,6 +499,8 @@ def write_dir(out: Path, cfg: Config, weights: dict[str, torch.Tensor], tok: Opt
     }
     if tok is not None:
         files.update(tokenizer_files(tok, m.block_size))
+        if cfg.finetune.task == "instruct":  # the conversation format `infer --chat` and `serve` use
+            files["tokenizer_config.json"]["chat_template"] = chat_template(cfg.finetune, tok.eos_token)
         (out / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
     for name, obj in files.items():
         (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

@@ -410,3 +410,27 @@ print(r.stdout)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ROMEO:")
+
+
+def test_export_of_an_instruction_tuned_model_carries_its_chat_template(tiny_run, runner, tmp_path):
+    from llmctl.chat import render_chat
+
+    data = tmp_path / "tasks.jsonl"  # short: tiny_run's context is 32 characters
+    data.write_text("".join(json.dumps({"instruction": f"Add {i}", "output": f"{i + 1}"}) + "\n" for i in range(40)))
+    tuned = tmp_path / "tuned"
+    r = invoke(runner, "finetune", "--from", tiny_run, *sets(f"data.path={data}", "finetune.task=instruct",
+               'finetune.prompt_template_no_input="Q: {instruction}\\nA: "', "train.max_steps=2", "train.dtype=float32",
+               "train.eval_interval=0"), "--out", tuned, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert invoke(runner, "export", "--ckpt", tuned, "--out", tmp_path / "exp").exit_code == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exp")
+    loaded = load_model(tuned, "cpu")
+    turns = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "A pear."},
+             {"role": "user", "content": "Another?"}]
+    ours = render_chat(turns, loaded.cfg.finetune, loaded.tokenizer.eos_token)
+    assert hf_tok.apply_chat_template(turns, tokenize=False) == ours
+    assert hf_tok.apply_chat_template(turns, tokenize=True, return_dict=False) == loaded.tokenizer.encode(ours)
+    # (`infer --chat` and `serve` render through render_chat.) A plain language model gets no template: it was never
+    # tuned on a conversation format
+    assert invoke(runner, "export", "--ckpt", tiny_run, "--out", tmp_path / "plain").exit_code == 0
+    assert "chat_template" not in json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
