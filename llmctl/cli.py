@@ -482,15 +482,52 @@ def eval_(
                               help=f"Language models: {', '.join(INFER_DTYPES)} (auto: what infer uses)."),
     quantize_mode: str = typer.Option("none", "--quantize",
                                       help=f"Language models: {', '.join(QUANTIZE_MODES)} (auto: what infer uses)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks",
+                                        help="lm-evaluation-harness tasks, comma-separated (needs llmctl[eval]); "
+                                             "instead of --data.", show_default="none"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="--tasks: few-shot examples per prompt.",
+                                              show_default="each task's own"),
+    limit: Optional[float] = typer.Option(None, "--limit",
+                                          help="--tasks: examples per task (a number), or a fraction below 1.",
+                                          show_default="all"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path",
+                                                help="--tasks: a directory of local task YAML files.",
+                                                show_default="lm-eval's own tasks only"),
+    log_samples: bool = typer.Option(False, "--log-samples",
+                                     help="--tasks: keep every example's inputs and loglikelihoods in the result.",
+                                     show_default="off"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = JsonOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
     """Measure a checkpoint: loss, perplexity and bits per byte (language models, one full pass of non-overlapping
-    blocks); accuracy, precision, recall, F1 and confusion matrix (classifiers); response loss (instruction-tuned)."""
+    blocks); accuracy, precision, recall, F1 and confusion matrix (classifiers); response loss (instruction-tuned);
+    with --tasks, lm-evaluation-harness tasks (results also saved in RUN/evals/)."""
     from . import commands
 
     def go() -> None:
+        if tasks is not None:
+            if data is not None:
+                raise LlmctlError("--tasks and --data are exclusive: lm-eval tasks bring their own data")
+            r = commands.evaluate_tasks(ckpt, tasks, num_fewshot, limit, include_path, batch_size, device, base,
+                                        tokenizer, dtype, quantize_mode, log_samples, log=_log)
+            if json_out:
+                _print_json(r)
+                return
+            from .harness import table
+
+            t = Table(title=f"lm-eval: {r['checkpoint']}", header_style="bold")
+            for col in ("task", "metric", "filter", "value", "stderr"):
+                t.add_column(col, justify="right" if col in ("value", "stderr") else "left")
+            for row in table(r):
+                t.add_row(row["task"], row["metric"], row["filter"], f"{row['value']:.4f}",
+                          "" if row["stderr"] is None else f"{row['stderr']:.4f}")
+            out.print(t)
+            if r.get("saved"):
+                err.print(f"saved {r['saved']}", markup=False, highlight=False, soft_wrap=True)
+            return
+        if any(x is not None for x in (num_fewshot, limit, include_path)) or log_samples:
+            raise LlmctlError("--num-fewshot, --limit, --include-path and --log-samples go with --tasks")
         r = commands.evaluate(ckpt, data, batch_size, device, log=_log, text_column=text_column,
                               label_column=label_column, base=base, tokenizer=tokenizer, dtype=dtype,
                               quantize_mode=quantize_mode, warn=_warn)
@@ -639,8 +676,13 @@ def plot_(
 @app.command("export")
 def export(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint) or a step-* checkpoint."),
-    fmt: str = typer.Option("hf", "--format", "-f", help="Target format: hf (a transformers directory)."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory to write; from_pretrained(DIR) loads it."),
+    fmt: str = typer.Option("hf", "--format", "-f",
+                            help="Target format: hf (a transformers directory) or gguf (one file for llama.cpp; "
+                                 "needs llmctl[gguf])."),
+    out_dir: Path = typer.Option(..., "--out", "-o",
+                                 help="hf: the directory from_pretrained(DIR) loads; gguf: the FILE.gguf to write."),
+    outtype: str = typer.Option("f16", "--outtype",
+                                help="gguf: f32, f16 (matrices; norms and biases stay f32) or q8_0."),
     tokenizer: Optional[Path] = TokenizerOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out.",
                                    show_default="off"),
@@ -652,13 +694,13 @@ def export(
                                         show_default="the base recorded at training"),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Export a checkpoint as a Hugging Face transformers model (config, safetensors, tokenizer); a LoRA adapter
-    with --merge-lora."""
+    """Export a checkpoint as a Hugging Face transformers model (config, safetensors, tokenizer) or as a GGUF file
+    for llama.cpp; a LoRA adapter with --merge-lora."""
     from . import commands
 
     def go() -> None:
         r = commands.export(ckpt, fmt, out_dir, tokenizer, overwrite, log=_log, base=base,
-                            merge_lora_adapter=merge_lora_adapter)
+                            merge_lora_adapter=merge_lora_adapter, outtype=outtype)
         if json_out:
             _print_json(r)
         else:

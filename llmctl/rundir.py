@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -34,6 +35,7 @@ from .interrupt import NAMES, exit_status
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
 LOCK = ".lock"
+EVALS = "evals"  # lm-eval results, one JSON file per `llmctl eval --tasks` (<time>-<tasks>.json)
 SIGNALS = {exit_status(s): name for s, name in NAMES.items()}  # exit status of a run stopped by a signal -> its name
 
 
@@ -306,3 +308,28 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def save_eval(run_dir: Path, tasks: list[str], result: dict) -> Path:
+    """Write one `eval --tasks` result as RUN/evals/<time>-<tasks>.json (atomically, under the run lock)."""
+    name = time.strftime("%Y%m%d-%H%M%S") + "-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", "+".join(tasks))[:120] + ".json"
+    path = Path(run_dir) / EVALS / name
+    with RunLock(run_dir):
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, json.dumps(result, indent=2, default=str) + "\n")
+    return path
+
+
+def read_evals(run_dir: Path) -> dict[str, dict]:
+    """The latest value of every lm-eval metric saved in RUN/evals: {"task/metric": value} (stderr left out)."""
+    out: dict[str, dict] = {}
+    for path in sorted((Path(run_dir) / EVALS).glob("*.json")):  # oldest first: later files win
+        try:
+            results = json.loads(path.read_text(encoding="utf-8")).get("results", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        for task, metrics in results.items():
+            for key, value in (metrics or {}).items():
+                if isinstance(value, (int, float)) and "_stderr" not in key and key != "alias":
+                    out[f"{task}/{key}"] = value
+    return out

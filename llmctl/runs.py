@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from .checkpoint import read_latest
 from .errors import LlmctlError
-from .rundir import SIGNALS, is_run, process_start, process_state, read_config, read_metrics, read_status
+from .rundir import SIGNALS, is_run, process_start, process_state, read_config, read_evals, read_metrics, read_status
 
 
 def _alive(pid: Any, identity: Optional[str] = None) -> bool:
@@ -99,6 +99,7 @@ def summarize(run_dir: Path) -> dict:
         "tokens_per_sec": tps,
         "train_seconds": status.get("train_seconds", last.get("time")),
         "updated": status.get("updated"),
+        "evals": read_evals(run_dir),  # lm-eval metrics from `llmctl eval --tasks` ({"task/metric": value})
     }
 
 
@@ -140,9 +141,11 @@ def compare(a: Path, b: Path) -> dict:
     keys = ("status", "steps", "checkpoint_step", "tokens", "loss", "val_loss", "best_val_loss", "tokens_per_sec",
             "train_seconds")
     sa, sb = summarize(a), summarize(b)
+    evals = sorted(set(sa["evals"]) | set(sb["evals"]))  # lm-eval results either run has
     return {
         "a": str(a),
         "b": str(b),
         "config_diff": diff,
-        "metrics": {"a": {k: sa[k] for k in keys}, "b": {k: sb[k] for k in keys}},
+        "metrics": {"a": {**{k: sa[k] for k in keys}, **{k: sa["evals"].get(k) for k in evals}},
+                    "b": {**{k: sb[k] for k in keys}, **{k: sb["evals"].get(k) for k in evals}}},
     }

@@ -79,7 +79,19 @@ class Server:
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
         if self.p.poll() is None:
             self.p.send_signal(sig)
-        return self.p.wait(timeout)
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            raise
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.p.poll() is None:  # a failed test must not leave a server decoding in the background
+            self.p.kill()
+            self.p.wait()
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +103,9 @@ def key_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_run, key_file):
-    s = Server(tiny_run, "--dtype", "float32", "--no-compile", key_file=key_file)
-    yield s
-    assert s.stop() == 0
+    with Server(tiny_run, "--dtype", "float32", "--no-compile", key_file=key_file) as s:
+        yield s
+        assert s.stop() == 0
 
 
 @pytest.fixture(scope="module")
@@ -252,12 +264,11 @@ def test_concurrent_greedy_requests_equal_each_prompt_alone(server, alone):
 
 
 def test_concurrent_greedy_requests_equal_alone_with_the_compiled_step(tiny_run, key_file, alone):
-    s = Server(tiny_run, "--dtype", "float32", "--compile", "--set", "serve.slots=8", key_file=key_file, timeout=600)
-    try:
+    with Server(tiny_run, "--dtype", "float32", "--compile", "--set", "serve.slots=8", key_file=key_file,
+                timeout=600) as s:
         assert "compiled decode step" in "".join(s.lines)
         got = asyncio.run(_concurrent(s, [_body(i) for i in range(32)], seed=1))
         assert [g["choices"][0]["text"] for g in got] == [alone[i] for i in range(32)]
-    finally:
         assert s.stop() == 0
 
 
@@ -295,10 +306,11 @@ def test_a_request_arriving_while_others_decode_starts_before_they_finish(server
 
 @pytest.fixture(scope="module")
 def small(tiny_run):
-    s = Server(tiny_run, "--no-compile", "--set", "serve.slots=1", "--set", "serve.max_queue=1", "--set",
-               "serve.max_body_bytes=4096", "--set", "serve.max_tokens=1000000", "--set", "serve.request_timeout=4")
-    yield s
-    assert s.stop() == 0
+    with Server(tiny_run, "--no-compile", "--set", "serve.slots=1", "--set", "serve.max_queue=1", "--set",
+                "serve.max_body_bytes=4096", "--set", "serve.max_tokens=1000000", "--set",
+                "serve.request_timeout=4") as s:
+        yield s
+        assert s.stop() == 0
 
 
 def _wait(cond, timeout=20.0) -> bool:
@@ -341,7 +353,11 @@ def test_a_request_over_the_timeout_is_504(small):
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits_0(tiny_run):
-    s = Server(tiny_run, "--no-compile")
+    with Server(tiny_run, "--no-compile") as s:
+        _drain(s)
+
+
+def _drain(s: Server) -> None:
     out = {}
     t = threading.Thread(target=lambda: out.update(r=s.post("/v1/completions", {"prompt": "A", "max_tokens": 3000,
                                                                                 "temperature": 0})))
@@ -356,7 +372,11 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0(tiny_run):
 
 
 def test_a_second_signal_exits_at_once(tiny_run):
-    s = Server(tiny_run, "--no-compile", "--set", "serve.drain_timeout=600", "--set", "serve.max_tokens=1000000")
+    with Server(tiny_run, "--no-compile", "--set", "serve.drain_timeout=600", "--set", "serve.max_tokens=1000000") as s:
+        _force(s)
+
+
+def _force(s: Server) -> None:
     t = threading.Thread(target=lambda: _ignore(lambda: s.post("/v1/completions", {"prompt": "A", "temperature": 0,
                                                                                    "max_tokens": 1000000},
                                                                timeout=120)))
@@ -379,7 +399,11 @@ def _ignore(fn):
 
 def test_load_with_disconnects_leaves_the_server_idle_and_its_memory_flat(tiny_run):
     """500 requests from 32 concurrent clients; a quarter stream and hang up at a random point."""
-    s = Server(tiny_run, "--no-compile")
+    with Server(tiny_run, "--no-compile") as s:
+        _load_and_faults(s)
+
+
+def _load_and_faults(s: Server) -> None:
     rng = random.Random(0)
     plan = [(rng.random() < 0.25, rng.randint(1, 30), rng.randint(5, 60)) for _ in range(500)]
     rss = {}
@@ -411,15 +435,13 @@ def test_load_with_disconnects_leaves_the_server_idle_and_its_memory_flat(tiny_r
             rest = await asyncio.gather(*(one(i, *plan[i]) for i in range(50, 500)))
             return first + rest
 
-    try:
-        results = asyncio.run(go())
-        answered = [r for r in results if r is not None]
-        assert len(answered) == sum(not p[0] for p in plan) and all(r["choices"][0]["text"] is not None
-                                                                    for r in answered)
-        assert _wait(lambda: s.metrics()["llmctl_busy_slots"] == 0 and s.metrics()["llmctl_queue_depth"] == 0)
-        assert s.rss() <= 1.10 * rss["first50"], (s.rss(), rss["first50"])
-    finally:
-        assert s.stop() == 0
+    results = asyncio.run(go())
+    answered = [r for r in results if r is not None]
+    assert len(answered) == sum(not p[0] for p in plan) and all(r["choices"][0]["text"] is not None
+                                                                for r in answered)
+    assert _wait(lambda: s.metrics()["llmctl_busy_slots"] == 0 and s.metrics()["llmctl_queue_depth"] == 0)
+    assert s.rss() <= 1.10 * rss["first50"], (s.rss(), rss["first50"])
+    assert s.stop() == 0
 
 
 def test_a_classifier_serves_classify_only(tiny_run, tmp_path):
@@ -431,8 +453,7 @@ def test_a_classifier_serves_classify_only(tiny_run, tmp_path):
     commands.finetune(None, ["finetune.task=classification", f"data.path={data}", "data.text_column=sentence",
                              "train.max_steps=2", "train.dtype=float32"], tiny_run, out)
     want = commands.classify_texts(commands.load_model(out), ["word 3", "word 4"])
-    s = Server(out)
-    try:
+    with Server(out) as s:
         r = s.post("/v1/classify", {"input": ["word 3", "word 4"]})
         assert r.status_code == 200, r.text
         got = r.json()["data"]
@@ -442,7 +463,6 @@ def test_a_classifier_serves_classify_only(tiny_run, tmp_path):
         r = s.post("/v1/completions", {"prompt": "a"})
         assert r.status_code == 404 and "is a classifier" in r.json()["error"]["message"]
         assert s.post("/v1/classify", {"input": []}).status_code == 400
-    finally:
         assert s.stop() == 0
 
 

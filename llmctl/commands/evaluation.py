@@ -111,3 +111,41 @@ def _eval_classifier(loaded: Loaded, source: str, whole_file: bool, batch_size: 
                                    loaded.device)
     m = classification_metrics(pred, [ex.targets[i] for i in rows.tolist()], labels)
     return {"loss": loss, **m, "truncated": ex.truncated}
+
+
+def evaluate_tasks(ckpt: Path, tasks: str, num_fewshot: Optional[int] = None, limit: Optional[float] = None,
+                   include_path: Optional[Path] = None, batch_size: Optional[int] = None, device: str = "auto",
+                   base: Optional[Path] = None, tokenizer: Optional[Path] = None, dtype: str = "float32",
+                   quantize_mode: str = "none", log_samples: bool = False, log: Log = nolog) -> dict:
+    """`llmctl eval --tasks`: lm-evaluation-harness tasks on the checkpoint (llmctl.harness), in float32 unless
+    asked otherwise. Returns lm-eval's results dict plus `checkpoint` and `saved` (RUN/evals/<time>-<tasks>.json)."""
+    from .. import harness
+    from ..rundir import is_run, save_eval
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise LlmctlError("--tasks: give one or more lm-eval task names, separated by commas")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise LlmctlError(f"--include-path {include_path} is not a directory of task YAML files")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise LlmctlError(f"--num-fewshot must not be negative (got {num_fewshot})")
+    if limit is not None and limit <= 0:
+        raise LlmctlError(f"--limit must be positive: a number of examples, or a fraction below 1 (got {limit})")
+    if batch_size is not None and batch_size < 1:
+        raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_choices(dtype, quantize_mode)
+    harness.require()
+    loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
+    if loaded.classifier is not None:
+        raise LlmctlError(f"--tasks runs lm-eval on language models; {loaded.ckpt.path} is a classifier (measure it "
+                          "with `llmctl eval --ckpt ... --data FILE`)")
+    for_inference(loaded, dtype, quantize_mode, compile=False)  # (generate_until tasks decode on its engine)
+    log(f"lm-eval: {', '.join(names)} on {loaded.ckpt.path} ({loaded.precision})")
+    res = harness.evaluate(loaded, names, num_fewshot, int(limit) if limit and limit >= 1 else limit,
+                           str(include_path) if include_path else None, batch_size or loaded.cfg.eval.batch_size,
+                           log_samples)
+    out = harness.plain(res)
+    out["checkpoint"] = str(loaded.ckpt.path)
+    if is_run(loaded.ckpt.run_dir):
+        out["saved"] = str(save_eval(loaded.ckpt.run_dir, names, out))
+    return out

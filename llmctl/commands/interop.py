@@ -15,7 +15,7 @@ from ..lora import merge_lora
 from ..rundir import check_out_dir, clear_run, write_run_files
 from . import Log, nolog
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf")
 
 
 def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrite: bool = False,
@@ -55,16 +55,19 @@ def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrit
 
 
 def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, overwrite: bool = False,
-           log: Log = nolog, base: Optional[Path] = None, merge_lora_adapter: bool = False) -> dict:
-    """`llmctl export --format hf`: a checkpoint -> a directory transformers loads with from_pretrained.
+           log: Log = nolog, base: Optional[Path] = None, merge_lora_adapter: bool = False,
+           outtype: str = "f16") -> dict:
+    """`llmctl export --format hf`: a checkpoint -> a directory transformers loads with from_pretrained;
+    `--format gguf`: a single GGUF file for llama.cpp (`outtype` f32, f16 or q8_0; llmctl.gguf_export).
 
     A LoRA adapter is exported with `merge_lora_adapter` (--merge-lora): folded into its base's weights (`base`
-    overrides the recorded base checkpoint). The directory
-    is written next to `out` under a temporary name and renamed into place, so a failed export leaves nothing
-    half-written."""
+    overrides the recorded base checkpoint). The directory or file is written next to `out` under a temporary name
+    and renamed into place, so a failed export leaves nothing half-written."""
     if fmt not in FORMATS:
         raise LlmctlError(f"--format {fmt!r} is not supported; choose one of: {', '.join(FORMATS)}")
     out = Path(out)
+    if fmt == "gguf":
+        return _export_gguf(ckpt, out, tokenizer, overwrite, log, base, merge_lora_adapter, outtype)
     if out.exists():
         if not out.is_dir():
             raise LlmctlError(f"--out {out} is a file; give a directory for the export")
@@ -74,14 +77,8 @@ def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, ov
             if not (out / "config.json").exists():
                 raise LlmctlError(f"--overwrite refuses to delete {out}: it does not look like an exported model "
                                   "(no config.json)")
-    loaded = load_model(ckpt, "cpu", base=base, tokenizer=tokenizer, require_tokenizer=False)
+    loaded = _exportable(ckpt, base, tokenizer, merge_lora_adapter, "hf")
     ck, cfg, tok = loaded.ckpt, loaded.cfg, loaded.tokenizer
-    if ckpt_io.ADAPTER in ck.meta["files"] and not merge_lora_adapter:
-        raise LlmctlError(f"{ck.path} is a LoRA adapter; "
-                          "pass --merge-lora to fold it into its base's weights and export that")
-    if loaded.classifier is not None:
-        raise LlmctlError(f"{ck.path} is a classification checkpoint; export --format hf writes language models only "
-                          "(export the checkpoint it was finetuned from)")
     if tok is None:
         log(f"[yellow]warning:[/yellow] {ck.path} has no tokenizer, so the export has none; "
             "pass --tokenizer FILE to include one")
@@ -100,3 +97,45 @@ def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, ov
         raise
     log(f"exported {ck.path} to {out} ({cfg.model.arch} -> {hf.to_hf_config(cfg.model, tok)['architectures'][0]})")
     return {"checkpoint": str(ck.path), "out": str(out), "format": fmt, "files": files}
+
+
+def _exportable(ckpt: Path, base: Optional[Path], tokenizer: Optional[Path], merge_lora_adapter: bool, fmt: str):
+    """The loaded checkpoint, refused when it is an unmerged LoRA adapter or a classifier."""
+    loaded = load_model(ckpt, "cpu", base=base, tokenizer=tokenizer, require_tokenizer=False)
+    ck = loaded.ckpt
+    if ckpt_io.ADAPTER in ck.meta["files"] and not merge_lora_adapter:
+        raise LlmctlError(f"{ck.path} is a LoRA adapter; "
+                          "pass --merge-lora to fold it into its base's weights and export that")
+    if loaded.classifier is not None:
+        raise LlmctlError(f"{ck.path} is a classification checkpoint; export --format {fmt} writes language models "
+                          "only (export the checkpoint it was finetuned from)")
+    return loaded
+
+
+def _export_gguf(ckpt: Path, out: Path, tokenizer: Optional[Path], overwrite: bool, log: Log, base: Optional[Path],
+                 merge_lora_adapter: bool, outtype: str) -> dict:
+    import os
+
+    from .. import gguf_export
+
+    gguf_export.require()
+    if out.is_dir():
+        raise LlmctlError(f"--out {out} is a directory; GGUF is one file: give a path such as model.gguf")
+    if out.exists() and not overwrite:
+        raise LlmctlError(f"--out {out} exists; pass --overwrite to replace it")
+    loaded = _exportable(ckpt, base, tokenizer, merge_lora_adapter, "gguf")
+    ck, cfg, tok = loaded.ckpt, loaded.cfg, loaded.tokenizer
+    gguf_export.check(cfg, tok, outtype)
+    weights = merge_lora(loaded.model).state_dict()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        gguf_export.write(tmp, cfg, weights, tok, outtype, ck.run_dir.name)
+        apply_umask(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log(f"exported {ck.path} to {out} (GGUF, llama.cpp architecture {cfg.model.arch}, {outtype})")
+    return {"checkpoint": str(ck.path), "out": str(out), "format": "gguf", "outtype": outtype,
+            "bytes": out.stat().st_size, "files": [out.name]}
