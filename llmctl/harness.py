@@ -48,7 +48,6 @@ def make_lm(loaded: Loaded, batch_size: int) -> Any:
             self.loaded, self.tok, self.model = loaded, loaded.tokenizer, loaded.model
             self.max_length = loaded.cfg.model.block_size
             self.batch_size = batch_size
-            self.device = loaded.device
 
         @property
         def eot_token_id(self) -> int:
@@ -74,7 +73,7 @@ def make_lm(loaded: Loaded, batch_size: int) -> Any:
                 idx = torch.full((len(rows), T), self.tok.pad_id, dtype=torch.long)
                 for j, r in enumerate(rows):
                     idx[j, : len(r)] = torch.tensor(r)  # right padding: causal attention keeps it out of the rows
-                logits = self.model(idx.to(self.device))  # (B, T, V)
+                logits = self.model(idx.to(self.loaded.device))  # (B, T, V)
                 for j, (r, cont) in enumerate(zip(rows, conts)):
                     n = len(cont)
                     logp = F.log_softmax(logits[j, len(r) - n : len(r)].float(), dim=-1)  # (n, V)

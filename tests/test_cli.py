@@ -420,6 +420,28 @@ BAD += [
 ]
 
 
+TASKS = ROOT / "tests" / "lm_eval_tasks"
+BAD += [
+    ("eval-unknown-task", lambda t, r: ["eval", "--ckpt", r, "--tasks", "shakespeare_next_lin", "--include-path", TASKS],
+     ["no task named 'shakespeare_next_lin'", "did you mean shakespeare_next_line"]),
+    ("eval-tasks-on-a-classifier", lambda t, r: ["eval", "--ckpt", _classifier(t, r), "--tasks", "shakespeare_rolling",
+     "--include-path", TASKS], ["--tasks runs lm-eval on language models", "is a classifier"]),
+    ("eval-tasks-with-data", lambda t, r: ["eval", "--ckpt", r, "--tasks", "x", "--data", SHAKESPEARE],
+     ["--tasks and --data are exclusive"]),
+    ("eval-limit-without-tasks", lambda t, r: ["eval", "--ckpt", r, "--limit", "5"], ["go with --tasks"]),
+    ("eval-include-path-missing", lambda t, r: ["eval", "--ckpt", r, "--tasks", "x", "--include-path", t / "nope"],
+     ["--include-path", "is not a directory"]),
+    ("gguf-char-tokenizer", lambda t, r: ["export", "--ckpt", r, "--format", "gguf", "--out", t / "m.gguf"],
+     ["byte-level BPE tokenizer", "'char'", "tokenizer.kind=bpe"]),
+    ("gguf-bad-outtype", lambda t, r: ["export", "--ckpt", r, "--format", "gguf", "--outtype", "q4_k", "--out",
+     t / "m.gguf"], ["--outtype 'q4_k' is not supported", "f32, f16, q8_0"]),
+    ("gguf-out-is-a-directory", lambda t, r: ["export", "--ckpt", r, "--format", "gguf", "--out", t],
+     ["is a directory", "model.gguf"]),
+    ("export-unknown-format", lambda t, r: ["export", "--ckpt", r, "--format", "onnx", "--out", t / "x"],
+     ["--format 'onnx' is not supported", "hf, gguf"]),
+]
+
+
 HELD: list = []  # sockets kept open while a case runs (a port in use)
 
 

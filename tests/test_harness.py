@@ -97,7 +97,7 @@ def test_results_are_saved_in_the_run_and_shown_by_runs(both, bpe_run, runner):
     assert json.loads(saved.read_text())["results"] == ours["results"]
     r = invoke(runner, "runs", bpe_run.parent, "--json")
     assert r.exit_code == 0, r.output
-    row = next(x for x in json.loads(r.stdout) if x["name"] == "bpe")
+    row = next(x for x in json.loads(r.stdout)["runs"] if x["name"] == "bpe")
     assert row["evals"]["shakespeare_next_line/acc,none"] == ours["results"]["shakespeare_next_line"]["acc,none"]
     r = invoke(runner, "runs", bpe_run.parent)
     assert "shakespeare_" in r.stdout
