@@ -422,7 +422,8 @@ BAD += [
 
 TASKS = ROOT / "tests" / "lm_eval_tasks"
 BAD += [
-    ("eval-unknown-task", lambda t, r: ["eval", "--ckpt", r, "--tasks", "shakespeare_next_lin", "--include-path", TASKS],
+    ("eval-unknown-task",
+     lambda t, r: ["eval", "--ckpt", r, "--tasks", "shakespeare_next_lin", "--include-path", TASKS],
      ["no task named 'shakespeare_next_lin'", "did you mean shakespeare_next_line"]),
     ("eval-tasks-on-a-classifier", lambda t, r: ["eval", "--ckpt", _classifier(t, r), "--tasks", "shakespeare_rolling",
      "--include-path", TASKS], ["--tasks runs lm-eval on language models", "is a classifier"]),
