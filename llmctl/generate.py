@@ -8,9 +8,11 @@ for a long one to finish. Each row has its own position in its own slot and atte
 tokens do not depend on which other rows share the batch (exactly so in float32; the dynamic int8 of a CPU
 quantizes activations per batch, see README "Serve").
 
-The decode step over all slots is compiled ahead of time (llmctl.aot) or eager. Idle slots take part in a compiled
-step (its shapes are fixed) with a dummy token at position 0 of their own slot, which the next prefill of that slot
-overwrites.
+The decode step is compiled ahead of time (llmctl.aot) or eager. It runs the slots up to the last busy one (busy
+rows stay packed at the start: a joining row takes the lowest free slot): eagerly exactly those, compiled the
+smallest compiled slot count that covers them (`step_sizes`: 1, 4, 16, ... and all slots), since a compiled step's
+shapes are fixed. Idle slots in it take a dummy token at position 0 of their own slot, which the next prefill of
+that slot overwrites.
 """
 
 from __future__ import annotations
@@ -83,6 +85,16 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
 def slide_keep(block_size: int) -> int:
     """Tokens kept when generation runs past the context: the newest three quarters of it."""
     return max(1, block_size - block_size // 4)
+
+
+def step_sizes(slots: int) -> list[int]:
+    """Slot counts a decode step is compiled for: 1, 4, 16, ... below `slots`, and `slots` itself; with few rows
+    busy a smaller step does less work (a small model's step costs about as much per slot as its weights)."""
+    sizes, n = [], 1
+    while n < slots:
+        sizes.append(n)
+        n *= 4
+    return sizes + [slots]
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -188,7 +200,7 @@ class Engine:
         self.eos_id = eos_id if eos_id is not None or tokenizer is None else tokenizer.eos_id
         self.mode = compile
         self.store = None if compile is False else (store or aot.StepStore(model, notify=notify))
-        self.compiled: Optional[aot.CompiledStep] = None  # the compiled step of the open shape, if any
+        self.compiled: dict[int, aot.CompiledStep] = {}  # slot count -> compiled step, for the open cache length
         self.cache: Optional[KVCache] = None
         self.rows: list[Optional[Row]] = []  # by slot
         self.waiting: deque[Row] = deque()  # (appended from other threads: deque appends are atomic)
@@ -206,27 +218,34 @@ class Engine:
 
     def open(self, slots: int, length: Optional[int] = None, build: bool = False) -> None:
         """Allocate the cache for `slots` rows of `length` positions (default the context) and find the compiled
-        step of that shape (building it when compile is True or `build`). A cache of the same shape is reused."""
+        steps of that shape (building them when compile is True or `build`). A cache of the same shape is reused."""
         length = min(length or self.model.cfg.block_size, self.model.cfg.block_size)
         p = self.model.wte.weight  # (the output head may be swapped for a quantized layer)
         if self.cache is None or (self.cache.slots, self.cache.length) != (slots, length) \
                 or self.cache.layers[0][0].dtype != p.dtype:
             self.cache = KVCache.empty(self.model.cfg, slots, length, p.dtype, p.device)
         self.rows, self.waiting, self.steps = [None] * slots, deque(), 0
-        self.compiled = None
-        if self.store is not None:
-            self.compiled = self.store.get(slots, length, build_missing=self.mode is True or build)
+        self.compiled = {}
         self._logits = None
+        self._find_steps(build=self.mode is True or build, sizes=step_sizes(slots))
+
+    def _find_steps(self, build: bool, sizes: list[int]) -> None:
+        if self.store is None:
+            return
+        for n in sizes:
+            step = self.store.get(n, self.cache.length, build_missing=build)
+            if step is not None:
+                self.compiled[n] = step
 
     def build_compiled(self) -> None:
-        """Build (if missing) and use the compiled step of the open shape from the next step on (auto mode's
+        """Build (if missing) and use the compiled step of all the open slots from the next step on (auto mode's
         choice for a long job). No-op when compiling is off."""
-        if self.store is not None and self.compiled is None and self.cache is not None:
-            self.compiled = self.store.get(self.cache.slots, self.cache.length, build_missing=True)
+        if self.store is not None and self.cache is not None and self.cache.slots not in self.compiled:
+            self._find_steps(build=True, sizes=[self.cache.slots])
 
     def close(self) -> None:
         """Free the cache (rows still in it are dropped)."""
-        self.cache, self.compiled, self.rows, self._logits = None, None, [], None
+        self.cache, self.compiled, self.rows, self._logits = None, {}, [], None
         self.waiting = deque()
 
     # -- rows ------------------------------------------------------------------------------------------------------
@@ -329,10 +348,13 @@ class Engine:
                 r._push(t)
 
     def _decode(self, going: list[Row]) -> None:
-        """One token for every slot up to the last one going on (all slots when compiled), at each row's position.
-        Slots not going on (idle, or just prefilled again) take a dummy token at a position their next write
-        overwrites: 0 for an idle slot, `pos` for a row that was just prefilled; their logits are not kept."""
-        S = self.cache.slots if self.compiled is not None else max(r.slot for r in going) + 1
+        """One token for every slot up to the last busy one (compiled: up to the smallest compiled slot count that
+        covers them), at each row's position. Slots not going on (idle, or just prefilled again) take a dummy token
+        at a position their next write overwrites: 0 for an idle slot, `pos` for a row that was just prefilled; their
+        logits are not kept."""
+        last = max(r.slot for r in self.rows[: self.cache.slots] if r is not None) + 1
+        S = min((n for n in self.compiled if n >= last), default=last)  # a compiled step covering the busy slots
+        step = self.compiled.get(S)
         device = self.model.wte.weight.device
         toks, pos = [0] * S, [0] * S
         for r in self.rows[:S]:
@@ -342,8 +364,8 @@ class Engine:
             toks[r.slot] = r.tokens[-1]
         tok_t = torch.tensor(toks, device=device)[:, None]  # (S, 1)
         pos_t = torch.tensor(pos, device=device)  # (S,)
-        if self.compiled is not None:
-            logits = self.compiled(tok_t, pos_t, self.cache.flat())
+        if step is not None:  # (the first S slots of each cache tensor: a contiguous view)
+            logits = step(tok_t, pos_t, [t[:S] for t in self.cache.flat()])
         else:
             logits = self.model(tok_t, cache=self.cache, pos=pos_t, kv_len=max(pos) + 1)[:, -1]  # (S, V)
         if len(going) == S:

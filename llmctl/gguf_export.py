@@ -157,7 +157,7 @@ def _tokenizer(writer: Any, gguf: Any, tok: Tokenizer, n_vocab: int) -> None:
     merges = spec["model"].get("merges") or []
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for the GPT-2 split regex (our ByteLevel one)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -117,8 +117,11 @@ class Worker:
                 self._fail_all()
                 continue
             now = time.perf_counter()
+            updates: dict[asyncio.AbstractEventLoop, list] = {}
             for row in touched:
-                self._deliver(row, now)
+                self._deliver(row, now, updates)
+            for loop, batch in updates.items():  # one wake-up of the event loop per step, not one per row
+                self._send(loop, batch)
 
     def _expire(self) -> None:
         now = time.perf_counter()
@@ -127,7 +130,7 @@ class Worker:
                 self._timed_out.add(row)
                 row.cancel()
 
-    def _deliver(self, row: Row, now: float) -> None:
+    def _deliver(self, row: Row, now: float, updates: dict) -> None:
         entry = self._tickets.get(row)
         if entry is None:
             return
@@ -147,19 +150,25 @@ class Worker:
             if row in self._timed_out:
                 self._timed_out.discard(row)
                 reason = "timeout"
-        self._send(ticket, (i, row.take_text(), reason))
+        updates.setdefault(ticket.loop, []).append((ticket, (i, row.take_text(), reason)))
 
     def _fail_all(self) -> None:
+        updates: dict[asyncio.AbstractEventLoop, list] = {}
         for row, (ticket, i) in list(self._tickets.items()):
-            self._send(ticket, (i, "", "error"))
+            updates.setdefault(ticket.loop, []).append((ticket, (i, "", "error")))
+        for loop, batch in updates.items():
+            self._send(loop, batch)
         self._tickets.clear()
         self.engine.close()
         self.engine.open(self.slots)
 
     @staticmethod
-    def _send(ticket: Ticket, update: tuple) -> None:
+    def _send(loop: asyncio.AbstractEventLoop, batch: list) -> None:
+        def put() -> None:
+            for ticket, update in batch:
+                ticket.queue.put_nowait(update)
         try:
-            ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, update)
+            loop.call_soon_threadsafe(put)
         except RuntimeError:  # the event loop is gone (forced shutdown)
             pass
 

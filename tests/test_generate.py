@@ -163,15 +163,30 @@ def test_compiled_decode_equals_eager_and_is_reused_from_the_cache(tmp_path):
     store = StepStore(m, root=tmp_path, notify=notes.append)
     built = Engine(m, compile=True, store=store)
     assert run(built, prompts, 30) == eager
-    assert store.builds == 1 and any("compiling the decode step" in n for n in notes)
+    assert store.builds == 2 and any("compiling the decode step" in n for n in notes)  # 1 and 3 slots
     # another job of the same shape reuses the loaded step; a new engine (a later run) loads the package
     assert run(built, [[3], [4, 5], [6]], 8) == run(None, [[3], [4, 5], [6]], 8)
     later = StepStore(m, root=tmp_path)
     assert run(Engine(m, compile="auto", store=later), prompts, 30) == eager
-    assert store.builds == 1 and later.builds == 0 and len(list(tmp_path.rglob("*.pt2"))) == 1
-    # idle slots are masked: 3 slots, 5 requests of uneven length, compiled, equal the eager one-by-one tokens
-    five = prompts + [[2, 2], [9]]
-    assert run(Engine(m, compile="auto", store=later), five, 30, slots=3) == run(None, five, 30, slots=1)
+    assert store.builds == 2 and later.builds == 0 and len(list(tmp_path.rglob("*.pt2"))) == 2
+    # idle slots are masked: 3 slots, 5 requests of uneven length, compiled, equal the eager one-by-one tokens; when
+    # only the first slot is busy the 1-slot step runs
+    calls: dict[int, int] = {}
+    real_get = later.get
+
+    def counting_get(batch, length, build_missing):
+        step = real_get(batch, length, build_missing)
+
+        def counted(*args):
+            calls[batch] = calls.get(batch, 0) + 1
+            return step(*args)
+        return counted if step is not None else None
+
+    later.get = counting_get
+    five = [Request(p, n, temperature=0) for p, n in zip(prompts + [[2, 2], [9]], [30, 4, 6, 5, 3])]
+    compiled = tokens_by_request(Engine(m, compile="auto", store=later), five, 3)
+    assert compiled == tokens_by_request(Engine(m), five, 1)
+    assert calls.get(3, 0) > 0 and calls.get(1, 0) > 0, calls  # (the long first row ends alone in slot 0)
     # other weights are another package: auto finds none and decodes eagerly
     with torch.no_grad():
         m.lm_head.weight.mul_(2)
@@ -221,7 +236,7 @@ def test_cache_lengths_are_bucketed_only_with_compiled_steps(tmp_path):
     auto = Engine(m, compile="auto", store=StepStore(m, root=tmp_path))
     assert [auto.cache_length(n) for n in (5, 64, 65, 256, 900, 2000)] == [256, 256, 256, 256, 1024, 1024]
     auto.open(1, auto.cache_length(10))  # nothing cached: eager, and the weights are not even hashed
-    assert auto.compiled is None and auto.store._digest is None and auto.cache.length == 256
+    assert auto.compiled == {} and auto.store._digest is None and auto.cache.length == 256
     auto.close()
 
 
@@ -243,3 +258,10 @@ def test_repetition_penalty():
     logits = torch.tensor([2.0, -1.0, 0.5])
     out = penalize(logits, torch.tensor([0, 1]), 2.0)
     assert out.tolist() == [1.0, -2.0, 0.5]
+
+
+def test_compiled_steps_cover_the_busy_slots_with_the_smallest_size():
+    from llmctl.generate import step_sizes
+
+    assert step_sizes(1) == [1] and step_sizes(3) == [1, 3] and step_sizes(16) == [1, 4, 16]
+    assert step_sizes(17) == [1, 4, 16, 17] and step_sizes(64) == [1, 4, 16, 64]

@@ -264,7 +264,7 @@ def test_concurrent_greedy_requests_equal_each_prompt_alone(server, alone):
 
 
 def test_concurrent_greedy_requests_equal_alone_with_the_compiled_step(tiny_run, key_file, alone):
-    with Server(tiny_run, "--dtype", "float32", "--compile", "--set", "serve.slots=8", key_file=key_file,
+    with Server(tiny_run, "--dtype", "float32", "--compile", "--set", "serve.slots=4", key_file=key_file,
                 timeout=600) as s:
         assert "compiled decode step" in "".join(s.lines)
         got = asyncio.run(_concurrent(s, [_body(i) for i in range(32)], seed=1))
@@ -353,19 +353,19 @@ def test_a_request_over_the_timeout_is_504(small):
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits_0(tiny_run):
-    with Server(tiny_run, "--no-compile") as s:
+    with Server(tiny_run, "--no-compile", "--set", "serve.drain_timeout=300") as s:
         _drain(s)
 
 
 def _drain(s: Server) -> None:
     out = {}
-    t = threading.Thread(target=lambda: out.update(r=s.post("/v1/completions", {"prompt": "A", "max_tokens": 3000,
+    t = threading.Thread(target=lambda: out.update(r=s.post("/v1/completions", {"prompt": "A", "max_tokens": 1500,
                                                                                 "temperature": 0})))
     t.start()
     assert _wait(lambda: s.metrics()["llmctl_busy_slots"] == 1)
     assert s.stop(signal.SIGTERM) == 0
     t.join(30)
-    assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] == 3000
+    assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] == 1500
     assert any("stopping: finishing 1 request(s) in flight" in x for x in s.lines)
     with pytest.raises(httpx.ConnectError):  # no longer listening
         httpx.get(s.url + "/health", timeout=5)
