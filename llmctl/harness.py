@@ -156,7 +156,8 @@ def table(results: dict) -> list[dict]:
     rows = []
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            if not isinstance(value, (int, float)) or "_stderr" in key or key == "alias":
+            # metrics are "name,filter" ("acc,none"); lm-eval also reports alias and sample_len
+            if not isinstance(value, (int, float)) or "_stderr" in key or "," not in key:
                 continue
             metric, _, filt = key.partition(",")
             err = metrics.get(f"{metric}_stderr,{filt}")

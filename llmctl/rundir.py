@@ -330,6 +330,6 @@ def read_evals(run_dir: Path) -> dict[str, dict]:
             continue
         for task, metrics in results.items():
             for key, value in (metrics or {}).items():
-                if isinstance(value, (int, float)) and "_stderr" not in key and key != "alias":
+                if isinstance(value, (int, float)) and "_stderr" not in key and "," in key:  # "acc,none"
                     out[f"{task}/{key}"] = value
     return out

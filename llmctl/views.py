@@ -227,6 +227,6 @@ def comparison(c: dict) -> Group:
     metrics.add_column(a, justify="right")
     metrics.add_column(b, justify="right")
     for k in c["metrics"]["a"]:
-        digits = 4 if "loss" in k else 1
+        digits = 4 if "loss" in k or "/" in k else 1  # (lm-eval metrics are "task/metric")
         metrics.add_row(k, _fmt(c["metrics"]["a"][k], digits), _fmt(c["metrics"]["b"][k], digits))
     return Group(head, diff, Text(""), metrics)
