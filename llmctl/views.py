@@ -187,9 +187,10 @@ def dry_run(report: dict) -> Group:
 
 def runs_table(rows: list[dict], directory: str) -> Table:
     t = Table(title=f"runs in {directory}", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
+    with_evals = any(r.get("evals") for r in rows)  # the lm-eval column only where some run has results
     for col, just in (("name", "left"), ("status", "left"), ("steps", "right"), ("last\ncheckpoint", "right"),
                       ("best val\nloss", "right"), ("tokens\nseen", "right"), ("tokens/s", "right"),
-                      ("lm-eval", "left")):
+                      ("lm-eval", "left"))[: 8 if with_evals else 7]:
         t.add_column(col, justify=just, no_wrap=col != "name", overflow="fold")
     colour = {"finished": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "diverged": "red",
               "crashed": "red"}
@@ -204,8 +205,9 @@ def runs_table(rows: list[dict], directory: str) -> Table:
         first = next(iter(evals.items()), None)  # one metric shown; `runs compare` and --json have them all
         shown = (f"{first[0].replace(',none', '')} {first[1]:.4g}" + (f" +{len(evals) - 1}" if len(evals) > 1 else "")
                  if first else "-")
-        t.add_row(r["name"], Text(status, style=colour.get(r["status"], "")), steps, saved, _fmt(r["best_val_loss"]),
-                  _fmt(r["tokens"]), _fmt(r["tokens_per_sec"], 0) if r["tokens_per_sec"] is not None else "-", shown)
+        cells = [r["name"], Text(status, style=colour.get(r["status"], "")), steps, saved, _fmt(r["best_val_loss"]),
+                 _fmt(r["tokens"]), _fmt(r["tokens_per_sec"], 0) if r["tokens_per_sec"] is not None else "-", shown]
+        t.add_row(*cells[: 8 if with_evals else 7])
     return t
 
 

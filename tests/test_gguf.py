@@ -158,3 +158,11 @@ def test_llama_cpp_tokenizes_and_generates_as_llmctl(runs, runner, tmp_path):
                 assert got["generated"] == want, arch
             else:  # 8-bit weights: loads and generates
                 assert len(got["generated"]) > 10, (arch, got)
+
+
+def test_gguf_without_the_extra_is_one_line(runner, runs, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    r = invoke(runner, "export", "--ckpt", runs["llama"], "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert r.exit_code == 2 and "pip install 'llmctl[gguf]'" in r.stderr and not (tmp_path / "m.gguf").exists()
