@@ -216,9 +216,12 @@ class Engine:
             return min(needed, block)
         return min(block, max(256, 1 << (max(needed, 1) - 1).bit_length()))
 
-    def open(self, slots: int, length: Optional[int] = None, build: bool = False) -> None:
+    def open(self, slots: int, length: Optional[int] = None, build: bool = False,
+             build_all_sizes: bool = False) -> None:
         """Allocate the cache for `slots` rows of `length` positions (default the context) and find the compiled
-        steps of that shape (building them when compile is True or `build`). A cache of the same shape is reused."""
+        steps of that shape: the one for all slots (built when compile is True or `build`), and those for fewer
+        slots (`step_sizes`), used when cached and built too with `build_all_sizes` (a server, whose load varies;
+        a job's rows are mostly all busy). A cache of the same shape is reused."""
         length = min(length or self.model.cfg.block_size, self.model.cfg.block_size)
         p = self.model.wte.weight  # (the output head may be swapped for a quantized layer)
         if self.cache is None or (self.cache.slots, self.cache.length) != (slots, length) \
@@ -227,7 +230,9 @@ class Engine:
         self.rows, self.waiting, self.steps = [None] * slots, deque(), 0
         self.compiled = {}
         self._logits = None
-        self._find_steps(build=self.mode is True or build, sizes=step_sizes(slots))
+        build = self.mode is True or build
+        self._find_steps(build=build, sizes=[slots])
+        self._find_steps(build=build and build_all_sizes, sizes=step_sizes(slots)[:-1])
 
     def _find_steps(self, build: bool, sizes: list[int]) -> None:
         if self.store is None:

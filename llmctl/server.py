@@ -73,7 +73,7 @@ class Worker:
 
     def start(self) -> None:
         self.engine.model.eval()
-        self.engine.open(self.slots)
+        self.engine.open(self.slots, build_all_sizes=True)  # (with --compile: steps for 1, 4, 16, ... slots too)
         self._thread.start()
 
     def stop(self) -> None:

@@ -49,10 +49,10 @@ def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeyp
         inference.complete_rows(loaded, rows, s, batch_size=2)
         return loaded.engine.store.asked
 
-    # the job opens its 2 slots (cached steps for 1 and 2 slots would be used), decodes eagerly and times itself;
+    # the job opens its 2 slots (cached steps for 2 and 1 slots would be used), decodes eagerly and times itself;
     # when what is left would take longer than the threshold it builds the step of all its slots, once
-    assert job(0.0) == [(1, False), (2, False), (2, True)]
-    assert job(1e9) == [(1, False), (2, False)]  # a short job never builds
+    assert job(0.0) == [(2, False), (1, False), (2, True)]
+    assert job(1e9) == [(2, False), (1, False)]  # a short job never builds
     loaded = loading.for_inference(loading.load_model(tiny_run), compile=False)
     assert loaded.engine.store is None  # --no-compile: no cache lookups at all
 
