@@ -432,10 +432,11 @@ def serve(
                                            "auto: int8 on x86 CPUs for models of 10M+ parameters, none below and "
                                            "elsewhere."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
-                                           help="The decode step over all serve.slots compiled ahead of time: "
-                                                "--compile builds it if missing (half a minute to a few minutes on "
-                                                "a CPU, once per model, precision and slot count); by default a "
-                                                "cached one is used; --no-compile decodes eagerly.",
+                                           help="Decode steps compiled ahead of time for serve.slots rows and "
+                                                "for 1, 4, 16, ... of them (the smallest covering the busy rows "
+                                                "runs): --compile builds missing ones (half a minute to a minute "
+                                                "each on a CPU, once per model, precision and slot count); by "
+                                                "default cached ones are used; --no-compile decodes eagerly.",
                                            show_default="generate.compile, auto"),
     base: Optional[Path] = typer.Option(None, "--base",
                                         help="Base checkpoint of a LoRA adapter, if it moved since training.",
