@@ -46,6 +46,14 @@ DryRunOpt = typer.Option(False, "--dry-run",
                          help="Build everything, time a few steps (then undo them) and report parameters, "
                               "FLOPs, memory, time and a sample batch; train nothing, write no run directory.",
                          show_default="off")
+BaseOpt = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.",
+                       show_default="the base recorded at training")
+# the inference precision, the same for `infer` and `serve` (`eval` measures float32 unless asked)
+DtypeOpt = typer.Option("auto", "--dtype", help=f"{', '.join(INFER_DTYPES)}. auto: see README 'Inference speed'.")
+QuantizeOpt = typer.Option("auto", "--quantize",
+                           help=f"{', '.join(QUANTIZE_MODES)} (CPU: dynamic int8; CUDA: weight-only int8). auto: int8 "
+                                "on x86 CPUs for models of 10M+ parameters, none below and elsewhere (README "
+                                "'Inference speed').")
 TokenizerOpt = typer.Option(None, "--tokenizer",
                             help="A tokenizer.json to use instead of the checkpoint's (needed when it has none).",
                             show_default="the checkpoint's")
@@ -265,12 +273,8 @@ def infer(
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty",
                                                        help="> 1 discourages repeating tokens.",
                                                        show_default="generate.repetition_penalty, 1 = off"),
-    dtype: str = typer.Option("auto", "--dtype",
-                              help=f"{', '.join(INFER_DTYPES)}. auto: see README 'Inference speed'."),
-    quantize_mode: str = typer.Option("auto", "--quantize",
-                                      help=f"{', '.join(QUANTIZE_MODES)} (CPU: dynamic int8; CUDA: weight-only int8). "
-                                           "auto: int8 on x86 CPUs for models of 10M+ "
-                                           "parameters, none below and elsewhere (README 'Inference speed')."),
+    dtype: str = DtypeOpt,
+    quantize_mode: str = QuantizeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="The decode step compiled ahead of time (AOTInductor): several times "
                                                 "faster per token. --compile builds it if the cache lacks it (half a "
@@ -281,9 +285,7 @@ def infer(
                                                 "always decodes eagerly.", show_default="generate.compile, auto"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together.",
                                              show_default="generate.batch_size, 8"),
-    base: Optional[Path] = typer.Option(None, "--base",
-                                        help="Base checkpoint of a LoRA adapter, if it moved since training.",
-                                        show_default="the base recorded at training"),
+    base: Optional[Path] = BaseOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming: the checkpoint, "
                                   "prompt and completion (classifiers: the label and probabilities).",
@@ -425,12 +427,8 @@ def serve(
                                                   help="Override one key, e.g. --set serve.slots=32 (repeatable; "
                                                        "serve.* and generate.* only).", metavar="KEY=VALUE",
                                                   show_default="none"),
-    dtype: str = typer.Option("auto", "--dtype",
-                              help=f"{', '.join(INFER_DTYPES)}. auto: see README 'Inference speed'."),
-    quantize_mode: str = typer.Option("auto", "--quantize",
-                                      help=f"{', '.join(QUANTIZE_MODES)} (CPU: dynamic int8; CUDA: weight-only int8). "
-                                           "auto: int8 on x86 CPUs for models of 10M+ parameters, none below and "
-                                           "elsewhere."),
+    dtype: str = DtypeOpt,
+    quantize_mode: str = QuantizeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="Decode steps compiled ahead of time for serve.slots rows and "
                                                 "for 1, 4, 16, ... of them (the smallest covering the busy rows "
@@ -438,9 +436,7 @@ def serve(
                                                 "each on a CPU, once per model, precision and slot count); by "
                                                 "default cached ones are used; --no-compile decodes eagerly.",
                                            show_default="generate.compile, auto"),
-    base: Optional[Path] = typer.Option(None, "--base",
-                                        help="Base checkpoint of a LoRA adapter, if it moved since training.",
-                                        show_default="the base recorded at training"),
+    base: Optional[Path] = BaseOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = typer.Option(False, "--json", help="When ready, print one JSON object (url, model, port, "
                                                           "slots, ...) on stdout.", show_default="off"),
@@ -476,9 +472,7 @@ def eval_(
                                                show_default="eval.label_column, else data.label_column"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass.",
                                              show_default="eval.batch_size, 16"),
-    base: Optional[Path] = typer.Option(None, "--base",
-                                        help="Base checkpoint of a LoRA adapter, if it moved since training.",
-                                        show_default="the base recorded at training"),
+    base: Optional[Path] = BaseOpt,
     dtype: str = typer.Option("float32", "--dtype",
                               help=f"Language models: {', '.join(INFER_DTYPES)} (auto: what infer uses)."),
     quantize_mode: str = typer.Option("none", "--quantize",
@@ -690,9 +684,7 @@ def export(
     merge_lora_adapter: bool = typer.Option(False, "--merge-lora",
                                             help="For a LoRA adapter: fold it into its base's weights and export the "
                                                  "merged model.", show_default="off"),
-    base: Optional[Path] = typer.Option(None, "--base",
-                                        help="Base checkpoint of a LoRA adapter, if it moved since training.",
-                                        show_default="the base recorded at training"),
+    base: Optional[Path] = BaseOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Export a checkpoint as a Hugging Face transformers model (config, safetensors, tokenizer) or as a GGUF file

@@ -203,7 +203,7 @@ class Engine:
         self.compiled: dict[int, aot.CompiledStep] = {}  # slot count -> compiled step, for the open cache length
         self.cache: Optional[KVCache] = None
         self.rows: list[Optional[Row]] = []  # by slot
-        self.waiting: deque[Row] = deque()  # (appended from other threads: deque appends are atomic)
+        self.waiting: deque[Row] = deque()  # rows queued by `submit`, oldest first
         self.steps = 0  # decode steps run since open (the server's metrics read it)
         self._logits: Optional[torch.Tensor] = None  # (slots, V): each busy row's next-token logits
 
@@ -270,11 +270,10 @@ class Engine:
         dec = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         return Row(request, list(request.prompt), generator=g, decoder=dec)
 
-    def submit(self, request: Request) -> Row:
-        """Queue a request; it joins at the next step with a free slot. Safe to call from another thread."""
-        row = self.new_row(request)
+    def submit(self, row: Row) -> None:
+        """Queue a row (from `new_row`); it joins at the next step with a free slot. Safe to call from another
+        thread: deque appends are atomic, and only the engine's thread pops."""
         self.waiting.append(row)
-        return row
 
     @property
     def busy(self) -> int:
@@ -396,7 +395,8 @@ class Engine:
         self.model.eval()
         try:
             self.open(slots, self.cache_length(needed))
-            self.waiting.extend(rows)
+            for row in rows:
+                self.submit(row)
             while not self.idle:
                 for row in self.step():
                     yield row
@@ -424,7 +424,8 @@ def generate(
     repetition_penalty: float = 1.0,
     engine: Optional[Engine] = None,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids for one prompt (an eager engine unless one is given)."""
+    """Yield up to `max_new_tokens` new token ids for one prompt: on `engine` (which has its own end-of-text id), or
+    on an eager engine made here that stops at `eos_id`."""
     engine = engine or Engine(model, eos_id=eos_id)
     return engine.complete(Request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed))
 

@@ -98,7 +98,7 @@ class Worker:
         ticket = Ticket(rows, asyncio.Queue(), loop, [None] * len(rows))
         for i, row in enumerate(rows):
             self._tickets[row] = (ticket, i)
-            self.engine.waiting.append(row)  # (the engine thread pops them: deque operations are atomic)
+            self.engine.submit(row)  # (after the ticket is known: the engine thread may touch the row at once)
         self._wake.set()
         return ticket
 
