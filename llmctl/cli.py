@@ -215,8 +215,11 @@ def pretrain(
 def finetune(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = SetOpt,
-    from_: Path = typer.Option(..., "--from",
-                               help="Run directory or checkpoint to start from (model and tokenizer come from it)."),
+    from_: Optional[Path] = typer.Option(None, "--from",
+                                         help="Run directory or checkpoint to start from (model and tokenizer come "
+                                              "from it). Required, except that finetune.task=distill may train a "
+                                              "fresh student of the config's model: section.",
+                                         show_default="required"),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory.",
                                            show_default="runs/<config name>"),
     resume: bool = typer.Option(False, "--resume",
@@ -228,8 +231,9 @@ def finetune(
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Finetune a checkpoint on new data with the same training loop: language modelling, classification or
-    instruction tuning (finetune.task), full or LoRA (finetune.method); model and tokenizer come from --from.
+    """Finetune a checkpoint on new data with the same training loop: language modelling, classification,
+    instruction tuning or distillation from finetune.teacher (finetune.task), full or LoRA (finetune.method); model
+    and tokenizer come from --from.
 
     On a CPU, a language-model run of 5+ minutes ends by compiling the decode step `infer` will use (about half a
     minute; --set generate.compile=false skips it)."""
@@ -664,6 +668,50 @@ def plot_(
     def go() -> None:
         r = plot(run_dirs, output, title, log_x)
         _print_json(r) if json_out else out.print(f"wrote {r['output']} ({len(r['runs'])} runs, {r['points']} points)")
+
+    run(go)
+
+
+@app.command("prune")
+def prune_(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint) or a step-* checkpoint to "
+                                                  "prune; a LoRA adapter is merged into its base first."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o",
+                                           help="Run directory for the pruned model (its checkpoint is step-0000000).",
+                                           show_default="required unless --dry-run"),
+    data: Optional[str] = typer.Option(None, "--data",
+                                       help="Calibration text the importance is measured on (any data.path source).",
+                                       show_default="the checkpoint's data.path"),
+    overrides: Optional[List[str]] = typer.Option(
+        None, "--set", "-s", metavar="KEY=VALUE", show_default="none",
+        help="The shape to keep: model.n_layer, model.n_head, model.n_kv_head, model.n_embd, model.mlp_hidden "
+             "(repeatable; each at most the parent's)."),
+    target_params: Optional[int] = typer.Option(
+        None, "--target-params", show_default="none",
+        help="Pick the shape for this many non-embedding parameters (blocks and final norm) instead, along --by."),
+    by: str = typer.Option(
+        "width", "--by",
+        help="With --target-params: width keeps every layer and shrinks the attention heads (whole key/value groups) "
+             "and MLP channels in balance, keeping n_embd (Minitron found width pruning keeps more quality); depth "
+             "removes the least influential layers (ShortGPT), the only way to cut per-token overhead at small "
+             "sizes; both takes layers in proportion to the square root of the kept fraction, then width."),
+    samples: int = typer.Option(256, "--samples", help="Calibration blocks of model.block_size tokens, evenly spaced "
+                                                        "over --data."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the shapes, parameter counts before and after and "
+                                                         "the importance ranking; write nothing.", show_default="off"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out.", show_default="off"),
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Structured pruning: remove the least important layers, attention heads, MLP channels or embedding channels
+    (activation-based importance on calibration text) and write a smaller checkpoint; distil it back with
+    finetune.task=distill (README "Compression")."""
+    from . import commands, views
+
+    def go() -> None:
+        r = commands.prune(ckpt, out_dir, data, list(overrides or []), target_params, by, samples, dry_run,
+                           overwrite, log=(lambda m: None) if quiet else _log)
+        _print_json(r) if json_out else out.print(views.pruning(r))
 
     run(go)
 

@@ -39,6 +39,7 @@ class ModelConfig:
     n_head: int = 6
     n_kv_head: Optional[int] = None  # None: n_head (no grouped-query attention)
     n_embd: int = 384
+    head_dim: Optional[int] = None  # llama only; None: n_embd / n_head (a pruned model keeps its parent's)
     block_size: int = 256  # context length in tokens
     vocab_size: Optional[int] = None  # None: the tokenizer's size, rounded up to vocab_multiple
     vocab_multiple: int = 1  # pad the embedding to a multiple of this (64 helps GPUs)
@@ -56,8 +57,9 @@ class ModelConfig:
         return self.n_kv_head or self.n_head
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def head_size(self) -> int:
+        """Channels per attention head: model.head_dim, or n_embd / n_head."""
+        return self.head_dim or self.n_embd // self.n_head
 
     @property
     def hidden(self) -> int:
@@ -82,15 +84,23 @@ class ModelConfig:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_multiple"):
             if getattr(m, name) < 1:
                 p.append(f"model.{name}: must be at least 1 (got {getattr(m, name)})")
-        if m.n_head >= 1 and m.n_embd >= 1 and m.n_embd % m.n_head:
-            p.append(f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}; pick sizes where it is")
+        if m.head_dim is not None:
+            if m.head_dim < 1:
+                p.append(f"model.head_dim: must be at least 1, or null for n_embd / n_head (got {m.head_dim})")
+            elif m.arch == "gpt2" and m.head_dim * m.n_head != m.n_embd:
+                p.append(f"model.head_dim: GPT-2 has no separate head size (transformers' GPT-2 cannot load it); "
+                         f"it is n_embd / n_head = {m.n_embd / max(m.n_head, 1):g}: remove model.head_dim")
+        elif m.n_head >= 1 and m.n_embd >= 1 and m.n_embd % m.n_head:
+            p.append(f"model.n_embd: {m.n_embd} is not divisible by model.n_head={m.n_head}; pick sizes where it is "
+                     "(or set model.head_dim, llama only)")
         if m.n_kv_head is not None:
             if m.n_kv_head < 1 or (m.n_head >= 1 and m.n_head % m.n_kv_head):
                 p.append(f"model.n_kv_head: must divide model.n_head={m.n_head} (got {m.n_kv_head})")
             elif m.arch == "gpt2" and m.n_kv_head != m.n_head:
                 p.append("model.n_kv_head: grouped-query attention needs model.arch=llama (GPT-2 has none)")
-        if m.arch == "llama" and m.n_head >= 1 and m.n_embd % m.n_head == 0 and m.head_dim % 2:
-            p.append(f"model.n_embd/n_head: RoPE needs an even head size (got {m.head_dim})")
+        sized = m.head_dim is not None or (m.n_head >= 1 and m.n_embd % m.n_head == 0)  # (else reported above)
+        if m.arch == "llama" and sized and m.head_size % 2:
+            p.append(f"model.head_dim: RoPE needs an even head size (got {m.head_size})")
         if m.vocab_size is not None and m.vocab_size < 1:
             p.append(f"model.vocab_size: must be positive (got {m.vocab_size})")
         if m.mlp_hidden is not None and m.mlp_hidden < 1:
@@ -331,7 +341,7 @@ class ServeConfig:
 class FinetuneConfig:
     """What `llmctl finetune` trains: the task, the method, and what stays frozen."""
 
-    task: Literal["lm", "classification", "instruct"] = "lm"
+    task: Literal["lm", "classification", "instruct", "distill"] = "lm"
     method: Literal["full", "lora"] = "full"
     labels: Optional[list[str]] = None  # classification: label names in order; None: sorted values in the data
     pooling: Literal["last", "mean"] = "last"  # classification: the final <eos> state, or the mean over the text
@@ -351,6 +361,10 @@ class FinetuneConfig:
     prompt_template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
     prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
     packing: bool = False  # instruct: pack examples into full blocks instead of padding each batch
+    # distill: the student learns the teacher's next-token distributions on the corpus (README "Compression")
+    teacher: Optional[str] = None  # a run directory or checkpoint sharing the student's tokenizer
+    distill_alpha: float = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy
+    distill_temperature: float = 1.0  # T: both distributions are softened by it
 
     def check(self, cfg: "Config") -> list[str]:
         """Impossible finetuning settings (freeze_blocks against cfg.model)."""
@@ -364,6 +378,14 @@ class FinetuneConfig:
             p.append(f"finetune.freeze_blocks: must be between 0 and model.n_layer={m.n_layer} (got {f.freeze_blocks})")
         if f.labels is not None and len(set(f.labels)) < 2:
             p.append("finetune.labels: a classifier needs at least two distinct labels")
+        if f.task == "distill" and not f.teacher:
+            p.append("finetune.teacher: finetune.task=distill needs a teacher (a run directory or checkpoint)")
+        if f.teacher and f.task != "distill":
+            p.append(f"finetune.teacher is set but finetune.task={f.task}; set finetune.task=distill or remove it")
+        if not 0.0 <= f.distill_alpha <= 1.0:
+            p.append(f"finetune.distill_alpha: must be in [0, 1] (got {f.distill_alpha})")
+        if f.distill_temperature <= 0:
+            p.append(f"finetune.distill_temperature: must be positive (got {f.distill_temperature})")
         for name in ("prompt_template", "prompt_template_no_input"):
             if "{instruction}" not in getattr(f, name):
                 p.append(f"finetune.{name}: must contain {{instruction}}")

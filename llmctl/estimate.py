@@ -82,12 +82,32 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: Optional[int] =
     convention of the PaLM paper's MFU, so figures compare with published ones).
     """
     T = seq_len or cfg.block_size
-    forward = 2 * matmul_weights(model) + 4 * cfg.n_layer * T * cfg.n_head * cfg.head_dim
+    forward = 2 * matmul_weights(model) + 4 * cfg.n_layer * T * cfg.n_head * cfg.head_size
     return {"forward": int(forward), "train": int(3 * forward)}
+
+
+def task_flops(task: Any, cfg: Config) -> dict:
+    """FLOPs per trained token of a task: the trained model's, plus a distillation teacher's forward pass."""
+    flops = flops_per_token(getattr(task.module, "_orig_mod", task.module), cfg.model)
+    teacher = getattr(task, "teacher", None)
+    if teacher is not None:
+        extra = flops_per_token(teacher, teacher.cfg, cfg.model.block_size)["forward"]
+        flops = {"forward": flops["forward"] + extra, "train": flops["train"] + extra, "teacher_forward": extra}
+    return flops
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Memory
+
+
+def teacher_bytes(teacher: nn.Module, cfg: Config, amp: Optional[torch.dtype]) -> int:
+    """A distillation teacher per device: its weights (and their autocast copies) and, while it runs, one block's
+    activations and its float32 logits and log-probabilities (no gradient, so nothing is kept for backward)."""
+    weights = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    weights += sum(m.weight.numel() * _size(amp) for m in teacher.modules() if isinstance(m, nn.Linear)) if amp else 0
+    tc, tokens = teacher.cfg, cfg.train.batch_size * cfg.model.block_size
+    transient = tokens * (4 * tc.n_embd * 4 + 4 * tc.hidden + 3 * 4 * (tc.vocab_size or 0))
+    return int(weights + transient)
 
 
 def _size(dtype: Optional[torch.dtype]) -> int:
@@ -108,7 +128,7 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
     p = _size(amp)  # bytes of a matmul input under autocast (4 without)
     s = _size(attention_dtype(device_type, amp or torch.float32, seq))
     C, H, V, L = cfg.n_embd, cfg.hidden, cfg.vocab_size or 0, cfg.n_layer
-    qd, kvd = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    qd, kvd = cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size
     rms = cfg.arch == "llama"
     dropout = cfg.dropout
     norm = 4 * C * (2 if rms else 1)  # fp32 input (+ fp32 normalised output kept for the gain's gradient in RMSNorm)
@@ -140,17 +160,18 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
 
 
 def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Optional[torch.dtype],
-                    layout: Any = None) -> dict:
+                    layout: Any = None, teacher: Optional[nn.Module] = None) -> dict:
     """Estimated bytes per device for one training step at train.batch_size x model.block_size.
 
     `layout` (a distributed.DistContext) divides what each device holds: FSDP shards every parameter, gradient and
     AdamW moment over the data-parallel ranks; tensor parallelism splits the block matrices over its group.
 
     weights, gradients (trainable parameters, in their dtype), AdamW state (two moments per trainable parameter),
-    the autocast copies of matmul weights kept for the backward pass, and activations with and without
-    checkpointing. `total` adds them up (gradients and activations are counted as if all alive at once: the
-    backward pass frees activations while it fills gradients, so this is an upper bound on live tensors; the
-    CPU allocator's retained memory often makes up the difference in the process's resident size).
+    the autocast copies of matmul weights kept for the backward pass, a distillation `teacher`
+    (`teacher_bytes`), and activations with and without checkpointing. `total` adds them up (gradients and
+    activations are counted as if all alive at once: the backward pass frees activations while it fills gradients,
+    so this is an upper bound on live tensors; the CPU allocator's retained memory often makes up the difference
+    in the process's resident size).
     """
     tp = getattr(layout, "tp_size", 1)
     fsdp = getattr(layout, "dp_size", 1) if getattr(layout, "parallel", "") in ("fsdp", "fsdp_tp") else 1
@@ -179,9 +200,10 @@ def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Op
                 copies += m.weight.numel() * _size(amp) * share(name + ".weight")
     weights, grads, opt, copies = int(weights), int(grads), int(opt), int(copies)
     act = activation_bytes(cfg.model, cfg.train.batch_size, cfg.model.block_size, device.type, amp, tp)
-    base = weights + grads + opt + copies
+    extra = {"teacher": teacher_bytes(teacher, cfg, amp)} if teacher is not None else {}
+    base = weights + grads + opt + copies + extra.get("teacher", 0)
     return {
-        "weights": weights, "gradients": grads, "optimizer": opt, "autocast_copies": copies,
+        "weights": weights, "gradients": grads, "optimizer": opt, "autocast_copies": copies, **extra,
         "activations": act["full"], "activations_checkpointed": act["checkpointed"],
         "total": base + act["full"], "total_checkpointed": base + act["checkpointed"],
         "device_capacity": device_capacity(device),
@@ -380,7 +402,7 @@ def dry_run(plan: Plan, start_step: int = 0, timed_steps: int = 5, warmup_steps:
     t = cfg.train
     raw = getattr(model, "_orig_mod", model)
     tokens_per_step = task.tokens_per_step or t.batch_size * plan.grad_accum * cfg.model.block_size  # padded: at most
-    flops = flops_per_token(raw, cfg.model)
+    flops = task_flops(task, cfg)
     peak = hardware.peak_flops(device, amp, cfg.data.cache_dir)
     report: dict = {
         "kind": plan.kind,
@@ -397,7 +419,9 @@ def dry_run(plan: Plan, start_step: int = 0, timed_steps: int = 5, warmup_steps:
         **{k: v for k, v in task.sizes.items() if k != "epochs"},
         "epochs": (round((t.max_steps - start_step) * tokens_per_step / max(1, task.sizes["train_tokens"]), 3)
                    if "train_tokens" in task.sizes else task.sizes.get("epochs")),
-        "memory": memory_estimate(raw, cfg, device, amp, plan.dist),
+        **({"teacher_flops_per_token": flops["teacher_forward"],
+            "teacher_parameters": task.teacher.num_params()} if task.teacher is not None else {}),
+        "memory": memory_estimate(raw, cfg, device, amp, plan.dist, task.teacher),
         "peak_flops": peak["flops"],
         "peak_flops_source": peak["source"],
     }

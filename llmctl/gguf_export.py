@@ -71,7 +71,7 @@ def tensors(cfg: Config, weights: dict[str, torch.Tensor]) -> dict[str, torch.Te
     head = w.get("lm_head.weight", w["wte.weight"])
     out: dict[str, torch.Tensor] = {"token_embd.weight": w["wte.weight"], "output_norm.weight": w["norm.weight"],
                                     "output.weight": head}
-    C, hd = m.n_embd, m.head_dim
+    C, hd = m.n_embd, m.head_size
     zeros = (lambda n: torch.zeros(n))  # noqa: E731  (gpt2 models without biases: llama.cpp requires them)
     if m.arch == "gpt2":
         out["position_embd.weight"] = w["wpe.weight"]
@@ -118,7 +118,10 @@ def write(path: Path, cfg: Config, weights: dict[str, torch.Tensor], tok: Tokeni
     if arch == "llama":
         writer.add_head_count_kv(m.kv_heads)
         writer.add_layer_norm_rms_eps(m.norm_eps)
-        writer.add_rope_dimension_count(m.head_dim)
+        writer.add_rope_dimension_count(m.head_size)
+        if m.head_size * m.n_head != m.n_embd:  # a head-pruned model: llama.cpp reads the head size from these
+            writer.add_key_length(m.head_size)
+            writer.add_value_length(m.head_size)
         writer.add_rope_freq_base(m.rope_theta)
         writer.add_vocab_size(m.vocab_size)
     else:

@@ -73,7 +73,7 @@ class Pair:
 
 def layout(m: ModelConfig) -> list[Pair]:
     """Every tensor of a model of config `m`, with its transformers name(s)."""
-    C, H, nh, nkv, hd = m.n_embd, m.hidden, m.n_head, m.kv_heads, m.head_dim
+    C, H, nh, nkv, hd = m.n_embd, m.hidden, m.n_head, m.kv_heads, m.head_size
     pairs: list[Pair] = []
     if m.arch == "gpt2":
         zero = lambda *shape: None if m.has_bias else shape  # noqa: E731
@@ -263,12 +263,12 @@ def to_model_config(hf: dict, source: str = "config.json") -> ModelConfig:
                                   f"llmctl has one bias switch, and attention_bias={json.dumps(attention_bias)}")
         hidden, heads = f("hidden_size", int), f("num_attention_heads", int)
         head_dim = f("head_dim", int, None)
-        if head_dim is not None and heads and head_dim * heads != hidden:
-            raise unrepresentable(source, "head_dim", head_dim,
-                                  f"llmctl's head size is hidden_size/num_attention_heads = {hidden / heads:g}")
+        if head_dim is not None and heads and head_dim * heads == hidden:
+            head_dim = None  # the default: stored only when it differs (a pruned model's)
         m = ModelConfig(
             arch="llama", n_layer=f("num_hidden_layers", int), n_head=heads, n_embd=hidden,
-            n_kv_head=f("num_key_value_heads", int, None), block_size=f("max_position_embeddings", int, 2048),
+            n_kv_head=f("num_key_value_heads", int, None), head_dim=head_dim,
+            block_size=f("max_position_embeddings", int, 2048),
             vocab_size=f("vocab_size", int), mlp_hidden=f("intermediate_size", int), bias=attention_bias,
             tie_embeddings=f("tie_word_embeddings", bool, False), norm_eps=f("rms_norm_eps", float, 1e-6),
             rope_theta=_rope_theta(hf, source), dropout=f("attention_dropout", float, 0.0),
@@ -318,7 +318,7 @@ def to_hf_config(m: ModelConfig, tok: Optional[Tokenizer]) -> dict:
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": m.vocab_size, "hidden_size": m.n_embd, "intermediate_size": m.hidden,
             "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head, "num_key_value_heads": m.kv_heads,
-            "head_dim": m.head_dim, "hidden_act": "silu", "max_position_embeddings": m.block_size,
+            "head_dim": m.head_size, "hidden_act": "silu", "max_position_embeddings": m.block_size,
             "rms_norm_eps": m.norm_eps, "attention_bias": m.has_bias, "mlp_bias": m.has_bias,
             "attention_dropout": m.dropout, "pretraining_tp": 1,
             # transformers 5 reads rope_parameters, 4.x reads rope_theta: write both, equal

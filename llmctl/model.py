@@ -30,7 +30,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, slots: int, length: int, dtype: torch.dtype, device) -> "KVCache":
-        shape = (slots, cfg.kv_heads, length, cfg.head_dim)
+        shape = (slots, cfg.kv_heads, length, cfg.head_size)
         return cls([(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                     for _ in range(cfg.n_layer)])
 
@@ -103,7 +103,7 @@ def attention_dtype(device_type: str, dtype: torch.dtype, kv_len: int) -> torch.
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_size
         # one fused projection for q, k and v: (C) -> (n_head + 2 * n_kv_head) * head_dim
         self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.has_bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.has_bias)
@@ -209,7 +209,7 @@ class Transformer(nn.Module):
         if cfg.tied:
             self.lm_head.weight = self.wte.weight
         if cfg.arch == "llama":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_size, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -230,14 +230,15 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
         if self.cfg.arch == "llama":  # buffers are not parameters; recompute in case of meta-device init
-            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_theta)
+            cos, sin = rope_tables(self.cfg.head_size, self.cfg.block_size, self.cfg.rope_theta)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def num_params(self, embeddings: bool = True) -> int:
-        """Parameters counted once (tied weights once); without position and token embeddings if asked."""
+        """Parameters counted once (tied weights once). Without embeddings: the blocks and the final norm only (no
+        token or position embedding, no output head: Kaplan et al.'s non-embedding count)."""
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
-            n -= self.wte.weight.numel() if not self.cfg.tied else 0
+            n -= self.wte.weight.numel() + (self.lm_head.weight.numel() if not self.cfg.tied else 0)
             n -= self.wpe.weight.numel() if self.wpe is not None else 0
         return n
 

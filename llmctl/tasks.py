@@ -67,6 +67,7 @@ class Task:
     labels: Optional[list[str]] = None
     notes: list[str] = field(default_factory=list)
     val_tokens: Any = None  # the validation token stream of a language-modelling task
+    teacher: Optional[Transformer] = None  # distillation: the frozen model the student learns from
 
 
 def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -94,6 +95,38 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
     return Task("lm", backbone, backbone, batches.get, lm_loss, validate,
                 t.batch_size * layout.accum * T * layout.world,
                 sizes={"train_tokens": len(td.train), "val_tokens": len(td.val)}, val_tokens=td.val)
+
+
+def distill_loss(teacher: Transformer, alpha: float, temperature: float, vocab: int
+                 ) -> Callable[[nn.Module, dict], torch.Tensor]:
+    """alpha * T^2 * KL(teacher || student) at temperature T, plus (1 - alpha) * next-token cross-entropy; both over
+    the tokenizer's `vocab` (padded embedding rows are no tokens). The teacher runs under the loop's autocast, with
+    no gradient. With alpha 0 the loss and its gradient are the cross-entropy's exactly."""
+
+    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        logits = model(batch["input_ids"])  # (B, T, V)
+        labels = batch["labels"]
+        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        with torch.no_grad():
+            target = F.log_softmax(teacher(batch["input_ids"])[..., :vocab].float() / temperature, dim=-1)
+        student = F.log_softmax(logits[..., :vocab].float() / temperature, dim=-1)  # (B, T, vocab)
+        kl = F.kl_div(student, target, log_target=True, reduction="none").sum(-1)  # (B, T)
+        keep = labels != -100
+        kl = (kl * keep).sum() / keep.sum().clamp(min=1)
+        return alpha * temperature ** 2 * kl + (1 - alpha) * ce
+
+    return loss
+
+
+def distill_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.device, amp,
+                 layout: Layout = Layout(), teacher: Optional[Transformer] = None) -> Task:
+    """Knowledge distillation on the corpus: the language-modelling task with the teacher's distributions in the
+    loss; validation is the plain next-token loss, comparable with the teacher's own."""
+    f = cfg.finetune
+    task = lm_task(cfg, td, backbone, device, amp, layout)
+    task.kind, task.teacher = "distill", teacher
+    task.loss = distill_loss(teacher, f.distill_alpha, f.distill_temperature, td.tokenizer.vocab_size)
+    return task
 
 
 def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.device, amp,

@@ -49,7 +49,7 @@ def row_order(cfg: ModelConfig, name: str, tp: int) -> Optional[torch.Tensor]:
     """The row permutation that makes `name`'s contiguous shards per-rank pieces (None: rows stay as they are).
 
     `name` ends in attn.qkv.{weight,bias} or mlp.fc.{weight,bias}; new[i] = old[order[i]]."""
-    hd = cfg.head_dim
+    hd = cfg.head_size
     if ".attn.qkv." in f".{name}":
         sizes = [cfg.n_head * hd, cfg.kv_heads * hd, cfg.kv_heads * hd]  # q, k, v
     elif ".mlp.fc." in f".{name}" and cfg.arch == "llama":

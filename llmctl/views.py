@@ -109,6 +109,9 @@ def dry_run(report: dict) -> Group:
     rows = [
         ("FLOPs per token (training)",
          f"{fmt_count(report['flops_per_token'])} (forward {fmt_count(report['flops_per_token_forward'])})"),
+        *([("of which the teacher's forward",
+            f"{fmt_count(report['teacher_flops_per_token'])} ({report['teacher_parameters']:,} parameters)")]
+          if "teacher_flops_per_token" in report else []),
         ("tokens per optimizer step",
          f"{report['tokens_per_step']:,} ({tr['batch_size']} x {m['block_size']}"
          + (f" x {acc} micro-batches)" if acc > 1 else ")")),
@@ -129,6 +132,8 @@ def dry_run(report: dict) -> Group:
     ]
     if mem["autocast_copies"]:
         rows.append(("autocast weight copies", fmt_bytes(mem["autocast_copies"]), ""))
+    if mem.get("teacher"):
+        rows.append(("distillation teacher", fmt_bytes(mem["teacher"]), "weights and its forward pass"))
     rows += [
         (f"activations ({tr['batch_size']} x {m['block_size']})", fmt_bytes(mem["activations"]),
          f"with checkpointing {fmt_bytes(mem['activations_checkpointed'])}"),
@@ -232,3 +237,34 @@ def comparison(c: dict) -> Group:
         digits = 4 if "loss" in k or "/" in k else 1  # (lm-eval metrics are "task/metric")
         metrics.add_row(k, _fmt(c["metrics"]["a"][k], digits), _fmt(c["metrics"]["b"][k], digits))
     return Group(head, diff, Text(""), metrics)
+
+
+def pruning(r: dict) -> Group:
+    """`llmctl prune`: the shape before and after, parameters, calibration loss, and the least important units."""
+    t = Table(title=f"prune {r['checkpoint']}" + (" (dry run: nothing written)" if r["out"] is None else ""),
+              box=box.SIMPLE_HEAD)
+    t.add_column("")
+    t.add_column("parent", justify="right")
+    t.add_column("pruned", justify="right")
+    for key in r["parent"]:
+        t.add_row(key, str(r["parent"][key]), str(r["pruned"][key]))
+    for key, label in (("parameters", "parameters"), ("parameters_non_embedding", "non-embedding parameters")):
+        t.add_row(label, f"{r[key]['before']:,}", f"{r[key]['after']:,}")
+    t.add_row("calibration loss", f"{r['calibration_loss']['before']:.4f}", f"{r['calibration_loss']['after']:.4f}")
+    rank = r["ranking"]
+    lines = [Text("least important first (unit: score)", style="bold")]
+
+    def row(name: str, pairs: list) -> None:
+        lines.append(Text(f"  {name}: " + ", ".join(f"{i}: {s:.4g}" for i, s in pairs)))
+
+    row("layers (block influence)", rank["layers"])
+    for layer, pairs in rank["heads"].items():
+        row(f"layer {layer} heads", pairs)
+    for layer, pairs in (rank["kv_groups"] or {}).items():
+        row(f"layer {layer} key/value groups", pairs)
+    for layer, pairs in rank["mlp_channels"].items():
+        row(f"layer {layer} MLP channels", pairs)
+    row("embedding channels", rank["embd_channels"])
+    if r.get("checkpoint_out"):
+        lines.append(Text(f"wrote {r['checkpoint_out']}"))
+    return Group(t, *lines)

@@ -264,7 +264,8 @@ BAD = [
     ("import-mlp-bias-differs",
      lambda t, r: ["import", "hf", _hf_dir(t, attention_bias=True, mlp_bias=False), "--out", t / "o"],
      ["mlp_bias", "attention_bias"]),
-    ("import-head-dim", lambda t, r: ["import", "hf", _hf_dir(t, head_dim=16), "--out", t / "o"], ["head_dim=16"]),
+    ("import-odd-head-dim", lambda t, r: ["import", "hf", _hf_dir(t, head_dim=5), "--out", t / "o"],
+     ["head_dim", "even head size"]),
     ("import-hidden-act", lambda t, r: ["import", "hf", _hf_dir(t, hidden_act="gelu"), "--out", t / "o"],
      ["hidden_act", "gelu"]),
     ("import-gpt2-activation",
@@ -440,6 +441,53 @@ BAD += [
      ["is a directory", "model.gguf"]),
     ("export-unknown-format", lambda t, r: ["export", "--ckpt", r, "--format", "onnx", "--out", t / "x"],
      ["--format 'onnx' is not supported", "hf, gguf"]),
+]
+
+
+def _other_tokenizer(tmp: Path) -> Path:
+    """A run whose char tokenizer was trained on other text (so its tokenizer differs from tiny_run's)."""
+    from llmctl import commands
+
+    data = _file(tmp, "other.txt", "abcdefgh " * 400)
+    out = tmp / "other"
+    commands.pretrain(None, [*TINY, f"data.path={data}", "train.max_steps=2", "train.eval_interval=0"], out)
+    return out
+
+
+DISTILL = ("finetune.task=distill", f"data.path={SHAKESPEARE}", "train.max_steps=2")
+BAD += [
+    # compression: llmctl prune and finetune.task=distill
+    ("prune-larger-than-parent", lambda t, r: ["prune", "--ckpt", r, "--set", "model.n_embd=64", "--out", t / "p"],
+     ["model.n_embd=64 is larger than the parent's 32", "pruning only removes"]),
+    ("prune-heads-not-divisible-by-kv-heads",
+     lambda t, r: ["prune", "--ckpt", r, "--set", "model.n_head=1", "--set", "model.n_kv_head=2", "--out", t / "p"],
+     ["model.n_head=1 is not divisible by model.n_kv_head=2"]),
+    ("prune-target-below-one-layer", lambda t, r: ["prune", "--ckpt", r, "--target-params", "100", "--out", t / "p"],
+     ["--target-params 100 is below what one layer needs"]),
+    ("prune-calibration-shorter-than-a-block",
+     lambda t, r: ["prune", "--ckpt", r, "--data", _file(t, "short.txt", "ROMEO: hi"), "--set", "model.n_layer=1",
+                   "--out", t / "p"], ["calibration text has", "fewer than one block", "give more text"]),
+    ("prune-gpt2-heads-without-n-embd", lambda t, r: ["prune", "--ckpt", r, "--set", "model.n_head=1", "--out",
+     t / "p"], ["GPT-2 flavour has no separate head size", "model.n_embd = model.n_head x 16"]),
+    ("prune-non-shape-key", lambda t, r: ["prune", "--ckpt", r, "--set", "model.dropout=0.1", "--out", t / "p"],
+     ["changes only the shape", "model.dropout"]),
+    ("prune-nothing-asked", lambda t, r: ["prune", "--ckpt", r, "--out", t / "p"], ["say what to keep"]),
+    ("prune-a-classifier", lambda t, r: ["prune", "--ckpt", _classifier(t, r), "--set", "model.n_layer=1", "--out",
+     t / "p"], ["is a classification checkpoint", "prune the language model"]),
+    ("distill-teacher-is-a-classifier",
+     lambda t, r: ["finetune", "--from", r, *sets(*DISTILL, f"finetune.teacher={_classifier(t, r)}"), "--out", t / "d"],
+     ["finetune.teacher", "is a classification checkpoint", "language model"]),
+    ("distill-teacher-with-another-tokenizer",
+     lambda t, r: ["finetune", "--from", r, *sets(*DISTILL, f"finetune.teacher={_other_tokenizer(t)}"),
+                   "--out", t / "d"], ["do not share a tokenizer", "tokenizer sha256", "other"]),
+    ("distill-without-teacher", lambda t, r: ["finetune", "--from", r, *sets(*DISTILL), "--out", t / "d"],
+     ["finetune.teacher: finetune.task=distill needs a teacher"]),
+    ("distill-missing-teacher", lambda t, r: ["finetune", "--from", r, *sets(*DISTILL, f"finetune.teacher={t / 'no'}"),
+     "--out", t / "d"], ["finetune.teacher", "checkpoint not found"]),
+    ("distill-bad-alpha", lambda t, r: ["finetune", "--from", r, *sets(*DISTILL, f"finetune.teacher={r}",
+     "finetune.distill_alpha=1.5"), "--out", t / "d"], ["finetune.distill_alpha: must be in [0, 1]"]),
+    ("finetune-without-from", lambda t, r: ["finetune", "--set", f"data.path={SHAKESPEARE}", "--out", t / "d"],
+     ["--from is required"]),
 ]
 
 

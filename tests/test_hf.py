@@ -61,6 +61,13 @@ def _llama_mqa_bias_tied():
         attention_bias=True, mlp_bias=True))
 
 
+def _llama_head_dim():
+    """A head size that is not hidden_size / heads (what a head-pruned model has)."""
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=48, num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64,
+        num_hidden_layers=2, vocab_size=67, max_position_embeddings=64, tie_word_embeddings=False))
+
+
 def _save_bin(model, d: Path) -> None:
     """pytorch_model.bin as older transformers wrote it (a plain state dict)."""
     d.mkdir()
@@ -74,6 +81,7 @@ SHAPES = {
     "gpt2-untied-gelu-odd-mlp-bin": (_gpt2_untied_gelu, _save_bin),
     "llama-gqa-untied-theta-odd-mlp-sharded": (_llama_gqa, lambda m, d: m.save_pretrained(d, max_shard_size="60KB")),
     "llama-mqa-bias-tied": (_llama_mqa_bias_tied, lambda m, d: m.save_pretrained(d)),
+    "llama-head-dim": (_llama_head_dim, lambda m, d: m.save_pretrained(d)),
 }
 
 

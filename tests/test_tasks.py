@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED, TINY, invoke, sets
+from conftest import SHAKESPEARE, SHARED, TINY, invoke, sets
 from llmctl import checkpoint as ckpt
 from llmctl import commands
 from llmctl.errors import LlmctlError
@@ -164,3 +164,82 @@ def test_freezing_and_early_stopping(tiny_run, tmp_path):
     assert torch.equal(before["wte.weight"], after["wte.weight"])
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0."))
     assert not torch.equal(before["blocks.1.mlp.fc.weight"], after["blocks.1.mlp.fc.weight"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Distillation (finetune.task=distill)
+
+DISTILL = [f"data.path={SHAKESPEARE}", "train.max_steps=8", "train.log_interval=1", "train.eval_interval=4",
+           "train.eval_batches=2", "train.warmup_steps=2", "train.dtype=float32"]
+
+
+def test_distill_loss_is_the_kl_to_the_teacher_plus_weighted_cross_entropy(tiny_run):
+    import torch.nn.functional as F
+
+    from llmctl.tasks import distill_loss
+
+    loaded = commands.load_model(tiny_run, "cpu")
+    model, n = loaded.model, loaded.tokenizer.vocab_size  # the KL runs over the tokenizer's tokens
+    other = commands.load_model(tiny_run, "cpu").model
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(0, 60, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    ce = F.cross_entropy(model(batch["input_ids"]).flatten(0, 1), batch["labels"].flatten())
+    # a teacher equal to the student: the KL term is zero, what is left is (1 - alpha) x cross-entropy
+    assert distill_loss(model, 0.75, 2.0, n)(model, batch).item() == pytest.approx(0.25 * ce.item(), abs=1e-6)
+    # against another teacher: T^2 x KL at temperature T, by hand
+    s = F.log_softmax(model(batch["input_ids"])[..., :n] / 2.0, -1)
+    t = F.log_softmax(other(batch["input_ids"])[..., :n] / 2.0, -1)
+    kl = (t.exp() * (t - s)).sum(-1).mean()
+    got = distill_loss(other, 1.0, 2.0, n)(model, batch).item()
+    assert got == pytest.approx(4.0 * kl.item(), rel=1e-5) and got > 0
+
+
+def test_distill_with_alpha_0_equals_ordinary_finetuning_step_for_step(tiny_run, tmp_path):
+    commands.finetune(None, DISTILL, tiny_run, tmp_path / "lm")
+    commands.finetune(None, [*DISTILL, "finetune.task=distill", f"finetune.teacher={tiny_run}",
+                             "finetune.distill_alpha=0"], tiny_run, tmp_path / "kd")
+    assert losses(tmp_path / "kd") == losses(tmp_path / "lm") and len(losses(tmp_path / "lm")) == 8
+    a = load_file(ckpt.read_latest(tmp_path / "lm") / "model.safetensors")
+    b = load_file(ckpt.read_latest(tmp_path / "kd") / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((ckpt.read_latest(tmp_path / "kd") / "meta.json").read_text())
+    assert meta["task"] == "distill" and meta["teacher"] == str(tiny_run)
+
+
+def test_a_distill_run_resumes_bit_identically(tiny_run, tmp_path):
+    import os
+    import signal
+
+    args = [*DISTILL, "finetune.task=distill", f"finetune.teacher={tiny_run}", "finetune.distill_alpha=0.7",
+            "finetune.distill_temperature=2", "model.dropout=0.1"]
+    commands.finetune(None, args, tiny_run, tmp_path / "full")
+
+    def stop_at_5(state):
+        if state.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(LlmctlError) as e:
+        commands.finetune(None, args, tiny_run, tmp_path / "part", on_step=stop_at_5)
+    assert e.value.status == 143
+    commands.finetune(None, args, tiny_run, tmp_path / "part", resume=True)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+
+
+def test_a_fresh_student_of_another_shape_distils_with_the_teachers_tokenizer(tiny_run, runner, tmp_path):
+    out = tmp_path / "fresh"
+    r = invoke(runner, "finetune", *sets(*DISTILL, "finetune.task=distill", f"finetune.teacher={tiny_run}",
+                                         "finetune.distill_alpha=1", "model.n_layer=1", "model.n_embd=16",
+                                         "model.n_head=2", "model.block_size=32"), "--out", out, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["steps"] == 8
+    ck = ckpt.load(out)
+    assert ck.config["model"]["n_embd"] == 16 and ck.tokenizer_json() == ckpt.load(tiny_run).tokenizer_json()
+    dry = invoke(runner, "finetune", "--from", tiny_run, *sets(*DISTILL, "finetune.task=distill",
+                                                               f"finetune.teacher={tiny_run}"), "--dry-run", "--json")
+    report = json.loads(dry.stdout)
+    assert report["teacher_parameters"] > 0 and report["memory"]["teacher"] > 0
+    assert report["flops_per_token"] == 3 * (report["flops_per_token_forward"] - report["teacher_flops_per_token"]) \
+        + report["teacher_flops_per_token"]

@@ -16,6 +16,7 @@ def nolog(message: str) -> None:
 from ..distributed import unwrap  # noqa: E402  (the submodules below import Log and nolog from here)
 from ..loading import Loaded, for_inference, load_model, load_weights  # noqa: E402
 from ..precision import resolve_amp, resolve_device  # noqa: E402
+from .compression import prune  # noqa: E402
 from .evaluation import evaluate, evaluate_tasks  # noqa: E402
 from .inference import (  # noqa: E402
     ChatSession,
@@ -35,7 +36,7 @@ from .training import TrainPlan, describe, finetune, prepare, pretrain, show_con
 __all__ = [
     "ChatSession", "Loaded", "Log", "nolog", "TrainPlan", "for_inference", "classify_texts",
     "complete_rows", "describe", "encode_prompt", "evaluate", "evaluate_tasks", "export", "finetune", "import_hf",
-    "load_model",
-    "load_weights", "prepare", "pretrain", "read_inputs", "read_prompt", "resolve_amp", "resolve_device", "sampling",
+    "load_model", "load_weights", "prepare", "pretrain", "prune", "read_inputs", "read_prompt", "resolve_amp",
+    "resolve_device", "sampling",
     "serve", "show_config", "stream", "unwrap", "write_outputs",
 ]

@@ -20,12 +20,13 @@ from ..errors import LlmctlError
 from ..hardware import slow_precision_warning
 from ..interrupt import Stopped, as_stop
 from ..loading import build_backbone, for_inference, load_model, load_weights, restore, vocab_for
+from ..lora import merge_lora
 from ..model import Transformer
 from ..optim import build_optimizer
 from ..precision import resolve_amp, resolve_device
 from ..saver import Saver
 from ..tasks import BUILDERS as TASKS
-from ..tasks import Layout, Task, count_trainable, lm_task, make_trainable
+from ..tasks import Layout, Task, count_trainable, distill_task, lm_task, make_trainable
 from ..tokenizer import Tokenizer
 from ..train import Hooks, Interrupted, LoopState, NullReporter, Reporter, fit, seed_everything
 from . import Log, nolog
@@ -110,7 +111,7 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
         return None
     rundir.preflight(out, plan.model)
     # MFU in the progress bar and the summary: training FLOPs per token over the device's peak
-    flops = estimate.flops_per_token(unwrap(plan.model), plan.cfg.model)["train"]
+    flops = estimate.task_flops(plan.task, plan.cfg)["train"]
     peak = hardware.peak_flops(plan.device, plan.amp, plan.cfg.data.cache_dir)["flops"]
     getattr(reporter, "set_mfu", lambda *a: None)(flops, peak)
     with rundir.RunLock(out) as lock:
@@ -234,6 +235,8 @@ class Recipe:
         if plan.base is not None:
             meta["base"] = {"path": str(plan.base.path.resolve()),
                             "sha256": plan.base.meta["files"].get(ckpt_io.WEIGHTS)}
+        if plan.task.teacher is not None:
+            meta["teacher"] = str(cfg.finetune.teacher)
         return Saver(self.out, cfg, self.model, self.optimizer, self.scaler, plan.dist, plan.tokenizer.to_str(), meta,
                      lambda full: _split_weights(plan, full), plan.resume_cmd, self.log)
 
@@ -327,6 +330,31 @@ def resume_command(kind: str, config: Optional[Path], overrides: list[str], out:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def load_teacher(cfg: Config, tokenizer: Tokenizer, device: torch.device, student: str) -> Transformer:
+    """finetune.teacher as a frozen language model in eval mode on `device` (an adapter merged into its base),
+    refused unless it shares the student's tokenizer and reads at least the student's context."""
+    where = cfg.finetune.teacher
+    try:
+        loaded = load_model(where, "cpu")
+    except LlmctlError as e:
+        raise LlmctlError(f"finetune.teacher: {e.message}") from None
+    ck = loaded.ckpt
+    if loaded.classifier is not None:
+        raise LlmctlError(f"finetune.teacher {ck.path} is a classification checkpoint; a language-model student "
+                          "learns from a language model's next-token distributions (use the checkpoint it was "
+                          "finetuned from)")
+    if loaded.tokenizer.sha256 != tokenizer.sha256:
+        raise LlmctlError(f"the teacher {ck.path} (tokenizer sha256 {loaded.tokenizer.sha256[:12]}) and the student "
+                          f"{student} (tokenizer sha256 {tokenizer.sha256[:12]}) do not share a tokenizer; "
+                          "distillation compares their distributions token by token, so both need the same one")
+    if loaded.cfg.model.block_size < cfg.model.block_size:
+        raise LlmctlError(f"the teacher {ck.path} reads {loaded.cfg.model.block_size} tokens but the student's "
+                          f"model.block_size is {cfg.model.block_size}; give the student at most the teacher's context")
+    teacher = merge_lora(loaded.model).to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
 def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str,
                 base: Optional[ckpt_io.Checkpoint] = None) -> TrainPlan:
     """Tokenizer, data, model and task, all checked; a finetune's backbone starts from `base`'s weights."""
@@ -341,7 +369,7 @@ def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str
     tblog.check(cfg.train.log)
     task_kind = cfg.finetune.task if kind == "finetune" else "lm"
     td = None
-    if task_kind == "lm":
+    if task_kind in ("lm", "distill"):
         # under torchrun one process per node tokenizes; the others then open the cache
         td = distributed.local_rank0_first(
             ctx, lambda: prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log))
@@ -359,6 +387,9 @@ def _build_plan(cfg: Config, tokenizer: Optional[Tokenizer], log: Log, kind: str
     layout = Layout(ctx, accum)
     if task_kind == "lm":
         task = lm_task(cfg, td, backbone, device, amp, layout)
+    elif task_kind == "distill":
+        student = str(base.path) if base is not None else "(a fresh model: section)"
+        task = distill_task(cfg, td, backbone, device, amp, layout, load_teacher(cfg, tokenizer, device, student))
     else:
         task = TASKS[task_kind](cfg, tokenizer, backbone, device, amp, layout)
     if task.labels is not None:
@@ -451,7 +482,7 @@ def _check_model_matches(cfg: Config, ck_cfg: Config, where: Path, explicit: Opt
 def finetune(
     config: Optional[Path],
     overrides: list[str],
-    from_: Path,
+    from_: Optional[Path],
     out: Path,
     resume: bool = False,
     overwrite: bool = False,
@@ -463,18 +494,35 @@ def finetune(
 ) -> Optional[dict]:
     """`llmctl finetune`: continue training a checkpoint's model on new data (same loop, same format).
 
-    The model shape and tokenizer come from the checkpoint; model keys in the config must agree with it.
+    The model shape and tokenizer come from the checkpoint; model keys in the config must agree with it. Without
+    `from_` (distillation only) the student is a fresh model of the config's model: section with the teacher's
+    tokenizer.
     """
     reporter, log, on_plan = distributed.rank0_only(reporter, log, on_plan)  # under torchrun only rank 0 speaks
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
+    if from_ is None:  # a fresh student of the config's model: section (distillation only)
+        cfg = load_config(config, overrides)
+        if cfg.finetune.task != "distill":
+            raise LlmctlError("--from is required: finetune starts from a checkpoint (only finetune.task=distill "
+                              "may train a fresh student of the config's model: section)")
+        return _finetune(cfg, None, config, overrides, from_, out, resume, overwrite, reporter, log, on_plan,
+                         on_step, dry_run)
     base_ckpt = ckpt_io.load(from_)
     base_cfg = from_dict(base_ckpt.config)
     user_raw = user_settings(config, overrides)
     user_model = user_raw.get("model", {}) if isinstance(user_raw.get("model", {}), dict) else {}
     cfg = from_dict(merge_settings({"model": base_cfg.model.__dict__}, user_raw))  # the model comes from the checkpoint
     _check_model_matches(cfg, base_cfg, base_ckpt.path, explicit=user_model)
+    return _finetune(cfg, base_ckpt, config, overrides, from_, out, resume, overwrite, reporter, log, on_plan, on_step,
+                     dry_run)
+
+
+def _finetune(cfg: Config, base_ckpt: Optional[ckpt_io.Checkpoint], config: Optional[Path], overrides: list[str],
+              from_: Optional[Path], out: Path, resume: bool, overwrite: bool, reporter: Reporter, log: Log,
+              on_plan: Optional[Callable[[TrainPlan], None]], on_step: Optional[Callable[[LoopState], None]],
+              dry_run: bool) -> Optional[dict]:
     if not dry_run:
         rundir.check_out_dir(out, resume, overwrite)
     resume_ckpt, clear = None, overwrite
@@ -484,10 +532,15 @@ def finetune(
                                              resume_command("finetune", config, overrides, out, from_))
         if built:
             return built
-    if ckpt_io.ADAPTER in base_ckpt.meta["files"]:
+    if base_ckpt is None:  # the fresh student uses the teacher's tokenizer
+        try:
+            tokenizer = Tokenizer.from_str(ckpt_io.load(cfg.finetune.teacher).tokenizer_json())
+        except LlmctlError as e:
+            raise LlmctlError(f"finetune.teacher: {e.message}") from None
+    elif ckpt_io.ADAPTER in base_ckpt.meta["files"]:
         raise LlmctlError(f"--from {base_ckpt.path} is a LoRA adapter; finetune from its base checkpoint "
                           f"({(base_ckpt.meta.get('base') or {}).get('path')}) or from a full checkpoint")
-    if not base_ckpt.has_tokenizer and cfg.tokenizer.path:  # an imported checkpoint without a tokenizer
+    elif not base_ckpt.has_tokenizer and cfg.tokenizer.path:  # an imported checkpoint without a tokenizer
         tokenizer = Tokenizer.from_file(cfg.tokenizer.path)
     else:
         tokenizer = Tokenizer.from_str(base_ckpt.tokenizer_json())
