@@ -120,10 +120,13 @@ class TokenizerConfig:
     kind: Literal["char", "bpe"] = "char"
     vocab_size: int = 4096  # bpe only: total size including special tokens
     path: Optional[str] = None  # an existing tokenizer.json; then nothing is trained
+    train_chars: int = 2_000_000_000  # bpe: it learns from at most this many characters (a seeded sample)
 
     def check(self, cfg: "Config") -> list[str]:
         """A tokenizer that cannot be trained."""
         p: list[str] = []
+        if self.train_chars < 1:
+            p.append(f"tokenizer.train_chars: must be positive (got {self.train_chars})")
         if self.kind == "bpe" and self.vocab_size < 260:
             p.append(f"tokenizer.vocab_size: a byte-level BPE needs at least 260 tokens (got {self.vocab_size})")
 
@@ -142,8 +145,11 @@ class DataConfig:
     hf_split: str = "train"
     val_path: Optional[str] = None  # a separate validation source; otherwise the tail of path
     val_fraction: float = 0.1  # the last fraction of tokens is the validation split
+    hf_revision: Optional[str] = None  # hub dataset revision (a commit or tag); part of the cache key
     cache_dir: str = field(default_factory=default_cache_dir)
-    num_proc: int = 0  # tokenizer worker processes; 0 = one per CPU core (at most 8)
+    num_proc: int = 0  # threads the tokenizer uses while preparing; 0 = all CPU cores
+    # tokens per cache shard (closed at the first piece of text past it): a killed preparation resumes from the last
+    shard_tokens: int = 1 << 24
 
     def check(self, cfg: "Config") -> list[str]:
         """Impossible split and source settings."""
@@ -153,6 +159,8 @@ class DataConfig:
             p.append(f"data.val_fraction: must be in [0, 1) (got {d.val_fraction})")
         if d.num_proc < 0:
             p.append(f"data.num_proc: must be 0 (auto) or more (got {d.num_proc})")
+        if d.shard_tokens < 1024:
+            p.append(f"data.shard_tokens: must be at least 1024 (got {d.shard_tokens})")
         if d.sha256 is not None and (len(d.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in d.sha256)):
             p.append("data.sha256: must be 64 hexadecimal characters")
 
@@ -197,6 +205,7 @@ class TrainConfig:
     tp_size: Optional[int] = None  # ranks per tensor-parallel group; None: all ranks for tp (fsdp_tp needs it)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before failing
+    allow_oversubscribe: bool = False  # start even when the memory estimate exceeds the device's memory
     log: list[Literal["tensorboard"]] = field(default_factory=list)  # extra metric sinks besides metrics.jsonl
 
     def check(self, cfg: "Config") -> list[str]:

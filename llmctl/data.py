@@ -1,24 +1,27 @@
-"""Text sources -> tokenizer -> memory-mapped token files, cached by content hash; batch iterators.
+"""Text sources -> tokenizer -> sharded, memory-mapped token files, cached; batch iterators.
 
-A source (`data.path`) is a local file or folder (.txt, .jsonl/.json, .csv/.tsv, .parquet), `hf:NAME` for a hub
-dataset, or an https:// URL downloaded once into the cache and checked against `data.sha256`. Documents are
-joined with <eos>; line breaks inside a document are kept (a .txt file is one document).
+Sources and how they are read are `llmctl.corpus`'s (files, folders, globs, compressed JSONL, parquet, hf: streaming,
+URLs); the token files are `llmctl.shards`'. Documents are joined with <eos>; line breaks inside a document are kept
+(a .txt file is one document).
 
 Cache layout under `data.cache_dir`:
   downloads/<sha256>/<name>                      a downloaded URL
   tokenizers/<key>/tokenizer.json                a tokenizer trained on a corpus (key: corpus + tokenizer config)
-  tokens/<key>/{train,val}.bin, manifest.json    token ids (key: corpus + tokenizer + split settings)
+  tokens/<key>/shard-*.bin, index.json, manifest.json   token ids (key: corpus + tokenizer + split settings)
+  tokens/.build-<key>/                           an entry being built (complete shards survive an interruption)
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import queue
+import random
 import shutil
+import threading
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -26,103 +29,20 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from . import corpus
 from .chat import render_prompt
 from .config import DataConfig, TokenizerConfig
+from .corpus import Source, download, resolve_source  # noqa: F401  (the data module's public names)
 from .errors import LlmctlError
-from .fileio import read_jsonl, sha256_file, temp_dir
+from .fileio import read_jsonl, temp_dir
+from .shards import INDEX, Index, ShardWriter, Tokens
 from .tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
-FORMATS = {  # file suffix -> the datasets builder that reads it
-    ".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
-    ".parquet": "parquet",
-}
+FORMAT_VERSION = 2  # 2: sharded token files (1: train.npy / val.npy, never reused: see prepare)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Sources
-
-
-@dataclass
-class Source:
-    """A resolved text source: local files of one format, or a hub dataset."""
-
-    files: list[Path]
-    builder: str  # text | json | csv | parquet | hub
-    hub_name: Optional[str] = None
-    suffix: str = ""
-
-    def fingerprint(self, cfg: DataConfig) -> str:
-        """Content hash of the inputs (and the settings that change what is read)."""
-        h = hashlib.sha256()
-        if self.hub_name:
-            h.update(f"hub:{self.hub_name}:{cfg.hf_config}:{cfg.hf_split}".encode())
-        for f in self.files:
-            h.update(f.name.encode())
-            h.update(sha256_file(f).encode())
-        h.update(f"{self.builder}:{cfg.text_column}".encode())
-        return h.hexdigest()
-
-
-def download(url: str, cache_dir: str, sha256: Optional[str]) -> Path:
-    """Fetch `url` once into the cache; verify it against `sha256` when given (and on every reuse)."""
-    name = Path(urllib.parse.urlparse(url).path).name or "download"
-    key = sha256.lower() if sha256 else hashlib.sha256(url.encode()).hexdigest()
-    dest = Path(cache_dir).expanduser() / "downloads" / key / name
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                shutil.copyfileobj(r, f)
-        except Exception as e:  # network errors come in many types
-            tmp.unlink(missing_ok=True)
-            raise LlmctlError(f"could not download {url}: {e}; check the URL and the network, "
-                              "or give a local file as data.path") from None
-        os.replace(tmp, dest)
-    if sha256:
-        got = sha256_file(dest)
-        if got != sha256.lower():
-            dest.unlink()
-            raise LlmctlError(f"{url} downloaded with sha256 {got}, but data.sha256 is {sha256}; "
-                              "fix data.sha256 or the URL")
-    return dest
-
-
-def resolve_source(path: Optional[str], cfg: DataConfig, key: str = "data.path") -> Source:
-    """Turn `data.path` into files (downloading a URL) or a hub name. A missing local path is an error."""
-    if not path:
-        raise LlmctlError(f"{key} is not set: give a text file, folder, hf:NAME or URL "
-                          f"(for example --set {key}=input.txt)")
-    if path.startswith("hf:"):
-        return Source(files=[], builder="hub", hub_name=path[3:])
-    if path.startswith(("https://", "http://")):
-        f = download(path, cfg.cache_dir, cfg.sha256)
-        return _local_source([f], key)
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise LlmctlError(f"{key}: {path} does not exist (give an existing file or folder, hf:NAME for a hub dataset, "
-                          "or a URL)")
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*")
-                       if f.is_file() and f.suffix.lower() in FORMATS and not f.name.startswith("."))
-        if not files:
-            raise LlmctlError(f"{key}: folder {path} has no .txt, .jsonl, .json, .csv, .tsv or .parquet files")
-        return _local_source(files, key)
-    return _local_source([p], key)
-
-
-def _local_source(files: list[Path], key: str) -> Source:
-    suffixes = {f.suffix.lower() for f in files}
-    unknown = [s for s in suffixes if s not in FORMATS]
-    if unknown:
-        # an unknown suffix is read as plain text, the common case for corpora such as input.txt.1
-        suffixes = {".txt" if s in unknown else s for s in suffixes}
-    builders = {FORMATS[s] for s in suffixes}
-    if len(builders) > 1:
-        raise LlmctlError(f"{key}: mixes file formats ({', '.join(sorted(suffixes))}); put one format per folder")
-    suffix = sorted(suffixes)[0]
-    return Source(files=files, builder=builders.pop(), suffix=suffix)
+# Tables (classification, instruction tuning and eval --data read whole files of examples through datasets)
 
 
 def load_table(source: Source, cfg: DataConfig, key: str = "data.path"):
@@ -174,27 +94,8 @@ def load_texts(source: Source, cfg: DataConfig, column: Optional[str] = None, ke
 # Preparing token files
 
 
-@dataclass
-class TokenData:
-    """Prepared token files: train/val memmaps, the tokenizer and the manifest."""
-
-    dir: Path
-    train: np.ndarray
-    val: np.ndarray
-    tokenizer: Tokenizer
-    manifest: dict
-
-
 def _sha(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
-
-
-def _auto_num_proc(cfg: DataConfig, n_chars: int) -> int:
-    if cfg.num_proc:
-        return cfg.num_proc
-    if n_chars < 64_000_000:  # process start-up costs more than it saves on small corpora
-        return 1
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _atomic_dir(final: Path, build: Callable[[Path], None]) -> None:
@@ -213,59 +114,191 @@ def _atomic_dir(final: Path, build: Callable[[Path], None]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _iter_texts(ds, batch: int = 256) -> Iterator[str]:
-    for rows in ds.iter(batch_size=batch):
-        for t in rows["text"]:
-            yield t if isinstance(t, str) else ("" if t is None else str(t))
+def _training_sample(source: Source, cfg: DataConfig, limit: Optional[int], seed: int = 0) -> Iterator[str]:
+    """The text a tokenizer learns from: all of it up to `limit` characters, else a seeded sample of whole pieces
+    (each kept with probability limit / corpus bytes) stopping at `limit`: bounded memory at any corpus size."""
+    total = source.total_bytes()
+    keep = 1.0 if limit is None or total is None or total <= limit else limit / total
+    rng, taken = random.Random(seed), 0
+    for piece in corpus.pieces(source, cfg, corpus.line_cut):
+        if piece.text and (keep >= 1.0 or rng.random() < keep):
+            yield piece.text
+            taken += len(piece.text)
+            if limit is not None and taken >= limit:
+                return
 
 
-def get_tokenizer(cfg_tok: TokenizerConfig, cfg: DataConfig, source: Source, fingerprint: str, ds_loader) -> Tokenizer:
-    """Load `tokenizer.path`, or train (once per corpus and setting, cached) a char or BPE tokenizer."""
+def get_tokenizer(cfg_tok: TokenizerConfig, cfg: DataConfig, source: Source, identity: str,
+                  log: Callable[[str], None] = lambda s: None) -> Tokenizer:
+    """Load `tokenizer.path`, or train (once per corpus and setting, cached) a char or BPE tokenizer: BPE from at most
+    `tokenizer.train_chars` characters of the corpus, char from all of it (every character needs its token)."""
     if cfg_tok.path:
         return Tokenizer.from_file(cfg_tok.path)
-    key = _sha(fingerprint, cfg_tok.kind, str(cfg_tok.vocab_size), str(FORMAT_VERSION))
+    key = _sha(identity, cfg_tok.kind, str(cfg_tok.vocab_size), str(cfg_tok.train_chars), str(FORMAT_VERSION))
     path = Path(cfg.cache_dir).expanduser() / "tokenizers" / key / "tokenizer.json"
     if path.exists():
         return Tokenizer.from_file(path)
-    ds = ds_loader()
+    t0 = time.time()
     if cfg_tok.kind == "char":
-        tok = Tokenizer.train_char(_iter_texts(ds))
+        tok = Tokenizer.train_char(_training_sample(source, cfg, None))
     else:
-        tok = Tokenizer.train_bpe(_iter_texts(ds), cfg_tok.vocab_size)
+        log(f"training a {cfg_tok.vocab_size}-token BPE tokenizer on {cfg.path} "
+            f"(at most {cfg_tok.train_chars:,} characters)")
+        tok = Tokenizer.train_bpe(_training_sample(source, cfg, cfg_tok.train_chars), cfg_tok.vocab_size)
+        log(f"tokenizer trained in {time.time() - t0:.1f}s")
     _atomic_dir(path.parent, lambda d: tok.save(d / "tokenizer.json"))
     return tok
 
 
-def _write_tokens(ds, tok: Tokenizer, dest: Path, name: str, num_proc: int) -> int:
-    """Tokenize every document (parallel `datasets.map`) and write one flat token file joined by <eos>."""
+@dataclass
+class TokenData:
+    """Prepared token files: the train and validation token sequences (memory-mapped), the tokenizer, the
+    manifest."""
+
+    dir: Path
+    train: Tokens
+    val: Tokens
+    tokenizer: Tokenizer
+    manifest: dict
+
+
+class _Progress:
+    """One plain line every few seconds while tokenizing: bytes read, tokens, tokens/s and the time left."""
+
+    def __init__(self, log: Callable[[str], None], total: Optional[int], done: int, tokens: int, every: float = 5.0):
+        self.log, self.total, self.every = log, total, every
+        self.t0 = self.last = time.time()
+        self.base_bytes, self.base_tokens = done, tokens
+
+    def __call__(self, done: int, tokens: int) -> None:
+        now = time.time()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = (tokens - self.base_tokens) / max(now - self.t0, 1e-9)
+        line = f"prepare: {done / 1e6:,.1f}"
+        if self.total:
+            speed = (done - self.base_bytes) / max(now - self.t0, 1e-9)
+            eta = (self.total - done) / speed if speed > 0 else 0.0
+            line += f" / {self.total / 1e6:,.1f} MB read ({100 * done / self.total:.0f}%)"
+        else:
+            line += " MB read"
+        line += f", {tokens:,} tokens, {rate:,.0f} tokens/s"
+        if self.total:
+            line += f", eta {eta:.0f}s"
+        self.log(line)
+
+
+ENCODE_CHARS = 1 << 20  # texts per native encode_batch call (it runs them on all cores)
+BATCH_CHARS = 4 << 20  # text read ahead of the tokenizer, at most: memory stays bounded
+
+
+def _tokenize(source: Source, cfg: DataConfig, tok: Tokenizer, writer: ShardWriter, start: corpus.Cursor,
+              key: str, progress: _Progress) -> corpus.Cursor:
+    """Read `source` from `start` in a reader thread, tokenize batches on all cores (`tokenizers` releases the GIL)
+    and hand the ids to `writer`, which writes a shard whenever one is full. Returns the cursor at the end."""
+    q: queue.Queue = queue.Queue(maxsize=3)
+    done = threading.Event()
+
+    def read() -> None:
+        try:
+            batch, chars = [], 0
+            for piece in corpus.pieces(source, cfg, tok.last_cut, start, key):
+                batch.append(piece)
+                chars += len(piece.text)
+                if chars >= BATCH_CHARS:
+                    q.put(batch)
+                    batch, chars = [], 0
+                    if done.is_set():
+                        return
+            q.put(batch)
+            q.put(None)
+        except BaseException as e:  # re-raised in the main thread
+            q.put(e)
+
+    reader = threading.Thread(target=read, daemon=True, name="llmctl-corpus-reader")
+    reader.start()
+    cursor = start
+    try:
+        while True:
+            batch = q.get()
+            if batch is None:
+                return cursor
+            if isinstance(batch, BaseException):
+                raise batch
+            i = 0
+            while i < len(batch):  # groups of about ENCODE_CHARS: one parallel native call each
+                j, chars = i, 0
+                while j < len(batch) and (j == i or chars + len(batch[j].text) <= ENCODE_CHARS):
+                    chars += len(batch[j].text)
+                    j += 1
+                for piece, ids in zip(batch[i:j], tok.encode_batch([p.text for p in batch[i:j]])):
+                    writer.add(ids, piece.doc_end)
+                    writer.flush_if_full(piece.after, piece.bytes_read)
+                    cursor = piece.after
+                progress(batch[j - 1].bytes_read, writer.index.tokens + writer.n)
+                i = j
+    finally:
+        done.set()
+
+
+def _build_lock(directory: Path):
+    """An exclusive lock on a build folder: a second process preparing the same corpus waits, then finds it done."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fh = open(directory / ".lock", "w")
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    return fh
+
+
+def _resume_index(build: Path, name: str, log: Callable[[str], None]) -> Optional[Index]:
+    """The complete shards of an earlier, interrupted build (their files checked by size); the rest is removed."""
+    index = Index.load(build, name)
+    prefix = name.split("-")[0] if name != INDEX else "shard"
+    if index is not None:
+        good = []
+        for s in index.shards:
+            f = build / s.name
+            if not f.is_file() or f.stat().st_size != s.tokens * np.dtype(index.dtype).itemsize:
+                break
+            good.append(s)
+        index.shards = good
+    keep = {s.name for s in index.shards} if index else set()
+    for f in build.glob(f"*{prefix}-*.bin*"):
+        if f.name not in keep:
+            f.unlink()
+    return index if index and index.shards else None
+
+
+def _stream_to_shards(build: Path, source: Source, cfg: DataConfig, tok: Tokenizer, prefix: str, index_name: str,
+                      key: str, log: Callable[[str], None]) -> Index:
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    index = _resume_index(build, index_name, log)
+    start = corpus.Cursor()
+    if index is not None:
+        last = index.shards[-1]
+        start = corpus.Cursor(**last.cursor)
+        where = (f"{source.files[start.file]} at byte {start.pos:,}" if start.file < len(source.files)
+                 and source.builder == "text" else f"file {start.file + 1}, row {start.pos:,}")
+        log(f"resuming the interrupted preparation after shard {len(index.shards) - 1} "
+            f"({index.tokens:,} tokens done), at {where}")
+    writer = ShardWriter(build, dtype, cfg.shard_tokens, tok.eos_id, prefix=prefix, index_name=index_name,
+                         index=index)
+    progress = _Progress(log, source.total_bytes(), index.bytes_read if index else 0, writer.index.tokens)
+    try:
+        end = _tokenize(source, cfg, tok, writer, start, key, progress)
+        return writer.close(end, source.total_bytes() or 0)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise LlmctlError(f"the disk is full while writing token shards to {build} ({len(writer.index.shards)} "
+                              "complete); free space and run the same command again: it resumes from the last "
+                              "complete shard") from None
+        raise
 
-    def encode(batch):
-        return {"ids": tok.encode_batch([t if isinstance(t, str) else "" for t in batch["text"]])}
 
-    ids_ds = ds.map(encode, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                    remove_columns=["text"], keep_in_memory=num_proc <= 1)
-    lengths = [len(x) for x in ids_ds["ids"]] if len(ids_ds) < 100_000 else None
-    if lengths is None:
-        lengths = [len(x) for rows in ids_ds.iter(batch_size=10_000) for x in rows["ids"]]
-    nonempty = sum(1 for n in lengths if n)
-    total = sum(lengths) + max(0, nonempty - 1)
-    out = np.lib.format.open_memmap(dest / name, mode="w+", dtype=dtype, shape=(total,)) if total else None
-    pos, first = 0, True
-    if out is not None:
-        for rows in ids_ds.iter(batch_size=1000):
-            for ids in rows["ids"]:
-                if not ids:
-                    continue
-                if not first:
-                    out[pos] = tok.eos_id
-                    pos += 1
-                first = False
-                out[pos : pos + len(ids)] = ids
-                pos += len(ids)
-        out.flush()
-        del out
-    return total
+def _old_caches(root: Path) -> bool:
+    return root.is_dir() and any((d / "train.npy").exists() for d in root.iterdir() if d.is_dir())
 
 
 def prepare(
@@ -274,76 +307,91 @@ def prepare(
     tokenizer: Optional[Tokenizer] = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> TokenData:
-    """Tokenize the configured corpus into cached token files (reused when inputs and tokenizer match)."""
+    """Tokenize the configured corpus into cached token shards (reused when inputs and tokenizer match).
+
+    Streaming and resumable (see `llmctl.shards`): memory stays bounded at any corpus size, a killed preparation
+    goes on from its last complete shard, and the cache entry appears (by one rename) only when complete."""
     source = resolve_source(data.path, data)
     val_source = resolve_source(data.val_path, data, "data.val_path") if data.val_path else None
-    fp = source.fingerprint(data)
-    val_fp = val_source.fingerprint(data) if val_source else ""
-    cache: dict = {}
-
-    def ds_loader():
-        if "train" not in cache:
-            cache["train"] = load_texts(source, data)
-        return cache["train"]
-
+    if data.num_proc:  # the tokenizers thread pool, read once when it first starts
+        os.environ.setdefault("RAYON_NUM_THREADS", str(data.num_proc))
+    ident = source.identity(data)
+    val_ident = val_source.identity(data) if val_source else ""
     if tokenizer is None:
-        tokenizer = get_tokenizer(tok_cfg, data, source, fp, ds_loader)
-    key = _sha(fp, val_fp, tokenizer.sha256, str(data.val_fraction), str(FORMAT_VERSION))
-    final = Path(data.cache_dir).expanduser() / "tokens" / key
+        tokenizer = get_tokenizer(tok_cfg, data, source, ident, log)
+    key = _sha(ident, val_ident, tokenizer.sha256, str(data.val_fraction), str(FORMAT_VERSION))
+    root = Path(data.cache_dir).expanduser() / "tokens"
+    final = root / key
     if not (final / "manifest.json").exists():
-        t0 = time.time()
-        log(f"tokenizing {data.path} (cache miss) into {final}")
-
-        def build(tmp: Path) -> None:
-            ds = ds_loader()
-            n_chars = sum(len(t) for t in _iter_texts(ds))
-            if n_chars == 0 or not any(t.strip() for t in _iter_texts(ds)):
-                raise LlmctlError(f"data.path: {data.path} holds no text (the corpus is empty); "
-                                  "point it at a non-empty corpus")
-            nproc = _auto_num_proc(data, n_chars)
-            n_all = _write_tokens(ds, tokenizer, tmp, "all.npy", nproc)
-            if val_source is not None:
-                os.replace(tmp / "all.npy", tmp / "train.npy")
-                n_val = _write_tokens(load_texts(val_source, data, key="data.val_path"),
-                                      tokenizer, tmp, "val.npy", nproc)
-                n_train = n_all
-            else:
-                # contiguous split: the first (1 - val_fraction) of the tokens train, the rest validate
-                all_ = np.load(tmp / "all.npy", mmap_mode="r")
-                n_train = int(n_all * (1 - data.val_fraction))
-                np.save(tmp / "train.npy", np.asarray(all_[:n_train]))
-                np.save(tmp / "val.npy", np.asarray(all_[n_train:]))
-                n_val = n_all - n_train
-                del all_
-                (tmp / "all.npy").unlink()
-            manifest = {
-                "format": FORMAT_VERSION,
-                "source": data.path,
-                "val_source": data.val_path,
-                "text_column": data.text_column,
-                "val_fraction": data.val_fraction,
-                "tokenizer_sha256": tokenizer.sha256,
-                "vocab_size": tokenizer.vocab_size,
-                "train_tokens": int(n_train),
-                "val_tokens": int(n_val),
-                "chars": int(n_chars),
-                "seconds": round(time.time() - t0, 2),
-            }
-            tokenizer.save(tmp / "tokenizer.json")
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-
-        _atomic_dir(final, build)
+        if _old_caches(root):
+            log("note: token caches written by llmctl before sharded token files (train.npy / val.npy) are not "
+                "reused; this corpus is tokenized again once")
+        build = root / f".build-{key}"
+        lock = _build_lock(build)
+        try:
+            if not (final / "manifest.json").exists():
+                log(f"tokenizing {data.path} (cache miss) into {final}")
+                _build(build, final, data, source, val_source, tokenizer, log)
+        finally:
+            lock.close()
     return open_tokens(final, tokenizer)
+
+
+def _build(build: Path, final: Path, data: DataConfig, source: Source, val_source: Optional[Source],
+           tokenizer: Tokenizer, log: Callable[[str], None]) -> None:
+    t0 = time.time()
+    train = _stream_to_shards(build, source, data, tokenizer, "shard", INDEX, "data.path", log)
+    if train.tokens == 0:
+        raise LlmctlError(f"data.path: {data.path} holds no text (the corpus or its text column is empty); "
+                          "point it at a non-empty corpus")
+    n_all = train.tokens
+    if val_source is not None:
+        val = _stream_to_shards(build, val_source, data, tokenizer, "val", "val-index.json", "data.val_path", log)
+        n_train, n_val, val_shards = n_all, val.tokens, [s.name for s in val.shards]
+    else:  # contiguous split: the first (1 - val_fraction) of the tokens train, the rest validate
+        n_train = int(n_all * (1 - data.val_fraction))
+        n_val, val_shards = n_all - n_train, []
+    seconds = time.time() - t0
+    manifest = {
+        "format": FORMAT_VERSION,
+        "source": data.path,
+        "source_sha256": source.content_hash(),
+        "val_source": data.val_path,
+        "text_column": data.text_column,
+        "val_fraction": data.val_fraction,
+        "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": train.dtype,
+        "shards": [s.name for s in train.shards],
+        "val_shards": val_shards,
+        "documents": train.docs,
+        "bytes": source.total_bytes(),
+        "train_tokens": int(n_train),
+        "val_tokens": int(n_val),
+        "seconds": round(seconds, 2),
+        "tokens_per_sec": round((n_all + (n_val if val_source else 0)) / max(seconds, 1e-9)),
+    }
+    tokenizer.save(build / "tokenizer.json")
+    (build / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (build / ".lock").unlink(missing_ok=True)
+    os.rename(build, final)
+    log(f"prepared {n_all:,} tokens in {len(train.shards) + len(val_shards)} shard"
+        f"{'s' if len(train.shards) + len(val_shards) > 1 else ''} in {seconds:.1f}s "
+        f"({manifest['tokens_per_sec']:,} tokens/s)")
 
 
 def open_tokens(directory: Path, tokenizer: Optional[Tokenizer] = None) -> TokenData:
     manifest = json.loads((directory / "manifest.json").read_text())
-    train = np.load(directory / "train.npy", mmap_mode="r")
-    val = np.load(directory / "val.npy", mmap_mode="r")
+    tokens = Tokens.open(directory, manifest["shards"], manifest["dtype"])
+    if manifest["val_shards"]:
+        train, val = tokens, Tokens.open(directory, manifest["val_shards"], manifest["dtype"])
+    else:
+        n = manifest["train_tokens"]
+        train, val = tokens.range(0, n), tokens.range(n, len(tokens))
     return TokenData(directory, train, val, tokenizer or Tokenizer.from_file(directory / "tokenizer.json"), manifest)
 
 
-def tokenize_file(path: str, data: DataConfig, tokenizer: Tokenizer, key: str = "--data") -> np.ndarray:
+def tokenize_file(path: str, data: DataConfig, tokenizer: Tokenizer, key: str = "--data") -> Tokens:
     """All tokens of one source (no split), for evaluating on a given file. Cached like `prepare`."""
     d = DataConfig(**{**data.__dict__, "path": path, "val_path": None, "val_fraction": 0.0})
     resolve_source(path, d, key)  # a missing file is reported under the option's name

@@ -26,6 +26,7 @@ from . import hardware, tensor_parallel
 from .config import Config, ModelConfig
 from .data import eval_blocks
 from .distributed import DistContext
+from .errors import LlmctlError
 from .evaluate import lm_metrics
 from .model import attention_dtype
 from .optim import build_optimizer
@@ -208,6 +209,24 @@ def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Op
         "total": base + act["full"], "total_checkpointed": base + act["checkpointed"],
         "device_capacity": device_capacity(device),
     }
+
+
+def preflight(model: nn.Module, cfg: Config, device: torch.device, amp: Optional[torch.dtype], layout: Any = None,
+              teacher: Optional[nn.Module] = None) -> None:
+    """Refuse a run whose estimated memory per device (the dry run's model) exceeds the device's memory, with the
+    estimate and the settings that lower it; `train.allow_oversubscribe` lets it try anyway."""
+    if cfg.train.allow_oversubscribe:
+        return
+    mem = memory_estimate(model, cfg, device, amp, layout, teacher)
+    need = mem["total_checkpointed"] if cfg.train.activation_checkpointing else mem["total"]
+    cap = mem["device_capacity"]
+    if cap and need > cap:
+        gib = lambda n: f"{n / 2**30:,.1f} GiB"  # noqa: E731
+        raise LlmctlError(
+            f"this run needs about {gib(need)} per device ({gib(mem['activations'])} of it activations of "
+            f"{cfg.train.batch_size} x {cfg.model.block_size} tokens; `--dry-run` itemises it) but {device.type} has "
+            f"{gib(cap)}; lower model.block_size or train.batch_size, set train.activation_checkpointing=true, or "
+            "--set train.allow_oversubscribe=true to try anyway")
 
 
 def device_capacity(device: torch.device) -> Optional[int]:

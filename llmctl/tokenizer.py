@@ -160,6 +160,11 @@ class Tokenizer:
         out.append(text[start:])
         return out
 
+    def last_cut(self, text: str) -> int:
+        """Where `text` may be cut last so that tokenizing the two parts gives the ids of the whole (the rule of
+        `pieces`), or -1 when it cannot be cut."""
+        return line_cut(text) if self._cuts_at_lines else -1
+
     @cached_property
     def _cuts_at_lines(self) -> bool:
         if self.kind == "char":
@@ -267,3 +272,12 @@ class Unseen:
         distinct = f"{len(self.pieces)} distinct: " if len(self.pieces) != self.count else ""
         return (f"{what}: {self.count} character{'' if one else 's'} the tokenizer never saw in training "
                 f"became <unk> ({distinct}{shown}); the model reads nothing there")
+
+
+def line_cut(text: str) -> int:
+    """The index after the last newline of `text` that a non-space character follows (-1: none): no pre-token of
+    a character tokenizer or of GPT-2-style byte-level BPE spans such a cut."""
+    i = text.rfind("\n", 0, len(text) - 1)
+    while i != -1 and text[i + 1].isspace():
+        i = text.rfind("\n", 0, i)
+    return i + 1 if i != -1 else -1

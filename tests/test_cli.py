@@ -454,6 +454,54 @@ def _other_tokenizer(tmp: Path) -> Path:
     return out
 
 
+MALFORMED = '{"text": "a"}\n{oops\n'
+
+
+def _parquet_folder(tmp: Path, corrupt: bool = False, empty: bool = False) -> Path:
+    """A folder of two parquet shards; the second with a damaged row group, or an empty text column."""
+    import datasets
+
+    d = tmp / "pq"
+    d.mkdir()
+    datasets.Dataset.from_dict({"text": ["one doc", "two doc"]}).to_parquet(str(d / "a.parquet"))
+    datasets.Dataset.from_dict({"text": ["" if empty else "three doc"] * 4}).to_parquet(str(d / "b.parquet"))
+    if corrupt:  # overwrite the column data, keep the footer: the file opens, its row group does not decode
+        raw = bytearray((d / "b.parquet").read_bytes())
+        raw[4:40] = b"\xff" * 36
+        (d / "b.parquet").write_bytes(bytes(raw))
+    if empty:
+        (d / "a.parquet").unlink()
+    return d
+
+
+BAD += [
+    # streaming data preparation
+    ("data-folder-without-shards", lambda t, r: ["prepare", "--set", f"data.path={(t / 'none').mkdir() or t / 'none'}"],
+     ["has no .txt, .jsonl", "files"]),
+    ("data-corrupt-parquet-shard", lambda t, r: ["prepare", "--set", f"data.path={_parquet_folder(t, corrupt=True)}"],
+     ["b.parquet", "row group 0", "corrupt"]),
+    ("data-gz-not-gzip", lambda t, r: ["prepare", "--set", f"data.path={_file(t, 'd.jsonl.gz', '{}')}"],
+     ["d.jsonl.gz is named .gz but is not gzip data"]),
+    ("data-glob-matches-nothing", lambda t, r: ["prepare", "--set", f"data.path={t}/*.parquet"],
+     ["matches no file"]),
+    ("data-empty-text-column", lambda t, r: ["prepare", "--set", f"data.path={_parquet_folder(t, empty=True)}"],
+     ["holds no text", "text column is empty"]),
+    ("data-not-utf8", lambda t, r: ["prepare", "--set", f"data.path={_bytes(t, 'l.txt', 'olé'.encode('latin-1'))}"],
+     ["l.txt is not UTF-8 text", "offset 2"]),
+    ("data-malformed-jsonl-row", lambda t, r: ["prepare", "--set", f"data.path={_file(t, 'm.jsonl', MALFORMED)}"],
+     ["m.jsonl line 2 is not valid JSON"]),
+    ("pretrain-memory-preflight",
+     lambda t, r: ["pretrain", *sets(*TINY, "model.block_size=100000", "model.dropout=0.1"), "--out", t / "o"],
+     ["per device", "activations of 4 x 100000 tokens", "lower model.block_size", "train.allow_oversubscribe"]),
+]
+
+
+def _bytes(tmp: Path, name: str, data: bytes) -> Path:
+    p = tmp / name
+    p.write_bytes(data)
+    return p
+
+
 DISTILL = ("finetune.task=distill", f"data.path={SHAKESPEARE}", "train.max_steps=2")
 BAD += [
     # compression: llmctl prune and finetune.task=distill

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,10 +31,11 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path):
     logs: list[str] = []
     first = prepare(data_cfg(tmp_path, src), TokenizerConfig(), log=logs.append)
     second = prepare(data_cfg(tmp_path, src), TokenizerConfig(), log=logs.append)
-    assert first.dir == second.dir and len(logs) == 1  # tokenized once
+    misses = lambda: [x for x in logs if "(cache miss)" in x]  # noqa: E731
+    assert first.dir == second.dir and len(misses()) == 1  # tokenized once
     src.write_text("goodbye world\n" * 200)  # new content -> new cache entry
     third = prepare(data_cfg(tmp_path, src), TokenizerConfig(), log=logs.append)
-    assert third.dir != first.dir and len(logs) == 2
+    assert third.dir != first.dir and len(misses()) == 2
 
 
 def test_formats_and_documents_joined_with_eos(tmp_path):
@@ -189,3 +191,141 @@ def test_example_batches_cover_each_epoch_once():
     seen = np.concatenate([b.rows(s).ravel() for s in range(5)])
     assert sorted(seen.tolist()) == list(range(10))  # steps 0-4 = one epoch
     assert (b.rows(7) == ExampleBatches(ex, np.arange(10), "classification", 0, 2, 1, 3).rows(7)).all()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Streaming, sharded preparation
+
+
+def _small_blocks(monkeypatch):
+    """Read .txt files 4 KB at a time and cut 1024-token shards, so small corpora go through many of both."""
+    from llmctl import corpus
+
+    monkeypatch.setattr(corpus, "BLOCK_BYTES", 4096)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_text_file_read_in_pieces_gives_the_tokens_of_the_whole_file(tmp_path, monkeypatch, kind):
+    _small_blocks(monkeypatch)
+    text = SHAKESPEARE.read_text()[:60_000] + "  indented tail\n\n\n   spaces  "
+    (tmp_path / "t.txt").write_text(text)
+    td = prepare(data_cfg(tmp_path, tmp_path / "t.txt", val_fraction=0.0, shard_tokens=1024),
+                 TokenizerConfig(kind=kind, vocab_size=300))
+    whole = td.tokenizer.tk.encode(text, add_special_tokens=False).ids  # the file tokenized as one string
+    assert td.train[:].tolist() == whole
+    sizes = [s["tokens"] for s in json.loads((td.dir / "index.json").read_text())["shards"]]
+    assert len(sizes) > 5 and all(n >= 1024 for n in sizes[:-1])  # shards close at the first piece past the size
+
+
+def test_more_formats_compressed_json_array_glob_and_parquet_folder(tmp_path):
+    import gzip
+
+    import datasets
+
+    rows = [{"text": "alpha beta"}, {"text": ""}, {"text": "gamma"}]
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    shards = tmp_path / "pq"
+    shards.mkdir()
+    for i in range(3):
+        datasets.Dataset.from_dict({"text": [f"doc {i} a", f"doc {i} b"]}).to_parquet(str(shards / f"{i}.parquet"))
+    for path, want in ((tmp_path / "a.jsonl.gz", "alpha beta<eos>gamma"), (tmp_path / "b.json", "alpha beta<eos>gamma"),
+                       (shards, "doc 0 a<eos>doc 0 b<eos>doc 1 a<eos>doc 1 b<eos>doc 2 a<eos>doc 2 b"),
+                       (str(shards / "[02].parquet"), "doc 0 a<eos>doc 0 b<eos>doc 2 a<eos>doc 2 b")):
+        td = prepare(data_cfg(tmp_path, path, val_fraction=0.0), TokenizerConfig())
+        assert td.tokenizer.decode(td.train[:].tolist(), skip_special=False) == want, path
+
+
+def test_hub_datasets_stream(tmp_path):
+    """hf:NAME goes through datasets' streaming mode; a local dataset folder stands in for the hub."""
+    hub = tmp_path / "hubdata"
+    hub.mkdir()
+    (hub / "train.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(50)))
+    td = prepare(data_cfg(tmp_path, f"hf:{hub}", val_fraction=0.0, shard_tokens=1024), TokenizerConfig())
+    text = td.tokenizer.decode(td.train[:].tolist(), skip_special=False)
+    assert text.startswith("row 0<eos>row 1<eos>") and text.endswith("row 49") and td.manifest["documents"] == 50
+
+
+def test_an_interrupted_preparation_resumes_from_its_last_complete_shard(tmp_path, monkeypatch):
+    from llmctl import shards
+
+    _small_blocks(monkeypatch)
+    corpus_file = tmp_path / "c.txt"
+    corpus_file.write_text(SHAKESPEARE.read_text()[:80_000])
+    cfg = data_cfg(tmp_path, corpus_file, shard_tokens=4096)
+    full = prepare(data_cfg(tmp_path / "other", corpus_file, shard_tokens=4096), TokenizerConfig())
+    real_write, written = shards.ShardWriter._write, []
+
+    def write_then_die(self, cursor, bytes_read):
+        real_write(self, cursor, bytes_read)
+        written.append(1)
+        if len(written) == 5:
+            raise KeyboardInterrupt  # as a Ctrl-C between two shards would
+
+    monkeypatch.setattr(shards.ShardWriter, "_write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, TokenizerConfig())
+    monkeypatch.setattr(shards.ShardWriter, "_write", real_write)
+    tokens_root = tmp_path / "cache" / "tokens"
+    assert not list(tokens_root.rglob("manifest.json"))  # nothing complete-looking
+    logs: list[str] = []
+    again = prepare(cfg, TokenizerConfig(), log=logs.append)
+    assert any("resuming the interrupted preparation after shard 4" in x for x in logs), logs
+    assert again.train[:].tolist() == full.train[:].tolist() and again.val[:].tolist() == full.val[:].tolist()
+    assert [json.loads((again.dir / "index.json").read_text())["shards"][i]["sha256"] for i in range(3)] == \
+        [json.loads((full.dir / "index.json").read_text())["shards"][i]["sha256"] for i in range(3)]
+
+
+def test_reading_errors_name_the_file_and_the_place(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 ol\u00e9\n".encode("latin-1"))
+    with pytest.raises(LlmctlError, match=r"latin1.txt is not UTF-8 text \(the bytes at offset 3 "):
+        prepare(data_cfg(tmp_path, tmp_path / "latin1.txt"), TokenizerConfig())
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
+    with pytest.raises(LlmctlError, match="bad.jsonl line 2 is not valid JSON"):
+        prepare(data_cfg(tmp_path, tmp_path / "bad.jsonl"), TokenizerConfig())
+    (tmp_path / "fake.jsonl.gz").write_text('{"text": "not compressed"}\n')
+    with pytest.raises(LlmctlError, match="named .gz but is not gzip"):
+        prepare(data_cfg(tmp_path, tmp_path / "fake.jsonl.gz"), TokenizerConfig())
+    with pytest.raises(LlmctlError, match="matches no file"):
+        resolve_source(str(tmp_path / "*.nothing"), DataConfig())
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n{"text": null}\n')
+    with pytest.raises(LlmctlError, match="holds no text"):
+        prepare(data_cfg(tmp_path, tmp_path / "empty.jsonl"), TokenizerConfig(kind="char"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_prepare_then_the_same_command_resumes_and_equals_an_uninterrupted_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = SHAKESPEARE.read_text()
+    rows = "".join(json.dumps({"text": p}) + "\n" for p in text.split("\n\n") if p.strip())
+    src = tmp_path / "big.jsonl"
+    src.write_text(rows * 8)  # ~9 MB, ~8.6M char tokens
+
+    def cmd(cache):
+        return [sys.executable, "-m", "llmctl", "prepare", "--set", f"data.path={src}", "--set",
+                "data.shard_tokens=500000", "--set", f"data.cache_dir={cache}", "--json"]
+
+    p = subprocess.Popen(cmd(tmp_path / "c1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        index = next((tmp_path / "c1" / "tokens").glob(".build-*/index.json"), None) \
+            if (tmp_path / "c1" / "tokens").exists() else None
+        if index is not None and len(json.loads(index.read_text())["shards"]) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    again = subprocess.run(cmd(tmp_path / "c1"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming the interrupted preparation after shard" in again.stderr
+    whole = subprocess.run(cmd(tmp_path / "c2"), capture_output=True, text=True, timeout=300)
+    a, b = json.loads(again.stdout), json.loads(whole.stdout)
+    shas = [json.loads((Path(r["cache"]) / "index.json").read_text())["shards"] for r in (a, b)]
+    assert [s["sha256"] for s in shas[0]] == [s["sha256"] for s in shas[1]] and len(shas[0]) > 3
+    assert a["train_tokens"] == b["train_tokens"] and a["documents"] == b["documents"]

@@ -55,6 +55,30 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert len(losses(full)) == 12
 
 
+def test_training_on_many_tiny_shards_equals_one_file_and_resumes_exactly(tmp_path, monkeypatch):
+    """The blocks of step k are the same whatever the sharding (reads cross shard boundaries), and a run on sharded
+    data stopped and resumed gives the uninterrupted losses."""
+    from llmctl import corpus
+
+    one = tmp_path / "one"
+    commands.pretrain(None, SMALL, one)
+    monkeypatch.setattr(corpus, "BLOCK_BYTES", 4096)  # pieces of 4 KB, so shards of ~4k tokens
+    monkeypatch.setenv("LLMCTL_CACHE_DIR", str(tmp_path / "cache"))
+    sharded = [*SMALL, "data.shard_tokens=1024", f"data.cache_dir={tmp_path / 'cache'}"]
+    many = tmp_path / "many"
+
+    def stop_at_5(state):
+        if state.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(LlmctlError):
+        commands.pretrain(None, sharded, many, on_step=stop_at_5)
+    commands.pretrain(None, sharded, many, resume=True)
+    manifests = list((tmp_path / "cache" / "tokens").glob("*/manifest.json"))
+    assert len(json.loads(manifests[0].read_text())["shards"]) > 100
+    assert losses(many) == losses(one)
+
+
 def test_diverged_run_exits_3_and_keeps_last_checkpoint(tmp_path):
     out = tmp_path / "nan"
 

@@ -109,6 +109,7 @@ def run_training(plan: TrainPlan, out: Path, reporter: Reporter, log: Log, resum
         _train_locked(plan, out, reporter, log, resume_state, on_step)
         distributed.finish(plan.dist)
         return None
+    estimate.preflight(unwrap(plan.model), plan.cfg, plan.device, plan.amp, plan.dist, plan.task.teacher)
     rundir.preflight(out, plan.model)
     # MFU in the progress bar and the summary: training FLOPs per token over the device's peak
     flops = estimate.task_flops(plan.task, plan.cfg)["train"]
