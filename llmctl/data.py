@@ -54,7 +54,8 @@ def load_table(source: Source, cfg: DataConfig, key: str = "data.path"):
     hf_cache = str(Path(cfg.cache_dir).expanduser() / "hf")
     try:
         if source.builder == "hub":
-            return datasets.load_dataset(source.hub_name, cfg.hf_config, split=cfg.hf_split, cache_dir=hf_cache)
+            return datasets.load_dataset(source.hub_name, cfg.hf_config, split=cfg.hf_split, cache_dir=hf_cache,
+                                         revision=cfg.hf_revision)
         kwargs = {}
         if source.builder == "text":
             kwargs["sample_by"] = "document"  # one row per file: keeps line breaks

@@ -31,9 +31,15 @@ def runs(tmp_path_factory, runner) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     corpus = root / "shakespeare-300k.txt"
     corpus.write_text(SHAKESPEARE.read_text()[:300_000])
-    return {"llama": _train(runner, root / "llama", corpus, "model.arch=llama", "model.n_head=4", "model.n_kv_head=2",
-                            "model.n_embd=64", "model.block_size=96", "model.vocab_multiple=64"),
-            "gpt2": _train(runner, root / "gpt2", corpus, "model.activation=gelu_tanh", "model.block_size=96")}
+    out = {"llama": _train(runner, root / "llama", corpus, "model.arch=llama", "model.n_head=4", "model.n_kv_head=2",
+                           "model.n_embd=64", "model.block_size=96", "model.vocab_multiple=64"),
+           "gpt2": _train(runner, root / "gpt2", corpus, "model.activation=gelu_tanh", "model.block_size=96")}
+    # a head-pruned llama: 2 heads of 16 channels in a width of 64 (model.head_dim; GGUF key/value length)
+    r = invoke(runner, "prune", "--ckpt", out["llama"], "--data", corpus, "--samples", "16", "--set", "model.n_head=2",
+               "--out", root / "llama-head-dim", "--quiet")
+    assert r.exit_code == 0, r.output
+    out["llama-head-dim"] = root / "llama-head-dim"
+    return out
 
 
 def _export(runner, run: Path, out: Path, outtype: str = "f32") -> Path:
@@ -141,12 +147,12 @@ def test_llama_cpp_tokenizes_and_generates_as_llmctl(runs, runner, tmp_path):
     from llmctl.generate import generate
     from llmctl.loading import load_model
 
-    for arch in ("llama", "gpt2"):
+    for arch in ("llama", "gpt2", "llama-head-dim"):
         loaded = load_model(runs[arch], "cpu")
         tok = loaded.tokenizer
         prompt = tok.encode("First Citizen:\n")
         want = list(generate(loaded.model, prompt, 50, temperature=0, eos_id=tok.eos_id))
-        for outtype in ("f32", "q8_0"):
+        for outtype in ("f32", "q8_0") if arch != "llama-head-dim" else ("f32",):
             path = _export(runner, runs[arch], tmp_path / f"{arch}-{outtype}.gguf", outtype)
             r = subprocess.run([sys.executable, "-c", LLAMA_CPP, str(path), str(loaded.cfg.model.block_size),
                                 PARAGRAPH, json.dumps(prompt), str(tok.eos_id)], capture_output=True, text=True,

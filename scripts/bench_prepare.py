@@ -1,0 +1,318 @@
+#!/usr/bin/env python
+"""Data preparation at scale, side by side: `llmctl prepare` vs a hand-written reference, same tokenizer.json.
+
+The reference is what a careful engineer writes by hand: stream the corpus through `tokenizers`' `encode_batch`
+into one flat uint16 file (a .txt in 4 MB blocks cut before a line that starts with a non-space character, so the
+tokens are the whole file's; JSONL and parquet rows as documents joined by <eos>). Each side runs in its own
+process, back to back, on a cold token cache, with the load average printed; peak memory is the largest sum of
+anonymous resident memory (RssAnon: memory-mapped file pages not counted) over the whole process tree, sampled
+every 50 ms. The token files must be identical (sha256 of llmctl's shards concatenated against the reference's
+file).
+
+Corpora (generated under --work, never committed): Tiny Shakespeare repeated to SIZE as .txt, as .jsonl (a
+paragraph a row) and as a folder of 8 parquet shards; and "real" text of the same size built from the Python
+sources and documentation on this machine (a realistic vocabulary: its distinct-word count is reported). The BPE
+tokenizer (4096 tokens) is trained once per corpus by llmctl (timed, with its peak memory) and then given to both
+sides as tokenizer.path. Figures go to benchmarks/prepare.json.
+
+    python scripts/bench_prepare.py --size-mb 200                # the 200 MB cases (.txt BPE: 3 alternating rounds)
+    python scripts/bench_prepare.py --size-mb 200 --big-mb 2000  # and the 2 GB .txt BPE case (about an hour in all)
+    python scripts/bench_prepare.py --size-mb 20 --rounds 1      # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The reference
+
+
+def line_cut(text: str) -> int:
+    i = text.rfind("\n", 0, len(text) - 1)
+    while i != -1 and text[i + 1].isspace():
+        i = text.rfind("\n", 0, i)
+    return i + 1 if i != -1 else -1
+
+
+def reference(kind: str, path: str, tokenizer: str, out: str) -> None:
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(tokenizer)
+    eos = tk.token_to_id("<eos>")
+    f_out = open(out, "wb")
+
+    def write(batch: list[str], docs: bool, first: list[bool]) -> None:
+        for enc in tk.encode_batch(batch, add_special_tokens=False):
+            ids = enc.ids
+            if docs:
+                if not ids:
+                    continue
+                if not first[0]:
+                    ids = [eos] + ids
+                first[0] = False
+            np.asarray(ids, dtype=np.uint16).tofile(f_out)
+
+    first = [True]
+    if kind == "txt":
+        with open(path, encoding="utf-8", newline="") as f:  # (newline="": \r\n stays as it is in the file)
+            carry, batch = "", []
+            while True:
+                block = f.read(4 << 20)
+                text = carry + block
+                if not block:
+                    batch.append(text)
+                    break
+                cut = line_cut(text)
+                if cut <= 0:
+                    carry = text
+                    continue
+                pieces, carry = text[:cut], text[cut:]
+                batch.append(pieces)
+                if len(batch) >= 2:
+                    write(batch, False, first)
+                    batch = []
+            write(batch, False, first)
+    elif kind == "jsonl":
+        with open(path, encoding="utf-8") as f:
+            batch: list[str] = []
+            for line in f:
+                if line.strip():
+                    batch.append(json.loads(line)["text"] or "")
+                if len(batch) >= 4096:
+                    write(batch, True, first)
+                    batch = []
+            write(batch, True, first)
+    else:  # a folder of parquet shards
+        import pyarrow.parquet as pq
+
+        for shard in sorted(Path(path).glob("*.parquet")):
+            for rb in pq.ParquetFile(shard).iter_batches(columns=["text"], batch_size=4096):
+                write([t or "" for t in rb.column(0).to_pylist()], True, first)
+    f_out.close()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def tree_anon_kb(pid: int) -> int:
+    """RssAnon summed over `pid` and all its descendants (kB)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1])
+            for t in Path(f"/proc/{p}/task").iterdir():
+                kids = (t / "children").read_text().split()
+                todo += [int(k) for k in kids]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def run(cmd: list[str], env: dict | None = None) -> dict:
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ,
+                                                                                              **(env or {})})
+    peak = [0]
+
+    def sample() -> None:
+        while p.poll() is None:
+            peak[0] = max(peak[0], tree_anon_kb(p.pid))
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = p.communicate()
+    th.join()
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
+    return {"wall_s": wall, "peak_anon_mb": peak[0] / 1024, "stdout": out, "stderr": err}
+
+
+def sha_of(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Corpora
+
+
+def shakespeare_txt(path: Path, mb: int) -> Path:
+    if not path.exists():
+        text = SHAKESPEARE.read_text()
+        with open(path, "w") as f:
+            for _ in range(mb * 1_000_000 // len(text) + 1):
+                f.write(text)
+    return path
+
+
+def real_txt(path: Path, mb: int) -> tuple[Path, int]:
+    """Python sources and docs on this machine (the standard library, then site-packages), to `mb` megabytes."""
+    if not path.exists():
+        roots = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"]), Path("/usr/share/doc")]
+        need, parts = mb * 1_000_000, []
+        with open(path, "w", encoding="utf-8") as f:
+            while need > 0:  # loop over the files again if they are fewer than asked
+                for root in roots:
+                    for g in sorted(root.rglob("*")):
+                        if need <= 0:
+                            break
+                        if g.suffix in (".py", ".md", ".rst", ".txt") and g.is_file():
+                            try:
+                                t = g.read_text(encoding="utf-8")
+                            except (OSError, UnicodeDecodeError):
+                                continue
+                            f.write(t + "\n")
+                            need -= len(t.encode()) + 1
+                    parts.append(root)
+    words: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for _ in range(200_000):  # distinct words of the first 200k lines (a set of all would be large)
+            line = f.readline()
+            if not line:
+                break
+            words.update(line.split())
+    return path, len(words)
+
+
+def as_jsonl(txt: Path, path: Path) -> Path:
+    if not path.exists():
+        text = txt.read_text()
+        with open(path, "w") as f:
+            for para in text.split("\n\n"):
+                if para.strip():
+                    f.write(json.dumps({"text": para}) + "\n")
+    return path
+
+
+def as_parquet(jsonl: Path, folder: Path, shards: int = 8) -> Path:
+    if not folder.exists():
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        folder.mkdir()
+        rows = [json.loads(x)["text"] for x in jsonl.read_text().splitlines()]
+        per = len(rows) // shards + 1
+        for i in range(shards):
+            pq.write_table(pa.table({"text": rows[i * per:(i + 1) * per]}), folder / f"part-{i:03d}.parquet")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=int, default=200)
+    ap.add_argument("--big-mb", type=int, default=0, help="also the .txt BPE case at this size (0: skip)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the .txt BPE case")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/llmctl-bench-prepare"))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "prepare.json")
+    ap.add_argument("--reference", nargs=4, metavar=("KIND", "PATH", "TOKENIZER", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.reference:
+        reference(*args.reference)
+        return
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    mb = args.size_mb
+    txt = shakespeare_txt(work / f"shakespeare-{mb}mb.txt", mb)
+    jsonl = as_jsonl(txt, work / f"shakespeare-{mb}mb.jsonl")
+    pq_dir = as_parquet(jsonl, work / f"shakespeare-{mb}mb-parquet")
+    real, distinct = real_txt(work / f"real-{mb}mb.txt", mb)
+    cases = [("txt", txt, "bpe", args.rounds), ("txt", txt, "char", 1), ("jsonl", jsonl, "bpe", 1),
+             ("jsonl", jsonl, "char", 1), ("parquet", pq_dir, "bpe", 1), ("parquet", pq_dir, "char", 1),
+             ("txt", real, "bpe", 1)]
+    if args.big_mb:
+        cases.append(("txt", shakespeare_txt(work / f"shakespeare-{args.big_mb}mb.txt", args.big_mb), "bpe", 1))
+    llmctl = [sys.executable, "-m", "llmctl"]
+    results = []
+    tokenizers: dict = {}
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    for kind, path, tok_kind, rounds in cases:
+        name = f"{path.name} {tok_kind}"
+        tok_key = (str(path), tok_kind)
+        if tok_key not in tokenizers:  # train the tokenizer once (timed): llmctl's own BPE training at scale
+            cache = work / f"cache-tok-{len(tokenizers)}"
+            r = run([*llmctl, "prepare", "--set", f"data.path={path}", "--set", f"tokenizer.kind={tok_kind}",
+                     "--set", "tokenizer.vocab_size=4096", "--set", f"data.cache_dir={cache}", "--json"])
+            tok_file = next((cache / "tokenizers").glob("*/tokenizer.json"))
+            tokenizers[tok_key] = (tok_file, r)
+            print(f"{name}: tokenizer + first prepare {r['wall_s']:.1f}s, peak {r['peak_anon_mb']:.0f} MB", flush=True)
+        tok_file, first = tokenizers[tok_key]
+        rows = []
+        for i in range(rounds):
+            load = os.getloadavg()
+            cache = work / f"cache-run-{os.getpid()}-{len(results)}-{i}"
+            ours = run([*llmctl, "prepare", "--set", f"data.path={path}", "--set", f"tokenizer.path={tok_file}",
+                        "--set", f"data.cache_dir={cache}", "--json"])
+            ref_out = work / "reference.bin"
+            ref = run([sys.executable, __file__, "--reference", kind, str(path), str(tok_file), str(ref_out)])
+            manifest = json.loads(ours["stdout"])
+            shard_files = [Path(manifest["cache"]) / s for s in manifest["shards"]]
+            tokens = manifest["train_tokens"] + manifest["val_tokens"]
+            same = sha_of(shard_files) == sha_of([ref_out])
+            row = {"load_average": load, "llmctl_wall_s": ours["wall_s"], "reference_wall_s": ref["wall_s"],
+                   "llmctl_peak_anon_mb": ours["peak_anon_mb"], "reference_peak_anon_mb": ref["peak_anon_mb"],
+                   "tokens": tokens, "identical_tokens": same, "shards": len(shard_files)}
+            rows.append(row)
+            print(f"{name} round {i + 1}: llmctl {ours['wall_s']:.1f}s {ours['peak_anon_mb']:.0f} MB | reference "
+                  f"{ref['wall_s']:.1f}s {ref['peak_anon_mb']:.0f} MB | {tokens:,} tokens, identical={same} "
+                  f"| load {load[0]:.2f}", flush=True)
+            ref_out.unlink()
+            subprocess.run(["rm", "-rf", str(cache)])
+        med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
+        results.append({
+            "corpus": path.name, "format": kind, "tokenizer": tok_kind, "bytes": sum(
+                f.stat().st_size for f in ([path] if path.is_file() else path.glob("*.parquet"))),
+            "rounds": rounds, "tokens": rows[0]["tokens"], "shards": rows[0]["shards"],
+            "llmctl_wall_s": med("llmctl_wall_s"), "reference_wall_s": med("reference_wall_s"),
+            "llmctl_tokens_per_s": rows[0]["tokens"] / med("llmctl_wall_s"),
+            "reference_tokens_per_s": rows[0]["tokens"] / med("reference_wall_s"),
+            "speed_vs_reference": med("reference_wall_s") / med("llmctl_wall_s"),
+            "llmctl_peak_anon_mb": max(r["llmctl_peak_anon_mb"] for r in rows),
+            "reference_peak_anon_mb": max(r["reference_peak_anon_mb"] for r in rows),
+            "identical_tokens": all(r["identical_tokens"] for r in rows),
+            "tokenizer_training_s": first["wall_s"] if tok_kind == "bpe" else None,
+            "tokenizer_training_peak_anon_mb": first["peak_anon_mb"] if tok_kind == "bpe" else None,
+            "distinct_words_first_200k_lines": distinct if path == real else None,
+            "rows": rows,
+        })
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"cpu_count": os.cpu_count(), "cases": results}, indent=2) + "\n")
+    print(f"\n{'corpus':32s} {'tok':5s} {'tokens':>12s} {'llmctl tok/s':>13s} {'ref tok/s':>11s} {'ratio':>6s} "
+          f"{'llmctl MB':>9s} {'ref MB':>7s} same")
+    for r in results:
+        print(f"{r['corpus']:32s} {r['tokenizer']:5s} {r['tokens']:12,d} {r['llmctl_tokens_per_s']:13,.0f} "
+              f"{r['reference_tokens_per_s']:11,.0f} {r['speed_vs_reference']:6.2f} {r['llmctl_peak_anon_mb']:9.0f} "
+              f"{r['reference_peak_anon_mb']:7.0f} {r['identical_tokens']}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
