@@ -185,6 +185,11 @@ class Tokens:
             parts.append(self.maps[s][max(a, off) - off: min(b, int(self.bounds[s + 1])) - off])
         return np.concatenate(parts)
 
+    def chunks(self, size: int = 1 << 24):
+        """The tokens in consecutive arrays of at most `size` (to scan them in bounded memory)."""
+        for a in range(0, len(self), size):
+            yield self[a: a + size]
+
     def __array__(self, dtype=None, copy=None):
         out = self._read(self.start, self.stop)
         return out.astype(dtype) if dtype is not None else out

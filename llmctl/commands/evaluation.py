@@ -85,7 +85,7 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
 def _warn_unseen(tok, tokens, data: str, cfg: DataConfig, warn: Log) -> None:
     """One warning line naming the characters of the --data file that became <unk>. The token ids (cached) say
     whether there are any; only then is the text read again to name them."""
-    if tok.unk_id is None or not (tokens == tok.unk_id).any():
+    if tok.unk_id is None or not any((c == tok.unk_id).any() for c in tokens.chunks()):
         return
     d = DataConfig(**{**cfg.__dict__, "path": data, "val_path": None, "val_fraction": 0.0})  # as tokenize_file reads it
     texts = load_texts(resolve_source(data, d, "--data"), d, key="--data")["text"]
