@@ -142,16 +142,16 @@ class Tokenizer:
     def pieces(self, text: str, size: int = PIECE_CHARS) -> list[str]:
         """`text` cut into pieces of about `size` characters whose ids, concatenated, are the ids of the whole.
 
-        Cuts go before a line that starts with a non-space character. A character tokenizer could be cut anywhere
-        but for its special tokens spelled out in the text (no newline in them); GPT-2-style byte-level BPE (a
-        ByteLevel pre-tokenizer with its regex, no prefix space, no normalizer: llmctl's own and GPT-2's) has no
-        pre-token that spans a newline followed by a non-space. Any other tokenizer keeps the text whole."""
+        Cuts go after a single newline between two non-space characters (`safe_cut`). A character tokenizer could be
+        cut anywhere but for its special tokens spelled out in the text (no newline in them); GPT-2-style byte-level
+        BPE (a ByteLevel pre-tokenizer with its regex, no prefix space, no normalizer: llmctl's own and GPT-2's) has
+        no pre-token that spans such a newline. Any other tokenizer keeps the text whole."""
         if len(text) <= size or not self._cuts_at_lines:
             return [text]
         out, start = [], 0
         while len(text) - start > size:
             cut = text.find("\n", start + size - 1)
-            while cut != -1 and cut + 1 < len(text) and text[cut + 1].isspace():
+            while cut != -1 and not safe_cut(text, cut + 1):
                 cut = text.find("\n", cut + 1)
             if cut == -1 or cut + 1 >= len(text):
                 break
@@ -274,10 +274,18 @@ class Unseen:
                 f"became <unk> ({distinct}{shown}); the model reads nothing there")
 
 
+def safe_cut(text: str, at: int) -> bool:
+    """Whether `text` may be cut at `at`: right after a newline that has a non-space character on both sides. The
+    byte-level regex gives such a newline a pre-token of its own either way; next to other whitespace it would not
+    (two newlines ending a piece are one pre-token, but two before a word are two)."""
+    return (0 < at - 1 and at < len(text) and text[at - 1] == "\n" and not text[at - 2].isspace()
+            and not text[at].isspace())
+
+
 def line_cut(text: str) -> int:
-    """The index after the last newline of `text` that a non-space character follows (-1: none): no pre-token of
-    a character tokenizer or of GPT-2-style byte-level BPE spans such a cut."""
+    """The index of the last `safe_cut` of `text` (-1: none): no pre-token of a character tokenizer or of GPT-2-style
+    byte-level BPE spans it."""
     i = text.rfind("\n", 0, len(text) - 1)
-    while i != -1 and text[i + 1].isspace():
+    while i != -1 and not safe_cut(text, i + 1):
         i = text.rfind("\n", 0, i)
     return i + 1 if i != -1 else -1

@@ -2,8 +2,8 @@
 """Data preparation at scale, side by side: `llmctl prepare` vs a hand-written reference, same tokenizer.json.
 
 The reference is what a careful engineer writes by hand: stream the corpus through `tokenizers`' `encode_batch`
-into one flat uint16 file (a .txt in 4 MB blocks cut before a line that starts with a non-space character, so the
-tokens are the whole file's; JSONL and parquet rows as documents joined by <eos>). Each side runs in its own
+into one flat uint16 file (a .txt in 4 MB blocks cut after a newline with a non-space character on both sides, so
+the tokens are the whole file's; JSONL and parquet rows as documents joined by <eos>). Each side runs in its own
 process, back to back, on a cold token cache, with the load average printed; peak memory is the largest sum of
 anonymous resident memory (RssAnon: memory-mapped file pages not counted) over the whole process tree, sampled
 every 50 ms. The token files must be identical (sha256 of llmctl's shards concatenated against the reference's
@@ -43,8 +43,9 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def line_cut(text: str) -> int:
+    """The last newline with a non-space character on both sides (where the byte-level regex cannot differ)."""
     i = text.rfind("\n", 0, len(text) - 1)
-    while i != -1 and text[i + 1].isspace():
+    while i != -1 and (i == 0 or text[i - 1].isspace() or text[i + 1].isspace()):
         i = text.rfind("\n", 0, i)
     return i + 1 if i != -1 else -1
 

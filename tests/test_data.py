@@ -207,10 +207,14 @@ def _small_blocks(monkeypatch):
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_a_text_file_read_in_pieces_gives_the_tokens_of_the_whole_file(tmp_path, monkeypatch, kind):
     _small_blocks(monkeypatch)
-    text = SHAKESPEARE.read_text()[:60_000] + "  indented tail\n\n\n   spaces  "
+    # blank lines before names ("\n\nROMEO:"), where a cut would change a BPE token (see safe_cut), and blank lines
+    # before indented ones, so that the tokenizer learns the merge of two newlines
+    paras = SHAKESPEARE.read_text()[:60_000].split("\n\n")
+    text = "".join(p + ("\n\n  " if i % 2 else "\n\n") for i, p in enumerate(paras)) + "tail\n\n\n   spaces  "
     (tmp_path / "t.txt").write_text(text)
     td = prepare(data_cfg(tmp_path, tmp_path / "t.txt", val_fraction=0.0, shard_tokens=1024),
-                 TokenizerConfig(kind=kind, vocab_size=300))
+                 TokenizerConfig(kind=kind, vocab_size=1000))
+    assert kind == "char" or td.tokenizer.token_to_id("\u010a\u010a") is not None  # the merge of two newlines
     whole = td.tokenizer.tk.encode(text, add_special_tokens=False).ids  # the file tokenized as one string
     assert td.train[:].tolist() == whole
     sizes = [s["tokens"] for s in json.loads((td.dir / "index.json").read_text())["shards"]]
@@ -329,3 +333,16 @@ def test_sigkill_mid_prepare_then_the_same_command_resumes_and_equals_an_uninter
     shas = [json.loads((Path(r["cache"]) / "index.json").read_text())["shards"] for r in (a, b)]
     assert [s["sha256"] for s in shas[0]] == [s["sha256"] for s in shas[1]] and len(shas[0]) > 3
     assert a["train_tokens"] == b["train_tokens"] and a["documents"] == b["documents"]
+
+
+def test_cuts_never_split_a_run_of_newlines(tmp_path, monkeypatch):
+    """A blank line before a word ("\\n\\nROMEO") is two pre-tokens in the whole text but one at the end of a piece;
+    the reader must not cut there (only after a newline with a non-space character on both sides)."""
+    _small_blocks(monkeypatch)
+    unit = "lorem ipsum dolor " * 40 + "\n\nROMEO said " + "amet " * 20 + "\n\n\n  indented " + "end\nnext "
+    text = unit * 60
+    (tmp_path / "c.txt").write_text(text)
+    td = prepare(data_cfg(tmp_path, tmp_path / "c.txt", val_fraction=0.0), TokenizerConfig(kind="bpe",
+                                                                                           vocab_size=400))
+    assert td.tokenizer.token_to_id("\u010a\u010a") is not None  # the merge of two newlines exists
+    assert td.train[:].tolist() == td.tokenizer.tk.encode(text, add_special_tokens=False).ids
