@@ -175,6 +175,22 @@ def test_ddp_two_processes_log_the_losses_of_one(tmp_path, single):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_distillation_in_two_processes_logs_the_losses_of_one(tmp_path, single, parallel):
+    """finetune.task=distill under torchrun: the student is wrapped as usual, every rank holds the whole teacher."""
+    kd = ["finetune.task=distill", f"finetune.teacher={single}", "finetune.distill_alpha=0.7", "train.max_steps=6",
+          "train.eval_interval=0"]
+    one = tmp_path / "one"
+    commands.finetune(None, [*BASE, "train.batch_size=8", *kd], single, one)
+    two = tmp_path / "two"
+    r = torchrun("finetune", "--from", str(single), *sets(*BASE, "train.batch_size=4", f"train.parallel={parallel}",
+                                                          *kd), "--out", str(two), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_losses(losses(one), losses(two), range(1, 7))
+    assert json.loads(r.stdout)["world_size"] == 2
+
+
+@pytest.mark.slow
 def test_fsdp_two_processes_log_the_losses_of_one(single, fsdp_run):
     out, r = fsdp_run
     assert_same_losses(losses(single), losses(out), range(1, 21))
