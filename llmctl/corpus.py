@@ -32,7 +32,6 @@ from typing import Callable, Iterator, Optional
 from .config import DataConfig
 from .errors import LlmctlError
 from .fileio import sha256_file
-from .tokenizer import line_cut  # noqa: F401  (the cut for text read before a tokenizer exists)
 
 FORMATS = {  # file suffix -> how it is read (a compression suffix after it is allowed: .jsonl.gz, .txt.zst)
     ".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",

@@ -36,7 +36,7 @@ from .corpus import Source, download, resolve_source  # noqa: F401  (the data mo
 from .errors import LlmctlError
 from .fileio import read_jsonl, temp_dir
 from .shards import INDEX, Index, ShardWriter, Tokens
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, line_cut
 
 FORMAT_VERSION = 2  # 2: sharded token files (1: train.npy / val.npy, never reused: see prepare)
 
@@ -121,7 +121,7 @@ def _training_sample(source: Source, cfg: DataConfig, limit: Optional[int], seed
     total = source.total_bytes()
     keep = 1.0 if limit is None or total is None or total <= limit else limit / total
     rng, taken = random.Random(seed), 0
-    for piece in corpus.pieces(source, cfg, corpus.line_cut):
+    for piece in corpus.pieces(source, cfg, line_cut):
         if piece.text and (keep >= 1.0 or rng.random() < keep):
             yield piece.text
             taken += len(piece.text)
@@ -253,10 +253,9 @@ def _build_lock(directory: Path):
     return fh
 
 
-def _resume_index(build: Path, name: str, log: Callable[[str], None]) -> Optional[Index]:
+def _resume_index(build: Path, name: str, prefix: str) -> Optional[Index]:
     """The complete shards of an earlier, interrupted build (their files checked by size); the rest is removed."""
     index = Index.load(build, name)
-    prefix = name.split("-")[0] if name != INDEX else "shard"
     if index is not None:
         good = []
         for s in index.shards:
@@ -275,7 +274,7 @@ def _resume_index(build: Path, name: str, log: Callable[[str], None]) -> Optiona
 def _stream_to_shards(build: Path, source: Source, cfg: DataConfig, tok: Tokenizer, prefix: str, index_name: str,
                       key: str, log: Callable[[str], None]) -> Index:
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-    index = _resume_index(build, index_name, log)
+    index = _resume_index(build, index_name, prefix)
     start = corpus.Cursor()
     if index is not None:
         last = index.shards[-1]
