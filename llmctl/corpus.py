@@ -177,29 +177,37 @@ class Piece:
 
 
 def _open_binary(f: Path, key: str):
-    """A binary stream of the file's content, decompressed when it is .gz or .zst."""
+    """(stream, raw): a binary stream of the file's content, decompressed when it is .gz or .zst, and the file on
+    disk under it (`raw.tell()`: how much of the file has been read, for progress)."""
     name = f.name.lower()
-    if name.endswith(".gz"):
-        with open(f, "rb") as fh:
-            if fh.read(2) != b"\x1f\x8b":
+    raw = open(f, "rb")
+    try:
+        if name.endswith(".gz"):
+            if raw.read(2) != b"\x1f\x8b":
                 raise LlmctlError(f"{key}: {f} is named .gz but is not gzip data; decompress it or fix its name")
-        return gzip.open(f, "rb")
-    if name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise LlmctlError(f"{key}: {f} is zstandard-compressed; install zstandard (pip install zstandard) or "
-                              "decompress it") from None
-        with open(f, "rb") as fh:
-            if fh.read(4) != b"\x28\xb5\x2f\xfd":
+            raw.seek(0)
+            return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+        if name.endswith(".zst"):
+            try:
+                import zstandard
+            except ImportError:
+                raise LlmctlError(f"{key}: {f} is zstandard-compressed; install zstandard (pip install zstandard) "
+                                  "or decompress it") from None
+            if raw.read(4) != b"\x28\xb5\x2f\xfd":
                 raise LlmctlError(f"{key}: {f} is named .zst but is not zstandard data; decompress it or fix its name")
-        return zstandard.ZstdDecompressor().stream_reader(open(f, "rb"), closefd=True)
-    return open(f, "rb")
+            raw.seek(0)
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=False)
+            return io.BufferedReader(reader, 1 << 20), raw
+        return raw, raw
+    except BaseException:
+        raw.close()
+        raise
 
 
-def _not_utf8(f: Path, offset: int, key: str) -> LlmctlError:
-    return LlmctlError(f"{key}: {f} is not UTF-8 text (the bytes at offset {offset:,} are not UTF-8); convert it, "
-                       "for example: iconv -f latin1 -t utf-8")
+def _not_utf8(f: Path, offset: int, key: str, line: Optional[int] = None) -> LlmctlError:
+    where = f"line {line} (byte offset {offset:,})" if line else f"the bytes at offset {offset:,}"
+    return LlmctlError(f"{key}: {f} is not UTF-8 text ({where} is not UTF-8); convert it, for example: "
+                       "iconv -f latin1 -t utf-8")
 
 
 def _text_pieces(f: Path, index: int, start: int, cut: Callable[[str], int], key: str,
@@ -207,9 +215,9 @@ def _text_pieces(f: Path, index: int, start: int, cut: Callable[[str], int], key
     """One .txt document from byte `start` on, in pieces cut where `cut(text)` says (the index after which the
     text may be cut, or -1): the whole of a file with no cut point is one piece."""
     compressed = f.name.lower().endswith(COMPRESSED)
-    stream = _open_binary(f, key)
+    stream, raw = _open_binary(f, key)
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    pos, read, carry = start, start, ""  # pos: the file offset where `carry` begins; read: bytes read so far
+    pos, read, carry = start, start, ""  # pos: the offset where `carry` begins; read: bytes read so far
     try:
         if start:
             if compressed:  # no seeking in a compressed stream: read past what was done
@@ -227,7 +235,7 @@ def _text_pieces(f: Path, index: int, start: int, cut: Callable[[str], int], key
                 raise _not_utf8(f, read - pending + e.start, key) from None
             read += len(block)
             if not block:
-                yield Piece(text, True, Cursor(index + 1, 0), consumed + read)
+                yield Piece(text, True, Cursor(index + 1, 0), consumed + raw.tell())
                 return
             at = cut(text)
             if at <= 0:  # nothing to cut at yet: keep reading
@@ -235,55 +243,56 @@ def _text_pieces(f: Path, index: int, start: int, cut: Callable[[str], int], key
                 continue
             head, carry = text[:at], text[at:]
             pos += len(head.encode("utf-8"))
-            yield Piece(head, False, Cursor(index, pos), consumed + pos)
+            yield Piece(head, False, Cursor(index, pos), consumed + raw.tell())
     finally:
         stream.close()
+        raw.close()
 
 
-def _json_rows(f: Path, start: int, column: str, key: str) -> Iterator[tuple[int, object]]:
-    """(row number, text value) of each JSON Lines row from row `start`; a .json file holding one array is read
-    whole."""
-    stream = io.TextIOWrapper(_open_binary(f, key), encoding="utf-8", errors="strict", newline="\n")
+def _json_rows(f: Path, start: int, column: str, key: str) -> Iterator[tuple[int, object, int]]:
+    """(row number, text value, bytes of the file read) of each JSON Lines row from row `start`; a .json file
+    holding one array is read whole. Lines are read as bytes and decoded one by one: rows before `start` are
+    skipped undecoded, and a line that is not UTF-8 is named with its byte offset."""
+    stream, raw = _open_binary(f, key)
     try:
-        first = ""
-        try:
-            while not first.strip():
-                first = stream.readline()
-                if not first:
-                    return
-                if not first.strip():
-                    first = ""
-        except UnicodeDecodeError as e:
-            raise _not_utf8(f, e.start, key) from None
-        if first.lstrip().startswith("[") and _format(f) == ".json":
-            try:
-                rows = json.loads(first + stream.read())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise LlmctlError(f"{key}: {f} is not valid JSON ({e}); fix the file") from None
-            for i, row in enumerate(rows):
-                if i >= start:
-                    yield i, _column(row, column, f, i + 1, key)
-            return
-        line_no, row_no = 0, 0
-        line = first
-        while line:
+        line_no, row_no, offset = 0, 0, 0  # offset: of the line's first byte in the (decompressed) content
+        for line in stream:
             line_no += 1
-            if line.strip():
-                if row_no >= start:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise LlmctlError(f"{key}: {f} line {line_no} is not valid JSON ({e.msg}); fix or remove "
-                                          "that line") from None
-                    yield row_no, _column(row, column, f, line_no, key)
-                row_no += 1
-            try:
-                line = stream.readline()
-            except UnicodeDecodeError:
-                raise LlmctlError(f"{key}: {f} line {line_no + 1} is not UTF-8 text; convert the file, for example: "
-                                  f"iconv -f latin1 -t utf-8") from None
+            at, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            if row_no == 0 and line.lstrip().startswith(b"[") and _format(f) == ".json":
+                yield from _json_array(f, line + stream.read(), start, column, key, raw)
+                return
+            if row_no >= start:
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _not_utf8(f, at + e.start, key, line_no) from None
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise LlmctlError(f"{key}: {f} line {line_no} is not valid JSON ({e.msg}); fix or remove "
+                                      "that line") from None
+                yield row_no, _column(row, column, f, line_no, key), raw.tell()
+            row_no += 1
     finally:
         stream.close()
+        raw.close()
+
+
+def _json_array(f: Path, content: bytes, start: int, column: str, key: str, raw) -> Iterator[tuple[int, object, int]]:
+    try:
+        rows = json.loads(content.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _not_utf8(f, e.start, key) from None
+    except json.JSONDecodeError as e:
+        raise LlmctlError(f"{key}: {f} is not valid JSON ({e}); fix the file") from None
+    if not isinstance(rows, list):
+        raise LlmctlError(f"{key}: {f} is one JSON value but not an array of rows; write one object per row")
+    for i, row in enumerate(rows):
+        if i >= start:
+            yield i, _column(row, column, f, i + 1, key), raw.tell()
 
 
 def _column(row, column: str, f: Path, line: int, key: str):
@@ -295,8 +304,9 @@ def _column(row, column: str, f: Path, line: int, key: str):
     return row[column]
 
 
-def _csv_rows(f: Path, start: int, column: str, tsv: bool, key: str) -> Iterator[tuple[int, object]]:
-    stream = io.TextIOWrapper(_open_binary(f, key), encoding="utf-8", errors="strict", newline="")
+def _csv_rows(f: Path, start: int, column: str, tsv: bool, key: str) -> Iterator[tuple[int, object, int]]:
+    binary, raw = _open_binary(f, key)
+    stream = io.TextIOWrapper(binary, encoding="utf-8", errors="strict", newline="")
     try:
         reader = csv.reader(stream, delimiter="\t" if tsv else ",",
                             quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)  # TSV corpora hold bare quotes
@@ -322,13 +332,14 @@ def _csv_rows(f: Path, start: int, column: str, tsv: bool, key: str) -> Iterator
             if row is None:
                 return
             if row_no >= start:
-                yield row_no, row[at] if at < len(row) else None
+                yield row_no, row[at] if at < len(row) else None, raw.tell()
             row_no += 1
     finally:
         stream.close()
+        raw.close()
 
 
-def _parquet_rows(f: Path, start: int, column: str, key: str) -> Iterator[tuple[int, object]]:
+def _parquet_rows(f: Path, start: int, column: str, key: str) -> Iterator[tuple[int, object, int]]:
     import pyarrow.parquet as pq
 
     try:
@@ -339,7 +350,7 @@ def _parquet_rows(f: Path, start: int, column: str, key: str) -> Iterator[tuple[
     names = pf.schema_arrow.names
     if column not in names:
         raise LlmctlError(f"{key}: no column '{column}' in {f} (columns: {', '.join(names)}); set data.text_column")
-    row0 = 0
+    row0, size = 0, f.stat().st_size
     for g in range(pf.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
         if row0 + n <= start:
@@ -350,9 +361,10 @@ def _parquet_rows(f: Path, start: int, column: str, key: str) -> Iterator[tuple[
         except Exception as e:
             raise LlmctlError(f"{key}: {f} row group {g} cannot be read ({str(e).splitlines()[0][:200]}); "
                               "the file is corrupt: replace or remove it") from None
+        done = size * (g + 1) // pf.num_row_groups  # (bytes read, for progress: row groups are of similar size)
         for i, v in enumerate(values):
             if row0 + i >= start:
-                yield row0 + i, v
+                yield row0 + i, v, done
         row0 += n
 
 
@@ -402,8 +414,8 @@ def pieces(source: Source, cfg: DataConfig, cut: Callable[[str], int], start: Cu
                 rows = _csv_rows(f, begin, column, _format(f) == ".tsv", key)
             else:
                 rows = _parquet_rows(f, begin, column, key)
-            for i, value in rows:
-                yield Piece(_text(value), True, Cursor(index, i + 1), consumed)
+            for i, value, read in rows:
+                yield Piece(_text(value), True, Cursor(index, i + 1), consumed + read)
             yield Piece("", False, Cursor(index + 1, 0), consumed + size)  # (the file is done: for the cursor)
         consumed += size
 

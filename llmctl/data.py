@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
-import torch
 
 from . import corpus
 from .chat import render_prompt
@@ -237,7 +236,7 @@ def _tokenize(source: Source, cfg: DataConfig, tok: Tokenizer, writer: ShardWrit
                     writer.add(ids, piece.doc_end)
                     writer.flush_if_full(piece.after, piece.bytes_read)
                     cursor = piece.after
-                progress(batch[j - 1].bytes_read, writer.index.tokens + writer.n)
+                progress(batch[j - 1].bytes_read, writer.index.tokens + writer.buffered)
                 i = j
     finally:
         done.set()
@@ -430,6 +429,7 @@ class LMBatches:
 
     def get(self, step: int) -> list[dict]:
         """The micro-batches of this rank for `step`, each {'input_ids': (B, T), 'labels': (B, T)}."""
+        import torch  # (here, not at the top: `llmctl prepare` starts without torch)
         out = []
         for micro in self.offsets(step)[:, self.rank]:
             rows = np.stack([self.tokens[o : o + self.T + 1] for o in micro]).astype(np.int64)  # (B, T+1)
@@ -449,6 +449,7 @@ def eval_blocks(tokens: np.ndarray, block_size: int, batch_size: int,
     Yields {'input_ids': (b, t), 'labels': (b, t)}; every token but the first is predicted exactly once.
     With `max_batches`, an evenly spaced subset of the full blocks is used (a cheaper estimate).
     """
+    import torch  # (here, not at the top: `llmctl prepare` starts without torch)
     n = len(tokens) - 1  # number of predictions
     if n < 1:
         return
@@ -584,6 +585,7 @@ def pad_batch(ex: Examples, rows: list[int] | np.ndarray, pad_id: int, kind: str
     classification: input_ids (B, T), lengths (B,), labels (B,)
     instruct:       input_ids (B, T), labels (B, T) shifted by one, -100 on prompt and padding
     """
+    import torch  # (here, not at the top: `llmctl prepare` starts without torch)
     seqs = [ex.ids[i] for i in rows]
     if kind == "classification":
         T = max(len(s) for s in seqs)
@@ -663,6 +665,7 @@ def packed_tokens(ex: Examples, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 def eval_batches(ex: Examples, indices, kind: str, pad_id: int, batch_size: int) -> Iterator[dict]:
     """Every chosen example once, in batches of similar length (less padding); order does not change the metrics."""
+    import torch  # (here, not at the top: `llmctl prepare` starts without torch)
     order = sorted(indices, key=lambda i: len(ex.ids[i]))
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]

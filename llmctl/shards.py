@@ -68,6 +68,9 @@ class Index:
             return None
 
 
+PENDING_IDS = 1 << 20
+
+
 class ShardWriter:
     """Token ids in, fixed-size shards out. `add` buffers ids; `flush_if_full` (called only where the reader could
     resume: after a whole piece) writes a shard once `shard_tokens` ids are buffered; `close` writes the rest.
@@ -82,25 +85,34 @@ class ShardWriter:
         self.need_eos = last.need_eos if last else False
         self.doc_open = last.doc_open if last else False
         self.buf = np.empty(shard_tokens + (1 << 16), dtype=self.dtype)
-        self.n = 0  # ids buffered
+        self.n = 0  # ids settled in `buf`
+        self.pending: list[int] = []  # ids not yet copied into `buf` (one numpy conversion per ~1M ids, not per piece)
         self.docs = 0  # documents finished since the last shard
+
+    @property
+    def buffered(self) -> int:
+        """Ids waiting for the next shard."""
+        return self.n + len(self.pending)
 
     def add(self, ids: list[int], doc_end: bool) -> None:
         """The ids of one piece of a document (`doc_end`: its last piece). Documents with no tokens leave nothing;
         the others are joined by one <eos>."""
         if ids:
             if self.need_eos:
-                self._put([self.eos])
+                self.pending.append(self.eos)
                 self.need_eos = False
-            self._put(ids)
+            self.pending.extend(ids)
             self.doc_open = True
+            if len(self.pending) >= PENDING_IDS:
+                self._settle()
         if doc_end:
             if self.doc_open:
                 self.need_eos, self.docs = True, self.docs + 1
             self.doc_open = False
 
-    def _put(self, ids) -> None:
-        a = np.asarray(ids, dtype=self.dtype)
+    def _settle(self) -> None:
+        a = np.array(self.pending, dtype=self.dtype)
+        self.pending = []
         if self.n + len(a) > len(self.buf):  # the piece that fills the shard overflows it: grow the buffer
             grown = np.empty(self.n + len(a) + (1 << 16), dtype=self.dtype)
             grown[: self.n] = self.buf[: self.n]
@@ -109,25 +121,30 @@ class ShardWriter:
         self.n += len(a)
 
     def flush_if_full(self, cursor, bytes_read: int) -> bool:
-        if self.n < self.size:
+        if self.buffered < self.size:
             return False
         self._write(cursor, bytes_read)
         return True
 
     def close(self, cursor, bytes_read: int) -> Index:
-        if self.n or not self.index.shards:
+        if self.buffered or not self.index.shards:
             self._write(cursor, bytes_read)
         return self.index
 
     def _write(self, cursor, bytes_read: int) -> None:
+        self._settle()
         i = len(self.index.shards)
         name = shard_name(i, self.prefix)
         data = self.buf[: self.n].astype("<" + self.dtype.str[1:], copy=False).tobytes()
         tmp = self.dir / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # (a full disk: the partial shard goes, which frees its space)
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.dir / name)
         self.index.shards.append(ShardInfo(name, self.n, self.docs, hashlib.sha256(data).hexdigest(),
                                            asdict(cursor), self.need_eos, self.doc_open))

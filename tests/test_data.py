@@ -227,14 +227,20 @@ def test_more_formats_compressed_json_array_glob_and_parquet_folder(tmp_path):
     import datasets
 
     rows = [{"text": "alpha beta"}, {"text": ""}, {"text": "gamma"}]
+    import zstandard
+
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
+    jsonl = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
+    (tmp_path / "d.txt.zst").write_bytes(zstandard.ZstdCompressor().compress("one\ntwo é\n".encode()))
     (tmp_path / "b.json").write_text(json.dumps(rows))
     shards = tmp_path / "pq"
     shards.mkdir()
     for i in range(3):
         datasets.Dataset.from_dict({"text": [f"doc {i} a", f"doc {i} b"]}).to_parquet(str(shards / f"{i}.parquet"))
     for path, want in ((tmp_path / "a.jsonl.gz", "alpha beta<eos>gamma"), (tmp_path / "b.json", "alpha beta<eos>gamma"),
+                       (tmp_path / "c.jsonl.zst", "alpha beta<eos>gamma"), (tmp_path / "d.txt.zst", "one\ntwo é\n"),
                        (shards, "doc 0 a<eos>doc 0 b<eos>doc 1 a<eos>doc 1 b<eos>doc 2 a<eos>doc 2 b"),
                        (str(shards / "[02].parquet"), "doc 0 a<eos>doc 0 b<eos>doc 2 a<eos>doc 2 b")):
         td = prepare(data_cfg(tmp_path, path, val_fraction=0.0), TokenizerConfig())

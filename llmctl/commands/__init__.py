@@ -13,30 +13,30 @@ def nolog(message: str) -> None:
     """The `log` of a command called without one."""
 
 
-from ..distributed import unwrap  # noqa: E402  (the submodules below import Log and nolog from here)
-from ..loading import Loaded, for_inference, load_model, load_weights  # noqa: E402
-from ..precision import resolve_amp, resolve_device  # noqa: E402
-from .compression import prune  # noqa: E402
-from .evaluation import evaluate, evaluate_tasks  # noqa: E402
-from .inference import (  # noqa: E402
-    ChatSession,
-    classify_texts,
-    complete_rows,
-    encode_prompt,
-    read_inputs,
-    read_prompt,
-    sampling,
-    stream,
-    write_outputs,
-)
-from .interop import export, import_hf  # noqa: E402
-from .serving import serve  # noqa: E402
-from .training import TrainPlan, describe, finetune, prepare, pretrain, show_config  # noqa: E402
+# Where each public name lives. They are imported on first use (PEP 562), so `llmctl prepare` and `llmctl config`
+# start without torch and the model code (about 3 s of start-up on a small machine).
+_HOMES = {
+    "unwrap": "..distributed",
+    "Loaded": "..loading", "for_inference": "..loading", "load_model": "..loading", "load_weights": "..loading",
+    "resolve_amp": "..precision", "resolve_device": "..precision",
+    "prune": ".compression",
+    "evaluate": ".evaluation", "evaluate_tasks": ".evaluation",
+    **dict.fromkeys(["ChatSession", "classify_texts", "complete_rows", "encode_prompt", "read_inputs", "read_prompt",
+                     "sampling", "stream", "write_outputs"], ".inference"),
+    "export": ".interop", "import_hf": ".interop",
+    "serve": ".serving",
+    "TrainPlan": ".training", "describe": ".training", "finetune": ".training", "pretrain": ".training",
+    "prepare": ".preparation", "show_config": ".preparation",
+}
 
-__all__ = [
-    "ChatSession", "Loaded", "Log", "nolog", "TrainPlan", "for_inference", "classify_texts",
-    "complete_rows", "describe", "encode_prompt", "evaluate", "evaluate_tasks", "export", "finetune", "import_hf",
-    "load_model", "load_weights", "prepare", "pretrain", "prune", "read_inputs", "read_prompt", "resolve_amp",
-    "resolve_device", "sampling",
-    "serve", "show_config", "stream", "unwrap", "write_outputs",
-]
+__all__ = ["Log", "nolog", *_HOMES]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
+    globals()[name] = value  # (found directly from now on)
+    return value

@@ -560,19 +560,3 @@ def _finetune(cfg: Config, base_ckpt: Optional[ckpt_io.Checkpoint], config: Opti
     if dry_run:
         return estimate.dry_run(plan, start_step=resume_state["loop"]["step"] if resume_state else 0, out=out)
     return run_training(plan, out, reporter, log, resume_state, on_step)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# prepare, infer, eval
-
-
-def prepare(config: Optional[Path], overrides: list[str], log: Log = nolog) -> dict:
-    """`llmctl prepare`: tokenize once into the cache; report what is there."""
-    cfg = load_config(config, overrides)
-    td = prepare_tokens(cfg.data, cfg.tokenizer, log=log)
-    return {"cache": str(td.dir), **td.manifest}
-
-
-
-def show_config(config: Optional[Path], overrides: list[str]) -> Config:
-    return load_config(config, overrides)
