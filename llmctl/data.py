@@ -22,7 +22,7 @@ import random
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -33,7 +33,7 @@ from .chat import render_prompt
 from .config import DataConfig, TokenizerConfig
 from .corpus import Source, download, resolve_source  # noqa: F401  (the data module's public names)
 from .errors import LlmctlError
-from .fileio import read_jsonl, temp_dir
+from .fileio import read_jsonl, temp_dir, write_atomic
 from .shards import INDEX, Index, ShardWriter, Tokens
 from .tokenizer import Tokenizer, line_cut
 
@@ -296,6 +296,46 @@ def _stream_to_shards(build: Path, source: Source, cfg: DataConfig, tok: Tokeniz
         raise
 
 
+BUILD_NOTE = "build.json"  # in a build folder: the source settings and identity it was started for
+
+
+def _sweep_abandoned(root: Path, log: Callable[[str], None]) -> None:
+    """Remove the build folders of interrupted preparations that no command can resume: their corpus has changed
+    or gone since (the cache key holds its identity, so the same command now builds under another key). A build
+    in progress holds its lock and is left alone, and so is one whose corpus is unchanged (run again, it resumes)."""
+    import fcntl
+
+    for build in root.glob(".build-*"):
+        try:
+            note = json.loads((build / BUILD_NOTE).read_text())
+            cfg = DataConfig(**note["data"])
+            if not any(_changed(path, identity, cfg) for path, identity in note["sources"]):
+                continue
+            with open(build / ".lock", "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (raises if a process is building it now)
+                size = sum(f.stat().st_size for f in build.iterdir() if f.is_file())
+                shutil.rmtree(build)
+            log(f"removed {build.name}, an interrupted preparation of {cfg.path} that cannot resume: the "
+                f"corpus has changed or gone since ({size / 1e6:,.1f} MB freed)")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # (no note: an older build, or one being created; locked: in progress)
+
+
+def _absolute(path: str) -> str:
+    """A local path or glob made absolute (a later command may run elsewhere); hub names and URLs as they are."""
+    return path if path.startswith(("hf:", "https://", "http://")) else os.path.abspath(os.path.expanduser(path))
+
+
+def _changed(path: str, identity: str, cfg: DataConfig) -> bool:
+    """Whether a local corpus no longer has `identity` (hub datasets and URLs are named, not stat-ed: never)."""
+    if path.startswith(("hf:", "https://", "http://")):
+        return False
+    try:
+        return resolve_source(path, cfg, "").identity(cfg) != identity
+    except LlmctlError:  # gone
+        return True
+
+
 def _old_caches(root: Path) -> bool:
     return root.is_dir() and any((d / "train.npy").exists() for d in root.iterdir() if d.is_dir())
 
@@ -322,6 +362,7 @@ def prepare(
     root = Path(data.cache_dir).expanduser() / "tokens"
     final = root / key
     if not (final / "manifest.json").exists():
+        _sweep_abandoned(root, log)
         if _old_caches(root):
             log("note: token caches written by llmctl before sharded token files (train.npy / val.npy) are not "
                 "reused; this corpus is tokenized again once")
@@ -330,6 +371,9 @@ def prepare(
         try:
             if not (final / "manifest.json").exists():
                 log(f"tokenizing {data.path} (cache miss) into {final}")
+                sources = [[_absolute(data.path), ident]] + ([[_absolute(data.val_path), val_ident]]
+                                                              if data.val_path else [])
+                write_atomic(build / BUILD_NOTE, json.dumps({"data": asdict(data), "sources": sources}))
                 _build(build, final, data, source, val_source, tokenizer, log)
         finally:
             lock.close()

@@ -67,3 +67,29 @@ def tiny_run(tmp_path_factory, runner) -> Path:
     r = invoke(runner, "pretrain", *sets(*TINY), "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     return out
+
+
+def disk_fills_on_second_shard(monkeypatch) -> None:
+    """The second token shard's file takes half its bytes, then the disk is full (ENOSPC)."""
+    import builtins
+    import errno
+
+    from llmctl import shards
+
+    opened: list[str] = []
+
+    def full_open(path, mode="r", *a, **k):
+        fh = builtins.open(path, mode, *a, **k)
+        if Path(path).name.startswith(".shard-") and "w" in mode:
+            opened.append(str(path))
+            if len(opened) == 2:
+                write = fh.write
+
+                def half_then_full(data):
+                    write(data[: len(data) // 2])
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                fh.write = half_then_full
+        return fh
+
+    monkeypatch.setattr(shards, "open", full_open, raising=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TINY, invoke, sets
+from conftest import ROOT, SHAKESPEARE, TINY, disk_fills_on_second_shard, invoke, sets
 from llmctl.rundir import read_status
 
 
@@ -80,7 +80,8 @@ def test_finetune_config_disagreeing_with_checkpoint(runner, tiny_run, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The bad-input table. Each case: (id, setup(tmp, tiny_run) -> args, words the message must contain).
+# The bad-input table. Each case: (id, setup(tmp, tiny_run) -> args, words the message must contain[, environment
+# variables {NAME: value}, or a function(monkeypatch) that injects a fault]).
 
 
 def _file(tmp: Path, name: str, text: str) -> Path:
@@ -490,6 +491,10 @@ BAD += [
      ["l.txt is not UTF-8 text", "offset 2"]),
     ("data-malformed-jsonl-row", lambda t, r: ["prepare", "--set", f"data.path={_file(t, 'm.jsonl', MALFORMED)}"],
      ["m.jsonl line 2 is not valid JSON"]),
+    ("data-disk-full-mid-shard", lambda t, r: ["prepare", *sets(f"data.path={SHAKESPEARE}", "tokenizer.kind=char",
+     "data.shard_tokens=300000", f"data.cache_dir={t / 'cache'}")],
+     ["the disk is full while writing token shards", "(1 complete)", "run the same command again", "resumes"],
+     disk_fills_on_second_shard),
     ("pretrain-memory-preflight",
      lambda t, r: ["pretrain", *sets(*TINY, "model.block_size=100000", "model.dropout=0.1"), "--out", t / "o"],
      ["per device", "activations of 4 x 100000 tokens", "lower model.block_size", "train.allow_oversubscribe"]),
@@ -577,8 +582,11 @@ BAD += [
 def test_bad_input(case, runner, tiny_run, tmp_path, monkeypatch):
     _, make, words, *env = case
     args = make(tmp_path, tiny_run)  # builds any fixture runs first
-    for key, value in (env[0] if env else {}).items():
-        monkeypatch.setenv(key, value)
+    if env and callable(env[0]):  # a fault to inject (a full disk)
+        env[0](monkeypatch)
+    else:
+        for key, value in (env[0] if env else {}).items():
+            monkeypatch.setenv(key, value)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("status.json")}
     r = invoke(runner, *args)
     assert r.exit_code == 2, r.output

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE
+from conftest import SHAKESPEARE, disk_fills_on_second_shard
 from llmctl.config import DataConfig, TokenizerConfig
 from llmctl.data import LMBatches, eval_blocks, prepare, resolve_source
 from llmctl.errors import LlmctlError
@@ -285,6 +285,56 @@ def test_an_interrupted_preparation_resumes_from_its_last_complete_shard(tmp_pat
     assert again.train[:].tolist() == full.train[:].tolist() and again.val[:].tolist() == full.val[:].tolist()
     assert [json.loads((again.dir / "index.json").read_text())["shards"][i]["sha256"] for i in range(3)] == \
         [json.loads((full.dir / "index.json").read_text())["shards"][i]["sha256"] for i in range(3)]
+
+
+def test_a_full_disk_mid_shard_leaves_no_partial_shard_and_the_same_command_resumes(tmp_path, monkeypatch):
+    from llmctl import shards
+
+    _small_blocks(monkeypatch)
+    cfg = data_cfg(tmp_path, SHAKESPEARE, shard_tokens=300_000)
+    tok = TokenizerConfig(kind="char")
+    with monkeypatch.context() as m:
+        disk_fills_on_second_shard(m)
+        with pytest.raises(LlmctlError, match=r"the disk is full .* \(1 complete\); free space"):
+            prepare(cfg, tok)
+    root = tmp_path / "cache" / "tokens"
+    assert not list(root.rglob("manifest.json")) and not list(root.rglob(".shard-*.tmp"))  # the partial went
+    assert [f.name for f in root.glob(".build-*/shard-*.bin")] == ["shard-00000.bin"]
+    logs: list[str] = []
+    td = prepare(cfg, tok, log=logs.append)
+    assert any("resuming the interrupted preparation after shard 0 (3" in x for x in logs), logs
+    assert len(td.train) + len(td.val) == 1_115_394 and shards.Index.load(td.dir).tokens == 1_115_394
+
+
+def test_an_interrupted_build_whose_corpus_changed_is_removed_by_the_next_prepare(tmp_path, monkeypatch):
+    from llmctl import shards
+
+    _small_blocks(monkeypatch)
+    corpus_file, other = tmp_path / "c.txt", tmp_path / "other.txt"
+    corpus_file.write_text(SHAKESPEARE.read_text()[:40_000])
+    other.write_text("something else\n")
+    cfg = data_cfg(tmp_path, corpus_file, shard_tokens=4096)
+    real_write = shards.ShardWriter._write
+
+    def die_after_two(self, cursor, bytes_read):
+        real_write(self, cursor, bytes_read)
+        if len(self.index.shards) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(shards.ShardWriter, "_write", die_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(cfg, TokenizerConfig(kind="char"))
+    root = tmp_path / "cache" / "tokens"
+    (stranded,) = root.glob(".build-*")
+    logs: list[str] = []
+    prepare(data_cfg(tmp_path, other), TokenizerConfig(kind="char"), log=logs.append)
+    assert stranded.exists() and not any("removed" in x for x in logs)  # its corpus is unchanged: it can resume
+    with open(corpus_file, "a") as f:
+        f.write("an edit\n")  # the same command now has another cache key: the old build can never finish
+    prepare(data_cfg(tmp_path, other, val_fraction=0.5), TokenizerConfig(kind="char"), log=logs.append)
+    assert not stranded.exists() and not list(root.glob(".build-*"))
+    assert any(f"removed {stranded.name}, an interrupted preparation of {corpus_file}" in x for x in logs), logs
 
 
 def test_reading_errors_name_the_file_and_the_place(tmp_path):
