@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from .config import INFER_DTYPES, QUANTIZE_MODES
-from .console import err, out, reporter
+from .console import bytes_bar, err, out, reporter
 from .errors import EXIT_BROKEN_PIPE, EXIT_SIGINT, EXIT_UNEXPECTED, LlmctlError
 
 app = typer.Typer(
@@ -569,7 +569,12 @@ def prepare(
     from . import commands
 
     def go() -> None:
-        r = commands.prepare(config, overrides or [], log=_log)
+        bar = bytes_bar()
+        try:
+            r = commands.prepare(config, overrides or [], log=_log, on_progress=bar)
+        finally:
+            if bar:
+                bar.close()
         if json_out:
             _print_json(r)
         else:

@@ -7,7 +7,16 @@ import time
 from typing import Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -117,6 +126,38 @@ def _per_device(info: dict) -> str:
     """The " (N/device)" suffix when several processes train (tokens_per_sec is then their total)."""
     per = info.get("tokens_per_sec_per_device")
     return f" ({per:,.0f}/device)" if per is not None else ""
+
+
+class BytesBar:
+    """`llmctl prepare` on a terminal: a live bar of the corpus read, with tokens, tokens/s and the time left."""
+
+    def __init__(self, console: Console = err, label: str = "prepare"):
+        self.console, self.label = console, label
+        self.progress: Optional[Progress] = None
+        self.t0 = time.time()
+        self.tokens0: Optional[int] = None
+
+    def __call__(self, done: int, total: Optional[int], tokens: int) -> None:
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn(f"[bold]{self.label}"), BarColumn(bar_width=20), DownloadColumn(), TransferSpeedColumn(),
+                TextColumn("{task.fields[tokens]} tokens, {task.fields[tps]} tok/s"), TextColumn("eta"),
+                TimeRemainingColumn(), console=self.console, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=total, tokens="0", tps="-")
+            self.t0, self.tokens0 = time.time(), tokens
+        rate = (tokens - (self.tokens0 or 0)) / max(time.time() - self.t0, 1e-9)
+        self.progress.update(self.task, completed=done, tokens=f"{tokens:,}", tps=f"{rate:,.0f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def bytes_bar() -> Optional[BytesBar]:
+    """A live bar for `prepare` when stderr is a terminal; None for plain progress lines."""
+    return BytesBar() if err.is_terminal else None
 
 
 def reporter(label: str = "train", quiet: bool = False):

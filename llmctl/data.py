@@ -162,15 +162,25 @@ class TokenData:
     manifest: dict
 
 
-class _Progress:
-    """One plain line every few seconds while tokenizing: bytes read, tokens, tokens/s and the time left."""
+OnProgress = Callable[[int, Optional[int], int], None]  # (bytes read, total bytes or None, tokens) while tokenizing
 
-    def __init__(self, log: Callable[[str], None], total: Optional[int], done: int, tokens: int, every: float = 5.0):
-        self.log, self.total, self.every = log, total, every
+
+class _Progress:
+    """One plain line every few seconds while tokenizing: bytes read, tokens, tokens/s and the time left; or, given
+    `on_progress` (a live bar on a terminal), that called instead."""
+
+    def __init__(self, log: Callable[[str], None], total: Optional[int], done: int, tokens: int, every: float = 5.0,
+                 on_progress: Optional[OnProgress] = None):
+        self.log, self.total, self.every, self.on_progress = log, total, every, on_progress
         self.t0 = self.last = time.time()
         self.base_bytes, self.base_tokens = done, tokens
+        if on_progress:
+            on_progress(done, total, tokens)
 
     def __call__(self, done: int, tokens: int) -> None:
+        if self.on_progress:
+            self.on_progress(done, self.total, tokens)
+            return
         now = time.time()
         if now - self.last < self.every:
             return
@@ -271,7 +281,7 @@ def _resume_index(build: Path, name: str, prefix: str) -> Optional[Index]:
 
 
 def _stream_to_shards(build: Path, source: Source, cfg: DataConfig, tok: Tokenizer, prefix: str, index_name: str,
-                      key: str, log: Callable[[str], None]) -> Index:
+                      key: str, log: Callable[[str], None], on_progress: Optional[OnProgress]) -> Index:
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
     index = _resume_index(build, index_name, prefix)
     start = corpus.Cursor()
@@ -284,7 +294,8 @@ def _stream_to_shards(build: Path, source: Source, cfg: DataConfig, tok: Tokeniz
             f"({index.tokens:,} tokens done), at {where}")
     writer = ShardWriter(build, dtype, cfg.shard_tokens, tok.eos_id, prefix=prefix, index_name=index_name,
                          index=index)
-    progress = _Progress(log, source.total_bytes(), index.bytes_read if index else 0, writer.index.tokens)
+    progress = _Progress(log, source.total_bytes(), index.bytes_read if index else 0, writer.index.tokens,
+                         on_progress=on_progress)
     try:
         end = _tokenize(source, cfg, tok, writer, start, key, progress)
         return writer.close(end, source.total_bytes() or 0)
@@ -345,6 +356,7 @@ def prepare(
     tok_cfg: TokenizerConfig,
     tokenizer: Optional[Tokenizer] = None,
     log: Callable[[str], None] = lambda s: None,
+    on_progress: Optional[OnProgress] = None,
 ) -> TokenData:
     """Tokenize the configured corpus into cached token shards (reused when inputs and tokenizer match).
 
@@ -374,22 +386,23 @@ def prepare(
                 sources = [[_absolute(data.path), ident]] + ([[_absolute(data.val_path), val_ident]]
                                                               if data.val_path else [])
                 write_atomic(build / BUILD_NOTE, json.dumps({"data": asdict(data), "sources": sources}))
-                _build(build, final, data, source, val_source, tokenizer, log)
+                _build(build, final, data, source, val_source, tokenizer, log, on_progress)
         finally:
             lock.close()
     return open_tokens(final, tokenizer)
 
 
 def _build(build: Path, final: Path, data: DataConfig, source: Source, val_source: Optional[Source],
-           tokenizer: Tokenizer, log: Callable[[str], None]) -> None:
+           tokenizer: Tokenizer, log: Callable[[str], None], on_progress: Optional[OnProgress]) -> None:
     t0 = time.time()
-    train = _stream_to_shards(build, source, data, tokenizer, "shard", INDEX, "data.path", log)
+    train = _stream_to_shards(build, source, data, tokenizer, "shard", INDEX, "data.path", log, on_progress)
     if train.tokens == 0:
         raise LlmctlError(f"data.path: {data.path} holds no text (the corpus or its text column is empty); "
                           "point it at a non-empty corpus")
     n_all = train.tokens
     if val_source is not None:
-        val = _stream_to_shards(build, val_source, data, tokenizer, "val", "val-index.json", "data.val_path", log)
+        val = _stream_to_shards(build, val_source, data, tokenizer, "val", "val-index.json", "data.val_path", log,
+                                on_progress)
         n_train, n_val, val_shards = n_all, val.tokens, [s.name for s in val.shards]
     else:  # contiguous split: the first (1 - val_fraction) of the tokens train, the rest validate
         n_train = int(n_all * (1 - data.val_fraction))

@@ -9,6 +9,9 @@ anonymous resident memory (RssAnon: memory-mapped file pages not counted) over t
 every 50 ms. The token files must be identical (sha256 of llmctl's shards concatenated against the reference's
 file).
 
+Then: `prepare` of the 200 MB .txt killed (SIGKILL) at a random moment and run again (it must resume and give the
+same shards), and `pretrain` on the prepared corpora (cache hit: seconds to the first step, peak memory).
+
 Corpora (generated under --work, never committed): Tiny Shakespeare repeated to SIZE as .txt, as .jsonl (a
 paragraph a row) and as a folder of 8 parquet shards; and "real" text of the same size built from the Python
 sources and documentation on this machine (a realistic vocabulary: its distinct-word count is reported). The BPE
@@ -159,6 +162,60 @@ def sha_of(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def kill_and_resume(llmctl: list[str], corpus: Path, tok_file: Path, cache: Path, whole: str, wall: float) -> dict:
+    """SIGKILL `prepare` at a random moment (seeded: 20-80% of an uninterrupted run's time), run the same command
+    again: it must say where it resumes, and its shards must hash as the uninterrupted run's."""
+    import random
+    import signal
+
+    cmd = [*llmctl, "prepare", "--set", f"data.path={corpus}", "--set", f"tokenizer.path={tok_file}",
+           "--set", f"data.cache_dir={cache}", "--json"]
+    at = random.Random(0).uniform(0.2, 0.8) * wall
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(at)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    again = run(cmd)
+    manifest = json.loads(again["stdout"])
+    said = [x for x in again["stderr"].splitlines() if "resuming" in x]
+    same = sha_of([Path(manifest["cache"]) / s for s in manifest["shards"]]) == whole
+    print(f"SIGKILL after {at:.1f}s, then again: {said[0] if said else 'no resume line'}; "
+          f"{again['wall_s']:.1f}s; identical={same}", flush=True)
+    subprocess.run(["rm", "-rf", str(cache)])
+    return {"killed_after_s": at, "resume_line": said[0] if said else None, "rerun_wall_s": again["wall_s"],
+            "identical_to_uninterrupted": same}
+
+
+def pretrain_start(llmctl: list[str], cache: Path, tok_file: Path, corpus: Path, work: Path) -> dict:
+    """`llmctl pretrain` on a prepared corpus (cache hit): seconds from the command's start to its first step (its
+    first line in metrics.jsonl) and its peak anonymous memory, which must not grow with the corpus."""
+    out = work / "pretrain-run"
+    metrics = out / "metrics.jsonl"
+    model = ["model.arch=llama", "model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=128"]
+    settings = [*model, f"data.path={corpus}", f"tokenizer.path={tok_file}", f"data.cache_dir={cache}",
+                "train.batch_size=16", "train.max_steps=5", "train.eval_batches=1", "train.log_interval=1"]
+    cmd = [*llmctl, "pretrain", *[x for k in settings for x in ("--set", k)], "--out", str(out), "--overwrite"]
+    first = [None]
+    t0 = time.perf_counter()
+
+    def watch() -> None:
+        while first[0] is None and time.perf_counter() - t0 < 600:
+            if metrics.exists() and metrics.read_text().strip():
+                first[0] = time.perf_counter() - t0
+            time.sleep(0.02)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    r = run(cmd)
+    th.join()
+    hit = "cache miss" not in r["stderr"]
+    print(f"pretrain on {corpus.name}: first step {first[0]:.1f}s after start (cache hit={hit}), peak "
+          f"{r['peak_anon_mb']:.0f} MB, wall {r['wall_s']:.1f}s", flush=True)
+    subprocess.run(["rm", "-rf", str(out)])
+    return {"corpus": corpus.name, "bytes": corpus.stat().st_size, "cache_hit": hit, "first_step_s": first[0],
+            "peak_anon_mb": r["peak_anon_mb"], "wall_s": r["wall_s"]}
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Corpora
 
@@ -254,6 +311,7 @@ def main() -> None:
     llmctl = [sys.executable, "-m", "llmctl"]
     results = []
     tokenizers: dict = {}
+    kept: dict = {}  # corpus -> (its token cache, tokenizer, sha256 of its shards)
     print(f"load average before: {os.getloadavg()}", flush=True)
     for kind, path, tok_kind, rounds in cases:
         name = f"{path.name} {tok_kind}"
@@ -286,7 +344,10 @@ def main() -> None:
                   f"{ref['wall_s']:.1f}s {ref['peak_anon_mb']:.0f} MB | {tokens:,} tokens, identical={same} "
                   f"| load {load[0]:.2f}", flush=True)
             ref_out.unlink()
-            subprocess.run(["rm", "-rf", str(cache)])
+            if kind == "txt" and tok_kind == "bpe" and path != real and i == rounds - 1:
+                kept[path] = (cache, tok_file, sha_of(shard_files))  # for the resume and pretraining checks
+            else:
+                subprocess.run(["rm", "-rf", str(cache)])
         med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
         results.append({
             "corpus": path.name, "format": kind, "tokenizer": tok_kind, "bytes": sum(
@@ -304,8 +365,14 @@ def main() -> None:
             "distinct_words_first_200k_lines": distinct if path == real else None,
             "rows": rows,
         })
+    cache, tok_file, whole = kept[txt]
+    resume = kill_and_resume(llmctl, txt, tok_file, work / "cache-killed", whole, results[0]["llmctl_wall_s"])
+    starts = [pretrain_start(llmctl, c, t, f, work) for f, (c, t, _) in kept.items()]
+    for c, _, _ in kept.values():
+        subprocess.run(["rm", "-rf", str(c)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu_count": os.cpu_count(), "cases": results}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"cpu_count": os.cpu_count(), "cases": results, "sigkill_resume": resume,
+                                    "pretrain_start": starts}, indent=2) + "\n")
     print(f"\n{'corpus':32s} {'tok':5s} {'tokens':>12s} {'llmctl tok/s':>13s} {'ref tok/s':>11s} {'ratio':>6s} "
           f"{'llmctl MB':>9s} {'ref MB':>7s} same")
     for r in results:

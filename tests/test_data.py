@@ -337,6 +337,23 @@ def test_an_interrupted_build_whose_corpus_changed_is_removed_by_the_next_prepar
     assert any(f"removed {stranded.name}, an interrupted preparation of {corpus_file}" in x for x in logs), logs
 
 
+def test_progress_counts_the_bytes_of_rows_as_they_are_read(tmp_path, monkeypatch):
+    """Progress (the live bar's callback) moves through a JSONL file row group by row group and ends at its size."""
+    from llmctl import data
+
+    monkeypatch.setattr(data, "BATCH_CHARS", 20_000)
+    rows = [json.dumps({"text": p}) for p in SHAKESPEARE.read_text()[:200_000].split("\n\n")]
+    (tmp_path / "c.jsonl").write_text("\n".join(rows) + "\n")
+    size = (tmp_path / "c.jsonl").stat().st_size
+    calls: list[tuple] = []
+    td = prepare(data_cfg(tmp_path, tmp_path / "c.jsonl"), TokenizerConfig(kind="char"),
+                 on_progress=lambda *a: calls.append(a))
+    done = [c[0] for c in calls]
+    assert all(c[1] == size for c in calls) and done == sorted(done) and done[-1] == size
+    assert len({d for d in done if 0 < d < size}) >= 5  # it moved inside the file, not only at its end
+    assert calls[-1][2] == len(td.train) + len(td.val)
+
+
 def test_reading_errors_name_the_file_and_the_place(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 ol\u00e9\n".encode("latin-1"))
     with pytest.raises(LlmctlError, match=r"latin1.txt is not UTF-8 text \(the bytes at offset 3 "):
