@@ -15,8 +15,8 @@ same shards), and `pretrain` on the prepared corpora (cache hit: seconds to the 
 Corpora (generated under --work, never committed): Tiny Shakespeare repeated to SIZE as .txt, as .jsonl (a
 paragraph a row) and as a folder of 8 parquet shards; and "real" text of the same size built from the Python
 sources and documentation on this machine (a realistic vocabulary: its distinct-word count is reported). The BPE
-tokenizer (4096 tokens) is trained once per corpus by llmctl (timed, with its peak memory) and then given to both
-sides as tokenizer.path. Figures go to benchmarks/prepare.json.
+tokenizer (4096 tokens) is trained once per corpus by `llmctl prepare` (timed, with its peak memory, and stopped once
+the tokenizer is saved) and then given to both sides as tokenizer.path. Figures go to benchmarks/prepare.json.
 
     python scripts/bench_prepare.py --size-mb 200                # the 200 MB cases (.txt BPE: 3 alternating rounds)
     python scripts/bench_prepare.py --size-mb 200 --big-mb 2000  # and the 2 GB .txt BPE case (about an hour in all)
@@ -132,25 +132,42 @@ def tree_anon_kb(pid: int) -> int:
     return total
 
 
-def run(cmd: list[str], env: dict | None = None) -> dict:
+def run(cmd: list[str], until: str | None = None) -> dict:
+    """Run `cmd`, sampling its process tree's anonymous memory; with `until`, stop it (SIGKILL) at the first stderr
+    line containing that text (its wall time is then up to that line)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ,
-                                                                                              **(env or {})})
-    peak = [0]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, err_lines, out = [0], [], []
 
     def sample() -> None:
         while p.poll() is None:
             peak[0] = max(peak[0], tree_anon_kb(p.pid))
             time.sleep(0.05)
 
+    def read_out() -> None:
+        out.append(p.stdout.read())
+
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    out, err = p.communicate()
+    to = threading.Thread(target=read_out, daemon=True)
+    to.start()
+    stopped = False
+    for line in p.stderr:
+        err_lines.append(line)
+        if until and until in line:
+            wall = time.perf_counter() - t0
+            p.kill()
+            stopped = True
+            break
+    p.wait()
     th.join()
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
-    return {"wall_s": wall, "peak_anon_mb": peak[0] / 1024, "stdout": out, "stderr": err}
+    to.join()
+    err = "".join(err_lines)
+    if not stopped:
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
+    return {"wall_s": wall, "peak_anon_mb": peak[0] / 1024, "stdout": "".join(out), "stderr": err}
 
 
 def sha_of(files: list[Path]) -> str:
@@ -284,6 +301,13 @@ def as_parquet(jsonl: Path, folder: Path, shards: int = 8) -> Path:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def save(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=200)
@@ -319,10 +343,11 @@ def main() -> None:
         if tok_key not in tokenizers:  # train the tokenizer once (timed): llmctl's own BPE training at scale
             cache = work / f"cache-tok-{len(tokenizers)}"
             r = run([*llmctl, "prepare", "--set", f"data.path={path}", "--set", f"tokenizer.kind={tok_kind}",
-                     "--set", "tokenizer.vocab_size=4096", "--set", f"data.cache_dir={cache}", "--json"])
+                     "--set", "tokenizer.vocab_size=4096", "--set", f"data.cache_dir={cache}", "--json"],
+                    until="(cache miss)")  # (stopped once the tokenizer is trained and saved)
             tok_file = next((cache / "tokenizers").glob("*/tokenizer.json"))
             tokenizers[tok_key] = (tok_file, r)
-            print(f"{name}: tokenizer + first prepare {r['wall_s']:.1f}s, peak {r['peak_anon_mb']:.0f} MB", flush=True)
+            print(f"{name}: tokenizer {r['wall_s']:.1f}s, peak {r['peak_anon_mb']:.0f} MB", flush=True)
         tok_file, first = tokenizers[tok_key]
         rows = []
         for i in range(rounds):
@@ -365,14 +390,13 @@ def main() -> None:
             "distinct_words_first_200k_lines": distinct if path == real else None,
             "rows": rows,
         })
+        save(args.out, {"cpu_count": os.cpu_count(), "cases": results})  # (after every case: a stopped run keeps them)
     cache, tok_file, whole = kept[txt]
     resume = kill_and_resume(llmctl, txt, tok_file, work / "cache-killed", whole, results[0]["llmctl_wall_s"])
     starts = [pretrain_start(llmctl, c, t, f, work) for f, (c, t, _) in kept.items()]
     for c, _, _ in kept.values():
         subprocess.run(["rm", "-rf", str(c)])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu_count": os.cpu_count(), "cases": results, "sigkill_resume": resume,
-                                    "pretrain_start": starts}, indent=2) + "\n")
+    save(args.out, {"cpu_count": os.cpu_count(), "cases": results, "sigkill_resume": resume, "pretrain_start": starts})
     print(f"\n{'corpus':32s} {'tok':5s} {'tokens':>12s} {'llmctl tok/s':>13s} {'ref tok/s':>11s} {'ratio':>6s} "
           f"{'llmctl MB':>9s} {'ref MB':>7s} same")
     for r in results:
