@@ -20,6 +20,7 @@ the tokenizer is saved) and then given to both sides as tokenizer.path. Figures 
 
     python scripts/bench_prepare.py --size-mb 200                # the 200 MB cases (.txt BPE: 3 alternating rounds)
     python scripts/bench_prepare.py --size-mb 200 --big-mb 2000  # and the 2 GB .txt BPE case (about an hour in all)
+    python scripts/bench_prepare.py --big-mb 2000 --only-big    # only the 2 GB case, added to the figures there
     python scripts/bench_prepare.py --size-mb 20 --rounds 1      # a quick look
 """
 
@@ -313,6 +314,7 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=200)
     ap.add_argument("--big-mb", type=int, default=0, help="also the .txt BPE case at this size (0: skip)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the .txt BPE case")
+    ap.add_argument("--only-big", action="store_true", help="run only the --big-mb case, added to --out's figures")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llmctl-bench-prepare"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "prepare.json")
     ap.add_argument("--reference", nargs=4, metavar=("KIND", "PATH", "TOKENIZER", "OUT"), help=argparse.SUPPRESS)
@@ -323,17 +325,24 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     mb = args.size_mb
-    txt = shakespeare_txt(work / f"shakespeare-{mb}mb.txt", mb)
-    jsonl = as_jsonl(txt, work / f"shakespeare-{mb}mb.jsonl")
-    pq_dir = as_parquet(jsonl, work / f"shakespeare-{mb}mb-parquet")
-    real, distinct = real_txt(work / f"real-{mb}mb.txt", mb)
-    cases = [("txt", txt, "bpe", args.rounds), ("txt", txt, "char", 1), ("jsonl", jsonl, "bpe", 1),
-             ("jsonl", jsonl, "char", 1), ("parquet", pq_dir, "bpe", 1), ("parquet", pq_dir, "char", 1),
-             ("txt", real, "bpe", 1)]
+    previous = {}
+    if args.only_big:  # the big case added to the figures already in --out
+        if not args.big_mb:
+            raise SystemExit("--only-big needs --big-mb")
+        previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+        txt, real, distinct, cases = None, None, None, []
+    else:
+        txt = shakespeare_txt(work / f"shakespeare-{mb}mb.txt", mb)
+        jsonl = as_jsonl(txt, work / f"shakespeare-{mb}mb.jsonl")
+        pq_dir = as_parquet(jsonl, work / f"shakespeare-{mb}mb-parquet")
+        real, distinct = real_txt(work / f"real-{mb}mb.txt", mb)
+        cases = [("txt", txt, "bpe", args.rounds), ("txt", txt, "char", 1), ("jsonl", jsonl, "bpe", 1),
+                 ("jsonl", jsonl, "char", 1), ("parquet", pq_dir, "bpe", 1), ("parquet", pq_dir, "char", 1),
+                 ("txt", real, "bpe", 1)]
     if args.big_mb:
         cases.append(("txt", shakespeare_txt(work / f"shakespeare-{args.big_mb}mb.txt", args.big_mb), "bpe", 1))
     llmctl = [sys.executable, "-m", "llmctl"]
-    results = []
+    results = list(previous.get("cases", []))
     tokenizers: dict = {}
     kept: dict = {}  # corpus -> (its token cache, tokenizer, sha256 of its shards)
     print(f"load average before: {os.getloadavg()}", flush=True)
@@ -391,9 +400,13 @@ def main() -> None:
             "rows": rows,
         })
         save(args.out, {"cpu_count": os.cpu_count(), "cases": results})  # (after every case: a stopped run keeps them)
-    cache, tok_file, whole = kept[txt]
-    resume = kill_and_resume(llmctl, txt, tok_file, work / "cache-killed", whole, results[0]["llmctl_wall_s"])
-    starts = [pretrain_start(llmctl, c, t, f, work) for f, (c, t, _) in kept.items()]
+    if txt is not None:
+        cache, tok_file, whole = kept[txt]
+        resume = kill_and_resume(llmctl, txt, tok_file, work / "cache-killed", whole, results[0]["llmctl_wall_s"])
+    else:
+        resume = previous.get("sigkill_resume")
+    starts = previous.get("pretrain_start", []) + [pretrain_start(llmctl, c, t, f, work) for f, (c, t, _) in
+                                                   kept.items()]
     for c, _, _ in kept.values():
         subprocess.run(["rm", "-rf", str(c)])
     save(args.out, {"cpu_count": os.cpu_count(), "cases": results, "sigkill_resume": resume, "pretrain_start": starts})
