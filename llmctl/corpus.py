@@ -120,6 +120,11 @@ def _listed(f: Path) -> bool:
     return f.is_file() and Path(name).suffix in FORMATS and not f.name.startswith(".")
 
 
+def is_named(path: str) -> bool:
+    """A hub dataset (hf:NAME) or a URL: a source known by its name, not by files on this machine."""
+    return path.startswith(("hf:", "https://", "http://"))
+
+
 def resolve_source(path: Optional[str], cfg: DataConfig, key: str = "data.path") -> Source:
     """Turn `data.path` into files (downloading a URL, expanding a folder or a glob) or a hub name."""
     if not path:
@@ -191,7 +196,7 @@ def _open_binary(f: Path, key: str):
             try:
                 import zstandard
             except ImportError:
-                raise LlmctlError(f"{key}: {f} is zstandard-compressed; install zstandard (pip install zstandard) "
+                raise LlmctlError(f"{key}: {f} is zstandard-compressed; install the extra (pip install 'llmctl[zstd]') "
                                   "or decompress it") from None
             if raw.read(4) != b"\x28\xb5\x2f\xfd":
                 raise LlmctlError(f"{key}: {f} is named .zst but is not zstandard data; decompress it or fix its name")

@@ -334,12 +334,12 @@ def _sweep_abandoned(root: Path, log: Callable[[str], None]) -> None:
 
 def _absolute(path: str) -> str:
     """A local path or glob made absolute (a later command may run elsewhere); hub names and URLs as they are."""
-    return path if path.startswith(("hf:", "https://", "http://")) else os.path.abspath(os.path.expanduser(path))
+    return path if corpus.is_named(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def _changed(path: str, identity: str, cfg: DataConfig) -> bool:
     """Whether a local corpus no longer has `identity` (hub datasets and URLs are named, not stat-ed: never)."""
-    if path.startswith(("hf:", "https://", "http://")):
+    if corpus.is_named(path):
         return False
     try:
         return resolve_source(path, cfg, "").identity(cfg) != identity

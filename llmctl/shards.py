@@ -68,7 +68,7 @@ class Index:
             return None
 
 
-PENDING_IDS = 1 << 20
+PENDING_IDS = 1 << 20  # ids kept as a Python list before one conversion to numpy (about 36 MB at most)
 
 
 class ShardWriter:
