@@ -7,9 +7,11 @@ For each model and each number of concurrent clients C, in interleaved rounds (t
   - one-at-a-time: the same server with serve.slots=1, which serves one request at a time (what litgpt serve does);
   - offline:  `llmctl infer --input`'s code (commands.complete_rows) on min(C, 16) rows at once, timed inside its
               process (no HTTP, no load generator): the ceiling for that batch size.
-Reported: generated tokens/s over the window (tokens that arrived in it), time to first token p50/p99 (of requests
-whose first token arrived in the window; `waiting` counts those still without one at its end), and the load
-generator's own CPU use (it runs on the same cores as the server).
+The load generator speaks HTTP/1.1 over raw asyncio streams (`--client raw`, the default): on two shared cores every
+percent it takes is lost to the server, and httpx (`--client httpx`, what the openai package runs on) takes about
+four times as much. Reported: generated tokens/s over the window (tokens that arrived in it), time to first token
+p50/p99 (of requests whose first token arrived in the window; `waiting` counts those still without one at its end),
+and the load generator's own CPU use (it runs on the same cores as the server).
 
 Models: a GPT-2-124M shape (random weights from one seed, 12x768, context 1024, and a 50257-token vocabulary: a BPE
 tokenizer trained on Tiny Shakespeare padded with added tokens, so every id decodes), made with `llmctl pretrain`
@@ -112,37 +114,104 @@ def prompts(ckpt: Path, n: int) -> list[list[int]]:
     return out
 
 
-async def _load(url: str, clients: int, seconds: float, ps: list[list[int]]) -> dict:
-    """C clients streaming back-to-back requests for `seconds`; tokens counted as they arrive in the window."""
+class Stream:
+    """One streamed completion over a raw HTTP/1.1 connection (asyncio streams): the lightest client there is in
+    Python, so the load generator takes as little as it can of the cores it shares with the server. Yields the
+    arrival time of each server-sent `data: {...}` event (one per token) and reads the chunked body by hand."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+
+    async def events(self, body: dict):
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            payload = json.dumps(body).encode()
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (self.host.encode(), len(payload))
+                         + payload)
+            status = await reader.readline()
+            if b" 200 " not in status:
+                raise ConnectionError(status.decode(errors="replace").strip())
+            chunked = False
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                chunked |= line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower()
+            buf = b""
+            while True:
+                if chunked:
+                    size = int((await reader.readline()).split(b";")[0], 16)
+                    if size == 0:
+                        return
+                    data = await reader.readexactly(size + 2)
+                    buf += data[:-2]
+                else:
+                    data = await reader.read(65536)
+                    if not data:
+                        return
+                    buf += data
+                *events, buf = buf.split(b"\n\n")
+                for e in events:
+                    if e.startswith(b"data: {"):
+                        yield time.perf_counter()
+        finally:
+            writer.close()
+
+
+async def _load_raw(url: str, clients: int, seconds: float, ps: list[list[int]]) -> dict:
+    host, port = url.split("//")[1].rsplit(":", 1)
+    conn = Stream(host, int(port))
+
+    async def one(body: dict, deadline: float, seen) -> None:
+        async for now in conn.events(body):
+            if now >= deadline:
+                return  # hang up: the window is over (the server frees the slot)
+            seen(now)
+
+    return await _window(clients, seconds, ps, one, (ConnectionError, OSError, asyncio.IncompleteReadError))
+
+
+async def _load_httpx(url: str, clients: int, seconds: float, ps: list[list[int]]) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=clients + 8)) as c:
+        async def one(body: dict, deadline: float, seen) -> None:
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    now = time.perf_counter()
+                    if now >= deadline:
+                        return
+                    if line.startswith("data: {"):
+                        seen(now)
+
+        return await _window(clients, seconds, ps, one, (httpx.HTTPError,))
+
+
+async def _window(clients: int, seconds: float, ps: list[list[int]], one, errors: tuple) -> dict:
+    """C clients streaming back-to-back requests for `seconds` through `one(body, deadline, seen)`; tokens counted
+    as they arrive in the window."""
     start = time.perf_counter()
     deadline = start + seconds
     tokens, ttft, waiting = [0], [], [0]
     cpu0 = time.process_time()
 
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=clients + 8)) as c:
-        async def client(k: int) -> None:
-            n = k
-            while time.perf_counter() < deadline:
-                body = {"prompt": ps[n % len(ps)], "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True}
-                n += clients
-                sent, first = time.perf_counter(), None
-                try:
-                    async with c.stream("POST", "/v1/completions", json=body) as r:
-                        async for line in r.aiter_lines():
-                            now = time.perf_counter()
-                            if now >= deadline:
-                                break  # hang up: the window is over (the server frees the slot)
-                            if line.startswith("data: {"):
-                                if first is None:
-                                    first = now
-                                    ttft.append(now - sent)
-                                tokens[0] += 1
-                except httpx.HTTPError:
-                    pass
-                if first is None and time.perf_counter() >= deadline:
-                    waiting[0] += 1
+    async def client(k: int) -> None:
+        n = k
+        while time.perf_counter() < deadline:
+            body = {"prompt": ps[n % len(ps)], "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True}
+            n += clients
+            sent, first = time.perf_counter(), [None]
 
-        await asyncio.gather(*(client(k) for k in range(clients)))
+            def seen(now: float) -> None:
+                if first[0] is None:
+                    first[0] = now
+                    ttft.append(now - sent)
+                tokens[0] += 1
+
+            try:
+                await one(body, deadline, seen)
+            except errors:
+                pass
+            if first[0] is None and time.perf_counter() >= deadline:
+                waiting[0] += 1
+
+    await asyncio.gather(*(client(k) for k in range(clients)))
     wall = time.perf_counter() - start
     ttft.sort()
 
@@ -152,6 +221,10 @@ async def _load(url: str, clients: int, seconds: float, ps: list[list[int]]) -> 
     return {"tokens_per_s": tokens[0] / seconds, "ttft_p50_s": pct(0.5), "ttft_p99_s": pct(0.99),
             "first_tokens": len(ttft), "waiting_at_end": waiting[0],
             "load_generator_cpu_pct": 100 * (time.process_time() - cpu0) / wall}
+
+
+LOADERS = {"raw": _load_raw, "httpx": _load_httpx}
+_load = _load_raw  # (--client sets it)
 
 
 OFFLINE = r"""
@@ -217,6 +290,19 @@ def bench_model(name: str, ckpt: Path, clients: list[int], seconds: float, round
     return {"model": name, "checkpoint": str(ckpt), "server": cont.ready_line, "rows": table, "raw": runs}
 
 
+def http_stack() -> dict:
+    """The versions of the server's HTTP side (uvicorn picks httptools and uvloop when they are installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("fastapi", "uvicorn", "httptools", "uvloop"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bpe", type=Path, help="a run of configs/shakespeare-bpe.yaml (trained beforehand)")
@@ -226,7 +312,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serve.json")
     ap.add_argument("--skip-gpt2", action="store_true")
+    ap.add_argument("--client", choices=sorted(LOADERS), default="raw",
+                    help="the load generator's HTTP client: raw asyncio streams (default, the least CPU) or httpx")
     a = ap.parse_args()
+    global _load
+    _load = LOADERS[a.client]
     a.work.mkdir(parents=True, exist_ok=True)
     clients = [int(c) for c in a.clients.split(",")]
     import torch
@@ -235,7 +325,8 @@ def main() -> None:
 
     results = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                "python": platform.python_version(), "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
-               "seconds": a.seconds, "rounds": a.rounds, "models": []}
+               "seconds": a.seconds, "rounds": a.rounds, "client": a.client, "http": http_stack(),
+               "models": []}
     if not a.skip_gpt2:
         results["models"].append(bench_model("gpt2-124M", make_gpt2(a.work), clients, a.seconds, a.rounds,
                                              [], "auto"))

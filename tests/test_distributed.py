@@ -175,16 +175,19 @@ def test_ddp_two_processes_log_the_losses_of_one(tmp_path, single):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "tp"])
 def test_distillation_in_two_processes_logs_the_losses_of_one(tmp_path, single, parallel):
-    """finetune.task=distill under torchrun: the student is wrapped as usual, every rank holds the whole teacher."""
+    """finetune.task=distill under torchrun: the student is wrapped (or sharded) as usual, every rank holds the
+    whole teacher."""
     kd = ["finetune.task=distill", f"finetune.teacher={single}", "finetune.distill_alpha=0.7", "train.max_steps=6",
           "train.eval_interval=0"]
     one = tmp_path / "one"
     commands.finetune(None, [*BASE, "train.batch_size=8", *kd], single, one)
     two = tmp_path / "two"
-    r = torchrun("finetune", "--from", str(single), *sets(*BASE, "train.batch_size=4", f"train.parallel={parallel}",
-                                                          *kd), "--out", str(two), "--json")
+    per_device = 8 if parallel == "tp" else 4  # (the two ranks of a tensor-parallel group share their micro-batch)
+    r = torchrun("finetune", "--from", str(single), *sets(*BASE, f"train.batch_size={per_device}",
+                                                          f"train.parallel={parallel}", *kd),
+                 "--out", str(two), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_losses(losses(one), losses(two), range(1, 7))
     assert json.loads(r.stdout)["world_size"] == 2
