@@ -224,7 +224,6 @@ async def _window(clients: int, seconds: float, ps: list[list[int]], one, errors
 
 
 LOADERS = {"raw": _load_raw, "httpx": _load_httpx}
-_load = _load_raw  # (--client sets it)
 
 
 OFFLINE = r"""
@@ -254,7 +253,7 @@ def offline(ckpt: Path, batch: int, ps: list[list[int]], compile_: str) -> dict:
 
 
 def bench_model(name: str, ckpt: Path, clients: list[int], seconds: float, rounds: int, extra: list[str],
-                compile_: str) -> dict:
+                compile_: str, _load=_load_raw) -> dict:
     ps = prompts(ckpt, 256)
     cont = Server(ckpt, *extra)
     single = Server(ckpt, *extra, "--set", "serve.slots=1")
@@ -315,8 +314,6 @@ def main() -> None:
     ap.add_argument("--client", choices=sorted(LOADERS), default="raw",
                     help="the load generator's HTTP client: raw asyncio streams (default, the least CPU) or httpx")
     a = ap.parse_args()
-    global _load
-    _load = LOADERS[a.client]
     a.work.mkdir(parents=True, exist_ok=True)
     clients = [int(c) for c in a.clients.split(",")]
     import torch
@@ -329,10 +326,10 @@ def main() -> None:
                "models": []}
     if not a.skip_gpt2:
         results["models"].append(bench_model("gpt2-124M", make_gpt2(a.work), clients, a.seconds, a.rounds,
-                                             [], "auto"))
+                                             [], "auto", LOADERS[a.client]))
     if a.bpe is not None:
         results["models"].append(bench_model("shakespeare-bpe", a.bpe, clients, a.seconds, a.rounds,
-                                             ["--compile"], "true"))
+                                             ["--compile"], "true", LOADERS[a.client]))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2) + "\n")
     for m in results["models"]:
