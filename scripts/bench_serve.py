@@ -114,54 +114,48 @@ def prompts(ckpt: Path, n: int) -> list[list[int]]:
     return out
 
 
-class Stream:
+async def stream_events(host: str, port: int, body: dict):
     """One streamed completion over a raw HTTP/1.1 connection (asyncio streams): the lightest client there is in
     Python, so the load generator takes as little as it can of the cores it shares with the server. Yields the
     arrival time of each server-sent `data: {...}` event (one per token) and reads the chunked body by hand."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-
-    async def events(self, body: dict):
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        try:
-            payload = json.dumps(body).encode()
-            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (self.host.encode(), len(payload))
-                         + payload)
-            status = await reader.readline()
-            if b" 200 " not in status:
-                raise ConnectionError(status.decode(errors="replace").strip())
-            chunked = False
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                chunked |= line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower()
-            buf = b""
-            while True:
-                if chunked:
-                    size = int((await reader.readline()).split(b";")[0], 16)
-                    if size == 0:
-                        return
-                    data = await reader.readexactly(size + 2)
-                    buf += data[:-2]
-                else:
-                    data = await reader.read(65536)
-                    if not data:
-                        return
-                    buf += data
-                *events, buf = buf.split(b"\n\n")
-                for e in events:
-                    if e.startswith(b"data: {"):
-                        yield time.perf_counter()
-        finally:
-            writer.close()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        payload = json.dumps(body).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), len(payload))
+                     + payload)
+        status = await reader.readline()
+        if b" 200 " not in status:
+            raise ConnectionError(status.decode(errors="replace").strip())
+        chunked = False
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            chunked |= line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower()
+        buf = b""
+        while True:
+            if chunked:
+                size = int((await reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    return
+                data = await reader.readexactly(size + 2)
+                buf += data[:-2]
+            else:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                buf += data
+            *events, buf = buf.split(b"\n\n")
+            for e in events:
+                if e.startswith(b"data: {"):
+                    yield time.perf_counter()
+    finally:
+        writer.close()
 
 
 async def _load_raw(url: str, clients: int, seconds: float, ps: list[list[int]]) -> dict:
     host, port = url.split("//")[1].rsplit(":", 1)
-    conn = Stream(host, int(port))
 
     async def one(body: dict, deadline: float, seen) -> None:
-        async for now in conn.events(body):
+        async for now in stream_events(host, int(port), body):
             if now >= deadline:
                 return  # hang up: the window is over (the server frees the slot)
             seen(now)
