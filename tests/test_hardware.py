@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import TINY, sets
-from llmctl import hardware
+from llmctl import commands, hardware
 
 CPU = torch.device("cpu")
 AVX2_ONLY = {"avx", "avx2", "fma", "f16c", "sse4_2"}  # an AMD EPYC of the Zen 2/3 kind
@@ -58,3 +59,31 @@ def test_bf16_on_a_cpu_that_emulates_it_warns_once_and_trains_promptly(tmp_path)
     assert len(warnings) == 1 and "emulated" in warnings[0], r.stderr[-3000:]
     assert "MFU" in r.stderr and "pretrain step 1/2" in r.stderr
     assert took < 60, took  # start-up, data, the peak measurement and two steps; minutes before the bound
+
+
+def test_measuring_the_peak_leaves_the_global_random_stream_alone(tmp_path):
+    torch.manual_seed(0)
+    expected = torch.rand(8)
+    torch.manual_seed(0)
+    hardware.cpu_peak(torch.float32, str(tmp_path))  # a fresh cache: measured here
+    assert json.loads((tmp_path / "peak_flops.json").read_text())  # (it did measure)
+    assert torch.equal(torch.rand(8), expected)
+
+
+def test_a_run_draws_the_same_dropout_whether_the_caches_are_cold_or_warm(tmp_path, monkeypatch):
+    # A cache's first runs measure the CPU's peak (for MFU) and tokenize the corpus. An earlier version drew the
+    # measurement's matrices from torch's global generator, so a run's dropout masks depended on the cache's state
+    # and the SST-2 recipe's figures moved with it.
+    cache = tmp_path / "cache"
+    monkeypatch.delenv("LLMCTL_PEAK_TFLOPS", raising=False)
+    losses = []
+    for name in ("cold", "warm"):
+        if name == "warm":
+            monkeypatch.setenv("LLMCTL_PEAK_TFLOPS", "1")  # no measurement at all
+        out = tmp_path / name
+        commands.pretrain(None, [*TINY, "model.dropout=0.2", "train.max_steps=4", "train.log_interval=1",
+                                 "train.eval_interval=0", f"data.cache_dir={cache}"], out)
+        losses.append([r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                       if "loss" in r])
+    assert (cache / "peak_flops.json").is_file()  # the cold run measured
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
