@@ -247,19 +247,19 @@ def offline(ckpt: Path, batch: int, ps: list[list[int]], compile_: str) -> dict:
 
 
 def bench_model(name: str, ckpt: Path, clients: list[int], seconds: float, rounds: int, extra: list[str],
-                compile_: str, _load=_load_raw) -> dict:
+                compile_: str, load=_load_raw) -> dict:
     ps = prompts(ckpt, 256)
     cont = Server(ckpt, *extra)
     single = Server(ckpt, *extra, "--set", "serve.slots=1")
     print(f"{name}: {cont.ready_line}", file=sys.stderr, flush=True)
     runs: dict = {c: {"serve": [], "one_at_a_time": [], "offline": []} for c in clients}
     try:
-        asyncio.run(_load(cont.url, 2, 3, ps))  # warm both servers up
-        asyncio.run(_load(single.url, 1, 3, ps))
+        asyncio.run(load(cont.url, 2, 3, ps))  # warm both servers up
+        asyncio.run(load(single.url, 1, 3, ps))
         for r in range(rounds):
             for c in clients:
-                runs[c]["serve"].append(asyncio.run(_load(cont.url, c, seconds, ps)))
-                runs[c]["one_at_a_time"].append(asyncio.run(_load(single.url, c, seconds, ps)))
+                runs[c]["serve"].append(asyncio.run(load(cont.url, c, seconds, ps)))
+                runs[c]["one_at_a_time"].append(asyncio.run(load(single.url, c, seconds, ps)))
                 runs[c]["offline"].append(offline(ckpt, min(c, 16), ps, compile_))
                 got = {k: round(v[-1]["tokens_per_s"], 1) for k, v in runs[c].items()}
                 print(f"  round {r + 1} C={c}: {got}", file=sys.stderr, flush=True)
