@@ -193,7 +193,7 @@ def _build(build: Path, final: Path, data: DataConfig, source: Source, val_sourc
     n_all = train.tokens
     if val_source is not None:
         val = stream_to_shards(build, val_source, data, tokenizer, "val", "val-index.json", "data.val_path", log,
-                                on_progress)
+                               on_progress)
         n_train, n_val, val_shards = n_all, val.tokens, [s.name for s in val.shards]
     else:  # contiguous split: the first (1 - val_fraction) of the tokens train, the rest validate
         n_train = int(n_all * (1 - data.val_fraction))
