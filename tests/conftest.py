@@ -93,3 +93,28 @@ def disk_fills_on_second_shard(monkeypatch) -> None:
         return fh
 
     monkeypatch.setattr(shards, "open", full_open, raising=False)
+
+
+def generate_uncached(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k=None,
+                      top_p=None, eos_id=None, seed=None) -> list[int]:
+    """The reference the engine is tested against: no cache, a full forward over the last block_size tokens each
+    step, the same sampler and generator."""
+    import torch
+
+    from llmctl.generate import sample
+
+    device = model.wte.weight.device
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    model.eval()
+    tokens, out = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            idx = torch.tensor([tokens[-model.cfg.block_size:]], device=device)
+            t = int(sample(model(idx)[:, -1], temperature, top_k, top_p, gen))
+            if eos_id is not None and t == eos_id:
+                break
+            out.append(t)
+            tokens.append(t)
+    return out

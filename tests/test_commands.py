@@ -45,7 +45,7 @@ def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeyp
         loaded.engine.store = Store()
         monkeypatch.setattr(inference, "AUTO_BUILD_AFTER_S", threshold)
         rows = [{"prompt": "ab" * (i + 1), "max_new_tokens": 20, "temperature": 0} for i in range(5)]
-        s = inference.sampling(loaded)
+        s = inference.sampling_settings(loaded)
         inference.complete_rows(loaded, rows, s, batch_size=2)
         return loaded.engine.store.asked
 

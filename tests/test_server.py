@@ -117,7 +117,7 @@ def alone(tiny_run) -> dict:
     loaded = commands.for_inference(commands.load_model(tiny_run), "float32", "none", compile=False)
     out = {}
     for i, p in enumerate(PROMPTS):
-        s = commands.sampling(loaded, max_new_tokens=5 + (i * 11) % 40, temperature=0)
+        s = commands.sampling_settings(loaded, flags={"max_new_tokens": 5 + (i * 11) % 40, "temperature": 0})
         out[i] = "".join(commands.stream(loaded, p, s))
     return out
 
