@@ -33,6 +33,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# The same bad sampling values, given through every surface (tests/test_sampling.py: --set generate.*, the flags of
+# infer, serve and eval, JSONL rows; tests/test_server.py: HTTP requests): (field, value, the words of the one rule)
+BAD_SAMPLING = [
+    ("temperature", -1, "must not be negative"),
+    ("top_p", 1.5, "must be above 0 and at most 1"),
+    ("top_k", -3, "must be at least 1, or 0 or -1 for no limit"),
+    ("max_new_tokens", 0, "must be at least 1"),
+    ("stop", [f"s{i}" for i in range(17)], "takes at most 16 strings (got 17)"),
+]
+
+
 def sets(*items: str) -> list[str]:
     """['a=1', 'b=2'] -> ['--set', 'a=1', '--set', 'b=2']"""
     out: list[str] = []

@@ -272,3 +272,17 @@ def test_compiled_steps_cover_the_busy_slots_with_the_smallest_size():
 
     assert step_sizes(1) == [1] and step_sizes(3) == [1, 3] and step_sizes(16) == [1, 4, 16]
     assert step_sizes(17) == [1, 4, 16, 17] and step_sizes(64) == [1, 4, 16, 64]
+
+
+def test_a_prompt_is_fitted_to_the_context_by_one_rule():
+    from llmctl.errors import LlmctlError
+    from llmctl.generate import fit_prompt
+    from llmctl.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_char(["abcdef"])
+    assert fit_prompt(tok, "", 4, truncate=False) == [tok.eos_id] == fit_prompt(tok, [], 4, truncate=False)
+    assert fit_prompt(tok, "abcdef", 4, truncate=True) == tok.encode("cdef")  # the last tokens stay
+    assert fit_prompt(tok, [1, 2, 3], 4, truncate=False) == [1, 2, 3]
+    with pytest.raises(LlmctlError, match="the prompt is 6 tokens but the model's context is 4 tokens; shorten it "
+                                          "or pass --truncate to keep its last tokens"):
+        fit_prompt(tok, "abcdef", 4, truncate=False)
