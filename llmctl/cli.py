@@ -563,20 +563,7 @@ def eval_(
             r = commands.evaluate_tasks(ckpt, tasks, num_fewshot, limit, include_path, batch_size, device, base,
                                         tokenizer, dtype, quantize_mode, log_samples, log=_log,
                                         overrides=overrides or [], flags=flags)
-            if json_out:
-                _print_json(r)
-                return
-            from .harness import table
-
-            t = Table(title=f"lm-eval: {r['checkpoint']}", header_style="bold")
-            for col in ("task", "metric", "filter", "value", "stderr"):
-                t.add_column(col, justify="right" if col in ("value", "stderr") else "left")
-            for row in table(r):
-                t.add_row(row["task"], row["metric"], row["filter"], f"{row['value']:.4f}",
-                          "" if row["stderr"] is None else f"{row['stderr']:.4f}")
-            out.print(t)
-            if r.get("saved"):
-                err.print(f"saved {r['saved']}", markup=False, highlight=False, soft_wrap=True)
+            _print_json(r) if json_out else _print_tasks(r)
             return
         if any(x is not None for x in (num_fewshot, limit, include_path)) or log_samples:
             raise LlmctlError("--num-fewshot, --limit, --include-path and --log-samples go with --tasks")
@@ -594,6 +581,21 @@ def eval_(
             out.print(_table(f"eval: {r['data']}", {k: v for k, v in r.items() if k not in ("data",)}))
 
     run(go)
+
+
+def _print_tasks(r: dict) -> None:
+    """`eval --tasks` results: one row per task and metric, then where they were saved."""
+    from .harness import table
+
+    t = Table(title=f"lm-eval: {r['checkpoint']}", header_style="bold")
+    for col in ("task", "metric", "filter", "value", "stderr"):
+        t.add_column(col, justify="right" if col in ("value", "stderr") else "left")
+    for row in table(r):
+        t.add_row(row["task"], row["metric"], row["filter"], f"{row['value']:.4f}",
+                  "" if row["stderr"] is None else f"{row['stderr']:.4f}")
+    out.print(t)
+    if r.get("saved"):
+        err.print(f"saved {r['saved']}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_classification(r: dict) -> None:

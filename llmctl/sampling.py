@@ -167,14 +167,21 @@ class Sampling:
             object.__setattr__(self, field, v)  # (frozen: the one form is set once, here)
 
     @classmethod
-    def from_config(cls, g: Any) -> "Sampling":
-        """From a `generate` config section (llmctl.config.GenerateConfig, already checked by these rules)."""
-        return cls(**{f: getattr(g, f) for f in FIELDS})
+    def from_config(cls, g: Any, flags: Optional[Mapping[str, Any]] = None) -> "Sampling":
+        """From a `generate` config section (llmctl.config.GenerateConfig, already checked by these rules), and
+        the CLI's sampling `flags` over it (shorthand for the same keys; see `given_flags`)."""
+        return replace(cls(**{f: getattr(g, f) for f in FIELDS}), given_flags(flags))
 
     @property
     def greedy(self) -> bool:
         """Always the most likely token: no random draw at all."""
         return self.temperature == 0 and self.repetition_penalty == 1.0
+
+
+def given_flags(flags: Optional[Mapping[str, Any]]) -> dict:
+    """The sampling flags a command was given (field -> value; None = not given), checked under their flag
+    names (--top-p ...)."""
+    return check({f: v for f, v in (flags or {}).items() if v is not None}, flag)
 
 
 def replace(s: Sampling, changes: Mapping[str, Any], name: Callable[[str], str] = str) -> Sampling:

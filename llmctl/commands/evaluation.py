@@ -45,7 +45,7 @@ def generation_changes(overrides: Optional[list[str]] = None, flags: Optional[di
     (as config), then the sampling flags (field -> value, None = not given; under their own names). They override
     each generation task's own settings (llmctl.harness.task_sampling), as lm-eval's --gen_kwargs does; the
     checkpoint's generate section does not apply (a task decides, greedy unless it samples)."""
-    given = sampling.check({k: v for k, v in (flags or {}).items() if v is not None}, sampling.flag)
+    given = sampling.given_flags(flags)
     raw = user_settings(None, overrides or [])
     gen = raw.get("generate")
     other = [f"{k}.*" for k in raw if k != "generate"] + [f"generate.{k}" for k in (gen if isinstance(gen, dict)

@@ -51,9 +51,7 @@ def sampling_settings(loaded: Loaded, overrides: Optional[list[str]] = None, fla
     """The sampling settings of `infer`: the checkpoint's `generate` section, the user's `--set generate.*` over it
     (checked as config; also sets generate.dtype and the like for `for_inference`), then the flags (field -> value,
     None = not given; shorthand for the same keys, checked under their own names: --temperature ...)."""
-    given = sampling.check({k: v for k, v in (flags or {}).items() if v is not None}, sampling.flag)
-    cfg = apply_settings(loaded, None, overrides or [], ("generate",), "infer")
-    return sampling.replace(Sampling.from_config(cfg.generate), given)
+    return Sampling.from_config(apply_settings(loaded, None, overrides or [], ("generate",), "infer").generate, flags)
 
 
 def stream(loaded: Loaded, prompt: str, s: Sampling, truncate: bool = False, warn: Log = nolog) -> Iterator[str]:

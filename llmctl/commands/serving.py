@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import sampling
 from ..config import Config
 from ..errors import EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
 from ..fileio import read_text
@@ -60,9 +59,8 @@ def settings(loaded: Loaded, config: Optional[Path], overrides: list[str], flags
     """The checkpoint's config with the user's serve.* and generate.* settings over it (others are refused), and
     the sampling settings every request starts from: generate.*, then the sampling flags (field -> value, None =
     not given; shorthand for the same keys, checked under their own names)."""
-    given = sampling.check({k: v for k, v in (flags or {}).items() if v is not None}, sampling.flag)
     cfg = apply_settings(loaded, config, overrides, SECTIONS, "serve")
-    return cfg, sampling.replace(Sampling.from_config(cfg.generate), given)
+    return cfg, Sampling.from_config(cfg.generate, flags)
 
 
 def bind(host: str, port: int) -> socket.socket:
