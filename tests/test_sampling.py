@@ -175,3 +175,11 @@ def test_an_lm_eval_task_becomes_a_sampling_that_the_users_settings_override():
         task_sampling({"until": [f"s{i}" for i in range(16)]}, "<eos>", {})
     with pytest.raises(LlmctlError, match="generation_kwargs: max_gen_toks must be at least 1"):
         task_sampling({"max_gen_toks": 0}, "<eos>", {})
+
+
+def test_an_exported_generation_config_has_no_limit_where_llmctl_has_none():
+    from llmctl.hf import generation_config
+
+    for k in ("0", "-1", "null"):
+        assert "top_k" not in generation_config(load_config(None, [f"generate.top_k={k}"]), None)
+    assert generation_config(load_config(None, ["generate.top_k=5"]), None)["top_k"] == 5
