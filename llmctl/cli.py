@@ -48,12 +48,45 @@ DryRunOpt = typer.Option(False, "--dry-run",
                          show_default="off")
 BaseOpt = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.",
                        show_default="the base recorded at training")
-# the inference precision, the same for `infer` and `serve` (`eval` measures float32 unless asked)
-DtypeOpt = typer.Option("auto", "--dtype", help=f"{', '.join(INFER_DTYPES)}. auto: see README 'Inference speed'.")
-QuantizeOpt = typer.Option("auto", "--quantize",
+# the inference precision, the same for `infer` and `serve` (`eval` measures float32 unless asked): shorthand for
+# generate.dtype and generate.quantize (llmctl.precision.inference_choices resolves them)
+DtypeOpt = typer.Option(None, "--dtype", help=f"{', '.join(INFER_DTYPES)}. auto: see README 'Inference speed'.",
+                        show_default="generate.dtype, auto")
+QuantizeOpt = typer.Option(None, "--quantize",
                            help=f"{', '.join(QUANTIZE_MODES)} (CPU: dynamic int8; CUDA: weight-only int8). auto: int8 "
                                 "on x86 CPUs for models of 10M+ parameters, none below and elsewhere (README "
-                                "'Inference speed').")
+                                "'Inference speed').", show_default="generate.quantize, auto")
+# The sampling flags of infer, serve and eval --tasks, each shorthand for --set generate.<field> (llmctl.sampling
+# checks them): field -> (option names, help, the default shown by infer and serve)
+SAMPLING_OPTIONS = {
+    "max_new_tokens": (("--max-new-tokens", "-n"), "Tokens to generate.", "generate.max_new_tokens, 256"),
+    "temperature": (("--temperature", "-t"), "Sampling temperature; 0 = greedy.", "generate.temperature, 0.8"),
+    "top_k": (("--top-k",), "Sample among the k most likely tokens (0 or -1: no limit).", "generate.top_k, 200"),
+    "top_p": (("--top-p",), "Nucleus sampling: smallest set with this much probability.", "generate.top_p, off"),
+    "repetition_penalty": (("--repetition-penalty",), "> 1 discourages repeating tokens.",
+                           "generate.repetition_penalty, 1 = off"),
+    "stop": (("--stop",), "End the text before this string (repeatable).", "generate.stop, none"),
+    "seed": (("--seed",), "Random seed for reproducible samples.", "random"),
+}
+
+
+def _sampling_opt(field: str, shown: Optional[str] = None):
+    names, help_text, default = SAMPLING_OPTIONS[field]
+    return typer.Option(None, *names, help=help_text, show_default=shown or default)
+
+
+MaxNewTokensOpt, TemperatureOpt, TopKOpt = (_sampling_opt("max_new_tokens"), _sampling_opt("temperature"),
+                                             _sampling_opt("top_k"))
+TopPOpt, RepetitionPenaltyOpt = _sampling_opt("top_p"), _sampling_opt("repetition_penalty")
+StopOpt, SeedOpt = _sampling_opt("stop"), _sampling_opt("seed")
+GenerateSetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", show_default="none",
+                              help="Override one generate.* key, e.g. --set generate.top_k=50 (repeatable).")
+
+
+def _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed) -> dict:
+    """The sampling flags as sampling fields (None: not given)."""
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "repetition_penalty": repetition_penalty, "stop": stop or None, "seed": seed}
 TokenizerOpt = typer.Option(None, "--tokenizer",
                             help="A tokenizer.json to use instead of the checkpoint's (needed when it has none).",
                             show_default="the checkpoint's")
@@ -260,25 +293,19 @@ def infer(
     chat: bool = typer.Option(False, "--chat",
                               help="Interactive chat with an instruction-tuned model (/reset clears, /exit or "
                                    "Ctrl-D quits).", show_default="off"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Tokens to generate.",
-                                                 show_default="generate.max_new_tokens, 256"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature; 0 = greedy.",
-                                                show_default="generate.temperature, 0.8"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens.",
-                                        show_default="generate.top_k, 200"),
-    top_p: Optional[float] = typer.Option(None, "--top-p",
-                                          help="Nucleus sampling: smallest set with this much probability.",
-                                          show_default="generate.top_p, off"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible samples.",
-                                       show_default="random"),
+    overrides: Optional[List[str]] = GenerateSetOpt,
+    max_new_tokens: Optional[int] = MaxNewTokensOpt,
+    temperature: Optional[float] = TemperatureOpt,
+    top_k: Optional[int] = TopKOpt,
+    top_p: Optional[float] = TopPOpt,
+    seed: Optional[int] = SeedOpt,
+    stop: Optional[List[str]] = StopOpt,
     truncate: bool = typer.Option(False, "--truncate",
                                   help="Keep the last tokens of a prompt longer than the context instead of "
                                        "refusing it.", show_default="off"),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty",
-                                                       help="> 1 discourages repeating tokens.",
-                                                       show_default="generate.repetition_penalty, 1 = off"),
-    dtype: str = DtypeOpt,
-    quantize_mode: str = QuantizeOpt,
+    repetition_penalty: Optional[float] = RepetitionPenaltyOpt,
+    dtype: Optional[str] = DtypeOpt,
+    quantize_mode: Optional[str] = QuantizeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="The decode step compiled ahead of time (AOTInductor): several times "
                                                 "faster per token. --compile builds it if the cache lacks it (half a "
@@ -312,7 +339,8 @@ def infer(
             return
         if batch_size is not None and batch_size < 1:
             raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
-        settings = commands.sampling(loaded, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty)
+        flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+        settings = commands.sampling_settings(loaded, overrides, flags)
         commands.for_inference(loaded, dtype, quantize_mode, compile, notify=lambda msg: err.print(msg))
         if chat:
             _chat(commands.ChatSession(loaded, settings, warn=_warn))
@@ -431,8 +459,15 @@ def serve(
                                                   help="Override one key, e.g. --set serve.slots=32 (repeatable; "
                                                        "serve.* and generate.* only).", metavar="KEY=VALUE",
                                                   show_default="none"),
-    dtype: str = DtypeOpt,
-    quantize_mode: str = QuantizeOpt,
+    max_new_tokens: Optional[int] = MaxNewTokensOpt,
+    temperature: Optional[float] = TemperatureOpt,
+    top_k: Optional[int] = TopKOpt,
+    top_p: Optional[float] = TopPOpt,
+    seed: Optional[int] = SeedOpt,
+    stop: Optional[List[str]] = StopOpt,
+    repetition_penalty: Optional[float] = RepetitionPenaltyOpt,
+    dtype: Optional[str] = DtypeOpt,
+    quantize_mode: Optional[str] = QuantizeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="Decode steps compiled ahead of time for serve.slots rows and "
                                                 "for 1, 4, 16, ... of them (the smallest covering the busy rows "
@@ -459,8 +494,9 @@ def serve(
         err.print(f"serving {info['model']} at {info['url']}/v1 ({slots}{info['precision']}{step}, {key}); "
                   "Ctrl-C stops", markup=False, highlight=False, soft_wrap=True)
 
+    flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
     run(lambda: commands.serve(ckpt, host, port, api_key_file, config, overrides or [], dtype, quantize_mode,
-                               compile, device, base, tokenizer, insecure, log=_log, on_ready=ready))
+                               compile, device, base, tokenizer, insecure, log=_log, on_ready=ready, flags=flags))
 
 
 @app.command("eval")
@@ -478,9 +514,11 @@ def eval_(
                                              show_default="eval.batch_size, 16"),
     base: Optional[Path] = BaseOpt,
     dtype: str = typer.Option("float32", "--dtype",
-                              help=f"Language models: {', '.join(INFER_DTYPES)} (auto: what infer uses)."),
+                              help=f"Language models: {', '.join(INFER_DTYPES)} (auto: chosen by the hardware, as "
+                                   "infer does by default)."),
     quantize_mode: str = typer.Option("none", "--quantize",
-                                      help=f"Language models: {', '.join(QUANTIZE_MODES)} (auto: what infer uses)."),
+                                      help=f"Language models: {', '.join(QUANTIZE_MODES)} (auto: chosen by the "
+                                           "hardware, as infer does by default)."),
     tasks: Optional[str] = typer.Option(None, "--tasks",
                                         help="lm-evaluation-harness tasks, comma-separated (needs llmctl[eval]); "
                                              "instead of --data.", show_default="none"),
@@ -495,38 +533,43 @@ def eval_(
     log_samples: bool = typer.Option(False, "--log-samples",
                                      help="--tasks: keep every example's inputs and loglikelihoods in the result.",
                                      show_default="off"),
+    overrides: Optional[List[str]] = typer.Option(
+        None, "--set", "-s", metavar="KEY=VALUE", show_default="none",
+        help="--tasks: override one sampling key of the generation tasks, e.g. --set generate.temperature=0 "
+             "(repeatable; generate.* sampling keys only)."),
+    max_new_tokens: Optional[int] = _sampling_opt("max_new_tokens", "the task's max_gen_toks"),
+    temperature: Optional[float] = _sampling_opt("temperature", "the task's, else 0"),
+    top_k: Optional[int] = _sampling_opt("top_k", "the task's, else off"),
+    top_p: Optional[float] = _sampling_opt("top_p", "the task's, else off"),
+    seed: Optional[int] = _sampling_opt("seed", "the task's, else random"),
+    stop: Optional[List[str]] = _sampling_opt("stop", "the task's until, and end of text"),
+    repetition_penalty: Optional[float] = _sampling_opt("repetition_penalty", "1 = off"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = JsonOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
     """Measure a checkpoint: loss, perplexity and bits per byte (language models, one full pass of non-overlapping
     blocks); accuracy, precision, recall, F1 and confusion matrix (classifiers); response loss (instruction-tuned);
-    with --tasks, lm-evaluation-harness tasks (results also saved in RUN/evals/)."""
+    with --tasks, lm-evaluation-harness tasks (results also saved in RUN/evals/); the sampling flags and --set
+    generate.* change what its generation tasks ask for."""
     from . import commands
+
+    flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
 
     def go() -> None:
         if tasks is not None:
             if data is not None:
                 raise LlmctlError("--tasks and --data are exclusive: lm-eval tasks bring their own data")
             r = commands.evaluate_tasks(ckpt, tasks, num_fewshot, limit, include_path, batch_size, device, base,
-                                        tokenizer, dtype, quantize_mode, log_samples, log=_log)
-            if json_out:
-                _print_json(r)
-                return
-            from .harness import table
-
-            t = Table(title=f"lm-eval: {r['checkpoint']}", header_style="bold")
-            for col in ("task", "metric", "filter", "value", "stderr"):
-                t.add_column(col, justify="right" if col in ("value", "stderr") else "left")
-            for row in table(r):
-                t.add_row(row["task"], row["metric"], row["filter"], f"{row['value']:.4f}",
-                          "" if row["stderr"] is None else f"{row['stderr']:.4f}")
-            out.print(t)
-            if r.get("saved"):
-                err.print(f"saved {r['saved']}", markup=False, highlight=False, soft_wrap=True)
+                                        tokenizer, dtype, quantize_mode, log_samples, log=_log,
+                                        overrides=overrides or [], flags=flags)
+            _print_json(r) if json_out else _print_tasks(r)
             return
         if any(x is not None for x in (num_fewshot, limit, include_path)) or log_samples:
             raise LlmctlError("--num-fewshot, --limit, --include-path and --log-samples go with --tasks")
+        if overrides or any(v is not None for v in flags.values()):
+            raise LlmctlError("--set and the sampling flags (--temperature, ...) go with --tasks: only lm-eval's "
+                              "generation tasks generate")
         r = commands.evaluate(ckpt, data, batch_size, device, log=_log, text_column=text_column,
                               label_column=label_column, base=base, tokenizer=tokenizer, dtype=dtype,
                               quantize_mode=quantize_mode, warn=_warn)
@@ -538,6 +581,21 @@ def eval_(
             out.print(_table(f"eval: {r['data']}", {k: v for k, v in r.items() if k not in ("data",)}))
 
     run(go)
+
+
+def _print_tasks(r: dict) -> None:
+    """`eval --tasks` results: one row per task and metric, then where they were saved."""
+    from .harness import table
+
+    t = Table(title=f"lm-eval: {r['checkpoint']}", header_style="bold")
+    for col in ("task", "metric", "filter", "value", "stderr"):
+        t.add_column(col, justify="right" if col in ("value", "stderr") else "left")
+    for row in table(r):
+        t.add_row(row["task"], row["metric"], row["filter"], f"{row['value']:.4f}",
+                  "" if row["stderr"] is None else f"{row['stderr']:.4f}")
+    out.print(t)
+    if r.get("saved"):
+        err.print(f"saved {r['saved']}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_classification(r: dict) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from . import sampling
 from .errors import LlmctlError
 
 # the precisions and weight formats generation runs in (generate.dtype / --dtype, generate.quantize / --quantize)
@@ -273,14 +274,16 @@ class TrainConfig:
 
 @dataclass
 class GenerateConfig:
-    """Sampling defaults for `llmctl infer`."""
+    """How `llmctl infer` and `serve` generate (flags such as --temperature are shorthand for these keys). The
+    sampling keys mean the same and follow the same rules everywhere: llmctl.sampling."""
 
     max_new_tokens: int = 256
     temperature: float = 0.8  # 0 = greedy
-    top_k: Optional[int] = 200
+    top_k: Optional[int] = 200  # 0, -1 or null: no limit
     top_p: Optional[float] = None
     seed: Optional[int] = None
     repetition_penalty: float = 1.0  # > 1 discourages repeating tokens
+    stop: list[str] = field(default_factory=list)  # the text ends before the first of these (sampling.MAX_STOPS)
     dtype: Literal[INFER_DTYPES] = "auto"  # auto: see README "Inference speed"
     quantize: Literal[QUANTIZE_MODES] = "auto"
     # the decode step compiled ahead of time (llmctl.aot): auto = use it when cached, true = build it if missing
@@ -288,19 +291,11 @@ class GenerateConfig:
     batch_size: int = 8  # prompts decoded together by `infer --input`
 
     def check(self, cfg: "Config") -> list[str]:
-        """Impossible sampling settings."""
-        g = self
-        p: list[str] = []
-        if g.max_new_tokens < 1:
-            p.append(f"generate.max_new_tokens: must be at least 1 (got {g.max_new_tokens})")
-        if g.temperature < 0:
-            p.append(f"generate.temperature: must not be negative (got {g.temperature})")
-        if g.top_k is not None and g.top_k < 1:
-            p.append(f"generate.top_k: must be at least 1 or null (got {g.top_k})")
-        if g.top_p is not None and not 0.0 < g.top_p <= 1.0:
-            p.append(f"generate.top_p: must be in (0, 1] or null (got {g.top_p})")
-        if g.repetition_penalty <= 0 or g.batch_size < 1:
-            p.append("generate.repetition_penalty must be positive and generate.batch_size at least 1")
+        """Impossible generation settings: the sampling keys by llmctl.sampling's rules."""
+        values = {f: getattr(self, f) for f in sampling.FIELDS}
+        p = [f"generate.{x.field}: {x.message}" for x in sampling.problems(values)]
+        if self.batch_size < 1:
+            p.append(f"generate.batch_size: must be at least 1 (got {self.batch_size})")
         return p
 
 

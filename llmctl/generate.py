@@ -25,7 +25,9 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import aot
+from .errors import LlmctlError
 from .model import KVCache, Transformer
+from .sampling import Sampling
 from .tokenizer import StreamDecoder, Tokenizer
 
 FINISH_REASONS = ("eos", "length", "stop", "cancelled")
@@ -33,20 +35,27 @@ FINISH_REASONS = ("eos", "length", "stop", "cancelled")
 
 @dataclass
 class Request:
-    """One prompt and how to continue it."""
+    """One prompt (token ids that fit the context: `fit_prompt`) and how to continue it (checked when built; stop
+    strings need the engine's tokenizer)."""
 
     prompt: list[int]
-    max_new_tokens: int
-    temperature: float = 0.8  # 0 = greedy
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
-    seed: Optional[int] = None
-    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first of them (needs the engine's tokenizer)
+    sampling: Sampling
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 and self.repetition_penalty == 1.0
+
+def fit_prompt(tok: Tokenizer, prompt: str | list[int], context: int, truncate: bool,
+               how: str = "pass --truncate") -> list[int]:
+    """The ids of `prompt` (text, or ids already) that fit in `context` tokens, the one rule of infer, chat, serve
+    and the lm-eval harness: an empty prompt starts from end-of-text (unconditional sampling); a longer one keeps
+    its last `context` tokens when `truncate`, else it is refused, `how` telling how to ask for that instead."""
+    ids = (tok.encode(prompt) if prompt else []) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        return [tok.eos_id]
+    if len(ids) > context:
+        if not truncate:
+            raise LlmctlError(f"the prompt is {len(ids)} tokens but the model's context is {context} tokens; "
+                              f"shorten it or {how} to keep its last tokens")
+        ids = ids[-context:]
+    return ids
 
 
 def sample(
@@ -154,11 +163,11 @@ class Row:
             self.first_token_at = time.perf_counter()
         if self.decoder is not None:
             self._add_text(self.decoder.push(token))
-        if not self.done and self.produced >= self.request.max_new_tokens:
+        if not self.done and self.produced >= self.request.sampling.max_new_tokens:
             self._finish("length")
 
     def _add_text(self, piece: str) -> None:
-        stops = self.request.stop
+        stops = self.request.sampling.stop
         start = max(0, len(self.text) - max((len(s) for s in stops), default=0))
         self.text += piece
         hits = [i for i in (self.text.find(s, start) for s in stops if s) if i >= 0]
@@ -255,18 +264,19 @@ class Engine:
 
     # -- rows ------------------------------------------------------------------------------------------------------
     def new_row(self, request: Request) -> Row:
-        """A row for `request`, checked (callers truncate or refuse prompts that do not fit the context)."""
-        block = self.model.cfg.block_size
+        """A row for `request`. Its settings were checked when built; its prompt must fit (`fit_prompt` does that:
+        a prompt that does not is a caller's bug, hence ValueError)."""
+        block, s = self.model.cfg.block_size, request.sampling
         if not request.prompt:
             raise ValueError("a prompt must hold at least one token")
         if len(request.prompt) > block:
             raise ValueError(f"prompt of {len(request.prompt)} tokens exceeds the context of {block}")
-        if request.stop and self.tokenizer is None:
+        if s.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer")
         g = None
-        if not request.greedy:
+        if not s.greedy:
             g = torch.Generator(device=self.model.wte.weight.device)
-            g.manual_seed(request.seed) if request.seed is not None else g.seed()
+            g.manual_seed(s.seed) if s.seed is not None else g.seed()
         dec = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         return Row(request, list(request.prompt), generator=g, decoder=dec)
 
@@ -333,14 +343,14 @@ class Engine:
     def _pick(self, busy: list[Row]) -> None:
         """Sample each busy row's next token from its logits; <eos> ends a row without being added."""
         picks: dict[int, int] = {}
-        greedy = [r for r in busy if r.request.greedy]
+        greedy = [r for r in busy if r.request.sampling.greedy]
         if greedy:
             top = self._logits[: max(r.slot for r in greedy) + 1].argmax(-1).tolist()  # one call for every row
             picks.update({r.slot: top[r.slot] for r in greedy})
         for r in busy:
             if r.slot in picks:
                 continue
-            q, logits = r.request, self._logits[r.slot]
+            q, logits = r.request.sampling, self._logits[r.slot]
             if q.repetition_penalty != 1.0:
                 logits = penalize(logits, torch.tensor(r.tokens, device=logits.device), q.repetition_penalty)
             picks[r.slot] = int(sample(logits[None], q.temperature, q.top_k, q.top_p, r.generator))
@@ -391,7 +401,7 @@ class Engine:
             return
         rows = [self.new_row(r) for r in requests]  # every request is checked before any work
         slots = min(slots or len(rows), len(rows))
-        needed = max(len(r.prompt) + r.max_new_tokens for r in requests)
+        needed = max(len(r.prompt) + r.sampling.max_new_tokens for r in requests)
         self.model.eval()
         try:
             self.open(slots, self.cache_length(needed))
@@ -412,41 +422,9 @@ class Engine:
             yield from row.new_tokens
 
 
-def generate(
-    model: Transformer,
-    prompt: list[int],
-    max_new_tokens: int,
-    temperature: float = 0.8,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    eos_id: Optional[int] = None,
-    seed: Optional[int] = None,
-    repetition_penalty: float = 1.0,
-    engine: Optional[Engine] = None,
-) -> Iterator[int]:
-    """Yield up to `max_new_tokens` new token ids for one prompt: on `engine` (which has its own end-of-text id), or
-    on an eager engine made here that stops at `eos_id`."""
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, eos_id: Optional[int] = None,
+             engine: Optional[Engine] = None, **sampling) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids for one prompt, sampled by `Sampling(max_new_tokens, **sampling)`:
+    on `engine` (which has its own end-of-text id), or on an eager engine made here that stops at `eos_id`."""
     engine = engine or Engine(model, eos_id=eos_id)
-    return engine.complete(Request(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed))
-
-
-@torch.inference_mode()
-def generate_uncached(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
-                      top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
-                      seed: Optional[int] = None) -> list[int]:
-    """Reference path without a cache (full forward over the last block_size tokens each step); for tests."""
-    device = model.wte.weight.device
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    model.eval()
-    tokens = list(prompt)
-    out = []
-    for _ in range(max_new_tokens):
-        idx = torch.tensor([tokens[-model.cfg.block_size:]], device=device)
-        t = int(sample(model(idx)[:, -1], temperature, top_k, top_p, gen))
-        if eos_id is not None and t == eos_id:
-            break
-        out.append(t)
-        tokens.append(t)
-    return out
+    return engine.complete(Request(prompt, Sampling(max_new_tokens, **sampling)))

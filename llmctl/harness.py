@@ -8,7 +8,9 @@ The three request types follow lm-eval's HF backend, so the numbers are the same
   - `loglikelihood_rolling`: lm-eval's disjoint rolling windows of `block_size` tokens, the first predicted from the
     end-of-text token, summed.
   - `generate_until`: greedy (or sampled, as the task asks) on the generation engine: the context keeps its last
-    `block_size - max_gen_toks` tokens, the text ends before the first stop sequence or the end of text.
+    `block_size - max_gen_toks` tokens, the text ends before the first stop sequence or the end of text. The task's
+    generation kwargs become a `Sampling` by llmctl.sampling's rules, and the user's own settings (`eval --set
+    generate.*` and the sampling flags) override them, as lm-eval's `--gen_kwargs` does.
 lm-eval is an optional extra (`llmctl[eval]`), imported only here.
 """
 
@@ -19,9 +21,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from . import sampling
 from .errors import LlmctlError
-from .generate import Request
+from .generate import Request, fit_prompt
 from .loading import Loaded
+from .sampling import Sampling
 
 
 def require() -> Any:
@@ -35,8 +39,28 @@ def require() -> Any:
     return lm_eval
 
 
-def make_lm(loaded: Loaded, batch_size: int) -> Any:
-    """An lm-eval LM for a loaded language model (given its generation engine by `for_inference`)."""
+def task_sampling(kw: dict, eos: str, changes: dict) -> Sampling:
+    """The sampling of one generate_until request: lm-eval's generation kwargs (`until` and the end-of-text token
+    as stop strings, `max_gen_toks`, and temperature, top_p, top_k, seed when the task samples), then the user's
+    `changes` (field -> value, already checked) over them."""
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+
+    kw = normalize_gen_kwargs(kw, 256)
+    given = {"stop": handle_stop_sequences(kw.pop("until", None), eos=eos), "max_new_tokens": kw.pop("max_gen_toks"),
+             "temperature": 0.0}
+    if kw.get("do_sample") and kw.get("temperature", 0) > 0:
+        given.update({k: kw[k] for k in ("temperature", "top_p", "top_k", "seed") if kw.get(k) is not None})
+    lm_eval_name = {"max_new_tokens": "max_gen_toks", "stop": "until (with the end-of-text token)"}
+    try:
+        s = sampling.replace(Sampling(1), given, name=lambda f: lm_eval_name.get(f, f))
+    except sampling.SamplingError as e:
+        raise LlmctlError(f"the task's generation_kwargs: {e.message}") from None
+    return sampling.replace(s, changes)
+
+
+def make_lm(loaded: Loaded, batch_size: int, changes: Optional[dict] = None) -> Any:
+    """An lm-eval LM for a loaded language model (given its generation engine by `for_inference`); `changes`
+    (sampling field -> value) override every generation task's own settings."""
     require()
     from lm_eval.api.model import TemplateLM
 
@@ -95,21 +119,14 @@ def make_lm(loaded: Loaded, batch_size: int) -> Any:
             return result
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
-
             jobs = []
             for context, gen_kwargs in [r.args for r in requests]:
-                kw = normalize_gen_kwargs(gen_kwargs, 256)
-                until = handle_stop_sequences(kw.pop("until", None), eos=self.tok.eos_token)
-                n = kw.pop("max_gen_toks")
+                s = task_sampling(gen_kwargs, self.tok.eos_token, changes or {})
+                n = s.max_new_tokens
                 if n >= self.max_length:
                     raise LlmctlError(f"the task asks for {n} new tokens (max_gen_toks) but the model's context is "
                                       f"{self.max_length}; lower generation_kwargs.max_gen_toks")
-                ids = self.tok_encode(context)[-(self.max_length - n):] or [self.eot_token_id]
-                sampled = kw.get("do_sample") and kw.get("temperature", 0) > 0
-                jobs.append(Request(ids, n, temperature=float(kw["temperature"]) if sampled else 0.0,
-                                    top_p=kw.get("top_p"), top_k=kw.get("top_k"), seed=kw.get("seed"),
-                                    stop=tuple(s for s in until if s)))
+                jobs.append(Request(fit_prompt(self.tok, context, self.max_length - n, truncate=True), s))
             texts: dict[int, str] = {}
             index = {id(q): i for i, q in enumerate(jobs)}
             for row in self.loaded.engine.run(jobs, slots=self.batch_size):
@@ -121,8 +138,9 @@ def make_lm(loaded: Loaded, batch_size: int) -> Any:
 
 
 def evaluate(loaded: Loaded, tasks: list[str], num_fewshot: Optional[int], limit: Optional[float],
-             include_path: Optional[str], batch_size: int, log_samples: bool) -> dict:
-    """Run lm-eval's `simple_evaluate` on `tasks` with the model as an LM; returns lm-eval's results dict."""
+             include_path: Optional[str], batch_size: int, log_samples: bool, changes: Optional[dict] = None) -> dict:
+    """Run lm-eval's `simple_evaluate` on `tasks` with the model as an LM; returns lm-eval's results dict.
+    `changes` (sampling field -> value) override the generation tasks' own settings."""
     lm_eval = require()
     from lm_eval.tasks import TaskManager
 
@@ -135,7 +153,7 @@ def evaluate(loaded: Loaded, tasks: list[str], num_fewshot: Optional[int], limit
             where = (f" or in --include-path {include_path}" if include_path
                      else " (add --include-path DIR for local tasks)")
             raise LlmctlError(f"--tasks: lm-eval has no task named {t!r}{where}{hint}")
-    lm = make_lm(loaded, batch_size)
+    lm = make_lm(loaded, batch_size, changes)
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                    task_manager=manager, log_samples=log_samples, batch_size=batch_size)
 

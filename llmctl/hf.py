@@ -33,6 +33,7 @@ from .chat import chat_template
 from .config import Config, ModelConfig, from_dict
 from .errors import LlmctlError
 from .model import Transformer
+from .sampling import Sampling
 from .tokenizer import Tokenizer
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
@@ -367,8 +368,9 @@ def tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, dict]:
 
 
 def generation_config(cfg: Config, tok: Optional[Tokenizer]) -> dict:
-    """Our `generate` defaults as a generation_config.json (sampling parameters only when sampling)."""
-    g = cfg.generate
+    """Our `generate` defaults as a generation_config.json (sampling parameters only when sampling; top_k 0 and -1,
+    "no limit" in llmctl, are left out as the carrier stores them: None)."""
+    g = Sampling.from_config(cfg.generate)
     out: dict[str, Any] = {**token_ids(tok), "do_sample": g.temperature > 0}
     if g.temperature > 0:
         out["temperature"] = g.temperature

@@ -12,14 +12,14 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import quantize as quantize_mod
-from .config import Config, from_dict
+from .config import Config, from_dict, merge_settings, user_settings
 from .errors import LlmctlError
 from .generate import Engine
 from .hardware import slow_precision_warning
 from .heads import Classifier
 from .lora import LORA_MODULES, apply_lora, lora_state
 from .model import Transformer
-from .precision import check_choices, inference_precision, resolve_device
+from .precision import inference_choices, resolve_device
 from .tokenizer import Tokenizer
 
 
@@ -177,26 +177,34 @@ def load_model(path: str | Path, device: str = "auto", dtype: Optional[torch.dty
     return Loaded(ck, cfg, tok, model, dev, classifier, labels)
 
 
-def for_inference(loaded: Loaded, dtype: str = "auto", quantize_mode: str = "auto",
+def for_inference(loaded: Loaded, dtype: Optional[str] = None, quantize_mode: Optional[str] = None,
                   compile: Optional[bool | str] = None, notify: Optional[Callable[[str], None]] = None) -> Loaded:
-    """Give a loaded model its generation engine, in the requested precision (in place). `dtype`, `quantize_mode` "auto"
-    and `compile` None fall back to the checkpoint's `generate` settings; `notify` hears about compiling."""
-    check_choices(dtype, quantize_mode)
-    g = loaded.cfg.generate
-    dtype = g.dtype if dtype == "auto" else dtype
-    quantize_mode = g.quantize if quantize_mode == "auto" else quantize_mode
-    compile = g.compile if compile is None else compile
+    """Give a loaded model its generation engine, in the requested precision (in place). None takes the
+    checkpoint's (or the user's) `generate` setting, and `auto` is resolved by `precision.inference_choices`;
+    `notify` hears about compiling."""
     n_params = sum(p.numel() for p in loaded.model.parameters())
-    dtype, quantize_mode = inference_precision(dtype, quantize_mode, loaded.device, n_params)
+    dtype, quantize_mode, compile = inference_choices(loaded.cfg.generate, dtype, quantize_mode, compile,
+                                                      loaded.device, n_params)
     slow = slow_precision_warning(getattr(torch, dtype), loaded.device, "--dtype")
     if slow and notify:
         notify(f"warning: {slow}")
-    if quantize_mode == "int8" and loaded.device.type == "cpu":
-        if compile is True:
-            raise LlmctlError("--compile does not apply to int8 on a CPU (dynamic int8 layers do not export); "
-                              "use --quantize none to compile, or --no-compile")
-        compile = False
     loaded.model = quantize_mod.convert(loaded.model, dtype, quantize_mode)
     loaded.engine = Engine(loaded.model, loaded.tokenizer, compile=compile, notify=notify)
     loaded.precision = dtype + (" + int8" if quantize_mode == "int8" else "")
     return loaded
+
+
+def apply_settings(loaded: Loaded, config: Optional[Path], overrides: list[str], sections: tuple[str, ...],
+                   command: str) -> Config:
+    """The checkpoint's config with the user's settings of `sections` over it (the YAML `config`, then each
+    `--set`), checked like any config; the rest (the model above all) comes from the checkpoint, so a setting of
+    another section is refused. Sets them on `loaded.cfg` and returns it."""
+    raw = user_settings(config, overrides)
+    other = [k for k in raw if k not in sections]
+    if other:
+        raise LlmctlError(f"llmctl {command} takes only {' and '.join(s + '.*' for s in sections)} settings; "
+                          f"{', '.join(other)} come from the checkpoint")
+    cfg = from_dict(merge_settings(loaded.cfg.to_dict(), raw))
+    for name in sections:
+        setattr(loaded.cfg, name, getattr(cfg, name))
+    return loaded.cfg

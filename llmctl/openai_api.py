@@ -3,9 +3,12 @@ stream-chunk and error shapes. No web framework here (llmctl.server serves these
 
 Supported per request: `max_tokens` (chat also `max_completion_tokens`), `temperature`, `top_p`, `top_k` and
 `repetition_penalty` (extensions), `stop`, `seed`, `stream` (with `stream_options.include_usage`), and `truncate`
-(extension: keep a too-long prompt's last tokens instead of refusing it). `n` > 1, `logprobs`, `echo`, `best_of`
-and non-zero presence/frequency penalties are refused with 400. Unknown fields are ignored, as OpenAI's own clients
-send extras (`user`, ...).
+(extension: keep a too-long prompt's last tokens instead of refusing it). The sampling fields change the server's
+defaults (`generate.*`) by llmctl.sampling's rules, the same as everywhere else (temperature has no cap at 2; top_k
+0 or -1 is no limit; at most sampling.MAX_STOPS stop strings): this module only maps OpenAI's names onto them and
+the problems onto OpenAI's error shape (400, `param` naming the field). A null field means the server's default.
+`n` > 1, `logprobs`, `echo`, `best_of` and non-zero presence/frequency penalties are refused with 400. Unknown
+fields are ignored, as OpenAI's own clients send extras (`user`, ...).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from . import sampling
 from .chat import render_chat
 from .errors import LlmctlError
-from .generate import Request
+from .generate import Request, fit_prompt
+from .sampling import Sampling
 from .tokenizer import Tokenizer
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "length"}  # engine -> OpenAI
@@ -42,15 +47,11 @@ def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -
 
 @dataclass
 class Limits:
-    """What the server allows and the defaults it fills in (from the serve and generate config sections)."""
+    """What the server allows and the settings a request starts from."""
 
     block_size: int
-    max_tokens: int  # serve.max_tokens
-    default_max_tokens: int  # generate.max_new_tokens
-    temperature: float  # generate.* defaults
-    top_k: Optional[int]
-    top_p: Optional[float]
-    repetition_penalty: float
+    max_tokens: int  # serve.max_tokens: the most new tokens one request may ask for
+    defaults: Sampling  # generate.* (and serve's sampling flags); a request changes the fields it gives
 
 
 @dataclass
@@ -67,18 +68,6 @@ class Job:
 # Checking fields
 
 
-def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
-    v = body.get(name)
-    if v is None:
-        return default
-    kind = "an integer" if integer else "a number"
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise bad(f"'{name}' must be {kind} (got {type(v).__name__})", name)
-    if not lo <= v <= hi:
-        raise bad(f"'{name}' must be between {lo:g} and {hi:g} (got {v})", name)
-    return v
-
-
 def _flag(body: dict, name: str) -> bool:
     v = body.get(name, False)
     if v is None:
@@ -86,17 +75,6 @@ def _flag(body: dict, name: str) -> bool:
     if not isinstance(v, bool):
         raise bad(f"'{name}' must be true or false (got {type(v).__name__})", name)
     return v
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    v = body.get("stop")
-    if v is None:
-        return ()
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise bad("'stop' must be a string or a list of strings", "stop")
-    return tuple(s for s in v if s)
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -126,37 +104,28 @@ def check_model(body: dict, name: str) -> None:
                        param="model", code="model_not_found")
 
 
-def _prompt_ids(tok: Tokenizer, ids: list[int], limits: Limits, truncate: bool, param: str) -> list[int]:
-    if not ids:
-        return [tok.eos_id]  # an empty prompt starts from <eos> (unconditional sampling), as `infer` does
-    if len(ids) > limits.block_size:
-        if not truncate:
-            raise bad(f"the prompt is {len(ids)} tokens but the model's context is {limits.block_size} tokens; "
-                      "shorten it or send \"truncate\": true to keep its last tokens", param, "context_length_exceeded")
-        ids = ids[-limits.block_size:]
-    return ids
+def _prompt_ids(tok: Tokenizer, prompt: str | list[int], limits: Limits, truncate: bool, param: str) -> list[int]:
+    try:
+        return fit_prompt(tok, prompt, limits.block_size, truncate, how='send "truncate": true')
+    except LlmctlError as e:
+        raise bad(e.message, param, "context_length_exceeded") from None
 
 
-def _sampling(body: dict, limits: Limits, max_name: str = "max_tokens") -> dict:
-    max_tokens = body.get(max_name)
-    if max_tokens is None and max_name != "max_tokens":
-        max_name, max_tokens = "max_tokens", body.get("max_tokens")
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise bad(f"'{max_name}' must be a positive integer (got {max_tokens!r})", max_name)
-        if max_tokens > limits.max_tokens:
-            raise bad(f"'{max_name}' is {max_tokens}, over this server's limit of {limits.max_tokens} "
-                      "(serve.max_tokens)", max_name)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad("'seed' must be an integer", "seed")
-    top_k = _number(body, "top_k", limits.top_k, 1, 1 << 31, integer=True)
-    return dict(max_new_tokens=max_tokens or min(limits.default_max_tokens, limits.max_tokens),
-                temperature=float(_number(body, "temperature", limits.temperature, 0, 2)),
-                top_k=top_k if top_k != -1 else None,
-                top_p=_number(body, "top_p", limits.top_p, 1e-9, 1),
-                repetition_penalty=float(_number(body, "repetition_penalty", limits.repetition_penalty, 1e-6, 100)),
-                seed=seed, stop=_stop(body))
+def _sampling(body: dict, limits: Limits, max_name: str = "max_tokens") -> Sampling:
+    """The server's defaults changed by the request's sampling fields (null or absent: the default)."""
+    if body.get(max_name) is None and max_name != "max_tokens":
+        max_name = "max_tokens"  # chat takes either; max_completion_tokens wins when both are given
+    param = {"max_new_tokens": max_name}  # the field -> OpenAI's name, where they differ
+    given = {f: body[param.get(f, f)] for f in sampling.FIELDS if body.get(param.get(f, f)) is not None}
+    given.setdefault("max_new_tokens", min(limits.defaults.max_new_tokens, limits.max_tokens))
+    try:
+        s = sampling.replace(limits.defaults, given, name=lambda f: f"'{param.get(f, f)}'")
+    except sampling.SamplingError as e:
+        raise bad(e.message, param.get(e.problems[0].field, e.problems[0].field)) from None
+    if s.max_new_tokens > limits.max_tokens:
+        raise bad(f"'{max_name}' is {s.max_new_tokens}, over this server's limit of {limits.max_tokens} "
+                  "(serve.max_tokens)", max_name)
+    return s
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -190,13 +159,10 @@ def parse_completion(body: Any, tok: Tokenizer, limits: Limits) -> Job:
     requests = []
     for i, p in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        if isinstance(p, str):
-            ids = tok.encode(p) if p else []
-        elif all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tok.vocab_size for t in p):
-            ids = list(p)
-        else:
+        if not isinstance(p, str) and not all(isinstance(t, int) and not isinstance(t, bool)
+                                              and 0 <= t < tok.vocab_size for t in p):
             raise bad(f"'{param}' holds something other than token ids below {tok.vocab_size}", param)
-        requests.append(Request(_prompt_ids(tok, ids, limits, truncate, param), **s))
+        requests.append(Request(_prompt_ids(tok, p, limits, truncate, param), s))
     return Job("completion", requests, stream, _stream_options(body, stream))
 
 
@@ -222,8 +188,8 @@ def parse_chat(body: Any, tok: Tokenizer, limits: Limits, ft) -> Job:
         raise bad(e.message, "messages") from None
     truncate, stream = _flag(body, "truncate"), _flag(body, "stream")
     s = _sampling(body, limits, "max_completion_tokens")
-    ids = _prompt_ids(tok, tok.encode(text), limits, truncate, "messages")
-    return Job("chat", [Request(ids, **s)], stream, _stream_options(body, stream))
+    ids = _prompt_ids(tok, text, limits, truncate, "messages")
+    return Job("chat", [Request(ids, s)], stream, _stream_options(body, stream))
 
 
 def parse_classify(body: Any) -> list[str]:

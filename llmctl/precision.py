@@ -49,11 +49,33 @@ def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
 INT8_MIN_PARAMS = 10_000_000  # below this, per-step overhead dominates decoding and int8 costs more than it saves
 
 
-def check_choices(dtype: str, quantize_mode: str) -> None:
-    """--dtype and --quantize against the one list of each (config.INFER_DTYPES, config.QUANTIZE_MODES)."""
+def check_choices(dtype: Optional[str], quantize_mode: Optional[str]) -> None:
+    """--dtype and --quantize against the one list of each (config.INFER_DTYPES, config.QUANTIZE_MODES); None is
+    "not given"."""
     for option, value, choices in (("--dtype", dtype, INFER_DTYPES), ("--quantize", quantize_mode, QUANTIZE_MODES)):
-        if value not in choices:
+        if value is not None and value not in choices:
             raise LlmctlError(f"{option} must be {', '.join(choices[:-1])} or {choices[-1]} (got {value})")
+
+
+def inference_choices(g, dtype: Optional[str], quantize_mode: Optional[str], compile: Optional[bool | str],
+                      device: torch.device, n_params: Optional[int] = None) -> tuple[str, str, bool | str]:
+    """What generation runs in, (dtype, quantization, compile), resolved here and nowhere else.
+
+    --dtype, --quantize and --compile/--no-compile are shorthand for generate.dtype, generate.quantize and
+    generate.compile (`g`): None (not given) takes the key's value. Then `auto` has one meaning for each, wherever
+    it was written: dtype and quantization are chosen by the hardware and the model's size (`inference_precision`),
+    and compile "auto" stays for the engine (use a cached compiled step, build none). Dynamic int8 on a CPU does
+    not export, so it decodes eagerly (asking for --compile with it is an error)."""
+    check_choices(dtype, quantize_mode)
+    asked_compile = g.compile if compile is None else compile
+    dtype, quantize_mode = inference_precision(g.dtype if dtype is None else dtype,
+                                               g.quantize if quantize_mode is None else quantize_mode, device, n_params)
+    if quantize_mode == "int8" and device.type == "cpu":
+        if asked_compile is True:
+            raise LlmctlError("--compile does not apply to int8 on a CPU (dynamic int8 layers do not export); "
+                              "use --quantize none to compile, or --no-compile")
+        asked_compile = False
+    return dtype, quantize_mode, asked_compile
 
 
 def inference_precision(dtype: str, quantize_mode: str, device: torch.device, n_params: Optional[int] = None

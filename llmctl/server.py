@@ -255,8 +255,15 @@ class Served:
 def create_app(served: Served, api_key: Optional[str], max_body: int, metrics: Metrics):
     """The ASGI app: FastAPI routes behind the Guard."""
     app = FastAPI(title="llmctl", docs_url=None, redoc_url=None, openapi_url=None)
-    s = served
-    classify_lock = threading.Lock()
+    _error_handlers(app)
+    _info_routes(app, served, metrics)
+    _generation_routes(app, served, metrics)
+    _classify_route(app, served)
+    return Guard(app, api_key, max_body, metrics)
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every failure answers in OpenAI's error shape; the server never dies from a request."""
 
     @app.exception_handler(api.ApiError)
     async def api_error(request, e: api.ApiError):
@@ -274,18 +281,28 @@ def create_app(served: Served, api_key: Optional[str], max_body: int, metrics: M
         return JSONResponse(api.bad(str(e)).body(), status_code=400)
 
     @app.exception_handler(Exception)
-    async def unexpected(request, e: Exception):  # the server never dies from a request
+    async def unexpected(request, e: Exception):
         return JSONResponse(api.ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error").body(),
                             status_code=500)
 
-    async def read_json(request: Request) -> Any:
-        if s.draining:
-            raise api.ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise api.bad(f"the request body is not valid JSON ({e})") from None
+
+async def _read_json(s: Served, request: Request) -> Any:
+    """The body of a POST as JSON (503 once the server drains); for a JSON object, 404 when it names another
+    model."""
+    if s.draining:
+        raise api.ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise api.bad(f"the request body is not valid JSON ({e})") from None
+    if isinstance(body, dict):
+        api.check_model(body, s.name)
+    return body
+
+
+def _info_routes(app: FastAPI, s: Served, metrics: Metrics) -> None:
+    """GET /health, /v1/models[/{id}] and /metrics."""
 
     @app.get("/health")
     async def health():
@@ -307,10 +324,13 @@ def create_app(served: Served, api_key: Optional[str], max_body: int, metrics: M
     async def metrics_text():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
+
+def _generation_routes(app: FastAPI, s: Served, metrics: Metrics) -> None:
+    """POST /v1/completions and /v1/chat/completions: checked into a job, handed to the engine thread, answered
+    whole or streamed."""
+
     async def generation(request: Request, kind: str):
-        body = await read_json(request)
-        if isinstance(body, dict):
-            api.check_model(body, s.name)
+        body = await _read_json(s, request)
         if s.worker is None:
             raise api.ApiError(404, f"'{s.name}' is a classifier: POST /v1/classify with {{\"input\": [texts]}}",
                                code="model_is_classifier")
@@ -321,47 +341,10 @@ def create_app(served: Served, api_key: Optional[str], max_body: int, metrics: M
         metrics.inc("prompt_tokens_total", prompt_tokens)
         rid, created = api.new_id(kind), api.now()
         if job.stream:
-            return StreamingResponse(stream(ticket, job, rid, created, prompt_tokens), media_type="text/event-stream",
+            return StreamingResponse(_stream(s, ticket, job, rid, created, prompt_tokens),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        texts, reasons = [""] * len(ticket.rows), [""] * len(ticket.rows)
-        try:
-            left = len(ticket.rows)
-            while left:
-                i, text, reason = await ticket.queue.get()
-                texts[i] += text
-                if reason is not None:
-                    reasons[i], left = reason, left - 1
-        finally:
-            ticket.cancel()  # (a no-op for finished rows; frees the slots if this handler is cancelled)
-        for r in reasons:
-            _raise_for(r)
-        completion_tokens = sum(r.produced for r in ticket.rows)
-        return api.response(kind, rid, s.name, created, texts, reasons, prompt_tokens, completion_tokens)
-
-    async def stream(ticket: Ticket, job: api.Job, rid: str, created: int, prompt_tokens: int):
-        first = [True] * len(ticket.rows)
-        try:
-            left = len(ticket.rows)
-            if job.kind == "chat":  # the role comes first, as OpenAI's streams do
-                for i in range(len(ticket.rows)):
-                    yield _sse(api.chunk("chat", rid, s.name, created, i, "", first=True))
-                    first[i] = False
-            while left:
-                i, text, reason = await ticket.queue.get()
-                if reason in ("timeout", "error"):
-                    yield _sse(_error_for(reason).body())
-                    return
-                if text:
-                    yield _sse(api.chunk(job.kind, rid, s.name, created, i, text))
-                if reason is not None:
-                    left -= 1
-                    yield _sse(api.chunk(job.kind, rid, s.name, created, i, None, reason))
-            if job.include_usage:
-                yield _sse(api.usage_chunk(job.kind, rid, s.name, created, prompt_tokens,
-                                           sum(r.produced for r in ticket.rows)))
-            yield "data: [DONE]\n\n"
-        finally:
-            ticket.cancel()  # the client went away (or the stream ended): free the slots at the next step
+        return await _whole(s, ticket, kind, rid, created, prompt_tokens)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -371,25 +354,69 @@ def create_app(served: Served, api_key: Optional[str], max_body: int, metrics: M
     async def chat_completions(request: Request):
         return await generation(request, "chat")
 
+
+async def _whole(s: Served, ticket: Ticket, kind: str, rid: str, created: int, prompt_tokens: int) -> dict:
+    """The answer of a request that does not stream, once every row of it finished."""
+    texts, reasons = [""] * len(ticket.rows), [""] * len(ticket.rows)
+    try:
+        left = len(ticket.rows)
+        while left:
+            i, text, reason = await ticket.queue.get()
+            texts[i] += text
+            if reason is not None:
+                reasons[i], left = reason, left - 1
+    finally:
+        ticket.cancel()  # (a no-op for finished rows; frees the slots if this handler is cancelled)
+    for r in reasons:
+        _raise_for(r)
+    completion_tokens = sum(r.produced for r in ticket.rows)
+    return api.response(kind, rid, s.name, created, texts, reasons, prompt_tokens, completion_tokens)
+
+
+async def _stream(s: Served, ticket: Ticket, job: api.Job, rid: str, created: int, prompt_tokens: int):
+    """The server-sent events of a streamed request, piece by piece as the engine thread delivers them."""
+    try:
+        left = len(ticket.rows)
+        if job.kind == "chat":  # the role comes first, as OpenAI's streams do
+            for i in range(len(ticket.rows)):
+                yield _sse(api.chunk("chat", rid, s.name, created, i, "", first=True))
+        while left:
+            i, text, reason = await ticket.queue.get()
+            if reason in ("timeout", "error"):
+                yield _sse(_error_for(reason).body())
+                return
+            if text:
+                yield _sse(api.chunk(job.kind, rid, s.name, created, i, text))
+            if reason is not None:
+                left -= 1
+                yield _sse(api.chunk(job.kind, rid, s.name, created, i, None, reason))
+        if job.include_usage:
+            yield _sse(api.usage_chunk(job.kind, rid, s.name, created, prompt_tokens,
+                                       sum(r.produced for r in ticket.rows)))
+        yield "data: [DONE]\n\n"
+    finally:
+        ticket.cancel()  # the client went away (or the stream ended): free the slots at the next step
+
+
+def _classify_route(app: FastAPI, s: Served) -> None:
+    """POST /v1/classify: one forward pass at a time on the classifier, off the event loop."""
+    lock = threading.Lock()
+
     @app.post("/v1/classify")
     async def classify(request: Request):
-        body = await read_json(request)
-        if isinstance(body, dict):
-            api.check_model(body, s.name)
+        body = await _read_json(s, request)
         if s.classify is None:
             raise api.ApiError(404, f"'{s.name}' is a language model, not a classifier: use /v1/completions or "
                                     "/v1/chat/completions", code="model_is_not_a_classifier")
         texts = api.parse_classify(body)
 
         def run() -> list[dict]:
-            with classify_lock:  # one forward pass at a time on the model
+            with lock:
                 return s.classify(texts)
 
         results = await asyncio.to_thread(run)
         return {"object": "list", "model": s.name,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
-
-    return Guard(app, api_key, max_body, metrics)
 
 
 def _error_for(reason: str) -> api.ApiError:

@@ -119,6 +119,7 @@ def measure(args: dict) -> dict:
     else:
         from llmctl.generate import Engine, Request
         from llmctl.quantize import convert
+        from llmctl.sampling import Sampling
 
         # what `llmctl infer` does for this precision
         model = convert(model.to(device), args["dtype"], args["quantize"])
@@ -127,7 +128,7 @@ def measure(args: dict) -> dict:
 
         @synced
         def run(n: int):
-            reqs = [Request(p.tolist(), n, temperature=0) for p in prompts]
+            reqs = [Request(p.tolist(), Sampling(n, temperature=0)) for p in prompts]
             for _ in engine.run(reqs):
                 pass
 

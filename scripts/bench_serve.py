@@ -229,7 +229,7 @@ compile_ = {"auto": None, "true": True, "false": False}[compile_]
 loaded = commands.for_inference(commands.load_model(ckpt), compile=compile_)
 tok = loaded.tokenizer
 rows = [{"prompt": tok.decode(p)} for p in ps[: 2 * batch]]
-s = commands.sampling(loaded, max_new_tokens=%d, temperature=0)
+s = commands.sampling_settings(loaded, flags={"max_new_tokens": %d, "temperature": 0})
 commands.complete_rows(loaded, rows[:batch], s, batch_size=batch)  # warm-up
 t = time.perf_counter()
 out = commands.complete_rows(loaded, rows, s, batch_size=batch)

@@ -33,6 +33,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# The same bad sampling values, given through every surface (tests/test_sampling.py: --set generate.*, the flags of
+# infer, serve and eval, JSONL rows; tests/test_server.py: HTTP requests): (field, value, the words of the one rule)
+BAD_SAMPLING = [
+    ("temperature", -1, "must not be negative"),
+    ("top_p", 1.5, "must be above 0 and at most 1"),
+    ("top_k", -3, "must be at least 1, or 0 or -1 for no limit"),
+    ("max_new_tokens", 0, "must be at least 1"),
+    ("stop", [f"s{i}" for i in range(17)], "takes at most 16 strings (got 17)"),
+]
+
+
 def sets(*items: str) -> list[str]:
     """['a=1', 'b=2'] -> ['--set', 'a=1', '--set', 'b=2']"""
     out: list[str] = []
@@ -93,3 +104,28 @@ def disk_fills_on_second_shard(monkeypatch) -> None:
         return fh
 
     monkeypatch.setattr(fileio, "open", full_open, raising=False)  # (shards are written through fileio)
+
+
+def generate_uncached(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k=None,
+                      top_p=None, eos_id=None, seed=None) -> list[int]:
+    """The reference the engine is tested against: no cache, a full forward over the last block_size tokens each
+    step, the same sampler and generator."""
+    import torch
+
+    from llmctl.generate import sample
+
+    device = model.wte.weight.device
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    model.eval()
+    tokens, out = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            idx = torch.tensor([tokens[-model.cfg.block_size:]], device=device)
+            t = int(sample(model(idx)[:, -1], temperature, top_k, top_p, gen))
+            if eos_id is not None and t == eos_id:
+                break
+            out.append(t)
+            tokens.append(t)
+    return out

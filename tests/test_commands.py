@@ -1,9 +1,11 @@
 """How commands resolve `auto`: training precision and inference precision, per device and CPU."""
 
+import pytest
 import torch
 import yaml
 
 from llmctl import loading, precision, quantize
+from llmctl.errors import LlmctlError
 
 
 def test_training_precision_auto_follows_the_cpu(monkeypatch):
@@ -29,6 +31,26 @@ def test_inference_precision_auto(monkeypatch):
     assert precision.inference_precision("auto", "auto", cpu) == ("float32", "none")
 
 
+def test_auto_means_one_thing_wherever_it_is_written(monkeypatch):
+    """--dtype/--quantize/--compile are shorthand for their generate.* keys (None: not given); `auto`, from the
+    config or the flag, is the hardware's choice."""
+    from llmctl.config import GenerateConfig
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(quantize, "cpu_int8_available", lambda: True)
+    choose = precision.inference_choices
+    assert choose(GenerateConfig(), None, None, None, cpu) == ("float32", "int8", False)  # (int8 on a CPU: eager)
+    assert choose(GenerateConfig(), "auto", "auto", None, cpu) == ("float32", "int8", False)
+    assert choose(GenerateConfig(), None, None, None, cpu, n_params=1000) == ("float32", "none", "auto")
+    asked = GenerateConfig(dtype="bfloat16", quantize="none", compile=True)
+    assert choose(asked, None, None, None, cpu) == ("bfloat16", "none", True)  # the config's keys
+    assert choose(asked, "auto", "auto", False, cpu) == ("float32", "int8", False)  # the flags win; auto = hardware
+    with pytest.raises(LlmctlError, match="--compile does not apply to int8 on a CPU"):
+        choose(GenerateConfig(quantize="int8"), None, None, True, cpu)
+    with pytest.raises(LlmctlError, match="--dtype must be auto, float32 or bfloat16"):
+        choose(GenerateConfig(), "fp8", None, None, cpu)
+
+
 def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeypatch):
     from llmctl.commands import inference
 
@@ -45,7 +67,7 @@ def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeyp
         loaded.engine.store = Store()
         monkeypatch.setattr(inference, "AUTO_BUILD_AFTER_S", threshold)
         rows = [{"prompt": "ab" * (i + 1), "max_new_tokens": 20, "temperature": 0} for i in range(5)]
-        s = inference.sampling(loaded)
+        s = inference.sampling_settings(loaded)
         inference.complete_rows(loaded, rows, s, batch_size=2)
         return loaded.engine.store.asked
 

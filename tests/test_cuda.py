@@ -28,9 +28,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import generate_uncached
 from llmctl.config import ModelConfig, TrainConfig
-from llmctl.generate import Engine, Request, generate, generate_uncached
+from llmctl.generate import Engine, Request, generate
 from llmctl.model import Transformer
+from llmctl.sampling import Sampling
 from llmctl.train import Hooks, LoopState, fit, lm_loss
 
 pytestmark = pytest.mark.cuda
@@ -129,7 +131,8 @@ def test_continuous_batching_greedy_equals_one_by_one(arch):
     m = tiny(arch).to(DEV)
     prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4], [30, 31]]
     single = [list(generate(m, p, 70, temperature=0)) for p in prompts]
-    assert tokens_by_request(Engine(m), [Request(p, 70, temperature=0) for p in prompts], slots=3) == single
+    reqs = [Request(p, Sampling(70, temperature=0)) for p in prompts]
+    assert tokens_by_request(Engine(m), reqs, slots=3) == single
 
 
 def tokens_by_request(engine, reqs, slots=None):
@@ -221,7 +224,8 @@ def test_compiled_decode_step_on_cuda_equals_eager(tmp_path):
     m = tiny("llama").to(DEV)
 
     def run(engine, prompts, n):
-        return tokens_by_request(engine or Engine(m), [Request(p, n, temperature=0) for p in prompts], slots=2)
+        reqs = [Request(p, Sampling(n, temperature=0)) for p in prompts]
+        return tokens_by_request(engine or Engine(m), reqs, slots=2)
 
     prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4]]  # rows that slide past the context, one joins late
     eager = run(None, prompts, 70)

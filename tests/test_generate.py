@@ -1,9 +1,11 @@
 import pytest
 import torch
 
+from conftest import generate_uncached
 from llmctl.config import ModelConfig
-from llmctl.generate import generate, generate_uncached, sample
+from llmctl.generate import generate, sample
 from llmctl.model import Transformer
+from llmctl.sampling import Sampling
 
 
 def model(arch: str) -> Transformer:
@@ -83,7 +85,7 @@ def test_continuous_batching_greedy_equals_one_by_one(arch, slots):
     prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4], [30, 31]]
     budgets = [30, 3, 12, 20]  # 30 new tokens slide past the context; short rows leave and free their slots early
     single = [list(generate(m, p, n, temperature=0)) for p, n in zip(prompts, budgets)]
-    reqs = [Request(p, n, temperature=0) for p, n in zip(prompts, budgets)]
+    reqs = [Request(p, Sampling(n, temperature=0)) for p, n in zip(prompts, budgets)]
     assert tokens_by_request(Engine(m), reqs, slots) == single
 
 
@@ -93,7 +95,8 @@ def test_a_waiting_row_joins_when_a_slot_frees_before_the_long_row_ends():
     m = model("gpt2")
     engine = Engine(m)
     order = []
-    reqs = [Request([1, 2], 20, temperature=0), Request([3], 2, temperature=0), Request([4], 2, temperature=0)]
+    greedy = [Sampling(n, temperature=0) for n in (20, 2, 2)]
+    reqs = [Request([1, 2], greedy[0]), Request([3], greedy[1]), Request([4], greedy[2])]
     for row in engine.run(reqs, slots=2):
         if row.done:
             order.append(reqs.index(row.request))
@@ -104,8 +107,9 @@ def test_rows_keep_their_own_settings_and_can_be_cancelled():
     from llmctl.generate import Engine, Request
 
     m = model("gpt2")
-    reqs = [Request([1, 2], 5, temperature=0), Request([3, 4], 9, temperature=1.0, top_k=5, seed=7),
-            Request([5], 12, temperature=0)]
+    reqs = [Request([1, 2], Sampling(5, temperature=0)),
+            Request([3, 4], Sampling(9, temperature=1.0, top_k=5, seed=7)),
+            Request([5], Sampling(12, temperature=0))]
     alone = list(generate(m, [3, 4], 9, temperature=1.0, top_k=5, seed=7))
 
     def cancel_third(row, so_far):
@@ -128,7 +132,7 @@ def test_stop_strings_end_a_row_and_are_never_released():
     free = tok.decode(list(generate(m, tok.encode("ab"), 40, temperature=0)))
     stop = free[5:8]
     streamed, rows = [], []
-    for row in engine.run([Request(tok.encode("ab"), 40, temperature=0, stop=(stop,))]):
+    for row in engine.run([Request(tok.encode("ab"), Sampling(40, temperature=0, stop=(stop,)))]):
         streamed.append(row.take_text())
         rows.append(row)
     want = free[: free.index(stop)]
@@ -153,7 +157,8 @@ def test_compiled_decode_equals_eager_and_is_reused_from_the_cache(tmp_path):
     assert isinstance(m.lm_head, InputMajorLinear)
 
     def run(engine, prompts, n, slots=None):
-        return tokens_by_request(engine or Engine(m), [Request(p, n, temperature=0) for p in prompts], slots)
+        reqs = [Request(p, Sampling(n, temperature=0)) for p in prompts]
+        return tokens_by_request(engine or Engine(m), reqs, slots)
 
     # rows that slide past the context at different times, and a row joining a freed slot
     prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4]]
@@ -185,7 +190,7 @@ def test_compiled_decode_equals_eager_and_is_reused_from_the_cache(tmp_path):
         return counted if step is not None else None
 
     later.get = counting_get
-    five = [Request(p, n, temperature=0) for p, n in zip(prompts + [[2, 2], [9]], [30, 4, 6, 5, 3])]
+    five = [Request(p, Sampling(n, temperature=0)) for p, n in zip(prompts + [[2, 2], [9]], [30, 4, 6, 5, 3])]
     compiled = tokens_by_request(Engine(m, compile="auto", store=later), five, 3)
     assert compiled == tokens_by_request(Engine(m), five, 1)
     assert calls.get(3, 0) > 0 and calls.get(1, 0) > 0, calls  # (the long first row ends alone in slot 0)
@@ -267,3 +272,17 @@ def test_compiled_steps_cover_the_busy_slots_with_the_smallest_size():
 
     assert step_sizes(1) == [1] and step_sizes(3) == [1, 3] and step_sizes(16) == [1, 4, 16]
     assert step_sizes(17) == [1, 4, 16, 17] and step_sizes(64) == [1, 4, 16, 64]
+
+
+def test_a_prompt_is_fitted_to_the_context_by_one_rule():
+    from llmctl.errors import LlmctlError
+    from llmctl.generate import fit_prompt
+    from llmctl.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_char(["abcdef"])
+    assert fit_prompt(tok, "", 4, truncate=False) == [tok.eos_id] == fit_prompt(tok, [], 4, truncate=False)
+    assert fit_prompt(tok, "abcdef", 4, truncate=True) == tok.encode("cdef")  # the last tokens stay
+    assert fit_prompt(tok, [1, 2, 3], 4, truncate=False) == [1, 2, 3]
+    with pytest.raises(LlmctlError, match="the prompt is 6 tokens but the model's context is 4 tokens; shorten it "
+                                          "or pass --truncate to keep its last tokens"):
+        fit_prompt(tok, "abcdef", 4, truncate=False)

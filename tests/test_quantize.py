@@ -6,6 +6,7 @@ from llmctl.config import ModelConfig
 from llmctl.generate import Engine, Request
 from llmctl.model import Transformer
 from llmctl.quantize import InputMajorLinear, convert
+from llmctl.sampling import Sampling
 
 
 def _model(arch: str) -> Transformer:
@@ -23,7 +24,7 @@ def test_input_major_layout_matches_linear_and_keeps_tied_weights_once():
         idx = torch.randint(0, 97, (2, 20))
         with torch.no_grad():
             assert (ref(idx) - m(idx)).abs().max() < 1e-5
-        reqs = [Request(list(range(3, 9)), 20, temperature=0)]
+        reqs = [Request(list(range(3, 9)), Sampling(20, temperature=0))]
         assert list(Engine(ref).complete(reqs[0])) == list(Engine(m).complete(reqs[0]))
 
 

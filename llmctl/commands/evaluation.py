@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..config import DataConfig
+from .. import sampling
+from ..config import DataConfig, from_dict, user_settings
 from ..data import (
     classification_examples,
     eval_batches,
@@ -37,6 +38,23 @@ def _default_source(loaded: Loaded, data: Optional[str]) -> str:
         raise LlmctlError(f"the checkpoint's data.path {path} is not on this machine; "
                           "pass --data FILE to evaluate on a file")
     return path
+
+
+def generation_changes(overrides: Optional[list[str]] = None, flags: Optional[dict] = None) -> dict:
+    """`eval --tasks`: the sampling settings the user gave, field -> value, checked: `--set generate.<field>`
+    (as config), then the sampling flags (field -> value, None = not given; under their own names). They override
+    each generation task's own settings (llmctl.harness.task_sampling), as lm-eval's --gen_kwargs does; the
+    checkpoint's generate section does not apply (a task decides, greedy unless it samples)."""
+    given = sampling.given_flags(flags)
+    raw = user_settings(None, overrides or [])
+    gen = raw.get("generate")
+    other = [f"{k}.*" for k in raw if k != "generate"] + [f"generate.{k}" for k in (gen if isinstance(gen, dict)
+                                                                                   else {}) if k not in sampling.FIELDS]
+    if other:
+        raise LlmctlError(f"llmctl eval --tasks takes only the sampling settings generate."
+                          f"{{{','.join(sampling.FIELDS)}}}; {', '.join(other)} do not apply")
+    cfg = from_dict(raw)
+    return {**{k: getattr(cfg.generate, k) for k in gen or {}}, **given}
 
 
 def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] = None, device: str = "auto",
@@ -116,12 +134,16 @@ def _eval_classifier(loaded: Loaded, source: str, whole_file: bool, batch_size: 
 def evaluate_tasks(ckpt: Path, tasks: str, num_fewshot: Optional[int] = None, limit: Optional[float] = None,
                    include_path: Optional[Path] = None, batch_size: Optional[int] = None, device: str = "auto",
                    base: Optional[Path] = None, tokenizer: Optional[Path] = None, dtype: str = "float32",
-                   quantize_mode: str = "none", log_samples: bool = False, log: Log = nolog) -> dict:
+                   quantize_mode: str = "none", log_samples: bool = False, log: Log = nolog,
+                   overrides: Optional[list[str]] = None, flags: Optional[dict] = None) -> dict:
     """`llmctl eval --tasks`: lm-evaluation-harness tasks on the checkpoint (llmctl.harness), in float32 unless
-    asked otherwise. Returns lm-eval's results dict plus `checkpoint` and `saved` (RUN/evals/<time>-<tasks>.json)."""
+    asked otherwise; `overrides` (--set generate.*) and the sampling `flags` change the generation tasks'
+    settings (`generation_changes`). Returns lm-eval's results dict plus `checkpoint` and `saved`
+    (RUN/evals/<time>-<tasks>.json)."""
     from .. import harness
     from ..rundir import is_run, save_eval
 
+    changes = generation_changes(overrides, flags)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise LlmctlError("--tasks: give one or more lm-eval task names, separated by commas")
@@ -143,7 +165,7 @@ def evaluate_tasks(ckpt: Path, tasks: str, num_fewshot: Optional[int] = None, li
     log(f"lm-eval: {', '.join(names)} on {loaded.ckpt.path} ({loaded.precision})")
     res = harness.evaluate(loaded, names, num_fewshot, int(limit) if limit and limit >= 1 else limit,
                            str(include_path) if include_path else None, batch_size or loaded.cfg.eval.batch_size,
-                           log_samples)
+                           log_samples, changes)
     out = harness.plain(res)
     out["checkpoint"] = str(loaded.ckpt.path)
     if is_run(loaded.ckpt.run_dir):

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from .. import sampling
 from ..chat import render_chat
 from ..data import Examples, eval_batches
 from ..errors import LlmctlError
 from ..evaluate import classify
-from ..fileio import read_jsonl, read_text
-from ..generate import Engine, Request
-from ..loading import Loaded
+from ..fileio import read_jsonl, read_text, write_atomic
+from ..generate import Engine, Request, fit_prompt
+from ..loading import Loaded, apply_settings
+from ..sampling import Sampling
 from ..tokenizer import Tokenizer
 from . import Log, nolog
 
@@ -33,21 +34,6 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     return prompt
 
 
-def encode_prompt(tok: Tokenizer, text: str, block_size: int, truncate: bool) -> list[int]:
-    """Prompt ids that fit the context; an empty prompt starts from <eos> (unconditional sampling)."""
-    ids = tok.encode(text) if text else []
-    if not ids:
-        return [tok.eos_id]
-    if len(ids) > block_size:
-        if not truncate:
-            raise LlmctlError(
-                f"the prompt is {len(ids)} tokens but the model's context is {block_size}; "
-                "shorten it or pass --truncate to keep its last tokens"
-            )
-        ids = ids[-block_size:]
-    return ids
-
-
 def warn_unseen(tok: Tokenizer, texts: str | list[str], what: str, warn: Log) -> None:
     """One warning line when `texts` hold characters the tokenizer maps to <unk> (generation goes on: exit 0).
     For several texts (--input rows), `what` is followed by the numbers of the rows that hold them."""
@@ -60,43 +46,20 @@ def warn_unseen(tok: Tokenizer, texts: str | list[str], what: str, warn: Log) ->
     warn(found.message(what))
 
 
-def sampling(loaded: Loaded, max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-             repetition_penalty: Optional[float] = None) -> dict:
-    """Sampling settings: the given ones, else the checkpoint's `generate` section; checked like config values."""
-    if max_new_tokens is not None and max_new_tokens <= 0:
-        raise LlmctlError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
-    if temperature is not None and temperature < 0:
-        raise LlmctlError(f"--temperature must not be negative (got {temperature})")
-    if top_k is not None and top_k < 1:
-        raise LlmctlError(f"--top-k must be at least 1 (got {top_k})")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise LlmctlError(f"--top-p must be in (0, 1] (got {top_p})")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise LlmctlError(f"--repetition-penalty must be positive (got {repetition_penalty})")
-    g = loaded.cfg.generate
-    return {
-        "max_new_tokens": max_new_tokens or g.max_new_tokens,
-        "temperature": g.temperature if temperature is None else temperature,
-        "top_k": g.top_k if top_k is None else top_k,
-        "top_p": g.top_p if top_p is None else top_p,
-        "seed": g.seed if seed is None else seed,
-        "repetition_penalty": g.repetition_penalty if repetition_penalty is None else repetition_penalty,
-    }
+def sampling_settings(loaded: Loaded, overrides: Optional[list[str]] = None, flags: Optional[dict] = None
+                      ) -> Sampling:
+    """The sampling settings of `infer`: the checkpoint's `generate` section, the user's `--set generate.*` over it
+    (checked as config; also sets generate.dtype and the like for `for_inference`), then the flags (field -> value,
+    None = not given; shorthand for the same keys, checked under their own names: --temperature ...)."""
+    return Sampling.from_config(apply_settings(loaded, None, overrides or [], ("generate",), "infer").generate, flags)
 
 
-def stream(loaded: Loaded, prompt: str, s: dict, truncate: bool = False, warn: Log = nolog) -> Iterator[str]:
+def stream(loaded: Loaded, prompt: str, s: Sampling, truncate: bool = False, warn: Log = nolog) -> Iterator[str]:
     """`llmctl infer --prompt`: the completion of one prompt as text pieces, as they are generated. `warn` hears
     about characters of the prompt the tokenizer has never seen."""
-    ids = encode_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
+    ids = fit_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
     warn_unseen(loaded.tokenizer, prompt, "the prompt", warn)
-    return texts(loaded.engine, [request(ids, s)])
-
-
-def request(ids: list[int], s: dict, stop: tuple[str, ...] = ()) -> Request:
-    """The engine's request for prompt `ids` with sampling settings `s` (see `sampling`)."""
-    return Request(ids, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"], s["repetition_penalty"],
-                   s["seed"], stop)
+    return texts(loaded.engine, [Request(ids, s)])
 
 
 def texts(engine: Engine, requests: list[Request]) -> Iterator[str]:
@@ -107,28 +70,20 @@ def texts(engine: Engine, requests: list[Request]) -> Iterator[str]:
             yield piece
 
 
-def _row_settings(row: dict, s: dict, n: int) -> dict:
-    """Per-row overrides of the sampling settings, checked; `n` is the row's number for messages."""
-    out = dict(s)
-    for k in s:
-        if k in row and row[k] is not None:
-            out[k] = row[k]
+def _row_settings(row: dict, s: Sampling, n: int) -> Sampling:
+    """A row's own sampling fields (null or absent: `s`'s) over `s`, by the same rules; `n` numbers the row in
+    messages."""
+    given = {f: row[f] for f in sampling.FIELDS if row.get(f) is not None}
     try:
-        out["max_new_tokens"] = int(out["max_new_tokens"])
-        out["temperature"] = float(out["temperature"])
-        if out["max_new_tokens"] < 1 or out["temperature"] < 0:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise LlmctlError(f"--input row {n}: max_new_tokens must be a positive integer and temperature >= 0") from None
-    stop = row.get("stop") or []
-    out["stop"] = [stop] if isinstance(stop, str) else list(stop)
-    return out
+        return sampling.replace(s, given)
+    except sampling.SamplingError as e:
+        raise LlmctlError(f"--input row {n}: {e.message}") from None
 
 
 AUTO_BUILD_AFTER_S = 120.0  # generate.compile auto builds a compiled step when the rest of a job would take longer
 
 
-def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = False, on_row=None,
+def complete_rows(loaded: Loaded, rows: list[dict], s: Sampling, truncate: bool = False, on_row=None,
                   batch_size: Optional[int] = None, warn: Log = nolog) -> list[dict]:
     """`llmctl infer --input`: complete every row, `generate.batch_size` rows decoding at a time (a row joins as
     soon as another finishes), each with its own settings where it gives them. Output rows repeat the input and add
@@ -139,14 +94,14 @@ def complete_rows(loaded: Loaded, rows: list[dict], s: dict, truncate: bool = Fa
     ids = []
     for n, r in enumerate(rows, 1):
         try:
-            ids.append(encode_prompt(tok, r["prompt"], T, truncate))
+            ids.append(fit_prompt(tok, r["prompt"], T, truncate))
         except LlmctlError as e:
             raise LlmctlError(f"--input row {n}: {e.message}") from None
     warn_unseen(tok, [r["prompt"] for r in rows], "--input", warn)  # one line for all rows
-    reqs = [request(ids[i], settings[i], tuple(x for x in settings[i]["stop"] if x)) for i in range(len(rows))]
+    reqs = [Request(ids[i], settings[i]) for i in range(len(rows))]
     index = {id(q): i for i, q in enumerate(reqs)}
     results: list[dict] = [{} for _ in rows]
-    started, total, done_tokens = time.perf_counter(), sum(q.max_new_tokens for q in reqs), 0
+    started, total, done_tokens = time.perf_counter(), sum(q.sampling.max_new_tokens for q in reqs), 0
     engine = loaded.engine
     asked = engine.mode != "auto"
 
@@ -214,14 +169,10 @@ def read_inputs(path: Path) -> list[dict]:
 
 
 def write_outputs(path: Path, rows: list[dict]) -> None:
-    """Write JSONL to a temporary name and rename it when complete: a half-written file never looks finished."""
+    """Write the rows as JSONL, atomically: a half-written file never looks finished."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, p)
+    write_atomic(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -232,7 +183,7 @@ class ChatSession:
     """`infer --chat`: the conversation so far is rendered by `render_chat` (the instruction template the model was
     tuned with) at every turn; the oldest tokens are dropped when it outgrows the context."""
 
-    def __init__(self, loaded: Loaded, s: dict, warn: Log = nolog):
+    def __init__(self, loaded: Loaded, s: Sampling, warn: Log = nolog):
         self.loaded, self.messages, self.s, self.warn = loaded, [], s, warn
 
     def reset(self) -> None:
@@ -242,11 +193,11 @@ class ChatSession:
         tok = self.loaded.tokenizer
         warn_unseen(tok, message, "your message", self.warn)
         messages = self.messages + [{"role": "user", "content": message}]
-        ids = tok.encode(render_chat(messages, self.loaded.cfg.finetune, tok.eos_token))
         s, block = self.s, self.loaded.cfg.model.block_size
-        ids = ids[-max(1, block - min(s["max_new_tokens"], block // 2)):]  # leave room for the reply
+        room = max(1, block - min(s.max_new_tokens, block // 2))  # the oldest turns go first, to leave room to reply
+        ids = fit_prompt(tok, render_chat(messages, self.loaded.cfg.finetune, tok.eos_token), room, truncate=True)
         pieces = []
-        for piece in texts(self.loaded.engine, [request(ids, s)]):
+        for piece in texts(self.loaded.engine, [Request(ids, s)]):
             pieces.append(piece)
             yield piece
         self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]

@@ -13,11 +13,12 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import Config, from_dict, merge_settings, user_settings
+from ..config import Config
 from ..errors import EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
 from ..fileio import read_text
 from ..interrupt import NAMES
-from ..loading import Loaded, for_inference, load_model
+from ..loading import Loaded, apply_settings, for_inference, load_model
+from ..sampling import Sampling
 from . import Log, nolog
 
 SECTIONS = ("serve", "generate")  # what -c/--set may change for a server (the model itself is the checkpoint's)
@@ -53,16 +54,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def settings(loaded: Loaded, config: Optional[Path], overrides: list[str]) -> Config:
-    """The checkpoint's config with the user's serve.* and generate.* settings over it (others are refused)."""
-    raw = user_settings(config, overrides)
-    other = [k for k in raw if k not in SECTIONS]
-    if other:
-        raise LlmctlError(f"llmctl serve takes only {' and '.join(s + '.*' for s in SECTIONS)} settings; "
-                          f"{', '.join(other)} come from the checkpoint")
-    cfg = from_dict(merge_settings(loaded.cfg.to_dict(), raw))
-    loaded.cfg.serve, loaded.cfg.generate = cfg.serve, cfg.generate
-    return loaded.cfg
+def settings(loaded: Loaded, config: Optional[Path], overrides: list[str], flags: Optional[dict] = None
+             ) -> tuple[Config, Sampling]:
+    """The checkpoint's config with the user's serve.* and generate.* settings over it (others are refused), and
+    the sampling settings every request starts from: generate.*, then the sampling flags (field -> value, None =
+    not given; shorthand for the same keys, checked under their own names)."""
+    cfg = apply_settings(loaded, config, overrides, SECTIONS, "serve")
+    return cfg, Sampling.from_config(cfg.generate, flags)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -89,13 +87,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, api_key_file: Optional[Path] = None,
-          config: Optional[Path] = None, overrides: Optional[list[str]] = None, dtype: str = "auto",
-          quantize_mode: str = "auto", compile: Optional[bool] = None, device: str = "auto",
+          config: Optional[Path] = None, overrides: Optional[list[str]] = None, dtype: Optional[str] = None,
+          quantize_mode: Optional[str] = None, compile: Optional[bool] = None, device: str = "auto",
           base: Optional[Path] = None, tokenizer: Optional[Path] = None, insecure: bool = False,
-          log: Log = nolog, on_ready: Optional[Callable[[dict], None]] = None) -> int:
+          log: Log = nolog, on_ready: Optional[Callable[[dict], None]] = None, flags: Optional[dict] = None) -> int:
     """Serve `ckpt` until SIGTERM/SIGINT: the first signal stops accepting and finishes the requests in flight
     (within serve.drain_timeout), then returns 0; a second one exits at once (130 or 143). `on_ready` gets the
-    address and model once the server listens."""
+    address and model once the server listens. `dtype`, `quantize_mode`, `compile` and the sampling `flags` are
+    shorthand for their generate.* keys (None: not given)."""
     require_extra()
     key = api_key(api_key_file)
     if not is_loopback(host) and key is None and not insecure:
@@ -104,27 +103,26 @@ def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, api_key_file: O
     if port < 0 or port > 65535:
         raise LlmctlError(f"--port must be between 0 and 65535 (got {port})")
     loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
-    cfg = settings(loaded, config, overrides or [])
+    cfg, defaults = settings(loaded, config, overrides or [], flags)
     sock = bind(host, port)  # before the slow part: a port in use is reported at once
     try:
-        return _run(loaded, cfg, sock, key, dtype, quantize_mode, compile, log, on_ready)
+        return _run(loaded, cfg, defaults, sock, key, dtype, quantize_mode, compile, log, on_ready)
     finally:
         sock.close()
 
 
-def _run(loaded: Loaded, cfg: Config, sock: socket.socket, key: Optional[str], dtype: str, quantize_mode: str,
-         compile: Optional[bool], log: Log, on_ready) -> int:
+def _run(loaded: Loaded, cfg: Config, defaults: Sampling, sock: socket.socket, key: Optional[str],
+         dtype: Optional[str], quantize_mode: Optional[str], compile: Optional[bool], log: Log, on_ready) -> int:
     import uvicorn
 
     from .. import openai_api as api
     from .. import server
     from .inference import classify_texts
 
-    sc, g = cfg.serve, cfg.generate
+    sc = cfg.serve
     name = sc.model_name or loaded.ckpt.run_dir.name
     metrics = server.server_metrics()
-    limits = api.Limits(cfg.model.block_size, sc.max_tokens, g.max_new_tokens, g.temperature, g.top_k, g.top_p,
-                        g.repetition_penalty)
+    limits = api.Limits(cfg.model.block_size, sc.max_tokens, defaults)
     served = server.Served(name, loaded.tokenizer, cfg.finetune, limits)
     if loaded.classifier is not None:
         served.classify = lambda texts: classify_texts(loaded, texts, batch_size=cfg.eval.batch_size)
