@@ -3,12 +3,14 @@ problem becomes one clear `LlmctlError` naming the file (and the line)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Iterator
 
 from .errors import LlmctlError
 
@@ -93,21 +95,31 @@ def apply_umask(path: Path) -> None:
         pass
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary name beside `path` for a writer that takes a path (a library's save or compile, or a text
+    write): it becomes `path` in one rename when the block completes, with the umask's permissions, and is removed
+    when the block fails. `suffix` ends the temporary name, for writers that insist on one (".pt2")."""
+    path = Path(path)
+    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        apply_umask(tmp)  # (some writers replace the file, or create it with their own mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a small text file so that readers see the old or the new content, never a torn one.
 
     The file gets the permissions a plain open() would give it (the umask's), not mkstemp's 0600."""
-    path = Path(path)
-    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_text(path: Path, what: str) -> str:
