@@ -26,7 +26,7 @@ from .tasks import Layout, Task, count_trainable, distill_task, lm_task, make_tr
 from .tokenizer import Tokenizer
 from .train import seed_everything
 
-Log = Callable[[str], None]
+Log = Callable[[str], None]  # receives one line for the user (a progress line, a warning)
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,9 @@ from .errors import LlmctlError
 from .interrupt import Stopped
 from .loading import restore
 from .optim import build_optimizer
-from .plan import TrainPlan
+from .plan import Log, TrainPlan
 from .saver import Saver
 from .train import Hooks, Interrupted, LoopState, Reporter, fit
-
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
