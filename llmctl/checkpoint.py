@@ -148,7 +148,6 @@ def save(
         (tmp / CONFIG).write_text(config_yaml, encoding="utf-8")
         if tokenizer_json is not None:
             (tmp / TOKENIZER).write_text(tokenizer_json, encoding="utf-8")
-        _test_pause(run_dir, step)
         files = {}
         for f in sorted(tmp.iterdir()):
             apply_umask(f)  # safetensors writes 0600 files: give them what open() would (0644 under umask 022)
@@ -180,19 +179,6 @@ def save(
     load(final)  # verify what is on disk before anything points at it or older checkpoints go
     write_atomic(run_dir / LATEST, final.name + "\n")
     return final
-
-
-def _test_pause(run_dir: Path, step: int) -> None:
-    """Test hook: LLMCTL_TEST_PAUSE_SAVE="STEP:SECONDS" sleeps mid-write of that step's checkpoint (after the
-    weights are written, before the rename), leaving a `.saving` marker, so a test can kill the process there."""
-    spec = os.environ.get("LLMCTL_TEST_PAUSE_SAVE")
-    if not spec:
-        return
-    at, _, seconds = spec.rpartition(":")
-    if at and int(at) != step:
-        return
-    (run_dir / ".saving").write_text(f"{os.getpid()} {step}")
-    time.sleep(float(seconds))
 
 
 # how the writers of a checkpoint report a full disk when they do not raise OSError(ENOSPC): torch.save's zip

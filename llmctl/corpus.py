@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Optional
 
 from .config import DataConfig
 from .errors import LlmctlError
-from .fileio import sha256_file
+from .fileio import atomic_file, sha256_file
 
 FORMATS = {  # file suffix -> how it is read (a compression suffix after it is allowed: .jsonl.gz, .txt.zst)
     ".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
@@ -84,15 +84,12 @@ def download(url: str, cache_dir: str, sha256: Optional[str]) -> Path:
     dest = Path(cache_dir).expanduser() / "downloads" / key / name
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
         try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            with urllib.request.urlopen(url, timeout=60) as r, atomic_file(dest, "wb") as f:
                 shutil.copyfileobj(r, f)
         except Exception as e:  # network errors come in many types
-            tmp.unlink(missing_ok=True)
             raise LlmctlError(f"could not download {url}: {e}; check the URL and the network, "
                               "or give a local file as data.path") from None
-        os.replace(tmp, dest)
     if sha256:
         got = sha256_file(dest)
         if got != sha256.lower():

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import hardware, tensor_parallel
+from . import hardware
 from .config import Config, ModelConfig
 from .data import eval_blocks
-from .distributed import DistContext
+from .distributed import DistContext, tensor_parallel
 from .errors import LlmctlError
 from .evaluate import lm_metrics
 from .model import attention_dtype

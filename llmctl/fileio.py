@@ -1,5 +1,10 @@
-"""Reading and writing files safely: atomic small writes, content hashes, and text / JSONL input whose every
-problem becomes one clear `LlmctlError` naming the file (and the line)."""
+"""Reading and writing files safely: atomic writes, content hashes, and text / JSONL input whose every problem
+becomes one clear `LlmctlError` naming the file (and the line).
+
+Every file or directory that must never be seen half written (run files, the token cache, downloads, exports)
+is written through `atomic_file`, `atomic_path`, `atomic_dir` or `write_atomic` here: under a temporary name
+beside it, then renamed into place in one step. Checkpoints add their own verification on top (`checkpoint.save`).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,11 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from .errors import LlmctlError
 
@@ -95,31 +101,76 @@ def apply_umask(path: Path) -> None:
         pass
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic writes: a file or directory appears complete, by one rename, or not at all
+
+
 @contextlib.contextmanager
-def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary name beside `path` for a writer that takes a path (a library's save or compile, or a text
-    write): it becomes `path` in one rename when the block completes, with the umask's permissions, and is removed
-    when the block fails. `suffix` ends the temporary name, for writers that insist on one (".pt2")."""
+def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary name beside `path`, for a writer that takes a file name (a library's save function); `suffix`
+    ends it, for writers that insist on one (AOTInductor's packager wants ".pt2").
+
+    When the block ends, what was written there replaces `path` in one rename (readers see the old file or the
+    whole new one), with the umask's permissions; when it fails, the temporary goes, and with it the space of a
+    partial write (a full disk)."""
     path = Path(path)
     fd, tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield tmp
-        apply_umask(tmp)  # (some writers replace the file, or create it with their own mode)
+        apply_umask(tmp)  # (a writer may have created the file anew, with its own mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small text file so that readers see the old or the new content, never a torn one.
-
-    The file gets the permissions a plain open() would give it (the umask's), not mkstemp's 0600."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
+    """`path` opened for writing ("w": UTF-8 text, "wb": bytes) under a temporary name: flushed to the disk and
+    renamed into place when the block ends, removed when it fails (see `atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        yield f
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small text file so that readers see the old or the new content, never a torn one."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, replace: bool = False) -> Iterator[Path]:
+    """A new, empty temporary directory beside `path` (its parent is created) to fill; when the block ends it
+    becomes `path` in one rename, complete, and the files in it get the umask's permissions. When it fails, it is
+    removed.
+
+    Where `path` exists by then, `replace` deletes it first (an export written again); without it the one there
+    stays and this one is dropped (a cache entry that another process finished first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(path.parent, prefix=f".{path.name}.")
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            apply_umask(f)  # (safetensors writes its files 0600)
+        if replace and path.exists():
+            shutil.rmtree(path)
+        try:
+            publish_dir(tmp, path)
+        except OSError:
+            if replace or not path.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # (nothing there once renamed)
+
+
+def publish_dir(build: Path, path: Path) -> None:
+    """Give a directory filled under another name (complete) its real name, in one rename: readers that look for
+    `path` find all of it or nothing."""
+    os.rename(build, path)
 
 
 def read_text(path: Path, what: str) -> str:

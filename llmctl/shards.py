@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .fileio import write_atomic
+from .fileio import atomic_file, write_atomic
 
 INDEX = "index.json"
 
@@ -136,16 +135,8 @@ class ShardWriter:
         i = len(self.index.shards)
         name = shard_name(i, self.prefix)
         data = self.buf[: self.n].astype("<" + self.dtype.str[1:], copy=False).tobytes()
-        tmp = self.dir / f".{name}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:  # (a full disk: the partial shard goes, which frees its space)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, self.dir / name)
+        with atomic_file(self.dir / name, "wb") as f:  # (a full disk: the partial shard goes, freeing its space)
+            f.write(data)
         self.index.shards.append(ShardInfo(name, self.n, self.docs, hashlib.sha256(data).hexdigest(),
                                            asdict(cursor), self.need_eos, self.doc_open))
         self.index.bytes_read = bytes_read

@@ -90,7 +90,7 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
         if len(td.val) < 2:
             return {}
         blocks = lambda: eval_blocks(td.val, T, cfg.eval.batch_size, t.eval_batches)  # noqa: E731
-        return {"val_loss": distributed.lm_metrics(model, blocks, layout.dist, device, amp)["loss"]}
+        return {"val_loss": distributed.sharded_lm_metrics(model, blocks, layout.dist, device, amp)["loss"]}
 
     return Task("lm", backbone, backbone, batches.get, lm_loss, validate,
                 t.batch_size * layout.accum * T * layout.world,
@@ -179,7 +179,7 @@ def instruct_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: to
         if not len(val_idx):
             return {}
         batches = lambda: eval_batches(ex, val_idx, "instruct", tok.pad_id, cfg.eval.batch_size)  # noqa: E731
-        return {"val_loss": distributed.lm_metrics(model, batches, layout.dist, device, amp)["loss"]}
+        return {"val_loss": distributed.sharded_lm_metrics(model, batches, layout.dist, device, amp)["loss"]}
 
     notes = [f"{ex.truncated} examples were longer than the context and were cut"] if ex.truncated else []
     return Task("instruct", backbone, backbone, get, lm_loss, validate, tokens,

@@ -74,7 +74,7 @@ def disk_fills_on_second_shard(monkeypatch) -> None:
     import builtins
     import errno
 
-    from llmctl import shards
+    from llmctl import fileio
 
     opened: list[str] = []
 
@@ -92,4 +92,4 @@ def disk_fills_on_second_shard(monkeypatch) -> None:
                 fh.write = half_then_full
         return fh
 
-    monkeypatch.setattr(shards, "open", full_open, raising=False)
+    monkeypatch.setattr(fileio, "open", full_open, raising=False)  # (shards are written through fileio)

@@ -25,6 +25,24 @@ def test_shakespeare_split_matches_nanogpt(tmp_path):
     assert td.train.dtype == np.uint16
 
 
+def test_prepare_and_its_help_start_without_torch(tmp_path):
+    """`llmctl prepare` never loads torch (seconds of start-up): the data package makes tensors only in the
+    functions that batch, and imports torch there."""
+    import re
+    import subprocess
+    import sys
+
+    (tmp_path / "c.txt").write_text("hello world\n" * 50)
+    for args in (["--help"], ["--set", f"data.path={tmp_path / 'c.txt'}", "--set", "tokenizer.kind=char",
+                              "--set", f"data.cache_dir={tmp_path / 'cache'}"]):
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmctl", "prepare", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        loaded = [line for line in r.stderr.splitlines() if re.search(r"\|\s*torch(\.|$)", line)]
+        assert not loaded, (args, loaded[:3])
+    assert list((tmp_path / "cache" / "tokens").glob("*/manifest.json"))  # (the second one did prepare)
+
+
 def test_cache_is_reused_and_keyed_by_content(tmp_path):
     src = tmp_path / "a.txt"
     src.write_text("hello world\n" * 200)
@@ -339,9 +357,9 @@ def test_an_interrupted_build_whose_corpus_changed_is_removed_by_the_next_prepar
 
 def test_progress_counts_the_bytes_of_rows_as_they_are_read(tmp_path, monkeypatch):
     """Progress (the live bar's callback) moves through a JSONL file row group by row group and ends at its size."""
-    from llmctl import data
+    from llmctl.data import streaming
 
-    monkeypatch.setattr(data, "BATCH_CHARS", 20_000)
+    monkeypatch.setattr(streaming, "BATCH_CHARS", 20_000)
     rows = [json.dumps({"text": p}) for p in SHAKESPEARE.read_text()[:200_000].split("\n\n")]
     (tmp_path / "c.jsonl").write_text("\n".join(rows) + "\n")
     size = (tmp_path / "c.jsonl").stat().st_size

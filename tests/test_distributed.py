@@ -17,8 +17,9 @@ import torch
 
 from conftest import SHAKESPEARE, sets
 from llmctl import checkpoint as ckpt
-from llmctl import commands, distributed, rundir, tensor_parallel
+from llmctl import commands, distributed, rundir
 from llmctl.config import TrainConfig, load_config
+from llmctl.distributed import tensor_parallel
 from llmctl.errors import LlmctlError
 from llmctl.hardware import cpu_has_fast_bf16
 

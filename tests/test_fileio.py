@@ -75,3 +75,28 @@ def test_run_directory_token_cache_and_export_follow_the_umask(tmp_path, runner)
         assert r.exit_code == 0, r.output
         assert (export / "config.json").exists()
         assert_umask_modes(export, 0o644, 0o755)
+
+
+def test_atomic_writes_appear_whole_or_not_at_all(tmp_path):
+    """A failed write leaves the old file and no temporary; a directory appears by one rename, and an existing one
+    stays (a cache entry another process finished first) unless it is to be replaced (an export written again)."""
+    target = tmp_path / "shard.bin"
+    fileio.write_atomic(target, "old")
+    try:
+        with fileio.atomic_file(target, "wb") as f:
+            f.write(b"half")
+            raise OSError("the disk is full")
+    except OSError:
+        pass
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["shard.bin"]
+    with fileio.atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # (the new content is not there until the block ends)
+    assert target.read_bytes() == b"new"
+    entry = tmp_path / "cache" / "entry"
+    for replace, text, expected in ((False, "first", "first"), (False, "second", "first"), (True, "third", "third")):
+        with fileio.atomic_dir(entry, replace=replace) as d:
+            (d / "f.txt").write_text(text)
+            assert not (entry / "f.txt").exists() or (entry / "f.txt").read_text() != text
+        assert (entry / "f.txt").read_text() == expected
+    assert sorted(p.name for p in entry.parent.iterdir()) == ["entry"]  # no temporary directory left

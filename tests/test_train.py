@@ -95,9 +95,12 @@ def test_diverged_run_exits_3_and_keeps_last_checkpoint(tmp_path):
     assert (out / "latest").read_text().strip() == "step-0000004"
 
 
-def _llmctl(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "llmctl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})})
+def _llmctl(*args: str, pause_save: tuple[int, float] | None = None) -> subprocess.Popen:
+    """`llmctl ARGS` in a new process; `pause_save` (step, seconds): that step's checkpoint write stops half-way for
+    that long, leaving `.saving` in the run directory (tests/pause_save.py)."""
+    how = (["-m", "llmctl"] if pause_save is None
+           else [os.path.join(os.path.dirname(__file__), "pause_save.py"), *map(str, pause_save)])
+    return subprocess.Popen([sys.executable, *how, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(predicate, timeout: float = 120.0) -> None:
@@ -130,7 +133,7 @@ def test_sigterm_mid_run_exits_143_then_resumes_bit_identical(tmp_path):
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "train.max_steps=40", "train.save_interval=10", "train.keep_best=false"]
-    p = _llmctl("pretrain", *sets(*args), "--out", str(out), "--quiet", env={"LLMCTL_TEST_PAUSE_SAVE": "20:60"})
+    p = _llmctl("pretrain", *sets(*args), "--out", str(out), "--quiet", pause_save=(20, 60))
     _wait_for(lambda: (out / ".saving").exists())  # step 20's files are half written, the process sleeps
     p.kill()
     p.wait(timeout=30)
@@ -271,7 +274,7 @@ def test_keep_best_and_keep_last(tmp_path):
 def test_second_ctrl_c_aborts_at_once(tmp_path):
     out = tmp_path / "run"
     p = _llmctl("pretrain", *sets(*TINY, "train.max_steps=40", "train.save_interval=10", "train.keep_best=false"),
-                "--out", str(out), "--quiet", env={"LLMCTL_TEST_PAUSE_SAVE": "10:60"})
+                "--out", str(out), "--quiet", pause_save=(10, 60))
     _wait_for(lambda: (out / ".saving").exists())  # stuck in a slow save
     p.send_signal(signal.SIGINT)  # first Ctrl-C: would finish the step and save
     time.sleep(0.3)

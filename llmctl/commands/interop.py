@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
 from .. import checkpoint as ckpt_io
 from .. import hf
 from ..errors import LlmctlError
-from ..fileio import apply_umask, temp_dir
+from ..fileio import atomic_dir, atomic_path
 from ..loading import load_model
 from ..lora import merge_lora
 from ..rundir import check_out_dir, clear_run, write_run_files
@@ -83,18 +82,8 @@ def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, ov
         log(f"[yellow]warning:[/yellow] {ck.path} has no tokenizer, so the export has none; "
             "pass --tokenizer FILE to include one")
     weights = merge_lora(loaded.model).state_dict()  # LoRA adapters folded into the weights they adapt
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out.parent, prefix=f".{out.name}.")  # the umask's permissions, not mkdtemp's 0700
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         files = hf.write_dir(tmp, cfg, weights, tok, str(ck.path))
-        for f in tmp.iterdir():
-            apply_umask(f)  # (safetensors writes its file 0600)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"exported {ck.path} to {out} ({cfg.model.arch} -> {hf.to_hf_config(cfg.model, tok)['architectures'][0]})")
     return {"checkpoint": str(ck.path), "out": str(out), "format": fmt, "files": files}
 
@@ -114,8 +103,6 @@ def _exportable(ckpt: Path, base: Optional[Path], tokenizer: Optional[Path], mer
 
 def _export_gguf(ckpt: Path, out: Path, tokenizer: Optional[Path], overwrite: bool, log: Log, base: Optional[Path],
                  merge_lora_adapter: bool, outtype: str) -> dict:
-    import os
-
     from .. import gguf_export
 
     gguf_export.require()
@@ -128,14 +115,8 @@ def _export_gguf(ckpt: Path, out: Path, tokenizer: Optional[Path], overwrite: bo
     gguf_export.check(cfg, tok, outtype)
     weights = merge_lora(loaded.model).state_dict()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         gguf_export.write(tmp, cfg, weights, tok, outtype, ck.run_dir.name)
-        apply_umask(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     log(f"exported {ck.path} to {out} (GGUF, llama.cpp architecture {cfg.model.arch}, {outtype})")
     return {"checkpoint": str(ck.path), "out": str(out), "format": "gguf", "outtype": outtype,
             "bytes": out.stat().st_size, "files": [out.name]}

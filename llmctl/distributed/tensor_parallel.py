@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 # the layers split in every block: column-parallel where the width grows, row-parallel where it shrinks back
 PLAN = {"attn.qkv": "colwise", "attn.proj": "rowwise", "mlp.fc": "colwise", "mlp.proj": "rowwise"}

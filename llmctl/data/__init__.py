@@ -1,0 +1,33 @@
+"""Text in, batches out: tables of examples, the token cache, language-modelling batches, supervised examples.
+
+One job per module, each importing only those above it in this list (never one below, so no cycles):
+  tables      whole files of examples read through `datasets`, their columns checked
+  streaming   one source read, tokenized on all cores and written shard by shard into a build folder
+  cache       the token cache: a corpus tokenized once (through `streaming`) and found again by its key
+  batches     random training blocks and evaluation blocks over a token sequence
+  examples    classification rows and instruction pairs (read through `tables`) tokenized, split and batched
+None imports torch at its top, so `llmctl prepare` starts without it: only the functions that make tensors do.
+This file hands on the names the rest of llmctl uses.
+"""
+
+from ..corpus import resolve_source
+from .batches import LMBatches, eval_blocks
+from .cache import TokenData, prepare, tokenize_file
+from .examples import (
+    ExampleBatches,
+    Examples,
+    classification_examples,
+    eval_batches,
+    holdout,
+    instruct_examples,
+    packed_tokens,
+    pad_batch,
+)
+from .streaming import OnProgress
+from .tables import load_texts
+
+__all__ = [
+    "ExampleBatches", "Examples", "LMBatches", "OnProgress", "TokenData", "classification_examples", "eval_batches",
+    "eval_blocks", "holdout", "instruct_examples", "load_texts", "packed_tokens", "pad_batch", "prepare",
+    "resolve_source", "tokenize_file",
+]
