@@ -205,8 +205,8 @@ def fit(
     gradient norm that is not finite raises LlmctlError with exit 3 (nothing is saved then: the last good
     checkpoint stays `latest`).
     """
-    loop = _Loop(model, optimizer, cfg, hooks, state, device, amp_dtype, scaler, tokens_per_step, reporter)
     reporter.start(cfg.max_steps, state.step)
+    loop = _Loop(model, optimizer, cfg, hooks, state, device, amp_dtype, scaler, tokens_per_step, reporter)
     if loop.saver:
         loop.saver.begin(state)
     model.train()
