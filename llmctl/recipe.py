@@ -82,10 +82,12 @@ def load_start(plan: TrainPlan, start: Start, log: Log) -> Optional[dict]:
 def finish_stopped_work(start: Start, cfg: Config, after: Sequence[AfterTraining], log: Log) -> Optional[dict]:
     """--resume of a finished run (not asked to train further) whose work after training a signal stopped: do that
     work again; the run's summary. None when there is no such work to finish."""
+    ck = start.checkpoint
+    if not start.resumed or ck is None or int(ck.meta.get("step") or 0) < cfg.train.max_steps:
+        return None
     status = rundir.read_status(start.out)
     stopped = [work for work in after if status.get(work.status_key) == "interrupted"]
-    if (not start.resumed or start.checkpoint is None or status.get("status") != "finished" or not stopped
-            or int(start.checkpoint.meta.get("step") or 0) < cfg.train.max_steps):
+    if status.get("status") != "finished" or not stopped:
         return None
     for work in stopped:
         work.again(start.out, start.resume_cmd, log)
