@@ -13,7 +13,6 @@ and the CPU's instruction set.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .errors import LlmctlError
+from .fileio import atomic_path
 from .model import KVCache, Transformer
 
 FORMAT = 2  # bump when the exported step's inputs or outputs change
@@ -113,29 +113,28 @@ def supported() -> bool:
 def build(model: Transformer, batch: int, length: int, path: Path) -> None:
     """Export the decode step of `model` for (batch, length) and compile it into the package `path` (atomically)."""
     configure_compile_cache()
-    p = model.wte.weight
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # (the packager wants a .pt2 name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # (generation runs under inference_mode, whose tensors export cannot trace in-place updates of)
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            # raised inside inductor's autotuner
-            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            caches = KVCache.empty(model.cfg, batch, length, p.dtype, p.device).flat()
-            args = (torch.zeros(batch, 1, dtype=torch.long, device=p.device),
-                    torch.zeros(batch, dtype=torch.long, device=p.device), caches)
-            program = torch.export.export(_Step(model), args, strict=False)
-            from torch._inductor import aoti_compile_and_package
-
-            aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=inductor_options(p.device.type))
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".pt2") as tmp:  # (the packager wants a .pt2 name)
+            _compile(model, batch, length, tmp)
     except Exception as e:  # a missing C++ compiler, an op export or inductor cannot handle, ...
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise LlmctlError(f"could not compile the decode step ({type(e).__name__}: {first}); run with --no-compile "
                           "(on a CPU, inductor also needs a working C++ compiler)") from e
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+
+
+def _compile(model: Transformer, batch: int, length: int, package: Path) -> None:
+    p = model.wte.weight
+    # (generation runs under inference_mode, whose tensors export cannot trace in-place updates of)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # raised inside inductor's autotuner
+        caches = KVCache.empty(model.cfg, batch, length, p.dtype, p.device).flat()
+        args = (torch.zeros(batch, 1, dtype=torch.long, device=p.device),
+                torch.zeros(batch, dtype=torch.long, device=p.device), caches)
+        program = torch.export.export(_Step(model), args, strict=False)
+        from torch._inductor import aoti_compile_and_package
+
+        aoti_compile_and_package(program, package_path=str(package), inductor_configs=inductor_options(p.device.type))
 
 
 class StepStore:

@@ -183,9 +183,11 @@ def main(
         STATE["debug"] = True
 
 
-def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, json_out, quiet, dry_run=False,
-                   **extra) -> None:
+def _train_command(kind: str, config, overrides, out_dir, *, resume: bool, overwrite: bool, json_out: bool,
+                   quiet: bool, dry_run: bool, **start) -> None:
+    """pretrain and finetune: `start` is where the run starts beyond --resume (--resume-from, --from)."""
     from . import commands, views
+    from .commands.decode_step import DecodeStep
 
     rep = reporter(kind, quiet)
 
@@ -200,8 +202,9 @@ def _train_command(kind: str, config, overrides, out_dir, resume, overwrite, jso
 
         fn = commands.pretrain if kind == "pretrain" else commands.finetune
         with peer_errors():  # under torchrun: a failed collective becomes one clear line (exit 4)
-            summary = fn(config, overrides or [], out=out_dir, resume=resume, overwrite=overwrite, reporter=rep,
-                         log=(lambda m: None) if quiet else _log, on_plan=on_plan, dry_run=dry_run, **extra)
+            summary = fn(config, overrides or [], out=out_dir, resume=resume, overwrite=overwrite, dry_run=dry_run,
+                         reporter=rep, log=(lambda m: None) if quiet else _log, warn=_warn, on_plan=on_plan,
+                         after_training=[DecodeStep()], **start)
         if summary is None:  # a rank other than 0 under torchrun: rank 0 reports
             return
         if dry_run:
@@ -240,8 +243,8 @@ def pretrain(
 
     On a CPU, a language-model run of 5+ minutes ends by compiling the decode step `infer` will use (about half a
     minute; --set generate.compile=false skips it)."""
-    _train_command("pretrain", config, overrides, out_dir or _default_out(config, "pretrain"), resume, overwrite,
-                   json_out, quiet, dry_run, resume_from=resume_from)
+    _train_command("pretrain", config, overrides, out_dir or _default_out(config, "pretrain"), resume=resume,
+                   overwrite=overwrite, json_out=json_out, quiet=quiet, dry_run=dry_run, resume_from=resume_from)
 
 
 @app.command()
@@ -270,8 +273,8 @@ def finetune(
 
     On a CPU, a language-model run of 5+ minutes ends by compiling the decode step `infer` will use (about half a
     minute; --set generate.compile=false skips it)."""
-    _train_command("finetune", config, overrides, out_dir or _default_out(config, "finetune"), resume, overwrite,
-                   json_out, quiet, dry_run, from_=from_)
+    _train_command("finetune", config, overrides, out_dir or _default_out(config, "finetune"), resume=resume,
+                   overwrite=overwrite, json_out=json_out, quiet=quiet, dry_run=dry_run, from_=from_)
 
 
 @app.command()

@@ -399,7 +399,7 @@ def sample_batch(task: Task, tokenizer: Tokenizer, step: int = 0, labels_names: 
 
 
 class Plan(Protocol):
-    """What the dry run reads of a training plan (commands.training.TrainPlan is the one)."""
+    """What the dry run reads of a training plan (llmctl.plan.TrainPlan is the one)."""
 
     cfg: Config
     task: Task
@@ -416,7 +416,7 @@ class Plan(Protocol):
 
 def dry_run(plan: Plan, start_step: int = 0, timed_steps: int = 5, warmup_steps: int = 2,
             out: Optional[Path] = None) -> dict:
-    """Everything `--dry-run` shows, as one JSON-ready dict. `plan` is a commands.TrainPlan (duck-typed)."""
+    """Everything `--dry-run` shows, as one JSON-ready dict. `plan` is a plan.TrainPlan (duck-typed)."""
     cfg, model, device, amp, task = plan.cfg, plan.model, plan.device, plan.amp, plan.task
     t = cfg.train
     raw = getattr(model, "_orig_mod", model)

@@ -106,14 +106,15 @@ def apply_umask(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path`, for a writer that takes a file name (a library's save function).
+def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary name beside `path`, for a writer that takes a file name (a library's save function); `suffix`
+    ends it, for writers that insist on one (AOTInductor's packager wants ".pt2").
 
     When the block ends, what was written there replaces `path` in one rename (readers see the old file or the
     whole new one), with the umask's permissions; when it fails, the temporary goes, and with it the space of a
     partial write (a full disk)."""
     path = Path(path)
-    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield tmp

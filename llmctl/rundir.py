@@ -139,7 +139,8 @@ def preflight(out: Path, model: torch.nn.Module) -> None:
         )
 
 
-def resume_point(out: Path, log: Callable[[str], None]) -> tuple[Optional[ckpt_io.Checkpoint], bool]:
+def resume_point(out: Path, log: Callable[[str], None],
+                 warn: Callable[[str], None]) -> tuple[Optional[ckpt_io.Checkpoint], bool]:
     """--resume: (the checkpoint to continue from, whether to clear `out` first).
 
     A run stopped before its first checkpoint (a signal during data preparation or the first step, a crash)
@@ -148,7 +149,7 @@ def resume_point(out: Path, log: Callable[[str], None]) -> tuple[Optional[ckpt_i
     entries = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
     if entries and not any((out / n).exists() for n in (STATUS, CONFIG, LATEST)):
         raise LlmctlError(f"--resume: {out} holds no llmctl run; choose another --out or drop --resume")
-    found = latest_good(out, log) if entries else None
+    found = latest_good(out, warn) if entries else None
     if found is None and ckpt_io.list_checkpoints(out):
         raise LlmctlError(f"--resume: no checkpoint in {out} passes verification; use --overwrite to start again")
     if found is None:
@@ -156,8 +157,8 @@ def resume_point(out: Path, log: Callable[[str], None]) -> tuple[Optional[ckpt_i
     return found, found is None and bool(entries)
 
 
-def latest_good(run_dir: Path, log: Callable[[str], None]) -> Optional[ckpt_io.Checkpoint]:
-    """The newest checkpoint of a run that passes verification (a damaged newer one is skipped, with a note)."""
+def latest_good(run_dir: Path, warn: Callable[[str], None]) -> Optional[ckpt_io.Checkpoint]:
+    """The newest checkpoint of a run that passes verification (a damaged newer one is skipped, with a warning)."""
     cands = ckpt_io.list_checkpoints(run_dir)
     latest = ckpt_io.read_latest(run_dir)
     if latest is not None and latest in cands:  # prefer what `latest` names, then older ones
@@ -166,7 +167,7 @@ def latest_good(run_dir: Path, log: Callable[[str], None]) -> Optional[ckpt_io.C
         try:
             return ckpt_io.load(c)
         except LlmctlError as e:
-            log(f"[yellow]skipping {c.name}: {e}")
+            warn(f"skipping {c.name}: {e}")
     return None
 
 

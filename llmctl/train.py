@@ -12,7 +12,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Optional, Protocol
+from typing import Any, Callable, ContextManager, NoReturn, Optional, Protocol
 
 import numpy as np
 import torch
@@ -205,113 +205,145 @@ def fit(
     gradient norm that is not finite raises LlmctlError with exit 3 (nothing is saved then: the last good
     checkpoint stays `latest`).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     reporter.start(cfg.max_steps, state.step)
-    window_t, window_tokens = time.perf_counter(), 0
-    validator, saver = Validator(cfg, hooks.validate), hooks.saver
-    if saver:
-        saver.begin(state)
+    loop = _Loop(model, optimizer, cfg, hooks, state, device, amp_dtype, scaler, tokens_per_step, reporter)
+    if loop.saver:
+        loop.saver.begin(state)
+    model.train()
+    with STOP.handling(), STOP.deferred():  # a signal is acted on at the points below, never inside a step or a save
+        # the validation pass a signal stopped comes before anything else
+        ended = state.eval_due and loop.after_step(state.step >= cfg.max_steps)
+        while state.step < cfg.max_steps and not ended:
+            if not loop.step():
+                continue  # a skipped step (not finite) neither validates nor saves
+            last = state.step == cfg.max_steps
+            ended = loop.after_step(last)  # early stopping ends the run here
+            signum = hooks.sync_stop(STOP.signum)
+            if signum is not None and not (last or ended):
+                loop.stop(signum)
+    reporter.stop()
+    return state
 
-    def stop(signum: int, during: str = "") -> None:
-        """Save what was trained since the last checkpoint, then raise Interrupted."""
-        path = saver.on_stop(state) if saver else None
-        stopped = Stopped(signum)
-        raise Interrupted(f"interrupted by {stopped.name} {during}after step {state.step}"
-                          + (f"; saved {path}" if path else ""), stopped.status)
 
-    def after_step(last: bool) -> bool:
+class _Loop:
+    """The steps of one `fit`: an optimizer step, what is due after it (validation, checkpoint), and a stop."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, hooks: Hooks,
+                 state: LoopState, device: torch.device, amp_dtype: Optional[torch.dtype],
+                 scaler: Optional[torch.amp.GradScaler], tokens_per_step: Optional[int], reporter: Reporter):
+        self.model, self.optimizer, self.cfg, self.hooks, self.state = model, optimizer, cfg, hooks, state
+        self.device, self.scaler, self.tokens_per_step, self.reporter = device, scaler, tokens_per_step, reporter
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype
+                         else contextlib.nullcontext)
+        self.validator, self.saver = Validator(cfg, hooks.validate), hooks.saver
+        # throughput over the steps since the last logged one, evaluation and saving time left out
+        self.window_t, self.window_tokens = time.perf_counter(), 0
+
+    def step(self) -> bool:
+        """One optimizer step over the step's micro-batches: True when it trained, False when it was skipped."""
+        state, cfg, hooks, optimizer = self.state, self.cfg, self.hooks, self.optimizer
+        t0 = time.perf_counter()
+        step = state.step
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        micro = hooks.batches(step)
+        # variable-length batches (classification, instruct) are counted as they come
+        step_tokens = self.tokens_per_step or hooks.world_size * sum(
+            int(b["lengths"].sum()) if "lengths" in b else b["input_ids"].numel() for b in micro)
+        loss, gnorm = _gradients(self.model, optimizer, micro, self.params, cfg, hooks, self.device, self.autocast,
+                                 self.scaler)
+        if not math.isfinite(loss) or (not math.isfinite(gnorm) and self.scaler is None):
+            self._skip(step, "loss" if not math.isfinite(loss) else "gradient norm",
+                       loss if not math.isfinite(loss) else gnorm)
+            return False
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens += step_tokens
+        state.elapsed += time.perf_counter() - t0
+        self._report(loss, lr, gnorm, step_tokens)
+        return True
+
+    def _skip(self, step: int, what: str, value: float) -> None:
+        """A step whose loss or gradient norm is not finite: skipped while train.skip_nonfinite allows, else the
+        run has diverged (exit 3)."""
+        state, cfg = self.state, self.cfg
+        if state.skipped >= cfg.skip_nonfinite:
+            raise LlmctlError(
+                f"training diverged at step {step + 1}: the {what} is {value}; "
+                "the last good checkpoint is kept. "
+                "Lower train.lr, raise train.warmup_steps, or use train.dtype=float32",
+                status=EXIT_DIVERGED,
+            )
+        state.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.reporter.log(f"warning: step {step + 1}: the {what} is {value}; step skipped ({state.skipped} of "
+                          f"train.skip_nonfinite={cfg.skip_nonfinite})")
+        self.hooks.log_metrics({"step": step + 1, "skipped": what})
+        state.step += 1
+
+    def _report(self, loss: float, lr: float, gnorm: float, step_tokens: int) -> None:
+        """The progress bar after every step; a metrics row every `log_interval` steps, the first and the last."""
+        state, cfg = self.state, self.cfg
+        self.window_tokens += step_tokens
+        info = {"loss": loss, "lr": lr, "grad_norm": gnorm}
+        if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps or state.step == 1:
+            now = time.perf_counter()
+            tps = self.window_tokens / max(now - self.window_t, 1e-9)
+            self.window_t, self.window_tokens = now, 0
+            self.hooks.log_metrics({"step": state.step, "loss": round(loss, 6), "lr": lr,
+                                    "grad_norm": round(gnorm, 6), "tokens": state.tokens,
+                                    "tokens_per_sec": round(tps, 1), "time": round(state.elapsed, 3)})
+            info["tokens_per_sec"] = tps
+        self.reporter.update(state.step, info)
+        if self.hooks.on_step:
+            self.hooks.on_step(state)
+
+    def after_step(self, last: bool) -> bool:
         """Validation and the checkpoint due at `state.step`; True when early stopping ends the run here."""
-        nonlocal window_t
+        state, saver = self.state, self.saver
         improved = stop_early = False
-        validated = validator.due(state, last)
+        validated = self.validator.due(state, last)
         if validated:
-            state.eval_due = True  # until the pass is complete: a checkpoint written on a signal says so
-            try:
-                result = validator.run(state.step)  # polls STOP between batches
-            except Stopped as e:
-                stop(e.signum, "during the validation pass ")
-            finally:
-                model.train()
-            state.eval_due = False
-            improved, stop_early = validator.judge(state, result)
-            hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
-            reporter.log(f"step {state.step}: "
-                         + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
-                         + (" (best)" if improved and not (last or stop_early) else ""))
-            if stop_early:
-                reporter.log(f"early stop: no better {cfg.best_metric} in {cfg.patience} evaluations "
-                             f"(best {state.best:.4f} at step {state.best_step})")
-                state.stopped_early = True
+            improved, stop_early = self._validate(last)
         reason = saver.reason(state, last or stop_early, improved, stop_early) if saver else None
         if reason:
             saver.save(state, reason)
         if reason or validated:
-            window_t = time.perf_counter()  # evaluation and saving time is not training throughput
+            self.window_t = time.perf_counter()  # evaluation and saving time is not training throughput
         return stop_early
 
-    model.train()
-    with STOP.handling(), STOP.deferred():  # a signal is acted on at the points below, never inside a step or a save
-        # the validation pass a signal stopped comes before anything else
-        ended = state.eval_due and after_step(state.step >= cfg.max_steps)
-        while state.step < cfg.max_steps and not ended:
-            t0 = time.perf_counter()
-            step = state.step
-            lr = lr_at(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            micro = hooks.batches(step)
-            # variable-length batches (classification, instruct) are counted as they come
-            step_tokens = tokens_per_step or hooks.world_size * sum(
-                int(b["lengths"].sum()) if "lengths" in b else b["input_ids"].numel() for b in micro)
-            loss_val, gnorm_val = _gradients(model, optimizer, micro, params, cfg, hooks, device, autocast, scaler)
-            if not math.isfinite(loss_val) or (not math.isfinite(gnorm_val) and scaler is None):
-                what = "loss" if not math.isfinite(loss_val) else "gradient norm"
-                value = loss_val if what == "loss" else gnorm_val
-                if state.skipped >= cfg.skip_nonfinite:
-                    raise LlmctlError(
-                        f"training diverged at step {step + 1}: the {what} is {value}; "
-                        "the last good checkpoint is kept. "
-                        "Lower train.lr, raise train.warmup_steps, or use train.dtype=float32",
-                        status=EXIT_DIVERGED,
-                    )
-                state.skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                reporter.log(f"warning: step {step + 1}: the {what} is {value}; step skipped ({state.skipped} of "
-                             f"train.skip_nonfinite={cfg.skip_nonfinite})")
-                hooks.log_metrics({"step": step + 1, "skipped": what})
-                state.step += 1
-                continue
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens += step_tokens
-            dt = time.perf_counter() - t0
-            state.elapsed += dt
-            window_tokens += step_tokens
-            info = {"loss": loss_val, "lr": lr, "grad_norm": gnorm_val}
-            if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps or state.step == 1:
-                now = time.perf_counter()
-                tps = window_tokens / max(now - window_t, 1e-9)
-                window_t, window_tokens = now, 0
-                row = {"step": state.step, "loss": round(loss_val, 6), "lr": lr, "grad_norm": round(gnorm_val, 6),
-                       "tokens": state.tokens, "tokens_per_sec": round(tps, 1), "time": round(state.elapsed, 3)}
-                hooks.log_metrics(row)
-                info["tokens_per_sec"] = tps
-            reporter.update(state.step, info)
-            if hooks.on_step:
-                hooks.on_step(state)
+    def _validate(self, last: bool) -> tuple[bool, bool]:
+        """One validation pass, judged and logged: (a new best, patience exhausted)."""
+        state, cfg = self.state, self.cfg
+        state.eval_due = True  # until the pass is complete: a checkpoint written on a signal says so
+        try:
+            result = self.validator.run(state.step)  # polls STOP between batches
+        except Stopped as e:
+            self.stop(e.signum, "during the validation pass ")
+        finally:
+            self.model.train()
+        state.eval_due = False
+        improved, stop_early = self.validator.judge(state, result)
+        self.hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
+        self.reporter.log(f"step {state.step}: "
+                          + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+                          + (" (best)" if improved and not (last or stop_early) else ""))
+        if stop_early:
+            self.reporter.log(f"early stop: no better {cfg.best_metric} in {cfg.patience} evaluations "
+                              f"(best {state.best:.4f} at step {state.best_step})")
+            state.stopped_early = True
+        return improved, stop_early
 
-            last = state.step == cfg.max_steps
-            stop_early = after_step(last)
-            signum = hooks.sync_stop(STOP.signum)
-            if signum is not None and not (last or stop_early):
-                stop(signum)
-            if stop_early:
-                break
-    reporter.stop()
-    return state
+    def stop(self, signum: int, during: str = "") -> NoReturn:
+        """Save what was trained since the last checkpoint, then raise Interrupted."""
+        path = self.saver.on_stop(self.state) if self.saver else None
+        stopped = Stopped(signum)
+        raise Interrupted(f"interrupted by {stopped.name} {during}after step {self.state.step}"
+                          + (f"; saved {path}" if path else ""), stopped.status)

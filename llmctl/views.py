@@ -85,8 +85,16 @@ def plan_lines(kind: str, info: dict) -> list[str]:
 def dry_run(report: dict) -> Group:
     """The dry-run report: config, parameters, compute, memory, time, and the sample batch with its loss mask."""
     cfg = report["config"]
-    m, tr = cfg["model"], cfg["train"]
-    parts = []
+    parts = [_dry_run_head(report), _parameters_table(report["parameters"]), _compute_table(report, cfg),
+             _memory_table(report, cfg)]
+    parts += _time_table(report)
+    parts += _sample_batch(report["sample"])
+    parts.append(Text("\nresolved config", style="bold"))
+    parts.append(Text(yaml.safe_dump(cfg, sort_keys=False).rstrip(), style="dim"))
+    return Group(*parts)
+
+
+def _dry_run_head(report: dict) -> Text:
     head = Text()
     head.append(f"dry run of {report['kind']}", style="bold")
     if report.get("out"):
@@ -94,17 +102,21 @@ def dry_run(report: dict) -> Group:
         head.append(f": nothing trained, nothing written; the run would go to {report['out']}{exists}")
     head.append("\n")
     head.append(f"device {report['device']}, {report['precision']}\n")
-    parts.append(head)
+    return head
 
-    p = report["parameters"]
+
+def _parameters_table(p: dict) -> Table:
     rows = [(k, f"{p.get(k, 0):,}") for k in ("embeddings", "attention", "mlp", "norms")]
     rows.append(("head", "tied to the embedding" if p.get("head_tied") else f"{p.get('head', 0):,}"))
     if p.get("other"):
         rows.append(("other", f"{p['other']:,}"))
     rows.append(("total",
                  f"{p['total']:,}" + (f" ({p['trainable']:,} trainable)" if p["trainable"] != p["total"] else "")))
-    parts.append(_kv_table("parameters", rows))
+    return _kv_table("parameters", rows)
 
+
+def _compute_table(report: dict, cfg: dict) -> Table:
+    m, tr = cfg["model"], cfg["train"]
     acc = tr["grad_accum"]
     rows = [
         ("FLOPs per token (training)",
@@ -122,8 +134,11 @@ def dry_run(report: dict) -> Group:
         ("device peak", f"{fmt_count(report['peak_flops'])}FLOP/s" if report.get("peak_flops") else "unknown"),
         ("peak from", report["peak_flops_source"]),
     ]
-    parts.append(_kv_table("\ncompute", rows))
+    return _kv_table("\ncompute", rows)
 
+
+def _memory_table(report: dict, cfg: dict) -> Table:
+    m, tr = cfg["model"], cfg["train"]
     mem = report["memory"]
     rows = [
         ("weights", fmt_bytes(mem["weights"]), ""),
@@ -143,34 +158,40 @@ def dry_run(report: dict) -> Group:
         fits = report.get("fits")
         rows.append(("device memory", fmt_bytes(mem["device_capacity"]),
                      "fits" if fits else ("does NOT fit" if fits is False else "")))
-    parts.append(_kv_table("\nmemory per device (estimate)", rows))
+    return _kv_table("\nmemory per device (estimate)", rows)
 
+
+def _time_table(report: dict) -> list:
+    """The timed steps and what they predict for the run; the error instead when they ran out of memory."""
     tm = report.get("time", {})
     if "error" in tm:
-        parts.append(Text(f"\ntime: {tm['error']}", style="red"))
-    elif tm:
-        mfu = f", MFU {100 * tm['mfu']:.1f}%" if tm.get("mfu") else ""
-        rows = [
-            ("per step", f"{tm['step_seconds']:.3f} s", f"{tm['tokens_per_sec']:,.0f} tok/s{mfu}"),
-            (f"{tm['steps']:,} steps", fmt_duration(tm["train_seconds"]), ""),
-            (f"{tm['evals']} evaluations", fmt_duration(tm["eval_seconds"]), f"{tm['eval_batches']} batches each"),
-            ("whole run", fmt_duration(tm["run_seconds"]), "(checkpoint saves not included)"),
-        ]
-        if tm.get("measured_peak_memory"):
-            what = "allocated" if report["device"].startswith("cuda") else "resident growth"
-            rows.append((f"measured peak ({what})", fmt_bytes(tm["measured_peak_memory"]), "during the timed steps"))
-        title = (f"\ntime (median of {tm['steps_timed']} timed steps after {tm['warmup_steps']} warm-up steps, "
-                 f"on {report['device']})")
-        parts.append(_kv_table(title, rows))
+        return [Text(f"\ntime: {tm['error']}", style="red")]
+    if not tm:
+        return []
+    mfu = f", MFU {100 * tm['mfu']:.1f}%" if tm.get("mfu") else ""
+    rows = [
+        ("per step", f"{tm['step_seconds']:.3f} s", f"{tm['tokens_per_sec']:,.0f} tok/s{mfu}"),
+        (f"{tm['steps']:,} steps", fmt_duration(tm["train_seconds"]), ""),
+        (f"{tm['evals']} evaluations", fmt_duration(tm["eval_seconds"]), f"{tm['eval_batches']} batches each"),
+        ("whole run", fmt_duration(tm["run_seconds"]), "(checkpoint saves not included)"),
+    ]
+    if tm.get("measured_peak_memory"):
+        what = "allocated" if report["device"].startswith("cuda") else "resident growth"
+        rows.append((f"measured peak ({what})", fmt_bytes(tm["measured_peak_memory"]), "during the timed steps"))
+    title = (f"\ntime (median of {tm['steps_timed']} timed steps after {tm['warmup_steps']} warm-up steps, "
+             f"on {report['device']})")
+    return [_kv_table(title, rows)]
 
-    s = report["sample"]
+
+def _sample_batch(s: dict) -> list[Text]:
+    """The first sequence of the sample batch: its title, then its text with the untrained context in ⟦ ⟧."""
     if "label" in s:
-        parts.append(Text(f"\nsample batch (step {s['step']}, first sequence): {s['tokens']} tokens, "
-                          f"label {s['label']}; "
-                          "the classifier reads the text in ⟦ ⟧", style="bold"))
+        title = Text(f"\nsample batch (step {s['step']}, first sequence): {s['tokens']} tokens, "
+                     f"label {s['label']}; "
+                     "the classifier reads the text in ⟦ ⟧", style="bold")
     else:
-        parts.append(Text(f"\nsample batch (step {s['step']}, first sequence): {s['trained_tokens']} of {s['tokens']} "
-                          "targets are trained on; text in ⟦ ⟧ is context only", style="bold"))
+        title = Text(f"\nsample batch (step {s['step']}, first sequence): {s['trained_tokens']} of {s['tokens']} "
+                     "targets are trained on; text in ⟦ ⟧ is context only", style="bold")
     text = Text()
     shown = 0
     for span in s["spans"]:
@@ -184,10 +205,7 @@ def dry_run(report: dict) -> Group:
             text.append("⟦" + piece + "⟧", style="dim")
         if shown >= 3000:
             break
-    parts.append(text)
-    parts.append(Text("\nresolved config", style="bold"))
-    parts.append(Text(yaml.safe_dump(cfg, sort_keys=False).rstrip(), style="dim"))
-    return Group(*parts)
+    return [title, text]
 
 
 def runs_table(rows: list[dict], directory: str) -> Table:

@@ -81,9 +81,10 @@ def test_auto_compile_builds_only_for_a_job_long_enough_to_pay(tiny_run, monkeyp
 
 def test_a_long_cpu_run_ends_by_compiling_its_decode_step(tiny_run, monkeypatch):
     from llmctl import aot
-    from llmctl.commands import training
+    from llmctl.commands.decode_step import COMPILE_AFTER_S, DecodeStep
     from llmctl.config import from_dict
     from llmctl.errors import LlmctlError
+    from llmctl.recipe import FinishedRun
 
     asked = []
 
@@ -94,12 +95,17 @@ def test_a_long_cpu_run_ends_by_compiling_its_decode_step(tiny_run, monkeypatch)
     monkeypatch.setattr(aot, "build", build)
     cfg = from_dict(yaml.safe_load((tiny_run / "config.yaml").read_text()))
     cpu, lines = torch.device("cpu"), []
-    training.compile_decode_step(tiny_run, cfg, "lm", cpu, 5.0, lines.append)  # a short run: not worth it
+
+    def finished(task: str, seconds: float, device: torch.device = cpu) -> FinishedRun:
+        return FinishedRun(tiny_run, cfg, task, device, seconds, "llmctl pretrain --resume", lines.append)
+
+    DecodeStep()(finished("lm", 5.0))  # a short run: not worth it
     assert asked == []
-    training.compile_decode_step(tiny_run, cfg, "lm", cpu, training.COMPILE_AFTER_S, lines.append)
+    DecodeStep()(finished("lm", COMPILE_AFTER_S))
     assert asked == [(1, 32)]  # batch 1, the whole 32-token context: the shape of `infer --prompt`
     assert "not compiled (no C++ compiler (stub))" in lines[-1]  # reported; the finished run stays finished
-    training.compile_decode_step(tiny_run, cfg, "classification", cpu, 1e9, lines.append)
+    DecodeStep()(finished("classification", 1e9))
+    DecodeStep()(finished("lm", 1e9, torch.device("cuda")))  # a GPU run: `infer` compiles there when asked
     cfg.generate.compile = False
-    training.compile_decode_step(tiny_run, cfg, "lm", cpu, 1e9, lines.append)
+    DecodeStep()(finished("lm", 1e9))
     assert asked == [(1, 32)]

@@ -283,3 +283,74 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
     _, err = p.communicate(timeout=30)
     assert p.returncode == 130 and time.time() - t0 < 20
     assert read_status(out)["status"] == "interrupted" and "Traceback" not in err
+
+
+def test_work_after_training_follows_a_finished_run_and_resume_finishes_what_a_signal_stopped(tmp_path):
+    import dataclasses
+
+    class Work:
+        status_key = "recorded"
+
+        def __init__(self):
+            self.runs, self.resumed = [], []
+
+        def __call__(self, run):
+            self.runs.append(run)
+
+        def again(self, out, resume_cmd, log):
+            self.resumed.append((out, resume_cmd))
+            rundir.write_status(out, "finished", recorded="done")
+
+    out, work, plans = tmp_path / "run", Work(), []
+    args = [*TINY, "train.max_steps=2", "train.eval_interval=0"]
+    summary = commands.pretrain(None, args, out, after_training=[work], on_plan=plans.append)
+    (run,) = work.runs  # once, after the run finished and was saved
+    assert run.out == out and run.task == "lm" and run.cfg.train.max_steps == 2 and run.device.type == "cpu"
+    assert run.train_seconds == summary["train_seconds"] and run.resume_cmd.endswith("--resume")
+    assert read_status(run.out)["status"] == "finished"
+    with pytest.raises(dataclasses.FrozenInstanceError):  # the plan is decided before it is handed on
+        plans[0].kind = "finetune"
+
+    with pytest.raises(LlmctlError, match="already complete at step 2"):  # nothing was stopped: nothing to resume
+        commands.pretrain(None, args, out, resume=True, after_training=[work])
+    rundir.write_status(out, "finished", recorded="interrupted")  # a signal stopped the work after training
+    with pytest.raises(LlmctlError, match="already complete at step 2"):  # without that work there is none to do
+        commands.pretrain(None, args, out, resume=True)
+    again = commands.pretrain(None, args, out, resume=True, after_training=[work])
+    assert work.resumed == [(out, run.resume_cmd)] and len(work.runs) == 1  # done again, not trained again
+    assert again["run"] == str(out) and again["steps"] == 2 and "recorded" not in again
+    assert read_status(out)["recorded"] == "done"
+
+
+def test_the_compiled_decode_step_is_built_after_training_only_where_the_cli_asks(tmp_path, monkeypatch):
+    from llmctl import aot
+    from llmctl.commands.decode_step import DecodeStep
+
+    built = []
+
+    def build(model, batch, length, path):  # a real build is tested in test_generate
+        built.append((batch, length))
+        raise LlmctlError("no C++ compiler (stub)")
+
+    monkeypatch.setattr(aot, "build", build)
+    args = [*TINY, "train.max_steps=2", "train.eval_interval=0", "generate.compile=true"]
+    commands.pretrain(None, args, tmp_path / "plain")  # a library call passes no work after training
+    assert built == [] and "decode_step" not in read_status(tmp_path / "plain")
+    logs: list[str] = []
+    commands.pretrain(None, args, tmp_path / "cli", after_training=[DecodeStep()], log=logs.append)
+    assert built == [(1, 32)] and read_status(tmp_path / "cli")["decode_step"] == "failed"
+    assert any("the decode step was not compiled (no C++ compiler (stub))" in m for m in logs)
+
+
+def test_resume_skips_a_damaged_checkpoint_with_a_warning(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "train.max_steps=4", "train.save_interval=2", "train.eval_interval=0", "train.keep_best=false"]
+    commands.pretrain(None, args, out)
+    weights = out / "step-0000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"damaged!")
+    logs: list[str] = []
+    warnings: list[str] = []
+    commands.pretrain(None, [*args, "train.max_steps=6"], out, resume=True, log=logs.append, warn=warnings.append)
+    assert len(warnings) == 1 and warnings[0].startswith("skipping step-0000004: ")  # plain text: the CLI styles it
+    assert any("resuming from" in m and "step-0000002" in m for m in logs)
+    assert ckpt.read_latest(out).name == "step-0000006"

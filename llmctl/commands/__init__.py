@@ -25,7 +25,7 @@ _HOMES = {
                      "sampling_settings", "stream", "write_outputs"], ".inference"),
     "export": ".interop", "import_hf": ".interop",
     "serve": ".serving",
-    "TrainPlan": ".training", "describe": ".training", "finetune": ".training", "pretrain": ".training",
+    "TrainPlan": "..plan", "describe": "..plan", "finetune": ".training", "pretrain": ".training",
     "prepare": ".preparation", "show_config": ".preparation",
 }
 
