@@ -87,7 +87,7 @@ def measure(args: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     if args.get("ckpt"):
-        from llmctl.commands import load_model
+        from llmctl.loading import load_model
 
         model = load_model(args["ckpt"], "cpu").model
         vocab = model.cfg.vocab_size

@@ -5,7 +5,7 @@ For each model and each number of concurrent clients C, in interleaved rounds (t
   - serve:    `llmctl serve` with its default serve.slots (16); C clients from one asyncio load generator, each
               sending streamed requests of a 16-token prompt and 128 new tokens back to back for a fixed time;
   - one-at-a-time: the same server with serve.slots=1, which serves one request at a time (what litgpt serve does);
-  - offline:  `llmctl infer --input`'s code (commands.complete_rows) on min(C, 16) rows at once, timed inside its
+  - offline:  `llmctl infer --input`'s code (inference_cmd.complete_rows) on min(C, 16) rows at once, timed inside its
               process (no HTTP, no load generator): the ceiling for that batch size.
 The load generator speaks HTTP/1.1 over raw asyncio streams (`--client raw`, the default): on two shared cores every
 percent it takes is lost to the server, and httpx (`--client httpx`, what the openai package runs on) takes about
@@ -103,9 +103,9 @@ class Server:
 
 def prompts(ckpt: Path, n: int) -> list[list[int]]:
     """n prompts of exactly PROMPT_TOKENS token ids, from Tiny Shakespeare."""
-    from llmctl import commands
+    from llmctl import loading
 
-    tok = commands.load_model(ckpt, "cpu").tokenizer
+    tok = loading.load_model(ckpt, "cpu").tokenizer
     text = DATA.read_text()
     out = []
     for i in range(n):
@@ -222,17 +222,18 @@ LOADERS = {"raw": _load_raw, "httpx": _load_httpx}
 
 OFFLINE = r"""
 import json, sys, time
-from llmctl import commands
+from llmctl.commands import inference as inference_cmd
+from llmctl import loading
 ckpt, batch, compile_ = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ps = json.loads(sys.stdin.read())
 compile_ = {"auto": None, "true": True, "false": False}[compile_]
-loaded = commands.for_inference(commands.load_model(ckpt), compile=compile_)
+loaded = loading.for_inference(loading.load_model(ckpt), compile=compile_)
 tok = loaded.tokenizer
 rows = [{"prompt": tok.decode(p)} for p in ps[: 2 * batch]]
-s = commands.sampling_settings(loaded, flags={"max_new_tokens": %d, "temperature": 0})
-commands.complete_rows(loaded, rows[:batch], s, batch_size=batch)  # warm-up
+s = inference_cmd.sampling_settings(loaded, flags={"max_new_tokens": %d, "temperature": 0})
+inference_cmd.complete_rows(loaded, rows[:batch], s, batch_size=batch)  # warm-up
 t = time.perf_counter()
-out = commands.complete_rows(loaded, rows, s, batch_size=batch)
+out = inference_cmd.complete_rows(loaded, rows, s, batch_size=batch)
 wall = time.perf_counter() - t
 print(json.dumps({"tokens_per_s": sum(r["completion_tokens"] for r in out) / wall}))
 """ % NEW_TOKENS

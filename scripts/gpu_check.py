@@ -7,7 +7,7 @@ JSON file as soon as it is known, so a run cut short still returns what it measu
   2. tests: the CUDA-marked tests (`pytest -m cuda tests/test_cuda.py`), counts and failures from its JUnit XML;
   3. train: `configs/gpt2-small.yaml` (GPT-2 124M) on a generated corpus, bf16 autocast: first its dry run
      (`llmctl pretrain --dry-run`: memory estimate, the dry run's own peak), then a few hundred steps eager and
-     with `train.compile`, in process through `llmctl.commands.pretrain`, reading tokens/s (steady state: the
+     with `train.compile`, in process through `llmctl.training_cmd.pretrain`, reading tokens/s (steady state: the
      first steps, which hold compilation, excluded), MFU from llmctl's own peak table (`llmctl.estimate`) and
      peak GPU memory (`torch.cuda.max_memory_allocated`) in the training process itself;
   4. decode: llmctl (eager, compiled ahead of time, weight-only int8) against transformers' `generate` with the
@@ -164,16 +164,17 @@ def worker_train(spec: dict) -> dict:
     """`llmctl pretrain` in this process (dry run or real), timing every step and reading the GPU's peak."""
     import torch
 
-    from llmctl import commands, estimate, hardware
+    from llmctl import distributed, estimate, hardware
+    from llmctl.commands import training as training_cmd
 
     cuda = spec["device"] == "cuda"
     info: dict = {}
     stamps: list[tuple[int, float, int]] = []
 
     def on_plan(plan) -> None:
-        d = commands.describe(plan)
+        d = plan.describe(plan)
         peak = hardware.peak_flops(plan.device, plan.amp, plan.cfg.data.cache_dir)
-        info.update(flops_per_token=estimate.flops_per_token(commands.unwrap(plan.model), plan.cfg.model)["train"],
+        info.update(flops_per_token=estimate.flops_per_token(distributed.unwrap(plan.model), plan.cfg.model)["train"],
                     peak_flops=peak["flops"], peak_flops_source=peak["source"], tokens_per_step=d["tokens_per_step"],
                     parameters=d["parameters"], precision=d["precision"], batch_size=d["batch_size"],
                     grad_accum=d["grad_accum"], block_size=plan.cfg.model.block_size,
@@ -186,7 +187,7 @@ def worker_train(spec: dict) -> dict:
         stamps.append((state.step, time.perf_counter(), state.tokens))
 
     t0 = time.perf_counter()
-    result = commands.pretrain(ROOT / "configs/gpt2-small.yaml", spec["overrides"], out=Path(spec["out"]),
+    result = training_cmd.pretrain(ROOT / "configs/gpt2-small.yaml", spec["overrides"], out=Path(spec["out"]),
                                on_plan=on_plan, on_step=on_step, dry_run=spec["dry_run"],
                                log=lambda m: print(m, file=sys.stderr, flush=True))
     wall = time.perf_counter() - t0

@@ -144,7 +144,7 @@ def _bare_import(tmp: Path, run: Path) -> Path:
     """tiny_run exported without its tokenizer, then imported: a checkpoint with no tokenizer.json."""
     from llmctl import checkpoint as ckpt_io
     from llmctl import hf
-    from llmctl.commands import import_hf
+    from llmctl.commands.interop import import_hf
     from llmctl.config import from_dict
 
     ck = ckpt_io.load(run)
@@ -305,30 +305,30 @@ BAD = [
 
 
 def _classifier(tmp: Path, run: Path) -> Path:
-    from llmctl import commands
+    from llmctl.commands import training as training_cmd
 
     data = _file(tmp, "train.tsv", "label\tsentence\n" + "".join(f"{i % 2}\tword {i}\n" for i in range(40)))
     out = tmp / "cls"
-    commands.finetune(None, ["finetune.task=classification", f"data.path={data}", "data.text_column=sentence",
+    training_cmd.finetune(None, ["finetune.task=classification", f"data.path={data}", "data.text_column=sentence",
                              "train.max_steps=2", "train.dtype=float32"], run, out)
     return out
 
 
 def _adapter(tmp: Path, run: Path) -> Path:
-    from llmctl import commands
+    from llmctl.commands import training as training_cmd
 
     out = tmp / "adapter"
-    commands.finetune(None,
+    training_cmd.finetune(None,
                       [f"data.path={SHAKESPEARE}", "finetune.method=lora", "train.max_steps=2", "train.dtype=float32"],
                       run, out)
     return out
 
 
 def _retrained(tmp: Path, run: Path) -> Path:
-    from llmctl import commands
+    from llmctl.commands import training as training_cmd
 
     out = tmp / "retrained"
-    commands.finetune(None, [f"data.path={SHAKESPEARE}", "train.max_steps=1", "train.dtype=float32"], run, out)
+    training_cmd.finetune(None, [f"data.path={SHAKESPEARE}", "train.max_steps=1", "train.dtype=float32"], run, out)
     return out
 
 
@@ -447,11 +447,11 @@ BAD += [
 
 def _other_tokenizer(tmp: Path) -> Path:
     """A run whose char tokenizer was trained on other text (so its tokenizer differs from tiny_run's)."""
-    from llmctl import commands
+    from llmctl.commands import training as training_cmd
 
     data = _file(tmp, "other.txt", "abcdefgh " * 400)
     out = tmp / "other"
-    commands.pretrain(None, [*TINY, f"data.path={data}", "train.max_steps=2", "train.eval_interval=0"], out)
+    training_cmd.pretrain(None, [*TINY, f"data.path={data}", "train.max_steps=2", "train.eval_interval=0"], out)
     return out
 
 

@@ -17,7 +17,8 @@ import torch
 
 from conftest import SHAKESPEARE, sets
 from llmctl import checkpoint as ckpt
-from llmctl import commands, distributed, rundir
+from llmctl import distributed, rundir
+from llmctl.commands import training as training_cmd
 from llmctl.config import TrainConfig, load_config
 from llmctl.distributed import tensor_parallel
 from llmctl.errors import LlmctlError
@@ -94,8 +95,8 @@ def test_global_batch_size_derives_grad_accum_and_conflicts_are_config_errors():
 
 def test_global_batch_size_in_one_process_trains_like_grad_accum(tmp_path):
     args = [*BASE, "train.max_steps=4", "train.eval_interval=0", "train.batch_size=2"]
-    a = commands.pretrain(None, [*args, "train.grad_accum=3"], tmp_path / "a")
-    b = commands.pretrain(None, [*args, "train.global_batch_size=6"], tmp_path / "b")
+    a = training_cmd.pretrain(None, [*args, "train.grad_accum=3"], tmp_path / "a")
+    b = training_cmd.pretrain(None, [*args, "train.global_batch_size=6"], tmp_path / "b")
     assert losses(tmp_path / "a") == losses(tmp_path / "b") and a["tokens"] == b["tokens"] == 4 * 6 * 32
 
 
@@ -144,7 +145,7 @@ def test_only_rank_zero_speaks(monkeypatch):
 def single(tmp_path_factory) -> Path:
     """One process, batch 8: the reference (checkpoints at steps 10 and 20)."""
     out = tmp_path_factory.mktemp("dist") / "single"
-    commands.pretrain(None, [*BASE, "train.batch_size=8"], out)
+    training_cmd.pretrain(None, [*BASE, "train.batch_size=8"], out)
     return out
 
 
@@ -183,7 +184,7 @@ def test_distillation_in_two_processes_logs_the_losses_of_one(tmp_path, single, 
     kd = ["finetune.task=distill", f"finetune.teacher={single}", "finetune.distill_alpha=0.7", "train.max_steps=6",
           "train.eval_interval=0"]
     one = tmp_path / "one"
-    commands.finetune(None, [*BASE, "train.batch_size=8", *kd], single, one)
+    training_cmd.finetune(None, [*BASE, "train.batch_size=8", *kd], single, one)
     two = tmp_path / "two"
     per_device = 8 if parallel == "tp" else 4  # (the two ranks of a tensor-parallel group share their micro-batch)
     r = torchrun("finetune", "--from", str(single), *sets(*BASE, f"train.batch_size={per_device}",
@@ -213,7 +214,7 @@ def test_fsdp_two_processes_log_the_losses_of_one(single, fsdp_run):
 @pytest.mark.slow
 def test_two_process_checkpoint_resumes_in_one_process(tmp_path, single, fsdp_run):
     out = tmp_path / "resumed"
-    commands.pretrain(None, [*BASE, "train.batch_size=8"], out, resume_from=fsdp_run[0] / "step-0000010")
+    training_cmd.pretrain(None, [*BASE, "train.batch_size=8"], out, resume_from=fsdp_run[0] / "step-0000010")
     assert_same_losses(losses(single), losses(out), range(11, 21))
 
 
@@ -256,7 +257,7 @@ def single_flavour(tmp_path_factory):
     def get(flavour: str) -> Path:
         if flavour not in made:
             out = tmp_path_factory.mktemp("tp") / f"single-{flavour}"
-            commands.pretrain(None, [*BASE, *FLAVOURS[flavour], "train.batch_size=8"], out)
+            training_cmd.pretrain(None, [*BASE, *FLAVOURS[flavour], "train.batch_size=8"], out)
             made[flavour] = out
         return made[flavour]
 
@@ -288,7 +289,7 @@ def test_tensor_parallel_two_processes_log_the_losses_of_one(tmp_path, single_fl
                for i in o1["state"] for m in ("exp_avg", "exp_avg_sq")) < TOL
     # ... so it resumes in one process like the single run's own checkpoint
     resumed = tmp_path / "resumed"
-    commands.pretrain(None, [*BASE, *FLAVOURS[flavour], "train.batch_size=8"], resumed,
+    training_cmd.pretrain(None, [*BASE, *FLAVOURS[flavour], "train.batch_size=8"], resumed,
                       resume_from=out / "step-0000010")
     assert_same_losses(losses(single), losses(resumed), range(11, 21))
 
@@ -327,7 +328,7 @@ def test_tensor_parallel_classification_with_accumulation_matches_one_process(tm
             "train.batch_size=4", "train.grad_accum=2", "train.log_interval=1", "train.eval_interval=3",
             "train.warmup_steps=1", "train.dtype=float32"]
     one = tmp_path / "one"
-    commands.finetune(None, args, base, one)
+    training_cmd.finetune(None, args, base, one)
     out = tmp_path / "tp"
     r = torchrun("finetune", "--from", str(base), *sets(*args, "train.parallel=tp"), "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, invoke, sets
-from llmctl import commands, estimate, hardware
+from llmctl import estimate, hardware
+from llmctl.commands import training as training_cmd
 from llmctl.config import Config, ModelConfig
 from llmctl.model import Transformer
 
 
 def test_dry_run_report_fields(tmp_path):
     out = tmp_path / "never"
-    r = commands.pretrain(None, TINY, out, dry_run=True)
+    r = training_cmd.pretrain(None, TINY, out, dry_run=True)
     assert not out.exists() and r["out_exists"] is False  # nothing written
     assert r["kind"] == "pretrain" and r["config"]["model"]["n_layer"] == 2 and r["config"]["train"]["max_steps"] == 30
     p = r["parameters"]

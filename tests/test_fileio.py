@@ -6,7 +6,8 @@ import stat
 from pathlib import Path
 
 from conftest import TINY, invoke
-from llmctl import commands, fileio
+from llmctl import fileio
+from llmctl.commands import training as training_cmd
 
 
 @contextlib.contextmanager
@@ -64,7 +65,7 @@ def test_run_directory_token_cache_and_export_follow_the_umask(tmp_path, runner)
     step-* checkpoints and all their files, the token cache; and so is an export directory (`llmctl export`)."""
     run, cache, export = tmp_path / "run", tmp_path / "cache", tmp_path / "hf"
     with umask(0o022):
-        commands.pretrain(None, [*TINY, "train.max_steps=4", "train.save_interval=2", "train.eval_interval=2",
+        training_cmd.pretrain(None, [*TINY, "train.max_steps=4", "train.save_interval=2", "train.eval_interval=2",
                                  f"data.cache_dir={cache}"], run)
         names = {p.name for p in run.iterdir()}
         assert {"config.yaml", "status.json", "latest", "best", "metrics.jsonl", "tokenizer.json",

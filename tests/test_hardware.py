@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import TINY, sets
-from llmctl import commands, hardware
+from llmctl import hardware
+from llmctl.commands import training as training_cmd
 
 CPU = torch.device("cpu")
 AVX2_ONLY = {"avx", "avx2", "fma", "f16c", "sse4_2"}  # an AMD EPYC of the Zen 2/3 kind
@@ -79,7 +80,7 @@ def test_a_run_draws_the_same_dropout_whether_the_caches_are_cold_or_warm(tmp_pa
         if name == "warm":
             monkeypatch.setenv("LLMCTL_PEAK_TFLOPS", "1")  # no measurement at all
         out = tmp_path / name
-        commands.pretrain(None, [*TINY, "model.dropout=0.2", "train.max_steps=4", "train.log_interval=1",
+        training_cmd.pretrain(None, [*TINY, "model.dropout=0.2", "train.max_steps=4", "train.log_interval=1",
                                  "train.eval_interval=0", f"data.cache_dir={cache}"], out)
         losses.append([r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                        if "loss" in r])

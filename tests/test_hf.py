@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from conftest import SHAKESPEARE, TINY, invoke, sets
 from llmctl import checkpoint as ckpt_io
 from llmctl import hf
-from llmctl.commands import load_model
 from llmctl.generate import generate
+from llmctl.loading import load_model
 
 TOL = 1e-4  # max abs logit difference allowed in float32
 PARAGRAPH = SHAKESPEARE.read_text()[2000:3200]  # several speeches: names, punctuation, line breaks

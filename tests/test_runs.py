@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, invoke, sets
-from llmctl import commands, runs
+from llmctl import runs
+from llmctl.commands import training as training_cmd
 from llmctl.errors import LlmctlError
 from llmctl.rundir import read_status, write_status
 
@@ -30,7 +31,7 @@ def runs_dir(tmp_path_factory, tiny_run):
             os.kill(os.getpid(), signal.SIGTERM)  # the loop finishes the step, saves, raises exit 143
 
     with pytest.raises(LlmctlError) as e:
-        commands.pretrain(None, SHORT, d / "interrupted", on_step=sigterm)
+        training_cmd.pretrain(None, SHORT, d / "interrupted", on_step=sigterm)
     assert e.value.status == 143
 
     def boom(state):
@@ -38,7 +39,7 @@ def runs_dir(tmp_path_factory, tiny_run):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        commands.pretrain(None, [*SHORT, "train.lr=5e-4"], d / "failed", on_step=boom)
+        training_cmd.pretrain(None, [*SHORT, "train.lr=5e-4"], d / "failed", on_step=boom)
 
     gone = subprocess.Popen(["true"])
     gone.wait()

@@ -112,13 +112,14 @@ def server(tiny_run, key_file):
 def alone(tiny_run) -> dict:
     """What `llmctl infer --temperature 0 --dtype float32` gives for each prompt alone (the same code in-process;
     test_infer_cli_equals_the_in_process_reference ties the two)."""
-    from llmctl import commands
+    from llmctl import loading
+    from llmctl.commands import inference as inference_cmd
 
-    loaded = commands.for_inference(commands.load_model(tiny_run), "float32", "none", compile=False)
+    loaded = loading.for_inference(loading.load_model(tiny_run), "float32", "none", compile=False)
     out = {}
     for i, p in enumerate(PROMPTS):
-        s = commands.sampling_settings(loaded, flags={"max_new_tokens": 5 + (i * 11) % 40, "temperature": 0})
-        out[i] = "".join(commands.stream(loaded, p, s))
+        s = inference_cmd.sampling_settings(loaded, flags={"max_new_tokens": 5 + (i * 11) % 40, "temperature": 0})
+        out[i] = "".join(inference_cmd.stream(loaded, p, s))
     return out
 
 
@@ -460,14 +461,16 @@ def _load_and_faults(s: Server) -> None:
 
 
 def test_a_classifier_serves_classify_only(tiny_run, tmp_path):
-    from llmctl import commands
+    from llmctl import loading
+    from llmctl.commands import inference as inference_cmd
+    from llmctl.commands import training as training_cmd
 
     data = tmp_path / "train.tsv"
     data.write_text("label\tsentence\n" + "".join(f"{i % 2}\tword {i}\n" for i in range(40)))
     out = tmp_path / "cls"
-    commands.finetune(None, ["finetune.task=classification", f"data.path={data}", "data.text_column=sentence",
+    training_cmd.finetune(None, ["finetune.task=classification", f"data.path={data}", "data.text_column=sentence",
                              "train.max_steps=2", "train.dtype=float32"], tiny_run, out)
-    want = commands.classify_texts(commands.load_model(out), ["word 3", "word 4"])
+    want = inference_cmd.classify_texts(loading.load_model(out), ["word 3", "word 4"])
     with Server(out) as s:
         r = s.post("/v1/classify", {"input": ["word 3", "word 4"]})
         assert r.status_code == 200, r.text

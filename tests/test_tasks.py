@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import SHAKESPEARE, SHARED, TINY, invoke, sets
 from llmctl import checkpoint as ckpt
-from llmctl import commands
+from llmctl import loading
+from llmctl.commands import training as training_cmd
 from llmctl.errors import LlmctlError
 
 SST2 = SHARED / "sst2"
@@ -77,7 +78,7 @@ def test_lora_adapter_small_resumable_and_tied_to_its_base(tiny_run, sst_small, 
     args = [*cls_sets(sst_small, "finetune.method=lora", "finetune.lora_rank=2", "finetune.lora_targets=[attn.qkv]",
                       "finetune.lora_dropout=0.1", "train.save_interval=4")][1::2]  # the --set values
     full = tmp_path / "full"
-    commands.finetune(None, args, tiny_run, full)
+    training_cmd.finetune(None, args, tiny_run, full)
     latest = ckpt.read_latest(full)
     assert "adapter.safetensors" in json.loads((latest / "meta.json").read_text())["files"]
     assert not (latest / "model.safetensors").exists()
@@ -97,20 +98,21 @@ def test_lora_adapter_small_resumable_and_tied_to_its_base(tiny_run, sst_small, 
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(LlmctlError) as e:
-        commands.finetune(None, args, tiny_run, part, on_step=stop)
+        training_cmd.finetune(None, args, tiny_run, part, on_step=stop)
     assert e.value.status == 143
-    commands.finetune(None, args, tiny_run, part, resume=True)
+    training_cmd.finetune(None, args, tiny_run, part, resume=True)
     assert losses(part) == losses(full) and len(losses(full)) == 12
 
-    loaded = commands.load_model(full, "cpu")  # infer/eval apply the adapter on the recorded base
+    loaded = loading.load_model(full, "cpu")  # infer/eval apply the adapter on the recorded base
     assert loaded.classifier is not None
 
     other = tmp_path / "other-base"  # same shape, different weights: must be refused
     shutil.copytree(tiny_run, other)
-    commands.finetune(None, [f"data.path={SHARED / 'tinyshakespeare.txt'}", "train.max_steps=1", "train.dtype=float32"],
+    training_cmd.finetune(None, [f"data.path={SHARED / 'tinyshakespeare.txt'}", "train.max_steps=1",
+                                 "train.dtype=float32"],
                       tiny_run, tmp_path / "retrained")
     with pytest.raises(LlmctlError, match="does not match adapter"):
-        commands.load_model(full, "cpu", base=tmp_path / "retrained")
+        loading.load_model(full, "cpu", base=tmp_path / "retrained")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,7 @@ def test_instruct_lowers_response_loss_and_chats(chat_base, tmp_path, runner):
     assert r.exit_code == 0, r.output
 
     def response_loss(run):
-        loaded = commands.load_model(run, "cpu")
+        loaded = loading.load_model(run, "cpu")
         ex = instruct_examples(str(seed), loaded.cfg.data, loaded.tokenizer, 256, loaded.cfg.finetune)
         return lm_metrics(loaded.model, eval_batches(ex, range(len(ex.ids)), "instruct", loaded.tokenizer.pad_id, 16),
                           torch.device("cpu"))["loss"]
@@ -157,7 +159,7 @@ def test_freezing_and_early_stopping(tiny_run, tmp_path):
             "train.eval_batches=2", "finetune.freeze_blocks=1", "finetune.freeze_embeddings=true",
             "train.dtype=float32",
             "train.best_mode=max", "train.patience=2"]  # "max" on a falling loss: no eval ever improves on the first
-    summary = commands.finetune(None, args, tiny_run, out)
+    summary = training_cmd.finetune(None, args, tiny_run, out)
     assert summary["stopped_early"] and summary["steps"] == 15
     before = load_file(str(ckpt.read_latest(tiny_run) / "model.safetensors"))
     after = load_file(str(ckpt.read_latest(out) / "model.safetensors"))
@@ -178,9 +180,9 @@ def test_distill_loss_is_the_kl_to_the_teacher_plus_weighted_cross_entropy(tiny_
 
     from llmctl.tasks import distill_loss
 
-    loaded = commands.load_model(tiny_run, "cpu")
+    loaded = loading.load_model(tiny_run, "cpu")
     model, n = loaded.model, loaded.tokenizer.vocab_size  # the KL runs over the tokenizer's tokens
-    other = commands.load_model(tiny_run, "cpu").model
+    other = loading.load_model(tiny_run, "cpu").model
     with torch.no_grad():
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -198,8 +200,8 @@ def test_distill_loss_is_the_kl_to_the_teacher_plus_weighted_cross_entropy(tiny_
 
 
 def test_distill_with_alpha_0_equals_ordinary_finetuning_step_for_step(tiny_run, tmp_path):
-    commands.finetune(None, DISTILL, tiny_run, tmp_path / "lm")
-    commands.finetune(None, [*DISTILL, "finetune.task=distill", f"finetune.teacher={tiny_run}",
+    training_cmd.finetune(None, DISTILL, tiny_run, tmp_path / "lm")
+    training_cmd.finetune(None, [*DISTILL, "finetune.task=distill", f"finetune.teacher={tiny_run}",
                              "finetune.distill_alpha=0"], tiny_run, tmp_path / "kd")
     assert losses(tmp_path / "kd") == losses(tmp_path / "lm") and len(losses(tmp_path / "lm")) == 8
     a = load_file(ckpt.read_latest(tmp_path / "lm") / "model.safetensors")
@@ -215,16 +217,16 @@ def test_a_distill_run_resumes_bit_identically(tiny_run, tmp_path):
 
     args = [*DISTILL, "finetune.task=distill", f"finetune.teacher={tiny_run}", "finetune.distill_alpha=0.7",
             "finetune.distill_temperature=2", "model.dropout=0.1"]
-    commands.finetune(None, args, tiny_run, tmp_path / "full")
+    training_cmd.finetune(None, args, tiny_run, tmp_path / "full")
 
     def stop_at_5(state):
         if state.step == 5:
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(LlmctlError) as e:
-        commands.finetune(None, args, tiny_run, tmp_path / "part", on_step=stop_at_5)
+        training_cmd.finetune(None, args, tiny_run, tmp_path / "part", on_step=stop_at_5)
     assert e.value.status == 143
-    commands.finetune(None, args, tiny_run, tmp_path / "part", resume=True)
+    training_cmd.finetune(None, args, tiny_run, tmp_path / "part", resume=True)
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
 
 

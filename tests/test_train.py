@@ -9,7 +9,8 @@ import pytest
 
 from conftest import TINY, invoke, sets
 from llmctl import checkpoint as ckpt
-from llmctl import commands, rundir
+from llmctl import distributed, rundir
+from llmctl.commands import training as training_cmd
 from llmctl.config import TrainConfig
 from llmctl.errors import LlmctlError
 from llmctl.optim import lr_at
@@ -37,7 +38,7 @@ SMALL = [*TINY, "train.max_steps=12", "train.log_interval=1", "train.eval_interv
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     full = tmp_path / "full"
-    commands.pretrain(None, SMALL, full)
+    training_cmd.pretrain(None, SMALL, full)
     part = tmp_path / "part"
 
     def stop_at_7(state):
@@ -45,11 +46,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)  # finish this step, save, exit 143
 
     with pytest.raises(LlmctlError) as e:
-        commands.pretrain(None, SMALL, part, on_step=stop_at_7)
+        training_cmd.pretrain(None, SMALL, part, on_step=stop_at_7)
     assert e.value.status == 143
     assert read_status(part)["status"] == "interrupted"
     assert (part / "step-0000007").is_dir()
-    commands.pretrain(None, SMALL, part, resume=True)
+    training_cmd.pretrain(None, SMALL, part, resume=True)
     assert read_status(part)["status"] == "finished"
     assert losses(part) == losses(full)  # bit-identical on CPU, dropout included
     assert len(losses(full)) == 12
@@ -61,7 +62,7 @@ def test_training_on_many_tiny_shards_equals_one_file_and_resumes_exactly(tmp_pa
     from llmctl import corpus
 
     one = tmp_path / "one"
-    commands.pretrain(None, SMALL, one)
+    training_cmd.pretrain(None, SMALL, one)
     monkeypatch.setattr(corpus, "BLOCK_BYTES", 4096)  # pieces of 4 KB, so shards of ~4k tokens
     monkeypatch.setenv("LLMCTL_CACHE_DIR", str(tmp_path / "cache"))
     sharded = [*SMALL, "data.shard_tokens=1024", f"data.cache_dir={tmp_path / 'cache'}"]
@@ -72,8 +73,8 @@ def test_training_on_many_tiny_shards_equals_one_file_and_resumes_exactly(tmp_pa
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(LlmctlError):
-        commands.pretrain(None, sharded, many, on_step=stop_at_5)
-    commands.pretrain(None, sharded, many, resume=True)
+        training_cmd.pretrain(None, sharded, many, on_step=stop_at_5)
+    training_cmd.pretrain(None, sharded, many, resume=True)
     manifests = list((tmp_path / "cache" / "tokens").glob("*/manifest.json"))
     assert len(json.loads(manifests[0].read_text())["shards"]) > 100
     assert losses(many) == losses(one)
@@ -84,12 +85,12 @@ def test_diverged_run_exits_3_and_keeps_last_checkpoint(tmp_path):
 
     def poison(state):
         if state.step == 5:
-            for p in commands.unwrap(plan["model"]).parameters():
+            for p in distributed.unwrap(plan["model"]).parameters():
                 p.data.fill_(float("nan"))
 
     plan = {}
     with pytest.raises(LlmctlError) as e:
-        commands.pretrain(None, SMALL, out, on_step=poison, on_plan=lambda p: plan.update(model=p.model))
+        training_cmd.pretrain(None, SMALL, out, on_step=poison, on_plan=lambda p: plan.update(model=p.model))
     assert e.value.status == 3 and "step 6" in e.value.message
     assert read_status(out)["status"] == "diverged"
     assert (out / "latest").read_text().strip() == "step-0000004"
@@ -124,9 +125,9 @@ def test_sigterm_mid_run_exits_143_then_resumes_bit_identical(tmp_path):
     assert "Resume with: llmctl pretrain" in err and "--resume" in err and "Traceback" not in err
     stopped_at = ckpt.read_latest(part)
     assert stopped_at is not None and 5 <= int(stopped_at.name.split("-")[1]) < 60
-    commands.pretrain(None, args, part, resume=True)
+    training_cmd.pretrain(None, args, part, resume=True)
     full = tmp_path / "full"
-    commands.pretrain(None, args, full)
+    training_cmd.pretrain(None, args, full)
     assert losses(part) == losses(full) and len(losses(full)) == 60
 
 
@@ -142,7 +143,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     assert ckpt.load(out).meta["step"] == 10  # passes verification
     assert read_status(out)["status"] == "running"  # the killed process could not say otherwise
     logs: list[str] = []
-    summary = commands.pretrain(None, args, out, resume=True, log=logs.append)
+    summary = training_cmd.pretrain(None, args, out, resume=True, log=logs.append)
     assert summary["steps"] == 40 and read_status(out)["status"] == "finished"
     assert any("resuming from" in m and "step-0000010" in m for m in logs)
     assert not list(out.glob(".tmp-step-*"))
@@ -156,7 +157,7 @@ def test_second_run_into_a_busy_run_directory_is_refused_and_stale_lock_cleared(
         assert r.exit_code == 2 and "in use by another llmctl process" in r.stderr and f"pid {os.getpid()}" in r.stderr
     (out / ".lock").write_text("pid 999999 on elsewhere since yesterday")  # left by a killed process
     logs: list[str] = []
-    commands.pretrain(None, [*TINY, "train.max_steps=2"], out, overwrite=True, log=logs.append)
+    training_cmd.pretrain(None, [*TINY, "train.max_steps=2"], out, overwrite=True, log=logs.append)
     assert any("stale lock" in m for m in logs)
 
 
@@ -187,7 +188,8 @@ def test_disk_full_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ck_mod, "save_file", flaky)
     out = tmp_path / "full-disk"
     with pytest.raises(LlmctlError) as e:
-        commands.pretrain(None, [*TINY, "train.max_steps=12", "train.save_interval=4", "train.keep_best=false"], out)
+        training_cmd.pretrain(None, [*TINY, "train.max_steps=12", "train.save_interval=4", "train.keep_best=false"],
+                              out)
     assert e.value.status == 2 and "no space left" in e.value.message and "step-0000004 is kept" in e.value.message
     assert "--resume" in e.value.message
     assert ckpt.read_latest(out).name == "step-0000004" and ckpt.load(out).meta["step"] == 4
@@ -209,7 +211,8 @@ def test_disk_full_inside_torch_save_is_the_same_clear_error(tmp_path, monkeypat
     monkeypatch.setattr(ck_mod.torch, "save", short_write)
     out = tmp_path / "full-disk"
     with pytest.raises(LlmctlError) as e:
-        commands.pretrain(None, [*TINY, "train.max_steps=12", "train.save_interval=4", "train.keep_best=false"], out)
+        training_cmd.pretrain(None, [*TINY, "train.max_steps=12", "train.save_interval=4", "train.keep_best=false"],
+                              out)
     assert e.value.status == 2 and "no space left" in e.value.message and "step-0000004 is kept" in e.value.message
     assert ckpt.read_latest(out).name == "step-0000004" and not list(out.glob(".tmp-*"))
 
@@ -235,11 +238,11 @@ def test_a_really_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint(tmp
 
 def test_a_new_start_removes_the_unfinished_writes_of_killed_processes(tmp_path):
     out = tmp_path / "run"
-    commands.pretrain(None, [*TINY, "train.max_steps=4"], out)
+    training_cmd.pretrain(None, [*TINY, "train.max_steps=4"], out)
     for name in (".tmp-step-0000006-abc", ".tmp-step-0000008-def", ".old-step-0000004-123"):
         (out / name).mkdir()
         (out / name / "model.safetensors").write_bytes(b"partial")
-    commands.pretrain(None, [*TINY, "train.max_steps=6"], out, resume=True)
+    training_cmd.pretrain(None, [*TINY, "train.max_steps=6"], out, resume=True)
     assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
     assert ckpt.read_latest(out).name == "step-0000006"
 
@@ -249,11 +252,11 @@ def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tmp_path):
 
     def poison_grads_once(state):
         if state.step == 3:
-            m = commands.unwrap(plan["model"])
+            m = distributed.unwrap(plan["model"])
             m.wte.weight.register_hook(lambda g: g * float("nan") if state.step == 3 else g)
 
     out = tmp_path / "skip"
-    summary = commands.pretrain(None, [*SMALL, "train.skip_nonfinite=1", "model.dropout=0"], out,
+    summary = training_cmd.pretrain(None, [*SMALL, "train.skip_nonfinite=1", "model.dropout=0"], out,
                                 on_step=poison_grads_once, on_plan=lambda p: plan.update(model=p.model))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("skipped") == "gradient norm" for r in rows) and summary["steps"] == 12
@@ -261,7 +264,7 @@ def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tmp_path):
 
 def test_keep_best_and_keep_last(tmp_path):
     out = tmp_path / "best"
-    commands.pretrain(None, [*TINY, "train.max_steps=20", "train.eval_interval=5", "train.save_interval=5",
+    training_cmd.pretrain(None, [*TINY, "train.max_steps=20", "train.eval_interval=5", "train.save_interval=5",
                              "train.keep_last=1"], out)
     names = sorted(p.name for p in out.glob("step-*"))
     best = ckpt.read_pointer(out, ckpt.BEST)
@@ -303,7 +306,7 @@ def test_work_after_training_follows_a_finished_run_and_resume_finishes_what_a_s
 
     out, work, plans = tmp_path / "run", Work(), []
     args = [*TINY, "train.max_steps=2", "train.eval_interval=0"]
-    summary = commands.pretrain(None, args, out, after_training=[work], on_plan=plans.append)
+    summary = training_cmd.pretrain(None, args, out, after_training=[work], on_plan=plans.append)
     (run,) = work.runs  # once, after the run finished and was saved
     assert run.out == out and run.task == "lm" and run.cfg.train.max_steps == 2 and run.device.type == "cpu"
     assert run.train_seconds == summary["train_seconds"] and run.resume_cmd.endswith("--resume")
@@ -312,11 +315,11 @@ def test_work_after_training_follows_a_finished_run_and_resume_finishes_what_a_s
         plans[0].kind = "finetune"
 
     with pytest.raises(LlmctlError, match="already complete at step 2"):  # nothing was stopped: nothing to resume
-        commands.pretrain(None, args, out, resume=True, after_training=[work])
+        training_cmd.pretrain(None, args, out, resume=True, after_training=[work])
     rundir.write_status(out, "finished", recorded="interrupted")  # a signal stopped the work after training
     with pytest.raises(LlmctlError, match="already complete at step 2"):  # without that work there is none to do
-        commands.pretrain(None, args, out, resume=True)
-    again = commands.pretrain(None, args, out, resume=True, after_training=[work])
+        training_cmd.pretrain(None, args, out, resume=True)
+    again = training_cmd.pretrain(None, args, out, resume=True, after_training=[work])
     assert work.resumed == [(out, run.resume_cmd)] and len(work.runs) == 1  # done again, not trained again
     assert again["run"] == str(out) and again["steps"] == 2 and "recorded" not in again
     assert read_status(out)["recorded"] == "done"
@@ -334,10 +337,10 @@ def test_the_compiled_decode_step_is_built_after_training_only_where_the_cli_ask
 
     monkeypatch.setattr(aot, "build", build)
     args = [*TINY, "train.max_steps=2", "train.eval_interval=0", "generate.compile=true"]
-    commands.pretrain(None, args, tmp_path / "plain")  # a library call passes no work after training
+    training_cmd.pretrain(None, args, tmp_path / "plain")  # a library call passes no work after training
     assert built == [] and "decode_step" not in read_status(tmp_path / "plain")
     logs: list[str] = []
-    commands.pretrain(None, args, tmp_path / "cli", after_training=[DecodeStep()], log=logs.append)
+    training_cmd.pretrain(None, args, tmp_path / "cli", after_training=[DecodeStep()], log=logs.append)
     assert built == [(1, 32)] and read_status(tmp_path / "cli")["decode_step"] == "failed"
     assert any("the decode step was not compiled (no C++ compiler (stub))" in m for m in logs)
 
@@ -345,12 +348,12 @@ def test_the_compiled_decode_step_is_built_after_training_only_where_the_cli_ask
 def test_resume_skips_a_damaged_checkpoint_with_a_warning(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "train.max_steps=4", "train.save_interval=2", "train.eval_interval=0", "train.keep_best=false"]
-    commands.pretrain(None, args, out)
+    training_cmd.pretrain(None, args, out)
     weights = out / "step-0000004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"damaged!")
     logs: list[str] = []
     warnings: list[str] = []
-    commands.pretrain(None, [*args, "train.max_steps=6"], out, resume=True, log=logs.append, warn=warnings.append)
+    training_cmd.pretrain(None, [*args, "train.max_steps=6"], out, resume=True, log=logs.append, warn=warnings.append)
     assert len(warnings) == 1 and warnings[0].startswith("skipping step-0000004: ")  # plain text: the CLI styles it
     assert any("resuming from" in m and "step-0000002" in m for m in logs)
     assert ckpt.read_latest(out).name == "step-0000006"

@@ -1,0 +1,140 @@
+"""`llmctl eval`: loss, perplexity and bits per byte on text, accuracy of a classifier, or lm-evaluation-harness
+tasks; a table or `--json`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..config import INFER_DTYPES, QUANTIZE_MODES
+from ..console import err, out
+from ..errors import LlmctlError
+from .app import _log, _print_json, _table, _warn, app, run
+from .options import (
+    BaseOpt,
+    JsonOpt,
+    TokenizerOpt,
+    _sampling_flags,
+    _sampling_opt,
+)
+
+
+@app.command("eval")
+def eval_(
+    ckpt: Path = typer.Option(..., "--ckpt",
+                              help="Run directory (its latest checkpoint), a step-* checkpoint, or RUN/best."),
+    data: Optional[str] = typer.Option(None, "--data",
+                                       help="Evaluate on this file (all of it) instead of the run's held-out "
+                                            "validation split.", show_default="the run's validation split"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Classifiers: text column of --data.",
+                                              show_default="eval.text_column, else data.text_column"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Classifiers: label column of --data.",
+                                               show_default="eval.label_column, else data.label_column"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass.",
+                                             show_default="eval.batch_size, 16"),
+    base: Optional[Path] = BaseOpt,
+    dtype: str = typer.Option("float32", "--dtype",
+                              help=f"Language models: {', '.join(INFER_DTYPES)} (auto: chosen by the hardware, as "
+                                   "infer does by default)."),
+    quantize_mode: str = typer.Option("none", "--quantize",
+                                      help=f"Language models: {', '.join(QUANTIZE_MODES)} (auto: chosen by the "
+                                           "hardware, as infer does by default)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks",
+                                        help="lm-evaluation-harness tasks, comma-separated (needs llmctl[eval]); "
+                                             "instead of --data.", show_default="none"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="--tasks: few-shot examples per prompt.",
+                                              show_default="each task's own"),
+    limit: Optional[float] = typer.Option(None, "--limit",
+                                          help="--tasks: examples per task (a number), or a fraction below 1.",
+                                          show_default="all"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path",
+                                                help="--tasks: a directory of local task YAML files.",
+                                                show_default="lm-eval's own tasks only"),
+    log_samples: bool = typer.Option(False, "--log-samples",
+                                     help="--tasks: keep every example's inputs and loglikelihoods in the result.",
+                                     show_default="off"),
+    overrides: Optional[List[str]] = typer.Option(
+        None, "--set", "-s", metavar="KEY=VALUE", show_default="none",
+        help="--tasks: override one sampling key of the generation tasks, e.g. --set generate.temperature=0 "
+             "(repeatable; generate.* sampling keys only)."),
+    max_new_tokens: Optional[int] = _sampling_opt("max_new_tokens", "the task's max_gen_toks"),
+    temperature: Optional[float] = _sampling_opt("temperature", "the task's, else 0"),
+    top_k: Optional[int] = _sampling_opt("top_k", "the task's, else off"),
+    top_p: Optional[float] = _sampling_opt("top_p", "the task's, else off"),
+    seed: Optional[int] = _sampling_opt("seed", "the task's, else random"),
+    stop: Optional[List[str]] = _sampling_opt("stop", "the task's until, and end of text"),
+    repetition_penalty: Optional[float] = _sampling_opt("repetition_penalty", "1 = off"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    json_out: bool = JsonOpt,
+    tokenizer: Optional[Path] = TokenizerOpt,
+) -> None:
+    """Measure a checkpoint: loss, perplexity and bits per byte (language models, one full pass of non-overlapping
+    blocks); accuracy, precision, recall, F1 and confusion matrix (classifiers); response loss (instruction-tuned);
+    with --tasks, lm-evaluation-harness tasks (results also saved in RUN/evals/); the sampling flags and --set
+    generate.* change what its generation tasks ask for."""
+    from ..commands import evaluation as evaluation_cmd
+
+    flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+
+    def go() -> None:
+        if tasks is not None:
+            if data is not None:
+                raise LlmctlError("--tasks and --data are exclusive: lm-eval tasks bring their own data")
+            r = evaluation_cmd.evaluate_tasks(ckpt, tasks, num_fewshot, limit, include_path, batch_size, device, base,
+                                        tokenizer, dtype, quantize_mode, log_samples, log=_log,
+                                        overrides=overrides or [], flags=flags)
+            _print_json(r) if json_out else _print_tasks(r)
+            return
+        if any(x is not None for x in (num_fewshot, limit, include_path)) or log_samples:
+            raise LlmctlError("--num-fewshot, --limit, --include-path and --log-samples go with --tasks")
+        if overrides or any(v is not None for v in flags.values()):
+            raise LlmctlError("--set and the sampling flags (--temperature, ...) go with --tasks: only lm-eval's "
+                              "generation tasks generate")
+        r = evaluation_cmd.evaluate(ckpt, data, batch_size, device, log=_log, text_column=text_column,
+                              label_column=label_column, base=base, tokenizer=tokenizer, dtype=dtype,
+                              quantize_mode=quantize_mode, warn=_warn)
+        if json_out:
+            _print_json(r)
+        elif "confusion" in r:
+            _print_classification(r)
+        else:
+            out.print(_table(f"eval: {r['data']}", {k: v for k, v in r.items() if k not in ("data",)}))
+
+    run(go)
+
+
+def _print_tasks(r: dict) -> None:
+    """`eval --tasks` results: one row per task and metric, then where they were saved."""
+    from ..harness import table
+
+    t = Table(title=f"lm-eval: {r['checkpoint']}", header_style="bold")
+    for col in ("task", "metric", "filter", "value", "stderr"):
+        t.add_column(col, justify="right" if col in ("value", "stderr") else "left")
+    for row in table(r):
+        t.add_row(row["task"], row["metric"], row["filter"], f"{row['value']:.4f}",
+                  "" if row["stderr"] is None else f"{row['stderr']:.4f}")
+    out.print(t)
+    if r.get("saved"):
+        err.print(f"saved {r['saved']}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_classification(r: dict) -> None:
+    keys = ("checkpoint", "examples", "loss", "accuracy", "macro_precision", "macro_recall", "macro_f1", "truncated")
+    out.print(_table(f"eval: {r['data']}", {k: r[k] for k in keys}))
+    t = Table(title="per class", header_style="bold")
+    for col in ("label", "precision", "recall", "f1", "support"):
+        t.add_column(col, justify="left" if col == "label" else "right")
+    for name, m in r["per_class"].items():
+        t.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
+    out.print(t)
+    labels, matrix = r["confusion"]["labels"], r["confusion"]["matrix"]
+    c = Table(title="confusion matrix (rows: true, columns: predicted)", header_style="bold")
+    c.add_column("")
+    for name in labels:
+        c.add_column(name, justify="right")
+    for name, row in zip(labels, matrix):
+        c.add_row(name, *[str(v) for v in row])
+    out.print(c)

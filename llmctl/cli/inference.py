@@ -1,0 +1,196 @@
+"""`llmctl infer`: stream a completion, complete a file of prompts, chat, or classify text."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..console import err, out
+from ..errors import LlmctlError
+from .app import _print_json, _warn, app, run
+from .options import (
+    BaseOpt,
+    DtypeOpt,
+    GenerateSetOpt,
+    MaxNewTokensOpt,
+    QuantizeOpt,
+    RepetitionPenaltyOpt,
+    SeedOpt,
+    StopOpt,
+    TemperatureOpt,
+    TokenizerOpt,
+    TopKOpt,
+    TopPOpt,
+    _sampling_flags,
+)
+
+
+@app.command()
+def infer(
+    ckpt: Path = typer.Option(..., "--ckpt",
+                              help="Run directory (its latest checkpoint), a step-* checkpoint, or RUN/best."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p",
+                                         help="Prompt text; an empty string samples unconditionally.",
+                                         show_default="none"),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="A file whose whole content is one prompt.",
+                                               show_default="none"),
+    input_file: Optional[Path] = typer.Option(None, "--input", "-i",
+                                              help='Many prompts: JSONL rows {"prompt": ...} (optional per-row '
+                                                   'max_new_tokens, temperature, top_k, top_p, stop, seed) or a text '
+                                                   'file with one prompt per line.', show_default="none"),
+    output_file: Optional[Path] = typer.Option(None, "--output", "-o",
+                                               help="Where --input results go (JSONL, written atomically).",
+                                               show_default="stdout"),
+    chat: bool = typer.Option(False, "--chat",
+                              help="Interactive chat with an instruction-tuned model (/reset clears, /exit or "
+                                   "Ctrl-D quits).", show_default="off"),
+    overrides: Optional[List[str]] = GenerateSetOpt,
+    max_new_tokens: Optional[int] = MaxNewTokensOpt,
+    temperature: Optional[float] = TemperatureOpt,
+    top_k: Optional[int] = TopKOpt,
+    top_p: Optional[float] = TopPOpt,
+    seed: Optional[int] = SeedOpt,
+    stop: Optional[List[str]] = StopOpt,
+    truncate: bool = typer.Option(False, "--truncate",
+                                  help="Keep the last tokens of a prompt longer than the context instead of "
+                                       "refusing it.", show_default="off"),
+    repetition_penalty: Optional[float] = RepetitionPenaltyOpt,
+    dtype: Optional[str] = DtypeOpt,
+    quantize_mode: Optional[str] = QuantizeOpt,
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="The decode step compiled ahead of time (AOTInductor): several times "
+                                                "faster per token. --compile builds it if the cache lacks it (half a "
+                                                "minute to a minute on a CPU, once per model, precision and shape); "
+                                                "later runs load it in well under a second. By default a cached one is "
+                                                "used, and one is built only for an --input job long enough to pay for "
+                                                "it (and at the end of a CPU training run of 5+ minutes); --no-compile "
+                                                "always decodes eagerly.", show_default="generate.compile, auto"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together.",
+                                             show_default="generate.batch_size, 8"),
+    base: Optional[Path] = BaseOpt,
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming: the checkpoint, "
+                                  "prompt and completion (classifiers: the label and probabilities).",
+                                  show_default="off"),
+    tokenizer: Optional[Path] = TokenizerOpt,
+) -> None:
+    """Generate text from a prompt (streamed to stdout), complete a file of prompts, chat, or classify text."""
+    from ..commands import inference as inference_cmd
+    from ..loading import for_inference, load_model
+
+    def go() -> None:
+        if chat and (prompt is not None or prompt_file is not None or input_file is not None):
+            raise LlmctlError("--chat reads messages from the terminal; drop --prompt, --prompt-file and --input")
+        if input_file is not None and (prompt is not None or prompt_file is not None):
+            raise LlmctlError("give --input or --prompt/--prompt-file, not both")
+        if output_file is not None and input_file is None:
+            raise LlmctlError("--output goes with --input")
+        loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
+        if loaded.classifier is not None:
+            _infer_classifier(inference_cmd, loaded, prompt, prompt_file, input_file, output_file, json_out)
+            return
+        if batch_size is not None and batch_size < 1:
+            raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
+        flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+        settings = inference_cmd.sampling_settings(loaded, overrides, flags)
+        for_inference(loaded, dtype, quantize_mode, compile, notify=lambda msg: err.print(msg))
+        if chat:
+            _chat(inference_cmd.ChatSession(loaded, settings, warn=_warn))
+            return
+        if input_file is not None:
+            rows = inference_cmd.read_inputs(input_file)
+            with _row_progress(len(rows)) as advance:
+                results = inference_cmd.complete_rows(loaded, rows, settings, truncate, on_row=advance,
+                                                      batch_size=batch_size, warn=_warn)
+            _emit_rows(inference_cmd, results, output_file)
+            return
+        text = inference_cmd.read_prompt(prompt, prompt_file)
+        pieces = inference_cmd.stream(loaded, text, settings, truncate, warn=_warn)
+        if json_out:
+            _print_json({"checkpoint": str(loaded.ckpt.path), "prompt": text, "completion": "".join(pieces)})
+            return
+        sys.stdout.write(text)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    run(go)
+
+
+@contextlib.contextmanager
+def _row_progress(total: int):
+    """A progress bar over prompts on stderr (plain start and end lines when stderr is not a terminal)."""
+    if not err.is_terminal:
+        err.print(f"completing {total} prompts")
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err) as p:
+        task = p.add_task("infer", total=total)
+        yield lambda: p.advance(task)
+
+
+def _emit_rows(inference_cmd, rows: list, output_file: Optional[Path]) -> None:
+    if output_file is None:
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False), flush=True)
+    else:
+        inference_cmd.write_outputs(output_file, rows)
+        err.print(f"wrote {len(rows)} rows to {output_file}")
+
+
+def _infer_classifier(inference_cmd, loaded, prompt, prompt_file, input_file, output_file, json_out) -> None:
+    if input_file is not None:
+        rows = inference_cmd.read_inputs(input_file)
+        results = inference_cmd.classify_texts(loaded, [r["prompt"] for r in rows], warn=_warn)
+        _emit_rows(inference_cmd, [{**r, **res} for r, res in zip(rows, results)], output_file)
+        return
+    text = inference_cmd.read_prompt(prompt, prompt_file)
+    if not text.strip():
+        raise LlmctlError("the text to classify is empty")
+    res = inference_cmd.classify_texts(loaded, [text], warn=_warn, what="the text")[0]
+    if json_out:
+        _print_json(res)
+        return
+    t = Table(title=f"label: {res['label']}", header_style="bold")
+    t.add_column("label")
+    t.add_column("probability", justify="right")
+    for name, p in res["probabilities"].items():
+        t.add_row(name, f"{p:.4f}")
+    out.print(t)
+
+
+def _chat(session) -> None:
+    """A read-eval-print loop: prompts on stderr when interactive, replies streamed to stdout."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err.print("[dim]chat: /reset clears the conversation, /exit or Ctrl-D quits[/dim]")
+    while True:
+        if interactive:
+            err.print("[bold]you>[/bold] ", end="")
+        line = sys.stdin.readline()
+        if not line:
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            session.reset()
+            continue
+        for piece in session.reply(message):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
