@@ -49,11 +49,11 @@ DryRunOpt = typer.Option(False, "--dry-run",
 BaseOpt = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.",
                        show_default="the base recorded at training")
 # the inference precision, the same for `infer` and `serve` (`eval` measures float32 unless asked)
-DtypeOpt = typer.Option("auto", "--dtype", help=f"{', '.join(INFER_DTYPES)}. auto: see README 'Inference speed'.")
+DtypeOpt = typer.Option("auto", "--dtype", help=f"{', '.join(INFER_DTYPES)}. auto: see docs/inference.md.")
 QuantizeOpt = typer.Option("auto", "--quantize",
                            help=f"{', '.join(QUANTIZE_MODES)} (CPU: dynamic int8; CUDA: weight-only int8). auto: int8 "
-                                "on x86 CPUs for models of 10M+ parameters, none below and elsewhere (README "
-                                "'Inference speed').")
+                                "on x86 CPUs for models of 10M+ parameters, none below and elsewhere "
+                                "(docs/inference.md).")
 TokenizerOpt = typer.Option(None, "--tokenizer",
                             help="A tokenizer.json to use instead of the checkpoint's (needed when it has none).",
                             show_default="the checkpoint's")
@@ -482,7 +482,7 @@ def eval_(
     quantize_mode: str = typer.Option("none", "--quantize",
                                       help=f"Language models: {', '.join(QUANTIZE_MODES)} (auto: what infer uses)."),
     tasks: Optional[str] = typer.Option(None, "--tasks",
-                                        help="lm-evaluation-harness tasks, comma-separated (needs llmctl[eval]); "
+                                        help="lm-evaluation-harness tasks, comma-separated (needs llmctl\\[eval]); "
                                              "instead of --data.", show_default="none"),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="--tasks: few-shot examples per prompt.",
                                               show_default="each task's own"),
@@ -710,7 +710,7 @@ def prune_(
 ) -> None:
     """Structured pruning: remove the least important layers, attention heads, MLP channels or embedding channels
     (activation-based importance on calibration text) and write a smaller checkpoint; distil it back with
-    finetune.task=distill (README "Compression")."""
+    finetune.task=distill (docs/compression.md)."""
     from . import commands, views
 
     def go() -> None:
@@ -726,7 +726,7 @@ def export(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint) or a step-* checkpoint."),
     fmt: str = typer.Option("hf", "--format", "-f",
                             help="Target format: hf (a transformers directory) or gguf (one file for llama.cpp; "
-                                 "needs llmctl[gguf])."),
+                                 "needs llmctl\\[gguf])."),
     out_dir: Path = typer.Option(..., "--out", "-o",
                                  help="hf: the directory from_pretrained(DIR) loads; gguf: the FILE.gguf to write."),
     outtype: str = typer.Option("f16", "--outtype",
