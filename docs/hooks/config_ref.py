@@ -41,8 +41,8 @@ def reference() -> str:
             out += [f"### {section}", "", _cell(inspect.getdoc(cls) or ""), "",
                     "| key | type | default | what it does |", "| --- | --- | --- | --- |"]
             for f in section_fields(section):
-                missing = "**no doc line**"  # (tests/test_docs.py fails on it first)
-                out.append(f"| `{f.key}` | {_cell(f.type_text)} | `{_code(f.default_text)}` | {_cell(f.doc) or missing} |")
+                doc = _cell(f.doc) or "**no doc line**"  # (tests/test_docs.py fails on it first)
+                out.append(f"| `{f.key}` | {_cell(f.type_text)} | `{_code(f.default_text)}` | {doc} |")
             out.append("")
     return "\n".join(out)
 
