@@ -63,7 +63,7 @@ class EvalConfig:
     """`llmctl eval` settings."""
 
     batch_size: int = 16
-    """Sequences per evaluation batch."""
+    """Sequences per batch of `llmctl eval` and of the validation passes during training."""
     text_column: Optional[str] = None
     """Text column of the file given to `eval --data`; null: data.text_column."""
     label_column: Optional[str] = None
