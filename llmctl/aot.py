@@ -48,7 +48,7 @@ def inductor_options(device_type: str) -> dict:
     """Inductor settings for the decode step. On a CPU: weight freezing (weights become constants that inductor
     pre-packs) and its C++ GEMM templates, which read the weights at close to memory bandwidth where torch's default
     matrix-vector kernels reach a fraction of it. The templates are the only GEMM choice: autotuning them against
-    aten picked them for every matmul and only doubled the build time (README "Inference speed")."""
+    aten picked them for every matmul and only doubled the build time (docs/results.md#inference-speed)."""
     if device_type != "cpu":
         return {}
     return dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP",

@@ -1,6 +1,6 @@
 """The one error type that carries an exit status to the CLI.
 
-Exit statuses (the README has the same table):
+Exit statuses (docs/exit-statuses.md has the same table):
   0 success, 1 unexpected error, 2 bad input, 3 training diverged, 4 another rank of a distributed run failed,
   130 interrupted by SIGINT, 143 interrupted by SIGTERM.
 """

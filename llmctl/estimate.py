@@ -2,7 +2,7 @@
 device's peak FLOP/s and MFU come from `llmctl.hardware`).
 
 Everything here reads a built model and config; nothing trains for real or writes a run directory. The memory
-model counts what PyTorch keeps alive during a training step of this Transformer (README "Dry run" lists the
+model counts what PyTorch keeps alive during a training step of this Transformer (docs/runs.md#dry-run lists the
 terms); `dry_run` assembles the full report of `llmctl pretrain|finetune --dry-run`, including a few timed steps
 whose effects (weights, optimizer state, RNG) are discarded.
 """

@@ -6,7 +6,7 @@ from the next step on it decodes together with the other busy slots, one token p
 (end of text, its token budget, a stop string, a cancel) frees its slot at once, so a waiting request never waits
 for a long one to finish. Each row has its own position in its own slot and attends only to its own slot, so its
 tokens do not depend on which other rows share the batch (exactly so in float32; the dynamic int8 of a CPU
-quantizes activations per batch, see README "Serve").
+quantizes activations per batch, see docs/serving.md#how-it-works).
 
 The decode step is compiled ahead of time (llmctl.aot) or eager. It runs the slots up to the last busy one (busy
 rows stay packed at the start: a joining row takes the lowest free slot): eagerly exactly those, compiled the

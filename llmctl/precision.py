@@ -31,7 +31,7 @@ def resolve_amp(name: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype (None = plain float32). Weights and optimizer state stay float32 either way.
 
     auto: bfloat16 on CUDA when supported (else float16 with a grad scaler) and on CPUs whose oneDNN has bf16
-    kernels, where they train the same models faster to the same loss (README "Speed"); else float32.
+    kernels, where they train the same models faster to the same loss (docs/results.md#speed); else float32.
     """
     if name == "float32":
         return None
@@ -84,7 +84,7 @@ def inference_precision(dtype: str, quantize_mode: str, device: torch.device, n_
 
     CPU: int8 dynamic quantization (fbgemm) for models of INT8_MIN_PARAMS parameters or more, where reading the
     weights dominates each step (perplexity within 2% of float32); float32 for smaller models, where int8's
-    activation quantization costs more than it saves (README "Inference speed" has the figures). CUDA: bfloat16
+    activation quantization costs more than it saves (docs/results.md#inference-speed has the figures). CUDA: bfloat16
     weights when supported; elsewhere float32.
     """
     if quantize_mode == "auto":

@@ -3,7 +3,7 @@ Transformer stays plain.
 
 CPU: dynamic int8 through fbgemm (`torch.ao.quantization.quantize_dynamic`): int8 weights and per-batch int8
 activations; the fastest CPU decode path for models whose weight reads dominate a step (100M-class), slower
-than float32 on small ones (README "Inference speed"). CUDA: weight-only int8 with a per-output-channel
+than float32 on small ones (docs/results.md#inference-speed). CUDA: weight-only int8 with a per-output-channel
 scale, dequantized into the activation dtype inside the matmul. float32 on a CPU: weights stored transposed for
 decoding (InputMajorLinear).
 """
@@ -23,7 +23,7 @@ class InputMajorLinear(nn.Module):
     """y = x W^T + b with W stored transposed, (in, out) contiguous.
 
     On a CPU, MKL runs the matrix-vector products of batch-1 decoding faster in float32 from this layout than
-    from nn.Linear's (out, in) (README "Inference speed"); in bfloat16 oneDNN is faster from the usual layout, so
+    from nn.Linear's (out, in) (docs/results.md#inference-speed); in bfloat16 oneDNN is faster from the usual layout, so
     this is used for float32 only.
     """
 

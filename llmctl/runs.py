@@ -1,7 +1,7 @@
 """Reading run directories back: one summary per run, a table of runs, and a comparison of two runs.
 
-A run directory (README "Run directories") holds config.yaml, metrics.jsonl and status.json; `summarize` reads
-them without loading any weights, so listing hundreds of runs is quick.
+A run directory (docs/runs.md#run-directories-and-checkpoints) holds config.yaml, metrics.jsonl and status.json;
+`summarize` reads them without loading any weights, so listing hundreds of runs is quick.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Runs alternately in one session (nanoGPT, llmctl at its default precision, llmct
 the same 2000 steps of nanoGPT's CPU config with evaluation out of the way, and reports:
   - steady-state training tokens/s: the median per-step rate after the first 100 steps (start-up excluded);
   - whole-process wall time for the run.
-Prints a table and writes the figures to a JSON file (the README's table comes from it).
+Prints a table and writes the figures to a JSON file (the table in docs/results.md#speed comes from it).
 
 nanoGPT is run from a clone beside the project (`--nanogpt`, default ../nanoGPT); its code is never part of
 llmctl. Its data is prepared there with its own prepare.py from the same text file.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The compression recipe (README "Compression"): prune the Tiny Shakespeare BPE model to about half its
+"""The compression recipe (docs/compression.md): prune the Tiny Shakespeare BPE model to about half its
 non-embedding parameters, distil it back, and compare with the same small shapes trained from scratch.
 
   teacher     configs/shakespeare-bpe.yaml trained as shipped (trained here if RUNS/teacher is not finished)

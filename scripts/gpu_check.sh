@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (README "GPU"): prove llmctl's CUDA paths and measure them, in one command.
+# The GPU check (docs/gpu.md): prove llmctl's CUDA paths and measure them, in one command.
 #
 #   scripts/gpu_check.sh --prepare-wheels DIR   here, where a registry is reached: download the wheels that the
 #                                               GPU machine lacks (for its Python, default 3.12) into DIR

@@ -11,7 +11,7 @@
 # --out (and --resume-from, --from) must be on a filesystem every node sees: rank 0 alone writes the run
 # directory, but every rank reads the checkpoint it resumes or finetunes from. The token cache (data.cache_dir)
 # may be shared or per node; data.path must be readable on every node.
-# See README "Scaling out" for NCCL settings (NCCL_SOCKET_IFNAME, NCCL_DEBUG) and train.dist_timeout.
+# See docs/pretraining.md#nccl-settings for NCCL settings (NCCL_SOCKET_IFNAME, NCCL_DEBUG) and train.dist_timeout.
 set -euo pipefail
 if command -v torchrun >/dev/null; then torchrun=(torchrun); else torchrun=("${PYTHON:-python}" -m torch.distributed.run); fi
 config=${1:?usage: MASTER_ADDR=.. MASTER_PORT=.. NNODES=.. NODE_RANK=.. $0 CONFIG [llmctl pretrain options...]}

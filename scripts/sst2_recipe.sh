@@ -5,7 +5,7 @@
 #   3. finetune it as a classifier with LoRA                                                  configs/sst2-classify-lora.yaml
 #   4. report accuracy, macro F1 and wall time on dev.tsv (never used for training or model selection)
 # Usage: scripts/sst2_recipe.sh [SST2_DIR] [RUNS_DIR] [SEED]   (defaults: ../shared/data/sst2 runs/sst2 1337)
-# SEED is train.seed of all three runs (initialisation, dropout, batch order); the README reports several.
+# SEED is train.seed of all three runs (initialisation, dropout, batch order); docs/results.md reports several.
 set -euo pipefail
 SST2=${1:-../shared/data/sst2}
 RUNS=${2:-runs/sst2}

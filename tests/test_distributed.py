@@ -464,7 +464,8 @@ def test_killing_a_rank_stops_the_others_with_a_clear_message(tmp_path, parallel
         ranks = _children(p.pid)
         assert sorted(ranks) == [0, 1], ranks
         os.kill(ranks[1], signal.SIGKILL)
-        _, err = p.communicate(timeout=90)  # bounded: not a hang (README "Scaling out": seconds, not dist_timeout)
+        # bounded: not a hang; a dead rank ends the run in seconds, not dist_timeout (docs/pretraining.md)
+        _, err = p.communicate(timeout=90)
     finally:
         if p.poll() is None:
             p.kill()

@@ -43,7 +43,7 @@ def eval_(
                                       help=f"Language models: {', '.join(QUANTIZE_MODES)} (auto: chosen by the "
                                            "hardware, as infer does by default)."),
     tasks: Optional[str] = typer.Option(None, "--tasks",
-                                        help="lm-evaluation-harness tasks, comma-separated (needs llmctl[eval]); "
+                                        help="lm-evaluation-harness tasks, comma-separated (needs llmctl\\[eval]); "
                                              "instead of --data.", show_default="none"),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="--tasks: few-shot examples per prompt.",
                                               show_default="each task's own"),

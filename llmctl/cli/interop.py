@@ -42,7 +42,7 @@ def export(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run directory (its latest checkpoint) or a step-* checkpoint."),
     fmt: str = typer.Option("hf", "--format", "-f",
                             help="Target format: hf (a transformers directory) or gguf (one file for llama.cpp; "
-                                 "needs llmctl[gguf])."),
+                                 "needs llmctl\\[gguf])."),
     out_dir: Path = typer.Option(..., "--out", "-o",
                                  help="hf: the directory from_pretrained(DIR) loads; gguf: the FILE.gguf to write."),
     outtype: str = typer.Option("f16", "--outtype",

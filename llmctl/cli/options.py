@@ -36,14 +36,14 @@ BaseOpt = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, 
 
 # the inference precision, the same for `infer` and `serve` (`eval` measures float32 unless asked): shorthand for
 # generate.dtype and generate.quantize (llmctl.precision.inference_choices resolves them)
-DtypeOpt = typer.Option(None, "--dtype", help=f"{', '.join(INFER_DTYPES)}. auto: see README 'Inference speed'.",
+DtypeOpt = typer.Option(None, "--dtype", help=f"{', '.join(INFER_DTYPES)}. auto: see docs/inference.md.",
                         show_default="generate.dtype, auto")
 
 
 QuantizeOpt = typer.Option(None, "--quantize",
                            help=f"{', '.join(QUANTIZE_MODES)} (CPU: dynamic int8; CUDA: weight-only int8). auto: int8 "
-                                "on x86 CPUs for models of 10M+ parameters, none below and elsewhere (README "
-                                "'Inference speed').", show_default="generate.quantize, auto")
+                                "on x86 CPUs for models of 10M+ parameters, none below and elsewhere "
+                                "(docs/inference.md).", show_default="generate.quantize, auto")
 
 
 # The sampling flags of infer, serve and eval --tasks, each shorthand for --set generate.<field> (llmctl.sampling

@@ -95,7 +95,7 @@ def prune_(
 ) -> None:
     """Structured pruning: remove the least important layers, attention heads, MLP channels or embedding channels
     (activation-based importance on calibration text) and write a smaller checkpoint; distil it back with
-    finetune.task=distill (README "Compression")."""
+    finetune.task=distill (docs/compression.md)."""
     from .. import views
     from ..commands import compression as compression_cmd
 

@@ -1,0 +1,85 @@
+"""The `finetune:` section: what `llmctl finetune` learns and how (docs/finetuning.md, docs/compression.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Optional
+
+if TYPE_CHECKING:
+    from .root import Config
+
+
+@dataclass
+class FinetuneConfig:
+    """What `llmctl finetune` trains: the task, the method, and what stays frozen."""
+
+    task: Literal["lm", "classification", "instruct", "distill"] = "lm"
+    """What is learned: next token (lm), a label per text (classification), responses to instructions (instruct),
+    or a teacher's next-token distributions (distill)."""
+    method: Literal["full", "lora"] = "full"
+    """Train every weight (full) or low-rank adapters beside frozen weights (lora)."""
+    labels: Optional[list[str]] = None
+    """Classification: the label names in order; null: the sorted values found in the data."""
+    pooling: Literal["last", "mean"] = "last"
+    """Classification: the head reads the final <eos> token's state (last) or the mean over the text (mean)."""
+    lora_rank: int = 8
+    """Rank of each LoRA adapter."""
+    lora_alpha: float = 16.0
+    """LoRA scaling: an adapter's update is multiplied by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input in training; 0: none."""
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"])
+    """Layers that get adapters: any of attn.qkv, attn.proj, mlp.fc, mlp.proj, and wte (the token embedding)."""
+    freeze_embeddings: bool = False
+    """Keep the token (and position) embeddings frozen."""
+    freeze_blocks: int = 0
+    """Keep the first N Transformer blocks frozen; 0: none."""
+    instruction_field: str = "instruction"
+    """Instruct data: the field holding the instruction."""
+    input_field: str = "input"
+    """Instruct data: the field holding the optional input of an instruction."""
+    output_field: str = "output"
+    """Instruct data: the field holding the expected response."""
+    instances_field: str = "instances"
+    """Instruct data in the seed_tasks.jsonl layout: the field holding a list of {input, output} per instruction."""
+    prompt_field: str = "prompt"
+    """Instruct data in the prompt/response layout: the field holding the prompt."""
+    response_field: str = "response"
+    """Instruct data in the prompt/response layout: the field holding the response."""
+    prompt_template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    """Instruct: the prompt of an example with an input; must contain {instruction}."""
+    prompt_template_no_input: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+    """Instruct: the prompt of an example without an input (and of each chat turn); must contain {instruction}."""
+    packing: bool = False
+    """Instruct: pack examples into full blocks instead of padding each batch."""
+    teacher: Optional[str] = None
+    """Distill: the teacher, a run directory or checkpoint sharing the student's tokenizer; null: none."""
+    distill_alpha: float = 0.5
+    """Distill: loss = alpha x T^2 x KL(teacher || student) + (1 - alpha) x cross-entropy."""
+    distill_temperature: float = 1.0
+    """Distill: T, the temperature both distributions are softened by."""
+
+    def check(self, cfg: Config) -> list[str]:
+        """Impossible finetuning settings (freeze_blocks against cfg.model)."""
+        f, m = self, cfg.model
+        p: list[str] = []
+        if f.lora_rank < 1 or f.lora_alpha <= 0 or not 0.0 <= f.lora_dropout < 1.0:
+            p.append("finetune.lora_rank must be at least 1, lora_alpha positive and lora_dropout in [0, 1)")
+        if f.method == "lora" and not f.lora_targets:
+            p.append("finetune.lora_targets: name at least one layer (attn.qkv, attn.proj, mlp.fc, mlp.proj, wte)")
+        if f.freeze_blocks < 0 or (m.n_layer >= 1 and f.freeze_blocks > m.n_layer):
+            p.append(f"finetune.freeze_blocks: must be between 0 and model.n_layer={m.n_layer} (got {f.freeze_blocks})")
+        if f.labels is not None and len(set(f.labels)) < 2:
+            p.append("finetune.labels: a classifier needs at least two distinct labels")
+        if f.task == "distill" and not f.teacher:
+            p.append("finetune.teacher: finetune.task=distill needs a teacher (a run directory or checkpoint)")
+        if f.teacher and f.task != "distill":
+            p.append(f"finetune.teacher is set but finetune.task={f.task}; set finetune.task=distill or remove it")
+        if not 0.0 <= f.distill_alpha <= 1.0:
+            p.append(f"finetune.distill_alpha: must be in [0, 1] (got {f.distill_alpha})")
+        if f.distill_temperature <= 0:
+            p.append(f"finetune.distill_temperature: must be positive (got {f.distill_temperature})")
+        for name in ("prompt_template", "prompt_template_no_input"):
+            if "{instruction}" not in getattr(f, name):
+                p.append(f"finetune.{name}: must contain {{instruction}}")
+        return p
