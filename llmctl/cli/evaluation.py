@@ -19,6 +19,7 @@ from .options import (
     TokenizerOpt,
     _sampling_flags,
     _sampling_opt,
+    from_config,
 )
 
 
@@ -34,7 +35,7 @@ def eval_(
     label_column: Optional[str] = typer.Option(None, "--label-column", help="Classifiers: label column of --data.",
                                                show_default="eval.label_column, else data.label_column"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per forward pass.",
-                                             show_default="eval.batch_size, 16"),
+                                             show_default=from_config("eval.batch_size")),
     base: Optional[Path] = BaseOpt,
     dtype: str = typer.Option("float32", "--dtype",
                               help=f"Language models: {', '.join(INFER_DTYPES)} (auto: chosen by the hardware, as "

@@ -28,6 +28,7 @@ from .options import (
     TopKOpt,
     TopPOpt,
     _sampling_flags,
+    from_config,
 )
 
 
@@ -70,9 +71,10 @@ def infer(
                                                 "later runs load it in well under a second. By default a cached one is "
                                                 "used, and one is built only for an --input job long enough to pay for "
                                                 "it (and at the end of a CPU training run of 5+ minutes); --no-compile "
-                                                "always decodes eagerly.", show_default="generate.compile, auto"),
+                                                "always decodes eagerly.",
+                                           show_default=from_config("generate.compile")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together.",
-                                             show_default="generate.batch_size, 8"),
+                                             show_default=from_config("generate.batch_size")),
     base: Optional[Path] = BaseOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming: the checkpoint, "

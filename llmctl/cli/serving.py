@@ -22,6 +22,7 @@ from .options import (
     TopKOpt,
     TopPOpt,
     _sampling_flags,
+    from_config,
 )
 
 
@@ -61,7 +62,7 @@ def serve(
                                                 "runs): --compile builds missing ones (half a minute to a minute "
                                                 "each on a CPU, once per model, precision and slot count); by "
                                                 "default cached ones are used; --no-compile decodes eagerly.",
-                                           show_default="generate.compile, auto"),
+                                           show_default=from_config("generate.compile")),
     base: Optional[Path] = BaseOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = typer.Option(False, "--json", help="When ready, print one JSON object (url, model, port, "
