@@ -246,3 +246,13 @@ def test_cli_help_shows_config_defaults_from_the_config_itself():
         key, _, value = default.partition(", ")
         if value and not value.startswith(("else ", "the ")):  # "eval.text_column, else data.text_column"
             assert value == keys[key].default_text, f"{command} --{param}: shows {value!r}, {key} is {keys[key]}"
+
+
+def test_docs_name_only_source_files_that_exist():
+    """A page that sends readers to `llmctl/x.py` (or scripts/, tests/) follows the code when modules move."""
+    pattern = re.compile(r"\b((?:llmctl|scripts|tests)/[\w/]+\.(?:py|sh))\b")
+    named = [(page.name, path) for page in [ROOT / "README.md", *DOCS.glob("*.md")]
+             for path in pattern.findall(page.read_text(encoding="utf-8"))]
+    assert len(named) >= 10
+    missing = [f"{page}: {path}" for page, path in named if not (ROOT / path).exists()]
+    assert not missing, "\n".join(missing)
