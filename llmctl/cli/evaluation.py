@@ -10,9 +10,9 @@ import typer
 from rich.table import Table
 
 from ..config import INFER_DTYPES, QUANTIZE_MODES
-from ..console import err, out
+from ..console import ConsoleEvents, err, out
 from ..errors import LlmctlError
-from .app import _log, _print_json, _table, _warn, app, run
+from .app import _print_json, _table, app, run
 from .options import (
     BaseOpt,
     JsonOpt,
@@ -80,11 +80,12 @@ def eval_(
     flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
 
     def go() -> None:
+        events = ConsoleEvents()
         if tasks is not None:
             if data is not None:
                 raise LlmctlError("--tasks and --data are exclusive: lm-eval tasks bring their own data")
             r = evaluation_cmd.evaluate_tasks(ckpt, tasks, num_fewshot, limit, include_path, batch_size, device, base,
-                                        tokenizer, dtype, quantize_mode, log_samples, log=_log,
+                                        tokenizer, dtype, quantize_mode, log_samples, events=events,
                                         overrides=overrides or [], flags=flags)
             _print_json(r) if json_out else _print_tasks(r)
             return
@@ -93,9 +94,9 @@ def eval_(
         if overrides or any(v is not None for v in flags.values()):
             raise LlmctlError("--set and the sampling flags (--temperature, ...) go with --tasks: only lm-eval's "
                               "generation tasks generate")
-        r = evaluation_cmd.evaluate(ckpt, data, batch_size, device, log=_log, text_column=text_column,
+        r = evaluation_cmd.evaluate(ckpt, data, batch_size, device, events=events, text_column=text_column,
                               label_column=label_column, base=base, tokenizer=tokenizer, dtype=dtype,
-                              quantize_mode=quantize_mode, warn=_warn)
+                              quantize_mode=quantize_mode)
         if json_out:
             _print_json(r)
         elif "confusion" in r:
