@@ -78,31 +78,41 @@ def _mfu(fields: dict) -> str:
     return "" if value is None else f"MFU {100 * value:.1f}%"
 
 
-class _TrainBar(Progress):
+class _LiveBar(Progress):
+    """A live rich bar, titled in bold, with `columns` after it; started at once, stopped by `close`."""
+
+    def __init__(self, console: Console, title: str, total: Optional[int], done: int, columns: tuple,
+                 transient: bool = False, **shown: str):
+        self.bar: Optional[Bar] = Bar(TextColumn(f"[bold]{title}"), *columns, console=console, transient=transient)
+        self.bar.start()
+        self.task = self.bar.add_task(title, total=total, completed=done, **shown)
+
+    def show(self, done: int, **shown: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, **shown)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+class _TrainBar(_LiveBar):
     """Training on a terminal: step, loss, lr, tokens/s, MFU and the time left in a live bar."""
 
     def __init__(self, console: Console, title: str, total: Optional[int], done: int):
         self.shown = {"loss": "", "lr": "", "tps": "", "mfu": ""}
-        self.bar: Optional[Bar] = Bar(
-            TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tok/s"),
-            TextColumn("{task.fields[mfu]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=console, transient=False)
-        self.bar.start()
-        self.task = self.bar.add_task(title, total=total, completed=done, **self.shown)
+        columns = (BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                   TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tok/s"),
+                   TextColumn("{task.fields[mfu]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+        super().__init__(console, title, total, done, columns, **self.shown)
 
     def update(self, done: int, **fields: Any) -> None:
         if "tokens_per_sec" in fields:  # (only logged steps measure throughput)
             self.shown["tps"] = f"{fields['tokens_per_sec']:,.0f}" + _per_device(fields)
             self.shown["mfu"] = _mfu(fields)
         self.shown["loss"], self.shown["lr"] = f"{fields['loss']:.4f}", f"{fields['lr']:.2e}"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, **self.shown)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        self.show(done, **self.shown)
 
 
 class _TrainLines(Progress):
@@ -122,29 +132,21 @@ class _TrainLines(Progress):
                             f"{mfu + ' | ' if mfu else ''}eta {fmt_duration(eta)}")
 
 
-class _BytesBar(Progress):
+class _BytesBar(_LiveBar):
     """Data preparation on a terminal: a live bar of the corpus read, with tokens, tokens/s and the time left."""
 
     def __init__(self, console: Console, title: str, total: Optional[int], done: int):
-        self.bar: Optional[Bar] = Bar(
-            TextColumn(f"[bold]{title}"), BarColumn(bar_width=20), DownloadColumn(), TransferSpeedColumn(),
-            TextColumn("{task.fields[tokens]} tokens, {task.fields[tps]} tok/s"), TextColumn("eta"),
-            TimeRemainingColumn(), console=console, transient=True)
-        self.bar.start()
-        self.task = self.bar.add_task(title, total=total, completed=done, tokens="0", tps="-")
+        columns = (BarColumn(bar_width=20), DownloadColumn(), TransferSpeedColumn(),
+                   TextColumn("{task.fields[tokens]} tokens, {task.fields[tps]} tok/s"), TextColumn("eta"),
+                   TimeRemainingColumn())
+        super().__init__(console, title, total, done, columns, transient=True, tokens="0", tps="-")
         self.t0, self.tokens0 = time.time(), None
 
     def update(self, done: int, tokens: int = 0, **fields: Any) -> None:
         if self.tokens0 is None:  # tokens already there when the bar started (a resumed preparation)
             self.tokens0 = tokens
         rate = (tokens - self.tokens0) / max(time.time() - self.t0, 1e-9)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, tokens=f"{tokens:,}", tps=f"{rate:,.0f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        self.show(done, tokens=f"{tokens:,}", tps=f"{rate:,.0f}")
 
 
 class _BytesLines(Progress):
@@ -177,23 +179,14 @@ class _BytesLines(Progress):
         _line(self.console, line)
 
 
-class _RowsBar(Progress):
+class _RowsBar(_LiveBar):
     """Rows of an `infer --input` job on a terminal: a live bar of the rows completed."""
 
     def __init__(self, console: Console, title: str, total: Optional[int], done: int):
-        self.bar: Optional[Bar] = Bar(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), console=console)
-        self.bar.start()
-        self.task = self.bar.add_task(title, total=total, completed=done)
+        super().__init__(console, title, total, done, (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()))
 
     def update(self, done: int, **fields: Any) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        self.show(done)
 
 
 class _RowsLines(Progress):

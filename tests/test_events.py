@@ -1,12 +1,13 @@
 """The one output channel: work reports through `llmctl.events`, and only the console layer decides how it looks."""
 
 import io
+import json
 import re
 
 import pytest
 from rich.console import Console
 
-from conftest import ROOT, Recorder
+from conftest import ROOT, TINY, Recorder, invoke, sets
 from llmctl import console
 from llmctl.console import ConsoleEvents
 from llmctl.events import SILENT, with_fields
@@ -159,3 +160,19 @@ def test_the_markup_check_finds_what_it_looks_for():
     assert MARKUP.search('log(f"[yellow]warning:[/yellow] {w}")') and MARKUP.search('"[bold]infer"')
     assert MARKUP.search('"[/]"') and not MARKUP.search('"GET /v1/models[/{id}]"')
     assert PREFIX.search('notify(f"warning: {slow}")') and not PREFIX.search('"the warning: below"')
+
+
+def test_a_training_run_in_a_pipe_and_under_quiet(runner, tmp_path):
+    """In a pipe: the config's warning, log lines and one plain line per logged step on stderr, the summary alone on
+    stdout. --quiet leaves the warning only."""
+    args = [*sets(*TINY, "train.max_steps=2", "train.log_interval=1", "train.eval_interval=0")]
+    r = invoke(runner, "pretrain", *args, "--out", tmp_path / "loud", "--json")
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert "warning: train.warmup_steps=5 is longer than train.max_steps=2; clamped to 2" in lines
+    assert [line.split(" |")[0] for line in lines if " | loss " in line] == ["pretrain step 1/2", "pretrain step 2/2"]
+    assert any(line.startswith("saved ") for line in lines) and json.loads(r.stdout)["steps"] == 2
+    r = invoke(runner, "pretrain", *args, "--out", tmp_path / "quiet", "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == ["warning: train.warmup_steps=5 is longer than train.max_steps=2; clamped to 2"]
+    assert json.loads(r.stdout)["steps"] == 2

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..config import INFER_DTYPES, QUANTIZE_MODES
-from ..console import ConsoleEvents, err, out
+from ..console import ConsoleEvents, out
 from ..errors import LlmctlError
 from .app import _print_json, _table, app, run
 from .options import (
@@ -87,7 +87,7 @@ def eval_(
             r = evaluation_cmd.evaluate_tasks(ckpt, tasks, num_fewshot, limit, include_path, batch_size, device, base,
                                         tokenizer, dtype, quantize_mode, log_samples, events=events,
                                         overrides=overrides or [], flags=flags)
-            _print_json(r) if json_out else _print_tasks(r)
+            _print_json(r) if json_out else _print_tasks(r, events)
             return
         if any(x is not None for x in (num_fewshot, limit, include_path)) or log_samples:
             raise LlmctlError("--num-fewshot, --limit, --include-path and --log-samples go with --tasks")
@@ -107,7 +107,7 @@ def eval_(
     run(go)
 
 
-def _print_tasks(r: dict) -> None:
+def _print_tasks(r: dict, events: ConsoleEvents) -> None:
     """`eval --tasks` results: one row per task and metric, then where they were saved."""
     from ..harness import table
 
@@ -119,7 +119,7 @@ def _print_tasks(r: dict) -> None:
                   "" if row["stderr"] is None else f"{row['stderr']:.4f}")
     out.print(t)
     if r.get("saved"):
-        err.print(f"saved {r['saved']}", markup=False, highlight=False, soft_wrap=True)
+        events.log(f"saved {r['saved']}")
 
 
 def _print_classification(r: dict) -> None:

@@ -108,7 +108,7 @@ def infer(
             rows = inference_cmd.read_inputs(input_file)
             results = inference_cmd.complete_rows(loaded, rows, settings, truncate, batch_size=batch_size,
                                                   events=events)
-            _emit_rows(inference_cmd, results, output_file)
+            _emit_rows(inference_cmd, results, output_file, events)
             return
         text = inference_cmd.read_prompt(prompt, prompt_file)
         pieces = inference_cmd.stream(loaded, text, settings, truncate, events=events)
@@ -125,20 +125,20 @@ def infer(
     run(go)
 
 
-def _emit_rows(inference_cmd, rows: list, output_file: Optional[Path]) -> None:
+def _emit_rows(inference_cmd, rows: list, output_file: Optional[Path], events: ConsoleEvents) -> None:
     if output_file is None:
         for r in rows:
             print(json.dumps(r, ensure_ascii=False), flush=True)
     else:
         inference_cmd.write_outputs(output_file, rows)
-        err.print(f"wrote {len(rows)} rows to {output_file}")
+        events.log(f"wrote {len(rows)} rows to {output_file}")
 
 
 def _infer_classifier(inference_cmd, loaded, prompt, prompt_file, input_file, output_file, json_out, events) -> None:
     if input_file is not None:
         rows = inference_cmd.read_inputs(input_file)
         results = inference_cmd.classify_texts(loaded, [r["prompt"] for r in rows], events=events)
-        _emit_rows(inference_cmd, [{**r, **res} for r, res in zip(rows, results)], output_file)
+        _emit_rows(inference_cmd, [{**r, **res} for r, res in zip(rows, results)], output_file, events)
         return
     text = inference_cmd.read_prompt(prompt, prompt_file)
     if not text.strip():

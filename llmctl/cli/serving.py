@@ -84,4 +84,4 @@ def serve(
     flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
     run(lambda: serving_cmd.serve(ckpt, host, port, api_key_file, config, overrides or [], dtype, quantize_mode,
                                compile, device, base, tokenizer, insecure, events=ConsoleEvents(), on_ready=ready,
-                                  flags=flags))
+                               flags=flags))
