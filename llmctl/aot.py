@@ -20,12 +20,13 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from .errors import LlmctlError
+from .events import SILENT, Events
 from .fileio import atomic_path
 from .model import KVCache, Transformer
 
@@ -140,12 +141,12 @@ def _compile(model: Transformer, batch: int, length: int, package: Path) -> None
 class StepStore:
     """Finds, loads and (when asked) builds the compiled decode steps of one model, by (batch, cache length)."""
 
-    def __init__(self, model: Transformer, root: Optional[Path] = None, notify: Optional[Callable[[str], None]] = None):
+    def __init__(self, model: Transformer, root: Optional[Path] = None, events: Events = SILENT):
         from .config import default_cache_dir
 
         self.model = model
         self.root = Path(root) if root is not None else Path(default_cache_dir()) / "compiled"
-        self.notify = notify or (lambda msg: None)
+        self.events = events
         self._digest: Optional[str] = None
         self._loaded: dict[tuple[int, int], CompiledStep] = {}
         self.builds = 0  # packages built by this store (tests and benchmarks read it)
@@ -176,14 +177,15 @@ class StepStore:
                 step = CompiledStep(path, self.model.wte.weight.device)
             except Exception:  # a truncated or foreign file: it is only a cache, drop it
                 path.unlink(missing_ok=True)
-                self.notify(f"dropped an unreadable compiled decode step from the cache ({path})")
+                self.events.log(f"dropped an unreadable compiled decode step from the cache ({path})")
         if step is None and build_missing:
-            self.notify(f"compiling the decode step for batch {batch} and {length} cache slots: once per model, "
-                        "precision and shape (half a minute to a minute on a CPU); later runs load it from the cache")
+            self.events.log(f"compiling the decode step for batch {batch} and {length} cache slots: once per "
+                            "model, precision and shape (half a minute to a minute on a CPU); later runs load it "
+                            "from the cache")
             start = time.perf_counter()
             build(self.model, batch, length, path)
             self.builds += 1
-            self.notify(f"compiled in {time.perf_counter() - start:.0f} s")
+            self.events.log(f"compiled in {time.perf_counter() - start:.0f} s")
             step = CompiledStep(path, self.model.wte.weight.device)
         if step is not None:
             self._loaded[(batch, length)] = step

@@ -26,6 +26,7 @@ import torch
 
 from . import aot
 from .errors import LlmctlError
+from .events import SILENT, Events
 from .model import KVCache, Transformer
 from .sampling import Sampling
 from .tokenizer import StreamDecoder, Tokenizer
@@ -193,7 +194,7 @@ class Engine:
     `compile`: "auto" uses a compiled decode step when the cache holds one for this model, precision and shape
     (loading it takes ~0.05 s, so it pays off even for a short generation), True also builds a missing one first
     (half a minute to a minute on a CPU, once per model, precision and shape; see llmctl.aot), False always
-    decodes eagerly. `notify` hears about builds and dropped cache files. `tokenizer` gives rows their text and
+    decodes eagerly. `events` hears about builds and dropped cache files. `tokenizer` gives rows their text and
     stop strings, and `eos_id` (its end of text by default) ends a row.
 
     Use `run(requests, slots)` for a job, or `open(slots, length)`, then `submit` and `step` from one thread (the
@@ -201,14 +202,14 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer: Optional[Tokenizer] = None, compile: bool | str = False,
-                 notify: Optional[Callable[[str], None]] = None, store: Optional[aot.StepStore] = None,
+                 events: Events = SILENT, store: Optional[aot.StepStore] = None,
                  eos_id: Optional[int] = None):
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto' (got {compile!r})")
         self.model, self.tokenizer = model, tokenizer
         self.eos_id = eos_id if eos_id is not None or tokenizer is None else tokenizer.eos_id
         self.mode = compile
-        self.store = None if compile is False else (store or aot.StepStore(model, notify=notify))
+        self.store = None if compile is False else (store or aot.StepStore(model, events=events))
         self.compiled: dict[int, aot.CompiledStep] = {}  # slot count -> compiled step, for the open cache length
         self.cache: Optional[KVCache] = None
         self.rows: list[Optional[Row]] = []  # by slot

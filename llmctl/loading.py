@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -14,6 +14,7 @@ from . import checkpoint as ckpt_io
 from . import quantize as quantize_mod
 from .config import Config, from_dict, merge_settings, user_settings
 from .errors import LlmctlError
+from .events import SILENT, Events
 from .generate import Engine
 from .hardware import slow_precision_warning
 from .heads import Classifier
@@ -178,18 +179,18 @@ def load_model(path: str | Path, device: str = "auto", dtype: Optional[torch.dty
 
 
 def for_inference(loaded: Loaded, dtype: Optional[str] = None, quantize_mode: Optional[str] = None,
-                  compile: Optional[bool | str] = None, notify: Optional[Callable[[str], None]] = None) -> Loaded:
+                  compile: Optional[bool | str] = None, events: Events = SILENT) -> Loaded:
     """Give a loaded model its generation engine, in the requested precision (in place). None takes the
     checkpoint's (or the user's) `generate` setting, and `auto` is resolved by `precision.inference_choices`;
-    `notify` hears about compiling."""
+    `events` hears about an emulated (slow) precision and about compiling."""
     n_params = sum(p.numel() for p in loaded.model.parameters())
     dtype, quantize_mode, compile = inference_choices(loaded.cfg.generate, dtype, quantize_mode, compile,
                                                       loaded.device, n_params)
     slow = slow_precision_warning(getattr(torch, dtype), loaded.device, "--dtype")
-    if slow and notify:
-        notify(f"warning: {slow}")
+    if slow:
+        events.warn(slow)
     loaded.model = quantize_mod.convert(loaded.model, dtype, quantize_mode)
-    loaded.engine = Engine(loaded.model, loaded.tokenizer, compile=compile, notify=notify)
+    loaded.engine = Engine(loaded.model, loaded.tokenizer, compile=compile, events=events)
     loaded.precision = dtype + (" + int8" if quantize_mode == "int8" else "")
     return loaded
 

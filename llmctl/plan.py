@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -16,6 +16,7 @@ from . import distributed, tblog
 from .config import Config, from_dict
 from .data import prepare as prepare_tokens
 from .errors import LlmctlError
+from .events import Events
 from .hardware import slow_precision_warning
 from .loading import build_backbone, load_model, restore, vocab_for
 from .lora import merge_lora
@@ -25,8 +26,6 @@ from .tasks import BUILDERS as TASKS
 from .tasks import Layout, Task, count_trainable, distill_task, lm_task, make_trainable
 from .tokenizer import Tokenizer
 from .train import seed_everything
-
-Log = Callable[[str], None]  # receives one line for the user (a progress line, a warning)
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, device: torch.device, studen
 
 
 def build_plan(cfg: Config, tokenizer: Optional[Tokenizer], kind: str, base: Optional[ckpt_io.Checkpoint] = None, *,
-               log: Log, warn: Log) -> TrainPlan:
+               events: Events) -> TrainPlan:
     """Tokenizer, data, model and task, all checked; a finetune's backbone starts from `base`'s weights. `cfg` is
     completed on the way (model.vocab_size from the tokenizer, finetune.labels from the data) and then belongs to
     the plan. `tokenizer` None: data preparation trains one (or reads the cached one)."""
@@ -120,7 +119,7 @@ def build_plan(cfg: Config, tokenizer: Optional[Tokenizer], kind: str, base: Opt
     amp = resolve_amp(cfg.train.dtype, device)
     slow = slow_precision_warning(amp, device, "train.dtype")  # (auto never picks an emulated precision)
     if slow:
-        warn(slow)
+        events.warn(slow)
     accum = distributed.check(ctx, cfg.train, amp)
     tblog.check(cfg.train.log)
     task_kind = cfg.finetune.task if kind == "finetune" else "lm"
@@ -128,7 +127,7 @@ def build_plan(cfg: Config, tokenizer: Optional[Tokenizer], kind: str, base: Opt
     if task_kind in ("lm", "distill"):
         # under torchrun one process per node tokenizes; the others then open the cache
         td = distributed.local_rank0_first(
-            ctx, lambda: prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, log=log))
+            ctx, lambda: prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, events=events))
         tokenizer = td.tokenizer
     elif cfg.data.path is None:
         raise LlmctlError(f"data.path is not set: finetune.task={task_kind} needs a training file")
@@ -148,7 +147,7 @@ def build_plan(cfg: Config, tokenizer: Optional[Tokenizer], kind: str, base: Opt
     if kind == "finetune":
         make_trainable(task, cfg)
     for note in task.notes:
-        log(f"note: {note}")
+        events.log(f"note: {note}")
     # DDP / FSDP / compile wrap the module when training starts, after weights load
     return TrainPlan(cfg, tokenizer, task, device, amp, kind=kind, base=base, dist=ctx, grad_accum=accum)
 

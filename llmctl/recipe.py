@@ -21,12 +21,13 @@ from . import distributed, estimate, hardware, rundir, tblog
 from .config import Config
 from .distributed import unwrap
 from .errors import LlmctlError
+from .events import Events, with_fields
 from .interrupt import Stopped
 from .loading import restore
 from .optim import build_optimizer
-from .plan import Log, TrainPlan
+from .plan import TrainPlan
 from .saver import Saver
-from .train import Hooks, Interrupted, LoopState, Reporter, fit
+from .train import Hooks, Interrupted, LoopState, fit
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class FinishedRun:
     device: torch.device  # where it trained
     train_seconds: float
     resume_cmd: str
-    log: Log
+    events: Events  # how the run reported: the work after it reports the same way
 
 
 class AfterTraining(Protocol):
@@ -63,10 +64,10 @@ class AfterTraining(Protocol):
 
     def __call__(self, run: FinishedRun) -> None: ...
 
-    def again(self, out: Path, resume_cmd: str, log: Log) -> None: ...
+    def again(self, out: Path, resume_cmd: str, events: Events) -> None: ...
 
 
-def load_start(plan: TrainPlan, start: Start, log: Log) -> Optional[dict]:
+def load_start(plan: TrainPlan, start: Start, events: Events) -> Optional[dict]:
     """Load the checkpoint a run continues into the plan's modules (weights, adapter, task head); its train state
     (optimizer, loop, RNG), or None for a run from step 0."""
     ck = start.checkpoint
@@ -75,11 +76,12 @@ def load_start(plan: TrainPlan, start: Start, log: Log) -> Optional[dict]:
     classifier = unwrap(plan.task.module) if plan.task.kind == "classification" else None
     restore(unwrap(plan.task.backbone), classifier, ck, plan.cfg)
     state = ck.train_state()
-    log(f"resuming from {ck.path} (step {ck.meta.get('step')})")
+    events.log(f"resuming from {ck.path} (step {ck.meta.get('step')})")
     return state
 
 
-def finish_stopped_work(start: Start, cfg: Config, after: Sequence[AfterTraining], log: Log) -> Optional[dict]:
+def finish_stopped_work(start: Start, cfg: Config, after: Sequence[AfterTraining],
+                        events: Events) -> Optional[dict]:
     """--resume of a finished run (not asked to train further) whose work after training a signal stopped: do that
     work again; the run's summary. None when there is no such work to finish."""
     ck = start.checkpoint
@@ -90,48 +92,51 @@ def finish_stopped_work(start: Start, cfg: Config, after: Sequence[AfterTraining
     if status.get("status") != "finished" or not stopped:
         return None
     for work in stopped:
-        work.again(start.out, start.resume_cmd, log)
+        work.again(start.out, start.resume_cmd, events)
     skip = ("status", "updated", "started", "pid", "kind", "task", "max_steps", "step",
             *(work.status_key for work in after))
     return {"run": str(start.out), **{k: v for k, v in rundir.read_status(start.out).items() if k not in skip}}
 
 
-def run_training(plan: TrainPlan, start: Start, resume_state: Optional[dict], *, reporter: Reporter, log: Log,
+def run_training(plan: TrainPlan, start: Start, resume_state: Optional[dict], *, events: Events,
                  on_step: Optional[Callable[[LoopState], None]] = None,
                  after_training: Sequence[AfterTraining] = ()) -> Optional[dict]:
     """Hold the run lock, create or continue the run directory, train with `fit`, keep status.json honest, then do
     the work after training. Returns the summary (None on the ranks other than 0 under torchrun)."""
     out = start.out
     if not plan.dist.is_main:  # under torchrun rank 0 owns the run directory; the other ranks only train
-        _train_locked(plan, start, reporter, log, resume_state, on_step)
+        _train_locked(plan, start, events, resume_state, on_step)
         distributed.finish(plan.dist)
         return None
     estimate.preflight(unwrap(plan.model), plan.cfg, plan.device, plan.amp, plan.dist, plan.task.teacher)
     rundir.preflight(out, plan.model)
-    # MFU in the progress bar and the summary: training FLOPs per token over the device's peak
+    # MFU in the training progress and the summary: training FLOPs per token over the device's peak
     flops = estimate.task_flops(plan.task, plan.cfg)["train"]
     peak = hardware.peak_flops(plan.device, plan.amp, plan.cfg.data.cache_dir)["flops"]
-    getattr(reporter, "set_mfu", lambda *a: None)(flops, peak)
+    with_mfu = with_fields(events, "train", lambda f: ({"mfu": hardware.mfu(f["tokens_per_sec"], flops, peak)}
+                                                       if "tokens_per_sec" in f else {}))
     with rundir.RunLock(out) as lock:
         if lock.stale:
-            log(f"cleared a stale lock left by a process that is gone ({lock.stale})")
+            events.log(f"cleared a stale lock left by a process that is gone ({lock.stale})")
         if start.clear:
             rundir.clear_run(out)
         stale = ckpt_io.remove_stale_temporaries(out)
         if stale:
-            log(f"removed {len(stale)} unfinished checkpoint write{'s' if len(stale) > 1 else ''} of a killed process")
-        summary = _train_locked(plan, start, reporter, log, resume_state, on_step)
+            events.log(f"removed {len(stale)} unfinished checkpoint write{'s' if len(stale) > 1 else ''} of a killed "
+                       "process")
+        summary = _train_locked(plan, start, with_mfu, resume_state, on_step)
     distributed.finish(plan.dist)  # torchrun: all ranks leave the process group together
     summary["mfu"] = hardware.mfu(summary.get("tokens_per_sec"), flops, peak)
-    finished = FinishedRun(out, plan.cfg, plan.task.kind, plan.device, summary["train_seconds"], start.resume_cmd, log)
+    finished = FinishedRun(out, plan.cfg, plan.task.kind, plan.device, summary["train_seconds"], start.resume_cmd,
+                           events)
     for work in after_training:
         work(finished)
     return summary
 
 
-def _train_locked(plan: TrainPlan, start: Start, reporter: Reporter, log: Log, resume_state: Optional[dict],
+def _train_locked(plan: TrainPlan, start: Start, events: Events, resume_state: Optional[dict],
                   on_step: Optional[Callable[[LoopState], None]]) -> dict:
-    recipe = Recipe(plan, start, reporter, log, on_step)
+    recipe = Recipe(plan, start, events, on_step)
     recipe.setup()
     recipe.resume(resume_state)
     recipe.train()
@@ -156,10 +161,10 @@ class Recipe:
     model, optimizer, grad scaler), `resume` (their state and the loop's, from a checkpoint), `train` (the loop,
     with status.json kept honest whatever happens) and `finish` (the summary)."""
 
-    def __init__(self, plan: TrainPlan, start: Start, reporter: Reporter, log: Log,
+    def __init__(self, plan: TrainPlan, start: Start, events: Events,
                  on_step: Optional[Callable[[LoopState], None]] = None):
         self.plan, self.out, self.resume_cmd = plan, start.out, start.resume_cmd
-        self.reporter, self.log, self.on_step = reporter, log, on_step
+        self.events, self.on_step = events, on_step
         self.write_status = rundir.write_status if plan.dist.is_main else distributed.discard
         self.state = LoopState()
         self.resumed = False
@@ -196,7 +201,7 @@ class Recipe:
         if plan.task.teacher is not None:
             meta["teacher"] = str(cfg.finetune.teacher)
         return Saver(self.out, cfg, self.model, self.optimizer, self.scaler, plan.dist, plan.tokenizer.to_str(), meta,
-                     lambda full: _split_weights(plan, full), self.resume_cmd, self.log)
+                     lambda full: _split_weights(plan, full), self.resume_cmd, self.events)
 
     def train(self) -> None:
         """The one loop. A signal, a failure or a divergence ends with its state in status.json and re-raised."""
@@ -216,7 +221,7 @@ class Recipe:
             with distributed.peer_errors(plan.dist):
                 self.state = fit(self.model, self.optimizer, t, hooks, self.state, device=plan.device,
                                  amp_dtype=plan.amp, scaler=self.scaler, tokens_per_step=plan.task.tokens_per_step,
-                                 reporter=distributed.per_device_reporter(self.reporter, plan.dist))
+                                 events=distributed.per_device_events(self.events, plan.dist))
         except Stopped as e:  # before the loop took over the signals
             message = (f"interrupted by {e.name} before the first step; nothing was trained. "
                        f"Resume with: {self.resume_cmd}")
@@ -236,7 +241,6 @@ class Recipe:
         self.wall = time.time() - t0
 
     def _ended(self, status: str, error: str, exit_status: Optional[int] = None) -> None:
-        self.reporter.stop()
         extra = {"exit_status": exit_status} if exit_status is not None else {}
         self.write_status(self.out, status, error=error, step=rundir.last_step(self.out), **extra)
 

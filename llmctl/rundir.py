@@ -21,7 +21,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -29,6 +29,7 @@ import yaml
 from . import checkpoint as ckpt_io
 from .checkpoint import CONFIG, LATEST, TOKENIZER
 from .errors import EXIT_DIVERGED, LlmctlError
+from .events import Events
 from .fileio import write_atomic
 from .interrupt import NAMES, exit_status
 
@@ -139,8 +140,7 @@ def preflight(out: Path, model: torch.nn.Module) -> None:
         )
 
 
-def resume_point(out: Path, log: Callable[[str], None],
-                 warn: Callable[[str], None]) -> tuple[Optional[ckpt_io.Checkpoint], bool]:
+def resume_point(out: Path, events: Events) -> tuple[Optional[ckpt_io.Checkpoint], bool]:
     """--resume: (the checkpoint to continue from, whether to clear `out` first).
 
     A run stopped before its first checkpoint (a signal during data preparation or the first step, a crash)
@@ -149,15 +149,15 @@ def resume_point(out: Path, log: Callable[[str], None],
     entries = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
     if entries and not any((out / n).exists() for n in (STATUS, CONFIG, LATEST)):
         raise LlmctlError(f"--resume: {out} holds no llmctl run; choose another --out or drop --resume")
-    found = latest_good(out, warn) if entries else None
+    found = latest_good(out, events) if entries else None
     if found is None and ckpt_io.list_checkpoints(out):
         raise LlmctlError(f"--resume: no checkpoint in {out} passes verification; use --overwrite to start again")
     if found is None:
-        log(f"--resume: {out} has no checkpoint yet; starting the run from step 0")
+        events.log(f"--resume: {out} has no checkpoint yet; starting the run from step 0")
     return found, found is None and bool(entries)
 
 
-def latest_good(run_dir: Path, warn: Callable[[str], None]) -> Optional[ckpt_io.Checkpoint]:
+def latest_good(run_dir: Path, events: Events) -> Optional[ckpt_io.Checkpoint]:
     """The newest checkpoint of a run that passes verification (a damaged newer one is skipped, with a warning)."""
     cands = ckpt_io.list_checkpoints(run_dir)
     latest = ckpt_io.read_latest(run_dir)
@@ -167,7 +167,7 @@ def latest_good(run_dir: Path, warn: Callable[[str], None]) -> Optional[ckpt_io.
         try:
             return ckpt_io.load(c)
         except LlmctlError as e:
-            warn(f"skipping {c.name}: {e}")
+            events.warn(f"skipping {c.name}: {e}")
     return None
 
 

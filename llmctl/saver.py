@@ -18,6 +18,7 @@ from . import checkpoint as ckpt_io
 from . import distributed
 from .config import Config
 from .errors import LlmctlError
+from .events import Events
 from .train import LoopState
 
 
@@ -28,11 +29,11 @@ class Saver:
     def __init__(self, out: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: Optional[torch.amp.GradScaler], dist: distributed.DistContext, tokenizer_json: str,
                  meta: dict, split: Callable[[dict], tuple[dict, str, dict]], resume_cmd: str,
-                 log: Callable[[str], None]):
+                 events: Events):
         self.out, self.cfg, self.model, self.optimizer, self.scaler, self.dist = (
             out, cfg, model, optimizer, scaler, dist)
-        self.tokenizer_json, self.meta, self.split, self.resume_cmd, self.log = (
-            tokenizer_json, meta, split, resume_cmd, log)
+        self.tokenizer_json, self.meta, self.split, self.resume_cmd, self.events = (
+            tokenizer_json, meta, split, resume_cmd, events)
         self.config_yaml = cfg.to_yaml()
         self.saved_step: Optional[int] = None  # the step whose state is on disk (or needs none): see `begin`
 
@@ -84,5 +85,5 @@ class Saver:
         if state.best_step == state.step:
             ckpt_io.set_best(self.out, path)
         ckpt_io.prune(self.out, self.cfg.train.keep_last)
-        self.log(f"saved {path}")
+        self.events.log(f"saved {path}")
         return path

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .errors import EXIT_DIVERGED, LlmctlError
+from .events import SILENT, Events, Progress
 from .interrupt import STOP, Stopped
 from .optim import lr_at
 
@@ -46,20 +47,6 @@ class LoopState:
 
 class Interrupted(LlmctlError):
     """SIGINT / SIGTERM arrived; a checkpoint was written (when a save callback exists)."""
-
-
-class Reporter(Protocol):
-    def start(self, total: int, done: int) -> None: ...
-    def update(self, step: int, info: dict) -> None: ...
-    def log(self, message: str) -> None: ...
-    def stop(self) -> None: ...
-
-
-class NullReporter:
-    def start(self, total: int, done: int) -> None: ...
-    def update(self, step: int, info: dict) -> None: ...
-    def log(self, message: str) -> None: ...
-    def stop(self) -> None: ...
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -196,32 +183,32 @@ def fit(
     amp_dtype: Optional[torch.dtype],
     scaler: Optional[torch.amp.GradScaler] = None,
     tokens_per_step: Optional[int] = None,
-    reporter: Reporter = NullReporter(),
+    events: Events = SILENT,
 ) -> LoopState:
     """Train until `cfg.max_steps`, evaluating every `eval_interval` and saving every `save_interval` and at the end.
 
     A SIGINT / SIGTERM is acted on after the step it arrives in, or between the batches of a validation pass: the
     loop saves (when it trained since the last checkpoint) and raises `Interrupted` (exit 130/143). A loss or
     gradient norm that is not finite raises LlmctlError with exit 3 (nothing is saved then: the last good
-    checkpoint stays `latest`).
+    checkpoint stays `latest`). `events` hears the "train" progress (loss, lr, grad_norm every step; tokens_per_sec
+    on the logged ones), each validation's results, early stopping, and a warning for a skipped step.
     """
-    reporter.start(cfg.max_steps, state.step)
-    loop = _Loop(model, optimizer, cfg, hooks, state, device, amp_dtype, scaler, tokens_per_step, reporter)
-    if loop.saver:
-        loop.saver.begin(state)
-    model.train()
-    with STOP.handling(), STOP.deferred():  # a signal is acted on at the points below, never inside a step or a save
-        # the validation pass a signal stopped comes before anything else
-        ended = state.eval_due and loop.after_step(state.step >= cfg.max_steps)
-        while state.step < cfg.max_steps and not ended:
-            if not loop.step():
-                continue  # a skipped step (not finite) neither validates nor saves
-            last = state.step == cfg.max_steps
-            ended = loop.after_step(last)  # early stopping ends the run here
-            signum = hooks.sync_stop(STOP.signum)
-            if signum is not None and not (last or ended):
-                loop.stop(signum)
-    reporter.stop()
+    with events.progress("train", cfg.max_steps, state.step) as bar:  # (closed however the loop ends)
+        loop = _Loop(model, optimizer, cfg, hooks, state, device, amp_dtype, scaler, tokens_per_step, events, bar)
+        if loop.saver:
+            loop.saver.begin(state)
+        model.train()
+        with STOP.handling(), STOP.deferred():  # a signal is acted on at the points below, never in a step or a save
+            # the validation pass a signal stopped comes before anything else
+            ended = state.eval_due and loop.after_step(state.step >= cfg.max_steps)
+            while state.step < cfg.max_steps and not ended:
+                if not loop.step():
+                    continue  # a skipped step (not finite) neither validates nor saves
+                last = state.step == cfg.max_steps
+                ended = loop.after_step(last)  # early stopping ends the run here
+                signum = hooks.sync_stop(STOP.signum)
+                if signum is not None and not (last or ended):
+                    loop.stop(signum)
     return state
 
 
@@ -230,9 +217,10 @@ class _Loop:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, hooks: Hooks,
                  state: LoopState, device: torch.device, amp_dtype: Optional[torch.dtype],
-                 scaler: Optional[torch.amp.GradScaler], tokens_per_step: Optional[int], reporter: Reporter):
+                 scaler: Optional[torch.amp.GradScaler], tokens_per_step: Optional[int], events: Events, bar: Progress):
         self.model, self.optimizer, self.cfg, self.hooks, self.state = model, optimizer, cfg, hooks, state
-        self.device, self.scaler, self.tokens_per_step, self.reporter = device, scaler, tokens_per_step, reporter
+        self.device, self.scaler, self.tokens_per_step = device, scaler, tokens_per_step
+        self.events, self.bar = events, bar
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype
                          else contextlib.nullcontext)
@@ -283,13 +271,13 @@ class _Loop:
             )
         state.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.reporter.log(f"warning: step {step + 1}: the {what} is {value}; step skipped ({state.skipped} of "
-                          f"train.skip_nonfinite={cfg.skip_nonfinite})")
+        self.events.warn(f"step {step + 1}: the {what} is {value}; step skipped ({state.skipped} of "
+                         f"train.skip_nonfinite={cfg.skip_nonfinite})")
         self.hooks.log_metrics({"step": step + 1, "skipped": what})
         state.step += 1
 
     def _report(self, loss: float, lr: float, gnorm: float, step_tokens: int) -> None:
-        """The progress bar after every step; a metrics row every `log_interval` steps, the first and the last."""
+        """The "train" progress after every step; a metrics row every `log_interval` steps, the first and the last."""
         state, cfg = self.state, self.cfg
         self.window_tokens += step_tokens
         info = {"loss": loss, "lr": lr, "grad_norm": gnorm}
@@ -301,7 +289,7 @@ class _Loop:
                                     "grad_norm": round(gnorm, 6), "tokens": state.tokens,
                                     "tokens_per_sec": round(tps, 1), "time": round(state.elapsed, 3)})
             info["tokens_per_sec"] = tps
-        self.reporter.update(state.step, info)
+        self.bar.update(state.step, **info)
         if self.hooks.on_step:
             self.hooks.on_step(state)
 
@@ -332,12 +320,12 @@ class _Loop:
         state.eval_due = False
         improved, stop_early = self.validator.judge(state, result)
         self.hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
-        self.reporter.log(f"step {state.step}: "
-                          + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
-                          + (" (best)" if improved and not (last or stop_early) else ""))
+        self.events.log(f"step {state.step}: "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+                        + (" (best)" if improved and not (last or stop_early) else ""))
         if stop_early:
-            self.reporter.log(f"early stop: no better {cfg.best_metric} in {cfg.patience} evaluations "
-                              f"(best {state.best:.4f} at step {state.best_step})")
+            self.events.log(f"early stop: no better {cfg.best_metric} in {cfg.patience} evaluations "
+                            f"(best {state.best:.4f} at step {state.best_step})")
             state.stopped_early = True
         return improved, stop_early
 

@@ -166,6 +166,11 @@ def worker_train(spec: dict) -> dict:
 
     from llmctl import distributed, estimate, hardware
     from llmctl.commands import training as training_cmd
+    from llmctl.events import Events
+
+    class StderrLog(Events):  # the run's log lines, as they come (no progress: the steps are timed here)
+        def log(self, message: str) -> None:
+            print(message, file=sys.stderr, flush=True)
 
     cuda = spec["device"] == "cuda"
     info: dict = {}
@@ -189,7 +194,7 @@ def worker_train(spec: dict) -> dict:
     t0 = time.perf_counter()
     result = training_cmd.pretrain(ROOT / "configs/gpt2-small.yaml", spec["overrides"], out=Path(spec["out"]),
                                on_plan=on_plan, on_step=on_step, dry_run=spec["dry_run"],
-                               log=lambda m: print(m, file=sys.stderr, flush=True))
+                               events=StderrLog())
     wall = time.perf_counter() - t0
     if spec["dry_run"]:
         mem, tm = result["memory"], result.get("time", {})

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from llmctl.events import Events, Progress
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare.txt"
@@ -129,3 +131,40 @@ def generate_uncached(model, prompt: list[int], max_new_tokens: int, temperature
             out.append(t)
             tokens.append(t)
     return out
+
+
+class Recorder(Events):
+    """An `llmctl.events.Events` that keeps what work reports, for tests: log lines, warnings, and every progress it
+    was asked for (`RecordedProgress`: label, total, the updates and whether it was closed)."""
+
+    def __init__(self):
+        self.logs: list[str] = []
+        self.warnings: list[str] = []
+        self.progresses: list[RecordedProgress] = []
+
+    def log(self, message: str) -> None:
+        self.logs.append(message)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def progress(self, label: str, total=None, done: int = 0) -> RecordedProgress:
+        self.progresses.append(RecordedProgress(label, total, done))
+        return self.progresses[-1]
+
+    def of(self, label: str) -> list[RecordedProgress]:
+        return [p for p in self.progresses if p.label == label]
+
+
+class RecordedProgress(Progress):
+    def __init__(self, label: str, total, done: int):
+        self.label, self.total, self.start = label, total, done
+        self.updates: list[tuple[int, dict]] = []
+        self.closed = False
+
+    def update(self, done: int, **fields) -> None:
+        assert not self.closed, f"an update of the {self.label} progress after it was closed"
+        self.updates.append((done, fields))
+
+    def close(self) -> None:
+        self.closed = True

@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import Recorder
 from llmctl import loading, precision, quantize
 from llmctl.errors import LlmctlError
 
@@ -94,16 +95,16 @@ def test_a_long_cpu_run_ends_by_compiling_its_decode_step(tiny_run, monkeypatch)
 
     monkeypatch.setattr(aot, "build", build)
     cfg = from_dict(yaml.safe_load((tiny_run / "config.yaml").read_text()))
-    cpu, lines = torch.device("cpu"), []
+    cpu, events = torch.device("cpu"), Recorder()
 
     def finished(task: str, seconds: float, device: torch.device = cpu) -> FinishedRun:
-        return FinishedRun(tiny_run, cfg, task, device, seconds, "llmctl pretrain --resume", lines.append)
+        return FinishedRun(tiny_run, cfg, task, device, seconds, "llmctl pretrain --resume", events)
 
     DecodeStep()(finished("lm", 5.0))  # a short run: not worth it
     assert asked == []
     DecodeStep()(finished("lm", COMPILE_AFTER_S))
     assert asked == [(1, 32)]  # batch 1, the whole 32-token context: the shape of `infer --prompt`
-    assert "not compiled (no C++ compiler (stub))" in lines[-1]  # reported; the finished run stays finished
+    assert "not compiled (no C++ compiler (stub))" in events.logs[-1]  # reported; the finished run stays finished
     DecodeStep()(finished("classification", 1e9))
     DecodeStep()(finished("lm", 1e9, torch.device("cuda")))  # a GPU run: `infer` compiles there when asked
     cfg.generate.compile = False

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE, disk_fills_on_second_shard
+from conftest import SHAKESPEARE, Recorder, disk_fills_on_second_shard
 from llmctl.config import DataConfig, TokenizerConfig
 from llmctl.data import LMBatches, eval_blocks, prepare, resolve_source
 from llmctl.errors import LlmctlError
@@ -46,13 +46,13 @@ def test_prepare_and_its_help_start_without_torch(tmp_path):
 def test_cache_is_reused_and_keyed_by_content(tmp_path):
     src = tmp_path / "a.txt"
     src.write_text("hello world\n" * 200)
-    logs: list[str] = []
-    first = prepare(data_cfg(tmp_path, src), TokenizerConfig(), log=logs.append)
-    second = prepare(data_cfg(tmp_path, src), TokenizerConfig(), log=logs.append)
-    misses = lambda: [x for x in logs if "(cache miss)" in x]  # noqa: E731
+    events = Recorder()
+    first = prepare(data_cfg(tmp_path, src), TokenizerConfig(), events=events)
+    second = prepare(data_cfg(tmp_path, src), TokenizerConfig(), events=events)
+    misses = lambda: [x for x in events.logs if "(cache miss)" in x]  # noqa: E731
     assert first.dir == second.dir and len(misses()) == 1  # tokenized once
     src.write_text("goodbye world\n" * 200)  # new content -> new cache entry
-    third = prepare(data_cfg(tmp_path, src), TokenizerConfig(), log=logs.append)
+    third = prepare(data_cfg(tmp_path, src), TokenizerConfig(), events=events)
     assert third.dir != first.dir and len(misses()) == 2
 
 
@@ -297,9 +297,9 @@ def test_an_interrupted_preparation_resumes_from_its_last_complete_shard(tmp_pat
     monkeypatch.setattr(shards.ShardWriter, "_write", real_write)
     tokens_root = tmp_path / "cache" / "tokens"
     assert not list(tokens_root.rglob("manifest.json"))  # nothing complete-looking
-    logs: list[str] = []
-    again = prepare(cfg, TokenizerConfig(), log=logs.append)
-    assert any("resuming the interrupted preparation after shard 4" in x for x in logs), logs
+    events = Recorder()
+    again = prepare(cfg, TokenizerConfig(), events=events)
+    assert any("resuming the interrupted preparation after shard 4" in x for x in events.logs), events.logs
     assert again.train[:].tolist() == full.train[:].tolist() and again.val[:].tolist() == full.val[:].tolist()
     assert [json.loads((again.dir / "index.json").read_text())["shards"][i]["sha256"] for i in range(3)] == \
         [json.loads((full.dir / "index.json").read_text())["shards"][i]["sha256"] for i in range(3)]
@@ -318,9 +318,11 @@ def test_a_full_disk_mid_shard_leaves_no_partial_shard_and_the_same_command_resu
     root = tmp_path / "cache" / "tokens"
     assert not list(root.rglob("manifest.json")) and not list(root.rglob(".shard-*.tmp"))  # the partial went
     assert [f.name for f in root.glob(".build-*/shard-*.bin")] == ["shard-00000.bin"]
-    logs: list[str] = []
-    td = prepare(cfg, tok, log=logs.append)
-    assert any("resuming the interrupted preparation after shard 0 (3" in x for x in logs), logs
+    events = Recorder()
+    td = prepare(cfg, tok, events=events)
+    assert any("resuming the interrupted preparation after shard 0 (3" in x for x in events.logs), events.logs
+    (resumed,) = events.of("prepare")  # the progress starts where the complete shard ends, with its tokens
+    assert 0 < resumed.start == resumed.updates[0][0] and resumed.updates[0][1]["tokens"] > 0 and resumed.closed
     assert len(td.train) + len(td.val) == 1_115_394 and shards.Index.load(td.dir).tokens == 1_115_394
 
 
@@ -345,31 +347,32 @@ def test_an_interrupted_build_whose_corpus_changed_is_removed_by_the_next_prepar
             prepare(cfg, TokenizerConfig(kind="char"))
     root = tmp_path / "cache" / "tokens"
     (stranded,) = root.glob(".build-*")
-    logs: list[str] = []
-    prepare(data_cfg(tmp_path, other), TokenizerConfig(kind="char"), log=logs.append)
-    assert stranded.exists() and not any("removed" in x for x in logs)  # its corpus is unchanged: it can resume
+    events = Recorder()
+    prepare(data_cfg(tmp_path, other), TokenizerConfig(kind="char"), events=events)
+    assert stranded.exists() and not any("removed" in x for x in events.logs)  # unchanged corpus: it can resume
     with open(corpus_file, "a") as f:
         f.write("an edit\n")  # the same command now has another cache key: the old build can never finish
-    prepare(data_cfg(tmp_path, other, val_fraction=0.5), TokenizerConfig(kind="char"), log=logs.append)
+    prepare(data_cfg(tmp_path, other, val_fraction=0.5), TokenizerConfig(kind="char"), events=events)
     assert not stranded.exists() and not list(root.glob(".build-*"))
-    assert any(f"removed {stranded.name}, an interrupted preparation of {corpus_file}" in x for x in logs), logs
+    assert any(f"removed {stranded.name}, an interrupted preparation of {corpus_file}" in x
+               for x in events.logs), events.logs
 
 
 def test_progress_counts_the_bytes_of_rows_as_they_are_read(tmp_path, monkeypatch):
-    """Progress (the live bar's callback) moves through a JSONL file row group by row group and ends at its size."""
+    """The "prepare" progress moves through a JSONL file row group by row group and ends at its size."""
     from llmctl.data import streaming
 
     monkeypatch.setattr(streaming, "BATCH_CHARS", 20_000)
     rows = [json.dumps({"text": p}) for p in SHAKESPEARE.read_text()[:200_000].split("\n\n")]
     (tmp_path / "c.jsonl").write_text("\n".join(rows) + "\n")
     size = (tmp_path / "c.jsonl").stat().st_size
-    calls: list[tuple] = []
-    td = prepare(data_cfg(tmp_path, tmp_path / "c.jsonl"), TokenizerConfig(kind="char"),
-                 on_progress=lambda *a: calls.append(a))
-    done = [c[0] for c in calls]
-    assert all(c[1] == size for c in calls) and done == sorted(done) and done[-1] == size
+    events = Recorder()
+    td = prepare(data_cfg(tmp_path, tmp_path / "c.jsonl"), TokenizerConfig(kind="char"), events=events)
+    (progress,) = events.of("prepare")
+    done = [d for d, _ in progress.updates]
+    assert progress.total == size and progress.closed and done == sorted(done) and done[-1] == size
     assert len({d for d in done if 0 < d < size}) >= 5  # it moved inside the file, not only at its end
-    assert calls[-1][2] == len(td.train) + len(td.val)
+    assert progress.updates[-1][1]["tokens"] == len(td.train) + len(td.val)
 
 
 def test_reading_errors_name_the_file_and_the_place(tmp_path):

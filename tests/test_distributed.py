@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHAKESPEARE, sets
+from conftest import SHAKESPEARE, Recorder, sets
 from llmctl import checkpoint as ckpt
 from llmctl import distributed, rundir
 from llmctl.commands import training as training_cmd
@@ -118,23 +118,26 @@ def test_activation_checkpointing_keeps_names_and_gradients():
 
 
 def test_only_rank_zero_speaks(monkeypatch):
-    from llmctl.train import NullReporter
+    from llmctl.commands.training import TrainOptions
 
-    shown = []
+    shown = Recorder()
+    opts = TrainOptions(shown, on_plan=lambda plan: None)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    rep, log, on_plan = distributed.rank0_only(object(), shown.append, lambda plan: None)
-    assert isinstance(rep, NullReporter) and on_plan is None
-    log("hello")
-    assert shown == []
+    other = opts.for_this_rank()
+    assert other.on_plan is None and not distributed.speaks()
+    other.events.log("hello")
+    other.events.warn("careful")
+    with other.events.progress("train", 10) as bar:
+        bar.update(1, loss=1.0)
+    assert shown.logs == shown.warnings == shown.progresses == []
     with pytest.raises(LlmctlError) as e:  # other ranks name themselves in their error lines
         with distributed.peer_errors():
             raise LlmctlError("bad")
     assert e.value.message == "rank 1: bad"
     monkeypatch.setenv("RANK", "0")
-    rep, log, _ = distributed.rank0_only("rich", shown.append)
-    assert rep == "rich" and log == shown.append
+    assert opts.for_this_rank() == opts
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import generate_uncached
+from conftest import Recorder, generate_uncached
 from llmctl.config import ModelConfig
 from llmctl.generate import generate, sample
 from llmctl.model import Transformer
@@ -164,11 +164,11 @@ def test_compiled_decode_equals_eager_and_is_reused_from_the_cache(tmp_path):
     prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4]]
     eager = run(None, prompts, 30)
     assert eager == [list(generate(m, p, 30, temperature=0)) for p in prompts]
-    notes = []
-    store = StepStore(m, root=tmp_path, notify=notes.append)
+    events = Recorder()
+    store = StepStore(m, root=tmp_path, events=events)
     built = Engine(m, compile=True, store=store)
     assert run(built, prompts, 30) == eager
-    assert store.builds == 1 and any("compiling the decode step" in n for n in notes)  # the step of its 3 slots
+    assert store.builds == 1 and any("compiling the decode step" in n for n in events.logs)  # the step of its 3 slots
     # another job of the same shape reuses the loaded step; a new engine (a later run) loads the package; a job of
     # one row builds the 1-slot step, which a 3-slot job then uses when only its first slot is busy
     assert run(built, [[3], [4, 5], [6]], 8) == run(None, [[3], [4, 5], [6]], 8)
@@ -223,15 +223,15 @@ def test_an_unreadable_cached_package_is_dropped(tmp_path):
     from llmctl.generate import Engine
 
     m = model("gpt2")
-    notes = []
-    store = StepStore(m, root=tmp_path, notify=notes.append)
+    events = Recorder()
+    store = StepStore(m, root=tmp_path, events=events)
     bad = store.path(1, 24)
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"PK\x03\x04 not really a package")
     engine = Engine(m, compile="auto", store=store)
     assert (list(generate(m, [1, 2, 3], 5, temperature=0, engine=engine))
             == list(generate(m, [1, 2, 3], 5, temperature=0)))
-    assert not bad.exists() and any("unreadable" in n for n in notes)
+    assert not bad.exists() and any("unreadable" in n for n in events.logs)
 
 
 def test_cache_lengths_are_bucketed_only_with_compiled_steps(tmp_path):

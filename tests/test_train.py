@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import TINY, invoke, sets
+from conftest import TINY, Recorder, invoke, sets
 from llmctl import checkpoint as ckpt
 from llmctl import distributed, rundir
 from llmctl.commands import training as training_cmd
@@ -142,10 +142,10 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     assert ckpt.read_latest(out).name == "step-0000010"
     assert ckpt.load(out).meta["step"] == 10  # passes verification
     assert read_status(out)["status"] == "running"  # the killed process could not say otherwise
-    logs: list[str] = []
-    summary = training_cmd.pretrain(None, args, out, resume=True, log=logs.append)
+    events = Recorder()
+    summary = training_cmd.pretrain(None, args, out, resume=True, events=events)
     assert summary["steps"] == 40 and read_status(out)["status"] == "finished"
-    assert any("resuming from" in m and "step-0000010" in m for m in logs)
+    assert any("resuming from" in m and "step-0000010" in m for m in events.logs)
     assert not list(out.glob(".tmp-step-*"))
 
 
@@ -156,9 +156,9 @@ def test_second_run_into_a_busy_run_directory_is_refused_and_stale_lock_cleared(
         r = invoke(runner, "pretrain", *sets(*TINY), "--out", out, "--overwrite")
         assert r.exit_code == 2 and "in use by another llmctl process" in r.stderr and f"pid {os.getpid()}" in r.stderr
     (out / ".lock").write_text("pid 999999 on elsewhere since yesterday")  # left by a killed process
-    logs: list[str] = []
-    training_cmd.pretrain(None, [*TINY, "train.max_steps=2"], out, overwrite=True, log=logs.append)
-    assert any("stale lock" in m for m in logs)
+    events = Recorder()
+    training_cmd.pretrain(None, [*TINY, "train.max_steps=2"], out, overwrite=True, events=events)
+    assert any("stale lock" in m for m in events.logs)
 
 
 def test_preflight_refuses_when_the_disk_is_too_small(tmp_path, runner, monkeypatch):
@@ -255,11 +255,18 @@ def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tmp_path):
             m = distributed.unwrap(plan["model"])
             m.wte.weight.register_hook(lambda g: g * float("nan") if state.step == 3 else g)
 
-    out = tmp_path / "skip"
-    summary = training_cmd.pretrain(None, [*SMALL, "train.skip_nonfinite=1", "model.dropout=0"], out,
+    out, events = tmp_path / "skip", Recorder()
+    summary = training_cmd.pretrain(None, [*SMALL, "train.skip_nonfinite=1", "model.dropout=0"], out, events=events,
                                 on_step=poison_grads_once, on_plan=lambda p: plan.update(model=p.model))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("skipped") == "gradient norm" for r in rows) and summary["steps"] == 12
+    # the skip is a warning event in plain words (the console adds "warning:"), not a log line
+    assert events.warnings == ["step 4: the gradient norm is nan; step skipped (1 of train.skip_nonfinite=1)"]
+    assert not any("warning" in m or "skipped" in m for m in events.logs)
+    (bar,) = events.of("train")  # one training progress, closed when the loop ended; MFU rides on logged steps
+    assert bar.closed and bar.total == 12 and bar.start == 0 and [d for d, _ in bar.updates][-1] == 12
+    logged = [f for _, f in bar.updates if "tokens_per_sec" in f]
+    assert logged and all("mfu" in f and "loss" in f and "lr" in f for f in logged)
 
 
 def test_keep_best_and_keep_last(tmp_path):
@@ -300,7 +307,7 @@ def test_work_after_training_follows_a_finished_run_and_resume_finishes_what_a_s
         def __call__(self, run):
             self.runs.append(run)
 
-        def again(self, out, resume_cmd, log):
+        def again(self, out, resume_cmd, events):
             self.resumed.append((out, resume_cmd))
             rundir.write_status(out, "finished", recorded="done")
 
@@ -339,10 +346,10 @@ def test_the_compiled_decode_step_is_built_after_training_only_where_the_cli_ask
     args = [*TINY, "train.max_steps=2", "train.eval_interval=0", "generate.compile=true"]
     training_cmd.pretrain(None, args, tmp_path / "plain")  # a library call passes no work after training
     assert built == [] and "decode_step" not in read_status(tmp_path / "plain")
-    logs: list[str] = []
-    training_cmd.pretrain(None, args, tmp_path / "cli", after_training=[DecodeStep()], log=logs.append)
+    events = Recorder()
+    training_cmd.pretrain(None, args, tmp_path / "cli", after_training=[DecodeStep()], events=events)
     assert built == [(1, 32)] and read_status(tmp_path / "cli")["decode_step"] == "failed"
-    assert any("the decode step was not compiled (no C++ compiler (stub))" in m for m in logs)
+    assert any("the decode step was not compiled (no C++ compiler (stub))" in m for m in events.logs)
 
 
 def test_resume_skips_a_damaged_checkpoint_with_a_warning(tmp_path):
@@ -351,9 +358,8 @@ def test_resume_skips_a_damaged_checkpoint_with_a_warning(tmp_path):
     training_cmd.pretrain(None, args, out)
     weights = out / "step-0000004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"damaged!")
-    logs: list[str] = []
-    warnings: list[str] = []
-    training_cmd.pretrain(None, [*args, "train.max_steps=6"], out, resume=True, log=logs.append, warn=warnings.append)
-    assert len(warnings) == 1 and warnings[0].startswith("skipping step-0000004: ")  # plain text: the CLI styles it
-    assert any("resuming from" in m and "step-0000002" in m for m in logs)
+    events = Recorder()
+    training_cmd.pretrain(None, [*args, "train.max_steps=6"], out, resume=True, events=events)
+    assert len(events.warnings) == 1 and events.warnings[0].startswith("skipping step-0000004: ")  # the CLI styles it
+    assert any("resuming from" in m and "step-0000002" in m for m in events.logs)
     assert ckpt.read_latest(out).name == "step-0000006"

@@ -1,7 +1,8 @@
 """The Typer application, how a command is run (one clear line and an exit status for every expected failure), and
-the console output every command shares: log and warning lines, JSON, tables, the resolved config.
+the console output every command shares: error lines, JSON, tables, the resolved config.
 
-stdout carries only results (generated text, tables, JSON); the resolved config, progress and logs go to stderr.
+stdout carries only results (generated text, tables, JSON); the resolved config, progress, logs and warnings go to
+stderr. Each command builds one `console.ConsoleEvents` and passes it to the work it calls.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from ..console import err
 from ..errors import EXIT_BROKEN_PIPE, EXIT_SIGINT, EXIT_UNEXPECTED, LlmctlError
+from ..events import Events
 
 app = typer.Typer(
     name="llmctl",
@@ -84,17 +86,6 @@ def _print_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def _log(message: str) -> None:
-    err.print(message, soft_wrap=True)  # one line per message: long paths and commands stay copyable and greppable
-
-
-def _warn(message: str) -> None:
-    """One warning line on stderr, never wrapped, its text shown as is (no rich markup or emoji codes in it)."""
-    from rich.text import Text
-
-    err.print(Text.assemble(("warning:", "yellow"), " ", message), soft_wrap=True)
-
-
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str), flush=True)
 
@@ -114,9 +105,10 @@ def _table(title: str, rows: dict) -> Table:
     return t
 
 
-def _print_config(cfg, quiet: bool) -> None:
+def _print_config(cfg, events: Events, quiet: bool) -> None:
+    """The config's warnings (always), then its resolved values, one dim line a section (not when `quiet`)."""
     for w in cfg.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+        events.warn(w)
     if quiet:
         return
     for section, values in cfg.to_dict().items():

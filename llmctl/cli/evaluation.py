@@ -10,9 +10,9 @@ import typer
 from rich.table import Table
 
 from ..config import INFER_DTYPES, QUANTIZE_MODES
-from ..console import err, out
+from ..console import ConsoleEvents, out
 from ..errors import LlmctlError
-from .app import _log, _print_json, _table, _warn, app, run
+from .app import _print_json, _table, app, run
 from .options import (
     BaseOpt,
     JsonOpt,
@@ -81,22 +81,23 @@ def eval_(
     flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
 
     def go() -> None:
+        events = ConsoleEvents()
         if tasks is not None:
             if data is not None:
                 raise LlmctlError("--tasks and --data are exclusive: lm-eval tasks bring their own data")
             r = evaluation_cmd.evaluate_tasks(ckpt, tasks, num_fewshot, limit, include_path, batch_size, device, base,
-                                        tokenizer, dtype, quantize_mode, log_samples, log=_log,
+                                        tokenizer, dtype, quantize_mode, log_samples, events=events,
                                         overrides=overrides or [], flags=flags)
-            _print_json(r) if json_out else _print_tasks(r)
+            _print_json(r) if json_out else _print_tasks(r, events)
             return
         if any(x is not None for x in (num_fewshot, limit, include_path)) or log_samples:
             raise LlmctlError("--num-fewshot, --limit, --include-path and --log-samples go with --tasks")
         if overrides or any(v is not None for v in flags.values()):
             raise LlmctlError("--set and the sampling flags (--temperature, ...) go with --tasks: only lm-eval's "
                               "generation tasks generate")
-        r = evaluation_cmd.evaluate(ckpt, data, batch_size, device, log=_log, text_column=text_column,
+        r = evaluation_cmd.evaluate(ckpt, data, batch_size, device, events=events, text_column=text_column,
                               label_column=label_column, base=base, tokenizer=tokenizer, dtype=dtype,
-                              quantize_mode=quantize_mode, warn=_warn)
+                              quantize_mode=quantize_mode)
         if json_out:
             _print_json(r)
         elif "confusion" in r:
@@ -107,7 +108,7 @@ def eval_(
     run(go)
 
 
-def _print_tasks(r: dict) -> None:
+def _print_tasks(r: dict, events: ConsoleEvents) -> None:
     """`eval --tasks` results: one row per task and metric, then where they were saved."""
     from ..harness import table
 
@@ -119,7 +120,7 @@ def _print_tasks(r: dict) -> None:
                   "" if row["stderr"] is None else f"{row['stderr']:.4f}")
     out.print(t)
     if r.get("saved"):
-        err.print(f"saved {r['saved']}", markup=False, highlight=False, soft_wrap=True)
+        events.log(f"saved {r['saved']}")
 
 
 def _print_classification(r: dict) -> None:

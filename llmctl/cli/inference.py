@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -11,9 +10,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ..console import err, out
+from ..console import ConsoleEvents, err, out
 from ..errors import LlmctlError
-from .app import _print_json, _warn, app, run
+from .app import _print_json, app, run
 from .options import (
     BaseOpt,
     DtypeOpt,
@@ -86,6 +85,8 @@ def infer(
     from ..commands import inference as inference_cmd
     from ..loading import for_inference, load_model
 
+    events = ConsoleEvents()
+
     def go() -> None:
         if chat and (prompt is not None or prompt_file is not None or input_file is not None):
             raise LlmctlError("--chat reads messages from the terminal; drop --prompt, --prompt-file and --input")
@@ -95,25 +96,24 @@ def infer(
             raise LlmctlError("--output goes with --input")
         loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
         if loaded.classifier is not None:
-            _infer_classifier(inference_cmd, loaded, prompt, prompt_file, input_file, output_file, json_out)
+            _infer_classifier(inference_cmd, loaded, prompt, prompt_file, input_file, output_file, json_out, events)
             return
         if batch_size is not None and batch_size < 1:
             raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
         flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
         settings = inference_cmd.sampling_settings(loaded, overrides, flags)
-        for_inference(loaded, dtype, quantize_mode, compile, notify=lambda msg: err.print(msg))
+        for_inference(loaded, dtype, quantize_mode, compile, events=events)
         if chat:
-            _chat(inference_cmd.ChatSession(loaded, settings, warn=_warn))
+            _chat(inference_cmd.ChatSession(loaded, settings, events=events))
             return
         if input_file is not None:
             rows = inference_cmd.read_inputs(input_file)
-            with _row_progress(len(rows)) as advance:
-                results = inference_cmd.complete_rows(loaded, rows, settings, truncate, on_row=advance,
-                                                      batch_size=batch_size, warn=_warn)
-            _emit_rows(inference_cmd, results, output_file)
+            results = inference_cmd.complete_rows(loaded, rows, settings, truncate, batch_size=batch_size,
+                                                  events=events)
+            _emit_rows(inference_cmd, results, output_file, events)
             return
         text = inference_cmd.read_prompt(prompt, prompt_file)
-        pieces = inference_cmd.stream(loaded, text, settings, truncate, warn=_warn)
+        pieces = inference_cmd.stream(loaded, text, settings, truncate, events=events)
         if json_out:
             _print_json({"checkpoint": str(loaded.ckpt.path), "prompt": text, "completion": "".join(pieces)})
             return
@@ -127,40 +127,25 @@ def infer(
     run(go)
 
 
-@contextlib.contextmanager
-def _row_progress(total: int):
-    """A progress bar over prompts on stderr (plain start and end lines when stderr is not a terminal)."""
-    if not err.is_terminal:
-        err.print(f"completing {total} prompts")
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err) as p:
-        task = p.add_task("infer", total=total)
-        yield lambda: p.advance(task)
-
-
-def _emit_rows(inference_cmd, rows: list, output_file: Optional[Path]) -> None:
+def _emit_rows(inference_cmd, rows: list, output_file: Optional[Path], events: ConsoleEvents) -> None:
     if output_file is None:
         for r in rows:
             print(json.dumps(r, ensure_ascii=False), flush=True)
     else:
         inference_cmd.write_outputs(output_file, rows)
-        err.print(f"wrote {len(rows)} rows to {output_file}")
+        events.log(f"wrote {len(rows)} rows to {output_file}")
 
 
-def _infer_classifier(inference_cmd, loaded, prompt, prompt_file, input_file, output_file, json_out) -> None:
+def _infer_classifier(inference_cmd, loaded, prompt, prompt_file, input_file, output_file, json_out, events) -> None:
     if input_file is not None:
         rows = inference_cmd.read_inputs(input_file)
-        results = inference_cmd.classify_texts(loaded, [r["prompt"] for r in rows], warn=_warn)
-        _emit_rows(inference_cmd, [{**r, **res} for r, res in zip(rows, results)], output_file)
+        results = inference_cmd.classify_texts(loaded, [r["prompt"] for r in rows], events=events)
+        _emit_rows(inference_cmd, [{**r, **res} for r, res in zip(rows, results)], output_file, events)
         return
     text = inference_cmd.read_prompt(prompt, prompt_file)
     if not text.strip():
         raise LlmctlError("the text to classify is empty")
-    res = inference_cmd.classify_texts(loaded, [text], warn=_warn, what="the text")[0]
+    res = inference_cmd.classify_texts(loaded, [text], events=events, what="the text")[0]
     if json_out:
         _print_json(res)
         return

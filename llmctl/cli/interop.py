@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from ..console import out
-from .app import _log, _print_json, _table, app, import_app, run
+from ..console import ConsoleEvents, out
+from .app import _print_json, _table, app, import_app, run
 from .options import BaseOpt, JsonOpt, QuietOpt, TokenizerOpt
 
 
@@ -28,7 +28,7 @@ def import_hf(
     from ..commands import interop as interop_cmd
 
     def go() -> None:
-        r = interop_cmd.import_hf(source, out_dir, tokenizer, overwrite, log=(lambda m: None) if quiet else _log)
+        r = interop_cmd.import_hf(source, out_dir, tokenizer, overwrite, events=ConsoleEvents(quiet))
         if json_out:
             _print_json(r)
         else:
@@ -61,7 +61,7 @@ def export(
     from ..commands import interop as interop_cmd
 
     def go() -> None:
-        r = interop_cmd.export(ckpt, fmt, out_dir, tokenizer, overwrite, log=_log, base=base,
+        r = interop_cmd.export(ckpt, fmt, out_dir, tokenizer, overwrite, events=ConsoleEvents(), base=base,
                             merge_lora_adapter=merge_lora_adapter, outtype=outtype)
         if json_out:
             _print_json(r)

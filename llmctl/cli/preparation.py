@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..console import bytes_bar, err, out
-from .app import _log, _print_json, _table, app, config_app, run
+from ..console import ConsoleEvents, out
+from .app import _print_json, _table, app, config_app, run
 from .options import ConfigOpt, JsonOpt, SetOpt
 
 
@@ -22,12 +22,7 @@ def prepare(
     from ..commands import preparation as preparation_cmd
 
     def go() -> None:
-        bar = bytes_bar()
-        try:
-            r = preparation_cmd.prepare(config, overrides or [], log=_log, on_progress=bar)
-        finally:
-            if bar:
-                bar.close()
+        r = preparation_cmd.prepare(config, overrides or [], events=ConsoleEvents())
         if json_out:
             _print_json(r)
         else:
@@ -47,8 +42,9 @@ def config_show(
 
     def go() -> None:
         cfg = preparation_cmd.show_config(config, overrides or [])
+        events = ConsoleEvents()
         for w in cfg.warnings:
-            err.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+            events.warn(w)
         if json_out:
             _print_json(cfg.to_dict())
         else:

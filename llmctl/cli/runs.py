@@ -8,9 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from ..console import out
+from ..console import ConsoleEvents, out
 from ..errors import LlmctlError
-from .app import _log, _print_json, app, run
+from .app import _print_json, app, run
 from .options import JsonOpt, QuietOpt
 
 
@@ -101,7 +101,7 @@ def prune_(
 
     def go() -> None:
         r = compression_cmd.prune(ckpt, out_dir, data, list(overrides or []), target_params, by, samples, dry_run,
-                           overwrite, log=(lambda m: None) if quiet else _log)
+                           overwrite, events=ConsoleEvents(quiet))
         _print_json(r) if json_out else out.print(views.pruning(r))
 
     run(go)

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from ..console import err
-from .app import _log, _print_json, app, run
+from ..console import ConsoleEvents, err
+from .app import _print_json, app, run
 from .options import (
     BaseOpt,
     DtypeOpt,
@@ -84,4 +84,5 @@ def serve(
 
     flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
     run(lambda: serving_cmd.serve(ckpt, host, port, api_key_file, config, overrides or [], dtype, quantize_mode,
-                               compile, device, base, tokenizer, insecure, log=_log, on_ready=ready, flags=flags))
+                               compile, device, base, tokenizer, insecure, events=ConsoleEvents(), on_ready=ready,
+                               flags=flags))

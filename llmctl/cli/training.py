@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from ..console import err, out, reporter
-from .app import _log, _print_config, _print_json, _table, _warn, app, run
+from ..console import ConsoleEvents, out
+from .app import _print_config, _print_json, _table, app, run
 from .options import ConfigOpt, DryRunOpt, JsonOpt, QuietOpt, SetOpt
 
 
@@ -20,13 +20,13 @@ def _train_command(kind: str, config, overrides, out_dir, *, resume: bool, overw
     from ..commands.decode_step import DecodeStep
     from ..plan import describe
 
-    rep = reporter(kind, quiet)
+    events = ConsoleEvents(quiet, command=kind)
 
     def on_plan(plan) -> None:
-        _print_config(plan.cfg, quiet or dry_run)
+        _print_config(plan.cfg, events, quiet or dry_run)
         if not quiet and not dry_run:
             for line in views.plan_lines(kind, describe(plan)):
-                err.print(line, soft_wrap=True, markup=False)
+                events.log(line)
 
     def go() -> None:
         from ..distributed import peer_errors
@@ -34,8 +34,7 @@ def _train_command(kind: str, config, overrides, out_dir, *, resume: bool, overw
         fn = training_cmd.pretrain if kind == "pretrain" else training_cmd.finetune
         with peer_errors():  # under torchrun: a failed collective becomes one clear line (exit 4)
             summary = fn(config, overrides or [], out=out_dir, resume=resume, overwrite=overwrite, dry_run=dry_run,
-                         reporter=rep, log=(lambda m: None) if quiet else _log, warn=_warn, on_plan=on_plan,
-                         after_training=[DecodeStep()], **start)
+                         events=events, on_plan=on_plan, after_training=[DecodeStep()], **start)
         if summary is None:  # a rank other than 0 under torchrun: rank 0 reports
             return
         if dry_run:

@@ -13,11 +13,11 @@ from .. import prune as prune_mod
 from ..config import from_dict, parse_overrides
 from ..data import tokenize_file
 from ..errors import LlmctlError
+from ..events import SILENT, Events
 from ..loading import load_model
 from ..lora import merge_lora
 from ..rundir import check_out_dir, clear_run, write_run_files, write_status
 from ..train import lm_loss
-from . import Log, nolog
 
 DEFAULT_SAMPLES = 256  # calibration blocks: importance ranks settle well before this on small models
 
@@ -51,7 +51,7 @@ def _loss(model, blocks: torch.Tensor) -> float:
 
 def prune(ckpt: Path, out: Optional[Path], data: Optional[str], overrides: list[str],
           target_params: Optional[int] = None, by: str = "width", samples: int = DEFAULT_SAMPLES,
-          dry_run: bool = False, overwrite: bool = False, log: Log = nolog) -> dict:
+          dry_run: bool = False, overwrite: bool = False, events: Events = SILENT) -> dict:
     """`llmctl prune`: rank the units of `ckpt` on calibration text, keep the most important, write the smaller model
     to `out` as a normal checkpoint (step 0) that infer, eval, finetune and export take."""
     changes = _changes(overrides)
@@ -83,7 +83,7 @@ def prune(ckpt: Path, out: Optional[Path], data: Optional[str], overrides: list[
         raise LlmctlError(f"--data is needed: {ck.path} records no data.path to calibrate on")
     tokens = tokenize_file(path, cfg.data, loaded.tokenizer, key="--data")
     blocks = prune_mod.calibration_blocks(tokens, parent.block_size, samples)
-    log(f"measuring importance on {len(blocks)} blocks of {parent.block_size} tokens from {path}")
+    events.log(f"measuring importance on {len(blocks)} blocks of {parent.block_size} tokens from {path}")
     imp = prune_mod.importance(model, blocks)
     small, kept = prune_mod.prune(model, child_cfg.model, imp)
     report = {
@@ -112,6 +112,6 @@ def prune(ckpt: Path, out: Optional[Path], data: Optional[str], overrides: list[
     report["checkpoint_out"] = str(ckpt_io.save(out, 0, small.state_dict(), config_yaml, tok_json, meta=meta))
     write_run_files(out, config_yaml, tok_json)
     write_status(out, "finished", kind="prune", step=0, parent=str(ck.path))
-    log(f"pruned {ck.path}: {report['parameters_non_embedding']['before']:,} -> "
-        f"{report['parameters_non_embedding']['after']:,} non-embedding parameters; wrote {out}")
+    events.log(f"pruned {ck.path}: {report['parameters_non_embedding']['before']:,} -> "
+               f"{report['parameters_non_embedding']['after']:,} non-embedding parameters; wrote {out}")
     return report

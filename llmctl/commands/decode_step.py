@@ -9,11 +9,11 @@ from pathlib import Path
 from .. import checkpoint as ckpt_io
 from .. import rundir
 from ..errors import LlmctlError
+from ..events import Events
 from ..interrupt import Stopped
 from ..loading import for_inference, load_model
 from ..recipe import FinishedRun
 from ..train import Interrupted
-from . import Log
 
 STATUS_KEY = "decode_step"  # status.json: built, failed, or interrupted (a signal stopped the build)
 COMPILE_AFTER_S = 300.0  # CPU runs at least this long end by compiling their decode step (~0.5 min, <= 10% of them)
@@ -34,22 +34,22 @@ class DecodeStep:
             return
         if mode == "auto" and run.train_seconds < COMPILE_AFTER_S:
             return
-        _build(run.out, run.resume_cmd, run.log)
+        _build(run.out, run.resume_cmd, run.events)
 
-    def again(self, out: Path, resume_cmd: str, log: Log) -> None:
+    def again(self, out: Path, resume_cmd: str, events: Events) -> None:
         """--resume of the finished run whose build a signal stopped: the build, whatever the run's length."""
-        log("--resume: the run is finished; building the compiled decode step its stop interrupted")
-        _build(out, resume_cmd, log)
+        events.log("--resume: the run is finished; building the compiled decode step its stop interrupted")
+        _build(out, resume_cmd, events)
 
 
-def _build(out: Path, resume_cmd: str, log: Log) -> None:
+def _build(out: Path, resume_cmd: str, events: Events) -> None:
     """Build the step `infer --prompt` will use for the run in `out`, and record how it went in status.json."""
     try:
-        loaded = for_inference(load_model(out, "cpu"), compile="auto", notify=log)  # what `infer` will run
+        loaded = for_inference(load_model(out, "cpu"), compile="auto", events=events)  # what `infer` will run
         if loaded.engine.store is None:  # int8: never compiled
             return
-        log("building the compiled decode step `llmctl infer` will use for this run "
-            "(--set generate.compile=false skips this)")
+        events.log("building the compiled decode step `llmctl infer` will use for this run "
+                   "(--set generate.compile=false skips this)")
         engine = loaded.engine
         engine.open(1, engine.cache_length(1 + loaded.cfg.generate.max_new_tokens), build=True)  # `infer --prompt`
         engine.close()
@@ -59,7 +59,7 @@ def _build(out: Path, resume_cmd: str, log: Log) -> None:
                           f"({ckpt_io.read_latest(out)}). Build the step with: {resume_cmd}", e.status) from None
     except Exception as e:  # (LlmctlError from a failed build, or anything else: the finished run stays finished)
         why = e.message if isinstance(e, LlmctlError) else f"{type(e).__name__}: {e}"
-        log(f"the decode step was not compiled ({why}); `llmctl infer` decodes eagerly until `--compile`")
+        events.log(f"the decode step was not compiled ({why}); `llmctl infer` decodes eagerly until `--compile`")
         rundir.write_status(out, "finished", **{STATUS_KEY: "failed"})
     else:
         rundir.write_status(out, "finished", **{STATUS_KEY: "built"})

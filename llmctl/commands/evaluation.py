@@ -21,9 +21,9 @@ from ..data import (
 from ..data import prepare as prepare_tokens
 from ..errors import LlmctlError
 from ..evaluate import classification_metrics, classify, lm_metrics
+from ..events import SILENT, Events
 from ..loading import Loaded, for_inference, load_model
 from ..precision import check_choices
-from . import Log, nolog
 
 
 def _default_source(loaded: Loaded, data: Optional[str]) -> str:
@@ -58,14 +58,15 @@ def generation_changes(overrides: Optional[list[str]] = None, flags: Optional[di
 
 
 def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] = None, device: str = "auto",
-             log: Log = nolog, text_column: Optional[str] = None, label_column: Optional[str] = None,
+             events: Events = SILENT, text_column: Optional[str] = None, label_column: Optional[str] = None,
              base: Optional[Path] = None, tokenizer: Optional[Path] = None, dtype: str = "float32",
-             quantize_mode: str = "none", warn: Log = nolog) -> dict:
+             quantize_mode: str = "none") -> dict:
     """`llmctl eval`: without --data, the validation split the run held out; with it, all of that file.
 
     Language models are measured in float32 unless `dtype` / `quantize_mode` ask for an inference precision
-    ("auto" = what `llmctl infer` uses), to see what bfloat16 or int8 cost in perplexity. `warn` hears about
-    characters of --data the tokenizer has never seen (they count as <unk> tokens; the measurement goes on).
+    ("auto" = what `llmctl infer` uses), to see what bfloat16 or int8 cost in perplexity. `events` hears about
+    characters of --data the tokenizer has never seen (they count as <unk> tokens; the measurement goes on), an
+    emulated (slow) precision, and the preparation of the run's validation split.
     """
     check_choices(dtype, quantize_mode)
     if batch_size is not None and batch_size < 1:
@@ -73,7 +74,7 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
     loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
     cfg = loaded.cfg
     if (dtype, quantize_mode) != ("float32", "none") and loaded.classifier is None:
-        for_inference(loaded, dtype, quantize_mode, compile=False)
+        for_inference(loaded, dtype, quantize_mode, compile=False, events=events)
     bs = batch_size or cfg.eval.batch_size
     source = _default_source(loaded, data)
     where = source if data is not None else f"{source} (validation split)"
@@ -90,9 +91,9 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
     tok = loaded.tokenizer
     if data is not None:
         tokens = tokenize_file(data, cfg.data, tok)
-        _warn_unseen(tok, tokens, data, cfg.data, warn)
+        _warn_unseen(tok, tokens, data, cfg.data, events)
     else:
-        tokens = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tok, log=log).val
+        tokens = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tok, events=events).val
     if len(tokens) < 2:
         raise LlmctlError(f"{where} has fewer than 2 tokens; nothing to evaluate")
     n_bytes = len(tok.decode([int(i) for i in tokens[1:]]).encode("utf-8"))
@@ -100,7 +101,7 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
     return {"checkpoint": str(loaded.ckpt.path), "data": where, "precision": loaded.precision, **r}
 
 
-def _warn_unseen(tok, tokens, data: str, cfg: DataConfig, warn: Log) -> None:
+def _warn_unseen(tok, tokens, data: str, cfg: DataConfig, events: Events) -> None:
     """One warning line naming the characters of the --data file that became <unk>. The token ids (cached) say
     whether there are any; only then is the text read again to name them."""
     if tok.unk_id is None or not any((c == tok.unk_id).any() for c in tokens.chunks()):
@@ -109,7 +110,7 @@ def _warn_unseen(tok, tokens, data: str, cfg: DataConfig, warn: Log) -> None:
     texts = load_texts(resolve_source(data, d, "--data"), d, key="--data")["text"]
     found = tok.unseen([t if isinstance(t, str) else "" for t in texts])
     if found:
-        warn(found.message(f"--data {data}"))
+        events.warn(found.message(f"--data {data}"))
 
 
 def _eval_classifier(loaded: Loaded, source: str, whole_file: bool, batch_size: int,
@@ -134,7 +135,7 @@ def _eval_classifier(loaded: Loaded, source: str, whole_file: bool, batch_size: 
 def evaluate_tasks(ckpt: Path, tasks: str, num_fewshot: Optional[int] = None, limit: Optional[float] = None,
                    include_path: Optional[Path] = None, batch_size: Optional[int] = None, device: str = "auto",
                    base: Optional[Path] = None, tokenizer: Optional[Path] = None, dtype: str = "float32",
-                   quantize_mode: str = "none", log_samples: bool = False, log: Log = nolog,
+                   quantize_mode: str = "none", log_samples: bool = False, events: Events = SILENT,
                    overrides: Optional[list[str]] = None, flags: Optional[dict] = None) -> dict:
     """`llmctl eval --tasks`: lm-evaluation-harness tasks on the checkpoint (llmctl.harness), in float32 unless
     asked otherwise; `overrides` (--set generate.*) and the sampling `flags` change the generation tasks'
@@ -161,8 +162,8 @@ def evaluate_tasks(ckpt: Path, tasks: str, num_fewshot: Optional[int] = None, li
     if loaded.classifier is not None:
         raise LlmctlError(f"--tasks runs lm-eval on language models; {loaded.ckpt.path} is a classifier (measure it "
                           "with `llmctl eval --ckpt ... --data FILE`)")
-    for_inference(loaded, dtype, quantize_mode, compile=False)  # (generate_until tasks decode on its engine)
-    log(f"lm-eval: {', '.join(names)} on {loaded.ckpt.path} ({loaded.precision})")
+    for_inference(loaded, dtype, quantize_mode, compile=False, events=events)  # (generate_until tasks decode on it)
+    events.log(f"lm-eval: {', '.join(names)} on {loaded.ckpt.path} ({loaded.precision})")
     res = harness.evaluate(loaded, names, num_fewshot, int(limit) if limit and limit >= 1 else limit,
                            str(include_path) if include_path else None, batch_size or loaded.cfg.eval.batch_size,
                            log_samples, changes)

@@ -12,12 +12,12 @@ from ..chat import render_chat
 from ..data import Examples, eval_batches
 from ..errors import LlmctlError
 from ..evaluate import classify
+from ..events import SILENT, Events
 from ..fileio import read_jsonl, read_text, write_atomic
 from ..generate import Engine, Request, fit_prompt
 from ..loading import Loaded, apply_settings
 from ..sampling import Sampling
 from ..tokenizer import Tokenizer
-from . import Log, nolog
 
 
 def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
@@ -34,7 +34,7 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     return prompt
 
 
-def warn_unseen(tok: Tokenizer, texts: str | list[str], what: str, warn: Log) -> None:
+def warn_unseen(tok: Tokenizer, texts: str | list[str], what: str, events: Events) -> None:
     """One warning line when `texts` hold characters the tokenizer maps to <unk> (generation goes on: exit 0).
     For several texts (--input rows), `what` is followed by the numbers of the rows that hold them."""
     found = tok.unseen(texts)
@@ -43,7 +43,7 @@ def warn_unseen(tok: Tokenizer, texts: str | list[str], what: str, warn: Log) ->
     if not isinstance(texts, str):
         rows = [str(i + 1) for i in found.texts[:5]] + (["..."] if len(found.texts) > 5 else [])
         what = f"{what} row{'s' if len(found.texts) > 1 else ''} {', '.join(rows)}"
-    warn(found.message(what))
+    events.warn(found.message(what))
 
 
 def sampling_settings(loaded: Loaded, overrides: Optional[list[str]] = None, flags: Optional[dict] = None
@@ -54,11 +54,12 @@ def sampling_settings(loaded: Loaded, overrides: Optional[list[str]] = None, fla
     return Sampling.from_config(apply_settings(loaded, None, overrides or [], ("generate",), "infer").generate, flags)
 
 
-def stream(loaded: Loaded, prompt: str, s: Sampling, truncate: bool = False, warn: Log = nolog) -> Iterator[str]:
-    """`llmctl infer --prompt`: the completion of one prompt as text pieces, as they are generated. `warn` hears
+def stream(loaded: Loaded, prompt: str, s: Sampling, truncate: bool = False, events: Events = SILENT
+           ) -> Iterator[str]:
+    """`llmctl infer --prompt`: the completion of one prompt as text pieces, as they are generated. `events` hears
     about characters of the prompt the tokenizer has never seen."""
     ids = fit_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
-    warn_unseen(loaded.tokenizer, prompt, "the prompt", warn)
+    warn_unseen(loaded.tokenizer, prompt, "the prompt", events)
     return texts(loaded.engine, [Request(ids, s)])
 
 
@@ -83,12 +84,13 @@ def _row_settings(row: dict, s: Sampling, n: int) -> Sampling:
 AUTO_BUILD_AFTER_S = 120.0  # generate.compile auto builds a compiled step when the rest of a job would take longer
 
 
-def complete_rows(loaded: Loaded, rows: list[dict], s: Sampling, truncate: bool = False, on_row=None,
-                  batch_size: Optional[int] = None, warn: Log = nolog) -> list[dict]:
+def complete_rows(loaded: Loaded, rows: list[dict], s: Sampling, truncate: bool = False,
+                  batch_size: Optional[int] = None, events: Events = SILENT) -> list[dict]:
     """`llmctl infer --input`: complete every row, `generate.batch_size` rows decoding at a time (a row joins as
     soon as another finishes), each with its own settings where it gives them. Output rows repeat the input and add
     `completion`, `finish_reason` (length, stop, eos), `prompt_tokens` and `completion_tokens`, in input order.
-    `warn` hears about characters of the prompts the tokenizer has never seen (one line for all rows)."""
+    `events` hears the "infer" progress (rows completed) and about characters of the prompts the tokenizer has never
+    seen (one warning for all rows)."""
     tok, T = loaded.tokenizer, loaded.cfg.model.block_size
     settings = [_row_settings(r, s, n) for n, r in enumerate(rows, 1)]
     ids = []
@@ -97,7 +99,7 @@ def complete_rows(loaded: Loaded, rows: list[dict], s: Sampling, truncate: bool 
             ids.append(fit_prompt(tok, r["prompt"], T, truncate))
         except LlmctlError as e:
             raise LlmctlError(f"--input row {n}: {e.message}") from None
-    warn_unseen(tok, [r["prompt"] for r in rows], "--input", warn)  # one line for all rows
+    warn_unseen(tok, [r["prompt"] for r in rows], "--input", events)  # one line for all rows
     reqs = [Request(ids[i], settings[i]) for i in range(len(rows))]
     index = {id(q): i for i, q in enumerate(reqs)}
     results: list[dict] = [{} for _ in rows]
@@ -114,14 +116,16 @@ def complete_rows(loaded: Loaded, rows: list[dict], s: Sampling, truncate: bool 
                 e.build_compiled()
             asked = True
 
-    for row in engine.run(reqs, slots=batch_size or loaded.cfg.generate.batch_size, on_step=on_step):
-        done_tokens += len(row.new_tokens)
-        if row.done:
-            i = index[id(row.request)]
-            results[i] = {**rows[i], "completion": row.text, "finish_reason": row.finish_reason,
-                          "prompt_tokens": len(ids[i]), "completion_tokens": row.produced}
-            if on_row:
-                on_row()
+    with events.progress("infer", len(rows)) as progress:
+        completed = 0
+        for row in engine.run(reqs, slots=batch_size or loaded.cfg.generate.batch_size, on_step=on_step):
+            done_tokens += len(row.new_tokens)
+            if row.done:
+                i = index[id(row.request)]
+                results[i] = {**rows[i], "completion": row.text, "finish_reason": row.finish_reason,
+                              "prompt_tokens": len(ids[i]), "completion_tokens": row.produced}
+                completed += 1
+                progress.update(completed)
     return results
 
 
@@ -129,12 +133,12 @@ def complete_rows(loaded: Loaded, rows: list[dict], s: Sampling, truncate: bool 
 # Classification checkpoints
 
 
-def classify_texts(loaded: Loaded, texts: list[str], batch_size: int = 32, warn: Log = nolog,
+def classify_texts(loaded: Loaded, texts: list[str], batch_size: int = 32, events: Events = SILENT,
                    what: str = "--input") -> list[dict]:
-    """Label and class probabilities for each text (cut to the context like training does). `warn` hears about
+    """Label and class probabilities for each text (cut to the context like training does). `events` hears about
     unseen characters; `what` names the texts there ("--input", followed by the row numbers, or "the text")."""
     tok, T = loaded.tokenizer, loaded.cfg.model.block_size
-    warn_unseen(tok, texts[0] if len(texts) == 1 else texts, what, warn)
+    warn_unseen(tok, texts[0] if len(texts) == 1 else texts, what, events)
     ids = []
     for enc in tok.encode_batch(texts):
         ids.append(enc[: T - 1] + [tok.eos_id])
@@ -183,15 +187,15 @@ class ChatSession:
     """`infer --chat`: the conversation so far is rendered by `render_chat` (the instruction template the model was
     tuned with) at every turn; the oldest tokens are dropped when it outgrows the context."""
 
-    def __init__(self, loaded: Loaded, s: Sampling, warn: Log = nolog):
-        self.loaded, self.messages, self.s, self.warn = loaded, [], s, warn
+    def __init__(self, loaded: Loaded, s: Sampling, events: Events = SILENT):
+        self.loaded, self.messages, self.s, self.events = loaded, [], s, events
 
     def reset(self) -> None:
         self.messages = []
 
     def reply(self, message: str) -> Iterator[str]:
         tok = self.loaded.tokenizer
-        warn_unseen(tok, message, "your message", self.warn)
+        warn_unseen(tok, message, "your message", self.events)
         messages = self.messages + [{"role": "user", "content": message}]
         s, block = self.s, self.loaded.cfg.model.block_size
         room = max(1, block - min(s.max_new_tokens, block // 2))  # the oldest turns go first, to leave room to reply

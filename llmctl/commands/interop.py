@@ -8,30 +8,30 @@ from typing import Optional
 from .. import checkpoint as ckpt_io
 from .. import hf
 from ..errors import LlmctlError
+from ..events import SILENT, Events
 from ..fileio import atomic_dir, atomic_path
 from ..loading import load_model
 from ..lora import merge_lora
 from ..rundir import check_out_dir, clear_run, write_run_files
-from . import Log, nolog
 
 FORMATS = ("hf", "gguf")
 
 
 def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrite: bool = False,
-              log: Log = nolog) -> dict:
+              events: Events = SILENT) -> dict:
     """`llmctl import hf`: a transformers directory (or `hf:NAME` from the hub) -> an llmctl run directory whose
     one checkpoint (step 0) `finetune --from`, `infer --ckpt` and `eval --ckpt` take."""
     out = Path(out)
     if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):  # refuse before any download
         raise LlmctlError(f"--out {out} already exists and is not empty; pass --overwrite to replace the run there, "
                           "or choose another directory")
-    src = hf.download(source[3:], log) if source.startswith("hf:") else Path(source)
+    src = hf.download(source[3:], events.log) if source.startswith("hf:") else Path(source)
     imported = hf.load_dir(src, tokenizer)
     check_out_dir(out, resume=False, overwrite=overwrite)
     if overwrite and out.is_dir():  # deleted only once the import is known to be sound
         clear_run(out)
     for w in imported.warnings:
-        log(f"[yellow]warning:[/yellow] {w}")
+        events.warn(w)
     cfg, tok = imported.cfg, imported.tokenizer
     config_yaml = cfg.to_yaml()
     tok_json = tok.to_str() if tok is not None else None
@@ -40,8 +40,8 @@ def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrit
     path = ckpt_io.save(out, 0, imported.weights, config_yaml, tok_json, meta=meta)
     write_run_files(out, config_yaml, tok_json)  # the run-level copies a trained run has too
     m = cfg.model
-    log(f"imported {source} as {m.arch}: {m.n_layer} layers, width {m.n_embd}, {m.n_head} heads "
-        f"({m.kv_heads} key/value), vocabulary {m.vocab_size}, context {m.block_size}")
+    events.log(f"imported {source} as {m.arch}: {m.n_layer} layers, width {m.n_embd}, {m.n_head} heads "
+               f"({m.kv_heads} key/value), vocabulary {m.vocab_size}, context {m.block_size}")
     return {
         "checkpoint": str(path),
         "source": source,
@@ -54,7 +54,7 @@ def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrit
 
 
 def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, overwrite: bool = False,
-           log: Log = nolog, base: Optional[Path] = None, merge_lora_adapter: bool = False,
+           events: Events = SILENT, base: Optional[Path] = None, merge_lora_adapter: bool = False,
            outtype: str = "f16") -> dict:
     """`llmctl export --format hf`: a checkpoint -> a directory transformers loads with from_pretrained;
     `--format gguf`: a single GGUF file for llama.cpp (`outtype` f32, f16 or q8_0; llmctl.gguf_export).
@@ -66,7 +66,7 @@ def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, ov
         raise LlmctlError(f"--format {fmt!r} is not supported; choose one of: {', '.join(FORMATS)}")
     out = Path(out)
     if fmt == "gguf":
-        return _export_gguf(ckpt, out, tokenizer, overwrite, log, base, merge_lora_adapter, outtype)
+        return _export_gguf(ckpt, out, tokenizer, overwrite, events, base, merge_lora_adapter, outtype)
     if out.exists():
         if not out.is_dir():
             raise LlmctlError(f"--out {out} is a file; give a directory for the export")
@@ -79,12 +79,12 @@ def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, ov
     loaded = _exportable(ckpt, base, tokenizer, merge_lora_adapter, "hf")
     ck, cfg, tok = loaded.ckpt, loaded.cfg, loaded.tokenizer
     if tok is None:
-        log(f"[yellow]warning:[/yellow] {ck.path} has no tokenizer, so the export has none; "
-            "pass --tokenizer FILE to include one")
+        events.warn(f"{ck.path} has no tokenizer, so the export has none; pass --tokenizer FILE to include one")
     weights = merge_lora(loaded.model).state_dict()  # LoRA adapters folded into the weights they adapt
     with atomic_dir(out, replace=True) as tmp:
         files = hf.write_dir(tmp, cfg, weights, tok, str(ck.path))
-    log(f"exported {ck.path} to {out} ({cfg.model.arch} -> {hf.to_hf_config(cfg.model, tok)['architectures'][0]})")
+    hf_arch = hf.to_hf_config(cfg.model, tok)["architectures"][0]
+    events.log(f"exported {ck.path} to {out} ({cfg.model.arch} -> {hf_arch})")
     return {"checkpoint": str(ck.path), "out": str(out), "format": fmt, "files": files}
 
 
@@ -101,8 +101,8 @@ def _exportable(ckpt: Path, base: Optional[Path], tokenizer: Optional[Path], mer
     return loaded
 
 
-def _export_gguf(ckpt: Path, out: Path, tokenizer: Optional[Path], overwrite: bool, log: Log, base: Optional[Path],
-                 merge_lora_adapter: bool, outtype: str) -> dict:
+def _export_gguf(ckpt: Path, out: Path, tokenizer: Optional[Path], overwrite: bool, events: Events,
+                 base: Optional[Path], merge_lora_adapter: bool, outtype: str) -> dict:
     from .. import gguf_export
 
     gguf_export.require()
@@ -117,6 +117,6 @@ def _export_gguf(ckpt: Path, out: Path, tokenizer: Optional[Path], overwrite: bo
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         gguf_export.write(tmp, cfg, weights, tok, outtype, ck.run_dir.name)
-    log(f"exported {ck.path} to {out} (GGUF, llama.cpp architecture {cfg.model.arch}, {outtype})")
+    events.log(f"exported {ck.path} to {out} (GGUF, llama.cpp architecture {cfg.model.arch}, {outtype})")
     return {"checkpoint": str(ck.path), "out": str(out), "format": "gguf", "outtype": outtype,
             "bytes": out.stat().st_size, "files": [out.name]}

@@ -6,17 +6,15 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import Config, load_config
-from ..data import OnProgress
 from ..data import prepare as prepare_tokens
-from . import Log, nolog
+from ..events import SILENT, Events
 
 
-def prepare(config: Optional[Path], overrides: list[str], log: Log = nolog,
-            on_progress: Optional[OnProgress] = None) -> dict:
-    """`llmctl prepare`: tokenize once into the cache; report what is there. `on_progress` (bytes read, total bytes,
-    tokens) replaces the progress lines (for a live bar)."""
+def prepare(config: Optional[Path], overrides: list[str], events: Events = SILENT) -> dict:
+    """`llmctl prepare`: tokenize once into the cache; report what is there. `events` hears the "prepare" progress
+    (bytes read, tokens) and what is done."""
     cfg = load_config(config, overrides)
-    td = prepare_tokens(cfg.data, cfg.tokenizer, log=log, on_progress=on_progress)
+    td = prepare_tokens(cfg.data, cfg.tokenizer, events=events)
     return {"cache": str(td.dir), **td.manifest}
 
 

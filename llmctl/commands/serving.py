@@ -15,11 +15,11 @@ from typing import Callable, Optional
 
 from ..config import Config
 from ..errors import EXIT_SIGINT, EXIT_SIGTERM, LlmctlError
+from ..events import SILENT, Events
 from ..fileio import read_text
 from ..interrupt import NAMES
 from ..loading import Loaded, apply_settings, for_inference, load_model
 from ..sampling import Sampling
-from . import Log, nolog
 
 SECTIONS = ("serve", "generate")  # what -c/--set may change for a server (the model itself is the checkpoint's)
 KEY_ENV = "LLMCTL_API_KEY"
@@ -90,10 +90,12 @@ def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, api_key_file: O
           config: Optional[Path] = None, overrides: Optional[list[str]] = None, dtype: Optional[str] = None,
           quantize_mode: Optional[str] = None, compile: Optional[bool] = None, device: str = "auto",
           base: Optional[Path] = None, tokenizer: Optional[Path] = None, insecure: bool = False,
-          log: Log = nolog, on_ready: Optional[Callable[[dict], None]] = None, flags: Optional[dict] = None) -> int:
+          events: Events = SILENT, on_ready: Optional[Callable[[dict], None]] = None, flags: Optional[dict] = None
+          ) -> int:
     """Serve `ckpt` until SIGTERM/SIGINT: the first signal stops accepting and finishes the requests in flight
-    (within serve.drain_timeout), then returns 0; a second one exits at once (130 or 143). `on_ready` gets the
-    address and model once the server listens. `dtype`, `quantize_mode`, `compile` and the sampling `flags` are
+    (within serve.drain_timeout), then returns 0; a second one exits at once (130 or 143). `events` hears about
+    compiling, draining and stopping; `on_ready` gets the address and model once the server listens (a result:
+    `serve --json` prints it on stdout). `dtype`, `quantize_mode`, `compile` and the sampling `flags` are
     shorthand for their generate.* keys (None: not given)."""
     require_extra()
     key = api_key(api_key_file)
@@ -106,13 +108,14 @@ def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, api_key_file: O
     cfg, defaults = settings(loaded, config, overrides or [], flags)
     sock = bind(host, port)  # before the slow part: a port in use is reported at once
     try:
-        return _run(loaded, cfg, defaults, sock, key, dtype, quantize_mode, compile, log, on_ready)
+        return _run(loaded, cfg, defaults, sock, key, dtype, quantize_mode, compile, events, on_ready)
     finally:
         sock.close()
 
 
 def _run(loaded: Loaded, cfg: Config, defaults: Sampling, sock: socket.socket, key: Optional[str],
-         dtype: Optional[str], quantize_mode: Optional[str], compile: Optional[bool], log: Log, on_ready) -> int:
+         dtype: Optional[str], quantize_mode: Optional[str], compile: Optional[bool], events: Events,
+         on_ready: Optional[Callable[[dict], None]]) -> int:
     import uvicorn
 
     from .. import openai_api as api
@@ -127,8 +130,9 @@ def _run(loaded: Loaded, cfg: Config, defaults: Sampling, sock: socket.socket, k
     if loaded.classifier is not None:
         served.classify = lambda texts: classify_texts(loaded, texts, batch_size=cfg.eval.batch_size)
     else:
-        for_inference(loaded, dtype, quantize_mode, compile, notify=log)
-        served.worker = server.Worker(loaded.engine, sc.slots, sc.max_queue, sc.request_timeout, metrics, log)
+        for_inference(loaded, dtype, quantize_mode, compile, events=events)
+        served.worker = server.Worker(loaded.engine, sc.slots, sc.max_queue, sc.request_timeout, metrics,
+                                      events.log)
         served.worker.start()  # (loads, or with --compile builds, the compiled step of the serving shape)
     app = server.create_app(served, key, sc.max_body_bytes, metrics)
     uv = _server_class()(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
@@ -138,8 +142,8 @@ def _run(loaded: Loaded, cfg: Config, defaults: Sampling, sock: socket.socket, k
         served.draining = True
         w = served.worker
         busy = (w.engine.busy + len(w.engine.waiting)) if w else 0
-        log(f"stopping: finishing {busy} request(s) in flight (up to serve.drain_timeout={sc.drain_timeout:g} s); "
-            "a second signal exits at once")
+        events.log(f"stopping: finishing {busy} request(s) in flight (up to serve.drain_timeout="
+                   f"{sc.drain_timeout:g} s); a second signal exits at once")
 
     uv.on_first_signal = draining
     host, port = sock.getsockname()[:2]
@@ -158,7 +162,7 @@ def _run(loaded: Loaded, cfg: Config, defaults: Sampling, sock: socket.socket, k
     if uv.forced_by is not None:
         raise LlmctlError(f"stopped at once by a second {NAMES.get(uv.forced_by, 'signal')}; requests in flight "
                           "were cut off", EXIT_SIGINT if uv.forced_by == signal.SIGINT else EXIT_SIGTERM)
-    log("stopped")
+    events.log("stopped")
     return 0
 
 

@@ -16,31 +16,28 @@ from .. import checkpoint as ckpt_io
 from .. import distributed, estimate, recipe, rundir
 from ..config import Config, from_dict, load_config, merge_settings, read_yaml, user_settings
 from ..errors import LlmctlError
+from ..events import SILENT, Events
 from ..interrupt import as_stop
 from ..plan import TrainPlan, build_plan
 from ..recipe import AfterTraining, Start
 from ..tokenizer import Tokenizer
-from ..train import Interrupted, LoopState, NullReporter, Reporter
-from . import Log, nolog
+from ..train import Interrupted, LoopState
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     """How a run reports, and the work that follows it: the same for pretrain and finetune."""
 
-    reporter: Reporter = NullReporter()  # the progress bar
-    log: Log = nolog  # progress lines
-    warn: Log = nolog  # warnings (a slow precision, a damaged checkpoint skipped on --resume)
-    on_plan: Optional[Callable[[TrainPlan], None]] = None  # hears the plan once it is built and checked
+    events: Events = SILENT  # progress, log lines and warnings (a slow precision, a damaged checkpoint skipped)
+    on_plan: Optional[Callable[[TrainPlan], None]] = None  # gets the plan once it is built and checked
     on_step: Optional[Callable[[LoopState], None]] = None  # hears every optimizer step (tests, benchmarks)
     after_training: tuple[AfterTraining, ...] = ()  # work after a finished run (the CLI's compiled decode step)
     dry_run: bool = False  # measure the plan (estimate.dry_run) instead of training it
 
     def for_this_rank(self) -> TrainOptions:
-        """Under torchrun only rank 0 speaks: the other ranks' reporter, log, warn and on_plan are silent."""
-        reporter, log, on_plan = distributed.rank0_only(self.reporter, self.log, self.on_plan)
-        warn = distributed.rank0_only(self.reporter, self.warn)[1]
-        return dataclasses.replace(self, reporter=reporter, log=log, warn=warn, on_plan=on_plan)
+        """Under torchrun only rank 0 speaks: the other ranks' events are silent, and they show no plan."""
+        return dataclasses.replace(self, events=distributed.rank0_only(self.events),
+                                   on_plan=self.on_plan if distributed.speaks() else None)
 
 
 def pretrain(
@@ -52,9 +49,7 @@ def pretrain(
     overwrite: bool = False,
     resume_from: Optional[Path] = None,
     dry_run: bool = False,
-    reporter: Reporter = NullReporter(),
-    log: Log = nolog,
-    warn: Log = nolog,
+    events: Events = SILENT,
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
     after_training: Sequence[AfterTraining] = (),
@@ -65,7 +60,7 @@ def pretrain(
     created or, with --overwrite, emptied. With `dry_run`, build and check everything, then return
     `estimate.dry_run`'s report instead of training (no run directory is created, touched or deleted).
     """
-    opts = TrainOptions(reporter, log, warn, on_plan, on_step, tuple(after_training), dry_run).for_this_rank()
+    opts = TrainOptions(events, on_plan, on_step, tuple(after_training), dry_run).for_this_rank()
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
@@ -78,8 +73,8 @@ def pretrain(
             raise LlmctlError(f"--resume-from {source.path} is a LoRA adapter; pretraining continues a full "
                               "checkpoint (continue a LoRA finetune with `llmctl finetune --resume`)")
     elif resume:
-        source, clear = rundir.resume_point(out, opts.log, opts.warn)
-    cfg = load_config(config, overrides, base=_pretrain_base(config, source, out, resume, opts.log))
+        source, clear = rundir.resume_point(out, opts.events)
+    cfg = load_config(config, overrides, base=_pretrain_base(config, source, out, resume, opts.events))
     tokenizer = Tokenizer.from_str(source.tokenizer_json()) if source else None
     if source is not None:
         _check_model_matches(cfg, from_dict(source.config), source.path, explicit=None)
@@ -89,13 +84,13 @@ def pretrain(
 
 
 def _pretrain_base(config: Optional[Path], source: Optional[ckpt_io.Checkpoint], out: Path, resume: bool,
-                   log: Log) -> Optional[dict]:
+                   events: Events) -> Optional[dict]:
     """The settings a pretrain without -c continues: the checkpoint's (its tensor-parallel layout only under
     torchrun), or the config.yaml of a run stopped before its first checkpoint. None: the defaults in code."""
     if config is not None:
         return None
     if source is not None:
-        return distributed.inherited_layout(source.config, log)
+        return distributed.inherited_layout(source.config, events.log)
     if resume and (out / ckpt_io.CONFIG).is_file():
         return read_yaml(out / ckpt_io.CONFIG)
     return None
@@ -110,9 +105,7 @@ def finetune(
     resume: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
-    reporter: Reporter = NullReporter(),
-    log: Log = nolog,
-    warn: Log = nolog,
+    events: Events = SILENT,
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
     after_training: Sequence[AfterTraining] = (),
@@ -123,14 +116,14 @@ def finetune(
     `from_` (distillation only) the student is a fresh model of the config's model: section with the teacher's
     tokenizer.
     """
-    opts = TrainOptions(reporter, log, warn, on_plan, on_step, tuple(after_training), dry_run).for_this_rank()
+    opts = TrainOptions(events, on_plan, on_step, tuple(after_training), dry_run).for_this_rank()
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
     cfg, base = _finetune_config(config, overrides, from_)
     if not dry_run:
         rundir.check_out_dir(out, resume, overwrite)
-    source, clear = rundir.resume_point(out, opts.log, opts.warn) if resume else (None, overwrite)
+    source, clear = rundir.resume_point(out, opts.events) if resume else (None, overwrite)
     start = Start(out, source, resumed=resume, clear=clear,
                   resume_cmd=resume_command("finetune", config, overrides, out, from_))
     return _train("finetune", cfg, _finetune_tokenizer(cfg, base), base, start, opts)
@@ -194,17 +187,17 @@ def _train(kind: str, cfg: Config, tokenizer: Optional[Tokenizer], base: Optiona
     """The one train path: a finished run whose work after training a signal stopped does that work; any other
     builds and checks its plan, loads the checkpoint it continues, then trains (or with --dry-run is measured)."""
     if not opts.dry_run:
-        finished = recipe.finish_stopped_work(start, cfg, opts.after_training, opts.log)
+        finished = recipe.finish_stopped_work(start, cfg, opts.after_training, opts.events)
         if finished:
             return finished
     with reported_stop(start.resume_cmd):
-        plan = build_plan(cfg, tokenizer, kind, base, log=opts.log, warn=opts.warn)
-    resume_state = recipe.load_start(plan, start, opts.log)
+        plan = build_plan(cfg, tokenizer, kind, base, events=opts.events)
+    resume_state = recipe.load_start(plan, start, opts.events)
     if opts.on_plan:
         opts.on_plan(plan)
     if opts.dry_run:
         return estimate.dry_run(plan, start_step=resume_state["loop"]["step"] if resume_state else 0, out=start.out)
-    return recipe.run_training(plan, start, resume_state, reporter=opts.reporter, log=opts.log, on_step=opts.on_step,
+    return recipe.run_training(plan, start, resume_state, events=opts.events, on_step=opts.on_step,
                                after_training=opts.after_training)
 
 

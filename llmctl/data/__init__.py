@@ -23,11 +23,10 @@ from .examples import (
     packed_tokens,
     pad_batch,
 )
-from .streaming import OnProgress
 from .tables import load_texts
 
 __all__ = [
-    "ExampleBatches", "Examples", "LMBatches", "OnProgress", "TokenData", "classification_examples", "eval_batches",
+    "ExampleBatches", "Examples", "LMBatches", "TokenData", "classification_examples", "eval_batches",
     "eval_blocks", "holdout", "instruct_examples", "load_texts", "packed_tokens", "pad_batch", "prepare",
     "resolve_source", "tokenize_file",
 ]

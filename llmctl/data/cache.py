@@ -21,16 +21,17 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 from .. import corpus
 from ..config import DataConfig, TokenizerConfig
 from ..corpus import Source, resolve_source
 from ..errors import LlmctlError
+from ..events import SILENT, Events
 from ..fileio import atomic_dir, publish_dir, write_atomic
 from ..shards import INDEX, Tokens
 from ..tokenizer import Tokenizer, line_cut
-from .streaming import OnProgress, stream_to_shards
+from .streaming import stream_to_shards
 
 FORMAT_VERSION = 2  # 2: sharded token files (1: train.npy / val.npy, never reused: see prepare)
 
@@ -54,7 +55,7 @@ def _training_sample(source: Source, cfg: DataConfig, limit: Optional[int], seed
 
 
 def get_tokenizer(cfg_tok: TokenizerConfig, cfg: DataConfig, source: Source, identity: str,
-                  log: Callable[[str], None] = lambda s: None) -> Tokenizer:
+                  events: Events = SILENT) -> Tokenizer:
     """Load `tokenizer.path`, or train (once per corpus and setting, cached) a char or BPE tokenizer: BPE from at most
     `tokenizer.train_chars` characters of the corpus, char from all of it (every character needs its token)."""
     if cfg_tok.path:
@@ -67,10 +68,10 @@ def get_tokenizer(cfg_tok: TokenizerConfig, cfg: DataConfig, source: Source, ide
     if cfg_tok.kind == "char":
         tok = Tokenizer.train_char(_training_sample(source, cfg, None))
     else:
-        log(f"training a {cfg_tok.vocab_size}-token BPE tokenizer on {cfg.path} "
-            f"(at most {cfg_tok.train_chars:,} characters)")
+        events.log(f"training a {cfg_tok.vocab_size}-token BPE tokenizer on {cfg.path} "
+                   f"(at most {cfg_tok.train_chars:,} characters)")
         tok = Tokenizer.train_bpe(_training_sample(source, cfg, cfg_tok.train_chars), cfg_tok.vocab_size)
-        log(f"tokenizer trained in {time.time() - t0:.1f}s")
+        events.log(f"tokenizer trained in {time.time() - t0:.1f}s")
     with atomic_dir(path.parent) as d:
         tok.save(d / "tokenizer.json")
     return tok
@@ -101,7 +102,7 @@ def _build_lock(directory: Path):
 BUILD_NOTE = "build.json"  # in a build folder: the source settings and identity it was started for
 
 
-def _sweep_abandoned(root: Path, log: Callable[[str], None]) -> None:
+def _sweep_abandoned(root: Path, events: Events) -> None:
     """Remove the build folders of interrupted preparations that no command can resume: their corpus has changed
     or gone since (the cache key holds its identity, so the same command now builds under another key). A build
     in progress holds its lock and is left alone, and so is one whose corpus is unchanged (run again, it resumes)."""
@@ -117,8 +118,8 @@ def _sweep_abandoned(root: Path, log: Callable[[str], None]) -> None:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (raises if a process is building it now)
                 size = sum(f.stat().st_size for f in build.iterdir() if f.is_file())
                 shutil.rmtree(build)
-            log(f"removed {build.name}, an interrupted preparation of {cfg.path} that cannot resume: the "
-                f"corpus has changed or gone since ({size / 1e6:,.1f} MB freed)")
+            events.log(f"removed {build.name}, an interrupted preparation of {cfg.path} that cannot resume: the "
+                       f"corpus has changed or gone since ({size / 1e6:,.1f} MB freed)")
         except (OSError, ValueError, KeyError, TypeError):
             continue  # (no note: an older build, or one being created; locked: in progress)
 
@@ -146,8 +147,7 @@ def prepare(
     data: DataConfig,
     tok_cfg: TokenizerConfig,
     tokenizer: Optional[Tokenizer] = None,
-    log: Callable[[str], None] = lambda s: None,
-    on_progress: Optional[OnProgress] = None,
+    events: Events = SILENT,
 ) -> TokenData:
     """Tokenize the configured corpus into cached token shards (reused when inputs and tokenizer match).
 
@@ -160,40 +160,39 @@ def prepare(
     ident = source.identity(data)
     val_ident = val_source.identity(data) if val_source else ""
     if tokenizer is None:
-        tokenizer = get_tokenizer(tok_cfg, data, source, ident, log)
+        tokenizer = get_tokenizer(tok_cfg, data, source, ident, events)
     key = _sha(ident, val_ident, tokenizer.sha256, str(data.val_fraction), str(FORMAT_VERSION))
     root = Path(data.cache_dir).expanduser() / "tokens"
     final = root / key
     if not (final / "manifest.json").exists():
-        _sweep_abandoned(root, log)
+        _sweep_abandoned(root, events)
         if _old_caches(root):
-            log("note: token caches written by llmctl before sharded token files (train.npy / val.npy) are not "
-                "reused; this corpus is tokenized again once")
+            events.log("note: token caches written by llmctl before sharded token files (train.npy / val.npy) "
+                       "are not reused; this corpus is tokenized again once")
         build = root / f".build-{key}"
         lock = _build_lock(build)
         try:
             if not (final / "manifest.json").exists():
-                log(f"tokenizing {data.path} (cache miss) into {final}")
+                events.log(f"tokenizing {data.path} (cache miss) into {final}")
                 sources = [[_absolute(data.path), ident]] + ([[_absolute(data.val_path), val_ident]]
                                                               if data.val_path else [])
                 write_atomic(build / BUILD_NOTE, json.dumps({"data": asdict(data), "sources": sources}))
-                _build(build, final, data, source, val_source, tokenizer, log, on_progress)
+                _build(build, final, data, source, val_source, tokenizer, events)
         finally:
             lock.close()
     return open_tokens(final, tokenizer)
 
 
 def _build(build: Path, final: Path, data: DataConfig, source: Source, val_source: Optional[Source],
-           tokenizer: Tokenizer, log: Callable[[str], None], on_progress: Optional[OnProgress]) -> None:
+           tokenizer: Tokenizer, events: Events) -> None:
     t0 = time.time()
-    train = stream_to_shards(build, source, data, tokenizer, "shard", INDEX, "data.path", log, on_progress)
+    train = stream_to_shards(build, source, data, tokenizer, "shard", INDEX, "data.path", events)
     if train.tokens == 0:
         raise LlmctlError(f"data.path: {data.path} holds no text (the corpus or its text column is empty); "
                           "point it at a non-empty corpus")
     n_all = train.tokens
     if val_source is not None:
-        val = stream_to_shards(build, val_source, data, tokenizer, "val", "val-index.json", "data.val_path", log,
-                               on_progress)
+        val = stream_to_shards(build, val_source, data, tokenizer, "val", "val-index.json", "data.val_path", events)
         n_train, n_val, val_shards = n_all, val.tokens, [s.name for s in val.shards]
     else:  # contiguous split: the first (1 - val_fraction) of the tokens train, the rest validate
         n_train = int(n_all * (1 - data.val_fraction))
@@ -222,9 +221,9 @@ def _build(build: Path, final: Path, data: DataConfig, source: Source, val_sourc
     (build / "manifest.json").write_text(json.dumps(manifest, indent=2))
     (build / ".lock").unlink(missing_ok=True)
     publish_dir(build, final)
-    log(f"prepared {n_all:,} tokens in {len(train.shards) + len(val_shards)} shard"
-        f"{'s' if len(train.shards) + len(val_shards) > 1 else ''} in {seconds:.1f}s "
-        f"({manifest['tokens_per_sec']:,} tokens/s)")
+    events.log(f"prepared {n_all:,} tokens in {len(train.shards) + len(val_shards)} shard"
+               f"{'s' if len(train.shards) + len(val_shards) > 1 else ''} in {seconds:.1f}s "
+               f"({manifest['tokens_per_sec']:,} tokens/s)")
 
 
 def open_tokens(directory: Path, tokenizer: Optional[Tokenizer] = None) -> TokenData:

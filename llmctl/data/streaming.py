@@ -2,7 +2,7 @@
 
 Memory stays bounded at any corpus size (the reader runs at most a few batches ahead of the tokenizer), and a build
 that was killed goes on from its last complete shard (`llmctl.shards` keeps each shard's reader cursor). While it
-works, progress is one plain line every few seconds, or a callback for a live bar.
+works it reports "prepare" progress: bytes read (of the source's total, when known), with the tokens so far.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 import errno
 import queue
 import threading
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -20,52 +19,16 @@ from .. import corpus
 from ..config import DataConfig
 from ..corpus import Source
 from ..errors import LlmctlError
+from ..events import Events, Progress
 from ..shards import Index, ShardWriter
 from ..tokenizer import Tokenizer
-
-OnProgress = Callable[[int, Optional[int], int], None]  # (bytes read, total bytes or None, tokens) while tokenizing
-
-
-class _Progress:
-    """One plain line every few seconds while tokenizing: bytes read, tokens, tokens/s and the time left; or, given
-    `on_progress` (a live bar on a terminal), that called instead."""
-
-    def __init__(self, log: Callable[[str], None], total: Optional[int], done: int, tokens: int, every: float = 5.0,
-                 on_progress: Optional[OnProgress] = None):
-        self.log, self.total, self.every, self.on_progress = log, total, every, on_progress
-        self.t0 = self.last = time.time()
-        self.base_bytes, self.base_tokens = done, tokens
-        if on_progress:
-            on_progress(done, total, tokens)
-
-    def __call__(self, done: int, tokens: int) -> None:
-        if self.on_progress:
-            self.on_progress(done, self.total, tokens)
-            return
-        now = time.time()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        rate = (tokens - self.base_tokens) / max(now - self.t0, 1e-9)
-        line = f"prepare: {done / 1e6:,.1f}"
-        if self.total:
-            speed = (done - self.base_bytes) / max(now - self.t0, 1e-9)
-            eta = (self.total - done) / speed if speed > 0 else 0.0
-            line += f" / {self.total / 1e6:,.1f} MB read ({100 * done / self.total:.0f}%)"
-        else:
-            line += " MB read"
-        line += f", {tokens:,} tokens, {rate:,.0f} tokens/s"
-        if self.total:
-            line += f", eta {eta:.0f}s"
-        self.log(line)
-
 
 ENCODE_CHARS = 1 << 20  # texts per native encode_batch call (it runs them on all cores)
 BATCH_CHARS = 4 << 20  # text read ahead of the tokenizer, at most: memory stays bounded
 
 
 def _tokenize(source: Source, cfg: DataConfig, tok: Tokenizer, writer: ShardWriter, start: corpus.Cursor,
-              key: str, progress: _Progress) -> corpus.Cursor:
+              key: str, progress: Progress) -> corpus.Cursor:
     """Read `source` from `start` in a reader thread, tokenize batches on all cores (`tokenizers` releases the GIL)
     and hand the ids to `writer`, which writes a shard whenever one is full. Returns the cursor at the end."""
     q: queue.Queue = queue.Queue(maxsize=3)
@@ -107,7 +70,7 @@ def _tokenize(source: Source, cfg: DataConfig, tok: Tokenizer, writer: ShardWrit
                     writer.add(ids, piece.doc_end)
                     writer.flush_if_full(piece.after, piece.bytes_read)
                     cursor = piece.after
-                progress(batch[j - 1].bytes_read, writer.index.tokens + writer.buffered)
+                progress.update(batch[j - 1].bytes_read, tokens=writer.index.tokens + writer.buffered)
                 i = j
     finally:
         done.set()
@@ -142,7 +105,7 @@ def _resume_index(build: Path, name: str, prefix: str) -> Optional[Index]:
 
 
 def stream_to_shards(build: Path, source: Source, cfg: DataConfig, tok: Tokenizer, prefix: str, index_name: str,
-                     key: str, log: Callable[[str], None], on_progress: Optional[OnProgress]) -> Index:
+                     key: str, events: Events) -> Index:
     """Tokenize `source` into the shards `{prefix}-*.bin` of the build folder `build`, listed in `index_name`; an
     earlier, interrupted build there goes on after its last complete shard. Returns the finished index."""
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
@@ -153,14 +116,15 @@ def stream_to_shards(build: Path, source: Source, cfg: DataConfig, tok: Tokenize
         start = corpus.Cursor(**last.cursor)
         where = (f"{source.files[start.file]} at byte {start.pos:,}" if start.file < len(source.files)
                  and source.builder == "text" else f"file {start.file + 1}, row {start.pos:,}")
-        log(f"resuming the interrupted preparation after shard {len(index.shards) - 1} "
-            f"({index.tokens:,} tokens done), at {where}")
+        events.log(f"resuming the interrupted preparation after shard {len(index.shards) - 1} "
+                   f"({index.tokens:,} tokens done), at {where}")
     writer = ShardWriter(build, dtype, cfg.shard_tokens, tok.eos_id, prefix=prefix, index_name=index_name,
                          index=index)
-    progress = _Progress(log, source.total_bytes(), index.bytes_read if index else 0, writer.index.tokens,
-                         on_progress=on_progress)
+    done = index.bytes_read if index else 0
     try:
-        end = _tokenize(source, cfg, tok, writer, start, key, progress)
+        with events.progress("prepare", source.total_bytes(), done) as progress:
+            progress.update(done, tokens=writer.index.tokens)  # where it starts (a resumed build has tokens)
+            end = _tokenize(source, cfg, tok, writer, start, key, progress)
         return writer.close(end, source.total_bytes() or 0)
     except OSError as e:
         if e.errno == errno.ENOSPC:

@@ -1,22 +1,25 @@
 """What each rank shows: rank 0 speaks, the others are quiet; throughput per device beside the total.
 
-Only rank 0 prints, logs, holds the run lock and writes the run directory; the other ranks get stand-ins that
-discard what they are given.
+Only rank 0 reports, holds the run lock and writes the run directory; the other ranks get stand-ins that discard
+what they are given.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-from ..train import NullReporter, Reporter
+from ..events import SILENT, Events, with_fields
 from .launch import DistContext, env_rank
 
 
-def rank0_only(reporter: Reporter, log: Callable[[str], None], on_plan: Optional[Callable] = None):
-    """(reporter, log, on_plan) for this process: unchanged on rank 0, silent on the other ranks."""
-    if env_rank() == 0:
-        return reporter, log, on_plan
-    return NullReporter(), (lambda message: None), None
+def speaks() -> bool:
+    """Whether this process reports to the user: rank 0 (or the one process when not launched by torchrun)."""
+    return env_rank() == 0
+
+
+def rank0_only(events: Events) -> Events:
+    """The events of this process: `events` on rank 0, silent on the other ranks (rank 0 speaks for all)."""
+    return events if speaks() else SILENT
 
 
 class Discard:
@@ -46,26 +49,10 @@ def per_device_metrics(write: Callable[[dict], None], ctx: DistContext) -> Calla
     return log_row
 
 
-class PerDeviceReporter:
-    """A reporter that also shows tokens/s per device (the loop reports the total over all ranks)."""
-
-    def __init__(self, inner_reporter: Reporter, world_size: int):
-        self.inner, self.world = inner_reporter, world_size
-
-    def start(self, total: int, done: int) -> None:
-        self.inner.start(total, done)
-
-    def update(self, step: int, info: dict) -> None:
-        if "tokens_per_sec" in info:
-            info = {**info, "tokens_per_sec_per_device": info["tokens_per_sec"] / self.world}
-        self.inner.update(step, info)
-
-    def log(self, message: str) -> None:
-        self.inner.log(message)
-
-    def stop(self) -> None:
-        self.inner.stop()
-
-
-def per_device_reporter(reporter: Reporter, ctx: DistContext) -> Reporter:
-    return PerDeviceReporter(reporter, ctx.world_size) if ctx.enabled else reporter
+def per_device_events(events: Events, ctx: DistContext) -> Events:
+    """Add tokens_per_sec_per_device to the training progress (the loop reports the total over all ranks)."""
+    if not ctx.enabled:
+        return events
+    world = ctx.world_size
+    return with_fields(events, "train", lambda f: ({"tokens_per_sec_per_device": f["tokens_per_sec"] / world}
+                                                   if "tokens_per_sec" in f else {}))
