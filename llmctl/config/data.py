@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
-if TYPE_CHECKING:
-    from .root import Config
+from .whole import Whole
 
 
 def default_cache_dir() -> str:
@@ -29,7 +28,7 @@ class TokenizerConfig:
     train_chars: int = 2_000_000_000
     """BPE learns from at most this many characters of the corpus (a seeded sample of it when larger)."""
 
-    def check(self, cfg: Config) -> list[str]:
+    def check(self, cfg: Whole) -> list[str]:
         """A tokenizer that cannot be trained."""
         p: list[str] = []
         if self.train_chars < 1:
@@ -70,7 +69,7 @@ class DataConfig:
     """Tokens per cache shard (it closes at the first piece of text past this); a killed preparation resumes after
     the last complete shard."""
 
-    def check(self, cfg: Config) -> list[str]:
+    def check(self, cfg: Whole) -> list[str]:
         """Impossible split and source settings."""
         d = self
         p: list[str] = []

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
-if TYPE_CHECKING:
-    from .root import Config
+from .whole import Whole
 
 
 @dataclass
@@ -59,7 +58,7 @@ class FinetuneConfig:
     distill_temperature: float = 1.0
     """Distill: T, the temperature both distributions are softened by."""
 
-    def check(self, cfg: Config) -> list[str]:
+    def check(self, cfg: Whole) -> list[str]:
         """Impossible finetuning settings (freeze_blocks against cfg.model)."""
         f, m = self, cfg.model
         p: list[str] = []

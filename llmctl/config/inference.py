@@ -4,12 +4,10 @@ docs/serving.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
 from .. import sampling
-
-if TYPE_CHECKING:
-    from .root import Config
+from .whole import Whole
 
 # the precisions and weight formats generation runs in (generate.dtype / --dtype, generate.quantize / --quantize)
 INFER_DTYPES = ("auto", "float32", "bfloat16")
@@ -47,7 +45,7 @@ class GenerateConfig:
     batch_size: int = 8
     """Prompts decoded together by `infer --input` (continuous batching)."""
 
-    def check(self, cfg: Config) -> list[str]:
+    def check(self, cfg: Whole) -> list[str]:
         """Impossible generation settings: the sampling keys by llmctl.sampling's rules."""
         values = {f: getattr(self, f) for f in sampling.FIELDS}
         p = [f"generate.{x.field}: {x.message}" for x in sampling.problems(values)]
@@ -67,7 +65,7 @@ class EvalConfig:
     label_column: Optional[str] = None
     """Label column of the file given to `eval --data` (classifiers); null: data.label_column."""
 
-    def check(self, cfg: Config) -> list[str]:
+    def check(self, cfg: Whole) -> list[str]:
         """Impossible evaluation settings."""
         p: list[str] = []
         if self.batch_size < 1:
@@ -94,7 +92,7 @@ class ServeConfig:
     model_name: Optional[str] = None
     """The model's id in the API; null: the run directory's name."""
 
-    def check(self, cfg: Config) -> list[str]:
+    def check(self, cfg: Whole) -> list[str]:
         """Impossible serving settings."""
         p: list[str] = []
         for name in ("slots", "max_queue", "max_tokens", "max_body_bytes"):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
-if TYPE_CHECKING:
-    from .root import Config
+from .whole import Whole
 
 
 @dataclass
@@ -74,7 +73,7 @@ class ModelConfig:
     def tied(self) -> bool:
         return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
 
-    def check(self, cfg: Config) -> list[str]:
+    def check(self, cfg: Whole) -> list[str]:
         """Impossible shapes: what no Transformer can be built with."""
         m = self
         p: list[str] = []

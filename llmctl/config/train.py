@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
-if TYPE_CHECKING:
-    from .root import Config
+from .whole import Whole
 
 
 @dataclass
@@ -84,7 +83,7 @@ class TrainConfig:
     log: list[Literal["tensorboard"]] = field(default_factory=list)
     """Extra metric sinks besides metrics.jsonl (tensorboard); empty: none."""
 
-    def check(self, cfg: Config) -> list[str]:
+    def check(self, cfg: Whole) -> list[str]:
         """Impossible loop settings (adjustments of merely odd ones are `adjust`'s)."""
         t = self
         p: list[str] = []
