@@ -59,9 +59,10 @@ class Worker:
     """The engine thread. `submit` is called on the event loop; everything else runs on the thread."""
 
     def __init__(self, engine: Engine, slots: int, max_queue: int, timeout: float, metrics: Metrics,
-                 log: Callable[[str], None]):
+                 warn: Callable[[str], None]):
+        # `warn`: how the thread reports a failure it survives (the CLI's events.warn; the server goes on)
         self.engine, self.slots, self.max_queue, self.timeout = engine, slots, max_queue, timeout
-        self.metrics, self.log = metrics, log
+        self.metrics, self.warn = metrics, warn
         self._tickets: dict[Row, tuple[Ticket, int]] = {}
         self._timed_out: set[Row] = set()
         self._wake = threading.Event()
@@ -113,7 +114,7 @@ class Worker:
             try:
                 touched = self.engine.step()
             except Exception as e:  # a failure in the model must not take the server down: fail what was in it
-                self.log(f"error: the engine failed ({type(e).__name__}: {e}); the requests in flight get a 500")
+                self.warn(f"the engine failed ({type(e).__name__}: {e}); the requests in flight get a 500")
                 self._fail_all()
                 continue
             now = time.perf_counter()

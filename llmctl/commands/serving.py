@@ -132,7 +132,7 @@ def _run(loaded: Loaded, cfg: Config, defaults: Sampling, sock: socket.socket, k
     else:
         for_inference(loaded, dtype, quantize_mode, compile, events=events)
         served.worker = server.Worker(loaded.engine, sc.slots, sc.max_queue, sc.request_timeout, metrics,
-                                      events.log)
+                                      events.warn)
         served.worker.start()  # (loads, or with --compile builds, the compiled step of the serving shape)
     app = server.create_app(served, key, sc.max_body_bytes, metrics)
     uv = _server_class()(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
