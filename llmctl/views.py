@@ -61,7 +61,7 @@ def _kv_table(title: str, rows: list[tuple[str, str, str]] | list[tuple[str, str
 
 def plan_lines(kind: str, info: dict) -> list[str]:
     """The two lines a training run starts with: what it trains, and how its global batch is made up
-    (`info`: commands.describe)."""
+    (`info`: plan.describe)."""
     share = info["trainable_parameters"] / max(1, info["parameters"])
     parts = [f"{info['task']} ({info['method']})",
              f"{info['parameters']:,} parameters, {info['trainable_parameters']:,} trainable ({share:.1%})"]

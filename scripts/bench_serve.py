@@ -5,8 +5,8 @@ For each model and each number of concurrent clients C, in interleaved rounds (t
   - serve:    `llmctl serve` with its default serve.slots (16); C clients from one asyncio load generator, each
               sending streamed requests of a 16-token prompt and 128 new tokens back to back for a fixed time;
   - one-at-a-time: the same server with serve.slots=1, which serves one request at a time (what litgpt serve does);
-  - offline:  `llmctl infer --input`'s code (inference_cmd.complete_rows) on min(C, 16) rows at once, timed inside its
-              process (no HTTP, no load generator): the ceiling for that batch size.
+  - offline:  `llmctl infer --input`'s code (commands.inference.complete_rows) on min(C, 16) rows at once, timed
+              inside its process (no HTTP, no load generator): the ceiling for that batch size.
 The load generator speaks HTTP/1.1 over raw asyncio streams (`--client raw`, the default): on two shared cores every
 percent it takes is lost to the server, and httpx (`--client httpx`, what the openai package runs on) takes about
 four times as much. Reported: generated tokens/s over the window (tokens that arrived in it), time to first token

@@ -5,8 +5,8 @@ precision (bf16 autocast on CPU). Three fresh processes:
   1. `llmctl prepare` (so neither measured process tokenizes);
   2. `llmctl pretrain --dry-run --json`: the estimates;
   3. a real run of 5 + 50 steps in a process that records its resident size after its imports, then trains
-     through `commands.pretrain`, and reports the growth of its peak resident size (VmHWM) over that baseline and
-     the time of the 50 steps after the first 5 (steady state).
+     through `commands.training.pretrain`, and reports the growth of its peak resident size (VmHWM) over that
+     baseline and the time of the 50 steps after the first 5 (steady state).
 
 The first optimizer construction imports torch._dynamo lazily (~70 MB of modules); process 3 imports it with
 the others before taking the baseline, so the comparison is about tensors, not modules. A fourth process repeats
@@ -42,13 +42,13 @@ def status(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 before = status("VmRSS")
-import torch, llmctl.commands as commands
+import torch, llmctl.commands.training as training_cmd
 import_rss = status("VmRSS")
 import torch._dynamo  # imported lazily by the first optimizer; an import, so before the baseline
 base = status("VmRSS")
 sets, out, warmup = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 stamps = []
-commands.pretrain(None, sets, out, on_step=lambda s: stamps.append(time.perf_counter()))
+training_cmd.pretrain(None, sets, out, on_step=lambda s: stamps.append(time.perf_counter()))
 durations = [b - a for a, b in zip(stamps, stamps[1:])]
 print(json.dumps({
     "baseline_rss": base, "dynamo_import": base - import_rss,

@@ -7,7 +7,7 @@ JSON file as soon as it is known, so a run cut short still returns what it measu
   2. tests: the CUDA-marked tests (`pytest -m cuda tests/test_cuda.py`), counts and failures from its JUnit XML;
   3. train: `configs/gpt2-small.yaml` (GPT-2 124M) on a generated corpus, bf16 autocast: first its dry run
      (`llmctl pretrain --dry-run`: memory estimate, the dry run's own peak), then a few hundred steps eager and
-     with `train.compile`, in process through `llmctl.training_cmd.pretrain`, reading tokens/s (steady state: the
+     with `train.compile`, in process through `llmctl.commands.training.pretrain`, reading tokens/s (steady state: the
      first steps, which hold compilation, excluded), MFU from llmctl's own peak table (`llmctl.estimate`) and
      peak GPU memory (`torch.cuda.max_memory_allocated`) in the training process itself;
   4. decode: llmctl (eager, compiled ahead of time, weight-only int8) against transformers' `generate` with the
@@ -167,6 +167,7 @@ def worker_train(spec: dict) -> dict:
     from llmctl import distributed, estimate, hardware
     from llmctl.commands import training as training_cmd
     from llmctl.events import Events
+    from llmctl.plan import describe
 
     class StderrLog(Events):  # the run's log lines, as they come (no progress: the steps are timed here)
         def log(self, message: str) -> None:
@@ -177,7 +178,7 @@ def worker_train(spec: dict) -> dict:
     stamps: list[tuple[int, float, int]] = []
 
     def on_plan(plan) -> None:
-        d = plan.describe(plan)
+        d = describe(plan)
         peak = hardware.peak_flops(plan.device, plan.amp, plan.cfg.data.cache_dir)
         info.update(flops_per_token=estimate.flops_per_token(distributed.unwrap(plan.model), plan.cfg.model)["train"],
                     peak_flops=peak["flops"], peak_flops_source=peak["source"], tokens_per_step=d["tokens_per_step"],
@@ -193,8 +194,8 @@ def worker_train(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     result = training_cmd.pretrain(ROOT / "configs/gpt2-small.yaml", spec["overrides"], out=Path(spec["out"]),
-                               on_plan=on_plan, on_step=on_step, dry_run=spec["dry_run"],
-                               events=StderrLog())
+                                   on_plan=on_plan, on_step=on_step, dry_run=spec["dry_run"],
+                                   events=StderrLog())
     wall = time.perf_counter() - t0
     if spec["dry_run"]:
         mem, tm = result["memory"], result.get("time", {})

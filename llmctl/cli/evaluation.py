@@ -20,6 +20,7 @@ from .options import (
     _sampling_flags,
     _sampling_opt,
     from_config,
+    set_option,
 )
 
 
@@ -57,10 +58,9 @@ def eval_(
     log_samples: bool = typer.Option(False, "--log-samples",
                                      help="--tasks: keep every example's inputs and loglikelihoods in the result.",
                                      show_default="off"),
-    overrides: Optional[List[str]] = typer.Option(
-        None, "--set", "-s", metavar="KEY=VALUE", show_default="none",
-        help="--tasks: override one sampling key of the generation tasks, e.g. --set generate.temperature=0 "
-             "(repeatable; generate.* sampling keys only)."),
+    overrides: Optional[List[str]] = set_option(
+        "--tasks: override one sampling key of the generation tasks, e.g. --set generate.temperature=0 "
+        "(repeatable; generate.* sampling keys only)."),
     max_new_tokens: Optional[int] = _sampling_opt("max_new_tokens", "the task's max_gen_toks"),
     temperature: Optional[float] = _sampling_opt("temperature", "the task's, else 0"),
     top_k: Optional[int] = _sampling_opt("top_k", "the task's, else off"),

@@ -12,8 +12,14 @@ from ..config import INFER_DTYPES, QUANTIZE_MODES, field_info
 ConfigOpt = typer.Option(None, "--config", "-c",
                          help="YAML config; it holds only what differs from the defaults in code.",
                          show_default="defaults in code")
-SetOpt = typer.Option(None, "--set", "-s", help="Override one key, e.g. --set train.lr=3e-4 (repeatable).",
-                      metavar="KEY=VALUE", show_default="none")
+
+
+def set_option(help_text: str):
+    """`--set KEY=VALUE` (repeatable): every command's config overrides, with what that command accepts."""
+    return typer.Option(None, "--set", "-s", help=help_text, metavar="KEY=VALUE", show_default="none")
+
+
+SetOpt = set_option("Override one key, e.g. --set train.lr=3e-4 (repeatable).")
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.", show_default="off")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines on stderr.", show_default="off")
 DryRunOpt = typer.Option(False, "--dry-run",
@@ -69,8 +75,7 @@ MaxNewTokensOpt, TemperatureOpt, TopKOpt = (_sampling_opt("max_new_tokens"), _sa
                                              _sampling_opt("top_k"))
 TopPOpt, RepetitionPenaltyOpt = _sampling_opt("top_p"), _sampling_opt("repetition_penalty")
 StopOpt, SeedOpt = _sampling_opt("stop"), _sampling_opt("seed")
-GenerateSetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", show_default="none",
-                              help="Override one generate.* key, e.g. --set generate.top_k=50 (repeatable).")
+GenerateSetOpt = set_option("Override one generate.* key, e.g. --set generate.top_k=50 (repeatable).")
 
 
 def _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed) -> dict:

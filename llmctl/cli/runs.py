@@ -11,7 +11,7 @@ import typer
 from ..console import ConsoleEvents, out
 from ..errors import LlmctlError
 from .app import _print_json, app, run
-from .options import JsonOpt, QuietOpt
+from .options import JsonOpt, QuietOpt, set_option
 
 
 @app.command("runs")
@@ -72,10 +72,9 @@ def prune_(
     data: Optional[str] = typer.Option(None, "--data",
                                        help="Calibration text the importance is measured on (any data.path source).",
                                        show_default="the checkpoint's data.path"),
-    overrides: Optional[List[str]] = typer.Option(
-        None, "--set", "-s", metavar="KEY=VALUE", show_default="none",
-        help="The shape to keep: model.n_layer, model.n_head, model.n_kv_head, model.n_embd, model.mlp_hidden "
-             "(repeatable; each at most the parent's)."),
+    overrides: Optional[List[str]] = set_option(
+        "The shape to keep: model.n_layer, model.n_head, model.n_kv_head, model.n_embd, model.mlp_hidden "
+        "(repeatable; each at most the parent's)."),
     target_params: Optional[int] = typer.Option(
         None, "--target-params", show_default="none",
         help="Pick the shape for this many non-embedding parameters (blocks and final norm) instead, along --by."),

@@ -23,6 +23,7 @@ from .options import (
     TopPOpt,
     _sampling_flags,
     from_config,
+    set_option,
 )
 
 
@@ -43,10 +44,8 @@ def serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="YAML with serve: and generate: sections (slots, queue, limits, "
                                                "timeouts, sampling defaults).", show_default="defaults in code"),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", "-s",
-                                                  help="Override one key, e.g. --set serve.slots=32 (repeatable; "
-                                                       "serve.* and generate.* only).", metavar="KEY=VALUE",
-                                                  show_default="none"),
+    overrides: Optional[List[str]] = set_option("Override one key, e.g. --set serve.slots=32 (repeatable; serve.* and "
+                                                "generate.* only)."),
     max_new_tokens: Optional[int] = MaxNewTokensOpt,
     temperature: Optional[float] = TemperatureOpt,
     top_k: Optional[int] = TopKOpt,

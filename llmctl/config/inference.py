@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from .. import sampling
+from .bounds import at_least
 from .whole import Whole
 
 # the precisions and weight formats generation runs in (generate.dtype / --dtype, generate.quantize / --quantize)
@@ -48,10 +49,8 @@ class GenerateConfig:
     def check(self, cfg: Whole) -> list[str]:
         """Impossible generation settings: the sampling keys by llmctl.sampling's rules."""
         values = {f: getattr(self, f) for f in sampling.FIELDS}
-        p = [f"generate.{x.field}: {x.message}" for x in sampling.problems(values)]
-        if self.batch_size < 1:
-            p.append(f"generate.batch_size: must be at least 1 (got {self.batch_size})")
-        return p
+        return [f"generate.{x.field}: {x.message}" for x in sampling.problems(values)] + at_least(
+            "generate", self, ["batch_size"])
 
 
 @dataclass
@@ -67,10 +66,7 @@ class EvalConfig:
 
     def check(self, cfg: Whole) -> list[str]:
         """Impossible evaluation settings."""
-        p: list[str] = []
-        if self.batch_size < 1:
-            p.append(f"eval.batch_size: must be at least 1 (got {self.batch_size})")
-        return p
+        return at_least("eval", self, ["batch_size"])
 
 
 @dataclass
@@ -94,10 +90,7 @@ class ServeConfig:
 
     def check(self, cfg: Whole) -> list[str]:
         """Impossible serving settings."""
-        p: list[str] = []
-        for name in ("slots", "max_queue", "max_tokens", "max_body_bytes"):
-            if getattr(self, name) < 1:
-                p.append(f"serve.{name}: must be at least 1 (got {getattr(self, name)})")
+        p = at_least("serve", self, ["slots", "max_queue", "max_tokens", "max_body_bytes"])
         for name in ("request_timeout", "drain_timeout"):
             if getattr(self, name) <= 0:
                 p.append(f"serve.{name}: must be a positive number of seconds (got {getattr(self, name)})")

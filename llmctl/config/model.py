@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from .bounds import at_least
 from .whole import Whole
 
 
@@ -76,10 +77,7 @@ class ModelConfig:
     def check(self, cfg: Whole) -> list[str]:
         """Impossible shapes: what no Transformer can be built with."""
         m = self
-        p: list[str] = []
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_multiple"):
-            if getattr(m, name) < 1:
-                p.append(f"model.{name}: must be at least 1 (got {getattr(m, name)})")
+        p = at_least("model", m, ["n_layer", "n_head", "n_embd", "block_size", "vocab_multiple"])
         if m.head_dim is not None:
             if m.head_dim < 1:
                 p.append(f"model.head_dim: must be at least 1, or null for n_embd / n_head (got {m.head_dim})")

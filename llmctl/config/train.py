@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from .bounds import at_least, not_negative
 from .whole import Whole
 
 
@@ -86,22 +87,15 @@ class TrainConfig:
     def check(self, cfg: Whole) -> list[str]:
         """Impossible loop settings (adjustments of merely odd ones are `adjust`'s)."""
         t = self
-        p: list[str] = []
-        for name in ("batch_size", "grad_accum", "max_steps", "log_interval"):
-            if getattr(t, name) < 1:
-                p.append(f"train.{name}: must be at least 1 (got {getattr(t, name)})")
-        for name in ("warmup_steps", "eval_interval", "save_interval", "weight_decay", "grad_clip"):
-            if getattr(t, name) < 0:
-                p.append(f"train.{name}: must not be negative (got {getattr(t, name)})")
+        p = at_least("train", t, ["batch_size", "grad_accum", "max_steps", "log_interval"])
+        p += not_negative("train", t, ["warmup_steps", "eval_interval", "save_interval", "weight_decay", "grad_clip"])
         if t.lr <= 0:
             p.append(f"train.lr: must be positive (got {t.lr})")
         if t.min_lr is not None and t.min_lr < 0:
             p.append(f"train.min_lr: must not be negative (got {t.min_lr})")
-        if t.skip_nonfinite < 0:
-            p.append(f"train.skip_nonfinite: must not be negative (got {t.skip_nonfinite})")
+        p += not_negative("train", t, ["skip_nonfinite"])
         p += t._check_scaling()
-        if t.keep_last < 1:
-            p.append(f"train.keep_last: must be at least 1 (got {t.keep_last})")
+        p += at_least("train", t, ["keep_last"])
         if t.eval_batches is not None and t.eval_batches < 1:
             p.append(f"train.eval_batches: must be at least 1, or null for a full pass (got {t.eval_batches})")
         for name in ("beta1", "beta2"):
