@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ..console import err
 from ..errors import EXIT_BROKEN_PIPE, EXIT_SIGINT, EXIT_UNEXPECTED, LlmctlError
@@ -113,7 +114,7 @@ def _print_config(cfg, events: Events, quiet: bool) -> None:
         return
     for section, values in cfg.to_dict().items():
         line = " ".join(f"{k}={v}" for k, v in values.items())
-        err.print(f"[dim]{section}: {line}[/dim]")
+        err.print(Text(f"{section}: {line}", style="dim"), soft_wrap=True)  # values as written: a path may hold [x]
 
 
 @app.callback()
