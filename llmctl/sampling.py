@@ -186,5 +186,9 @@ def given_flags(flags: Optional[Mapping[str, Any]]) -> dict:
 
 def replace(s: Sampling, changes: Mapping[str, Any], name: Callable[[str], str] = str) -> Sampling:
     """`s` with `changes` (field -> raw value) applied by the same rules, or SamplingError naming each bad field by
-    `name(field)`: how flags, JSONL rows, HTTP requests and lm-eval tasks change the settings they start from."""
-    return dataclasses.replace(s, **check(changes, name))
+    `name(field)`: how flags, JSONL rows, HTTP requests and lm-eval tasks change the settings they start from. The
+    check is `Sampling`'s own, run once as the new one is built (the fields kept from `s` are valid already)."""
+    try:
+        return dataclasses.replace(s, **changes)
+    except SamplingError as e:
+        raise SamplingError(e.problems, name) from None
