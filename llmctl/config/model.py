@@ -44,6 +44,37 @@ class ModelConfig:
     """Epsilon of LayerNorm / RMSNorm."""
     rope_theta: float = 10000.0
     """Base of the rotary position frequencies (llama flavour only)."""
+    qkv_bias: Optional[bool] = None
+    """Biases on the query/key/value projections (Qwen2); null: as model.bias."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on queries and keys before RoPE (Qwen3, Gemma 3; llama flavour only)."""
+    gate_activation: Literal["silu", "gelu_tanh"] = "silu"
+    """The llama flavour's gated MLP: silu (SwiGLU) or gelu_tanh (GeGLU, Gemma)."""
+    norm_offset: bool = False
+    """RMSNorm scales by (1 + weight) rather than weight (Gemma; llama flavour only)."""
+    embed_scale: bool = False
+    """Multiply the token embeddings by sqrt(n_embd) (Gemma; llama flavour only)."""
+    post_norms: bool = False
+    """Also normalise the attention and MLP outputs before adding them to the residual stream (Gemma 2 and 3)."""
+    attn_softcap: Optional[float] = None
+    """Cap attention scores smoothly at +-this value (cap * tanh(score / cap), Gemma 2); null: no cap."""
+    final_softcap: Optional[float] = None
+    """Cap the output logits smoothly at +-this value (Gemma 2); null: no cap."""
+    query_scale: Optional[float] = None
+    """Attention scores are scaled by query_scale ** -0.5 (Gemma's query_pre_attn_scalar); null: head_dim."""
+    sliding_window: Optional[int] = None
+    """Sliding layers attend to the last this-many positions, their own included (Mistral, Gemma); null: none."""
+    layer_types: Optional[list[str]] = None
+    """Per layer: full or sliding attention, one entry per layer; null: every layer sliding when sliding_window is
+    set, else full."""
+    rope_scaling: Optional[dict] = None
+    """RoPE frequency scaling, in transformers' rope_scaling form: rope_type linear, llama3 or yarn with its keys
+    (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, beta_fast, beta_slow,
+    attention_factor); null: none. On models with sliding layers it applies to the full layers only."""
+    rope_local_theta: Optional[float] = None
+    """RoPE base of the sliding layers (Gemma 3's rope_local_base_freq); null: rope_theta."""
+    rotary_fraction: float = 1.0
+    """Share of each head's channels that RoPE rotates, the first ones (Phi-4-mini: 0.75); 1: all."""
     dropout: float = 0.0
     """Dropout probability in training (embeddings, attention weights, residual branches); 0: none."""
     init_std: float = 0.02
@@ -74,6 +105,24 @@ class ModelConfig:
     def tied(self) -> bool:
         return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
 
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.has_bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def sliding(self) -> list[bool]:
+        """Per layer: whether it attends through the sliding window (model.layer_types, model.sliding_window)."""
+        if self.sliding_window is None:
+            return [False] * self.n_layer
+        if self.layer_types is None:
+            return [True] * self.n_layer
+        return [t == "sliding" for t in self.layer_types]
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates (the first ones): head_size x rotary_fraction, even."""
+        return int(self.head_size * self.rotary_fraction) // 2 * 2
+
     def check(self, cfg: Whole) -> list[str]:
         """Impossible shapes: what no Transformer can be built with."""
         m = self
@@ -103,5 +152,64 @@ class ModelConfig:
             p.append(f"model.dropout: must be in [0, 1) (got {m.dropout})")
         if m.norm_eps <= 0 or m.rope_theta <= 0 or m.init_std <= 0:
             p.append("model.norm_eps, model.rope_theta and model.init_std must be positive")
+        p += self._check_switches()
 
         return p
+
+    def _check_switches(self) -> list[str]:
+        """The open-model switches: llama flavour only, and each within its legal values."""
+        m, p = self, []
+        llama_only = {"qk_norm": m.qk_norm, "norm_offset": m.norm_offset, "embed_scale": m.embed_scale,
+                      "post_norms": m.post_norms, "gate_activation": m.gate_activation != "silu",
+                      "attn_softcap": m.attn_softcap is not None, "query_scale": m.query_scale is not None,
+                      "sliding_window": m.sliding_window is not None, "rope_scaling": m.rope_scaling is not None,
+                      "rope_local_theta": m.rope_local_theta is not None, "rotary_fraction": m.rotary_fraction != 1.0}
+        if m.arch == "gpt2":
+            p += [f"model.{k}: needs model.arch=llama (the GPT-2 flavour has no such switch)"
+                  for k, on in llama_only.items() if on]
+        for k in ("attn_softcap", "final_softcap", "query_scale", "rope_local_theta"):
+            v = getattr(m, k)
+            if v is not None and not v > 0:
+                p.append(f"model.{k}: must be positive, or null for none (got {v})")
+        if m.sliding_window is not None and m.sliding_window < 1:
+            p.append(f"model.sliding_window: must be at least 1, or null for none (got {m.sliding_window})")
+        if m.layer_types is not None:
+            bad = [t for t in m.layer_types if t not in ("full", "sliding")]
+            if bad:
+                p.append(f"model.layer_types: each entry is full or sliding (got {bad[0]!r})")
+            elif len(m.layer_types) != m.n_layer:
+                p.append(f"model.layer_types: needs one entry per layer, {m.n_layer} (got {len(m.layer_types)})")
+            elif "sliding" in m.layer_types and m.sliding_window is None:
+                p.append("model.layer_types: sliding layers need model.sliding_window")
+        if not 0.0 < m.rotary_fraction <= 1.0:
+            p.append(f"model.rotary_fraction: must be in (0, 1] (got {m.rotary_fraction})")
+        if m.rope_scaling is not None:
+            p += check_rope_scaling(m.rope_scaling)
+        return p
+
+
+# RoPE scaling types llmctl computes, with their required and optional keys (transformers' names)
+ROPE_SCALING = {
+    "linear": ({"factor"}, set()),
+    "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
+    "yarn": ({"factor"}, {"original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                          "mscale", "mscale_all_dim", "truncate"}),
+}
+
+
+def check_rope_scaling(scaling: dict) -> list[str]:
+    """What is wrong with a model.rope_scaling mapping (the one home of its legal types and keys)."""
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALING:
+        return [f"model.rope_scaling: rope_type {kind!r} is not supported; llmctl computes "
+                + ", ".join(ROPE_SCALING) + " (or null for none)"]
+    required, optional = ROPE_SCALING[kind]
+    keys = set(scaling) - {"rope_type", "type"}
+    p = [f"model.rope_scaling: {kind} needs {k}" for k in sorted(required - keys)]
+    p += [f"model.rope_scaling: {kind} takes no key {k!r} (it takes " + ", ".join(sorted(required | optional)) + ")"
+          for k in sorted(keys - required - optional)]
+    for k in sorted(keys & (required | optional) - {"truncate"}):
+        v = scaling[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            p.append(f"model.rope_scaling.{k}: must be a positive number (got {v!r})")
+    return p
