@@ -12,12 +12,13 @@ bfloat16 logits, and export -> transformers -> import being bit-identical (weigh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import invoke
+from conftest import SHARED, invoke
 from llmctl import checkpoint as ckpt_io
 from llmctl import hf
 from llmctl.generate import Engine, Request
@@ -248,3 +249,153 @@ def test_every_family_is_one_export_writes():
 
     assert set(hf.FAMILIES) | {"GPT2LMHeadModel"} == set(HF_ARCHITECTURES)
     assert {arch for _, arch in FAMILIES.values()} == set(hf.FAMILIES)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config.json in the hub's form (transformers 4.x: rope_theta, rope_scaling, rope_local_base_freq, no layer_types)
+
+# public hub configs, shrunk (widths, layers, vocabulary) with each family's own keys and values kept
+SHRINK = {"hidden_size": 64, "intermediate_size": 80, "num_hidden_layers": 4, "vocab_size": 96,
+          "num_attention_heads": 4}
+HUB = {
+    "llama-3.2-1b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+                     "head_dim": 16, "hidden_act": "silu", "max_position_embeddings": 131072, "mlp_bias": False,
+                     "num_key_value_heads": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+                     "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                     "tie_word_embeddings": True},
+    "qwen2.5-0.5b": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                     "max_position_embeddings": 32768, "max_window_layers": 24, "num_key_value_heads": 2,
+                     "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+                     "tie_word_embeddings": True, "use_sliding_window": False},
+    "qwen2-window": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "max_window_layers": 2,
+                     "num_key_value_heads": 2,
+                     "sliding_window": 16, "use_sliding_window": True, "rope_theta": 1e6,
+                     "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+    "mistral-7b-v0.1": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu",
+                        "max_position_embeddings": 32768, "num_key_value_heads": 2, "rms_norm_eps": 1e-05,
+                        "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False},
+    "gemma-2-2b": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "attention_bias": False,
+                   "attn_logit_softcapping": 50.0, "cache_implementation": "hybrid", "final_logit_softcapping": 30.0,
+                   "head_dim": 16, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+                   "max_position_embeddings": 8192, "num_key_value_heads": 2, "query_pre_attn_scalar": 256,
+                   "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096},
+    "gemma-3-4b-text": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": 16,
+                        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072,
+                        "num_key_value_heads": 2, "query_pre_attn_scalar": 256, "rope_local_base_freq": 10000.0,
+                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "rope_theta": 1000000.0,
+                        "sliding_window": 1024, "sliding_window_pattern": 6, "num_hidden_layers": 7,
+                        "attn_logit_softcapping": None, "final_logit_softcapping": None},
+    "phi-3-mini-4k": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "attention_dropout": 0.0,
+                      "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config",
+                                   "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"},
+                      "embd_pdrop": 0.0, "hidden_act": "silu", "max_position_embeddings": 4096,
+                      "original_max_position_embeddings": 4096, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+                      "rope_scaling": None, "rope_theta": 10000.0, "sliding_window": 2047,
+                      "tie_word_embeddings": False},
+}
+
+
+def _hub(name: str) -> dict:
+    return {**SHRINK, **HUB[name]}
+
+
+@pytest.mark.parametrize("name", list(HUB))
+def test_hub_form_reads_as_transformers_5_form(name, tmp_path):
+    """The hub's config.json and what transformers 5 makes of it (to_dict: rope_parameters, layer_types) import
+    as the same model; export writes what transformers reads back to the same values."""
+    (tmp_path / "config.json").write_text(json.dumps(_hub(name)))
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path)
+    m = hf.to_model_config(_hub(name))
+    assert hf.to_model_config(loaded.to_dict()) == m
+    (tmp_path / "config.json").write_text(json.dumps(hf.to_hf_config(m, None)))
+    again = transformers.AutoConfig.from_pretrained(tmp_path)
+    skip = NOT_ARCHITECTURE | {"auto_map", "cache_implementation", "hidden_act", "sliding_window_pattern",
+                               "max_window_layers", "_sliding_window_pattern"}
+    assert _values(again, skip) == _values(loaded, skip)
+
+
+def _values(config, skip: set) -> dict:
+    """A config's values but `skip`, without the legacy `type` transformers keeps beside `rope_type`."""
+    out = {k: v for k, v in config.to_dict().items() if k not in skip}
+    rope = out.get("rope_parameters") or {}
+    for p in [rope, *(v for v in rope.values() if isinstance(v, dict))]:
+        p.pop("type", None)
+    return out
+
+
+def test_hub_values_land_in_model_config():
+    m = hf.to_model_config(_hub("llama-3.2-1b"))
+    assert m.rope_scaling["rope_type"] == "llama3" and m.rope_theta == 500000.0 and m.tied
+    m = hf.to_model_config(_hub("qwen2.5-0.5b"))
+    assert (m.has_qkv_bias, m.has_bias, m.sliding_window) == (True, False, None)
+    m = hf.to_model_config(_hub("qwen2-window"))
+    assert m.layer_types == ["full", "full", "sliding", "sliding"] and m.sliding_window == 16
+    assert m.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    m = hf.to_model_config(_hub("gemma-2-2b"))
+    assert m.layer_types == ["sliding", "full"] * 2 and (m.attn_softcap, m.final_softcap, m.query_scale) == \
+        (50.0, 30.0, 256.0)
+    m = hf.to_model_config(_hub("gemma-3-4b-text"))
+    assert m.layer_types == ["sliding"] * 5 + ["full", "sliding"] and (m.rope_theta, m.rope_local_theta) == (1e6, 1e4)
+    assert m.rope_scaling == {"rope_type": "linear", "factor": 8.0} and m.qk_norm and m.norm_offset
+    m = hf.to_model_config(_hub("phi-3-mini-4k"))  # auto_map or not, Phi3ForCausalLM is transformers' own
+    assert (m.sliding_window, m.layer_types, m.hf_architecture) == (2047, None, "Phi3ForCausalLM")
+
+
+def test_real_qwen3_config_imports():
+    path = SHARED / "tokenizers" / "qwen3" / "config.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the shared data is not checked out beside the repository)")
+    m = hf.to_model_config(json.loads(path.read_text()))
+    assert (m.hf_architecture, m.head_size, m.n_embd, m.kv_heads, m.qk_norm, m.tied, m.rope_theta) == \
+        ("Qwen3ForCausalLM", 128, 2560, 8, True, True, 1e6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What is refused, with the field named
+
+REFUSED = [
+    ("phi-4-mini longrope", {**_hub("phi-3-mini-4k"), "partial_rotary_factor": 0.75, "rope_scaling": {
+        "type": "longrope", "long_factor": [1.0] * 6, "short_factor": [1.0] * 6}}, ["rope_scaling", "'longrope'"]),
+    ("dynamic", {**_hub("llama-3.2-1b"), "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, ["'dynamic'"]),
+    ("llama3 key missing", {**_hub("llama-3.2-1b"), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     ["rope_scaling", "llama3 needs high_freq_factor"]),
+    ("gemma 3 multimodal", {**_hub("gemma-3-4b-text"), "architectures": ["Gemma3ForConditionalGeneration"]},
+     ["Gemma3ForConditionalGeneration", "Gemma3ForCausalLM"]),
+    ("remote code", {**_hub("phi-3-mini-4k"), "architectures": ["Phi3SmallForCausalLM"]},
+     ["Phi3SmallForCausalLM", "trust_remote_code"]),
+    ("qwen3 attention bias", {**_hub("qwen2.5-0.5b"), "architectures": ["Qwen3ForCausalLM"], "attention_bias": True},
+     ["attention_bias"]),
+    ("gemma exact gelu", {**_hub("gemma-2-2b"), "hidden_activation": "gelu"}, ["hidden_activation", "gelu"]),
+    ("gemma bidirectional", {**_hub("gemma-3-4b-text"), "use_bidirectional_attention": True},
+     ["use_bidirectional_attention"]),
+    ("partial rotary outside phi3", {**_hub("qwen2.5-0.5b"), "partial_rotary_factor": 0.5}, ["rotary_fraction"]),
+    ("phi3 dropouts differ", {**_hub("phi-3-mini-4k"), "resid_pdrop": 0.1}, ["resid_pdrop"]),
+    ("layer_types length", {**_hub("gemma-2-2b"), "layer_types": ["full_attention"]}, ["layer_types", "4 entries"]),
+]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
+def test_refused_with_the_field_named(case):
+    from llmctl.errors import LlmctlError
+
+    _, config, words = case
+    with pytest.raises(LlmctlError) as e:
+        hf.to_model_config(config)
+    assert "\n" not in e.value.message and all(w in e.value.message for w in words), e.value.message
+
+
+def test_export_refuses_what_the_recorded_architecture_cannot_hold():
+    from llmctl.config import from_dict
+    from llmctl.errors import LlmctlError
+
+    m = hf.to_model_config(_hub("llama-3.2-1b"))
+    m.qk_norm = True
+    with pytest.raises(LlmctlError, match="model.qk_norm=true: LlamaForCausalLM has no such setting"):
+        hf.to_hf_config(m, None)
+    m.hf_architecture = None  # export picks the first family that has every switch used
+    assert hf.to_hf_config(m, None)["architectures"] == ["Qwen3ForCausalLM"]
+    with pytest.raises(LlmctlError, match="model.hf_architecture: 'FalconForCausalLM' is not one export writes"):
+        from_dict({"model": {"arch": "llama", "hf_architecture": "FalconForCausalLM"}})
+    with pytest.raises(LlmctlError, match="needs model.arch=llama"):
+        from_dict({"model": {"arch": "gpt2", "hf_architecture": "Qwen2ForCausalLM"}})

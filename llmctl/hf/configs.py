@@ -52,7 +52,8 @@ class Family:
     free: frozenset = frozenset()
     """Switches its config.json carries."""
     defaults: dict = field(default_factory=dict)
-    """transformers' defaults of the common fields where this family's differ (max_position_embeddings, ...)."""
+    """transformers' defaults of the common fields where its config class has its own (max_position_embeddings,
+    num_key_value_heads, head_dim, rms_norm_eps, tie_word_embeddings): what a config.json without them means."""
     head_dim_always: bool = True
     """Its config class has a head_dim field (written always); else head_dim is written only when it differs."""
     fused: bool = False
@@ -76,7 +77,7 @@ class Family:
         d = self.defaults
         hidden, heads = r("hidden_size", int), r("num_attention_heads", int)
         head_dim = r("head_dim", int, d.get("head_dim"))
-        kv = r("num_key_value_heads", int, None)
+        kv = r("num_key_value_heads", int, d.get("num_key_value_heads"))
         n_layer = r("num_hidden_layers", int)
         m = ModelConfig(
             arch="llama", n_layer=n_layer, n_head=heads, n_embd=hidden,
@@ -296,18 +297,22 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("LlamaForCausalLM", "llama", _read_llama, _write_llama, free=frozenset({"bias", "qkv_bias",
            "rope_scaling"}), extra_check=_llama_check),
     Family("Qwen2ForCausalLM", "qwen2", _read_qwen, _write_qwen, fixed={"bias": False, "qkv_bias": True},
-           free=SLIDING | {"rope_scaling"}, defaults={"max_position_embeddings": 32768}, head_dim_always=False),
+           free=SLIDING | {"rope_scaling"}, defaults={"max_position_embeddings": 32768, "num_key_value_heads": 32},
+           head_dim_always=False),
     Family("Qwen3ForCausalLM", "qwen3", _read_qwen3, _write_qwen3, fixed={**NO_BIAS, "qk_norm": True},
-           free=SLIDING | {"rope_scaling"}, defaults={"max_position_embeddings": 32768, "head_dim": 128}),
+           free=SLIDING | {"rope_scaling"}, defaults={"max_position_embeddings": 32768, "num_key_value_heads": 32,
+                                                  "head_dim": 128}),
     Family("MistralForCausalLM", "mistral", _read_mistral, _write_mistral, fixed=NO_BIAS,
-           free=SLIDING | {"rope_scaling"}, defaults={"max_position_embeddings": 131072},
+           free=SLIDING | {"rope_scaling"}, defaults={"max_position_embeddings": 131072, "num_key_value_heads": 8},
            extra_check=_all_or_none_sliding),
     Family("Gemma2ForCausalLM", "gemma2", lambda r, n: _read_gemma(r, n, 2, (50.0, 30.0), False), _write_gemma,
            fixed=GEMMA, free=GEMMA_FREE, gemma_norms=True,
-           defaults={"max_position_embeddings": 8192, "head_dim": 256, "tie_word_embeddings": True}),
+           defaults={"max_position_embeddings": 8192, "head_dim": 256, "tie_word_embeddings": True,
+                     "num_key_value_heads": 4}),
     Family("Gemma3ForCausalLM", "gemma3_text", lambda r, n: _read_gemma(r, n, 6, (None, None), True), _write_gemma,
            fixed={**GEMMA, "qk_norm": True}, free=GEMMA_FREE | {"rope_local_theta"}, gemma_norms=True,
-           defaults={"max_position_embeddings": 131072, "head_dim": 256, "tie_word_embeddings": True},
+           defaults={"max_position_embeddings": 131072, "head_dim": 256, "tie_word_embeddings": True,
+                     "num_key_value_heads": 4},
            extra_check=_gemma3_check),
     Family("Phi3ForCausalLM", "phi3", _read_phi3, _write_phi3, fixed=NO_BIAS, free=SLIDING | {"rotary_fraction"},
            defaults={"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}, head_dim_always=False, fused=True,
