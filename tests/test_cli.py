@@ -419,6 +419,8 @@ BAD += [
      ["train.tp_size=2 applies to train.parallel=tp or fsdp_tp"]),
     ("tp-lora", lambda t, r: ["finetune", "--from", r, *sets(f"data.path={SHAKESPEARE}", "finetune.method=lora",
      "train.parallel=tp"), "--out", t / "o"], ["does not shard LoRA adapters"], TORCHRUN_2),
+    ("tp-qk-norm", lambda t, r: ["pretrain", *sets(*TINY, "model.arch=llama", "model.qk_norm=true",
+     "train.parallel=tp"), "--out", t / "o"], ["does not sum the gradient of model.qk_norm"], TORCHRUN_2),
 ]
 
 
