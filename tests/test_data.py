@@ -476,8 +476,7 @@ def _real(template: str, tokenizer: str):
     if not (t.exists() and k.exists()):
         pytest.skip(f"needs {t} and {k} (../shared/data)")
     text, tok = t.read_text(), Tokenizer.from_file(k)
-    special = {"bos_token": "<|begin_of_text|>"} if "llama" in tokenizer else {}
-    return tok, lambda messages: render(text, messages, special={**special, "eos_token": tok.eos_token})
+    return tok, lambda messages: render(text, messages, special=tok.special_tokens)
 
 
 def _chat_examples(tmp_path, rows, tok, render, block_size=512, pairs=False):
@@ -523,8 +522,10 @@ def test_instruction_pairs_render_with_a_models_own_template(tmp_path):
     assert _learned(tok, ex.ids[1], ex.targets[1]) == ["<think>\nSmall sums.\n</think>\n\n4.<|im_end|>"]
 
 
-def test_chat_labels_with_llama3s_template_which_trims_answers(tmp_path):
-    tok, render = _real("meta-llama-Llama-3.2-3B-Instruct.jinja", "llama3")
+@pytest.mark.parametrize("template", ["meta-llama-Llama-3.1-8B-Instruct.jinja",
+                                      "meta-llama-Llama-3.2-3B-Instruct.jinja"])
+def test_chat_labels_with_llama3s_template_which_trims_answers(tmp_path, template):
+    tok, render = _real(template, "llama3")
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there.  \n"},
             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
     ex = _chat_examples(tmp_path, [{"messages": msgs}], tok, render)
