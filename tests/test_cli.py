@@ -251,6 +251,9 @@ BAD = [
     ("instruct-unknown-layout", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=instruct",
      "data.path=" + str(_file(t, "i.jsonl", '{"question": "a", "answer": "b"}\n'))), "--out", t / "o"],
      ["expected fields", "question"]),
+    ("instruct-messages-without-an-answer", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=instruct",
+     "data.path=" + str(_file(t, "m.jsonl", '{"messages": [{"role": "user", "content": "a"}]}\n'))), "--out", t / "o"],
+     ["m.jsonl:1", "no assistant message", "add the assistant's answer"]),
     ("data-column-missing",
      lambda t, r: ["prepare", *sets(*TINY, "data.path=" + str(_file(t, "d.jsonl", '{"body": "x"}')))],
      ["no column 'text'", "data.text_column"]),
@@ -423,6 +426,8 @@ BAD += [
      ["train.tp_size=2 applies to train.parallel=tp or fsdp_tp"]),
     ("tp-lora", lambda t, r: ["finetune", "--from", r, *sets(f"data.path={SHAKESPEARE}", "finetune.method=lora",
      "train.parallel=tp"), "--out", t / "o"], ["does not shard LoRA adapters"], TORCHRUN_2),
+    ("tp-qk-norm", lambda t, r: ["pretrain", *sets(*TINY, "model.arch=llama", "model.qk_norm=true",
+     "train.parallel=tp"), "--out", t / "o"], ["does not sum the gradient of model.qk_norm"], TORCHRUN_2),
 ]
 
 
