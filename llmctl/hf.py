@@ -29,7 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .chat import chat_template
+from . import tokenizer_files
+from .chat import exported_template
 from .config import Config, ModelConfig, from_dict
 from .errors import LlmctlError
 from .model import Transformer
@@ -42,11 +43,11 @@ GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh"
 EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
 # buffers that old transformers versions saved with the weights; they hold no learned values
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<|im_start|>")
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # what `hf:NAME` downloads: top-level files only (repos often also hold onnx/, original/, flax weights)
 DOWNLOAD_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "chat_template.jinja",
                      SAFETENSORS, "model-*.safetensors", SAFETENSORS_INDEX]
 DOWNLOAD_BIN_PATTERNS = [TORCH_BIN, "pytorch_model-*.bin", TORCH_BIN_INDEX]
 
@@ -337,41 +338,21 @@ def to_hf_config(m: ModelConfig, tok: Optional[Tokenizer]) -> dict:
 
 
 def token_ids(tok: Optional[Tokenizer]) -> dict[str, Optional[int]]:
-    """bos/eos/pad ids for config.json and generation_config.json. Our prompts start with no BOS and unconditional
-    sampling starts from <eos>, so BOS is the tokenizer's own BOS token if it has one, else <eos>."""
+    """bos/eos/pad ids for config.json and generation_config.json (which lists every end id: tokenizer_files).
+    Unconditional sampling starts from <eos> where no BOS is added, so BOS is the tokenizer's own BOS token if it has
+    one, else <eos>."""
     if tok is None:
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    bos = next((tok.token_to_id(t) for t in BOS_CANDIDATES if tok.token_to_id(t) is not None), tok.eos_id)
+    bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
     return {"bos_token_id": bos, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-
-
-def tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, dict]:
-    """tokenizer_config.json and special_tokens_map.json beside tokenizer.json.
-
-    `PreTrainedTokenizerFast` makes AutoTokenizer use tokenizer.json verbatim (the model-specific classes would
-    rebuild a GPT-2 or Llama pipeline); no space clean-up, so decode gives back exactly the text.
-    """
-    ids = token_ids(tok)
-    name = lambda i: tok.tk.id_to_token(i) if i is not None else None  # noqa: E731
-    special = {"bos_token": name(ids["bos_token_id"]), "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id)}
-    if tok.unk_id is not None:
-        special["unk_token"] = name(tok.unk_id)
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special,
-        "model_max_length": block_size,
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-    }
-    return {"tokenizer_config.json": config, "special_tokens_map.json": special}
 
 
 def generation_config(cfg: Config, tok: Optional[Tokenizer]) -> dict:
     """Our `generate` defaults as a generation_config.json (sampling parameters only when sampling; top_k 0 and -1,
     "no limit" in llmctl, are left out as the carrier stores them: None)."""
     g = Sampling.from_config(cfg.generate)
-    out: dict[str, Any] = {**token_ids(tok), "do_sample": g.temperature > 0}
+    out: dict[str, Any] = {**token_ids(tok), "eos_token_id": tokenizer_files.generation_eos(tok),
+                           "do_sample": g.temperature > 0}
     if g.temperature > 0:
         out["temperature"] = g.temperature
         if g.top_k is not None:
@@ -486,8 +467,11 @@ def load_dir(src: Path, tokenizer_path: Optional[Path] = None) -> Imported:
     if tok is not None and tok.vocab_size > m.vocab_size:
         raise LlmctlError(f"the tokenizer has {tok.vocab_size} tokens but the model only {m.vocab_size} embeddings; "
                           "give the tokenizer that belongs to this model")
+    tok, settings = tokenizer_files.read(src, tok, hf_cfg)  # chat template, special tokens, end ids
     cfg = Config(model=m)
     cfg.tokenizer.kind = "bpe" if tok is not None and tok.kind == "bpe" else cfg.tokenizer.kind
+    for name, value in settings.items():
+        setattr(cfg.tokenizer, name, value)
     return Imported(cfg, weights, tok, str(src), hf_cfg, warnings)
 
 
@@ -499,11 +483,8 @@ def write_dir(out: Path, cfg: Config, weights: dict[str, torch.Tensor], tok: Opt
         "config.json": to_hf_config(m, tok),
         "generation_config.json": generation_config(cfg, tok),
     }
-    if tok is not None:
-        files.update(tokenizer_files(tok, m.block_size))
-        if cfg.finetune.task == "instruct":  # the conversation format `infer --chat` and `serve` use
-            files["tokenizer_config.json"]["chat_template"] = chat_template(cfg.finetune, tok.eos_token)
-        (out / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
+    if tok is not None:  # with the chat template the model was tuned in (or imported with), if any
+        tokenizer_files.write(out, tok, m.block_size, exported_template(cfg, tok))
     for name, obj in files.items():
         (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     save_file(to_hf_weights(weights, m, source), str(out / SAFETENSORS), metadata={"format": "pt"})

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from .. import checkpoint as ckpt_io
 from .. import distributed, estimate, recipe, rundir
-from ..config import Config, from_dict, load_config, merge_settings, read_yaml, user_settings
+from ..config import Config, TokenizerConfig, from_dict, load_config, merge_settings, read_yaml, user_settings
 from ..errors import LlmctlError
 from ..events import SILENT, Events
 from ..interrupt import as_stop
@@ -143,7 +143,10 @@ def _finetune_config(config: Optional[Path], overrides: list[str],
     base_cfg = from_dict(base.config)
     user_raw = user_settings(config, overrides)
     user_model = user_raw.get("model", {}) if isinstance(user_raw.get("model", {}), dict) else {}
-    cfg = from_dict(merge_settings({"model": base_cfg.model.__dict__}, user_raw))  # the model comes from the checkpoint
+    # the model, and its tokenizer's settings (chat template, special tokens, end ids), come from the checkpoint
+    own = {"model": base_cfg.model.__dict__,
+           "tokenizer": {k: getattr(base_cfg.tokenizer, k) for k in TokenizerConfig.MODEL_FIELDS}}
+    cfg = from_dict(merge_settings(own, user_raw))
     _check_model_matches(cfg, base_cfg, base.path, explicit=user_model)
     return cfg, base
 
@@ -160,8 +163,8 @@ def _finetune_tokenizer(cfg: Config, base: Optional[ckpt_io.Checkpoint]) -> Toke
         raise LlmctlError(f"--from {base.path} is a LoRA adapter; finetune from its base checkpoint "
                           f"({(base.meta.get('base') or {}).get('path')}) or from a full checkpoint")
     if not base.has_tokenizer and cfg.tokenizer.path:  # an imported checkpoint without a tokenizer
-        return Tokenizer.from_file(cfg.tokenizer.path)
-    return Tokenizer.from_str(base.tokenizer_json())
+        return Tokenizer.from_file(cfg.tokenizer.path).configured(cfg.tokenizer)
+    return Tokenizer.from_str(base.tokenizer_json()).configured(cfg.tokenizer)
 
 
 def _check_model_matches(cfg: Config, ck_cfg: Config, where: Path, explicit: Optional[dict]) -> None:
