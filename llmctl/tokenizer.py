@@ -224,6 +224,18 @@ class Tokenizer:
         return bool(spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
                     and not pre.get("add_prefix_space", False) and type(self.tk.model).__name__ == "BPE")
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text` (no special tokens added: a rendered chat writes its own) and each token's character
+        span in it, [start, end)."""
+        enc = self.tk.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    @cached_property
+    def special_texts(self) -> frozenset[str]:
+        """The text of every special token (added tokens marked special), and of the end-of-text token."""
+        added = self.tk.get_added_tokens_decoder().values()
+        return frozenset([t.content for t in added if t.special] + [self.eos_token])
+
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)
 
