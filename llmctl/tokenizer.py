@@ -139,7 +139,12 @@ class Tokenizer:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.to_str().encode()).hexdigest()
+        """The identity of the tokenizer (token caches, a teacher's and student's match): its tokenizer.json, and
+        the model's settings where it has any (another end-of-text token joins documents differently)."""
+        text = self.to_str()
+        if self.named is not None or len(self.end_ids) > 1:
+            text += "\x1f" + json.dumps({"special_tokens": self.named, "end_ids": self.end_ids}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @property
     def kind(self) -> str:

@@ -138,7 +138,14 @@ def _finetune_config(config: Optional[Path], overrides: list[str],
         if cfg.finetune.task != "distill":
             raise LlmctlError("--from is required: finetune starts from a checkpoint (only finetune.task=distill "
                               "may train a fresh student of the config's model: section)")
-        return cfg, None
+        if not cfg.finetune.teacher:
+            return cfg, None
+        try:  # the student chats like its teacher: the teacher's tokenizer settings, the user's over them
+            teacher = from_dict(ckpt_io.load(cfg.finetune.teacher).config).tokenizer
+        except LlmctlError:
+            return cfg, None  # (_finetune_tokenizer names the problem with the teacher)
+        own = {"tokenizer": {k: getattr(teacher, k) for k in TokenizerConfig.MODEL_FIELDS}}
+        return load_config(config, overrides, base=own), None
     base = ckpt_io.load(from_)
     base_cfg = from_dict(base.config)
     user_raw = user_settings(config, overrides)
@@ -156,7 +163,7 @@ def _finetune_tokenizer(cfg: Config, base: Optional[ckpt_io.Checkpoint]) -> Toke
     that has none); a fresh distillation student takes the teacher's. An adapter is no base."""
     if base is None:
         try:
-            return Tokenizer.from_str(ckpt_io.load(cfg.finetune.teacher).tokenizer_json())
+            return Tokenizer.from_str(ckpt_io.load(cfg.finetune.teacher).tokenizer_json()).configured(cfg.tokenizer)
         except LlmctlError as e:
             raise LlmctlError(f"finetune.teacher: {e.message}") from None
     if ckpt_io.ADAPTER in base.meta["files"]:
