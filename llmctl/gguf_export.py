@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .chat import chat_template
+from .chat import exported_template
 from .config import Config
 from .errors import LlmctlError
 from .tokenizer import Tokenizer
@@ -127,8 +127,9 @@ def write(path: Path, cfg: Config, weights: dict[str, torch.Tensor], tok: Tokeni
     else:
         writer.add_layer_norm_eps(m.norm_eps)
     _tokenizer(writer, gguf, tok, m.vocab_size)
-    if cfg.finetune.task == "instruct":
-        writer.add_chat_template(chat_template(cfg.finetune, tok.eos_token))
+    template = exported_template(cfg, tok)  # the model's own, or llmctl's for an instruction-tuned model
+    if template is not None:
+        writer.add_chat_template(template)
     for key, t in tensors(cfg, weights).items():
         data = t.numpy().astype(np.float32)
         if outtype == "f32" or data.ndim == 1:
