@@ -25,7 +25,8 @@ COUNTRIES = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japa
 def family(name: str):
     """(config, tokenizer folder, template file, generation_config.json) of one family, at a tiny width."""
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+                  num_key_value_heads=2, max_position_embeddings=96, tie_word_embeddings=True,
+                  initializer_range=0.3)  # wide enough that a few tokens can win the softmax of a random model
     if name == "qwen3":
         cfg = transformers.Qwen3Config(vocab_size=151936, head_dim=32, rope_theta=1e6, **common)
         return cfg, "qwen3", "Qwen-Qwen3-0.6B.jinja", {"bos_token_id": 151643, "eos_token_id": [151645, 151643]}
@@ -78,8 +79,8 @@ def tuned(hub_dir, tmp_path_factory):
     data = conversations(root / "chats.jsonl")
     r = invoke(runner, "finetune", "--from", root / "imported", *sets(
         f"data.path={data}", "finetune.task=instruct", "finetune.method=lora", "finetune.lora_rank=16",
-        "train.max_steps=60", "train.batch_size=8", "train.lr=1e-2", "train.warmup_steps=5", "train.dtype=float32",
-        "train.eval_interval=0", "train.log_interval=1", "model.block_size=96"), "--out", root / "tuned", "--json")
+        "train.max_steps=40", "train.batch_size=8", "train.lr=1e-2", "train.warmup_steps=5", "train.dtype=float32",
+        "train.eval_interval=0", "train.log_interval=1"), "--out", root / "tuned", "--json")
     assert r.exit_code == 0, r.output
     return name, hub, ends, root / "imported", root / "tuned", json.loads(r.stdout)
 
@@ -105,7 +106,7 @@ def test_chat_sft_loss_falls(tuned):
     *_, summary = tuned
     first, last = losses(tuned[4])[:5], losses(tuned[4])[-5:]
     assert sum(last) / 5 < sum(first) / 5 - 1.0, (first, last)
-    assert summary["steps"] == 60
+    assert summary["steps"] == 40
 
 
 def test_infer_chat_answers_in_the_models_template(tuned):
