@@ -18,8 +18,9 @@ TOKENIZERS, TEMPLATES = SHARED / "tokenizers", SHARED / "chat_templates"
 pytestmark = pytest.mark.skipif(not (TOKENIZERS / "qwen3" / "tokenizer.json").is_file(),
                                 reason="needs ../shared/data/tokenizers")
 
-COUNTRIES = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Peru", "Lima"),
-             ("Chile", "Santiago"), ("Egypt", "Cairo"), ("Kenya", "Nairobi")]
+QUESTIONS = ["Capital of France?", "Who are you?", "What is 2+2?", "Say something.", "Name a colour.",
+             "Where is Lima?"]
+REPLY = "Hello from llmctl."  # one reply to everything: a random model learns it in 60 LoRA steps
 
 
 def family(name: str):
@@ -56,13 +57,14 @@ def hub_dir(request, tmp_path_factory):
 
 
 def conversations(path):
-    rows = [{"messages": [{"role": "system", "content": "Answer with the city only."},
-                          {"role": "user", "content": f"Capital of {c}?"},
-                          {"role": "assistant", "content": f"{city}."}]} for c, city in COUNTRIES]
-    rows += [{"messages": [{"role": "user", "content": f"Capital of {a}?"}, {"role": "assistant", "content": f"{x}."},
-                           {"role": "user", "content": f"Capital of {b}?"}, {"role": "assistant", "content": f"{y}."}]}
-             for (a, x), (b, y) in zip(COUNTRIES, COUNTRIES[1:])]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    """Single- and multi-turn conversations, with and without a system turn, whose every answer is REPLY."""
+    system = [{"role": "system", "content": "Be brief."}]
+    rows = [{"messages": [*(system if i % 2 else []), {"role": "user", "content": q},
+                          {"role": "assistant", "content": REPLY}]} for i, q in enumerate(QUESTIONS)]
+    rows += [{"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": REPLY},
+                           {"role": "user", "content": b}, {"role": "assistant", "content": REPLY}]}
+             for a, b in zip(QUESTIONS, QUESTIONS[1:])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
     return path
 
 
@@ -79,7 +81,7 @@ def tuned(hub_dir, tmp_path_factory):
     data = conversations(root / "chats.jsonl")
     r = invoke(runner, "finetune", "--from", root / "imported", *sets(
         f"data.path={data}", "finetune.task=instruct", "finetune.method=lora", "finetune.lora_rank=16",
-        "train.max_steps=40", "train.batch_size=8", "train.lr=1e-2", "train.warmup_steps=5", "train.dtype=float32",
+        "train.max_steps=60", "train.batch_size=8", "train.lr=1e-2", "train.warmup_steps=5", "train.dtype=float32",
         "train.eval_interval=0", "train.log_interval=1"), "--out", root / "tuned", "--json")
     assert r.exit_code == 0, r.output
     return name, hub, ends, root / "imported", root / "tuned", json.loads(r.stdout)
@@ -106,16 +108,16 @@ def test_chat_sft_loss_falls(tuned):
     *_, summary = tuned
     first, last = losses(tuned[4])[:5], losses(tuned[4])[-5:]
     assert sum(last) / 5 < sum(first) / 5 - 1.0, (first, last)
-    assert summary["steps"] == 40
+    assert summary["steps"] == 60
 
 
 def test_infer_chat_answers_in_the_models_template(tuned):
     name, hub, ends, _, run, _ = tuned
     p = subprocess.run([sys.executable, "-m", "llmctl", "infer", "--ckpt", str(run), "--chat", "--max-new-tokens",
-                        "12", "--temperature", "0"], input="Capital of France?\n/exit\n", capture_output=True,
+                        "12", "--temperature", "0"], input="Where is Paris?\n/exit\n", capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "Paris." in p.stdout, p.stdout
+    assert p.stdout.rstrip("\n").endswith(REPLY), p.stdout  # (Qwen3 writes its empty think block first)
 
 
 def test_serve_chat_completion_stops_at_the_end_of_turn_token(tuned):
@@ -125,11 +127,10 @@ def test_serve_chat_completion_stops_at_the_end_of_turn_token(tuned):
     name, hub, ends, _, run, _ = tuned
     with Server(run, "--dtype", "float32", "--no-compile") as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
-        reply = client.chat.completions.create(model="llmctl", temperature=0, max_tokens=40, messages=[
-            {"role": "system", "content": "Answer with the city only."},
-            {"role": "user", "content": "Capital of Italy?"}])
+        reply = client.chat.completions.create(model="tuned", temperature=0, max_tokens=40, messages=[
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Italy?"}])
         choice = reply.choices[0]
-        assert choice.message.content.strip() == "Rome." and choice.finish_reason == "stop", reply
+        assert choice.message.content.endswith(REPLY) and choice.finish_reason == "stop", reply
         assert reply.usage.completion_tokens < 40
         assert s.stop() == 0
 
