@@ -1,8 +1,10 @@
 """The decoder-only Transformer: GPT-2 flavour and LLaMA flavour in one module.
 
 GPT-2 flavour: LayerNorm, learned positions, GELU MLP, tied embeddings, optional biases.
-LLaMA flavour: RMSNorm, rotary positions (HF's rotate-half layout), SwiGLU MLP, grouped-query attention.
-Both are exactly expressible as transformers' `gpt2` / `llama` models (see `llmctl.hf`).
+LLaMA flavour: RMSNorm, rotary positions (HF's rotate-half layout), SwiGLU MLP, grouped-query attention; its
+small switches (ModelConfig) cover the open families: RoPE scaling and partial rotary (llmctl.rope), q/k/v bias
+(Qwen2), QK-norm (Qwen3, Gemma 3), sliding-window layers (Mistral, Gemma), and Gemma's (1 + w) norms, GeGLU,
+scaled embeddings, post-norms, soft-caps and query scale. Each is exactly a transformers model (see `llmctl.hf`).
 
 `forward` returns logits. Loss, optimizers and I/O live elsewhere. For generation the caller passes a `KVCache`
 (slots of keys and values) to `forward`, which prefills one slot or decodes one token in every slot.
@@ -11,6 +13,7 @@ Both are exactly expressible as transformers' `gpt2` / `llama` models (see `llmc
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -18,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .rope import apply_rope, rope_tables
 
 
 class KVCache:
@@ -52,41 +56,24 @@ class KVCache:
 
 
 class Norm(nn.Module):
-    """LayerNorm (gpt2, optional bias) or RMSNorm (llama), computed in float32 like the references."""
+    """LayerNorm (gpt2, optional bias) or RMSNorm (llama), computed in float32 like the references. `offset`: the
+    RMSNorm scales by (1 + weight), in float32 before the cast back (Gemma's order)."""
 
-    def __init__(self, dim: int, eps: float, kind: str, bias: bool):
+    def __init__(self, dim: int, eps: float, kind: str, bias: bool, offset: bool = False):
         super().__init__()
-        self.kind, self.eps = kind, eps
+        self.kind, self.eps, self.offset = kind, eps, offset
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if (bias and kind == "layernorm") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        if self.offset:
+            return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1.0 + self.weight.float())).to(x.dtype)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op
         # normalise in float32, cast back, then scale: the order transformers' LlamaRMSNorm uses
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin tables of shape (length, head_dim) in HF's rotate-half layout.
-
-    HF rotates as x * cos + cat(-x2, x1) * sin. The sin table here carries the minus sign on its first half, so
-    the rotation is x * cos + roll(x, hd/2) * sin: the same products, in half the ops."""
-    # on the CPU even inside a meta-device context: the same ops on meta tensors would import torch._dynamo (~1 s)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
-                                / head_dim))  # (hd/2,)
-    freqs = torch.outer(torch.arange(length, dtype=torch.int64, device="cpu").float(), inv_freq)  # (L, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
-    sin = emb.sin()
-    sin[:, : head_dim // 2] *= -1
-    return emb.cos(), sin
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, hd); cos/sin: (B or 1, 1, T, hd); roll(x, hd/2) = cat(x2, x1)
-    return (x * cos + x.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)
 
 
 def attention_dtype(device_type: str, dtype: torch.dtype, kv_len: int) -> torch.dtype:
@@ -105,17 +92,21 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_size
         # one fused projection for q, k and v: (C) -> (n_head + 2 * n_kv_head) * head_dim
-        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.has_bias)
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.has_qkv_bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.has_bias)
+        # QK-norm: one RMSNorm over head_dim, shared by every head of q (and of k)
+        self.q_norm = Norm(self.head_dim, cfg.norm_eps, "rmsnorm", False, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = Norm(self.head_dim, cfg.norm_eps, "rmsnorm", False, cfg.norm_offset) if cfg.qk_norm else None
+        self.scale = cfg.query_scale ** -0.5 if cfg.query_scale else None  # None: SDPA's 1 / sqrt(head_dim)
+        self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x, rope, kv=None, slot: Optional[int] = None, pos=None, mask=None) -> torch.Tensor:
-        # kv: this layer's cache tensors (k, v), each (slots, nkv, S, hd), or None (training: causal attention).
-        # Prefill (`slot` an int): x is one sequence (1, T) at positions 0..T-1; its keys and values go to that slot
-        # and attention is causal over them. Decode (`pos` (B,)): row b of x (B, 1) is slot b at position pos[b];
-        # `mask` (B, 1, 1, S') says which of the first S' slots it reads.
+        # kv: this layer's cache tensors (k, v), each (slots, nkv, S, hd), or None (training).
+        # Prefill (`slot` an int): x is one sequence (1, T) at positions 0..T-1; its keys and values go to that slot.
+        # Decode (`pos` (B,)): row b of x (B, 1) is slot b at position pos[b].
+        # `mask`: which keys each query reads, (B|1, 1, T, S) bool; None: causal over the T positions.
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -123,6 +114,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv is not None:
@@ -139,51 +132,78 @@ class Attention(nn.Module):
         if attention_dtype(q.device.type, dtype, k.shape[2]) != dtype:
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast(q.device.type, enabled=False):
-            y = F.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=mask,
-                is_causal=mask is None,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_head != self.n_head,
-            ).to(dtype)  # (B, nh, T, hd)
+            y = (self._softcapped(q, k, v, mask) if self.softcap is not None else F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head,
+            )).to(dtype)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.proj(y))
 
+    def _softcapped(self, q, k, v, mask) -> torch.Tensor:
+        """Attention with scores capped at +-softcap (Gemma 2): written out, as SDPA has no such step.
+        q (B, nh, T, hd); k, v (B, nkv, S, hd); mask as in forward."""
+        groups = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # (B, nh, S, hd)
+        scores = (q @ k.transpose(-2, -1)) * (self.scale or self.head_dim ** -0.5)  # (B, nh, T, S)
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is None:
+            mask = causal(q.shape[2], q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        weights = F.dropout(scores.float().softmax(-1).to(q.dtype), self.dropout, self.training)
+        return weights @ v
+
+
+def causal(T: int, device, window: Optional[int] = None) -> torch.Tensor:
+    """(1, 1, T, T) bool: query i reads keys j <= i, and with a window only the last `window` of them (j > i - W)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    keep = j <= i
+    if window is not None:
+        keep &= j > i - window
+    return keep[None, None]
+
 
 class MLP(nn.Module):
-    """GELU MLP (gpt2) or SwiGLU with a fused gate/up projection (llama)."""
+    """GELU MLP (gpt2) or a gated MLP with a fused gate/up projection (llama): SwiGLU, or GeGLU (Gemma)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.arch == "llama"
+        self.gated = cfg.arch == "llama"
         self.hidden = cfg.hidden
-        self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * self.hidden, bias=cfg.has_bias)
+        self.fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * self.hidden, bias=cfg.has_bias)
         self.proj = nn.Linear(self.hidden, cfg.n_embd, bias=cfg.has_bias)
-        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        act = cfg.gate_activation if self.gated else cfg.activation
+        self.act = F.silu if act == "silu" else partial(F.gelu, approximate="tanh" if act == "gelu_tanh" else "none")
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (B, T, H) or (B, T, 2H)
-        if self.swiglu:
+        if self.gated:
             gate, up = h.split(self.hidden, dim=-1)
-            h = F.silu(gate) * up
+            h = self.act(gate) * up
         else:
-            h = F.gelu(h, approximate=self.approximate)
+            h = self.act(h)
         return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        kind = "layernorm" if cfg.arch == "gpt2" else "rmsnorm"
-        self.norm1 = Norm(cfg.n_embd, cfg.norm_eps, kind, cfg.has_bias)
+        norm = partial(Norm, cfg.n_embd, cfg.norm_eps, "layernorm" if cfg.arch == "gpt2" else "rmsnorm",
+                       cfg.has_bias, cfg.norm_offset)
+        self.norm1 = norm()
         self.attn = Attention(cfg)
-        self.norm2 = Norm(cfg.n_embd, cfg.norm_eps, kind, cfg.has_bias)
+        self.norm2 = norm()
         self.mlp = MLP(cfg)
+        # Gemma 2/3 also normalise what attention and the MLP add to the residual stream
+        self.post_attn_norm = norm() if cfg.post_norms else None
+        self.post_mlp_norm = norm() if cfg.post_norms else None
 
     def forward(self, x, rope, kv=None, slot=None, pos=None, mask=None):
-        x = x + self.attn(self.norm1(x), rope, kv, slot, pos, mask)
-        return x + self.mlp(self.norm2(x))
+        h = self.attn(self.norm1(x), rope, kv, slot, pos, mask)
+        x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
+        h = self.mlp(self.norm2(x))
+        return x + (self.post_mlp_norm(h) if self.post_mlp_norm is not None else h)
 
 
 class Transformer(nn.Module):
@@ -204,15 +224,26 @@ class Transformer(nn.Module):
                     if cfg.arch == "gpt2" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = Norm(cfg.n_embd, cfg.norm_eps, "layernorm" if cfg.arch == "gpt2" else "rmsnorm", cfg.has_bias)
+        self.norm = Norm(cfg.n_embd, cfg.norm_eps, "layernorm" if cfg.arch == "gpt2" else "rmsnorm", cfg.has_bias,
+                         cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tied:
             self.lm_head.weight = self.wte.weight
+        self.sliding = cfg.sliding  # per layer
+        self.local_rope = cfg.rope_local_theta is not None and any(self.sliding)
         if cfg.arch == "llama":
-            cos, sin = rope_tables(cfg.head_size, cfg.block_size, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            for name, (cos, sin) in self._rope_tables().items():
+                self.register_buffer(f"{name}_cos", cos, persistent=False)  # (block_size, rotary_dim)
+                self.register_buffer(f"{name}_sin", sin, persistent=False)
         self.reset_parameters()
+
+    def _rope_tables(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """rope: the full layers' tables (scaled); rope_local: the sliding layers' when they have their own base."""
+        c = self.cfg
+        tables = {"rope": rope_tables(c.rotary_dim, c.block_size, c.rope_theta, c.rope_scaling)}
+        if self.local_rope:
+            tables["rope_local"] = rope_tables(c.rotary_dim, c.block_size, c.rope_local_theta)
+        return tables
 
     # ---------------------------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -223,15 +254,17 @@ class Transformer(nn.Module):
                 continue
             if name.endswith("bias"):
                 nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
+            elif "norm" in name:  # a (1 + w) norm starts at w = 0
+                (nn.init.zeros_ if self.cfg.norm_offset else nn.init.ones_)(p)
             elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
         if self.cfg.arch == "llama":  # buffers are not parameters; recompute in case of meta-device init
-            cos, sin = rope_tables(self.cfg.head_size, self.cfg.block_size, self.cfg.rope_theta)
-            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+            for name, (cos, sin) in self._rope_tables().items():
+                device = getattr(self, f"{name}_cos").device
+                setattr(self, f"{name}_cos", cos.to(device))
+                setattr(self, f"{name}_sin", sin.to(device))
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameters counted once (tied weights once). Without embeddings: the blocks and the final norm only (no
@@ -263,26 +296,44 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
-        mask = None
         if cache is not None and slot is None:
             if pos is None or T != 1:
                 raise ValueError("decoding with a cache takes one token per row and its positions `pos` (B,)")
             positions = pos[:, None]  # (B, 1)
-            keys = torch.arange(kv_len or cache.length, device=idx.device)
-            mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S')
         else:
             positions = torch.arange(T, device=idx.device)[None]  # (1, T)
+        masks = self._masks(T, idx.device, pos if slot is None else None, kv_len or (cache.length if cache else T))
         x = self.wte(idx)  # (B, T, C)
-        rope = None
+        if self.cfg.embed_scale:  # by sqrt(C) rounded to x's dtype, as Gemma does
+            x = x * torch.tensor(self.cfg.n_embd ** 0.5, dtype=x.dtype)
+        ropes = [None, None]  # full layers, sliding layers
         if self.wpe is not None:
             x = x + self.wpe(positions)
         else:
-            rope = (self.rope_cos[positions].unsqueeze(1).to(x.dtype),
-                    self.rope_sin[positions].unsqueeze(1).to(x.dtype))  # (B|1, 1, T, hd)
+            ropes[0] = ropes[1] = self._rope("rope", positions, x.dtype)  # (B|1, 1, T, rot) each
+            if self.local_rope:
+                ropes[1] = self._rope("rope_local", positions, x.dtype)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache.layers[i] if cache is not None else None, slot, pos, mask)
+            w = self.sliding[i]
+            x = block(x, ropes[w], cache.layers[i] if cache is not None else None, slot, pos, masks[w])
         return self.norm(x)
+
+    def _rope(self, name: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return (getattr(self, f"{name}_cos")[positions].unsqueeze(1).to(dtype),
+                getattr(self, f"{name}_sin")[positions].unsqueeze(1).to(dtype))
+
+    def _masks(self, T: int, device, pos: Optional[torch.Tensor], kv_len: int) -> list[Optional[torch.Tensor]]:
+        """Which keys each query reads, for full and for sliding layers: None (causal, SDPA's fast path) or bool
+        (B|1, 1, T, S). Decoding (`pos` (B,)): row b reads its slot's positions 0..pos[b] (the last `window` of
+        them in sliding layers) among the first kv_len."""
+        window = self.cfg.sliding_window if any(self.sliding) else None
+        if pos is None:
+            return [None, causal(T, device, window) if window is not None and window < T else None]
+        keys = torch.arange(kv_len, device=device)[None, :]  # (1, S')
+        full = keys <= pos[:, None]  # (B, S')
+        sliding = full & (keys > pos[:, None] - window) if window is not None else full
+        return [full[:, None, None, :], sliding[:, None, None, :]]
 
     def forward(
         self,
@@ -293,4 +344,7 @@ class Transformer(nn.Module):
         kv_len: Optional[int] = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache arguments."""
-        return self.lm_head(self.hidden(idx, cache, slot, pos, kv_len))
+        logits = self.lm_head(self.hidden(idx, cache, slot, pos, kv_len))
+        if self.cfg.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits

@@ -118,6 +118,18 @@ def non_embedding_params(cfg: ModelConfig) -> int:
         return Transformer(dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 1)).num_params(embeddings=False)
 
 
+# open-model switches whose extra weights (per-head or per-width norms) or per-layer patterns pruning does not cut
+UNPRUNABLE = ("qk_norm", "post_norms", "sliding_window", "norm_offset")
+
+
+def check_parent(parent: ModelConfig) -> None:
+    """Refuse, in one line, a model with a switch that pruning cannot carry over."""
+    on = [k for k in UNPRUNABLE if getattr(parent, k) not in (None, False)]
+    if on:
+        raise LlmctlError(f"llmctl prune cannot prune a model with model.{on[0]} (an imported Qwen3, Gemma or "
+                          "Mistral): its ranking and cutting know only llmctl's plain GPT-2 and Llama blocks")
+
+
 def child_config(parent: ModelConfig, changes: dict) -> ModelConfig:
     """The pruned model's config: the parent's with `changes` (SHAPE_KEYS only), its head size kept and its MLP width
     written out (the default would follow n_embd). Raises LlmctlError for what removing units cannot reach."""

@@ -286,3 +286,18 @@ def test_a_prompt_is_fitted_to_the_context_by_one_rule():
     with pytest.raises(LlmctlError, match="the prompt is 6 tokens but the model's context is 4 tokens; shorten it "
                                           "or pass --truncate to keep its last tokens"):
         fit_prompt(tok, "abcdef", 4, truncate=False)
+
+
+def test_compiled_decode_of_the_open_model_switches_equals_eager(tmp_path):
+    """Sliding windows, soft-caps, QK-norm, scaled RoPE: the compiled step (which reads the whole cache) masks what
+    each row may read exactly as eager decoding does, also once rows pass the window."""
+    from llmctl.aot import StepStore
+    from llmctl.generate import Engine, Request
+    from tests.test_model import SHAPES
+
+    torch.manual_seed(0)
+    m = Transformer(SHAPES["open-switches"]).eval()
+    reqs = lambda: [Request(p, Sampling(12, temperature=0)) for p in ([5, 9, 3, 17], [1], [7, 7, 2])]  # noqa: E731
+    eager = tokens_by_request(Engine(m), reqs(), 3)
+    compiled = tokens_by_request(Engine(m, compile=True, store=StepStore(m, root=tmp_path)), reqs(), 3)
+    assert compiled == eager and eager == [list(generate(m, r.prompt, 12, temperature=0)) for r in reqs()]

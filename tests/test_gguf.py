@@ -97,7 +97,7 @@ def test_q_and_k_are_permuted_to_the_pairs_ggml_rotates():
     """ggml's default rope rotates pairs (2i, 2i+1); ours (and transformers') rotates (i, i + hd/2). Rotating the
     permuted projection's output the ggml way gives our rotated output in the permuted order."""
     from llmctl.gguf_export import _permute
-    from llmctl.model import apply_rope, rope_tables
+    from llmctl.rope import apply_rope, rope_tables
 
     n_head, hd, C, T = 4, 16, 32, 7
     w, x = torch.randn(n_head * hd, C), torch.randn(T, C)

@@ -12,6 +12,19 @@ SHAPES = {
                              mlp_hidden=72),
     "llama-tied-bias": ModelConfig(arch="llama", n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50,
                                    tie_embeddings=True, bias=True, rope_theta=500.0),
+    # every open-model switch at once (Gemma-, Qwen- and Phi-style), a window shorter than the test sequences
+    "open-switches": ModelConfig(arch="llama", n_layer=3, n_head=4, n_kv_head=2, n_embd=32, head_dim=12,
+                                 block_size=16, vocab_size=50, qkv_bias=True, qk_norm=True, norm_offset=True,
+                                 gate_activation="gelu_tanh", embed_scale=True, post_norms=True, attn_softcap=20.0,
+                                 final_softcap=15.0, query_scale=10.0, sliding_window=3,
+                                 layer_types=["sliding", "full", "sliding"], rope_local_theta=100.0,
+                                 rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 8},
+                                 rotary_fraction=0.5),
+    "mistral-like": ModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=1, n_embd=32, block_size=16,
+                                vocab_size=50, sliding_window=5,
+                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 4}),
 }
 
 
@@ -25,7 +38,7 @@ def test_shapes_and_parameter_count(name):
     assert m.hidden(x).shape == (3, 10, cfg.n_embd)
     assert (m.lm_head.weight is m.wte.weight) == cfg.tied
     assert (m.wpe is not None) == (cfg.arch == "gpt2")
-    hd = cfg.n_embd // cfg.n_head
+    hd = cfg.head_size
     assert m.blocks[0].attn.qkv.weight.shape == ((cfg.n_head + 2 * cfg.kv_heads) * hd, cfg.n_embd)
     assert m.num_params() == sum(p.numel() for p in m.parameters())
 
@@ -56,7 +69,7 @@ def test_cache_prefill_and_decode_match_full_forward(name):
     assert torch.allclose(torch.cat([torch.cat(pre), *steps], 1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "open-switches", "mistral-like"])
 def test_slots_at_different_positions_decode_independently(name):
     from llmctl.model import KVCache
 
@@ -79,3 +92,35 @@ def test_dropout_only_in_training():
     assert torch.equal(m(x), m(x))
     m.train()
     assert not torch.equal(m(x), m(x))
+
+
+def test_a_sliding_layer_reads_only_its_window():
+    """In a model whose every layer slides over 4 positions, a token more than 4 * n_layer - n_layer positions back
+    cannot reach the last logits; the same change inside the receptive field does."""
+    cfg = ModelConfig(arch="llama", n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=50, sliding_window=4)
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    x = torch.randint(0, 50, (1, 14))
+    reach = 2 * (4 - 1)  # each layer looks 3 positions back: position 13 sees 7..13 after two layers
+    far, near = x.clone(), x.clone()
+    far[0, 13 - reach - 1] = (far[0, 13 - reach - 1] + 1) % 50
+    near[0, 13 - reach] = (near[0, 13 - reach] + 1) % 50
+    assert torch.equal(m(x)[0, -1], m(far)[0, -1])
+    assert not torch.allclose(m(x)[0, -1], m(near)[0, -1])
+    full = Transformer(ModelConfig(**{**cfg.__dict__, "sliding_window": None})).eval()
+    full.load_state_dict(m.state_dict())
+    assert not torch.allclose(full(x)[0, -1], full(far)[0, -1])  # without the window it would
+
+
+def test_offset_norms_start_as_identity_scales_and_softcaps_bound_logits():
+    cfg = SHAPES["open-switches"]
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    norms = [p for n, p in m.named_parameters() if "norm" in n]
+    assert norms and all(torch.count_nonzero(p) == 0 for p in norms)  # (1 + w) with w = 0
+    assert m.blocks[0].attn.q_norm.weight.shape == (12,) and m.blocks[0].attn.qkv.bias is not None
+    assert m.blocks[0].attn.proj.bias is None  # q/k/v bias only (Qwen2's layout)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(1000)
+    x = torch.randint(0, 50, (1, 8))
+    assert m(x).abs().max() <= 15.0 and m.lm_head(m.hidden(x)).abs().max() > 100  # capped, and it had to be

@@ -73,6 +73,7 @@ def prune(ckpt: Path, out: Optional[Path], data: Optional[str], overrides: list[
                           "from, then finetune the pruned one")
     model = merge_lora(loaded.model).float().eval()  # an adapter is folded into its base first
     parent = cfg.model
+    prune_mod.check_parent(parent)
     if target_params is not None:
         child = prune_mod.fit_shape(parent, target_params, by)
     else:

@@ -70,7 +70,7 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None
     """RoPE frequency scaling, in transformers' rope_scaling form: rope_type linear, llama3 or yarn with its keys
     (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, beta_fast, beta_slow,
-    attention_factor); null: none. On models with sliding layers it applies to the full layers only."""
+    attention_factor); null: none. Sliding layers with their own rope_local_theta are not scaled (Gemma 3)."""
     rope_local_theta: Optional[float] = None
     """RoPE base of the sliding layers (Gemma 3's rope_local_base_freq); null: rope_theta."""
     rotary_fraction: float = 1.0
