@@ -131,14 +131,14 @@ def refusals(m: ModelConfig) -> list[str]:
     return p
 
 
-def pre_tokenizer(tok: Tokenizer) -> tuple[str, bool]:
+def pre_tokenizer(tok: Tokenizer, spec: Optional[dict] = None) -> tuple[str, bool]:
     """llama.cpp's pre-tokenizer name for this tokenizer, and whether the tokenizer ignores merges; refused with the
     reason when llama.cpp could not tokenize as it does (a character-level vocabulary, SentencePiece-style BPE, an
-    unknown split regex, a normalizer other than NFC)."""
+    unknown split regex, a normalizer other than NFC). `spec`: the tokenizer's JSON, when parsed already."""
     if tok.kind != "bpe":
         raise LlmctlError(f"GGUF export needs a byte-level BPE tokenizer; this checkpoint's is {tok.kind!r} "
                           "(llama.cpp has no character-level vocabulary type): train with tokenizer.kind=bpe")
-    spec = json.loads(tok.to_str())
+    spec = spec or json.loads(tok.to_str())
     pre, norm, model = spec.get("pre_tokenizer") or {}, spec.get("normalizer"), spec["model"]
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     split: Any = "?"
@@ -175,9 +175,11 @@ def rope_freqs(m: ModelConfig) -> Optional[torch.Tensor]:
     frequencies over the model's own; None without llama3 scaling."""
     if _rope_type(m) != "llama3":
         return None
-    from .rope import inv_freq
+    from .rope import inverse_frequencies
 
-    return (inv_freq(m.head_size, m.rope_theta, None) / inv_freq(m.head_size, m.rope_theta, m.rope_scaling)).float()
+    plain, _ = inverse_frequencies(m.head_size, m.rope_theta, None, m.block_size)
+    scaled, _ = inverse_frequencies(m.head_size, m.rope_theta, m.rope_scaling, m.block_size)
+    return plain / scaled
 
 
 def tensors(cfg: Config, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -329,7 +331,7 @@ def _tokenizer(writer: Any, gguf: Any, tok: Tokenizer, n_vocab: int) -> None:
             types.append(gguf.TokenType.USER_DEFINED)  # matched in any text, as the tokenizers library does
     merges = spec["model"].get("merges") or []
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    pre, _ = pre_tokenizer(tok)
+    pre, _ = pre_tokenizer(tok, spec)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)

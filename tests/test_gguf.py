@@ -340,14 +340,14 @@ def test_rope_freqs_are_llama_cpps_divisors_and_give_our_rotation():
     base^(-2i/d) / factor_i) turns by the angles our llama3-scaled RoPE turns by."""
     from llmctl.config.model import ModelConfig
     from llmctl.gguf_export import rope_freqs
-    from llmctl.rope import inv_freq
+    from llmctl.rope import inverse_frequencies
 
     m = ModelConfig(arch="llama", n_embd=64, n_head=4, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
     factors = rope_freqs(m)
     want = torch.tensor(_llama3_factors(16, 500000.0, LLAMA3_SCALING))
     assert torch.allclose(factors, want, rtol=1e-6) and {1.0, 8.0} < set(want.tolist())  # all three bands
     ggml = 500000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16) / factors.double()
-    assert torch.allclose(ggml, inv_freq(16, 500000.0, LLAMA3_SCALING).double(), rtol=1e-6)
+    assert torch.allclose(ggml, inverse_frequencies(16, 500000.0, LLAMA3_SCALING, 128)[0].double(), rtol=1e-6)
 
 
 OPEN_BAD = [
