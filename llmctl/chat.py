@@ -1,9 +1,16 @@
 """The text of instructions and chats: the one place that turns an instruction, or a conversation, into the prompt
 the model was tuned on. Training (instruction examples), `infer --chat`, `serve`'s chat endpoint and the chat
-template of exported tokenizers all render through here."""
+template of exported tokenizers all render through here.
+
+A model's chat template is its own (`tokenizer.chat_template`, imported with it) or llmctl's instruction template
+written as Jinja (`chat_template`); `template_of` picks it and `render_messages` renders a conversation with it
+through llmctl.templates, as transformers' apply_chat_template would."""
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
+from . import templates
 from .errors import LlmctlError
 
 ROLES = ("system", "user", "assistant")
@@ -24,6 +31,19 @@ def render_chat(messages: list[dict], ft, eos: str) -> str:
     without input, and each assistant answer follows its instruction, closed by the end-of-text token `eos` (as
     in training, where every response ends with it). The last message must be the user's. Consecutive messages of
     one role are joined by a blank line. Raises LlmctlError naming the message at fault."""
+    turns = check_messages(messages)
+    text = ""
+    if turns[0][0] == "system":
+        text = turns.pop(0)[1] + "\n\n"
+    for role, content in turns:
+        text += render_prompt(content, "", ft) if role == "user" else content + eos
+    return text
+
+
+def check_messages(messages: list[dict]) -> list[list]:
+    """The conversation as [role, text] turns (consecutive messages of one role joined by a blank line), checked
+    for llmctl's template: roles system, user, assistant; a system message only first; a user message first (after
+    the system one) and last. Raises LlmctlError naming the message at fault."""
     if not messages:
         raise LlmctlError("messages: give at least one message")
     turns: list[list] = []  # [role, text]
@@ -37,16 +57,12 @@ def render_chat(messages: list[dict], ft, eos: str) -> str:
             turns[-1][1] += "\n\n" + m["content"]
         else:
             turns.append([m["role"], m["content"]])
-    text = ""
-    if turns[0][0] == "system":
-        text = turns.pop(0)[1] + "\n\n"
-    if not turns or turns[-1][0] != "user":
+    rest = turns[1:] if turns[0][0] == "system" else turns
+    if not rest or rest[-1][0] != "user":
         raise LlmctlError("messages: the last message must be the user's (the model answers it)")
-    if turns[0][0] != "user":
+    if rest[0][0] != "user":
         raise LlmctlError("messages: the conversation must start with a user message (after an optional system one)")
-    for role, content in turns:
-        text += render_prompt(content, "", ft) if role == "user" else content + eos
-    return text
+    return turns
 
 
 def chat_template(ft, eos: str) -> str:
@@ -73,3 +89,30 @@ def chat_template(ft, eos: str) -> str:
         "{%- endif -%}"
         "{%- endfor -%}"
     )
+
+
+def own_template(cfg) -> Optional[str]:
+    """The model's own chat template (`tokenizer.chat_template`), None when it has none (cfg: Config)."""
+    return cfg.tokenizer.chat_template
+
+
+def template_of(cfg, tok) -> str:
+    """The chat template every conversation of this model renders with: its own when it has one, else llmctl's
+    instruction template as Jinja (`chat_template`, closing answers with the tokenizer's end-of-text token)."""
+    return own_template(cfg) or chat_template(cfg.finetune, tok.eos_token)
+
+
+def render_messages(cfg, tok, messages: list[dict], *, add_generation_prompt: bool = True,
+                    tools: Optional[list] = None, **extra: Any) -> str:
+    """A conversation as the prompt text of the model's template (`template_of`), ending where the assistant's
+    answer starts (`add_generation_prompt`). llmctl's own template takes system, user and assistant messages ending
+    with the user's (`check_messages`) and no tools; a model's own template decides for itself (it may refuse with
+    raise_exception: LlmctlError with its message). The text is encoded without added special tokens: the template
+    writes them."""
+    if own_template(cfg) is None:
+        check_messages(messages)
+        if tools:
+            raise LlmctlError("tools: this model has no chat template of its own, and llmctl's instruction template "
+                              "has no place for tools")
+    return templates.render(template_of(cfg, tok), messages, add_generation_prompt=add_generation_prompt,
+                            tools=tools, special=tok.special_tokens, **extra)

@@ -20,6 +20,7 @@ from .data import (
     Examples,
     LMBatches,
     TokenData,
+    chat_examples,
     classification_examples,
     eval_batches,
     eval_blocks,
@@ -161,9 +162,10 @@ def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, devi
 
 def instruct_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.device, amp,
                   layout: Layout = Layout()) -> Task:
-    """Instruction tuning: the loss covers response tokens only (prompt labels are -100)."""
+    """Instruction tuning: the loss covers response tokens, and the assistant turns of conversations, only (other
+    labels are -100)."""
     d, t, T = cfg.data, cfg.train, cfg.model.block_size
-    ex = instruct_examples(d.path, d, tok, T, cfg.finetune)
+    ex = instruct_examples(d.path, d, tok, T, cfg.finetune, chat=chat_examples(cfg, tok))
     train_idx, val_idx = holdout(len(ex.ids), d.val_fraction, t.seed)
     if cfg.finetune.packing:
         sub = Examples([ex.ids[i] for i in train_idx], [ex.targets[i] for i in train_idx])

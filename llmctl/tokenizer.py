@@ -22,6 +22,7 @@ EOS, PAD, UNK = "<eos>", "<pad>", "<unk>"
 # end-of-text and padding spellings of tokenizers made elsewhere (GPT-2, Llama 2/3, ChatML)
 EOS_CANDIDATES = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
 PAD_CANDIDATES = (PAD, "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 # characters per piece of a long text, and per native call: one call takes well under a second (~1-2 MB/s on
 # a CPU core), so a signal is heard between calls (llmctl.interrupt) and pieces spread over the cores
 PIECE_CHARS = 1 << 18
@@ -29,20 +30,54 @@ CALL_CHARS = 1 << 20
 
 
 class Tokenizer:
-    """A thin wrapper that knows its special ids; encode/decode work on plain lists of ints."""
+    """A thin wrapper that knows its special ids; encode/decode work on plain lists of ints.
 
-    def __init__(self, tk: HFTokenizer):
+    `special_tokens` (tokenizer.special_tokens: the names an imported tokenizer_config.json gives, bos_token,
+    eos_token, ...) name the end-of-text, padding and beginning-of-text tokens; without them they are found by
+    their usual spellings. `end_ids` (tokenizer.end_ids: generation_config.json's eos_token_id) end generation
+    besides the end-of-text token."""
+
+    def __init__(self, tk: HFTokenizer, special_tokens: Optional[dict] = None, end_ids: Iterable[int] = ()):
         self.tk = tk
         vocab = tk.get_vocab(with_added_tokens=True)
-        self.eos_id = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
-        self.pad_id = next((vocab[t] for t in PAD_CANDIDATES if t in vocab), self.eos_id)
-        self.unk_id = vocab.get(UNK)
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        self.named = None if special_tokens is None else dict(special_tokens)
+        named = self.named or {}
+        for name, text in named.items():
+            if text not in vocab:
+                raise LlmctlError(f"tokenizer.special_tokens: {name} {text!r} is not a token of the tokenizer; "
+                                  "name one of its tokens (or give the tokenizer_config.json that belongs to it)")
+        first = lambda names, default=None: next((vocab[t] for t in names if t in vocab), default)  # noqa: E731
+        self.eos_id = vocab[named["eos_token"]] if "eos_token" in named else first(EOS_CANDIDATES)
+        self.pad_id = vocab[named["pad_token"]] if "pad_token" in named else first(PAD_CANDIDATES, self.eos_id)
+        self.unk_id = vocab.get(named.get("unk_token", UNK))
+        # a tokenizer_config.json that names no bos_token has none (Qwen); without one, the usual spellings
+        self.bos_id = vocab[named["bos_token"]] if "bos_token" in named else \
+            (None if self.named is not None else first(BOS_CANDIDATES))
         if self.eos_id is None:
             raise LlmctlError(
                 "the tokenizer has no end-of-text token (one of " + ", ".join(EOS_CANDIDATES)
-                + "); add one to tokenizer.json"
+                + "); add one to tokenizer.json, or name it in tokenizer.special_tokens.eos_token"
             )
+        bad = [i for i in end_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise LlmctlError(f"tokenizer.end_ids: {bad[0]} is not a token id of the tokenizer (it has "
+                              f"{self.vocab_size} tokens); give the generation_config.json of this model")
+        self.end_ids = tuple(dict.fromkeys([self.eos_id, *end_ids]))  # the end-of-text token first
+
+    def configured(self, tc) -> "Tokenizer":
+        """This tokenizer with the model's settings of the `tokenizer:` section (tc: TokenizerConfig):
+        special_tokens and end_ids."""
+        return Tokenizer(self.tk, tc.special_tokens, tc.end_ids or ())
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The named special tokens a chat template sees (transformers' special_tokens_map): the imported ones, or
+        for a tokenizer without names eos_token, pad_token and the bos_token/unk_token it has."""
+        if self.named is not None:
+            return dict(self.named)
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id, "pad_token": self.pad_id}
+        return {name: self.tk.id_to_token(i) for name, i in ids.items() if i is not None}
 
     # --- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -115,7 +150,22 @@ class Tokenizer:
 
     # --- use ---------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        """The ids of `text`, no special tokens added: training text, and chat text (its template writes them)."""
         return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids of a plain prompt, with the special tokens the tokenizer's post-processor adds (a Llama 2 or
+        Gemma BOS), as transformers' tokenizer(text) does; llmctl's own tokenizers add none."""
+        return self.tk.encode(text, add_special_tokens=True).ids
+
+    def added_specials(self) -> tuple[list[int], list[int]]:
+        """The ids the post-processor puts before and after a plain prompt's own ids (e.g. ([bos], []))."""
+        plain = self.tk.encode("a", add_special_tokens=False).ids
+        full = self.tk.encode("a", add_special_tokens=True).ids
+        for k in range(len(full) - len(plain) + 1):
+            if full[k : k + len(plain)] == plain:
+                return full[:k], full[k + len(plain):]
+        return [], []
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """The ids of each text. Long texts are encoded in pieces (the same ids: see `pieces`), a bounded amount
@@ -173,6 +223,18 @@ class Tokenizer:
         pre = spec.get("pre_tokenizer") or {}
         return bool(spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
                     and not pre.get("add_prefix_space", False) and type(self.tk.model).__name__ == "BPE")
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text` (no special tokens added: a rendered chat writes its own) and each token's character
+        span in it, [start, end)."""
+        enc = self.tk.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    @cached_property
+    def special_texts(self) -> frozenset[str]:
+        """The text of every special token (added tokens marked special), and of the end-of-text token."""
+        added = self.tk.get_added_tokens_decoder().values()
+        return frozenset([t.content for t in added if t.special] + [self.eos_token])
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special)

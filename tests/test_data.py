@@ -440,3 +440,188 @@ def test_cuts_never_split_a_run_of_newlines(tmp_path, monkeypatch):
                                                                                            vocab_size=400))
     assert td.tokenizer.token_to_id("\u010a\u010a") is not None  # the merge of two newlines exists
     assert td.train[:].tolist() == td.tokenizer.tk.encode(text, add_special_tokens=False).ids
+
+
+# --- conversations (chat SFT rows) ------------------------------------------------------------------------------
+
+CHAT_TEMPLATES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chat_templates"
+TOKENIZERS = CHAT_TEMPLATES.parent / "tokenizers"
+
+
+def _jsonl(tmp_path, rows, name="c.jsonl") -> Path:
+    f = tmp_path / name
+    f.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return f
+
+
+def _learned(tok, ids, labels) -> list[str]:
+    """The text of each run of learned tokens (special tokens spelled out)."""
+    runs, run = [], []
+    for i, lab in zip(ids, labels):
+        if lab != -100:
+            assert lab == i
+            run.append(i)
+        elif run:
+            runs, run = runs + [run], []
+    runs += [run] if run else []
+    return [tok.decode(r, skip_special=False) for r in runs]
+
+
+def _real(template: str, tokenizer: str):
+    """A real chat template and tokenizer from ../shared/data, and a renderer of whole conversations with them."""
+    from llmctl.templates import render
+    from llmctl.tokenizer import Tokenizer
+
+    t, k = CHAT_TEMPLATES / template, TOKENIZERS / tokenizer / "tokenizer.json"
+    if not (t.exists() and k.exists()):
+        pytest.skip(f"needs {t} and {k} (../shared/data)")
+    text, tok = t.read_text(), Tokenizer.from_file(k)
+    return tok, lambda messages: render(text, messages, special=tok.special_tokens)
+
+
+def _chat_examples(tmp_path, rows, tok, render, block_size=512, pairs=False):
+    from llmctl.config import FinetuneConfig
+    from llmctl.data import instruct_examples
+    from llmctl.data.conversations import ChatExamples
+
+    f = _jsonl(tmp_path, rows)
+    return instruct_examples(str(f), DataConfig(cache_dir=str(tmp_path / "c")), tok, block_size, FinetuneConfig(),
+                             chat=ChatExamples(render, tok, pairs))
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "<think>\nSmall sums.\n</think>\n\n4."},
+    {"role": "user", "content": "And 3+3? Say 4. if unsure"},
+    {"role": "assistant", "content": "<think>\nAdd again.\n</think>\n\n6, not 4."},
+]
+
+
+def test_chat_labels_cover_the_answers_in_qwen3s_own_rendering(tmp_path):
+    """Qwen3's template drops the reasoning of a past answer and keeps the last one's: each answer's span is found
+    in the whole rendered conversation, with the <|im_end|> that closes it; nothing else is learned."""
+    tok, render = _real("Qwen-Qwen3-0.6B.jinja", "qwen3")
+    text = render(CONVERSATION)
+    assert "Small sums." not in text and "Add again." in text  # the template rewrote the first answer
+    ex = _chat_examples(tmp_path, [{"messages": CONVERSATION}], tok, render)
+    ids, labels = ex.ids[0], ex.targets[0]
+    assert ids == tok.encode(text)
+    assert _learned(tok, ids, labels) == ["4.<|im_end|>", "<think>\nAdd again.\n</think>\n\n6, not 4.<|im_end|>"]
+
+
+def test_instruction_pairs_render_with_a_models_own_template(tmp_path):
+    """A model with a chat template of its own learns instruction pairs in it too: one user turn (instruction, blank
+    line, input) and the answer, closed by the template's end-of-turn token rather than llmctl's <eos>."""
+    tok, render = _real("Qwen-Qwen3-0.6B.jinja", "qwen3")
+    rows = [{"instruction": "Add", "input": "1 1", "output": "2"}, {"messages": CONVERSATION[1:3]}]
+    ex = _chat_examples(tmp_path, rows, tok, render, pairs=True)
+    pair = [{"role": "user", "content": "Add\n\n1 1"}, {"role": "assistant", "content": "2"}]
+    assert ex.ids[0] == tok.encode(render(pair))
+    assert _learned(tok, ex.ids[0], ex.targets[0]) == ["2<|im_end|>"]
+    assert _learned(tok, ex.ids[1], ex.targets[1]) == ["<think>\nSmall sums.\n</think>\n\n4.<|im_end|>"]
+
+
+@pytest.mark.parametrize("template", ["meta-llama-Llama-3.1-8B-Instruct.jinja",
+                                      "meta-llama-Llama-3.2-3B-Instruct.jinja"])
+def test_chat_labels_with_llama3s_template_which_trims_answers(tmp_path, template):
+    tok, render = _real(template, "llama3")
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there.  \n"},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
+    ex = _chat_examples(tmp_path, [{"messages": msgs}], tok, render)
+    ids, labels = ex.ids[0], ex.targets[0]
+    assert ids[0] == tok.token_to_id("<|begin_of_text|>") and ids == tok.encode(render(msgs))
+    assert _learned(tok, ids, labels) == ["Hello there.<|eot_id|>", "Bye!<|eot_id|>"]
+
+
+def _own_chat():
+    """A char tokenizer and llmctl's own instruction template as Jinja (what a model without a template uses)."""
+    from llmctl.chat import chat_template
+    from llmctl.config import FinetuneConfig
+    from llmctl.templates import render
+    from llmctl.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_char(["abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ#:?!. 12\n"])
+    template = chat_template(FinetuneConfig(), tok.eos_token)
+    return tok, lambda messages: render(template, messages)
+
+
+def test_sharegpt_and_instruction_layouts_mix_in_one_file(tmp_path):
+    from llmctl.chat import render_prompt
+    from llmctl.config import FinetuneConfig
+
+    tok, render = _own_chat()
+    rows = [
+        {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
+                           {"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Name?"},
+                           {"from": "gpt", "value": "Ann."}]},
+        {"prompt": "Add", "response": "2"},
+        {"messages": [{"role": "user", "content": "Yes?"}, {"role": "assistant", "content": "No."}], "id": 7},
+    ]
+    ex = _chat_examples(tmp_path, rows, tok, render)
+    assert len(ex.ids) == 3
+    assert _learned(tok, ex.ids[0], ex.targets[0]) == ["Hello!<eos>", "Ann.<eos>"]
+    prompt = tok.encode(render_prompt("Add", "", FinetuneConfig()))
+    assert ex.ids[1] == prompt + tok.encode("2") + [tok.eos_id]  # the instruction layouts are as before
+    assert _learned(tok, ex.ids[2], ex.targets[2]) == ["No.<eos>"]
+    sharegpt = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name?"},
+                {"role": "assistant", "content": "Ann."}]
+    assert ex.ids[0] == tok.encode(render(sharegpt))
+
+
+def test_long_conversations_keep_their_start(tmp_path):
+    tok, render = _own_chat()
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"}]
+    n = len(tok.encode(render(msgs)))
+    ex = _chat_examples(tmp_path, [{"messages": msgs}] * 2 + [{"prompt": "x" * 400, "response": "y"}], tok,
+                        render, block_size=n - 4)
+    assert ex.truncated == 3 and len(ex.ids) == 2  # the last one: nothing left to learn, dropped
+    assert len(ex.ids[0]) == n - 3 and _learned(tok, ex.ids[0], ex.targets[0]) == ["Hello ther"]
+
+
+@pytest.mark.parametrize("row, words", [
+    ({"messages": [{"role": "user", "content": "Hi"}]}, ["no assistant message", "add the assistant's answer"]),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "x"}]},
+     ["messages[1] has role 'robot'", "system, user, assistant, tool"]),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "x"}]},
+     ["conversations[1] has from 'bot'", "system, human, gpt, tool"]),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                   {"role": "assistant", "content": "x"}]}, ["messages[0] (user) has a list content", "one string"]),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]},
+     ["messages[1] (assistant) has no content"]),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]},
+     ["messages[1] is an empty assistant message"]),
+    ({"messages": [{"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}]},
+     ["messages[1] has tool_calls"]),
+    ({"messages": "Hi"}, ["'messages' must be a non-empty list"]),
+])
+def test_bad_conversation_rows_name_file_line_and_fix(tmp_path, row, words):
+    tok, render = _own_chat()
+    f = tmp_path / "c.jsonl"
+    with pytest.raises(LlmctlError) as e:
+        _chat_examples(tmp_path, [{"prompt": "a", "response": "b"}, row], tok, render)
+    assert f"data.path: {f}:2: " in str(e.value) and "\n" not in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_a_template_that_rewrites_an_answer_or_never_closes_one_is_an_error(tmp_path):
+    from llmctl.templates import render
+
+    tok, _ = _own_chat()
+    msgs = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}]}
+    rewrites = "{% for m in messages %}{{ m.content | replace('Yes', 'No') }}<eos>{% endfor %}"
+    with pytest.raises(LlmctlError, match=r"c.jsonl:1: the chat template does not write messages\[1\] \(assistant\) "
+                                          "as given"):
+        _chat_examples(tmp_path, [msgs], tok, lambda m: render(rewrites, m))
+    open_ended = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    with pytest.raises(LlmctlError, match="not with a special token, so a model tuned on it would not learn to stop"):
+        _chat_examples(tmp_path, [msgs], tok, lambda m: render(open_ended, m))
+    no_system = ("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                 "{% for m in messages %}{{ m.content }}<eos>{% endfor %}")
+    system = {"messages": [{"role": "system", "content": "Be kind."}, *msgs["messages"]]}
+    with pytest.raises(LlmctlError, match="c.jsonl:2: the chat template refused the conversation: System role not "
+                                          "supported"):
+        _chat_examples(tmp_path, [msgs, system], tok, lambda m: render(no_system, m))

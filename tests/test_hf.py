@@ -388,7 +388,7 @@ def test_hub_name_downloads_through_the_same_path(hf_models, runner, tmp_path, m
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     r = invoke(runner, "import", "hf", "hf:someone/tiny-gpt2", "--out", tmp_path / "hub", "--json")
     assert r.exit_code == 0, r.output
-    assert calls == [("someone/tiny-gpt2", hf.DOWNLOAD_PATTERNS)]
+    assert calls == [("someone/tiny-gpt2", hf.DOWNLOAD_PATTERNS)] and "chat_template.jinja" in hf.DOWNLOAD_PATTERNS
     assert json.loads(r.stdout)["arch"] == "gpt2"
     assert ckpt_io.load(tmp_path / "hub").meta["imported_from"] == "hf:someone/tiny-gpt2"
 

@@ -153,6 +153,43 @@ def test_instruct_lowers_response_loss_and_chats(chat_base, tmp_path, runner):
     assert len(p.stdout.splitlines()) >= 2 and "Traceback" not in p.stderr
 
 
+def test_chat_sft_on_a_messages_jsonl_lowers_the_answer_loss(chat_base, tmp_path, runner):
+    """`finetune.task: instruct` on conversations (OpenAI messages and ShareGPT rows, multi-turn) through the CLI:
+    the loss on the assistant turns falls, and `eval` measures the same examples."""
+    from llmctl.data import chat_examples, eval_batches, instruct_examples
+    from llmctl.evaluate import lm_metrics
+
+    names = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal"]
+    rows = [{"messages": [{"role": "system", "content": "Answer briefly."},
+                          {"role": "user", "content": f"Who is {n}?"},
+                          {"role": "assistant", "content": f"{n} is kind."},
+                          {"role": "user", "content": "And then?"},
+                          {"role": "assistant", "content": "Then we rest."}]}
+            for n in names]
+    rows += [{"conversations": [{"from": "human", "value": f"Greet {n}."}, {"from": "gpt", "value": f"Hello, {n}!"}]}
+             for n in names]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "chat-sft"
+    r = invoke(runner, "finetune", "--from", chat_base, *sets(f"data.path={data}", "finetune.task=instruct",
+               "train.max_steps=25", "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=3",
+               "train.dtype=float32", "train.eval_interval=25"), "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+
+    def answer_loss(run):
+        loaded = loading.load_model(run, "cpu")
+        ex = instruct_examples(str(data), loaded.cfg.data, loaded.tokenizer, 256, loaded.cfg.finetune,
+                               chat=chat_examples(loaded.cfg, loaded.tokenizer))
+        assert len(ex.ids) == len(rows) and ex.truncated == 0
+        return lm_metrics(loaded.model, eval_batches(ex, range(len(ex.ids)), "instruct", loaded.tokenizer.pad_id, 16),
+                          torch.device("cpu"))["loss"]
+
+    before, after = answer_loss(chat_base), answer_loss(out)
+    assert after < before - 0.5, (before, after)
+    r = invoke(runner, "eval", "--ckpt", out, "--data", data, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["response_loss"] == pytest.approx(after, rel=1e-4)
+
+
 def test_freezing_and_early_stopping(tiny_run, tmp_path):
     out = tmp_path / "frozen"
     args = [f"data.path={SHARED / 'tinyshakespeare.txt'}", "train.max_steps=40", "train.eval_interval=5",

@@ -24,7 +24,8 @@ def import_hf(
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Import a GPT2LMHeadModel or LlamaForCausalLM checkpoint; finetune, infer and eval then take it."""
+    """Import a transformers checkpoint (GPT-2, Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3); finetune, infer, eval,
+    serve and export then take it."""
     from ..commands import interop as interop_cmd
 
     def go() -> None:

@@ -9,6 +9,7 @@ from typing import Optional
 from .. import sampling
 from ..config import DataConfig, from_dict, user_settings
 from ..data import (
+    chat_examples,
     classification_examples,
     eval_batches,
     eval_blocks,
@@ -83,7 +84,8 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
                 **_eval_classifier(loaded, source, data is not None, bs, text_column, label_column)}
     if cfg.finetune.task == "instruct":
         key = "--data" if data is not None else "data.path"
-        ex = instruct_examples(source, cfg.data, loaded.tokenizer, cfg.model.block_size, cfg.finetune, key=key)
+        ex = instruct_examples(source, cfg.data, loaded.tokenizer, cfg.model.block_size, cfg.finetune, key=key,
+                               chat=chat_examples(cfg, loaded.tokenizer))
         idx = range(len(ex.ids)) if data is not None else holdout(len(ex.ids), cfg.data.val_fraction, cfg.train.seed)[1]
         r = lm_metrics(loaded.model, eval_batches(ex, list(idx), "instruct", loaded.tokenizer.pad_id, bs),
                        loaded.device)

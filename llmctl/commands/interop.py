@@ -40,12 +40,13 @@ def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrit
     path = ckpt_io.save(out, 0, imported.weights, config_yaml, tok_json, meta=meta)
     write_run_files(out, config_yaml, tok_json)  # the run-level copies a trained run has too
     m = cfg.model
-    events.log(f"imported {source} as {m.arch}: {m.n_layer} layers, width {m.n_embd}, {m.n_head} heads "
+    events.log(f"imported {source} ({m.hf_architecture}): {m.n_layer} layers, width {m.n_embd}, {m.n_head} heads "
                f"({m.kv_heads} key/value), vocabulary {m.vocab_size}, context {m.block_size}")
     return {
         "checkpoint": str(path),
         "source": source,
         "arch": m.arch,
+        "architecture": m.hf_architecture,
         "parameters": sum(t.numel() for t in imported.weights.values()),
         "vocab_size": m.vocab_size,
         "block_size": m.block_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from .whole import Whole
 
@@ -27,6 +27,20 @@ class TokenizerConfig:
     """An existing tokenizer.json to use, so nothing is trained; null: train one on the corpus."""
     train_chars: int = 2_000_000_000
     """BPE learns from at most this many characters of the corpus (a seeded sample of it when larger)."""
+    chat_template: Optional[str] = None
+    """The model's own Jinja chat template (`import hf` reads it from chat_template.jinja or tokenizer_config.json),
+    rendered as transformers renders it by infer --chat, serve and instruction SFT; null: llmctl's instruction
+    template (finetune.prompt_template)."""
+    special_tokens: Optional[dict] = None
+    """The named special tokens of an imported tokenizer (bos_token, eos_token, pad_token, ... as its
+    tokenizer_config.json names them): its chat template sees them, and eos_token is the end-of-text token; null:
+    found by their usual spellings (<eos>, <pad>, </s>, <|endoftext|>, ...)."""
+    end_ids: Optional[list[int]] = None
+    """Token ids that end generation besides the end-of-text token (generation_config.json's eos_token_id, e.g.
+    128001, 128008, 128009 for Llama 3.1); null: the end-of-text token only."""
+
+    # the settings that belong to the model's tokenizer: a finetune takes them from its checkpoint
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("chat_template", "special_tokens", "end_ids")
 
     def check(self, cfg: Whole) -> list[str]:
         """A tokenizer that cannot be trained."""
@@ -35,6 +49,11 @@ class TokenizerConfig:
             p.append(f"tokenizer.train_chars: must be positive (got {self.train_chars})")
         if self.kind == "bpe" and self.vocab_size < 260:
             p.append(f"tokenizer.vocab_size: a byte-level BPE needs at least 260 tokens (got {self.vocab_size})")
+        if self.special_tokens is not None and not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.special_tokens.items()):
+            p.append("tokenizer.special_tokens: must map names (bos_token, eos_token, ...) to token texts")
+        if any(i < 0 for i in self.end_ids or []):
+            p.append(f"tokenizer.end_ids: token ids cannot be negative (got {self.end_ids})")
 
         return p
 

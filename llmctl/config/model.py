@@ -75,6 +75,11 @@ class ModelConfig:
     """RoPE base of the sliding layers (Gemma 3's rope_local_base_freq); null: rope_theta."""
     rotary_fraction: float = 1.0
     """Share of each head's channels that RoPE rotates, the first ones (Phi-4-mini: 0.75); 1: all."""
+    hf_architecture: Optional[str] = None
+    """The transformers architecture `export --format hf` writes (set by `import hf` to the one imported:
+    GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, Gemma2ForCausalLM,
+    Gemma3ForCausalLM, Phi3ForCausalLM); null: GPT2LMHeadModel for gpt2, else the first of these that has every
+    switch the model uses."""
     dropout: float = 0.0
     """Dropout probability in training (embeddings, attention weights, residual branches); 0: none."""
     init_std: float = 0.02
@@ -185,7 +190,23 @@ class ModelConfig:
             p.append(f"model.rotary_fraction: must be in (0, 1] (got {m.rotary_fraction})")
         if m.rope_scaling is not None:
             p += check_rope_scaling(m.rope_scaling)
+        if m.hf_architecture is not None:
+            flavour = HF_ARCHITECTURES.get(m.hf_architecture)
+            if flavour is None:
+                p.append(f"model.hf_architecture: {m.hf_architecture!r} is not one export writes; choose one of "
+                         + ", ".join(HF_ARCHITECTURES) + " (or null)")
+            elif flavour != m.arch:
+                p.append(f"model.hf_architecture: {m.hf_architecture} needs model.arch={flavour}")
         return p
+
+
+# The transformers architectures import and export take (llmctl.hf has a family for each), with the flavour of
+# model.arch each one is
+HF_ARCHITECTURES = {
+    "GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "llama", "Qwen3ForCausalLM": "llama",
+    "MistralForCausalLM": "llama", "Gemma2ForCausalLM": "llama", "Gemma3ForCausalLM": "llama",
+    "Phi3ForCausalLM": "llama",
+}
 
 
 # RoPE scaling types llmctl computes, with their required and optional keys (transformers' names)

@@ -5,6 +5,7 @@ One job per module, each importing only those above it in this list (never one b
   streaming   one source read, tokenized on all cores and written shard by shard into a build folder
   cache       the token cache: a corpus tokenized once (through `streaming`) and found again by its key
   batches     random training blocks and evaluation blocks over a token sequence
+  conversations  chat SFT rows (`messages`, `conversations`): rendered whole, labelled on the assistant turns
   examples    classification rows and instruction pairs (read through `tables`) tokenized, split and batched
 None imports torch at its top, so `llmctl prepare` starts without it: only the functions that make tensors do.
 This file hands on the names the rest of llmctl uses.
@@ -13,6 +14,7 @@ This file hands on the names the rest of llmctl uses.
 from ..corpus import resolve_source
 from .batches import LMBatches, eval_blocks
 from .cache import TokenData, prepare, tokenize_file
+from .conversations import chat_examples
 from .examples import (
     ExampleBatches,
     Examples,
@@ -26,7 +28,7 @@ from .examples import (
 from .tables import load_texts
 
 __all__ = [
-    "ExampleBatches", "Examples", "LMBatches", "TokenData", "classification_examples", "eval_batches",
+    "ExampleBatches", "Examples", "LMBatches", "TokenData", "chat_examples", "classification_examples", "eval_batches",
     "eval_blocks", "holdout", "instruct_examples", "load_texts", "packed_tokens", "pad_batch", "prepare",
     "resolve_source", "tokenize_file",
 ]

@@ -1,4 +1,4 @@
-"""Supervised examples: classification rows and instruction pairs tokenized, split, padded and batched.
+"""Supervised examples: classification rows, instruction pairs and conversations tokenized, split, padded and batched.
 
 torch is imported inside the functions that make tensors, so `llmctl prepare` (which imports this package) starts
 without it.
@@ -17,6 +17,7 @@ from ..corpus import resolve_source
 from ..errors import LlmctlError
 from ..fileio import read_jsonl
 from ..tokenizer import Tokenizer
+from .conversations import FIELDS, ChatExamples, conversation
 from .tables import load_table, require_columns
 
 
@@ -76,44 +77,63 @@ def classification_examples(
     return Examples(ids, [index[v] for v in values], truncated), labels
 
 
-def instruct_pairs(row: dict, ft, where: str) -> list[tuple[str, str]]:
-    """(prompt, response) pairs of one JSONL row in any of the accepted layouts."""
+def instruct_pairs(row: dict, ft, where: str) -> list[tuple[str, str, str]]:
+    """(instruction, input, response) of one JSONL row in any of the accepted instruction layouts."""
     if ft.instances_field in row and ft.instruction_field in row:  # seed_tasks.jsonl
-        return [(render_prompt(row[ft.instruction_field], inst.get(ft.input_field) or "", ft),
-                 inst.get(ft.output_field) or "")
+        return [(row[ft.instruction_field], inst.get(ft.input_field) or "", inst.get(ft.output_field) or "")
                 for inst in row[ft.instances_field] or []]
     if ft.instruction_field in row and ft.output_field in row:  # instruction / input / output
-        return [(render_prompt(row[ft.instruction_field], row.get(ft.input_field) or "", ft),
-                 row[ft.output_field] or "")]
+        return [(row[ft.instruction_field], row.get(ft.input_field) or "", row[ft.output_field] or "")]
     if ft.prompt_field in row and ft.response_field in row:  # prompt / response
-        return [(render_prompt(row[ft.prompt_field], "", ft), row[ft.response_field] or "")]
+        return [(row[ft.prompt_field], "", row[ft.response_field] or "")]
     raise LlmctlError(
         f"{where}: expected fields {ft.instruction_field}/{ft.output_field} (optionally {ft.input_field} or "
-        f"{ft.instances_field}) or {ft.prompt_field}/{ft.response_field}; found {', '.join(row)}. "
-        "Set the finetune.*_field names"
+        f"{ft.instances_field}), {ft.prompt_field}/{ft.response_field}, or a conversation in "
+        f"{' or '.join(FIELDS)}; found {', '.join(row)}. Set the finetune.*_field names"
     )
 
 
+def _pair_examples(row: dict, tokenizer: Tokenizer, ft, chat: Optional[ChatExamples],
+                   where: str) -> Iterator[tuple[list[int], list[int]]]:
+    """Per pair of the row: prompt + response + <eos> in llmctl's prompt template, labels -100 on the prompt; or,
+    where the model has a chat template of its own, one user turn (instruction, blank line, input) and its answer."""
+    for instruction, input_text, response in instruct_pairs(row, ft, where):
+        if not response.strip():
+            raise LlmctlError(f"{where}: an empty response; remove the example or fill it")
+        if chat is not None and chat.pairs:
+            question = instruction + (f"\n\n{input_text}" if input_text.strip() else "")
+            yield chat.example("pair", [{"role": "user", "content": question},
+                                        {"role": "assistant", "content": response}], where)
+            continue
+        p = tokenizer.encode(render_prompt(instruction, input_text, ft))
+        r = tokenizer.encode(response) + [tokenizer.eos_id]
+        yield p + r, [-100] * len(p) + r
+
+
 def instruct_examples(path: str, data: DataConfig, tokenizer: Tokenizer, block_size: int, ft,
-                      key: str = "data.path") -> Examples:
-    """Prompt + response + <eos> per example; labels are -100 on the prompt, so only the response is learned."""
+                      key: str = "data.path", chat: Optional[ChatExamples] = None) -> Examples:
+    """Instruction pairs and conversations, detected per row: conversations (and, with a model's own template,
+    pairs) rendered by `chat` (see `conversations`), other pairs as prompt + response + <eos>. Labels are -100
+    outside the responses and answers, so only those are learned. An example longer than the context keeps its
+    start; one left with nothing to learn is dropped; both are counted as truncated."""
     source = resolve_source(path, data, key)
     if source.builder != "json":
         raise LlmctlError(f"{key}: instruction tuning reads JSONL (one object per line), not {source.suffix} files")
-    rows = [row for f in source.files for row in read_jsonl(f, f"{key}:")]
     ids, targets, truncated = [], [], 0
-    for n, row in rows:
-        for prompt, response in instruct_pairs(row, ft, f"{key} line {n}"):
-            if not response.strip():
-                raise LlmctlError(f"{key} line {n}: an empty response; remove the example or fill it")
-            p, r = tokenizer.encode(prompt), tokenizer.encode(response) + [tokenizer.eos_id]
-            seq, lab = p + r, [-100] * len(p) + r
-            if len(seq) > block_size + 1:  # keep the start of the response; drop the tail
-                seq, lab, truncated = seq[: block_size + 1], lab[: block_size + 1], truncated + 1
-                if all(x == -100 for x in lab[1:]):
-                    continue  # the prompt alone fills the context: nothing to learn from
-            ids.append(seq)
-            targets.append(lab)
+    for f in source.files:
+        for n, row in read_jsonl(f, f"{key}:"):
+            where = f"{key}: {f}:{n}"
+            found = conversation(row, where)
+            if found is not None and chat is None:
+                raise LlmctlError(f"{where}: a conversation row needs the model's chat template to render it")
+            rows = [chat.example(*found, where)] if found else _pair_examples(row, tokenizer, ft, chat, where)
+            for seq, lab in rows:
+                if len(seq) > block_size + 1:  # keep the start of the response; drop the tail
+                    seq, lab, truncated = seq[: block_size + 1], lab[: block_size + 1], truncated + 1
+                    if all(x == -100 for x in lab[1:]):
+                        continue  # the prompt alone fills the context: nothing to learn from
+                ids.append(seq)
+                targets.append(lab)
     if not ids:
         raise LlmctlError(f"{key}: {path} has no usable examples")
     return Examples(ids, targets, truncated)

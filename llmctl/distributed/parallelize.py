@@ -66,6 +66,9 @@ def check_layout(cfg, finetune: bool = False) -> None:
     bad = tensor_parallel.divisibility_problems(cfg.model, tp)
     if bad:
         raise LlmctlError(f"train.parallel={t.parallel}: " + "; ".join(bad) + "; change train.tp_size or the model")
+    if cfg.model.qk_norm:  # one q/k-norm weight serves every head, and each rank sees only its own heads' gradient
+        raise LlmctlError(f"train.parallel={t.parallel} does not sum the gradient of model.qk_norm's weights over the "
+                          "ranks that split the heads; train this model with train.parallel=ddp or fsdp")
     if finetune and cfg.finetune.method == "lora":
         raise LlmctlError(f"train.parallel={t.parallel} does not shard LoRA adapters; finetune with "
                           "finetune.method=lora under train.parallel=ddp or fsdp")
