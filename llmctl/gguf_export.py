@@ -292,24 +292,6 @@ def _chat_template(cfg: Config, tok: Tokenizer) -> Optional[str]:
     return None
 
 
-def _post_specials(spec: dict) -> tuple[Optional[int], Optional[int]]:
-    """The ids the tokenizer's post-processor puts before and after a single text (a TemplateProcessing, maybe
-    inside a Sequence): (bos, eos), None where it adds nothing."""
-    post = spec.get("post_processor") or {}
-    steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
-    for step in steps:
-        if step.get("type") == "TemplateProcessing":
-            single = step.get("single") or []
-            ids = {k: v["ids"][0] for k, v in (step.get("special_tokens") or {}).items() if v.get("ids")}
-
-            def at(i: int) -> Optional[int]:
-                item = single[i] if -len(single) <= i < len(single) else {}
-                return ids.get(item["SpecialToken"]["id"]) if "SpecialToken" in item else None
-
-            return at(0), at(len(single) - 1) if len(single) > 1 else None
-    return None, None
-
-
 def _tokenizer(writer: Any, gguf: Any, tok: Tokenizer, n_vocab: int) -> None:
     spec = json.loads(tok.to_str())
     vocab = tok.tk.get_vocab(with_added_tokens=True)
@@ -337,12 +319,13 @@ def _tokenizer(writer: Any, gguf: Any, tok: Tokenizer, n_vocab: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    bos, eos = _post_specials(spec)
-    writer.add_bos_token_id(bos if bos is not None else tok.eos_id)
+    before, after = tok.added_specials()  # what the post-processor adds to a plain prompt (Llama 3: BOS)
+    bos = before[0] if before else tok.bos_id
+    writer.add_bos_token_id(bos if bos is not None else tok.eos_id)  # (GPT-2's <|endoftext|> is both)
     writer.add_eos_token_id(tok.eos_id)
     eot = next((vocab[t] for t in END_OF_TURN if t in vocab), None)
     if eot is not None:
         writer.add_eot_token_id(eot)
     writer.add_pad_token_id(tok.pad_id)
-    writer.add_add_bos_token(bos is not None)
-    writer.add_add_eos_token(eos is not None)
+    writer.add_add_bos_token(bool(before))
+    writer.add_add_eos_token(bool(after))

@@ -226,9 +226,9 @@ def _real_tokenizer(family: str):
 
 
 def _checkpoint(out: Path, tok, seed: int = 0, **model) -> Path:
-    """An llmctl checkpoint of a random-weight model: weights at init_std 0.2 (every layer matters next to the
-    embeddings), embeddings at std 1 (greedy choices well apart), 1-D parameters (norms, biases) moved off their
-    initial values."""
+    """An llmctl checkpoint of a random-weight model: weights at init_std 0.2 (the layers outweigh the embedding in
+    the residual stream, so greedy text varies), the final norm's weight x 5 (greedy choices well apart), 1-D
+    parameters (norms, biases) moved off their initial values."""
     from llmctl import checkpoint as ckpt_io
     from llmctl.config import Config
     from llmctl.config.model import ModelConfig
@@ -241,10 +241,10 @@ def _checkpoint(out: Path, tok, seed: int = 0, **model) -> Path:
     torch.manual_seed(seed)
     net = Transformer(cfg.model)
     with torch.no_grad():
-        net.wte.weight.normal_(0.0, 1.0)
         for name, p in net.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * (0.5 if name.endswith("bias") else 0.1))
+        net.norm.weight.mul_(5.0)
     ckpt_io.save(out, 0, net.state_dict(), cfg.to_yaml(), tok.to_str(), meta={"kind": "import"})
     write_run_files(out, cfg.to_yaml(), tok.to_str())
     return out
