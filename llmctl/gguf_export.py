@@ -30,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .chat import chat_template
+from .chat import chat_template, own_template
 from .config import Config
 from .config.model import ModelConfig
 from .errors import LlmctlError
@@ -286,10 +286,10 @@ def _llama_hparams(writer: Any, gguf: Any, m: ModelConfig) -> None:
 
 
 def _chat_template(cfg: Config, tok: Tokenizer) -> Optional[str]:
-    """The chat template the model chats in, when it has one."""
-    if cfg.finetune.task == "instruct":
-        return chat_template(cfg.finetune, tok.eos_token)
-    return None
+    """The chat template the model chats in: its own, else llmctl's for an instruction-tuned model, else none."""
+    if own_template(cfg) is not None:
+        return own_template(cfg)
+    return chat_template(cfg.finetune, tok.eos_token) if cfg.finetune.task == "instruct" else None
 
 
 def _tokenizer(writer: Any, gguf: Any, tok: Tokenizer, n_vocab: int) -> None:

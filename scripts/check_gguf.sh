@@ -17,4 +17,4 @@ python -c "import gguf" 2>/dev/null || pip install "gguf>=0.10"
 python -c "import llama_cpp" 2>/dev/null \
   || CMAKE_ARGS="$flags" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" pip install llama-cpp-python
 python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
-python -m pytest -q -rs tests/test_gguf.py
+python -m pytest -q -rps tests/test_gguf.py  # each test named: passed, or skipped with the reason

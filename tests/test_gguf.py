@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -141,7 +142,8 @@ for t in llm.generate(a["prompt"], temp=0.0, top_k=1, reset=True):
     if t == a["eos"] or len(out) == a["n"]:
         break
     out.append(t)
-print(json.dumps({"tokens": ids, "decoded": decoded, "generated": out}))
+print(json.dumps({"tokens": ids, "decoded": decoded, "generated": out,
+                  "template": llm.metadata.get("tokenizer.chat_template")}))
 """
 
 
@@ -203,6 +205,8 @@ FAMILIES = {
     "qwen2": ("qwen2", "qwen2", dict(vocab_size=151936, qkv_bias=True, rope_theta=1000000.0, norm_eps=1e-6)),
 }
 PRE = {"llama3": "llama-bpe", "qwen3": "qwen2", "qwen2": "qwen2"}
+TEMPLATES = {"llama3": "meta-llama-Llama-3.2-3B-Instruct.jinja", "qwen3": "Qwen-Qwen3-0.6B.jinja",
+             "qwen2": "Qwen-Qwen2.5-7B-Instruct.jinja"}
 
 
 def _real_tokenizer(family: str):
@@ -225,7 +229,7 @@ def _real_tokenizer(family: str):
     return Tokenizer.from_str(json.dumps(spec))
 
 
-def _checkpoint(out: Path, tok, seed: int = 0, **model) -> Path:
+def _checkpoint(out: Path, tok, seed: int = 0, template: Optional[str] = None, **model) -> Path:
     """An llmctl checkpoint of a random-weight model: weights at init_std 0.2 (the layers outweigh the embedding in
     the residual stream, so greedy text varies), the final norm's weight x 5 (greedy choices well apart), 1-D
     parameters (norms, biases) moved off their initial values."""
@@ -238,6 +242,11 @@ def _checkpoint(out: Path, tok, seed: int = 0, **model) -> Path:
     cfg = Config(model=ModelConfig(arch="llama", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=128,
                                    init_std=0.2, **model))
     cfg.tokenizer.kind = "bpe"
+    if template is not None:  # the model's own chat template, as import hf records it
+        path = SHARED / "chat_templates" / template
+        if not path.is_file():
+            pytest.skip(f"{path} is not here (the shared data of ../shared/data)")
+        cfg.tokenizer.chat_template = path.read_text()
     torch.manual_seed(seed)
     net = Transformer(cfg.model)
     with torch.no_grad():
@@ -253,7 +262,8 @@ def _checkpoint(out: Path, tok, seed: int = 0, **model) -> Path:
 @pytest.fixture(scope="module")
 def families(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
-    return {f: _checkpoint(root / f, _real_tokenizer(tok), **model) for f, (_, tok, model) in FAMILIES.items()}
+    return {f: _checkpoint(root / f, _real_tokenizer(tok), template=TEMPLATES[f], **model)
+            for f, (_, tok, model) in FAMILIES.items()}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -301,6 +311,7 @@ def test_open_families_export_under_llama_cpp_names_with_their_tokenizer(family,
     T = gguf.TokenType
     assert types[vocab["Hello"]] == T.NORMAL and types[tok.eos_id] == T.CONTROL
     assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_id
+    assert _field(reader, "tokenizer.chat_template") == loaded.cfg.tokenizer.chat_template  # the model's own
     if family == "llama3":
         assert _field(reader, "tokenizer.ggml.add_bos_token") is True
         assert _field(reader, "tokenizer.ggml.bos_token_id") == 128000 == vocab["<|begin_of_text|>"]
@@ -312,6 +323,29 @@ def test_open_families_export_under_llama_cpp_names_with_their_tokenizer(family,
         if family == "qwen3":  # added, not special: llama.cpp matches it in any text, as tokenizers does
             assert types[vocab["<think>"]] == T.USER_DEFINED
             assert tokens[-1] == f"[PAD{m.vocab_size - 1}]" and types[-1] == T.UNUSED
+
+
+# llama.cpp's convert_hf_to_gguf names a tokenizer's pre-tokenizer by hashing its ids of this text (get_vocab_base_pre;
+# the text and the hashes copied from llama.cpp as vendored in llama-cpp-python 0.3.36)
+CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenate'
+          'd) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314'
+          '151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told '
+          "he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
+CHKHSH = {"0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3-8B
+          "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2"}  # Qwen1.5-7B
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_pre_tokenizer_is_the_one_llama_cpps_converter_finds(family):
+    """The name read off the split regex equals the one llama.cpp's converter finds by hashing the tokenizer's ids
+    (with its post-processor's specials, as AutoTokenizer.encode gives them) of its test text."""
+    import hashlib
+
+    from llmctl.gguf_export import pre_tokenizer
+
+    tok = _real_tokenizer(FAMILIES[family][1])
+    chkhsh = hashlib.sha256(str(tok.tk.encode(CHKTXT).ids).encode()).hexdigest()
+    assert CHKHSH[chkhsh] == pre_tokenizer(tok)[0] == PRE[family]
 
 
 def _llama3_factors(head_dim: int, base: float, s: dict) -> list[float]:
@@ -386,10 +420,12 @@ def test_what_llama_cpp_would_compute_differently_is_refused(switches, words):
     (dict(query_scale=16.0), "llama"),  # = head_dim
     (dict(norm_offset=True), "llama"),  # (1 + w) written as the weight
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, qk_norm=True), "qwen3"),
+    (dict(qkv_bias=True), "qwen2"),
     (dict(qkv_bias=True, head_dim=32), "llama"),  # llama.cpp's qwen2 takes heads of n_embd / n_head channels only
-    (dict(qkv_bias=True, rope_scaling=LLAMA3_SCALING), "llama"),
+    (dict(qkv_bias=True, rope_scaling=LLAMA3_SCALING), "llama"),  # its qwen2 reads no rope_freqs
     (dict(bias=True), "llama"),
-])
+], ids=["window-as-long-as-context", "query-scale-head-dim", "norm-offset", "qwen3-linear-scaling", "qwen2",
+        "qkv-bias-head-dim", "qkv-bias-llama3-scaling", "all-biases"])
 def test_what_llama_cpp_computes_alike_is_exported(switches, arch):
     from llmctl.config import Config
     from llmctl.config.model import ModelConfig
@@ -402,9 +438,11 @@ def test_what_llama_cpp_computes_alike_is_exported(switches, arch):
     assert arch_of(cfg.model) == arch
 
 
-@pytest.mark.parametrize("family,words", [("llama2", "not a byte-level split llama.cpp knows"),
-                                          ("mistral", "not a byte-level split llama.cpp knows")])
-def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused(family, words, runner, tmp_path):
+@pytest.mark.parametrize("family", ["llama2", "mistral"])
+def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused(family, runner, tmp_path):
+    """SentencePiece-style BPE (a Metaspace pre-tokenizer or normalizer, byte fallback): llama.cpp's "llama"
+    vocabulary type, which this export does not write."""
+    words = "its pre-tokenizer is not a byte-level split llama.cpp knows"
     tok = _real_tokenizer(family)
     run = _checkpoint(tmp_path / family, tok, vocab_size=tok.vocab_size)
     r = invoke(runner, "export", "--ckpt", run, "--format", "gguf", "--out", tmp_path / "m.gguf")
@@ -416,7 +454,7 @@ def test_a_tokenizer_llama_cpp_would_split_otherwise_is_refused(family, words, r
 def test_llama_cpp_tokenizes_and_generates_open_families_as_llmctl(family, families, runner, tmp_path):
     """Llama 3 and Qwen3 (and Qwen2) with their real tokenizers: llama.cpp's ids of a multilingual paragraph with
     special and added tokens in it, without and with the tokenizer's own specials (Llama 3's BOS), decode back to it,
-    and its 40 greedy tokens are llmctl's (f32; q8_0 loads and generates)."""
+    its 40 greedy tokens are llmctl's (f32; q8_0 loads and generates), and it reads the model's chat template."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/check_gguf.sh)")
     import unicodedata
 
@@ -436,6 +474,7 @@ def test_llama_cpp_tokenizes_and_generates_open_families_as_llmctl(family, famil
                          prompt, -1, 40)
         assert got["tokens"] == [plain, with_specials], (family, outtype)
         assert got["decoded"][0] == MULTILINGUAL == tk.decode(plain, skip_special_tokens=False)
+        assert got["template"] == loaded.cfg.tokenizer.chat_template  # the model's own, as llama.cpp reads it
         if outtype == "f32":
             assert got["generated"] == want, family
         else:
