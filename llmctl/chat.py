@@ -102,6 +102,14 @@ def template_of(cfg, tok) -> str:
     return own_template(cfg) or chat_template(cfg.finetune, tok.eos_token)
 
 
+def exported_template(cfg, tok) -> Optional[str]:
+    """The chat template an export carries (hf's tokenizer_config.json and chat_template.jinja, GGUF's
+    tokenizer.chat_template): the model's own, else llmctl's for an instruction-tuned model, else none."""
+    if own_template(cfg) is not None:
+        return own_template(cfg)
+    return chat_template(cfg.finetune, tok.eos_token) if cfg.finetune.task == "instruct" else None
+
+
 def render_messages(cfg, tok, messages: list[dict], *, add_generation_prompt: bool = True,
                     tools: Optional[list] = None, **extra: Any) -> str:
     """A conversation as the prompt text of the model's template (`template_of`), ending where the assistant's

@@ -45,10 +45,11 @@ class Request:
 
 def fit_prompt(tok: Tokenizer, prompt: str | list[int], context: int, truncate: bool,
                how: str = "pass --truncate") -> list[int]:
-    """The ids of `prompt` (text, or ids already) that fit in `context` tokens, the one rule of infer, chat, serve
+    """The ids of `prompt` (ids already, or a plain prompt's text: encoded with the special tokens the tokenizer's
+    post-processor adds, `Tokenizer.encode_prompt`) that fit in `context` tokens, the one rule of infer, chat, serve
     and the lm-eval harness: an empty prompt starts from end-of-text (unconditional sampling); a longer one keeps
     its last `context` tokens when `truncate`, else it is refused, `how` telling how to ask for that instead."""
-    ids = (tok.encode(prompt) if prompt else []) if isinstance(prompt, str) else list(prompt)
+    ids = tok.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         return [tok.eos_id]
     if len(ids) > context:
@@ -195,7 +196,8 @@ class Engine:
     (loading it takes ~0.05 s, so it pays off even for a short generation), True also builds a missing one first
     (half a minute to a minute on a CPU, once per model, precision and shape; see llmctl.aot), False always
     decodes eagerly. `events` hears about builds and dropped cache files. `tokenizer` gives rows their text and
-    stop strings, and `eos_id` (its end of text by default) ends a row.
+    stop strings, and its end ids (`Tokenizer.end_ids`: end-of-text and the model's other end-of-turn ids) end a
+    row; `eos_id` given instead is the one id that does.
 
     Use `run(requests, slots)` for a job, or `open(slots, length)`, then `submit` and `step` from one thread (the
     server's engine thread), then `close`.
@@ -208,6 +210,8 @@ class Engine:
             raise ValueError(f"compile must be True, False or 'auto' (got {compile!r})")
         self.model, self.tokenizer = model, tokenizer
         self.eos_id = eos_id if eos_id is not None or tokenizer is None else tokenizer.eos_id
+        # every id that ends a row: the tokenizer's end ids (end-of-text and generation_config.json's eos ids)
+        self.end_ids = frozenset([eos_id] if eos_id is not None else tokenizer.end_ids if tokenizer else [])
         self.mode = compile
         self.store = None if compile is False else (store or aot.StepStore(model, events=events))
         self.compiled: dict[int, aot.CompiledStep] = {}  # slot count -> compiled step, for the open cache length
@@ -342,7 +346,7 @@ class Engine:
         row.pos = len(window)
 
     def _pick(self, busy: list[Row]) -> None:
-        """Sample each busy row's next token from its logits; <eos> ends a row without being added."""
+        """Sample each busy row's next token from its logits; an end id ends a row without being added."""
         picks: dict[int, int] = {}
         greedy = [r for r in busy if r.request.sampling.greedy]
         if greedy:
@@ -357,7 +361,7 @@ class Engine:
             picks[r.slot] = int(sample(logits[None], q.temperature, q.top_k, q.top_p, r.generator))
         for r in busy:
             t = picks[r.slot]
-            if self.eos_id is not None and t == self.eos_id:
+            if t in self.end_ids:
                 r._finish("eos")
             else:
                 r._push(t)

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .chat import chat_template, own_template
+from .chat import exported_template
 from .config import Config
 from .config.model import ModelConfig
 from .errors import LlmctlError
@@ -252,7 +252,7 @@ def write(path: Path, cfg: Config, weights: dict[str, torch.Tensor], tok: Tokeni
     else:
         _llama_hparams(writer, gguf, m)
     _tokenizer(writer, gguf, tok, m.vocab_size)
-    template = _chat_template(cfg, tok)
+    template = exported_template(cfg, tok)  # the model's own, or llmctl's for an instruction-tuned model
     if template is not None:
         writer.add_chat_template(template)
     for key, t in tensors(cfg, weights).items():
@@ -283,13 +283,6 @@ def _llama_hparams(writer: Any, gguf: Any, m: ModelConfig) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(m.rope_scaling["factor"]))
     writer.add_vocab_size(m.vocab_size)
-
-
-def _chat_template(cfg: Config, tok: Tokenizer) -> Optional[str]:
-    """The chat template the model chats in: its own, else llmctl's for an instruction-tuned model, else none."""
-    if own_template(cfg) is not None:
-        return own_template(cfg)
-    return chat_template(cfg.finetune, tok.eos_token) if cfg.finetune.task == "instruct" else None
 
 
 def _tokenizer(writer: Any, gguf: Any, tok: Tokenizer, n_vocab: int) -> None:

@@ -126,7 +126,8 @@ def make_lm(loaded: Loaded, batch_size: int, changes: Optional[dict] = None) -> 
                 if n >= self.max_length:
                     raise LlmctlError(f"the task asks for {n} new tokens (max_gen_toks) but the model's context is "
                                       f"{self.max_length}; lower generation_kwargs.max_gen_toks")
-                jobs.append(Request(fit_prompt(self.tok, context, self.max_length - n, truncate=True), s))
+                ids = self.tok.encode(context)  # as tok_encode: no special tokens added
+                jobs.append(Request(fit_prompt(self.tok, ids, self.max_length - n, truncate=True), s))
             texts: dict[int, str] = {}
             index = {id(q): i for i, q in enumerate(jobs)}
             for row in self.loaded.engine.run(jobs, slots=self.batch_size):

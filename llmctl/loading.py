@@ -143,8 +143,10 @@ def restore(backbone: Transformer, classifier: Optional[Classifier], ck: ckpt_io
 
 
 def load_tokenizer(ck: ckpt_io.Checkpoint, cfg: Config, tokenizer: Optional[Path] = None) -> Tokenizer:
-    """The checkpoint's tokenizer, or `tokenizer` (a tokenizer.json) when given: imported checkpoints may lack one."""
+    """The checkpoint's tokenizer, or `tokenizer` (a tokenizer.json) when given: imported checkpoints may lack one;
+    with the model's settings of the config's `tokenizer:` section (special tokens, end ids)."""
     tok = Tokenizer.from_file(tokenizer) if tokenizer is not None else Tokenizer.from_str(ck.tokenizer_json())
+    tok = tok.configured(cfg.tokenizer)
     if cfg.model.vocab_size is not None and tok.vocab_size > cfg.model.vocab_size:
         raise LlmctlError(f"the tokenizer has {tok.vocab_size} tokens but the model in {ck.path} only "
                           f"{cfg.model.vocab_size} embeddings; give the tokenizer that belongs to this model")

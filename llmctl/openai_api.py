@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import sampling
-from .chat import render_chat
+from .chat import render_messages
 from .errors import LlmctlError
 from .generate import Request, fit_prompt
 from .sampling import Sampling
@@ -166,8 +166,10 @@ def parse_completion(body: Any, tok: Tokenizer, limits: Limits) -> Job:
     return Job("completion", requests, stream, _stream_options(body, stream))
 
 
-def parse_chat(body: Any, tok: Tokenizer, limits: Limits, ft) -> Job:
-    """POST /v1/chat/completions: `messages` rendered by llmctl.chat.render_chat (the checkpoint's template)."""
+def parse_chat(body: Any, tok: Tokenizer, limits: Limits, cfg) -> Job:
+    """POST /v1/chat/completions: `messages` (and `tools`) rendered by the model's chat template
+    (llmctl.chat.render_messages: its own, or llmctl's instruction template), encoded as they are (the template
+    writes the special tokens); generation stops at the model's end ids. cfg: the checkpoint's Config."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     _refuse_unsupported(body)
@@ -182,13 +184,16 @@ def parse_chat(body: Any, tok: Tokenizer, limits: Limits, ft) -> Job:
                 raise bad("message content parts must be text parts ({\"type\": \"text\", \"text\": ...})",
                           "messages")
             m["content"] = "".join(p["text"] for p in parts)
+    tools = body.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise bad("'tools' must be a list of tool objects", "tools")
     try:
-        text = render_chat(messages, ft, tok.eos_token)
+        text = render_messages(cfg, tok, messages, add_generation_prompt=True, tools=tools or None)
     except LlmctlError as e:
-        raise bad(e.message, "messages") from None
+        raise bad(e.message, "tools" if e.message.startswith("tools:") else "messages") from None
     truncate, stream = _flag(body, "truncate"), _flag(body, "stream")
     s = _sampling(body, limits, "max_completion_tokens")
-    ids = _prompt_ids(tok, text, limits, truncate, "messages")
+    ids = _prompt_ids(tok, tok.encode(text), limits, truncate, "messages")
     return Job("chat", [Request(ids, s)], stream, _stream_options(body, stream))
 
 

@@ -240,12 +240,12 @@ async def _send_error(send, e: api.ApiError) -> None:
 
 @dataclass
 class Served:
-    """What the app serves: the model's name, its tokenizer and fine-tuning template, the limits, and either the
-    engine's worker (language models) or a `classify(texts) -> [{label, probabilities}]` function."""
+    """What the app serves: the model's name, its tokenizer and config (its chat template), the limits, and either
+    the engine's worker (language models) or a `classify(texts) -> [{label, probabilities}]` function."""
 
     name: str
     tokenizer: Any
-    finetune: Any
+    config: Any
     limits: api.Limits
     worker: Optional[Worker] = None
     classify: Optional[Callable[[list[str]], list[dict]]] = None
@@ -335,7 +335,7 @@ def _generation_routes(app: FastAPI, s: Served, metrics: Metrics) -> None:
         if s.worker is None:
             raise api.ApiError(404, f"'{s.name}' is a classifier: POST /v1/classify with {{\"input\": [texts]}}",
                                code="model_is_classifier")
-        job = (api.parse_chat(body, s.tokenizer, s.limits, s.finetune) if kind == "chat"
+        job = (api.parse_chat(body, s.tokenizer, s.limits, s.config) if kind == "chat"
                else api.parse_completion(body, s.tokenizer, s.limits))
         ticket = s.worker.submit(job.requests, asyncio.get_running_loop())
         prompt_tokens = sum(len(r.prompt) for r in job.requests)

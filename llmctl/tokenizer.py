@@ -139,7 +139,12 @@ class Tokenizer:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.to_str().encode()).hexdigest()
+        """The identity of the tokenizer (token caches, a teacher's and student's match): its tokenizer.json, and
+        the model's settings where it has any (another end-of-text token joins documents differently)."""
+        text = self.to_str()
+        if self.named is not None or len(self.end_ids) > 1:
+            text += "\x1f" + json.dumps({"special_tokens": self.named, "end_ids": self.end_ids}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @property
     def kind(self) -> str:
@@ -263,9 +268,10 @@ class Tokenizer:
                         found.add(part[start:end], n)
         return found
 
-    def stream(self, ids: Iterable[int]) -> Iterator[str]:
-        """Decode incrementally: yield each new piece of text once it is complete UTF-8."""
-        dec = StreamDecoder(self)
+    def stream(self, ids: Iterable[int], skip_special: bool = True) -> Iterator[str]:
+        """Decode incrementally: yield each new piece of text once it is complete UTF-8 (joined, the pieces are
+        `decode(ids, skip_special)`)."""
+        dec = StreamDecoder(self, skip_special)
         for i in ids:
             piece = dec.push(i)
             if piece:
@@ -279,27 +285,29 @@ class StreamDecoder:
     """Incremental detokenization of one sequence.
 
     Byte-level tokens can end inside a multi-byte character, so a piece is held back while it ends in the
-    replacement character, and only a short window of recent ids is decoded again at each step.
+    replacement character, and only a short window of recent ids is decoded again at each step. The window keeps the
+    token before the new ones, so decoders that treat the first token apart (SentencePiece's Metaspace and Strip
+    drop its leading space) see the new tokens as they are in the middle of the text.
     """
 
-    def __init__(self, tok: Tokenizer):
-        self.tok = tok
+    def __init__(self, tok: Tokenizer, skip_special: bool = True):
+        self.tok, self.skip = tok, skip_special
         self.ids: list[int] = []
         self.prefix = 0  # start of the window that is decoded again
         self.read = 0  # ids[prefix:read] decode to text already emitted
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        after = self.tok.decode(self.ids[self.prefix :])
+        before = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        after = self.tok.decode(self.ids[self.prefix :], self.skip)
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before) :]
         return ""
 
     def flush(self) -> str:
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        tail = self.tok.decode(self.ids[self.prefix :])
+        before = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        tail = self.tok.decode(self.ids[self.prefix :], self.skip)
         self.prefix = self.read = len(self.ids)
         return tail[len(before) :] if len(tail) > len(before) else ""
 

@@ -431,6 +431,19 @@ BAD += [
 ]
 
 
+# a model's own chat template (tokenizer.chat_template) that refuses a conversation, or does not parse
+REFUSING = "{{ raise_exception('Conversation roles must alternate\nuser/assistant/user/assistant') }}"
+CHAT_ROWS = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+BAD += [
+    ("template-raises", lambda t, r: ["finetune", "--from", r, *sets(f"data.path={_file(t, 'm.jsonl', CHAT_ROWS)}",
+     "finetune.task=instruct"), "--set", f"tokenizer.chat_template={REFUSING}", "--out", t / "o"],
+     ["the chat template refused the conversation: Conversation roles must alternate user/assistant/user/assistant"]),
+    ("template-syntax-error", lambda t, r: ["finetune", "--from", r, *sets(
+     f"data.path={_file(t, 'm.jsonl', CHAT_ROWS)}", "finetune.task=instruct"), "--set",
+     "tokenizer.chat_template={% if %}", "--out", t / "o"], ["the chat template has a syntax error on line 1"]),
+]
+
+
 TASKS = ROOT / "tests" / "lm_eval_tasks"
 BAD += [
     ("eval-unknown-task",

@@ -476,7 +476,8 @@ def _real(template: str, tokenizer: str):
     if not (t.exists() and k.exists()):
         pytest.skip(f"needs {t} and {k} (../shared/data)")
     text, tok = t.read_text(), Tokenizer.from_file(k)
-    return tok, lambda messages: render(text, messages, special=tok.special_tokens)
+    return tok, lambda messages, prompt=False: render(text, messages, add_generation_prompt=prompt,
+                                                      special=tok.special_tokens)
 
 
 def _chat_examples(tmp_path, rows, tok, render, block_size=512, pairs=False):
@@ -518,7 +519,8 @@ def test_instruction_pairs_render_with_a_models_own_template(tmp_path):
     ex = _chat_examples(tmp_path, rows, tok, render, pairs=True)
     pair = [{"role": "user", "content": "Add\n\n1 1"}, {"role": "assistant", "content": "2"}]
     assert ex.ids[0] == tok.encode(render(pair))
-    assert _learned(tok, ex.ids[0], ex.targets[0]) == ["2<|im_end|>"]
+    # (from the assistant header on: the empty think block is what the model writes when it answers)
+    assert _learned(tok, ex.ids[0], ex.targets[0]) == ["<think>\n\n</think>\n\n2<|im_end|>"]
     assert _learned(tok, ex.ids[1], ex.targets[1]) == ["<think>\nSmall sums.\n</think>\n\n4.<|im_end|>"]
 
 
@@ -543,7 +545,7 @@ def _own_chat():
 
     tok = Tokenizer.train_char(["abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ#:?!. 12\n"])
     template = chat_template(FinetuneConfig(), tok.eos_token)
-    return tok, lambda messages: render(template, messages)
+    return tok, lambda messages, prompt=False: render(template, messages, add_generation_prompt=prompt)
 
 
 def test_sharegpt_and_instruction_layouts_mix_in_one_file(tmp_path):
@@ -615,13 +617,13 @@ def test_a_template_that_rewrites_an_answer_or_never_closes_one_is_an_error(tmp_
     rewrites = "{% for m in messages %}{{ m.content | replace('Yes', 'No') }}<eos>{% endfor %}"
     with pytest.raises(LlmctlError, match=r"c.jsonl:1: the chat template does not write messages\[1\] \(assistant\) "
                                           "as given"):
-        _chat_examples(tmp_path, [msgs], tok, lambda m: render(rewrites, m))
+        _chat_examples(tmp_path, [msgs], tok, lambda m, p=False: render(rewrites, m, add_generation_prompt=p))
     open_ended = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
     with pytest.raises(LlmctlError, match="not with a special token, so a model tuned on it would not learn to stop"):
-        _chat_examples(tmp_path, [msgs], tok, lambda m: render(open_ended, m))
+        _chat_examples(tmp_path, [msgs], tok, lambda m, p=False: render(open_ended, m, add_generation_prompt=p))
     no_system = ("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
                  "{% for m in messages %}{{ m.content }}<eos>{% endfor %}")
     system = {"messages": [{"role": "system", "content": "Be kind."}, *msgs["messages"]]}
     with pytest.raises(LlmctlError, match="c.jsonl:2: the chat template refused the conversation: System role not "
                                           "supported"):
-        _chat_examples(tmp_path, [msgs, system], tok, lambda m: render(no_system, m))
+        _chat_examples(tmp_path, [msgs, system], tok, lambda m, p=False: render(no_system, m, add_generation_prompt=p))

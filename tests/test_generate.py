@@ -57,6 +57,24 @@ def test_stops_at_eos():
     assert out == first[:2]
 
 
+def test_a_row_ends_at_any_of_the_tokenizers_end_ids():
+    # generation_config.json may list several (Llama 3.1: <|end_of_text|>, <|eom_id|>, <|eot_id|>)
+    from llmctl.generate import Engine, Request
+    from llmctl.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_char(["abcdefghij klmnop"])
+    torch.manual_seed(1)
+    m = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=tok.vocab_size,
+                                init_std=0.5)).eval()
+    free = list(generate(m, tok.encode("ab"), 12, temperature=0))
+    k = next(k for k in range(1, len(free)) if free[k] not in free[:k] and free[k] != tok.eos_id)
+    end = free[k]
+    ends = Tokenizer(tok.tk, end_ids=[end])
+    assert ends.end_ids == (tok.eos_id, end)
+    rows = list(Engine(m, ends).run([Request(tok.encode("ab"), Sampling(12, temperature=0))]))
+    assert rows[-1].tokens[2:] == free[:k] and rows[-1].produced == k and rows[-1].finish_reason == "eos"
+
+
 def test_top_k_and_top_p_restrict_choices():
     logits = torch.tensor([[0.0, 1.0, 5.0, 4.9, -2.0]])
     g = torch.Generator().manual_seed(0)

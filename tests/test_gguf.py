@@ -207,6 +207,13 @@ FAMILIES = {
 PRE = {"llama3": "llama-bpe", "qwen3": "qwen2", "qwen2": "qwen2"}
 TEMPLATES = {"llama3": "meta-llama-Llama-3.2-3B-Instruct.jinja", "qwen3": "Qwen-Qwen3-0.6B.jinja",
              "qwen2": "Qwen-Qwen2.5-7B-Instruct.jinja"}
+# the `tokenizer:` settings import hf records for the instruct models (tokenizer_config.json's names,
+# generation_config.json's end ids)
+QWEN_TOKENS = dict(special_tokens={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, end_ids=[151645, 151643])
+TOKEN_SETTINGS = {"llama3": dict(special_tokens={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+                                 end_ids=[128001, 128008, 128009]),
+                  "qwen3": QWEN_TOKENS, "qwen2": QWEN_TOKENS}
+EOS = {"llama3": 128009, "qwen3": 151645, "qwen2": 151645}
 
 
 def _real_tokenizer(family: str):
@@ -229,7 +236,8 @@ def _real_tokenizer(family: str):
     return Tokenizer.from_str(json.dumps(spec))
 
 
-def _checkpoint(out: Path, tok, seed: int = 0, template: Optional[str] = None, **model) -> Path:
+def _checkpoint(out: Path, tok, seed: int = 0, template: Optional[str] = None, tokens: Optional[dict] = None,
+                **model) -> Path:
     """An llmctl checkpoint of a random-weight model: weights at init_std 0.2 (the layers outweigh the embedding in
     the residual stream, so greedy text varies), the final norm's weight x 5 (greedy choices well apart), 1-D
     parameters (norms, biases) moved off their initial values."""
@@ -247,6 +255,8 @@ def _checkpoint(out: Path, tok, seed: int = 0, template: Optional[str] = None, *
         if not path.is_file():
             pytest.skip(f"{path} is not here (the shared data of ../shared/data)")
         cfg.tokenizer.chat_template = path.read_text()
+    for k, v in (tokens or {}).items():
+        setattr(cfg.tokenizer, k, v)
     torch.manual_seed(seed)
     net = Transformer(cfg.model)
     with torch.no_grad():
@@ -262,7 +272,7 @@ def _checkpoint(out: Path, tok, seed: int = 0, template: Optional[str] = None, *
 @pytest.fixture(scope="module")
 def families(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
-    return {f: _checkpoint(root / f, _real_tokenizer(tok), template=TEMPLATES[f], **model)
+    return {f: _checkpoint(root / f, _real_tokenizer(tok), template=TEMPLATES[f], tokens=TOKEN_SETTINGS[f], **model)
             for f, (_, tok, model) in FAMILIES.items()}
 
 
@@ -310,7 +320,7 @@ def test_open_families_export_under_llama_cpp_names_with_their_tokenizer(family,
     vocab = tok.tk.get_vocab(with_added_tokens=True)
     T = gguf.TokenType
     assert types[vocab["Hello"]] == T.NORMAL and types[tok.eos_id] == T.CONTROL
-    assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_id
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_id == EOS[family]  # the named eos_token
     assert _field(reader, "tokenizer.chat_template") == loaded.cfg.tokenizer.chat_template  # the model's own
     if family == "llama3":
         assert _field(reader, "tokenizer.ggml.add_bos_token") is True

@@ -1,7 +1,12 @@
+import functools
+import json
+import warnings
+
 import pytest
 
+from conftest import SHARED
 from llmctl.errors import LlmctlError
-from llmctl.tokenizer import EOS, PAD, UNK, Tokenizer
+from llmctl.tokenizer import EOS, PAD, UNK, StreamDecoder, Tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 
@@ -77,3 +82,74 @@ def test_unseen_characters_are_reported_with_counts_and_texts():
 def test_byte_level_bpe_has_no_unseen_characters():
     tok = Tokenizer.train_bpe([TEXT * 20], 300)
     assert tok.unk_id is None and not tok.unseen("漢字 🙂")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The real tokenizers of open models (../shared/data/tokenizers), against transformers' tokenizer of the same files
+
+REAL = SHARED / "tokenizers"
+REAL_NAMES = sorted(p.parent.name for p in REAL.glob("*/tokenizer.json"))
+PARAGRAPH = ("Hello, world! Grüße aus Köln — naïve café.\n你好，世界！日本語のテキストです。한국어 문장.\n"
+             "Emoji: 🙂👍🏽🇫🇷 and 🧑‍💻 (ZWJ).\n```python\ndef f(x):\n    return x ** 2  # squares\n```\n"
+             "  two leading spaces,\ttabs,  double  spaces and a trailing one ")
+# transformers 5 rebuilds these families' pipeline (its LlamaTokenizer class, legacy=False) instead of reading
+# tokenizer.json as it is; llmctl uses tokenizer.json as it is (as transformers 4 did, and PreTrainedTokenizerFast does)
+REBUILT_BY_AUTOTOKENIZER = {"phi3"}
+
+
+@functools.lru_cache(maxsize=None)
+def real(name: str):
+    """(ours: the tokenizer with the settings import reads, transformers' tokenizer of the same files)."""
+    transformers = pytest.importorskip("transformers")
+    from llmctl import tokenizer_files
+
+    d = REAL / name
+    ours, _ = tokenizer_files.read(d, Tokenizer.from_file(d / "tokenizer.json"), {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name in REBUILT_BY_AUTOTOKENIZER:
+            named = tokenizer_files.special_tokens(d, json.loads((d / "tokenizer_config.json").read_text()))
+            theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), **named)
+        else:
+            theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    return ours, theirs
+
+
+def test_the_real_tokenizers_are_there():
+    if not REAL.is_dir():
+        pytest.skip(f"no shared tokenizers at {REAL}")
+    assert REAL_NAMES == ["gemma2", "llama2", "llama3", "mistral", "mistral-nemo", "phi3", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("name", REAL_NAMES)
+def test_real_tokenizers_encode_and_decode_as_transformers(name):
+    ours, theirs = real(name)
+    specials = [t for t in (theirs.eos_token, theirs.bos_token, "<|im_end|>", "<s>") if t]
+    text = PARAGRAPH + " " + " and ".join(specials) + " inside the text."  # special tokens spelled in the text
+    ids = ours.encode_prompt(text)
+    assert ids == theirs(text)["input_ids"]  # with the special tokens the post-processor adds
+    assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ours.decode(ids, skip_special=False) == theirs.decode(ids)
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    if theirs.eos_token is not None:
+        assert ours.eos_id == theirs.eos_token_id and ours.eos_token == theirs.eos_token
+    assert ours.bos_id == theirs.bos_token_id or theirs.bos_token is None
+
+
+@pytest.mark.parametrize("name", REAL_NAMES)
+@pytest.mark.parametrize("skip", [True, False], ids=["skip-special", "keep-special"])
+def test_real_tokenizers_stream_decode_as_transformers_decodes(name, skip):
+    ours, theirs = real(name)
+    eos = ours.eos_id
+    ids = ours.encode_prompt(PARAGRAPH) + [eos] + ours.encode(" after the end, 🙂") + [eos, eos] + ours.encode("x")
+    full = theirs.decode(ids, skip_special_tokens=skip)
+    dec = StreamDecoder(ours, skip)
+    emitted = ""
+    for i in ids:
+        emitted += dec.push(i)
+        # at every step a beginning of the whole text: no broken character, no space a later token would take back
+        # (decoding a prefix is not that: byte-fallback bytes of a character still incomplete garble the whole run)
+        assert full.startswith(emitted)
+    emitted += dec.flush()
+    assert emitted == full
+    assert "".join(ours.stream(ids, skip)) == emitted

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .. import sampling
-from ..chat import render_chat
+from ..chat import render_messages
 from ..data import Examples, eval_batches
 from ..errors import LlmctlError
 from ..evaluate import classify
@@ -184,8 +184,9 @@ def write_outputs(path: Path, rows: list[dict]) -> None:
 
 
 class ChatSession:
-    """`infer --chat`: the conversation so far is rendered by `render_chat` (the instruction template the model was
-    tuned with) at every turn; the oldest tokens are dropped when it outgrows the context."""
+    """`infer --chat`: the conversation so far is rendered at every turn by the model's chat template (its own, or
+    the instruction template it was tuned with: llmctl.chat.render_messages); the oldest tokens are dropped when it
+    outgrows the context, and the answer ends at any of the model's end ids."""
 
     def __init__(self, loaded: Loaded, s: Sampling, events: Events = SILENT):
         self.loaded, self.messages, self.s, self.events = loaded, [], s, events
@@ -199,7 +200,8 @@ class ChatSession:
         messages = self.messages + [{"role": "user", "content": message}]
         s, block = self.s, self.loaded.cfg.model.block_size
         room = max(1, block - min(s.max_new_tokens, block // 2))  # the oldest turns go first, to leave room to reply
-        ids = fit_prompt(tok, render_chat(messages, self.loaded.cfg.finetune, tok.eos_token), room, truncate=True)
+        text = render_messages(self.loaded.cfg, tok, messages, add_generation_prompt=True)
+        ids = fit_prompt(tok, tok.encode(text), room, truncate=True)  # the template wrote the special tokens
         pieces = []
         for piece in texts(self.loaded.engine, [Request(ids, s)]):
             pieces.append(piece)

@@ -126,7 +126,7 @@ def _run(loaded: Loaded, cfg: Config, defaults: Sampling, sock: socket.socket, k
     name = sc.model_name or loaded.ckpt.run_dir.name
     metrics = server.server_metrics()
     limits = api.Limits(cfg.model.block_size, sc.max_tokens, defaults)
-    served = server.Served(name, loaded.tokenizer, cfg.finetune, limits)
+    served = server.Served(name, loaded.tokenizer, cfg, limits)
     if loaded.classifier is not None:
         served.classify = lambda texts: classify_texts(loaded, texts, batch_size=cfg.eval.batch_size)
     else:

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from .. import checkpoint as ckpt_io
 from .. import distributed, estimate, recipe, rundir
-from ..config import Config, from_dict, load_config, merge_settings, read_yaml, user_settings
+from ..config import Config, TokenizerConfig, from_dict, load_config, merge_settings, read_yaml, user_settings
 from ..errors import LlmctlError
 from ..events import SILENT, Events
 from ..interrupt import as_stop
@@ -138,12 +138,22 @@ def _finetune_config(config: Optional[Path], overrides: list[str],
         if cfg.finetune.task != "distill":
             raise LlmctlError("--from is required: finetune starts from a checkpoint (only finetune.task=distill "
                               "may train a fresh student of the config's model: section)")
-        return cfg, None
+        if not cfg.finetune.teacher:
+            return cfg, None
+        try:  # the student chats like its teacher: the teacher's tokenizer settings, the user's over them
+            teacher = from_dict(ckpt_io.load(cfg.finetune.teacher).config).tokenizer
+        except LlmctlError:
+            return cfg, None  # (_finetune_tokenizer names the problem with the teacher)
+        own = {"tokenizer": {k: getattr(teacher, k) for k in TokenizerConfig.MODEL_FIELDS}}
+        return load_config(config, overrides, base=own), None
     base = ckpt_io.load(from_)
     base_cfg = from_dict(base.config)
     user_raw = user_settings(config, overrides)
     user_model = user_raw.get("model", {}) if isinstance(user_raw.get("model", {}), dict) else {}
-    cfg = from_dict(merge_settings({"model": base_cfg.model.__dict__}, user_raw))  # the model comes from the checkpoint
+    # the model, and its tokenizer's settings (chat template, special tokens, end ids), come from the checkpoint
+    own = {"model": base_cfg.model.__dict__,
+           "tokenizer": {k: getattr(base_cfg.tokenizer, k) for k in TokenizerConfig.MODEL_FIELDS}}
+    cfg = from_dict(merge_settings(own, user_raw))
     _check_model_matches(cfg, base_cfg, base.path, explicit=user_model)
     return cfg, base
 
@@ -153,15 +163,15 @@ def _finetune_tokenizer(cfg: Config, base: Optional[ckpt_io.Checkpoint]) -> Toke
     that has none); a fresh distillation student takes the teacher's. An adapter is no base."""
     if base is None:
         try:
-            return Tokenizer.from_str(ckpt_io.load(cfg.finetune.teacher).tokenizer_json())
+            return Tokenizer.from_str(ckpt_io.load(cfg.finetune.teacher).tokenizer_json()).configured(cfg.tokenizer)
         except LlmctlError as e:
             raise LlmctlError(f"finetune.teacher: {e.message}") from None
     if ckpt_io.ADAPTER in base.meta["files"]:
         raise LlmctlError(f"--from {base.path} is a LoRA adapter; finetune from its base checkpoint "
                           f"({(base.meta.get('base') or {}).get('path')}) or from a full checkpoint")
     if not base.has_tokenizer and cfg.tokenizer.path:  # an imported checkpoint without a tokenizer
-        return Tokenizer.from_file(cfg.tokenizer.path)
-    return Tokenizer.from_str(base.tokenizer_json())
+        return Tokenizer.from_file(cfg.tokenizer.path).configured(cfg.tokenizer)
+    return Tokenizer.from_str(base.tokenizer_json()).configured(cfg.tokenizer)
 
 
 def _check_model_matches(cfg: Config, ck_cfg: Config, where: Path, explicit: Optional[dict]) -> None:

@@ -33,7 +33,16 @@ class Config:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in sections(self)}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
+
+
+class _Dumper(yaml.SafeDumper):
+    """YAML as safe_dump writes it, but a text of several lines (a chat template) as a literal block that reads as
+    the text itself (PyYAML falls back to a quoted string where a block cannot hold it, e.g. trailing spaces)."""
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s
+                                                             else None))
 
 
 def sections(cfg: Any) -> list:

@@ -3,7 +3,9 @@ template, labelled on its assistant turns only.
 
 The conversation is rendered once, whole (templates rewrite earlier turns: Qwen3 drops the reasoning of past
 answers), and each assistant message is found in that text in order, from a cursor that moves past every user and
-tool message and every answer already found. An answer's span runs from its first character through the template's
+tool message and every answer already found. An answer's span runs from the end of the assistant header before it
+(the template's generation prompt, `<|im_start|>assistant\n`; so what a template writes between header and content,
+Qwen3's empty `<think>` block, is learned too, as the model must write it when it answers) through the template's
 end-of-turn marker after it (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`...), so the model learns to stop. Character
 spans become token labels through the tokenizer's offsets: a token is learned when its characters overlap a span.
 docs/finetuning.md ("Conversations") states the method and its limits.
@@ -25,7 +27,7 @@ SHAREGPT = {"system": "system", "human": "user", "gpt": "assistant", "tool": "to
 THINK_END = "</think>"  # closes a reasoning block a template may drop from past answers
 PROBE = ("llmctl probe question", "llmctl probe answer")
 
-Render = Callable[[list[dict]], str]  # a conversation -> the template's text of it (no generation prompt)
+Render = Callable[[list[dict], bool], str]  # a conversation, add_generation_prompt -> the template's text of it
 
 
 def chat_examples(cfg, tok: Tokenizer) -> "ChatExamples":
@@ -33,7 +35,8 @@ def chat_examples(cfg, tok: Tokenizer) -> "ChatExamples":
     rendered with no generation prompt, the tokenizer's named special tokens given to the template. A model with a
     template of its own has its instruction pairs rendered with it too, as one user turn and one answer."""
     template = template_of(cfg, tok)
-    render = lambda messages: templates.render(template, messages, special=tok.special_tokens)  # noqa: E731
+    render = lambda messages, prompt=False: templates.render(  # noqa: E731
+        template, messages, add_generation_prompt=prompt, special=tok.special_tokens)
     return ChatExamples(render, tok, pairs=own_template(cfg) is not None)
 
 
@@ -89,8 +92,10 @@ def _forms(content: str) -> list[str]:
     return [f for f in dict.fromkeys(forms) if f]
 
 
-def assistant_spans(text: str, messages: list[dict], turn_end: str, field: str, where: str) -> list[tuple[int, int]]:
-    """[start, end) of every assistant message in `text`, the end-of-turn marker `turn_end` included.
+def assistant_spans(text: str, messages: list[dict], turn_end: str, field: str, where: str,
+                    header: str = "") -> list[tuple[int, int]]:
+    """[start, end) of every assistant message in `text`, the end-of-turn marker `turn_end` included, and from the
+    end of the assistant `header` before it when there is one after the previous message.
 
     An answer followed by another assistant message need not be followed by the marker (a template may join
     them). An answer not found is an error: labels are never guessed."""
@@ -113,6 +118,9 @@ def assistant_spans(text: str, messages: list[dict], turn_end: str, field: str, 
                 f"{where}: the chat template does not write {field}[{i}] (assistant) as given, so what to learn "
                 "cannot be placed; give the message as the template writes it, or remove the row"
             )
+        if header:
+            h = text.rfind(header, cursor, span[0])
+            span = (h + len(header), span[1]) if h >= 0 else span
         spans.append(span)
         cursor = span[1]
     return spans
@@ -170,15 +178,23 @@ class ChatExamples:
         first, _, token = min(hits)
         return rest[: first + len(token)]
 
-    def _render(self, messages: list[dict], where: str) -> str:
+    @cached_property
+    def header(self) -> str:
+        """The assistant header: what the generation prompt adds after a user turn ('' when it adds nothing, or
+        does not just append)."""
+        probe = [{"role": "user", "content": PROBE[0]}]
+        bare, prompted = self._render(probe, "chat template"), self._render(probe, "chat template", True)
+        return prompted[len(bare):] if prompted.startswith(bare) else ""
+
+    def _render(self, messages: list[dict], where: str, prompt: bool = False) -> str:
         try:
-            return self.render(messages)
+            return self.render(messages, prompt)
         except LlmctlError as e:
             raise LlmctlError(f"{where}: {e}") from None
 
     def example(self, field: str, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
         """The token ids of the whole rendered conversation and their labels (-100 outside the answers)."""
         text = self._render(messages, where)
-        spans = assistant_spans(text, messages, self.turn_end, field, where)
+        spans = assistant_spans(text, messages, self.turn_end, field, where, self.header)
         ids, offsets = self.tok.encode_offsets(text)
         return ids, token_labels(ids, offsets, spans)

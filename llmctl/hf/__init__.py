@@ -10,9 +10,9 @@ never a silent approximation.
 
 Modules, each importing only the ones before it: `fields` (typed config.json fields, the "cannot represent"
 error), `rope` (RoPE settings in the hub's and transformers 5's forms), `configs` (one `Family` per architecture:
-config.json <-> ModelConfig), `layouts` (tensor names and layouts per architecture), `tokens` (special token ids,
-tokenizer and generation config files), `files` (directories: read, write, download). The rest of llmctl uses the
-names below.
+config.json <-> ModelConfig), `layouts` (tensor names and layouts per architecture), `tokens` (the special token ids
+of config.json and generation_config.json; the files beside tokenizer.json are llmctl.tokenizer_files'), `files`
+(directories: read, write, download). The rest of llmctl uses the names below.
 """
 
 from .configs import FAMILIES, architecture, family_of, to_model_config
@@ -29,11 +29,11 @@ from .files import (
     write_dir,
 )
 from .layouts import IGNORED_SUFFIXES, expected_shapes, from_hf_weights, layout, to_hf_weights
-from .tokens import generation_config, token_ids, tokenizer_files
+from .tokens import generation_config, token_ids
 
 __all__ = [
     "FAMILIES", "architecture", "family_of", "to_model_config", "read_json", "DOWNLOAD_BIN_PATTERNS",
     "DOWNLOAD_PATTERNS", "SAFETENSORS", "Imported", "download", "load_dir", "read_weights", "to_hf_config",
     "write_dir", "IGNORED_SUFFIXES", "expected_shapes", "from_hf_weights", "layout", "to_hf_weights",
-    "generation_config", "token_ids", "tokenizer_files",
+    "generation_config", "token_ids",
 ]

@@ -17,20 +17,22 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..chat import chat_template
+from .. import tokenizer_files
+from ..chat import exported_template
 from ..config import Config, ModelConfig
 from ..errors import LlmctlError
 from ..tokenizer import Tokenizer
 from .configs import model_config_json, to_model_config
 from .fields import read_json
 from .layouts import from_hf_weights, to_hf_weights
-from .tokens import generation_config, token_ids, tokenizer_files
+from .tokens import generation_config, token_ids
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # what `hf:NAME` downloads: top-level files only (repos often also hold onnx/, original/, flax weights)
 DOWNLOAD_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                     "chat_template.jinja", SAFETENSORS, "model-*.safetensors", SAFETENSORS_INDEX]
+                     "special_tokens_map.json", "chat_template.jinja",
+                     SAFETENSORS, "model-*.safetensors", SAFETENSORS_INDEX]
 DOWNLOAD_BIN_PATTERNS = [TORCH_BIN, "pytorch_model-*.bin", TORCH_BIN_INDEX]
 
 
@@ -134,8 +136,11 @@ def load_dir(src: Path, tokenizer_path: Optional[Path] = None) -> Imported:
     if tok is not None and tok.vocab_size > m.vocab_size:
         raise LlmctlError(f"the tokenizer has {tok.vocab_size} tokens but the model only {m.vocab_size} embeddings; "
                           "give the tokenizer that belongs to this model")
+    tok, settings = tokenizer_files.read(src, tok, hf_cfg)  # chat template, special tokens, end ids
     cfg = Config(model=m)
     cfg.tokenizer.kind = "bpe" if tok is not None and tok.kind == "bpe" else cfg.tokenizer.kind
+    for name, value in settings.items():
+        setattr(cfg.tokenizer, name, value)
     return Imported(cfg, weights, tok, str(src), hf_cfg, warnings)
 
 
@@ -147,11 +152,8 @@ def write_dir(out: Path, cfg: Config, weights: dict[str, torch.Tensor], tok: Opt
         "config.json": to_hf_config(m, tok),
         "generation_config.json": generation_config(cfg, tok),
     }
-    if tok is not None:
-        files.update(tokenizer_files(tok, m.block_size))
-        if cfg.finetune.task == "instruct":  # the conversation format `infer --chat` and `serve` use
-            files["tokenizer_config.json"]["chat_template"] = chat_template(cfg.finetune, tok.eos_token)
-        (out / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
+    if tok is not None:  # with the chat template the model was tuned in (or imported with), if any
+        tokenizer_files.write(out, tok, m.block_size, exported_template(cfg, tok))
     for name, obj in files.items():
         (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
     save_file(to_hf_weights(weights, m, source), str(out / SAFETENSORS), metadata={"format": "pt"})

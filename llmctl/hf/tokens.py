@@ -1,5 +1,5 @@
-"""The tokenizer side of a transformers directory: special token ids, tokenizer_config.json,
-special_tokens_map.json, generation_config.json."""
+"""The token ids of config.json and generation_config.json (the files beside tokenizer.json are
+llmctl.tokenizer_files')."""
 
 from __future__ import annotations
 
@@ -8,39 +8,17 @@ from typing import Any, Optional
 from ..config import Config
 from ..sampling import Sampling
 from ..tokenizer import Tokenizer
-
-BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<|im_start|>")
+from ..tokenizer_files import generation_eos
 
 
 def token_ids(tok: Optional[Tokenizer]) -> dict[str, Optional[int]]:
-    """bos/eos/pad ids for config.json and generation_config.json. Our prompts start with no BOS and unconditional
-    sampling starts from <eos>, so BOS is the tokenizer's own BOS token if it has one, else <eos>."""
+    """bos/eos/pad ids for config.json and generation_config.json. BOS is the tokenizer's own (`Tokenizer.bos_id`)
+    if it has one, else <eos> (where unconditional sampling starts); eos_token_id lists every end id when the model
+    has more than one (Llama 3.1: 128001, 128008, 128009; `tokenizer_files.generation_eos`)."""
     if tok is None:
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    bos = next((tok.token_to_id(t) for t in BOS_CANDIDATES if tok.token_to_id(t) is not None), tok.eos_id)
-    return {"bos_token_id": bos, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-
-
-def tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, dict]:
-    """tokenizer_config.json and special_tokens_map.json beside tokenizer.json.
-
-    `PreTrainedTokenizerFast` makes AutoTokenizer use tokenizer.json verbatim (the model-specific classes would
-    rebuild a GPT-2 or Llama pipeline); no space clean-up, so decode gives back exactly the text.
-    """
-    ids = token_ids(tok)
-    name = lambda i: tok.tk.id_to_token(i) if i is not None else None  # noqa: E731
-    special = {"bos_token": name(ids["bos_token_id"]), "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id)}
-    if tok.unk_id is not None:
-        special["unk_token"] = name(tok.unk_id)
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special,
-        "model_max_length": block_size,
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-    }
-    return {"tokenizer_config.json": config, "special_tokens_map.json": special}
+    bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    return {"bos_token_id": bos, "eos_token_id": generation_eos(tok), "pad_token_id": tok.pad_id}
 
 
 def generation_config(cfg: Config, tok: Optional[Tokenizer]) -> dict:
