@@ -44,8 +44,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {None: ("gpt-2", False), LLAMA3_SPLIT: ("llama-bpe", True), QWEN2_SPLIT: ("qwen2", False)}
-# added tokens llama.cpp treats as control tokens whatever tokenizer.json says (convert_hf_to_gguf's
-# does_token_look_special, for the spellings of these families)
+# the end-of-turn tokens of Llama 3 and ChatML (Qwen), written as tokenizer.ggml.eot_token_id
 END_OF_TURN = ("<|eot_id|>", "<|im_end|>")
 
 
@@ -300,8 +299,8 @@ def _tokenizer(writer: Any, gguf: Any, tok: Tokenizer, n_vocab: int) -> None:
         tokens.append(t)
         if i not in added:
             types.append(gguf.TokenType.NORMAL)
-        elif added[i].get("special") or (t.startswith("<|") and t.endswith("|>")):
-            types.append(gguf.TokenType.CONTROL)
+        elif added[i].get("special") or (t.startswith("<|") and t.endswith("|>")):  # (as convert_hf_to_gguf's
+            types.append(gguf.TokenType.CONTROL)                                    # does_token_look_special)
         else:
             types.append(gguf.TokenType.USER_DEFINED)  # matched in any text, as the tokenizers library does
     merges = spec["model"].get("merges") or []
