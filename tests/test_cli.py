@@ -321,6 +321,23 @@ def _classifier(tmp: Path, run: Path) -> Path:
     return out
 
 
+def _windowed_llama(tmp: Path) -> Path:
+    """A tiny llama-flavour checkpoint with a byte-level BPE tokenizer and a sliding window shorter than its
+    context (Mistral v0.1's kind: llama.cpp's llama would attend past the window)."""
+    from llmctl import checkpoint as ckpt_io
+    from llmctl.config import Config
+    from llmctl.config.model import ModelConfig
+    from llmctl.model import Transformer
+    from llmctl.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_bpe(["to be or not to be " * 50], 300)
+    cfg = Config(model=ModelConfig(arch="llama", n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=300,
+                                   sliding_window=8))
+    cfg.tokenizer.kind = "bpe"
+    ckpt_io.save(tmp / "windowed", 0, Transformer(cfg.model).state_dict(), cfg.to_yaml(), tok.to_str())
+    return tmp / "windowed"
+
+
 def _adapter(tmp: Path, run: Path) -> Path:
     from llmctl.commands import training as training_cmd
 
@@ -462,6 +479,9 @@ BAD += [
      t / "m.gguf"], ["--outtype 'q4_k' is not supported", "f32, f16, q8_0"]),
     ("gguf-out-is-a-directory", lambda t, r: ["export", "--ckpt", r, "--format", "gguf", "--out", t],
      ["is a directory", "model.gguf"]),
+    ("gguf-sliding-window", lambda t, r: ["export", "--ckpt", _windowed_llama(t), "--format", "gguf", "--out",
+     t / "m.gguf"], ["llama.cpp's llama architecture has no sliding window", "model.sliding_window=8 is shorter "
+                     "than the context, 32", "export --format hf"]),
     ("export-unknown-format", lambda t, r: ["export", "--ckpt", r, "--format", "onnx", "--out", t / "x"],
      ["--format 'onnx' is not supported", "hf, gguf"]),
 ]
