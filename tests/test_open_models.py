@@ -3,19 +3,18 @@ written by transformers beside their real tokenizer.json, tokenizer_config.json 
 `import hf` -> `finetune` (LoRA, chat SFT on a messages JSONL) -> `infer --chat` -> `serve` (the openai client) ->
 `export --format hf` (merged: transformers generates the same greedy tokens) and `--format gguf` (it parses)."""
 
+import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import SHARED, invoke, sets
+from conftest import ROOT, SHARED, invoke, sets
 
 transformers = pytest.importorskip("transformers")
-TOKENIZERS, TEMPLATES = SHARED / "tokenizers", SHARED / "chat_templates"
-pytestmark = pytest.mark.skipif(not (TOKENIZERS / "qwen3" / "tokenizer.json").is_file(),
+pytestmark = pytest.mark.skipif(not (SHARED / "tokenizers" / "qwen3" / "tokenizer.json").is_file(),
                                 reason="needs ../shared/data/tokenizers")
 
 QUESTIONS = ["Capital of France?", "Who are you?", "What is 2+2?", "Say something.", "Name a colour.",
@@ -23,37 +22,14 @@ QUESTIONS = ["Capital of France?", "Who are you?", "What is 2+2?", "Say somethin
 REPLY = "Hello from llmctl."  # one reply to everything: a random model learns it in 60 LoRA steps
 
 
-def family(name: str):
-    """(config, tokenizer folder, template file, generation_config.json) of one family, at a tiny width."""
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=96, tie_word_embeddings=True,
-                  initializer_range=0.3)  # wide enough that a few tokens can win the softmax of a random model
-    if name == "qwen3":
-        cfg = transformers.Qwen3Config(vocab_size=151936, head_dim=32, rope_theta=1e6, **common)
-        return cfg, "qwen3", "Qwen-Qwen3-0.6B.jinja", {"bos_token_id": 151643, "eos_token_id": [151645, 151643]}
-    cfg = transformers.LlamaConfig(vocab_size=128256, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, **common)
-    return cfg, "llama3", "meta-llama-Llama-3.2-3B-Instruct.jinja", {"bos_token_id": 128000,
-                                                                      "eos_token_id": [128001, 128008, 128009]}
-
-
 @pytest.fixture(scope="module", params=["qwen3", "llama3.2"])
 def hub_dir(request, tmp_path_factory):
     """A transformers directory as the hub holds it: weights, config, the real tokenizer files and template."""
-    cfg, tok_dir, template, generation = family(request.param)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
-    out = tmp_path_factory.mktemp(request.param) / "hub"
-    model.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZERS / tok_dir / f, out / f)
-    tc = json.loads((out / "tokenizer_config.json").read_text())
-    tc.pop("chat_template", None)  # transformers 5 writes the template beside it
-    (out / "tokenizer_config.json").write_text(json.dumps(tc))
-    shutil.copy(TEMPLATES / template, out / "chat_template.jinja")
-    (out / "generation_config.json").write_text(json.dumps(generation))
-    return request.param, out, generation["eos_token_id"]
+    spec = importlib.util.spec_from_file_location("tiny_open_model", ROOT / "scripts" / "tiny_open_model.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    out = tiny.write(request.param, tmp_path_factory.mktemp(request.param) / "hub")
+    return request.param, out, tiny.FAMILIES[request.param][2]["eos_token_id"]
 
 
 def conversations(path):
