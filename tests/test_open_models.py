@@ -57,7 +57,7 @@ def tuned(hub_dir, tmp_path_factory):
     data = conversations(root / "chats.jsonl")
     r = invoke(runner, "finetune", "--from", root / "imported", *sets(
         f"data.path={data}", "finetune.task=instruct", "finetune.method=lora", "finetune.lora_rank=16",
-        "train.max_steps=60", "train.batch_size=8", "train.lr=1e-2", "train.warmup_steps=5", "train.dtype=float32",
+        "train.max_steps=60", "train.batch_size=4", "train.lr=1e-2", "train.warmup_steps=5", "train.dtype=float32",
         "train.eval_interval=0", "train.log_interval=1"), "--out", root / "tuned", "--json")
     assert r.exit_code == 0, r.output
     return name, hub, ends, root / "imported", root / "tuned", json.loads(r.stdout)
