@@ -233,7 +233,7 @@ def dpo_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.d
     if ex.dropped:
         notes.append(f"{ex.dropped} pairs were dropped: their answers were the same once cut to the context")
     return Task("dpo", backbone, backbone, batches.get, loss, validate, None,
-                sizes={"train_pairs": len(train_idx), "val_pairs": len(val_idx),
+                sizes={"train_examples": len(train_idx), "val_examples": len(val_idx),  # (pairs)
                        "epochs": round(batches.epochs(t.max_steps), 2)},
                 notes=notes, step_metrics=means.read)
 
