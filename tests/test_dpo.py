@@ -190,10 +190,12 @@ def test_a_dpo_run_through_the_cli_raises_accuracy_and_margin(runner, tiny_run, 
     assert meta["task"] == "dpo" and meta["method"] == "lora"
 
 
-def test_a_dpo_run_resumes_exactly(tiny_run, tmp_path):
-    """Full finetuning: the reference stays the starting checkpoint when a resumed run loads its own weights."""
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_dpo_run_resumes_exactly(tiny_run, tmp_path, method):
+    """Full finetuning: the reference stays the starting checkpoint when a resumed run loads its own weights; LoRA:
+    the base with the resumed adapters off."""
     args = [*DPO, f"data.path={pairs_file(tmp_path / 'pairs.jsonl')}", "train.max_steps=10", "train.log_interval=1",
-            "train.eval_interval=5", "model.dropout=0.1"]
+            "train.eval_interval=5", "model.dropout=0.1", f"finetune.method={method}", "finetune.lora_dropout=0.1"]
     training_cmd.finetune(None, args, tiny_run, tmp_path / "full")
 
     def stop_at_4(state):
