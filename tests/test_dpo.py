@@ -188,6 +188,10 @@ def test_a_dpo_run_through_the_cli_raises_accuracy_and_margin(runner, tiny_run, 
     assert val[-1]["val_loss"] < val[0]["val_loss"] < 0.6931
     meta = json.loads((out / (out / "latest").read_text().strip() / "meta.json").read_text())
     assert meta["task"] == "dpo" and meta["method"] == "lora"
+    r = invoke(runner, "infer", "--ckpt", out, "--prompt", "the king and the lord", "-n", "6", "--temperature", "0")
+    assert r.exit_code == 0, r.output
+    r = invoke(runner, "eval", "--ckpt", out)  # its measures are the run's own: eval says where they are
+    assert r.exit_code == 2 and "preference-tuned" in r.stderr and "metrics.jsonl" in r.stderr
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
