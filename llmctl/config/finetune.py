@@ -91,6 +91,9 @@ class FinetuneConfig:
             p.append(f"finetune.distill_alpha: must be in [0, 1] (got {f.distill_alpha})")
         if f.distill_temperature <= 0:
             p.append(f"finetune.distill_temperature: must be positive (got {f.distill_temperature})")
+        if f.packing and f.task == "dpo":
+            p.append("finetune.packing: preference pairs are not packed (each pair's two answers are compared); "
+                     "set it to false for finetune.task=dpo")
         if f.beta <= 0:
             p.append(f"finetune.beta: must be positive (got {f.beta})")
         if not 0.0 <= f.label_smoothing < 0.5:
