@@ -104,10 +104,11 @@ def template_of(cfg, tok) -> str:
 
 def exported_template(cfg, tok) -> Optional[str]:
     """The chat template an export carries (hf's tokenizer_config.json and chat_template.jinja, GGUF's
-    tokenizer.chat_template): the model's own, else llmctl's for an instruction-tuned model, else none."""
+    tokenizer.chat_template): the model's own, else llmctl's for an instruction- or preference-tuned model, else
+    none."""
     if own_template(cfg) is not None:
         return own_template(cfg)
-    return chat_template(cfg.finetune, tok.eos_token) if cfg.finetune.task == "instruct" else None
+    return chat_template(cfg.finetune, tok.eos_token) if cfg.finetune.task in ("instruct", "dpo") else None
 
 
 def render_messages(cfg, tok, messages: list[dict], *, add_generation_prompt: bool = True,

@@ -11,7 +11,9 @@ are unchanged and base checkpoints load as they are; the adapter adds `...lora_a
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -33,11 +35,11 @@ class LoRALinear(nn.Linear):
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout)
-        self.merged = False
+        self.merged = self.disabled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # (..., out)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b) * self.scale
 
@@ -62,11 +64,11 @@ class LoRAEmbedding(nn.Embedding):
         self.lora_a = nn.Parameter(torch.zeros(rank, self.num_embeddings, device=dev, dtype=dt))
         self.lora_b = nn.Parameter(torch.empty(self.embedding_dim, rank, device=dev, dtype=dt))
         nn.init.normal_(self.lora_b, std=1.0 / math.sqrt(rank))
-        self.merged = False
+        self.merged = self.disabled = False
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         y = F.embedding(idx, self.weight)  # (B, T, C)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + F.linear(F.embedding(idx, self.lora_a.t()), self.lora_b) * self.scale  # (B, T, r) -> (B, T, C)
 
@@ -118,6 +120,23 @@ def apply_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dr
             f"(choose from {', '.join(TARGETS)})"
         )
     return wrapped
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Within the block, `model` computes as its base: every adapter is skipped (no copy of any weight is made).
+    DPO's reference under LoRA. A merged adapter cannot be switched off: an error."""
+    mods = [m for m in model.modules() if isinstance(m, LORA_MODULES)]
+    if any(m.merged for m in mods):
+        raise LlmctlError("the model's adapters are merged into its weights, so its base cannot be recovered by "
+                          "switching them off")
+    for m in mods:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.disabled = False
 
 
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -47,7 +47,7 @@ class FinishedRun:
 
     out: Path
     cfg: Config
-    task: str  # the task it trained: lm, classification, instruct, distill
+    task: str  # the task it trained: lm, classification, instruct, distill, dpo
     device: torch.device  # where it trained
     train_seconds: float
     resume_cmd: str
@@ -217,6 +217,7 @@ class Recipe:
             hooks = Hooks(batches=plan.task.batches, loss=plan.task.loss, saver=self._saver(),
                           validate=lambda step: plan.task.validate(self.model, step),
                           log_metrics=distributed.per_device_metrics(metrics, plan.dist), on_step=self.on_step,
+                          step_metrics=plan.task.step_metrics,
                           world_size=plan.dist.dp_size, **distributed.loop_hooks(self.model, plan.dist))
             with distributed.peer_errors(plan.dist):
                 self.state = fit(self.model, self.optimizer, t, hooks, self.state, device=plan.device,

@@ -1,4 +1,4 @@
-"""What a training run optimises: language modelling, classification or instruction tuning, full or LoRA.
+"""What a training run optimises: language modelling, classification, instruction or preference tuning, full or LoRA.
 
 A `Task` bundles the module the loop trains, its batches, its loss and its evaluation. `train.fit` runs any of
 them unchanged; the commands only pick which one to build.
@@ -6,6 +6,7 @@ them unchanged; the commands only pick which one to build.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -27,12 +28,14 @@ from .data import (
     holdout,
     instruct_examples,
     packed_tokens,
+    preference_examples,
 )
 from .errors import LlmctlError
 from .evaluate import classification_metrics, classify
 from .heads import Classifier
 from .lora import apply_lora
 from .model import Transformer
+from .preference import StepMeans, dpo_terms, frozen_reference
 from .tokenizer import Tokenizer
 from .train import lm_loss
 
@@ -69,6 +72,7 @@ class Task:
     notes: list[str] = field(default_factory=list)
     val_tokens: Any = None  # the validation token stream of a language-modelling task
     teacher: Optional[Transformer] = None  # distillation: the frozen model the student learns from
+    step_metrics: Optional[Callable[[], dict]] = None  # metrics of the last step besides its loss (read once)
 
 
 def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -188,7 +192,53 @@ def instruct_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: to
                 sizes={"train_examples": len(train_idx), "val_examples": len(val_idx)}, notes=notes)
 
 
-BUILDERS = {"classification": classification_task, "instruct": instruct_task}
+def dpo_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.device, amp,
+             layout: Layout = Layout()) -> Task:
+    """Preference tuning (finetune.dpo_loss: DPO or IPO) against the frozen starting model (llmctl.preference):
+    each step's pairs log their rewards, margin, accuracy and KL beside the loss; validation (a held-out slice,
+    data.val_fraction) logs the same under val_."""
+    d, t, f = cfg.data, cfg.train, cfg.finetune
+    ex = preference_examples(d.path, d, tok, cfg.model.block_size, f, chat=chat_examples(cfg, tok))
+    train_idx, val_idx = holdout(len(ex.ids), d.val_fraction, t.seed)
+    reference = frozen_reference(backbone, f.method == "lora")
+    means = StepMeans()
+
+    def terms(model: nn.Module, batch: dict) -> dict:
+        ids = batch["input_ids"]
+        return dpo_terms(model(ids), reference(ids), batch["labels"], f.dpo_loss, f.beta, f.label_smoothing)
+
+    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        out = terms(model, batch)
+        means.add(out)
+        return out["loss"].mean()
+
+    def validate(model: nn.Module, step: int) -> dict:
+        if not len(val_idx):
+            return {}
+        net, val = distributed.unwrap(model).eval(), StepMeans()
+        idx = val_idx if t.eval_batches is None else val_idx[: t.eval_batches * cfg.eval.batch_size]
+        autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+        # every rank evaluates the whole (small) slice, as classification does
+        batches = eval_batches(ex, idx, "preference", tok.pad_id, cfg.eval.batch_size)
+        with torch.no_grad():
+            for b in distributed.polled(batches, layout.dist):
+                with autocast():
+                    val.add(terms(net, {k: v.to(device) for k, v in b.items()}))
+        return {f"val_{k}": v.item() for k, v in val.read().items()}
+
+    batches = ExampleBatches(ex, train_idx, "preference", tok.pad_id, t.batch_size, layout.accum, t.seed,
+                             layout.rank, layout.world)
+    notes = [f"{ex.truncated} of {len(ex.ids) + ex.dropped} preference pairs were longer than the context and were "
+             "cut (the prompt keeps its end, each answer its start)"] if ex.truncated else []
+    if ex.dropped:
+        notes.append(f"{ex.dropped} pairs were dropped: their answers were the same once cut to the context")
+    return Task("dpo", backbone, backbone, batches.get, loss, validate, None,
+                sizes={"train_examples": len(train_idx), "val_examples": len(val_idx),  # (pairs)
+                       "epochs": round(batches.epochs(t.max_steps), 2)},
+                notes=notes, step_metrics=means.read)
+
+
+BUILDERS = {"classification": classification_task, "instruct": instruct_task, "dpo": dpo_task}
 
 
 def make_trainable(task: Task, cfg: Config) -> list[str]:

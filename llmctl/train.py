@@ -26,7 +26,8 @@ from .interrupt import STOP, Stopped
 from .optim import lr_at
 
 Batch = dict[str, torch.Tensor]
-MAXIMIZED = ("accuracy", "f1", "macro_f1", "precision", "recall")  # metrics where higher is better
+# metrics where higher is better
+MAXIMIZED = ("accuracy", "f1", "macro_f1", "precision", "recall", "val_accuracy", "val_margin")
 
 
 @dataclass
@@ -144,6 +145,7 @@ class Hooks:
     sync_stop: Callable[[Optional[int]], Optional[int]] = lambda signum: signum  # agree on a stop signal over ranks
     clip_grads: Optional[Callable[[list, float], torch.Tensor]] = None  # (params, max_norm or 0) -> global norm
     on_step: Optional[Callable[[LoopState], None]] = None  # test hook
+    step_metrics: Optional[Callable[[], dict]] = None  # the step's metrics besides its loss, {name: scalar tensor}
     world_size: int = 1  # processes training together (scales a variable-length batch's token count)
 
 
@@ -242,6 +244,7 @@ class _Loop:
             int(b["lengths"].sum()) if "lengths" in b else b["input_ids"].numel() for b in micro)
         loss, gnorm = _gradients(self.model, optimizer, micro, self.params, cfg, hooks, self.device, self.autocast,
                                  self.scaler)
+        extra = hooks.step_metrics() if hooks.step_metrics else {}  # (read every step, logged with the loss)
         if not math.isfinite(loss) or (not math.isfinite(gnorm) and self.scaler is None):
             self._skip(step, "loss" if not math.isfinite(loss) else "gradient norm",
                        loss if not math.isfinite(loss) else gnorm)
@@ -255,7 +258,7 @@ class _Loop:
         state.step += 1
         state.tokens += step_tokens
         state.elapsed += time.perf_counter() - t0
-        self._report(loss, lr, gnorm, step_tokens)
+        self._report(loss, lr, gnorm, step_tokens, extra)
         return True
 
     def _skip(self, step: int, what: str, value: float) -> None:
@@ -276,8 +279,9 @@ class _Loop:
         self.hooks.log_metrics({"step": step + 1, "skipped": what})
         state.step += 1
 
-    def _report(self, loss: float, lr: float, gnorm: float, step_tokens: int) -> None:
-        """The "train" progress after every step; a metrics row every `log_interval` steps, the first and the last."""
+    def _report(self, loss: float, lr: float, gnorm: float, step_tokens: int, extra: dict) -> None:
+        """The "train" progress after every step; a metrics row every `log_interval` steps, the first and the last,
+        with the task's `extra` metrics (averaged over ranks) after the loss."""
         state, cfg = self.state, self.cfg
         self.window_tokens += step_tokens
         info = {"loss": loss, "lr": lr, "grad_norm": gnorm}
@@ -285,7 +289,8 @@ class _Loop:
             now = time.perf_counter()
             tps = self.window_tokens / max(now - self.window_t, 1e-9)
             self.window_t, self.window_tokens = now, 0
-            self.hooks.log_metrics({"step": state.step, "loss": round(loss, 6), "lr": lr,
+            more = {k: round(self.hooks.reduce_mean(v).item(), 6) for k, v in extra.items() if k != "loss"}
+            self.hooks.log_metrics({"step": state.step, "loss": round(loss, 6), **more, "lr": lr,
                                     "grad_norm": round(gnorm, 6), "tokens": state.tokens,
                                     "tokens_per_sec": round(tps, 1), "time": round(state.elapsed, 3)})
             info["tokens_per_sec"] = tps

@@ -90,6 +90,10 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
         r = lm_metrics(loaded.model, eval_batches(ex, list(idx), "instruct", loaded.tokenizer.pad_id, bs),
                        loaded.device)
         return {"checkpoint": str(loaded.ckpt.path), "data": where, "response_loss": r["loss"], **r}
+    if cfg.finetune.task == "dpo" and data is None:
+        raise LlmctlError(f"{ckpt} was preference-tuned (finetune.task=dpo): its held-out rewards, margin, accuracy "
+                          "and KL are in the run's metrics.jsonl (val_*); give --data FILE of text to measure its "
+                          "language-model loss")
     tok = loaded.tokenizer
     if data is not None:
         tokens = tokenize_file(data, cfg.data, tok)

@@ -12,9 +12,9 @@ from .whole import Whole
 class FinetuneConfig:
     """What `llmctl finetune` trains: the task, the method, and what stays frozen."""
 
-    task: Literal["lm", "classification", "instruct", "distill"] = "lm"
+    task: Literal["lm", "classification", "instruct", "distill", "dpo"] = "lm"
     """What is learned: next token (lm), a label per text (classification), responses to instructions (instruct),
-    or a teacher's next-token distributions (distill)."""
+    a teacher's next-token distributions (distill), or a preference for one answer over another (dpo)."""
     method: Literal["full", "lora"] = "full"
     """Train every weight (full) or low-rank adapters beside frozen weights (lora)."""
     labels: Optional[list[str]] = None
@@ -58,6 +58,19 @@ class FinetuneConfig:
     distill_temperature: float = 1.0
     """Distill: T, the temperature both distributions are softened by."""
 
+    chosen_field: str = "chosen"
+    """DPO data: the field holding the preferred answer (a string, or a list of messages); the prompt is in
+    prompt_field."""
+    rejected_field: str = "rejected"
+    """DPO data: the field holding the dispreferred answer (a string, or a list of messages)."""
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """DPO: the loss on the margin of log-ratios to the reference: sigmoid (the DPO paper's) or ipo (squared
+    distance of the length-averaged margin from 1 / (2 beta))."""
+    beta: float = 0.1
+    """DPO: how far from the reference the policy may move (higher: closer); rewards are beta x log-ratio."""
+    label_smoothing: float = 0.0
+    """DPO (sigmoid): the assumed fraction of pairs whose preference is flipped (conservative DPO); 0: none."""
+
     def check(self, cfg: Whole) -> list[str]:
         """Impossible finetuning settings (freeze_blocks against cfg.model)."""
         f, m = self, cfg.model
@@ -78,6 +91,16 @@ class FinetuneConfig:
             p.append(f"finetune.distill_alpha: must be in [0, 1] (got {f.distill_alpha})")
         if f.distill_temperature <= 0:
             p.append(f"finetune.distill_temperature: must be positive (got {f.distill_temperature})")
+        if f.packing and f.task == "dpo":
+            p.append("finetune.packing: preference pairs are not packed (each pair's two answers are compared); "
+                     "set it to false for finetune.task=dpo")
+        if f.beta <= 0:
+            p.append(f"finetune.beta: must be positive (got {f.beta})")
+        if not 0.0 <= f.label_smoothing < 0.5:
+            p.append(f"finetune.label_smoothing: must be in [0, 0.5) (got {f.label_smoothing})")
+        if f.label_smoothing and f.dpo_loss != "sigmoid":
+            p.append(f"finetune.label_smoothing applies to dpo_loss=sigmoid only (dpo_loss is {f.dpo_loss}); "
+                     "set it to 0")
         for name in ("prompt_template", "prompt_template_no_input"):
             if "{instruction}" not in getattr(f, name):
                 p.append(f"finetune.{name}: must contain {{instruction}}")

@@ -62,7 +62,8 @@ class TrainConfig:
     """The evaluation metric that picks the best checkpoint and drives patience: val_loss, or for classifiers
     accuracy, macro_f1, macro_precision or macro_recall."""
     best_mode: Literal["auto", "min", "max"] = "auto"
-    """Whether lower or higher best_metric is better; auto: max for accuracy, f1, precision, recall, else min."""
+    """Whether lower or higher best_metric is better; auto: max for accuracy, f1, precision, recall, and DPO's
+    val_accuracy and val_margin, else min."""
     skip_nonfinite: int = 0
     """Steps with a NaN/inf loss or gradient that may be skipped before the run stops as diverged (exit 3); 0: stop
     at the first."""

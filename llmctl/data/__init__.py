@@ -7,6 +7,7 @@ One job per module, each importing only those above it in this list (never one b
   batches     random training blocks and evaluation blocks over a token sequence
   conversations  chat SFT rows (`messages`, `conversations`): rendered whole, labelled on the assistant turns
   examples    classification rows and instruction pairs (read through `tables`) tokenized, split and batched
+  preferences  preference pairs (DPO: prompt, chosen, rejected) as text or conversations, cut to the context
 None imports torch at its top, so `llmctl prepare` starts without it: only the functions that make tensors do.
 This file hands on the names the rest of llmctl uses.
 """
@@ -25,10 +26,11 @@ from .examples import (
     packed_tokens,
     pad_batch,
 )
+from .preferences import preference_examples
 from .tables import load_texts
 
 __all__ = [
     "ExampleBatches", "Examples", "LMBatches", "TokenData", "chat_examples", "classification_examples", "eval_batches",
-    "eval_blocks", "holdout", "instruct_examples", "load_texts", "packed_tokens", "pad_batch", "prepare",
-    "resolve_source", "tokenize_file",
+    "eval_blocks", "holdout", "instruct_examples", "load_texts", "packed_tokens", "pad_batch", "preference_examples",
+    "prepare", "resolve_source", "tokenize_file",
 ]

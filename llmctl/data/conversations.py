@@ -192,9 +192,12 @@ class ChatExamples:
         except LlmctlError as e:
             raise LlmctlError(f"{where}: {e}") from None
 
-    def example(self, field: str, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
-        """The token ids of the whole rendered conversation and their labels (-100 outside the answers)."""
+    def example(self, field: str, messages: list[dict], where: str,
+                answers: Optional[int] = None) -> tuple[list[int], list[int]]:
+        """The token ids of the whole rendered conversation and their labels (-100 outside the answers; with
+        `answers`, outside the last `answers` assistant messages: a preference pair's answer after its prompt)."""
         text = self._render(messages, where)
         spans = assistant_spans(text, messages, self.turn_end, field, where, self.header)
+        spans = spans[len(spans) - answers:] if answers is not None else spans
         ids, offsets = self.tok.encode_offsets(text)
         return ids, token_labels(ids, offsets, spans)

@@ -28,6 +28,8 @@ class Examples:
     ids: list[list[int]]
     targets: list
     truncated: int = 0  # examples cut to the context
+    rejected: Optional["Examples"] = None  # preference pairs: `ids`/`targets` are the chosen answers, these the others
+    dropped: int = 0  # examples left out (nothing to learn once cut to the context)
 
 
 def _label_key(v) -> tuple:
@@ -151,6 +153,7 @@ def pad_batch(ex: Examples, rows: list[int] | np.ndarray, pad_id: int, kind: str
 
     classification: input_ids (B, T), lengths (B,), labels (B,)
     instruct:       input_ids (B, T), labels (B, T) shifted by one, -100 on prompt and padding
+    preference:     as instruct for 2B rows: the B chosen sequences, then the B rejected ones in the same order
     """
     import torch  # (here, not at the top: `llmctl prepare` starts without torch)
     seqs = [ex.ids[i] for i in rows]
@@ -161,11 +164,13 @@ def pad_batch(ex: Examples, rows: list[int] | np.ndarray, pad_id: int, kind: str
             x[j, : len(s)] = torch.tensor(s)
         return {"input_ids": x, "lengths": torch.tensor([len(s) for s in seqs]),
                 "labels": torch.tensor([ex.targets[i] for i in rows])}
+    labs = [ex.targets[i] for i in rows]
+    if kind == "preference":
+        seqs, labs = seqs + [ex.rejected.ids[i] for i in rows], labs + [ex.rejected.targets[i] for i in rows]
     T = max(len(s) for s in seqs) - 1
     x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     y = torch.full((len(seqs), T), -100, dtype=torch.long)
-    for j, i in enumerate(rows):
-        s, lab = ex.ids[i], ex.targets[i]
+    for j, (s, lab) in enumerate(zip(seqs, labs)):
         x[j, : len(s) - 1] = torch.tensor(s[:-1])
         y[j, : len(s) - 1] = torch.tensor(lab[1:])
     return {"input_ids": x, "labels": y}
@@ -187,7 +192,8 @@ class ExampleBatches:
                  seed: int, rank: int = 0, world_size: int = 1):
         self.ex, self.idx, self.kind, self.pad = ex, np.asarray(indices), kind, pad_id
         self.B, self.accum, self.seed, self.rank, self.world = batch_size, grad_accum, seed, rank, world_size
-        self.lengths = np.array([len(ex.ids[i]) for i in self.idx])
+        other = ex.rejected.ids if ex.rejected is not None else ex.ids  # (a pair is as long as its longer answer)
+        self.lengths = np.array([max(len(ex.ids[i]), len(other[i])) for i in self.idx])
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
