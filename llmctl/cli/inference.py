@@ -16,8 +16,11 @@ from .app import _print_json, app, run
 from .options import (
     BaseOpt,
     DtypeOpt,
+    FrequencyPenaltyOpt,
     GenerateSetOpt,
+    LogitBiasOpt,
     MaxNewTokensOpt,
+    PresencePenaltyOpt,
     QuantizeOpt,
     RepetitionPenaltyOpt,
     SeedOpt,
@@ -61,6 +64,9 @@ def infer(
                                   help="Keep the last tokens of a prompt longer than the context instead of "
                                        "refusing it.", show_default="off"),
     repetition_penalty: Optional[float] = RepetitionPenaltyOpt,
+    presence_penalty: Optional[float] = PresencePenaltyOpt,
+    frequency_penalty: Optional[float] = FrequencyPenaltyOpt,
+    logit_bias: Optional[List[str]] = LogitBiasOpt,
     dtype: Optional[str] = DtypeOpt,
     quantize_mode: Optional[str] = QuantizeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
@@ -100,7 +106,8 @@ def infer(
             return
         if batch_size is not None and batch_size < 1:
             raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
-        flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+        flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+                           presence_penalty, frequency_penalty, logit_bias)
         settings = inference_cmd.sampling_settings(loaded, overrides, flags)
         for_inference(loaded, dtype, quantize_mode, compile, events=events)
         if chat:
