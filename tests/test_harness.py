@@ -115,3 +115,34 @@ def test_tasks_without_the_extra_is_one_line(runner, tiny_run, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     r = invoke(runner, "eval", "--ckpt", tiny_run, "--tasks", "shakespeare_rolling")
     assert r.exit_code == 2 and "pip install 'llmctl[eval]'" in r.stderr and "Traceback" not in r.output
+
+
+def test_lm_evals_local_completions_client_against_serve_equals_eval_tasks(both, bpe_run, runner, tmp_path,
+                                                                          monkeypatch):
+    """lm-eval's own OpenAI client (`local-completions`: token-id prompts, echo, logprobs 1, max_tokens 1) against
+    `llmctl serve` on the same checkpoint gives `llmctl eval --tasks`'s log-likelihoods and accuracy."""
+    pytest.importorskip("openai")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
+    from lm_eval.tasks import TaskManager
+    from test_server import KEY, Server
+
+    export = tmp_path / "hf"
+    assert invoke(runner, "export", "--ckpt", bpe_run, "--out", export).exit_code == 0
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    ours, _ = both
+    with Server(bpe_run, "--dtype", "float32", "--no-compile", key_file=key_file) as s:
+        args = (f"base_url={s.url}/v1/completions,model=bpe,tokenizer_backend=huggingface,tokenizer={export},"
+                "max_length=96,num_concurrent=1,max_retries=1,tokenized_requests=True")
+        theirs = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["shakespeare_next_line"],
+                                         task_manager=TaskManager(include_path=str(TASKS)), log_samples=True,
+                                         limit=24)
+        assert s.stop() == 0
+    a, b = _by_doc(ours["samples"]["shakespeare_next_line"]), _by_doc(theirs["samples"]["shakespeare_next_line"])
+    assert sorted(a) == sorted(b) and len(a) == 24
+    worst = max(abs(float(x[0]) - float(y[0])) for d in a
+                for x, y in zip(a[d]["filtered_resps"], b[d]["filtered_resps"], strict=True))
+    assert worst < TOL, worst
+    assert ours["results"]["shakespeare_next_line"]["acc,none"] == \
+        theirs["results"]["shakespeare_next_line"]["acc,none"]
