@@ -132,13 +132,27 @@ def test_lm_evals_local_completions_client_against_serve_equals_eval_tasks(both,
     key_file.write_text(KEY + "\n")
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     ours, _ = both
+    r = invoke(runner, "eval", "--ckpt", bpe_run, "--tasks", "shakespeare_rolling_short", "--include-path", TASKS,
+               "--log-samples", "--json")
+    assert r.exit_code == 0, r.output
+    rolling = json.loads(r.stdout)
+    from llmctl.tokenizer import Tokenizer
+
+    eot = Tokenizer.from_file(bpe_run / "tokenizer.json").eos_id  # the prefix of a rolling window, as llmctl's
     with Server(bpe_run, "--dtype", "float32", "--no-compile", key_file=key_file) as s:
+        # max_length: the model's context (the rolling task's documents fit one window)
         args = (f"base_url={s.url}/v1/completions,model=bpe,tokenizer_backend=huggingface,tokenizer={export},"
-                "max_length=96,num_concurrent=1,max_retries=1,tokenized_requests=True")
-        theirs = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["shakespeare_next_line"],
+                f"max_length=96,num_concurrent=1,max_retries=1,tokenized_requests=True,custom_prefix_token_id={eot}")
+        theirs = lm_eval.simple_evaluate(model="local-completions", model_args=args,
+                                         tasks=["shakespeare_next_line", "shakespeare_rolling_short"],
                                          task_manager=TaskManager(include_path=str(TASKS)), log_samples=True,
                                          limit=24)
         assert s.stop() == 0
+    a = _by_doc(rolling["samples"]["shakespeare_rolling_short"])
+    b = _by_doc(theirs["samples"]["shakespeare_rolling_short"])
+    assert sorted(a) == sorted(b) and len(a) == 24
+    worst = max(abs(float(a[d]["filtered_resps"][0]) - float(b[d]["filtered_resps"][0])) for d in a)
+    assert worst < TOL, worst
     a, b = _by_doc(ours["samples"]["shakespeare_next_line"]), _by_doc(theirs["samples"]["shakespeare_next_line"])
     assert sorted(a) == sorted(b) and len(a) == 24
     worst = max(abs(float(x[0]) - float(y[0])) for d in a
