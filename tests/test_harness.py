@@ -147,7 +147,18 @@ def test_lm_evals_local_completions_client_against_serve_equals_eval_tasks(both,
                                          tasks=["shakespeare_next_line", "shakespeare_rolling_short"],
                                          task_manager=TaskManager(include_path=str(TASKS)), log_samples=True,
                                          limit=24)
+        # local-chat-completions: a generate_until task end to end through /v1/chat/completions (the chat template
+        # of a base model: llmctl's instruction template; `truncate` keeps a long prompt's last tokens)
+        chat = lm_eval.simple_evaluate(model="local-chat-completions",
+                                       model_args=f"base_url={s.url}/v1/chat/completions,model=bpe,max_retries=1",
+                                       tasks=["shakespeare_complete"], apply_chat_template=True,
+                                       gen_kwargs="truncate=True", task_manager=TaskManager(include_path=str(TASKS)),
+                                       log_samples=True, limit=8)
+        answered = s.metrics()['llmctl_requests_total{endpoint="/v1/chat/completions",status="200"}']
         assert s.stop() == 0
+    texts = [x["filtered_resps"][0] for x in chat["samples"]["shakespeare_complete"]]
+    assert answered == 8 and len(texts) == 8 and all("\n" not in t for t in texts)  # (may be empty: a tiny model)
+    assert 0 <= chat["results"]["shakespeare_complete"]["exact_match,none"] <= 1
     a = _by_doc(rolling["samples"]["shakespeare_rolling_short"])
     b = _by_doc(theirs["samples"]["shakespeare_rolling_short"])
     assert sorted(a) == sorted(b) and len(a) == 24
