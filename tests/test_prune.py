@@ -64,7 +64,7 @@ def _zero_head(m: Transformer, layer: int, head: int) -> None:
 def _zero_channel(m: Transformer, layer: int, ch: int) -> None:
     mlp = m.blocks[layer].mlp
     with torch.no_grad():
-        rows = [ch, mlp.hidden + ch] if mlp.swiglu else [ch]
+        rows = [ch, mlp.hidden + ch] if mlp.gated else [ch]
         mlp.fc.weight[rows] = 0
         if mlp.fc.bias is not None:
             mlp.fc.bias[rows] = 0
