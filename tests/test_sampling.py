@@ -200,3 +200,16 @@ def test_an_exported_generation_config_has_no_limit_where_llmctl_has_none():
     for k in ("0", "-1", "null"):
         assert "top_k" not in generation_config(load_config(None, [f"generate.top_k={k}"]), None)
     assert generation_config(load_config(None, ["generate.top_k=5"]), None)["top_k"] == 5
+
+
+def test_the_penalty_and_bias_flags_reach_infer(runner, tiny_run):
+    from llmctl.tokenizer import Tokenizer
+
+    e = Tokenizer.from_file(tiny_run / "tokenizer.json").encode("e")[0]
+    r = invoke(runner, "infer", "--ckpt", tiny_run, "--prompt", "ROMEO:", "-n", "6", "-t", "0", "--logit-bias",
+               f"{e}=100", "--presence-penalty", "0.5", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["completion"] == "e" * 6  # (+100 outweighs the presence penalty)
+    r = invoke(runner, "infer", "--ckpt", tiny_run, "--prompt", "ROMEO:", "-n", "6", "-t", "0", "--logit-bias",
+               "99999=1")
+    _refused(r, "logit_bias names token id 99999, outside the model's vocabulary")

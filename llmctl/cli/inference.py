@@ -45,8 +45,9 @@ def infer(
                                                show_default="none"),
     input_file: Optional[Path] = typer.Option(None, "--input", "-i",
                                               help='Many prompts: JSONL rows {"prompt": ...} (optional per-row '
-                                                   'max_new_tokens, temperature, top_k, top_p, stop, seed) or a text '
-                                                   'file with one prompt per line.', show_default="none"),
+                                                   'sampling fields: max_new_tokens, temperature, ..., '
+                                                   'logit_bias) or a text file with one prompt per line.',
+                                              show_default="none"),
     output_file: Optional[Path] = typer.Option(None, "--output", "-o",
                                                help="Where --input results go (JSONL, written atomically).",
                                                show_default="stdout"),
