@@ -34,13 +34,70 @@ from .tokenizer import StreamDecoder, Tokenizer
 FINISH_REASONS = ("eos", "length", "stop", "cancelled")
 
 
+MAX_LOGPROBS = 20  # the most alternatives per position a request may ask for (OpenAI's limit)
+
+
 @dataclass
 class Request:
     """One prompt (token ids that fit the context: `fit_prompt`) and how to continue it (checked when built; stop
-    strings need the engine's tokenizer)."""
+    strings need the engine's tokenizer).
+
+    `logprobs`: record, for each generated token (an end id included), its log-probability and the `logprobs` most
+    likely alternatives (0..MAX_LOGPROBS; None: record nothing). `prompt_logprobs`: record the same for every prompt
+    token after the first, from the prefill (what `echo` shows). `generate` False: only score the prompt (the row
+    ends after its prefill with reason "length", nothing generated). Log-probabilities are the log-softmax of the
+    logits the row samples from after the penalties and `logit_bias` and before temperature, top-k and top-p (the
+    model's own distribution when no penalty or bias is set, so a prompt's values equal `llmctl eval`'s)."""
 
     prompt: list[int]
     sampling: Sampling
+    logprobs: Optional[int] = None
+    prompt_logprobs: bool = False
+    generate: bool = True
+
+
+# one position's log-probabilities: (token id, its log-probability, [(id, log-probability) of the top alternatives])
+LogProb = tuple[int, float, list[tuple[int, float]]]
+
+
+def bias_problem(s: Sampling, vocab: int) -> Optional[str]:
+    """What is wrong with `s.logit_bias` for a model of `vocab` tokens (None: nothing): the one part of its check
+    that needs the model."""
+    out = [t for t, _ in s.logit_bias if t >= vocab]
+    return f"names token id {out[0]}, outside the model's vocabulary of {vocab} (ids 0..{vocab - 1})" if out else None
+
+
+def processed(logits: torch.Tensor, s: Sampling, tokens: list[int], n_prompt: int) -> torch.Tensor:
+    """The logits (V,) a row samples from, before temperature: the repetition penalty over prompt and output
+    (CTRL's), OpenAI's presence and frequency penalties over the generated tokens (`tokens[n_prompt:]`), then
+    `logit_bias` added. The logits as they are when none is set."""
+    if not s.processed:
+        return logits
+    logits = logits.float()
+    if s.repetition_penalty != 1.0:
+        logits = penalize(logits, torch.tensor(tokens, device=logits.device), s.repetition_penalty)
+    out = tokens[n_prompt:]
+    if out and (s.presence_penalty or s.frequency_penalty):
+        counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits = logits - counts * s.frequency_penalty - (counts > 0).to(logits.dtype) * s.presence_penalty
+    if s.logit_bias:
+        ids = torch.tensor([t for t, _ in s.logit_bias], device=logits.device)
+        logits = logits.index_add(0, ids, torch.tensor([b for _, b in s.logit_bias], device=logits.device))
+    return logits
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[LogProb]:
+    """For logits (T, V) and the tokens chosen at each position (T,): each one's log-probability and the k most
+    likely tokens' (log-softmax in float32)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    mine = lp.gather(1, chosen[:, None])[:, 0].tolist()
+    if k > 0:
+        vals, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    else:
+        tops = [[] for _ in mine]
+    return [(t, m, top) for t, m, top in zip(chosen.tolist(), mine, tops)]
 
 
 def fit_prompt(tok: Tokenizer, prompt: str | list[int], context: int, truncate: bool,
@@ -143,6 +200,8 @@ class Row:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: Optional[float] = None
     new_tokens: list[int] = field(default_factory=list)  # generated since the caller last looked
+    logprobs: list[LogProb] = field(default_factory=list)  # per generated token, with request.logprobs set
+    prompt_logprobs: list[LogProb] = field(default_factory=list)  # per prompt token after the first (echo)
 
     @property
     def done(self) -> bool:
@@ -278,6 +337,11 @@ class Engine:
             raise ValueError(f"prompt of {len(request.prompt)} tokens exceeds the context of {block}")
         if s.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer")
+        why = bias_problem(s, self.model.cfg.vocab_size)
+        if why:
+            raise LlmctlError(f"logit_bias {why}")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS} (got {request.logprobs})")
         g = None
         if not s.greedy:
             g = torch.Generator(device=self.model.wte.weight.device)
@@ -319,6 +383,10 @@ class Engine:
             row.slot = self.rows.index(None)  # the lowest free slot: busy slots stay packed at the start
             self.rows[row.slot] = row
             self._prefill(row)
+            if not row.request.generate:  # scoring only: the prompt's log-probabilities are all it asked for
+                row._finish("length")
+                self.rows[row.slot] = None
+                touched.append(row)
         busy = [r for r in self.rows if r is not None]
         if not busy:
             return touched
@@ -339,7 +407,11 @@ class Engine:
     def _prefill(self, row: Row, keep: Optional[int] = None) -> None:
         window = row.tokens[-min(keep or len(row.tokens), self.cache.length):]
         idx = torch.tensor([window], device=self.model.wte.weight.device)
-        logits = self.model(idx, cache=self.cache, slot=row.slot)[:, -1]  # (1, V)
+        every = self.model(idx, cache=self.cache, slot=row.slot)  # (1, T, V)
+        logits = every[:, -1]
+        if keep is None and row.request.prompt_logprobs and len(window) > 1:
+            k = row.request.logprobs or 0
+            row.prompt_logprobs = top_logprobs(every[0, :-1], idx[0, 1:], k)
         if self._logits is None:
             self._logits = torch.zeros(self.cache.slots, logits.shape[-1], dtype=logits.dtype, device=logits.device)
         self._logits[row.slot] = logits[0]
@@ -353,12 +425,13 @@ class Engine:
             top = self._logits[: max(r.slot for r in greedy) + 1].argmax(-1).tolist()  # one call for every row
             picks.update({r.slot: top[r.slot] for r in greedy})
         for r in busy:
-            if r.slot in picks:
-                continue
-            q, logits = r.request.sampling, self._logits[r.slot]
-            if q.repetition_penalty != 1.0:
-                logits = penalize(logits, torch.tensor(r.tokens, device=logits.device), q.repetition_penalty)
-            picks[r.slot] = int(sample(logits[None], q.temperature, q.top_k, q.top_p, r.generator))
+            q = r.request.sampling
+            logits = processed(self._logits[r.slot], q, r.tokens, len(r.request.prompt))
+            if r.slot not in picks:
+                picks[r.slot] = int(sample(logits[None], q.temperature, q.top_k, q.top_p, r.generator))
+            if r.request.logprobs is not None:
+                chosen = torch.tensor([picks[r.slot]], device=logits.device)
+                r.logprobs += top_logprobs(logits[None], chosen, r.request.logprobs)
         for r in busy:
             t = picks[r.slot]
             if t in self.end_ids:

@@ -7,8 +7,13 @@ Supported per request: `max_tokens` (chat also `max_completion_tokens`), `temper
 defaults (`generate.*`) by llmctl.sampling's rules, the same as everywhere else (temperature has no cap at 2; top_k
 0 or -1 is no limit; at most sampling.MAX_STOPS stop strings): this module only maps OpenAI's names onto them and
 the problems onto OpenAI's error shape (400, `param` naming the field). A null field means the server's default.
-`n` > 1, `logprobs`, `echo`, `best_of` and non-zero presence/frequency penalties are refused with 400. Unknown
-fields are ignored, as OpenAI's own clients send extras (`user`, ...).
+`presence_penalty`, `frequency_penalty` and `logit_bias` are sampling fields too (ids checked against the model's
+vocabulary). `n` (1..serve.slots) gives each prompt n choices, each its own row (with a `seed`, choice j samples
+with seed + j, so the choices differ and the whole answer is reproducible). Completions take `logprobs` (0..20) and
+`echo` (the prompt's text and log-probabilities before the completion; `max_tokens: 0` with it scores the prompt
+without generating); chat takes `logprobs` (true/false) and `top_logprobs` (0..20). Both are refused with `stream`
+for now. `best_of` other than n is refused. Unknown fields are ignored, as OpenAI's own clients send extras: those
+with no behaviour here (`user`, `metadata`, `store`, `parallel_tool_calls`, `service_tier`) among them.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from typing import Any, Optional
 from . import sampling
 from .chat import render_messages
 from .errors import LlmctlError
-from .generate import Request, fit_prompt
-from .sampling import Sampling
-from .tokenizer import Tokenizer
+from .generate import MAX_LOGPROBS, Request, Row, bias_problem, fit_prompt
+from .sampling import SEED_MAX, SEED_MIN, Sampling
+from .tokenizer import StreamDecoder, Tokenizer
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "length"}  # engine -> OpenAI
 
@@ -52,6 +57,8 @@ class Limits:
     block_size: int
     max_tokens: int  # serve.max_tokens: the most new tokens one request may ask for
     defaults: Sampling  # generate.* (and serve's sampling flags); a request changes the fields it gives
+    slots: int = 16  # serve.slots: the most choices (`n`) one prompt may ask for
+    vocab_size: Optional[int] = None  # the model's, for logit_bias ids (None: not checked here)
 
 
 @dataclass
@@ -59,9 +66,12 @@ class Job:
     """A checked request: the engine requests (one per prompt) and how to answer."""
 
     kind: str  # "completion" or "chat"
-    requests: list[Request]
+    requests: list[Request]  # prompt by prompt, each prompt's n choices together
     stream: bool
     include_usage: bool
+    n: int = 1
+    logprobs: Optional[int] = None  # alternatives per position (None: no log-probabilities in the answer)
+    echo: bool = False
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -77,19 +87,33 @@ def _flag(body: dict, name: str) -> bool:
     return v
 
 
-def _refuse_unsupported(body: dict) -> None:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad("'n' must be 1: this server returns one choice per prompt (send the request again for more)", "n")
-    if body.get("best_of") not in (None, 1):
-        raise bad("'best_of' is not supported", "best_of")
-    if body.get("echo"):
-        raise bad("'echo' is not supported", "echo")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
-        raise bad("'logprobs' is not supported", "logprobs")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise bad(f"'{name}' is not supported (use the 'repetition_penalty' extension)", name)
+def _count(body: dict, name: str, low: int, high: int, why: str = "") -> Optional[int]:
+    """An optional integer field within [low, high] (null: None)."""
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise bad(f"'{name}' must be an integer from {low} to {high}{why} (got {v!r})", name)
+    return v
+
+
+def _choices(body: dict, limits: Limits, stream: bool, kind: str) -> tuple[int, Optional[int]]:
+    """(n, logprobs: alternatives per position or None) of a request."""
+    n = _count(body, "n", 1, limits.slots, " (serve.slots)") or 1
+    if body.get("best_of") not in (None, n):
+        raise bad("'best_of' is not supported (other than equal to 'n')", "best_of")
+    if kind == "chat":
+        want = _flag(body, "logprobs")
+        k = _count(body, "top_logprobs", 0, MAX_LOGPROBS)
+        if k is not None and not want:
+            raise bad("'top_logprobs' goes with \"logprobs\": true", "top_logprobs")
+        k = (k or 0) if want else None
+    else:
+        k = _count(body, "logprobs", 0, MAX_LOGPROBS)
+    if stream and (k is not None or body.get("echo")):
+        raise bad("'logprobs' and 'echo' are not supported with \"stream\": true yet; send the request without "
+                  "streaming", "logprobs" if k is not None else "echo")
+    return n, k
 
 
 def check_model(body: dict, name: str) -> None:
@@ -111,13 +135,16 @@ def _prompt_ids(tok: Tokenizer, prompt: str | list[int], limits: Limits, truncat
         raise bad(e.message, param, "context_length_exceeded") from None
 
 
-def _sampling(body: dict, limits: Limits, max_name: str = "max_tokens") -> Sampling:
-    """The server's defaults changed by the request's sampling fields (null or absent: the default)."""
+def _sampling(body: dict, limits: Limits, max_name: str = "max_tokens", score_only: bool = False) -> Sampling:
+    """The server's defaults changed by the request's sampling fields (null or absent: the default).
+    `score_only`: max_tokens is 0 (with echo), which the engine's rows see as 1 with no generation."""
     if body.get(max_name) is None and max_name != "max_tokens":
         max_name = "max_tokens"  # chat takes either; max_completion_tokens wins when both are given
     param = {"max_new_tokens": max_name}  # the field -> OpenAI's name, where they differ
     given = {f: body[param.get(f, f)] for f in sampling.FIELDS if body.get(param.get(f, f)) is not None}
     given.setdefault("max_new_tokens", min(limits.defaults.max_new_tokens, limits.max_tokens))
+    if score_only:
+        given["max_new_tokens"] = 1
     try:
         s = sampling.replace(limits.defaults, given, name=lambda f: f"'{param.get(f, f)}'")
     except sampling.SamplingError as e:
@@ -125,7 +152,20 @@ def _sampling(body: dict, limits: Limits, max_name: str = "max_tokens") -> Sampl
     if s.max_new_tokens > limits.max_tokens:
         raise bad(f"'{max_name}' is {s.max_new_tokens}, over this server's limit of {limits.max_tokens} "
                   "(serve.max_tokens)", max_name)
+    why = bias_problem(s, limits.vocab_size) if limits.vocab_size else None
+    if why:
+        raise bad(f"'logit_bias' {why}", "logit_bias")
     return s
+
+
+def _rows(prompts: list[list[int]], s: Sampling, n: int, **kw) -> list[Request]:
+    """n requests per prompt, prompt by prompt; with a seed, choice j samples with seed + j (wrapping)."""
+    def seeded(j: int) -> Sampling:
+        if s.seed is None or j == 0:
+            return s
+        seed = s.seed + j
+        return sampling.replace(s, {"seed": seed if seed <= SEED_MAX else seed - SEED_MAX - 1 + SEED_MIN})
+    return [Request(p, seeded(j), **kw) for p in prompts for j in range(n)]
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -143,7 +183,6 @@ def parse_completion(body: Any, tok: Tokenizer, limits: Limits) -> Job:
     """POST /v1/completions: `prompt` is a string, a list of strings, a list of token ids or a list of those."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    _refuse_unsupported(body)
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("'prompt' is required", "prompt")
@@ -154,16 +193,19 @@ def parse_completion(body: Any, tok: Tokenizer, limits: Limits) -> Job:
     else:
         raise bad("'prompt' must be a string, a list of strings, or token ids (a list of integers, or of lists)",
                   "prompt")
-    truncate, stream = _flag(body, "truncate"), _flag(body, "stream")
-    s = _sampling(body, limits)
-    requests = []
+    truncate, stream, echo = _flag(body, "truncate"), _flag(body, "stream"), _flag(body, "echo")
+    n, k = _choices(body, limits, stream, "completion")
+    score_only = echo and body.get("max_tokens") == 0
+    s = _sampling(body, limits, score_only=score_only)
+    ids = []
     for i, p in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         if not isinstance(p, str) and not all(isinstance(t, int) and not isinstance(t, bool)
                                               and 0 <= t < tok.vocab_size for t in p):
             raise bad(f"'{param}' holds something other than token ids below {tok.vocab_size}", param)
-        requests.append(Request(_prompt_ids(tok, p, limits, truncate, param), s))
-    return Job("completion", requests, stream, _stream_options(body, stream))
+        ids.append(_prompt_ids(tok, p, limits, truncate, param))
+    requests = _rows(ids, s, n, logprobs=k, prompt_logprobs=echo and k is not None, generate=not score_only)
+    return Job("completion", requests, stream, _stream_options(body, stream), n, k, echo)
 
 
 def parse_chat(body: Any, tok: Tokenizer, limits: Limits, cfg) -> Job:
@@ -172,7 +214,6 @@ def parse_chat(body: Any, tok: Tokenizer, limits: Limits, cfg) -> Job:
     writes the special tokens); generation stops at the model's end ids. cfg: the checkpoint's Config."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    _refuse_unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise bad("'messages' is required: a list of {\"role\", \"content\"} objects", "messages")
@@ -192,9 +233,10 @@ def parse_chat(body: Any, tok: Tokenizer, limits: Limits, cfg) -> Job:
     except LlmctlError as e:
         raise bad(e.message, "tools" if e.message.startswith("tools:") else "messages") from None
     truncate, stream = _flag(body, "truncate"), _flag(body, "stream")
+    n, k = _choices(body, limits, stream, "chat")
     s = _sampling(body, limits, "max_completion_tokens")
     ids = _prompt_ids(tok, tok.encode(text), limits, truncate, "messages")
-    return Job("chat", [Request(ids, s)], stream, _stream_options(body, stream))
+    return Job("chat", _rows([ids], s, n, logprobs=k), stream, _stream_options(body, stream), n, k)
 
 
 def parse_classify(body: Any) -> list[str]:
@@ -222,15 +264,58 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def prompt_tokens(job: Job) -> int:
+    """The prompt tokens of a job, each prompt once (its n choices share it, as OpenAI counts)."""
+    return sum(len(r.prompt) for r in job.requests[:: job.n])
+
+
+def _pieces(tok: Tokenizer, ids: list[int]) -> list[str]:
+    """The text of each token in sequence (a token that ends inside a character: "", the next holds it)."""
+    dec = StreamDecoder(tok, skip_special=False)
+    out = [dec.push(t) for t in ids]
+    if out:
+        out[-1] += dec.flush()
+    return out
+
+
+def choice_logprobs(job: Job, tok: Tokenizer, row: Row) -> tuple[str, Optional[dict]]:
+    """(the echoed prompt text, or "", and the choice's `logprobs` object, or None) of a finished row: OpenAI's
+    completions shape (tokens, token_logprobs, top_logprobs as {token: logprob}, text_offset into the choice's
+    text) or chat's ({"content": [{token, logprob, bytes, top_logprobs}]})."""
+    if job.logprobs is None:
+        return ("".join(_pieces(tok, row.request.prompt)) if job.echo else ""), None
+    first = [(row.request.prompt[0], None, None)] if job.echo else []
+    entries: list = first + (row.prompt_logprobs if job.echo else []) + row.logprobs
+    pieces = _pieces(tok, [t for t, _, _ in entries])
+    name = {}
+    for _, _, top in entries:
+        for t, _ in top or ():
+            name.setdefault(t, tok.decode([t], skip_special=False))
+    if job.kind == "chat":
+        def one(text: str, lp: float) -> dict:
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        return "", {"content": [{**one(p, lp), "top_logprobs": [one(name[t], x) for t, x in top]}
+                                for p, (_, lp, top) in zip(pieces, entries)]}
+    offsets, at = [], 0
+    for p in pieces:
+        offsets.append(at)
+        at += len(p)
+    echoed = "".join(pieces[: len(entries) - len(row.logprobs)])
+    return echoed, {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in entries],
+                    "top_logprobs": [None if top is None else {name[t]: x for t, x in top} for _, _, top in entries],
+                    "text_offset": offsets}
+
+
 def response(kind: str, rid: str, model: str, created: int, texts: list[str], reasons: list[str],
-             prompt_tokens: int, completion_tokens: int) -> dict:
+             prompt_tokens: int, completion_tokens: int, logprobs: Optional[list[Optional[dict]]] = None) -> dict:
+    lps = logprobs or [None] * len(texts)
     if kind == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                    "finish_reason": FINISH[r]} for i, (t, r) in enumerate(zip(texts, reasons))]
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
+                    "finish_reason": FINISH[r]} for i, (t, r, lp) in enumerate(zip(texts, reasons, lps))]
         obj = "chat.completion"
     else:
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": FINISH[r]}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": FINISH[r]}
+                   for i, (t, r, lp) in enumerate(zip(texts, reasons, lps))]
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
             "usage": usage(prompt_tokens, completion_tokens)}

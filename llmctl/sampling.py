@@ -17,6 +17,13 @@ What each value means, on every surface (null, where allowed, means the same as 
   top_p               nucleus sampling: the smallest set of tokens whose probability reaches p, 0 < p <= 1; null
                       means no limit.
   repetition_penalty  > 0; 1 = off, above 1 discourages tokens already in the prompt or output (CTRL's penalty).
+  presence_penalty    -2..2 (OpenAI's): subtracted once from the logit of every token already generated (not the
+                      prompt's); 0 = off.
+  frequency_penalty   -2..2 (OpenAI's): subtracted from a token's logit once per time it was generated; 0 = off.
+  logit_bias          token id -> -100..100, added to that token's logit at every step (-100 bans it, 100 all but
+                      forces it); given as a mapping (JSON's keys are strings of the ids) or `ID=BIAS` strings (the
+                      CLI's repeatable --logit-bias); stored as sorted (id, bias) pairs; ids must be in the model's
+                      vocabulary, which the engine and the server check (this carrier does not know it).
   stop                strings that end the text before the first of them; at most MAX_STOPS, empty ones dropped.
   seed                an integer for a reproducible sample (what torch's generators take); null = a fresh one.
 
@@ -38,7 +45,11 @@ from .errors import LlmctlError
 MAX_STOPS = 16
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 
-FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
+FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty",
+          "frequency_penalty", "logit_bias", "stop", "seed")
+PENALTY_MAX = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)
+BIAS_MAX = 100.0  # a logit_bias value lies in [-100, 100] (OpenAI's range)
+MAX_BIASES = 1024  # logit_bias entries (OpenAI allows 300; vLLM leaves it open)
 
 
 @dataclass(frozen=True)
@@ -87,8 +98,49 @@ def _stops(v: Any) -> Optional[tuple[str, ...]]:
     return None
 
 
+def _bias_pairs(v: Any) -> Optional[list]:
+    """logit_bias as [(id, bias), ...] as given (unchecked), or None when its shape is wrong."""
+    if isinstance(v, Mapping):
+        return list(v.items())
+    if not isinstance(v, (list, tuple)):
+        return None
+    pairs = []
+    for x in v:
+        if isinstance(x, str) and x.count("=") == 1:
+            k, b = x.split("=")
+            try:
+                pairs.append((k.strip(), float(b)))
+            except ValueError:
+                return None
+        elif isinstance(x, (list, tuple)) and len(x) == 2:
+            pairs.append(tuple(x))
+        else:
+            return None
+    return pairs
+
+
+def _logit_bias(v: Any) -> tuple[Any, Optional[str]]:
+    pairs = _bias_pairs(v)
+    if pairs is None:
+        return None, f"must map token ids to numbers, e.g. {{\"50256\": -100}} or 50256=-100 (got {v!r})"
+    if len(pairs) > MAX_BIASES:
+        return None, f"takes at most {MAX_BIASES} token ids (got {len(pairs)})"
+    out = {}
+    for k, b in pairs:
+        t = int(k) if isinstance(k, str) and k.strip().isdigit() else _integer(k)
+        x = _number(b)
+        if t is None or t < 0:
+            return None, f"keys must be token ids, integers >= 0 (got {k!r})"
+        if x is None or not math.isfinite(x) or not -BIAS_MAX <= x <= BIAS_MAX:
+            return None, f"values must be numbers between -100 and 100 (got {b!r} for token {t})"
+        out[t] = x
+    return tuple(sorted(out.items())), None
+
+
 def _check(field: str, v: Any) -> tuple[Any, Optional[str]]:
     """(the value in its one form, None) or (None, what is wrong with it)."""
+    if field == "logit_bias":
+        return ((), None) if v is None else _logit_bias(v)
     if field == "stop":
         stops = _stops(v)
         if stops is None:
@@ -120,6 +172,8 @@ def _check(field: str, v: Any) -> tuple[Any, Optional[str]]:
         return None, f"must be above 0 and at most 1 (got {v!r})"
     if field == "repetition_penalty" and x <= 0:
         return None, f"must be positive; 1 = off (got {v!r})"
+    if field in ("presence_penalty", "frequency_penalty") and not -PENALTY_MAX <= x <= PENALTY_MAX:
+        return None, f"must be between -2 and 2; 0 = off (got {v!r})"
     return x, None
 
 
@@ -159,6 +213,9 @@ class Sampling:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
 
@@ -174,8 +231,14 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        """Always the most likely token: no random draw at all."""
-        return self.temperature == 0 and self.repetition_penalty == 1.0
+        """Always the most likely token of the model's own logits: no random draw, and nothing changes them."""
+        return self.temperature == 0 and not self.processed
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits are changed before sampling (a penalty or a bias): what log-probabilities see too."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
+                or bool(self.logit_bias))
 
 
 def given_flags(flags: Optional[Mapping[str, Any]]) -> dict:

@@ -338,14 +338,14 @@ def _generation_routes(app: FastAPI, s: Served, metrics: Metrics) -> None:
         job = (api.parse_chat(body, s.tokenizer, s.limits, s.config) if kind == "chat"
                else api.parse_completion(body, s.tokenizer, s.limits))
         ticket = s.worker.submit(job.requests, asyncio.get_running_loop())
-        prompt_tokens = sum(len(r.prompt) for r in job.requests)
+        prompt_tokens = api.prompt_tokens(job)
         metrics.inc("prompt_tokens_total", prompt_tokens)
         rid, created = api.new_id(kind), api.now()
         if job.stream:
             return StreamingResponse(_stream(s, ticket, job, rid, created, prompt_tokens),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _whole(s, ticket, kind, rid, created, prompt_tokens)
+        return await _whole(s, ticket, job, rid, created, prompt_tokens)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -356,8 +356,9 @@ def _generation_routes(app: FastAPI, s: Served, metrics: Metrics) -> None:
         return await generation(request, "chat")
 
 
-async def _whole(s: Served, ticket: Ticket, kind: str, rid: str, created: int, prompt_tokens: int) -> dict:
-    """The answer of a request that does not stream, once every row of it finished."""
+async def _whole(s: Served, ticket: Ticket, job: api.Job, rid: str, created: int, prompt_tokens: int) -> dict:
+    """The answer of a request that does not stream, once every row of it finished (with `echo`, the prompt's
+    text before each choice's; with `logprobs`, read from the finished rows, which the engine no longer touches)."""
     texts, reasons = [""] * len(ticket.rows), [""] * len(ticket.rows)
     try:
         left = len(ticket.rows)
@@ -371,7 +372,10 @@ async def _whole(s: Served, ticket: Ticket, kind: str, rid: str, created: int, p
     for r in reasons:
         _raise_for(r)
     completion_tokens = sum(r.produced for r in ticket.rows)
-    return api.response(kind, rid, s.name, created, texts, reasons, prompt_tokens, completion_tokens)
+    extras = [api.choice_logprobs(job, s.tokenizer, r) for r in ticket.rows]
+    texts = [echoed + t for (echoed, _), t in zip(extras, texts)]
+    return api.response(job.kind, rid, s.name, created, texts, reasons, prompt_tokens, completion_tokens,
+                        [lp for _, lp in extras])
 
 
 async def _stream(s: Served, ticket: Ticket, job: api.Job, rid: str, created: int, prompt_tokens: int):

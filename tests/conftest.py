@@ -42,6 +42,8 @@ BAD_SAMPLING = [
     ("top_p", 1.5, "must be above 0 and at most 1"),
     ("top_k", -3, "must be at least 1, or 0 or -1 for no limit"),
     ("max_new_tokens", 0, "must be at least 1"),
+    ("presence_penalty", 2.5, "must be between -2 and 2; 0 = off (got 2.5)"),
+    ("frequency_penalty", -3.5, "must be between -2 and 2; 0 = off (got -3.5)"),
     ("stop", [f"s{i}" for i in range(17)], "takes at most 16 strings (got 17)"),
 ]
 

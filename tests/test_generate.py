@@ -319,3 +319,76 @@ def test_compiled_decode_of_the_open_model_switches_equals_eager(tmp_path):
     eager = tokens_by_request(Engine(m), reqs(), 3)
     compiled = tokens_by_request(Engine(m, compile=True, store=StepStore(m, root=tmp_path)), reqs(), 3)
     assert compiled == eager and eager == [list(generate(m, r.prompt, 12, temperature=0)) for r in reqs()]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# OpenAI's penalties, logit_bias and log-probabilities
+
+
+def _reference_penalized(m, prompt, n, presence=0.0, frequency=0.0, bias=None):
+    """Greedy with OpenAI's penalties and logit_bias written out directly: full forward passes, the counts of the
+    generated tokens, the biases added, the argmax; and each pick's log-softmax of those logits."""
+    window, out, lps = list(prompt), [], []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = m(torch.tensor([window]))[0, -1].float().clone()
+            for t in set(out):
+                logits[t] -= presence + frequency * out.count(t)
+            for t, b in (bias or {}).items():
+                logits[t] += b
+            t = int(logits.argmax())
+            lps.append(float(torch.log_softmax(logits, -1)[t]))
+            out.append(t)
+            window.append(t)
+    return out, lps
+
+
+@pytest.mark.parametrize("presence, frequency, bias", [(1.5, 0.0, None), (0.0, 2.0, None), (-0.5, 0.7, None),
+                                                        (0.0, 0.0, {3: 100.0}), (0.4, 0.3, {7: -100, 11: 2.5})])
+def test_penalties_and_logit_bias_match_a_direct_computation(presence, frequency, bias):
+    from llmctl.generate import Engine, Request
+
+    m = model("llama")
+    prompt = [5, 9, 3, 17]
+    want, lps = _reference_penalized(m, prompt, 12, presence, frequency, bias)
+    s = Sampling(12, temperature=0, presence_penalty=presence, frequency_penalty=frequency, logit_bias=bias)
+    (row,) = [r for r in Engine(m).run([Request(prompt, s, logprobs=0)]) if r.done]
+    assert row.tokens[len(prompt):] == want
+    assert [t for t, _, _ in row.logprobs] == want
+    assert [lp for _, lp, _ in row.logprobs] == pytest.approx(lps, abs=1e-5)
+    if bias and 3 in bias:
+        assert set(want) == {3}  # a bias of 100 all but forces the token
+    plain = list(generate(m, prompt, 12, temperature=0))
+    assert want != plain  # (each setting changes this model's greedy output)
+
+
+def test_prompt_and_generated_logprobs_equal_a_full_forward_pass():
+    from llmctl.generate import Engine, Request
+
+    m = model("gpt2")
+    prompt = [5, 9, 3, 17, 2, 8]
+    reqs = [Request(prompt, Sampling(3, temperature=0), logprobs=4, prompt_logprobs=True),
+            Request(prompt, Sampling(1), logprobs=2, prompt_logprobs=True, generate=False)]
+    done = {id(r.request): r for r in Engine(m).run(reqs) if r.done}
+    rows = [done[id(q)] for q in reqs]
+    full = rows[0].tokens
+    with torch.no_grad():
+        lp = torch.log_softmax(m(torch.tensor([full]))[0].float(), -1)
+    want = [float(lp[i, full[i + 1]]) for i in range(len(full) - 1)]
+    for row in rows:
+        got = [x for _, x, _ in row.prompt_logprobs + row.logprobs]
+        assert got == pytest.approx(want[: len(got)], abs=1e-5)
+        assert [t for t, _, _ in row.prompt_logprobs] == prompt[1:]
+    assert len(rows[0].logprobs) == 3 and rows[1].logprobs == [] and rows[1].produced == 0
+    top = rows[0].logprobs[0][2]
+    assert len(top) == 4 and top[0][0] == rows[0].tokens[len(prompt)]  # greedy: the top alternative is the pick
+    assert [x for _, x in top] == sorted((x for _, x in top), reverse=True)
+    assert top[0][1] == pytest.approx(float(lp[len(prompt) - 1].max()), abs=1e-5)
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_refused_naming_it():
+    from llmctl.errors import LlmctlError
+    from llmctl.generate import Engine, Request
+
+    with pytest.raises(LlmctlError, match="logit_bias names token id 40, outside the model's vocabulary of 40"):
+        Engine(model("gpt2")).new_row(Request([1], Sampling(2, logit_bias={40: 1})))

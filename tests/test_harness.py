@@ -115,3 +115,59 @@ def test_tasks_without_the_extra_is_one_line(runner, tiny_run, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     r = invoke(runner, "eval", "--ckpt", tiny_run, "--tasks", "shakespeare_rolling")
     assert r.exit_code == 2 and "pip install 'llmctl[eval]'" in r.stderr and "Traceback" not in r.output
+
+
+def test_lm_evals_local_completions_client_against_serve_equals_eval_tasks(both, bpe_run, runner, tmp_path,
+                                                                          monkeypatch):
+    """lm-eval's own OpenAI client (`local-completions`: token-id prompts, echo, logprobs 1, max_tokens 1) against
+    `llmctl serve` on the same checkpoint gives `llmctl eval --tasks`'s log-likelihoods and accuracy."""
+    pytest.importorskip("openai")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
+    from lm_eval.tasks import TaskManager
+    from test_server import KEY, Server
+
+    export = tmp_path / "hf"
+    assert invoke(runner, "export", "--ckpt", bpe_run, "--out", export).exit_code == 0
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    ours, _ = both
+    r = invoke(runner, "eval", "--ckpt", bpe_run, "--tasks", "shakespeare_rolling_short", "--include-path", TASKS,
+               "--log-samples", "--json")
+    assert r.exit_code == 0, r.output
+    rolling = json.loads(r.stdout)
+    from llmctl.tokenizer import Tokenizer
+
+    eot = Tokenizer.from_file(bpe_run / "tokenizer.json").eos_id  # the prefix of a rolling window, as llmctl's
+    with Server(bpe_run, "--dtype", "float32", "--no-compile", key_file=key_file) as s:
+        # max_length: the model's context (the rolling task's documents fit one window)
+        args = (f"base_url={s.url}/v1/completions,model=bpe,tokenizer_backend=huggingface,tokenizer={export},"
+                f"max_length=96,num_concurrent=1,max_retries=1,tokenized_requests=True,custom_prefix_token_id={eot}")
+        theirs = lm_eval.simple_evaluate(model="local-completions", model_args=args,
+                                         tasks=["shakespeare_next_line", "shakespeare_rolling_short"],
+                                         task_manager=TaskManager(include_path=str(TASKS)), log_samples=True,
+                                         limit=24)
+        # local-chat-completions: a generate_until task end to end through /v1/chat/completions (the chat template
+        # of a base model: llmctl's instruction template; `truncate` keeps a long prompt's last tokens)
+        chat = lm_eval.simple_evaluate(model="local-chat-completions",
+                                       model_args=f"base_url={s.url}/v1/chat/completions,model=bpe,max_retries=1",
+                                       tasks=["shakespeare_complete"], apply_chat_template=True,
+                                       gen_kwargs="truncate=True", task_manager=TaskManager(include_path=str(TASKS)),
+                                       log_samples=True, limit=8)
+        answered = s.metrics()['llmctl_requests_total{endpoint="/v1/chat/completions",status="200"}']
+        assert s.stop() == 0
+    texts = [x["filtered_resps"][0] for x in chat["samples"]["shakespeare_complete"]]
+    assert answered == 8 and len(texts) == 8 and all("\n" not in t for t in texts)  # (may be empty: a tiny model)
+    assert 0 <= chat["results"]["shakespeare_complete"]["exact_match,none"] <= 1
+    a = _by_doc(rolling["samples"]["shakespeare_rolling_short"])
+    b = _by_doc(theirs["samples"]["shakespeare_rolling_short"])
+    assert sorted(a) == sorted(b) and len(a) == 24
+    worst = max(abs(float(a[d]["filtered_resps"][0]) - float(b[d]["filtered_resps"][0])) for d in a)
+    assert worst < TOL, worst
+    a, b = _by_doc(ours["samples"]["shakespeare_next_line"]), _by_doc(theirs["samples"]["shakespeare_next_line"])
+    assert sorted(a) == sorted(b) and len(a) == 24
+    worst = max(abs(float(x[0]) - float(y[0])) for d in a
+                for x, y in zip(a[d]["filtered_resps"], b[d]["filtered_resps"], strict=True))
+    assert worst < TOL, worst
+    assert ours["results"]["shakespeare_next_line"]["acc,none"] == \
+        theirs["results"]["shakespeare_next_line"]["acc,none"]

@@ -42,6 +42,11 @@ def test_one_meaning_for_each_value():
     assert Sampling(4, temperature=3).temperature == 3.0  # no cap at 2 (OpenAI's), on every surface
     assert Sampling(4.0).max_new_tokens == 4  # JSON and YAML may write an integer as 4.0
     assert Sampling(4, temperature=0).greedy and not Sampling(4, temperature=0, repetition_penalty=1.2).greedy
+    assert not Sampling(4, temperature=0, presence_penalty=0.5).greedy  # (penalties change the logits)
+    # logit_bias: JSON's string keys, the CLI's ID=BIAS strings and a mapping all mean the same sorted pairs
+    for given in ({"7": -100, 3: 2}, ["7=-100", "3=2"], {3: 2.0, 7: -100.0}):
+        assert Sampling(4, logit_bias=given).logit_bias == ((3, 2.0), (7, -100.0))
+    assert Sampling(4, logit_bias=None).logit_bias == () and Sampling(4, logit_bias={}).logit_bias == ()
     s = sampling.replace(Sampling(4), {"temperature": 0, "seed": 3})
     assert (s.temperature, s.seed, s.max_new_tokens) == (0.0, 3, 4)
 
@@ -55,6 +60,12 @@ def test_one_meaning_for_each_value():
     ("seed", 1 << 64, "must be between"),
     ("temperature", float("nan"), "must be a finite number"),
     ("repetition_penalty", 0, "must be positive"),
+    ("logit_bias", {"5": 101}, "values must be numbers between -100 and 100 (got 101 for token 5)"),
+    ("logit_bias", {"x": 1}, "keys must be token ids"),
+    ("logit_bias", {-1: 1}, "keys must be token ids"),
+    ("logit_bias", ["5:3"], "must map token ids to numbers"),
+    ("logit_bias", 5, "must map token ids to numbers"),
+    ("presence_penalty", "high", "must be a number"),
 ])
 def test_values_of_the_wrong_kind(field, value, words):
     (p,) = sampling.problems({field: value})
@@ -67,9 +78,15 @@ def test_the_config_checks_by_the_same_rules_and_reports_them_all():
         load_config(None, bad)
     for field, _, words in BAD_SAMPLING:
         assert f"generate.{field}: {words}" in e.value.message
-    g = load_config(None, ["generate.top_k=-1", "generate.temperature=3", "generate.stop=[a,b]"]).generate
+    g = load_config(None, ["generate.top_k=-1", "generate.temperature=3", "generate.stop=[a,b]",
+                           "generate.presence_penalty=0.5", "generate.logit_bias={7: -100}"]).generate
     s = Sampling.from_config(g)
     assert (s.top_k, s.temperature, s.stop) == (None, 3.0, ("a", "b"))
+    assert (s.presence_penalty, s.logit_bias) == (0.5, ((7, -100.0),))
+    with pytest.raises(LlmctlError, match="generate.logit_bias: values must be numbers between -100 and 100"):
+        load_config(None, ["generate.logit_bias={7: 300}"])
+    s = Sampling.from_config(g, given := {"logit_bias": ["7=5"], "frequency_penalty": -1.0})
+    assert (s.logit_bias, s.frequency_penalty) == (((7, 5.0),), -1.0) and given
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -183,3 +200,16 @@ def test_an_exported_generation_config_has_no_limit_where_llmctl_has_none():
     for k in ("0", "-1", "null"):
         assert "top_k" not in generation_config(load_config(None, [f"generate.top_k={k}"]), None)
     assert generation_config(load_config(None, ["generate.top_k=5"]), None)["top_k"] == 5
+
+
+def test_the_penalty_and_bias_flags_reach_infer(runner, tiny_run):
+    from llmctl.tokenizer import Tokenizer
+
+    e = Tokenizer.from_file(tiny_run / "tokenizer.json").encode("e")[0]
+    r = invoke(runner, "infer", "--ckpt", tiny_run, "--prompt", "ROMEO:", "-n", "6", "-t", "0", "--logit-bias",
+               f"{e}=100", "--presence-penalty", "0.5", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["completion"] == "e" * 6  # (+100 outweighs the presence penalty)
+    r = invoke(runner, "infer", "--ckpt", tiny_run, "--prompt", "ROMEO:", "-n", "6", "-t", "0", "--logit-bias",
+               "99999=1")
+    _refused(r, "logit_bias names token id 99999, outside the model's vocabulary")

@@ -193,10 +193,25 @@ ERRORS = [
      ["50 tokens", "context is 32 tokens", "truncate"]),
     ("max-tokens-over-limit", "/v1/completions", {"prompt": "a", "max_tokens": 5000}, {}, 400, "max_tokens",
      ["5000", "limit of 4096", "serve.max_tokens"]),
-    ("n-above-one", "/v1/completions", {"prompt": "a", "n": 2}, {}, 400, "n", ["'n' must be 1"]),
-    ("echo", "/v1/completions", {"prompt": "a", "echo": True}, {}, 400, "echo", ["not supported"]),
-    ("logprobs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True}, {},
-     400, "logprobs", ["not supported"]),
+    ("n-zero", "/v1/completions", {"prompt": "a", "n": 0}, {}, 400, "n", ["'n' must be an integer from 1 to 16"]),
+    ("n-over-the-slots", "/v1/completions", {"prompt": "a", "n": 17}, {}, 400, "n", ["1 to 16 (serve.slots)"]),
+    ("logprobs-21", "/v1/completions", {"prompt": "a", "logprobs": 21}, {}, 400, "logprobs",
+     ["'logprobs' must be an integer from 0 to 20 (got 21)"]),
+    ("chat-top-logprobs-21", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21}, {}, 400,
+     "top_logprobs", ["from 0 to 20"]),
+    ("chat-top-logprobs-without-logprobs", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, {}, 400, "top_logprobs",
+     ["goes with \"logprobs\": true"]),
+    ("logprobs-streamed", "/v1/completions", {"prompt": "a", "logprobs": 1, "stream": True}, {}, 400, "logprobs",
+     ["not supported with \"stream\": true"]),
+    ("best-of", "/v1/completions", {"prompt": "a", "best_of": 3}, {}, 400, "best_of", ["not supported"]),
+    ("max-tokens-0-without-echo", "/v1/completions", {"prompt": "a", "max_tokens": 0}, {}, 400, "max_tokens",
+     ["at least 1"]),
+    ("logit-bias-outside-the-vocab", "/v1/completions", {"prompt": "a", "logit_bias": {"100000": 5}}, {}, 400,
+     "logit_bias", ["'logit_bias' names token id 100000, outside the model's vocabulary"]),
+    ("logit-bias-value", "/v1/completions", {"prompt": "a", "logit_bias": {"5": -101}}, {}, 400, "logit_bias",
+     ["'logit_bias' values must be numbers between -100 and 100"]),
     ("bad-messages", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "a"}]}, {}, 400,
      "messages", ["messages[0]", "role"]),
     ("chat-ends-with-assistant", "/v1/chat/completions",
@@ -492,3 +507,80 @@ def test_serve_without_the_extra_is_one_line(runner, tiny_run, monkeypatch):
     assert r.exit_code == 2 and "needs the serve extra" in r.stderr and "pip install 'llmctl[serve]'" in r.stderr
     assert "Traceback" not in r.output
     assert os.environ.get("LLMCTL_CACHE_DIR")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# logprobs, echo, n, penalties: what lm-eval's local-completions and other clients send
+
+
+def test_echo_logprobs_equal_llmct_evals_per_token_loglikelihoods(server, tiny_run):
+    pytest.importorskip("lm_eval")
+    from llmctl import loading
+    from llmctl.harness import make_lm
+
+    loaded = loading.for_inference(loading.load_model(tiny_run), "float32", "none", compile=False)
+    lm = make_lm(loaded, 4)
+    ids = [loaded.tokenizer.encode(p) for p in PROMPTS[3:7]]
+    ids = [x for x in ids if len(x) >= 2]
+    # lm-eval's own request: token ids, one generated token, echo, logprobs 1, greedy
+    r = server.post("/v1/completions", {"prompt": ids, "max_tokens": 1, "logprobs": 1, "echo": True,
+                                        "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == len(ids)
+    for x, ch in zip(ids, choices):
+        lp = ch["logprobs"]
+        assert len(lp["token_logprobs"]) == len(x) + 1 and lp["token_logprobs"][0] is None
+        assert lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(lp["text_offset"]) == len(x) + 1
+        want = [s for s, _ in lm._loglikelihood_tokens([(None, x[:i], [x[i]]) for i in range(1, len(x))])]
+        assert lp["token_logprobs"][1:-1] == pytest.approx(want, abs=1e-4)
+        # greedy: the generated token is the top alternative; the text is the prompt's, then the completion's
+        last = lp["top_logprobs"][-1]
+        assert len(last) == 1 and list(last.values())[0] == pytest.approx(lp["token_logprobs"][-1], abs=1e-6)
+        assert ch["text"].startswith("".join(lp["tokens"][: len(x)]))
+        assert lp["text_offset"][1] == len(lp["tokens"][0])
+    # max_tokens 0 with echo: the prompt scored, nothing generated
+    r = server.post("/v1/completions", {"prompt": ids[0], "max_tokens": 0, "logprobs": 3, "echo": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids[0]) and body["usage"]["completion_tokens"] == 0
+    assert lp["token_logprobs"][1:] == pytest.approx(choices[0]["logprobs"]["token_logprobs"][1:-1], abs=1e-6)
+    assert all(len(t) == 3 for t in lp["top_logprobs"][1:])
+
+
+def test_n_choices_greedy_identical_seeded_different_and_reproducible(server):
+    c = server.client()
+    same = c.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=12, temperature=0, n=4)
+    assert [x.index for x in same.choices] == [0, 1, 2, 3] and len({x.text for x in same.choices}) == 1
+    assert same.usage.prompt_tokens == len(PROMPTS[2])  # the prompt counted once
+    a = c.completions.create(model="tiny", prompt=["ROMEO:", "JULIET:"], max_tokens=16, temperature=1.0, seed=7, n=4)
+    b = c.completions.create(model="tiny", prompt=["ROMEO:", "JULIET:"], max_tokens=16, temperature=1.0, seed=7, n=4)
+    assert len(a.choices) == 8 and [x.text for x in a.choices] == [x.text for x in b.choices]
+    assert len({x.text for x in a.choices[:4]}) == 4
+    # choice 0 of a seeded request is the request with n=1 and that seed
+    one = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=16, temperature=1.0, seed=7)
+    assert one.choices[0].text == a.choices[0].text
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Who art thou?"}],
+                                     max_tokens=6, temperature=1.0, seed=3, n=3, logprobs=True, top_logprobs=2,
+                                     extra_body={"truncate": True}, user="u1", metadata={"k": "v"}, store=False,
+                                     service_tier="auto")
+    assert len(chat.choices) == 3 and len({x.message.content for x in chat.choices}) > 1
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert "".join(t.token for t in content).startswith(chat.choices[0].message.content)
+
+
+def test_penalties_and_logit_bias_reach_the_engine(server, tiny_run):
+    from llmctl import loading
+    from llmctl.commands import inference as inference_cmd
+
+    loaded = loading.for_inference(loading.load_model(tiny_run), "float32", "none", compile=False)
+    for extra in ({"presence_penalty": 1.5}, {"frequency_penalty": 2.0, "logit_bias": {"5": 3.0}},
+                  {"logit_bias": {str(loaded.tokenizer.encode("e")[0]): 100}}):
+        s = inference_cmd.sampling_settings(loaded, flags={"max_new_tokens": 12, "temperature": 0, **extra})
+        want = "".join(inference_cmd.stream(loaded, PROMPTS[5], s))
+        r = server.post("/v1/completions", {"prompt": PROMPTS[5], "max_tokens": 12, "temperature": 0, **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+    assert want == "e" * 12  # (a bias of 100 all but forces the token)

@@ -68,6 +68,9 @@ def eval_(
     seed: Optional[int] = _sampling_opt("seed", "the task's, else random"),
     stop: Optional[List[str]] = _sampling_opt("stop", "the task's until, and end of text"),
     repetition_penalty: Optional[float] = _sampling_opt("repetition_penalty", "1 = off"),
+    presence_penalty: Optional[float] = _sampling_opt("presence_penalty", "0 = off"),
+    frequency_penalty: Optional[float] = _sampling_opt("frequency_penalty", "0 = off"),
+    logit_bias: Optional[List[str]] = _sampling_opt("logit_bias", "none"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = JsonOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
@@ -78,7 +81,8 @@ def eval_(
     generate.* change what its generation tasks ask for."""
     from ..commands import evaluation as evaluation_cmd
 
-    flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+    flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+                           presence_penalty, frequency_penalty, logit_bias)
 
     def go() -> None:
         events = ConsoleEvents()

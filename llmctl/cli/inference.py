@@ -16,8 +16,11 @@ from .app import _print_json, app, run
 from .options import (
     BaseOpt,
     DtypeOpt,
+    FrequencyPenaltyOpt,
     GenerateSetOpt,
+    LogitBiasOpt,
     MaxNewTokensOpt,
+    PresencePenaltyOpt,
     QuantizeOpt,
     RepetitionPenaltyOpt,
     SeedOpt,
@@ -42,8 +45,9 @@ def infer(
                                                show_default="none"),
     input_file: Optional[Path] = typer.Option(None, "--input", "-i",
                                               help='Many prompts: JSONL rows {"prompt": ...} (optional per-row '
-                                                   'max_new_tokens, temperature, top_k, top_p, stop, seed) or a text '
-                                                   'file with one prompt per line.', show_default="none"),
+                                                   'sampling fields: max_new_tokens, temperature, ..., '
+                                                   'logit_bias) or a text file with one prompt per line.',
+                                              show_default="none"),
     output_file: Optional[Path] = typer.Option(None, "--output", "-o",
                                                help="Where --input results go (JSONL, written atomically).",
                                                show_default="stdout"),
@@ -61,6 +65,9 @@ def infer(
                                   help="Keep the last tokens of a prompt longer than the context instead of "
                                        "refusing it.", show_default="off"),
     repetition_penalty: Optional[float] = RepetitionPenaltyOpt,
+    presence_penalty: Optional[float] = PresencePenaltyOpt,
+    frequency_penalty: Optional[float] = FrequencyPenaltyOpt,
+    logit_bias: Optional[List[str]] = LogitBiasOpt,
     dtype: Optional[str] = DtypeOpt,
     quantize_mode: Optional[str] = QuantizeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
@@ -100,7 +107,8 @@ def infer(
             return
         if batch_size is not None and batch_size < 1:
             raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
-        flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+        flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+                           presence_penalty, frequency_penalty, logit_bias)
         settings = inference_cmd.sampling_settings(loaded, overrides, flags)
         for_inference(loaded, dtype, quantize_mode, compile, events=events)
         if chat:

@@ -58,6 +58,9 @@ SAMPLING_OPTIONS = {
     "top_k": ("--top-k",),
     "top_p": ("--top-p",),
     "repetition_penalty": ("--repetition-penalty",),
+    "presence_penalty": ("--presence-penalty",),
+    "frequency_penalty": ("--frequency-penalty",),
+    "logit_bias": ("--logit-bias",),
     "stop": ("--stop",),
     "seed": ("--seed",),
 }
@@ -66,7 +69,7 @@ SAMPLING_OPTIONS = {
 def _sampling_opt(field: str, shown: Optional[str] = None):
     """The flag of generate.<field>; `shown` replaces the config default in --help where a command has another
     (eval --tasks: the task's own)."""
-    extra = "Repeatable." if field == "stop" else ""
+    extra = {"stop": "Repeatable.", "logit_bias": "ID=BIAS, repeatable."}.get(field, "")
     return typer.Option(None, *SAMPLING_OPTIONS[field], help=config_help(f"generate.{field}", extra),
                         show_default=shown or from_config(f"generate.{field}"))
 
@@ -75,13 +78,18 @@ MaxNewTokensOpt, TemperatureOpt, TopKOpt = (_sampling_opt("max_new_tokens"), _sa
                                              _sampling_opt("top_k"))
 TopPOpt, RepetitionPenaltyOpt = _sampling_opt("top_p"), _sampling_opt("repetition_penalty")
 StopOpt, SeedOpt = _sampling_opt("stop"), _sampling_opt("seed")
+PresencePenaltyOpt, FrequencyPenaltyOpt = _sampling_opt("presence_penalty"), _sampling_opt("frequency_penalty")
+LogitBiasOpt = _sampling_opt("logit_bias")
 GenerateSetOpt = set_option("Override one generate.* key, e.g. --set generate.top_k=50 (repeatable).")
 
 
-def _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed) -> dict:
+def _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+                    presence_penalty=None, frequency_penalty=None, logit_bias=None) -> dict:
     """The sampling flags as sampling fields (None: not given)."""
     return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-            "repetition_penalty": repetition_penalty, "stop": stop or None, "seed": seed}
+            "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty, "logit_bias": logit_bias or None, "stop": stop or None,
+            "seed": seed}
 
 
 TokenizerOpt = typer.Option(None, "--tokenizer",

@@ -12,7 +12,10 @@ from .app import _print_json, app, run
 from .options import (
     BaseOpt,
     DtypeOpt,
+    FrequencyPenaltyOpt,
+    LogitBiasOpt,
     MaxNewTokensOpt,
+    PresencePenaltyOpt,
     QuantizeOpt,
     RepetitionPenaltyOpt,
     SeedOpt,
@@ -53,6 +56,9 @@ def serve(
     seed: Optional[int] = SeedOpt,
     stop: Optional[List[str]] = StopOpt,
     repetition_penalty: Optional[float] = RepetitionPenaltyOpt,
+    presence_penalty: Optional[float] = PresencePenaltyOpt,
+    frequency_penalty: Optional[float] = FrequencyPenaltyOpt,
+    logit_bias: Optional[List[str]] = LogitBiasOpt,
     dtype: Optional[str] = DtypeOpt,
     quantize_mode: Optional[str] = QuantizeOpt,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
@@ -81,7 +87,8 @@ def serve(
         err.print(f"serving {info['model']} at {info['url']}/v1 ({slots}{info['precision']}{step}, {key}); "
                   "Ctrl-C stops", markup=False, highlight=False, soft_wrap=True)
 
-    flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+    flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+                           presence_penalty, frequency_penalty, logit_bias)
     run(lambda: serving_cmd.serve(ckpt, host, port, api_key_file, config, overrides or [], dtype, quantize_mode,
                                compile, device, base, tokenizer, insecure, events=ConsoleEvents(), on_ready=ready,
                                flags=flags))

@@ -125,7 +125,7 @@ def _run(loaded: Loaded, cfg: Config, defaults: Sampling, sock: socket.socket, k
     sc = cfg.serve
     name = sc.model_name or loaded.ckpt.run_dir.name
     metrics = server.server_metrics()
-    limits = api.Limits(cfg.model.block_size, sc.max_tokens, defaults)
+    limits = api.Limits(cfg.model.block_size, sc.max_tokens, defaults, sc.slots, cfg.model.vocab_size)
     served = server.Served(name, loaded.tokenizer, cfg, limits)
     if loaded.classifier is not None:
         served.classify = lambda texts: classify_texts(loaded, texts, batch_size=cfg.eval.batch_size)

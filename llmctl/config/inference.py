@@ -33,6 +33,12 @@ class GenerateConfig:
     """Seed of the sampling, for repeatable output; null: a fresh random seed each time."""
     repetition_penalty: float = 1.0
     """CTRL-style penalty on tokens already in the prompt or output (> 1 discourages repeats); 1: off."""
+    presence_penalty: float = 0.0
+    """OpenAI's presence penalty, -2 to 2: subtracted from the logit of each token already generated; 0: off."""
+    frequency_penalty: float = 0.0
+    """OpenAI's frequency penalty, -2 to 2: subtracted from a token's logit once per time it was generated; 0: off."""
+    logit_bias: Optional[dict] = None
+    """Token id -> bias, -100 to 100, added to that token's logit at every step (-100 bans it); null: none."""
     stop: list[str] = field(default_factory=list)
     """The text ends before the first of these strings (at most sampling.MAX_STOPS, 16); []: none."""
     dtype: Literal[INFER_DTYPES] = "auto"

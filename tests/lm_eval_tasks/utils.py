@@ -41,3 +41,11 @@ def paragraphs(**kwargs) -> dict:
     text = CORPUS.read_text(encoding="utf-8")
     speeches = [s for s in text.split("\n\n") if len(s) > 300][:40]
     return {"test": datasets.Dataset.from_list([{"text": s} for s in speeches])}
+
+
+def short_paragraphs(**kwargs) -> dict:
+    """Short speeches (one rolling window of a 96-token context even with a small BPE), for loglikelihood_rolling
+    through an OpenAI-compatible server, whose prompt must fit the context."""
+    text = CORPUS.read_text(encoding="utf-8")
+    speeches = [s for s in text.split("\n\n") if 60 < len(s) < 160][:24]
+    return {"test": datasets.Dataset.from_list([{"text": s} for s in speeches])}
