@@ -29,6 +29,7 @@ from .errors import LlmctlError
 from .events import SILENT, Events
 from .model import KVCache, Transformer
 from .sampling import Sampling
+from .structured import Format, Matcher
 from .tokenizer import StreamDecoder, Tokenizer
 
 FINISH_REASONS = ("eos", "length", "stop", "cancelled")
@@ -54,6 +55,7 @@ class Request:
     logprobs: Optional[int] = None
     prompt_logprobs: bool = False
     generate: bool = True
+    format: Optional[Format] = None
 
 
 # one position's log-probabilities: (token id, its log-probability, [(id, log-probability) of the top alternatives])
@@ -189,6 +191,7 @@ class Row:
     tokens: list[int]
     generator: Optional[torch.Generator] = None
     decoder: Optional[StreamDecoder] = None
+    matcher: Optional[Matcher] = None  # with request.format: where the row is in it
     slot: Optional[int] = None
     pos: int = 0
     produced: int = 0
@@ -342,12 +345,17 @@ class Engine:
             raise LlmctlError(f"logit_bias {why}")
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS} (got {request.logprobs})")
+        fmt = request.format
+        if fmt is not None and fmt.vocab_size != self.model.cfg.vocab_size:
+            raise ValueError(f"the format was compiled for {fmt.vocab_size} tokens, the model has "
+                             f"{self.model.cfg.vocab_size}")
         g = None
         if not s.greedy:
             g = torch.Generator(device=self.model.wte.weight.device)
             g.manual_seed(s.seed) if s.seed is not None else g.seed()
         dec = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
-        return Row(request, list(request.prompt), generator=g, decoder=dec)
+        return Row(request, list(request.prompt), generator=g, decoder=dec,
+                   matcher=Matcher(fmt) if fmt is not None else None)
 
     def submit(self, row: Row) -> None:
         """Queue a row (from `new_row`); it joins at the next step with a free slot. Safe to call from another
@@ -418,9 +426,10 @@ class Engine:
         row.pos = len(window)
 
     def _pick(self, busy: list[Row]) -> None:
-        """Sample each busy row's next token from its logits; an end id ends a row without being added."""
+        """Sample each busy row's next token from its logits (a constrained row's masked by its format); an end id
+        ends a row without being added, and so does a complete JSON."""
         picks: dict[int, int] = {}
-        greedy = [r for r in busy if r.request.sampling.greedy]
+        greedy = [r for r in busy if r.request.sampling.greedy and r.matcher is None]
         if greedy:
             top = self._logits[: max(r.slot for r in greedy) + 1].argmax(-1).tolist()  # one call for every row
             picks.update({r.slot: top[r.slot] for r in greedy})
@@ -428,16 +437,23 @@ class Engine:
             q = r.request.sampling
             logits = processed(self._logits[r.slot], q, r.tokens, len(r.request.prompt))
             if r.slot not in picks:
-                picks[r.slot] = int(sample(logits[None], q.temperature, q.top_k, q.top_p, r.generator))
+                pick_from = logits if r.matcher is None else r.matcher.mask(logits)
+                if pick_from is None:  # the format allows no token of this tokenizer: the row cannot go on
+                    continue
+                picks[r.slot] = int(sample(pick_from[None], q.temperature, q.top_k, q.top_p, r.generator))
             if r.request.logprobs is not None:
                 chosen = torch.tensor([picks[r.slot]], device=logits.device)
                 r.logprobs += top_logprobs(logits[None], chosen, r.request.logprobs)
         for r in busy:
-            t = picks[r.slot]
-            if t in self.end_ids:
+            t = picks.get(r.slot)
+            if t is None or (r.matcher is not None and not r.matcher.accept(t)):
+                r._finish("length")  # (a rejected token cannot happen: the mask allowed it)
+            elif t in self.end_ids:
                 r._finish("eos")
             else:
                 r._push(t)
+                if not r.done and r.matcher is not None and r.matcher.complete:
+                    r._finish("eos")
 
     def _decode(self, going: list[Row]) -> None:
         """One token for every slot up to the last busy one (compiled: up to the smallest compiled slot count that

@@ -12,8 +12,11 @@ vocabulary). `n` (1..serve.slots) gives each prompt n choices, each its own row 
 with seed + j, so the choices differ and the whole answer is reproducible). Completions take `logprobs` (0..20) and
 `echo` (the prompt's text and log-probabilities before the completion; `max_tokens: 0` with it scores the prompt
 without generating); chat takes `logprobs` (true/false) and `top_logprobs` (0..20). Both are refused with `stream`
-for now. `best_of` other than n is refused. Unknown fields are ignored, as OpenAI's own clients send extras: those
-with no behaviour here (`user`, `metadata`, `store`, `parallel_tool_calls`, `service_tier`) among them.
+for now. `best_of` other than n is refused. `response_format` (`json_object`, or `json_schema` with its
+`schema`; llmctl.structured, the optional xgrammar extra) makes the text compact JSON that follows the schema; a
+schema xgrammar cannot compile, an unknown type or the extra missing is a 400 naming `response_format`.
+Unknown fields are ignored, as OpenAI's own clients send extras: those with no behaviour here (`user`,
+`metadata`, `store`, `parallel_tool_calls`, `service_tier`) among them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from . import sampling
+from . import sampling, structured
 from .chat import render_messages
 from .errors import LlmctlError
 from .generate import MAX_LOGPROBS, Request, Row, bias_problem, fit_prompt
@@ -158,6 +161,19 @@ def _sampling(body: dict, limits: Limits, max_name: str = "max_tokens", score_on
     return s
 
 
+def _format(body: dict, tok: Tokenizer, limits: Limits) -> Optional[structured.Format]:
+    """The compiled `response_format` of a request (None: plain text)."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    try:
+        schema = structured.spec(rf)
+        return None if schema is None else \
+            structured.compile_schema(schema, tok, limits.vocab_size or tok.vocab_size)
+    except LlmctlError as e:
+        raise bad(e.message, "response_format") from None
+
+
 def _rows(prompts: list[list[int]], s: Sampling, n: int, **kw) -> list[Request]:
     """n requests per prompt, prompt by prompt; with a seed, choice j samples with seed + j (wrapping)."""
     def seeded(j: int) -> Sampling:
@@ -204,7 +220,8 @@ def parse_completion(body: Any, tok: Tokenizer, limits: Limits) -> Job:
                                               and 0 <= t < tok.vocab_size for t in p):
             raise bad(f"'{param}' holds something other than token ids below {tok.vocab_size}", param)
         ids.append(_prompt_ids(tok, p, limits, truncate, param))
-    requests = _rows(ids, s, n, logprobs=k, prompt_logprobs=echo and k is not None, generate=not score_only)
+    requests = _rows(ids, s, n, logprobs=k, prompt_logprobs=echo and k is not None, generate=not score_only,
+                     format=_format(body, tok, limits))
     return Job("completion", requests, stream, _stream_options(body, stream), n, k, echo)
 
 
@@ -236,7 +253,8 @@ def parse_chat(body: Any, tok: Tokenizer, limits: Limits, cfg) -> Job:
     n, k = _choices(body, limits, stream, "chat")
     s = _sampling(body, limits, "max_completion_tokens")
     ids = _prompt_ids(tok, tok.encode(text), limits, truncate, "messages")
-    return Job("chat", _rows([ids], s, n, logprobs=k), stream, _stream_options(body, stream), n, k)
+    fmt = _format(body, tok, limits)
+    return Job("chat", _rows([ids], s, n, logprobs=k, format=fmt), stream, _stream_options(body, stream), n, k)
 
 
 def parse_classify(body: Any) -> list[str]:

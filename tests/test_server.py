@@ -4,6 +4,7 @@ HTTP (httpx2 or httpx, whichever the installed openai package is built on)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -225,6 +226,19 @@ ERRORS = [
     ("wrong-key-models", "/v1/models", None, {"Authorization": "Bearer nope"}, 401, None, ["API key is wrong"]),
     ("classify-on-a-language-model", "/v1/classify", {"input": ["a"]}, {}, 404, None, ["not a classifier"]),
     ("unknown-endpoint", "/v1/engines", {"prompt": "a"}, {}, 404, None, ["no such endpoint"]),
+    ("response-format-unknown-type", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "xml"}}, {}, 400,
+     "response_format", ["response_format type must be one of text, json_object, json_schema (got 'xml')"]),
+    ("response-format-without-a-schema", "/v1/completions",
+     {"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, {}, 400,
+     "response_format", ["json_schema needs a \"schema\" object"]),
+    # a schema xgrammar cannot compile; without the structured extra, the same request names the extra
+    ("response-format-schema-that-cannot-compile", "/v1/completions",
+     {"prompt": "a", "response_format": {"type": "json_schema",
+                                         "json_schema": {"name": "x", "schema": {"type": "foo"}}}}, {}, 400,
+     "response_format",
+     ["response_format: the schema cannot be compiled", 'Unsupported type "foo"']
+     if importlib.util.find_spec("xgrammar") else ["xgrammar", "llmctl[structured]"]),
 ]
 
 

@@ -87,6 +87,9 @@ def infer(
                                   "prompt and completion (classifiers: the label and probabilities).",
                                   show_default="off"),
     tokenizer: Optional[Path] = TokenizerOpt,
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema",
+                                               help="A JSON schema file: the completion is compact JSON that follows "
+                                                    "it (needs the structured extra: xgrammar)."),
 ) -> None:
     """Generate text from a prompt (streamed to stdout), complete a file of prompts, chat, or classify text."""
     from ..commands import inference as inference_cmd
@@ -99,6 +102,8 @@ def infer(
             raise LlmctlError("--chat reads messages from the terminal; drop --prompt, --prompt-file and --input")
         if input_file is not None and (prompt is not None or prompt_file is not None):
             raise LlmctlError("give --input or --prompt/--prompt-file, not both")
+        if chat and json_schema is not None:
+            raise LlmctlError("--json-schema goes with --prompt or --input, not --chat")
         if output_file is not None and input_file is None:
             raise LlmctlError("--output goes with --input")
         loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
@@ -111,17 +116,18 @@ def infer(
                            presence_penalty, frequency_penalty, logit_bias)
         settings = inference_cmd.sampling_settings(loaded, overrides, flags)
         for_inference(loaded, dtype, quantize_mode, compile, events=events)
+        fmt = inference_cmd.json_format(loaded, json_schema)
         if chat:
             _chat(inference_cmd.ChatSession(loaded, settings, events=events))
             return
         if input_file is not None:
             rows = inference_cmd.read_inputs(input_file)
             results = inference_cmd.complete_rows(loaded, rows, settings, truncate, batch_size=batch_size,
-                                                  events=events)
+                                                  events=events, format=fmt)
             _emit_rows(inference_cmd, results, output_file, events)
             return
         text = inference_cmd.read_prompt(prompt, prompt_file)
-        pieces = inference_cmd.stream(loaded, text, settings, truncate, events=events)
+        pieces = inference_cmd.stream(loaded, text, settings, truncate, events=events, format=fmt)
         if json_out:
             _print_json({"checkpoint": str(loaded.ckpt.path), "prompt": text, "completion": "".join(pieces)})
             return

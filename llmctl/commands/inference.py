@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .. import sampling
+from .. import sampling, structured
 from ..chat import render_messages
 from ..data import Examples, eval_batches
 from ..errors import LlmctlError
@@ -54,13 +54,21 @@ def sampling_settings(loaded: Loaded, overrides: Optional[list[str]] = None, fla
     return Sampling.from_config(apply_settings(loaded, None, overrides or [], ("generate",), "infer").generate, flags)
 
 
-def stream(loaded: Loaded, prompt: str, s: Sampling, truncate: bool = False, events: Events = SILENT
-           ) -> Iterator[str]:
-    """`llmctl infer --prompt`: the completion of one prompt as text pieces, as they are generated. `events` hears
-    about characters of the prompt the tokenizer has never seen."""
+def json_format(loaded: Loaded, path: Optional[Path]) -> Optional[structured.Format]:
+    """`infer --json-schema FILE`: the schema in FILE compiled for this model (None without one)."""
+    if path is None:
+        return None
+    return structured.compile_schema(structured.read_schema(path), loaded.tokenizer, loaded.cfg.model.vocab_size,
+                                     name=f"--json-schema {path}")
+
+
+def stream(loaded: Loaded, prompt: str, s: Sampling, truncate: bool = False, events: Events = SILENT,
+           format: Optional[structured.Format] = None) -> Iterator[str]:
+    """`llmctl infer --prompt`: the completion of one prompt as text pieces, as they are generated (JSON following
+    `format` when given). `events` hears about characters of the prompt the tokenizer has never seen."""
     ids = fit_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
     warn_unseen(loaded.tokenizer, prompt, "the prompt", events)
-    return texts(loaded.engine, [Request(ids, s)])
+    return texts(loaded.engine, [Request(ids, s, format=format)])
 
 
 def texts(engine: Engine, requests: list[Request]) -> Iterator[str]:
@@ -85,12 +93,13 @@ AUTO_BUILD_AFTER_S = 120.0  # generate.compile auto builds a compiled step when 
 
 
 def complete_rows(loaded: Loaded, rows: list[dict], s: Sampling, truncate: bool = False,
-                  batch_size: Optional[int] = None, events: Events = SILENT) -> list[dict]:
+                  batch_size: Optional[int] = None, events: Events = SILENT,
+                  format: Optional[structured.Format] = None) -> list[dict]:
     """`llmctl infer --input`: complete every row, `generate.batch_size` rows decoding at a time (a row joins as
     soon as another finishes), each with its own settings where it gives them. Output rows repeat the input and add
     `completion`, `finish_reason` (length, stop, eos), `prompt_tokens` and `completion_tokens`, in input order.
     `events` hears the "infer" progress (rows completed) and about characters of the prompts the tokenizer has never
-    seen (one warning for all rows)."""
+    seen (one warning for all rows). `format`: every completion is JSON that follows it."""
     tok, T = loaded.tokenizer, loaded.cfg.model.block_size
     settings = [_row_settings(r, s, n) for n, r in enumerate(rows, 1)]
     ids = []
@@ -100,7 +109,7 @@ def complete_rows(loaded: Loaded, rows: list[dict], s: Sampling, truncate: bool 
         except LlmctlError as e:
             raise LlmctlError(f"--input row {n}: {e.message}") from None
     warn_unseen(tok, [r["prompt"] for r in rows], "--input", events)  # one line for all rows
-    reqs = [Request(ids[i], settings[i]) for i in range(len(rows))]
+    reqs = [Request(ids[i], settings[i], format=format) for i in range(len(rows))]
     index = {id(q): i for i, q in enumerate(reqs)}
     results: list[dict] = [{} for _ in rows]
     started, total, done_tokens = time.perf_counter(), sum(q.sampling.max_new_tokens for q in reqs), 0

@@ -1,0 +1,154 @@
+"""Structured output: JSON that follows a schema, through xgrammar (the optional `structured` extra).
+
+A `Format` is a JSON schema compiled for one tokenizer and one model vocabulary (`compile_schema`): a request carries it
+(`generate.Request.format`), and each of its rows gets a `Matcher` that says which tokens may come next and
+follows the tokens sampled. The engine masks a constrained row's logits with it before sampling, so constrained and
+free rows share a batch and the decode step is the same compiled one. The JSON is compact (no whitespace between
+its parts: `max_tokens` is not spent on spaces), and the row ends at the model's end id, the only token left once
+the JSON is complete.
+
+What is asked for (`spec`): OpenAI's `response_format`: `{"type": "json_object"}` (any JSON object),
+`{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}` (strict or not, the
+schema is followed), or `{"type": "text"}` (no constraint). xgrammar is imported only here and only when a format
+is asked for (it brings transformers along; llmctl's own code never imports that).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .errors import LlmctlError
+from .fileio import read_text
+from .tokenizer import Tokenizer
+
+TYPES = ("text", "json_object", "json_schema")
+ANY_OBJECT = '{"type": "object"}'
+_COMPILERS: dict = {}  # (id of the tokenizer object, vocab size) -> (tokenizer, xgrammar.GrammarCompiler)
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError:
+        raise LlmctlError("response_format needs the optional xgrammar package: pip install 'llmctl[structured]'"
+                          ) from None
+    return xgrammar
+
+
+def spec(response_format: Any, name: str = "response_format") -> Optional[str]:
+    """The JSON schema (text) that OpenAI's `response_format` asks for, or None for plain text; LlmctlError naming
+    `name` when its shape is wrong or its type unknown."""
+    if not isinstance(response_format, dict):
+        raise LlmctlError(f"{name} must be an object such as {{\"type\": \"json_object\"}} (got {response_format!r})")
+    kind = response_format.get("type")
+    if kind not in TYPES:
+        raise LlmctlError(f"{name} type must be one of {', '.join(TYPES)} (got {kind!r})")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ANY_OBJECT
+    js = response_format.get("json_schema")
+    schema = js.get("schema") if isinstance(js, dict) else None
+    if not isinstance(schema, dict):
+        raise LlmctlError(f"{name} json_schema needs a \"schema\" object: "
+                          "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+    return json.dumps(schema)
+
+
+def read_schema(path) -> str:
+    """The schema in a JSON file (`infer --json-schema FILE`), as text."""
+    try:
+        schema = json.loads(read_text(path, "--json-schema"))
+    except json.JSONDecodeError as e:
+        raise LlmctlError(f"--json-schema {path} is not valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise LlmctlError(f"--json-schema {path} must hold a JSON object (a JSON schema)")
+    return json.dumps(schema)
+
+
+def _compiler(tok: Tokenizer, vocab_size: int):
+    """xgrammar's compiler for this tokenizer (its tokenizer.json says the vocabulary's kind) padded to the model's
+    vocabulary, with the tokenizer's end ids as the stop tokens; made once per tokenizer and vocabulary."""
+    key = (id(tok), vocab_size)
+    if key not in _COMPILERS:
+        xgr = _xgrammar()
+        meta = xgr.TokenizerInfo._detect_metadata_from_hf(tok.to_str())
+        encoded = [""] * tok.vocab_size
+        for text, i in tok.tk.get_vocab(with_added_tokens=True).items():
+            encoded[i] = text
+        info = xgr.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=max(vocab_size, tok.vocab_size),
+                                 stop_token_ids=list(tok.end_ids), add_prefix_space=meta["add_prefix_space"])
+        _COMPILERS[key] = (tok, xgr.GrammarCompiler(info))
+    return _COMPILERS[key][1]
+
+
+@dataclass(frozen=True)
+class Format:
+    """A schema compiled for a tokenizer and a vocabulary of `vocab_size` ids; `stop_ids` end the JSON."""
+
+    schema: str
+    vocab_size: int
+    stop_ids: tuple[int, ...]
+    compiled: Any  # xgrammar.CompiledGrammar
+
+
+def compile_schema(schema: str, tok: Tokenizer, vocab_size: int, name: str = "response_format") -> Format:
+    """`schema` (JSON text) compiled into a compact-JSON `Format`; LlmctlError naming `name` when xgrammar cannot
+    compile it (or is not installed)."""
+    compiler = _compiler(tok, vocab_size)
+    try:
+        compiled = compiler.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+    except Exception as e:  # xgrammar raises RuntimeError (or ValueError) with its reason on the last line
+        why = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+        raise LlmctlError(f"{name}: the schema cannot be compiled: {why[-1].split('] ')[-1][:300]}") from None
+    fmt = Format(schema, vocab_size, tuple(tok.end_ids), compiled)
+    if not bool(Matcher(fmt).allowed().any()):
+        raise LlmctlError(f"{name}: no token of this model's tokenizer can start JSON that follows the schema (a "
+                          "character-level tokenizer has only the characters of its training text)")
+    return fmt
+
+
+class Matcher:
+    """One row's place in its format: the tokens allowed next (`allowed`), the tokens taken (`accept`)."""
+
+    def __init__(self, fmt: Format):
+        xgr = _xgrammar()
+        self.fmt = fmt
+        self.m = xgr.GrammarMatcher(fmt.compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, fmt.vocab_size)
+        self._shifts = torch.arange(32, dtype=torch.int32)
+        self._allowed: Optional[torch.Tensor] = None
+
+    def allowed(self) -> torch.Tensor:
+        """(V,) bool: the tokens that may come next (xgrammar's bitmask, bit j of word i = token 32 i + j)."""
+        if self._allowed is None:
+            self.m.fill_next_token_bitmask(self.bitmask)
+            bits = (self.bitmask[0, :, None] >> self._shifts) & 1
+            self._allowed = bits.bool().reshape(-1)[: self.fmt.vocab_size]
+        return self._allowed
+
+    def mask(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        """logits (V,) with every token the format does not allow next at -inf; None when it allows none (the
+        tokenizer cannot write what the schema needs here)."""
+        allowed = self.allowed()
+        if not bool(allowed.any()):
+            return None
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+    def accept(self, token: int) -> bool:
+        """Follow a sampled token (False: the format does not allow it)."""
+        self._allowed = None
+        return bool(self.m.accept_token(token))
+
+    @property
+    def complete(self) -> bool:
+        """The JSON is complete and nothing but an end id may follow: the row is done."""
+        if self.m.is_terminated():
+            return True
+        allowed = self.allowed().clone()
+        allowed[list(self.fmt.stop_ids)] = False
+        return not bool(allowed.any())
