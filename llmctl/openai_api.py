@@ -213,6 +213,7 @@ def parse_completion(body: Any, tok: Tokenizer, limits: Limits) -> Job:
     n, k = _choices(body, limits, stream, "completion")
     score_only = echo and body.get("max_tokens") == 0
     s = _sampling(body, limits, score_only=score_only)
+    fmt = _format(body, tok, limits)
     ids = []
     for i, p in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
@@ -221,7 +222,7 @@ def parse_completion(body: Any, tok: Tokenizer, limits: Limits) -> Job:
             raise bad(f"'{param}' holds something other than token ids below {tok.vocab_size}", param)
         ids.append(_prompt_ids(tok, p, limits, truncate, param))
     requests = _rows(ids, s, n, logprobs=k, prompt_logprobs=echo and k is not None, generate=not score_only,
-                     format=_format(body, tok, limits))
+                     format=fmt)
     return Job("completion", requests, stream, _stream_options(body, stream), n, k, echo)
 
 
@@ -252,8 +253,8 @@ def parse_chat(body: Any, tok: Tokenizer, limits: Limits, cfg) -> Job:
     truncate, stream = _flag(body, "truncate"), _flag(body, "stream")
     n, k = _choices(body, limits, stream, "chat")
     s = _sampling(body, limits, "max_completion_tokens")
-    ids = _prompt_ids(tok, tok.encode(text), limits, truncate, "messages")
     fmt = _format(body, tok, limits)
+    ids = _prompt_ids(tok, tok.encode(text), limits, truncate, "messages")
     return Job("chat", _rows([ids], s, n, logprobs=k, format=fmt), stream, _stream_options(body, stream), n, k)
 
 
