@@ -30,6 +30,7 @@ from .errors import LlmctlError
 from .evaluate import lm_metrics
 from .model import attention_dtype
 from .optim import build_optimizer
+from .qlora import stored_bytes
 from .tasks import Task
 from .tokenizer import Tokenizer
 from .train import Hooks, LoopState, fit, rng_state, set_rng_state
@@ -189,7 +190,7 @@ def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Op
         if id(p) in seen:
             continue
         seen.add(id(p))
-        part = p.numel() * p.element_size() * share(name)
+        part = stored_bytes(p) * share(name)  # (an NF4 base weight: its packed bytes)
         weights += part
         if p.requires_grad:
             grads += part

@@ -21,6 +21,7 @@ from .heads import Classifier
 from .lora import LORA_MODULES, apply_lora, lora_state
 from .model import Transformer
 from .precision import inference_choices, resolve_device
+from .qlora import round_trip_base
 from .tokenizer import Tokenizer
 
 
@@ -125,6 +126,8 @@ def restore(backbone: Transformer, classifier: Optional[Classifier], ck: ckpt_io
         if not any(isinstance(m, LORA_MODULES) for m in backbone.modules()):
             f = cfg.finetune
             apply_lora(backbone, f.lora_targets, f.lora_rank, f.lora_alpha, f.lora_dropout)
+            if f.method == "qlora":  # the base the adapter was trained against: dequantized NF4
+                round_trip_base(backbone)
         adapter = ck.weights(ckpt_io.ADAPTER)
         expected = lora_state(backbone)
         if set(adapter) != set(expected) or any(adapter[k].shape != expected[k].shape for k in adapter):

@@ -49,7 +49,7 @@ class TrainPlan:
 
     @property
     def method(self) -> str:
-        """full or lora: what a finetune trains; a pretrain trains everything."""
+        """full, lora or qlora: what a finetune trains; a pretrain trains everything."""
         return self.cfg.finetune.method if self.kind == "finetune" else "full"
 
 
@@ -114,6 +114,8 @@ def build_plan(cfg: Config, tokenizer: Optional[Tokenizer], kind: str, base: Opt
     completed on the way (model.vocab_size from the tokenizer, finetune.labels from the data) and then belongs to
     the plan. `tokenizer` None: data preparation trains one (or reads the cached one)."""
     distributed.check_layout(cfg, finetune=kind == "finetune")  # (before joining: a bad layout fails at once)
+    if cfg.train.activation_checkpointing is None:  # the default: on where memory is the point of the method
+        cfg.train.activation_checkpointing = kind == "finetune" and cfg.finetune.method == "qlora"
     ctx = distributed.init(cfg.train, resolve_device(cfg.train.device))  # under torchrun: join the group
     device = ctx.device
     amp = resolve_amp(cfg.train.dtype, device)

@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import distributed, estimate, hardware, rundir, tblog
-from .config import Config
+from .config import ADAPTER_METHODS, Config
 from .distributed import unwrap
 from .errors import LlmctlError
 from .events import Events, with_fields
@@ -151,7 +151,7 @@ def _split_weights(plan: TrainPlan, full: dict) -> tuple[dict, str, dict]:
         extra = {ckpt_io.HEAD: {k[len("head."):]: v for k, v in full.items() if k.startswith("head.")}}
     else:
         backbone, extra = full, {}
-    if plan.method == "lora":
+    if plan.method in ADAPTER_METHODS:
         return {k: v for k, v in backbone.items() if k.endswith((".lora_a", ".lora_b"))}, ckpt_io.ADAPTER, extra
     return {k: v for k, v in backbone.items() if not k.endswith((".lora_a", ".lora_b"))}, ckpt_io.WEIGHTS, extra
 

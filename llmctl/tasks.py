@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
-from .config import Config
+from .config import ADAPTER_METHODS, Config
 from .data import (
     ExampleBatches,
     Examples,
@@ -36,6 +36,7 @@ from .heads import Classifier
 from .lora import apply_lora
 from .model import Transformer
 from .preference import StepMeans, dpo_terms, frozen_reference
+from .qlora import quantize_base
 from .tokenizer import Tokenizer
 from .train import lm_loss
 
@@ -200,7 +201,7 @@ def dpo_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.d
     d, t, f = cfg.data, cfg.train, cfg.finetune
     ex = preference_examples(d.path, d, tok, cfg.model.block_size, f, chat=chat_examples(cfg, tok))
     train_idx, val_idx = holdout(len(ex.ids), d.val_fraction, t.seed)
-    reference = frozen_reference(backbone, f.method == "lora")
+    reference = frozen_reference(backbone, f.method in ADAPTER_METHODS)
     means = StepMeans()
 
     def terms(model: nn.Module, batch: dict) -> dict:
@@ -245,8 +246,10 @@ def make_trainable(task: Task, cfg: Config) -> list[str]:
     """Apply freezing or LoRA to the backbone; the classification head always trains. Returns LoRA-wrapped names."""
     f, bb = cfg.finetune, task.backbone
     wrapped: list[str] = []
-    if f.method == "lora":
+    if f.method in ADAPTER_METHODS:
         wrapped = apply_lora(bb, f.lora_targets, f.lora_rank, f.lora_alpha, f.lora_dropout)
+        if f.method == "qlora":
+            quantize_base(bb)  # the frozen base linears in NF4
     else:
         if f.freeze_embeddings:
             for p in [bb.wte.weight] + ([bb.wpe.weight] if bb.wpe is not None else []):

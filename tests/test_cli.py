@@ -466,6 +466,26 @@ BAD += [
 ]
 
 
+def _without_torchao(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao` raises ImportError, as when not installed
+
+
+def _with_torchao(monkeypatch) -> None:
+    pytest.importorskip("torchao")
+
+
+QLORA = [f"data.path={SHAKESPEARE}", "finetune.method=qlora"]
+BAD += [
+    ("qlora-tp", lambda t, r: ["finetune", "--from", r, *sets(*QLORA, "train.parallel=tp"), "--out", t / "o"],
+     ["finetune.method=qlora trains in one process", "train.parallel=tp"]),
+    ("qlora-without-torchao", lambda t, r: ["finetune", "--from", r, *sets(*QLORA), "--out", t / "o"],
+     ["through torchao, which is not installed", "pip install 'llmctl[qlora]'"], _without_torchao),
+    # tiny_run's weights (32 wide) are smaller than one NF4 scaler block
+    ("qlora-nothing-quantizable", lambda t, r: ["finetune", "--from", r, *sets(*QLORA), "--out", t / "o"],
+     ["none of the 8 adapted linear layers has a weight NF4 can store", "finetune.method=lora"], _with_torchao),
+]
+
+
 # a model's own chat template (tokenizer.chat_template) that refuses a conversation, or does not parse
 REFUSING = "{{ raise_exception('Conversation roles must alternate\nuser/assistant/user/assistant') }}"
 CHAT_ROWS = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'

@@ -9,7 +9,7 @@ use the names re-exported here.
 
 from .data import DataConfig, TokenizerConfig, default_cache_dir
 from .fields import FieldInfo, all_fields, field_info
-from .finetune import FinetuneConfig
+from .finetune import ADAPTER_METHODS, FinetuneConfig
 from .inference import INFER_DTYPES, QUANTIZE_MODES, EvalConfig, GenerateConfig, ServeConfig
 from .load import EMPTY_SECTION, from_dict, load_config, merge_settings, parse_overrides, read_yaml, user_settings
 from .model import ModelConfig
@@ -17,7 +17,7 @@ from .root import Config, sections
 from .train import TrainConfig
 
 __all__ = [
-    "INFER_DTYPES", "QUANTIZE_MODES", "EMPTY_SECTION",
+    "INFER_DTYPES", "QUANTIZE_MODES", "EMPTY_SECTION", "ADAPTER_METHODS",
     "Config", "ModelConfig", "TokenizerConfig", "DataConfig", "TrainConfig", "GenerateConfig", "EvalConfig",
     "FinetuneConfig", "ServeConfig",
     "default_cache_dir", "sections", "from_dict", "load_config", "merge_settings", "parse_overrides", "read_yaml",

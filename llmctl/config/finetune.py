@@ -7,6 +7,8 @@ from typing import Literal, Optional
 
 from .whole import Whole
 
+ADAPTER_METHODS = ("lora", "qlora")  # methods that train LoRA adapters beside a frozen base
+
 
 @dataclass
 class FinetuneConfig:
@@ -15,8 +17,9 @@ class FinetuneConfig:
     task: Literal["lm", "classification", "instruct", "distill", "dpo"] = "lm"
     """What is learned: next token (lm), a label per text (classification), responses to instructions (instruct),
     a teacher's next-token distributions (distill), or a preference for one answer over another (dpo)."""
-    method: Literal["full", "lora"] = "full"
-    """Train every weight (full) or low-rank adapters beside frozen weights (lora)."""
+    method: Literal["full", "lora", "qlora"] = "full"
+    """Train every weight (full), low-rank adapters beside frozen weights (lora), or the same adapters beside frozen
+    linear weights stored in 4-bit NF4 (qlora: needs the qlora extra, torchao; docs/finetuning.md)."""
     labels: Optional[list[str]] = None
     """Classification: the label names in order; null: the sorted values found in the data."""
     pooling: Literal["last", "mean"] = "last"
@@ -77,7 +80,7 @@ class FinetuneConfig:
         p: list[str] = []
         if f.lora_rank < 1 or f.lora_alpha <= 0 or not 0.0 <= f.lora_dropout < 1.0:
             p.append("finetune.lora_rank must be at least 1, lora_alpha positive and lora_dropout in [0, 1)")
-        if f.method == "lora" and not f.lora_targets:
+        if f.method in ADAPTER_METHODS and not f.lora_targets:
             p.append("finetune.lora_targets: name at least one layer (attn.qkv, attn.proj, mlp.fc, mlp.proj, wte)")
         if f.freeze_blocks < 0 or (m.n_layer >= 1 and f.freeze_blocks > m.n_layer):
             p.append(f"finetune.freeze_blocks: must be between 0 and model.n_layer={m.n_layer} (got {f.freeze_blocks})")

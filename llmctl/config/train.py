@@ -76,8 +76,9 @@ class TrainConfig:
     2-D mesh (fsdp_tp: tensor-parallel groups of tp_size ranks, FSDP across them)."""
     tp_size: Optional[int] = None
     """Ranks per tensor-parallel group; null: all ranks for tp (fsdp_tp needs it)."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass: less memory, more compute."""
+    activation_checkpointing: Optional[bool] = None
+    """Recompute each block's activations in the backward pass: less memory, more compute; null: on for
+    finetune.method=qlora (whose point is memory), off otherwise."""
     dist_timeout: float = 300.0
     """Seconds a collective waits for the other ranks before failing (exit 4); only under torchrun."""
     allow_oversubscribe: bool = False

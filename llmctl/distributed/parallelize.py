@@ -57,6 +57,9 @@ def check_layout(cfg, finetune: bool = False) -> None:
     """Before joining the process group: the tensor-parallel layout against this launch, the model's shape and the
     finetuning method (cfg: the whole Config). Pure: nothing is started, so a bad layout fails at once."""
     t = cfg.train
+    if finetune and cfg.finetune.method == "qlora" and (t.parallel in ("tp", "fsdp_tp") or launched()):
+        raise LlmctlError(f"finetune.method=qlora trains in one process: train.parallel={t.parallel} does not split "
+                          "or replicate its NF4 base weights; run it without torchrun, or use finetune.method=lora")
     if t.parallel not in ("tp", "fsdp_tp"):
         return
     if not launched():
