@@ -89,7 +89,8 @@ def infer(
     tokenizer: Optional[Path] = TokenizerOpt,
     json_schema: Optional[Path] = typer.Option(None, "--json-schema",
                                                help="A JSON schema file: the completion is compact JSON that follows "
-                                                    "it (needs the structured extra: xgrammar)."),
+                                                    "it (needs the structured extra: xgrammar).",
+                                               show_default="none: free text"),
 ) -> None:
     """Generate text from a prompt (streamed to stdout), complete a file of prompts, chat, or classify text."""
     from ..commands import inference as inference_cmd
