@@ -99,14 +99,7 @@ def infer(
     events = ConsoleEvents()
 
     def go() -> None:
-        if chat and (prompt is not None or prompt_file is not None or input_file is not None):
-            raise LlmctlError("--chat reads messages from the terminal; drop --prompt, --prompt-file and --input")
-        if input_file is not None and (prompt is not None or prompt_file is not None):
-            raise LlmctlError("give --input or --prompt/--prompt-file, not both")
-        if chat and json_schema is not None:
-            raise LlmctlError("--json-schema goes with --prompt or --input, not --chat")
-        if output_file is not None and input_file is None:
-            raise LlmctlError("--output goes with --input")
+        _check_modes(chat, prompt is not None or prompt_file is not None, input_file, output_file, json_schema)
         loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
         if loaded.classifier is not None:
             _infer_classifier(inference_cmd, loaded, prompt, prompt_file, input_file, output_file, json_out, events)
@@ -132,14 +125,31 @@ def infer(
         if json_out:
             _print_json({"checkpoint": str(loaded.ckpt.path), "prompt": text, "completion": "".join(pieces)})
             return
-        sys.stdout.write(text)
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        _write_stream(text, pieces)
 
     run(go)
+
+
+def _check_modes(chat: bool, prompted: bool, input_file, output_file, json_schema) -> None:
+    """The option combinations infer refuses: one mode at a time (chat, a prompt, or --input)."""
+    if chat and (prompted or input_file is not None):
+        raise LlmctlError("--chat reads messages from the terminal; drop --prompt, --prompt-file and --input")
+    if input_file is not None and prompted:
+        raise LlmctlError("give --input or --prompt/--prompt-file, not both")
+    if chat and json_schema is not None:
+        raise LlmctlError("--json-schema goes with --prompt or --input, not --chat")
+    if output_file is not None and input_file is None:
+        raise LlmctlError("--output goes with --input")
+
+
+def _write_stream(text: str, pieces) -> None:
+    """The prompt, then each piece of the completion as it comes."""
+    sys.stdout.write(text)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def _emit_rows(inference_cmd, rows: list, output_file: Optional[Path], events: ConsoleEvents) -> None:
