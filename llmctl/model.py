@@ -98,6 +98,7 @@ class Attention(nn.Module):
         self.q_norm = Norm(self.head_dim, cfg.norm_eps, "rmsnorm", False, cfg.norm_offset) if cfg.qk_norm else None
         self.k_norm = Norm(self.head_dim, cfg.norm_eps, "rmsnorm", False, cfg.norm_offset) if cfg.qk_norm else None
         self.scale = cfg.query_scale ** -0.5 if cfg.query_scale else None  # None: SDPA's 1 / sqrt(head_dim)
+        self.causal = cfg.causal
         self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -106,7 +107,8 @@ class Attention(nn.Module):
         # kv: this layer's cache tensors (k, v), each (slots, nkv, S, hd), or None (training).
         # Prefill (`slot` an int): x is one sequence (1, T) at positions 0..T-1; its keys and values go to that slot.
         # Decode (`pos` (B,)): row b of x (B, 1) is slot b at position pos[b].
-        # `mask`: which keys each query reads, (B|1, 1, T, S) bool; None: causal over the T positions.
+        # `mask`: which keys each query reads, (B|1, 1, T, S) bool; None: causal over the T positions (an encoder,
+        # cfg.causal false: every position).
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -133,7 +135,7 @@ class Attention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast(q.device.type, enabled=False):
             y = (self._softcapped(q, k, v, mask) if self.softcap is not None else F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                q, k, v, attn_mask=mask, is_causal=mask is None and self.causal, scale=self.scale,
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head,
             )).to(dtype)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
@@ -146,9 +148,10 @@ class Attention(nn.Module):
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # (B, nh, S, hd)
         scores = (q @ k.transpose(-2, -1)) * (self.scale or self.head_dim ** -0.5)  # (B, nh, T, S)
         scores = torch.tanh(scores / self.softcap) * self.softcap
-        if mask is None:
+        if mask is None and self.causal:
             mask = causal(q.shape[2], q.device)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         weights = F.dropout(scores.float().softmax(-1).to(q.dtype), self.dropout, self.training)
         return weights @ v
 
@@ -161,6 +164,27 @@ def causal(T: int, device, window: Optional[int] = None) -> torch.Tensor:
     if window is not None:
         keep &= j > i - window
     return keep[None, None]
+
+
+def bidirectional(T: int, device, window: int) -> torch.Tensor:
+    """(1, 1, T, T) bool: an encoder's sliding layer, where query i reads keys within window // 2 on either side
+    (ModernBERT's local_attention)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return ((i - j).abs() <= window // 2)[None, None]
+
+
+def within_segments(segments: torch.Tensor, positions: torch.Tensor, masks: list[Optional[torch.Tensor]],
+                    is_causal: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Positions restarted at each segment's start, and masks that also keep each query to its segment."""
+    T = segments.shape[1]
+    idx = torch.arange(T, device=segments.device)[None]  # (1, T)
+    change = torch.ones_like(segments, dtype=torch.bool)
+    change[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = torch.where(change, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T)
+    same = (segments[:, :, None] == segments[:, None, :])[:, None]  # (B, 1, T, T)
+    default = causal(T, segments.device) if is_causal else torch.ones_like(same)
+    return positions - starts, [same & (m if m is not None else default) for m in masks]
 
 
 class MLP(nn.Module):
@@ -186,12 +210,20 @@ class MLP(nn.Module):
         return self.dropout(self.proj(h))
 
 
+def norm_of(cfg: ModelConfig) -> nn.Module:
+    """A norm over the residual stream, of the kind and with the bias the config says."""
+    return Norm(cfg.n_embd, cfg.norm_eps, cfg.norm_kind, cfg.has_bias, cfg.norm_offset)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm (x + f(norm(x))), or BERT's post-norm (norm(x + f(x))) where cfg.norm_position is post.
+    `first`: block 0, which has no attention norm after normalised embeddings (ModernBERT)."""
+
+    def __init__(self, cfg: ModelConfig, first: bool = False):
         super().__init__()
-        norm = partial(Norm, cfg.n_embd, cfg.norm_eps, "layernorm" if cfg.arch == "gpt2" else "rmsnorm",
-                       cfg.has_bias, cfg.norm_offset)
-        self.norm1 = norm()
+        norm = partial(norm_of, cfg)
+        self.post = cfg.norm_position == "post"
+        self.norm1 = nn.Identity() if first and cfg.embed_norm and not self.post else norm()
         self.attn = Attention(cfg)
         self.norm2 = norm()
         self.mlp = MLP(cfg)
@@ -200,10 +232,28 @@ class Block(nn.Module):
         self.post_mlp_norm = norm() if cfg.post_norms else None
 
     def forward(self, x, rope, kv=None, slot=None, pos=None, mask=None):
+        if self.post:
+            x = self.norm1(x + self.attn(x, rope, kv, slot, pos, mask))
+            return self.norm2(x + self.mlp(x))
         h = self.attn(self.norm1(x), rope, kv, slot, pos, mask)
         x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
         h = self.mlp(self.norm2(x))
         return x + (self.post_mlp_norm(h) if self.post_mlp_norm is not None else h)
+
+
+class Dense(nn.Module):
+    """dense + activation (+ norm): the transform of BERT's and ModernBERT's MLM head (exact GELU, norm) and of a
+    classifier's pooler (model.pooler: BERT's tanh, ModernBERT's GELU + norm)."""
+
+    def __init__(self, cfg: ModelConfig, act: str):
+        super().__init__()
+        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.has_bias)
+        self.act = torch.tanh if act == "tanh" else F.gelu
+        self.norm = norm_of(cfg) if act == "gelu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.dense(x))
+        return self.norm(x) if self.norm is not None else x
 
 
 class Transformer(nn.Module):
@@ -222,11 +272,14 @@ class Transformer(nn.Module):
         self.wpe = (nn.Embedding(cfg.block_size, cfg.n_embd,
                                  _weight=torch.empty(cfg.block_size, cfg.n_embd) if shapes_only else None)
                     if cfg.arch == "gpt2" else None)
+        # encoders (BERT): a token-type embedding (every token type 0) and a norm over the summed embeddings
+        self.wtt = nn.Embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
+        self.embed_norm = norm_of(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = Norm(cfg.n_embd, cfg.norm_eps, "layernorm" if cfg.arch == "gpt2" else "rmsnorm", cfg.has_bias,
-                         cfg.norm_offset)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.blocks = nn.ModuleList(Block(cfg, first=i == 0) for i in range(cfg.n_layer))
+        self.norm = norm_of(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.mlm = Dense(cfg, "gelu") if cfg.mlm_head else None
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.mlm_head)
         if cfg.tied:
             self.lm_head.weight = self.wte.weight
         self.sliding = cfg.sliding  # per layer
@@ -272,7 +325,7 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
             n -= self.wte.weight.numel() + (self.lm_head.weight.numel() if not self.cfg.tied else 0)
-            n -= self.wpe.weight.numel() if self.wpe is not None else 0
+            n -= sum(e.weight.numel() for e in (self.wpe, self.wtt) if e is not None)
         return n
 
     # ---------------------------------------------------------------------------------------------------------
@@ -283,8 +336,12 @@ class Transformer(nn.Module):
         slot: Optional[int] = None,
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
+        segments: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) of token ids idx (B, T).
+
+        `segments` (B, T) ints, without a cache: document ids; a query reads only keys of its own segment, and
+        positions restart at 0 in each (padding as a segment of its own is never read by real tokens).
 
         Without a cache: positions 0..T-1, causal attention (training, evaluation).
         Prefill, `cache` and `slot`: idx (1, T) is a sequence from position 0; its keys and values are written to
@@ -303,16 +360,22 @@ class Transformer(nn.Module):
         else:
             positions = torch.arange(T, device=idx.device)[None]  # (1, T)
         masks = self._masks(T, idx.device, pos if slot is None else None, kv_len or (cache.length if cache else T))
+        if segments is not None:
+            positions, masks = within_segments(segments, positions, masks, self.cfg.causal)
         x = self.wte(idx)  # (B, T, C)
         if self.cfg.embed_scale:  # by sqrt(C) rounded to x's dtype, as Gemma does
             x = x * torch.tensor(self.cfg.n_embd ** 0.5, dtype=x.dtype)
         ropes = [None, None]  # full layers, sliding layers
+        if self.wtt is not None:  # token type 0 (llmctl's texts are single segments)
+            x = x + self.wtt.weight[0]
         if self.wpe is not None:
             x = x + self.wpe(positions)
         else:
             ropes[0] = ropes[1] = self._rope("rope", positions, x.dtype)  # (B|1, 1, T, rot) each
             if self.local_rope:
                 ropes[1] = self._rope("rope_local", positions, x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             w = self.sliding[i]
@@ -328,6 +391,8 @@ class Transformer(nn.Module):
         (B|1, 1, T, S). Decoding (`pos` (B,)): row b reads its slot's positions 0..pos[b] (the last `window` of
         them in sliding layers) among the first kv_len."""
         window = self.cfg.sliding_window if any(self.sliding) else None
+        if not self.cfg.causal:  # an encoder: every position, or a window on either side in sliding layers
+            return [None, bidirectional(T, device, window) if window is not None and window // 2 < T - 1 else None]
         if pos is None:
             return [None, causal(T, device, window) if window is not None and window < T else None]
         keys = torch.arange(kv_len, device=device)[None, :]  # (1, S')
@@ -342,9 +407,11 @@ class Transformer(nn.Module):
         slot: Optional[int] = None,
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
+        segments: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache arguments."""
-        logits = self.lm_head(self.hidden(idx, cache, slot, pos, kv_len))
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the other arguments."""
+        h = self.hidden(idx, cache, slot, pos, kv_len, segments)
+        logits = self.lm_head(self.mlm(h) if self.mlm is not None else h)
         if self.cfg.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
