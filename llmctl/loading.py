@@ -142,7 +142,9 @@ def restore(backbone: Transformer, classifier: Optional[Classifier], ck: ckpt_io
         head = ck.weights(ckpt_io.HEAD)
         if tuple(head.get("weight", torch.empty(0)).shape) != tuple(classifier.head.weight.shape):
             raise LlmctlError(f"the classification head in {ck.path} does not match finetune.labels")
-        classifier.head.load_state_dict(head)
+        if set(head) != set(classifier.head_state()):
+            raise LlmctlError(f"the classification head in {ck.path} does not match model.pooler")
+        classifier.load_head_state(head)
 
 
 def load_tokenizer(ck: ckpt_io.Checkpoint, cfg: Config, tokenizer: Optional[Path] = None) -> Tokenizer:

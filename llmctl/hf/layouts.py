@@ -129,6 +129,24 @@ def from_hf_weights(theirs: dict[str, torch.Tensor], m: ModelConfig, source: str
     return ours
 
 
+def split_head(theirs: dict[str, torch.Tensor], m: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """A *ForSequenceClassification state dict -> (the encoder's tensors, llmctl's classifier head tensors: the
+    `Classifier.head_state` form). Missing head tensors are an error naming the first."""
+    theirs = _canonical_names(theirs, m)
+    pairs = encoders.head_layout(m)
+    missing = [n for p in pairs for n in p.theirs if n not in theirs]
+    if missing:
+        raise LlmctlError(f"the classifier lacks tensor {missing[0]}; the weights do not match config.json")
+    head = {p.ours.removeprefix("head."): theirs[p.theirs[0]].to(torch.float32).contiguous() for p in pairs}
+    taken = {n for p in pairs for n in p.theirs}
+    return {k: v for k, v in theirs.items() if k not in taken}, head
+
+
+def head_to_hf(head: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """llmctl's classifier head tensors (`Classifier.head_state`) -> transformers names."""
+    return {p.theirs[0]: head[p.ours.removeprefix("head.")].contiguous() for p in encoders.head_layout(m)}
+
+
 def _their_shapes(p: Pair, ours: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Shapes of the transformers tensor(s) of a pair, given the shape of ours."""
     if p.transpose:
