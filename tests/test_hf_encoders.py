@@ -109,7 +109,8 @@ def test_export_import_round_trip_is_bit_identical(cls_name, tmp_path):
     again = getattr(transformers, cls_name).from_pretrained(tmp_path / "out").eval()
     ids, _, mask = _batch()
     with torch.no_grad():
-        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, hf(input_ids=ids, attention_mask=mask).logits)
+        want = hf(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, want)
 
 
 @pytest.mark.parametrize("change,needle", [

@@ -11,8 +11,8 @@ never a silent approximation.
 
 Modules, each importing only the ones before it: `fields` (typed config.json fields, the "cannot represent"
 error, the tensor `Pair`), `rope` (RoPE settings in the hub's and transformers 5's forms), `encoders` (BERT and
-ModernBERT: configs and tensor names), `configs` (one `Family` per architecture: config.json <-> ModelConfig), `layouts` (tensor names and layouts per architecture), `tokens` (the special token ids
-of config.json and generation_config.json; the files beside tokenizer.json are llmctl.tokenizer_files'), `files`
+ModernBERT: configs and tensor names), `configs` (one `Family` per architecture: config.json <-> ModelConfig),
+`layouts` (tensor names and layouts per architecture), `tokens` (the special token ids of config.json and generation_config.json; the files beside tokenizer.json are llmctl.tokenizer_files'), `files`
 (directories: read, write, download). The rest of llmctl uses the names below.
 """
 
@@ -43,6 +43,7 @@ from .tokens import generation_config, token_ids
 __all__ = [
     "FAMILIES", "architecture", "family_of", "to_model_config", "read_json", "DOWNLOAD_BIN_PATTERNS",
     "DOWNLOAD_PATTERNS", "SAFETENSORS", "Imported", "download", "load_dir", "read_weights", "to_hf_config",
-    "write_dir", "IGNORED_SUFFIXES", "expected_shapes", "from_hf_weights", "head_to_hf", "layout", "split_head", "to_hf_weights",
+    "write_dir", "IGNORED_SUFFIXES", "expected_shapes", "from_hf_weights", "head_to_hf", "layout", "split_head",
+    "to_hf_weights",
     "generation_config", "token_ids",
 ]
