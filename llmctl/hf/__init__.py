@@ -12,8 +12,9 @@ never a silent approximation.
 Modules, each importing only the ones before it: `fields` (typed config.json fields, the "cannot represent"
 error, the tensor `Pair`), `rope` (RoPE settings in the hub's and transformers 5's forms), `encoders` (BERT and
 ModernBERT: configs and tensor names), `configs` (one `Family` per architecture: config.json <-> ModelConfig),
-`layouts` (tensor names and layouts per architecture), `tokens` (the special token ids of config.json and generation_config.json; the files beside tokenizer.json are llmctl.tokenizer_files'), `files`
-(directories: read, write, download). The rest of llmctl uses the names below.
+`layouts` (tensor names and layouts per architecture), `tokens` (the special token ids of config.json and
+generation_config.json; the files beside tokenizer.json are llmctl.tokenizer_files'), `files` (directories: read,
+write, download). The rest of llmctl uses the names below.
 """
 
 from .configs import FAMILIES, architecture, family_of, to_model_config
