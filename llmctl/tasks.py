@@ -166,7 +166,7 @@ def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, devi
     """Sequence classification; validation is a seeded held-out slice of the training file (data.val_fraction)."""
     d, t = cfg.data, cfg.train
     ex, labels = classification_examples(d.path, d, tok, cfg.model.block_size, d.text_column, d.label_column,
-                                         cfg.finetune.labels)
+                                         cfg.finetune.labels, encoder=not cfg.model.causal)
     train_idx, val_idx = holdout(len(ex.ids), d.val_fraction, t.seed)
     module = Classifier(backbone, len(labels), cfg.finetune.pooling)
     batches = ExampleBatches(ex, train_idx, "classification", tok.pad_id, t.batch_size, layout.accum, t.seed,

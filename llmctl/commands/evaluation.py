@@ -134,7 +134,7 @@ def _eval_classifier(loaded: Loaded, source: str, whole_file: bool, batch_size: 
         text_col, label_col = cfg.data.text_column, cfg.data.label_column
     key = "--data" if whole_file else "data.path"
     ex, labels = classification_examples(source, cfg.data, tok, cfg.model.block_size, text_col, label_col,
-                                         loaded.labels, key=key)
+                                         loaded.labels, key=key, encoder=not cfg.model.causal)
     idx = (list(range(len(ex.ids))) if whole_file
            else holdout(len(ex.ids), cfg.data.val_fraction, cfg.train.seed)[1].tolist())
     rows, pred, _, loss = classify(loaded.classifier, eval_batches(ex, idx, "classification", tok.pad_id, batch_size),
