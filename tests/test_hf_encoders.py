@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import invoke
 from llmctl.config import Config
 from llmctl.errors import LlmctlError
 from llmctl.heads import Classifier
@@ -134,3 +135,19 @@ def test_a_decoder_with_encoder_switches_is_not_exported_as_a_decoder():
     m = to_model_config({**BERT, "architectures": ["BertForMaskedLM"], "model_type": "bert"}, "config.json")
     with pytest.raises(LlmctlError, match="causal"):
         to_hf_config(dataclasses.replace(m, causal=True))
+
+
+def test_cli_imports_and_exports_an_encoder_classifier(runner, tmp_path):
+    hf = _hf("ModernBertForSequenceClassification", num_labels=2, classifier_pooling="mean",
+             id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    hf.save_pretrained(tmp_path / "hf")
+    r = invoke(runner, "import", "hf", tmp_path / "hf", "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    r = invoke(runner, "export", "--ckpt", tmp_path / "run", "--format", "hf", "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert again.config.id2label == {0: "neg", 1: "pos"} and again.config.classifier_pooling == "mean"
+    ids, _, mask = _batch()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits,
+                           hf(input_ids=ids, attention_mask=mask).logits)
