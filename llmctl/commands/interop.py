@@ -99,6 +99,9 @@ def _exportable(ckpt: Path, base: Optional[Path], tokenizer: Optional[Path], mer
     if ckpt_io.ADAPTER in ck.meta["files"] and not merge_lora_adapter:
         raise LlmctlError(f"{ck.path} is a LoRA adapter; "
                           "pass --merge-lora to fold it into its base's weights and export that")
+    if fmt == "gguf" and not loaded.cfg.model.causal:
+        raise LlmctlError(f"{ck.path} is an encoder (model.causal=false); GGUF files are for llama.cpp's decoders: "
+                          "export --format hf")
     if loaded.classifier is not None and (fmt != "hf" or loaded.cfg.model.causal):
         raise LlmctlError(f"{ck.path} is a classification checkpoint; export --format {fmt} writes language models "
                           "and encoder classifiers only (export the checkpoint it was finetuned from)")
