@@ -1,10 +1,13 @@
-"""The decoder-only Transformer: GPT-2 flavour and LLaMA flavour in one module.
+"""The Transformer: GPT-2 flavour and LLaMA flavour, decoders and encoders, in one module.
 
 GPT-2 flavour: LayerNorm, learned positions, GELU MLP, tied embeddings, optional biases.
 LLaMA flavour: RMSNorm, rotary positions (HF's rotate-half layout), SwiGLU MLP, grouped-query attention; its
 small switches (ModelConfig) cover the open families: RoPE scaling and partial rotary (llmctl.rope), q/k/v bias
 (Qwen2), QK-norm (Qwen3, Gemma 3), sliding-window layers (Mistral, Gemma), and Gemma's (1 + w) norms, GeGLU,
-scaled embeddings, post-norms, soft-caps and query scale. Each is exactly a transformers model (see `llmctl.hf`).
+scaled embeddings, post-norms, soft-caps and query scale. Encoders are the same module with `causal` off
+(bidirectional attention) and BERT's and ModernBERT's switches: post-norm blocks, a norm over the embeddings,
+token types, LayerNorm in the llama flavour, exact-GELU GeGLU, the MLM head (`Dense` + the vocabulary projection)
+and windows on either side. Each is exactly a transformers model (see `llmctl.hf`).
 
 `forward` returns logits. Loss, optimizers and I/O live elsewhere. For generation the caller passes a `KVCache`
 (slots of keys and values) to `forward`, which prefills one slot or decodes one token in every slot. For packed
@@ -307,7 +310,8 @@ class Dense(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only Transformer. `cfg.vocab_size` must be set (the commands fill it from the tokenizer)."""
+    """The Transformer, a decoder or (cfg.causal false) an encoder. `cfg.vocab_size` must be set (the commands fill
+    it from the tokenizer)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -323,7 +327,9 @@ class Transformer(nn.Module):
                                  _weight=torch.empty(cfg.block_size, cfg.n_embd) if shapes_only else None)
                     if cfg.arch == "gpt2" else None)
         # encoders (BERT): a token-type embedding (every token type 0) and a norm over the summed embeddings
-        self.wtt = nn.Embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
+        self.wtt = (nn.Embedding(cfg.type_vocab_size, cfg.n_embd,
+                                 _weight=torch.empty(cfg.type_vocab_size, cfg.n_embd) if shapes_only else None)
+                    if cfg.type_vocab_size else None)
         self.embed_norm = norm_of(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, first=i == 0) for i in range(cfg.n_layer))
