@@ -1,4 +1,4 @@
-"""The `model:` section: the shape of the decoder-only Transformer."""
+"""The `model:` section: the shape of the Transformer (a decoder, or an encoder with causal: false)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .whole import Whole
 
 @dataclass
 class ModelConfig:
-    """Shape of the decoder-only Transformer; `arch` picks the GPT-2 or the LLaMA flavour."""
+    """Shape of the Transformer; `arch` picks the GPT-2 or the LLaMA flavour, `causal` a decoder or an encoder."""
 
     arch: Literal["gpt2", "llama"] = "gpt2"
     """gpt2: LayerNorm, learned positions, GELU, tied embeddings, biases; llama: RMSNorm, rotary positions, SwiGLU,
