@@ -661,6 +661,8 @@ BAD += [
 BAD += [
     ("mlm-on-a-decoder", lambda t, r: ["pretrain", *sets(*TINY, "train.objective=mlm"), "--out", t / "o"],
      ["train.objective=mlm", "model.causal=false"]),
+    ("clm-on-an-encoder", lambda t, r: ["pretrain", *sets(*TINY, "model.causal=false"), "--out", t / "o"],
+     ["model.causal=false", "train.objective=mlm"]),
     ("encoder-generates", lambda t, r: ["infer", "--ckpt", encoder_run(), "--prompt", "hi"],
      ["is an encoder", "encoders classify, they do not generate"]),
     ("cls-pooling-on-a-decoder",
