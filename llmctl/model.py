@@ -459,8 +459,10 @@ class Transformer(nn.Module):
         return [full[:, None, None, :], sliding[:, None, None, :]]
 
     def _segment_masks(self, segments: torch.Tensor) -> list:
-        """`segment_masks` for this model: FlexAttention on CUDA unless dropout or soft-capped scores need SDPA."""
-        flex = segments.is_cuda and self.cfg.dropout == 0 and self.cfg.attn_softcap is None
+        """`segment_masks` for this model: FlexAttention on CUDA unless dropout or soft-capped scores need SDPA, or
+        the model is an encoder (whose segments are a padded batch's, of a new length each time: SDPA's bool masks
+        need no compiling per shape)."""
+        flex = segments.is_cuda and self.cfg.dropout == 0 and self.cfg.attn_softcap is None and self.cfg.causal
         return segment_masks(segments, self.cfg.sliding_window if any(self.sliding) else None, flex, self.cfg.causal)
 
     def forward(
