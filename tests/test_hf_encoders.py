@@ -95,6 +95,23 @@ def test_classifier_logits_match_transformers(cls_name, pooling):
     assert all(torch.equal(head2[k], v) for k, v in clf.head_state().items())
 
 
+@pytest.mark.parametrize("cls_name", ["BertModel", "ModernBertModel"])
+def test_bare_encoders_import_with_the_same_hidden_states(cls_name, tmp_path):
+    hf = _hf(cls_name)
+    hf.save_pretrained(tmp_path)
+    imported = load_dir(tmp_path)
+    assert not imported.cfg.model.mlm_head
+    assert any("pooler" in w for w in imported.warnings) == (cls_name == "BertModel")
+    model = Transformer(imported.cfg.model).eval()
+    model.load_state_dict(imported.weights, strict=False)
+    ids, lengths, mask = _batch()
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model.hidden(ids, segments=1 - mask)
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("cls_name", ["BertForMaskedLM", "ModernBertForMaskedLM"])
 def test_export_import_round_trip_is_bit_identical(cls_name, tmp_path):
     hf = _hf(cls_name)

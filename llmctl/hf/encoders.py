@@ -206,6 +206,12 @@ def aliases(m: ModelConfig) -> dict[str, str]:
     return {"decoder.weight": "model.embeddings.tok_embeddings.weight"} if m.tied else {}
 
 
+def unused(m: ModelConfig) -> tuple[str, ...]:
+    """Tensors of a bare encoder that llmctl's model has no place for: BertModel's pooler, which only a classifier
+    uses (a classifier finetuned from the import starts a fresh one)."""
+    return ("bert.pooler.dense.weight", "bert.pooler.dense.bias") if is_bert(m) and not m.mlm_head else ()
+
+
 def canonical(theirs: dict, m: ModelConfig) -> dict:
     """Add the `bert.` / `model.` prefix that a bare model's checkpoint (BertModel, ModernBertModel) leaves out."""
     prefix, heads = ("bert.", ("cls.", "classifier.")) if is_bert(m) else ("model.", ("head.", "decoder.",

@@ -135,7 +135,9 @@ def load_dir(src: Path, tokenizer_path: Optional[Path] = None) -> Imported:
         id2label = hf_cfg.get("id2label") or {}
         labels = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(len(head["bias"]))]
     weights = from_hf_weights(tensors, m, where)
-    warnings = []
+    warnings = [f"{src}: the pooler ({name.removesuffix('.weight')}) is not imported: it serves only a classifier, "
+                "and one finetuned from this import starts a fresh one"
+                for name in encoders.unused(m)[:1] if any(k.endswith(name.removeprefix("bert.")) for k in tensors)]
     if tokenizer_path is not None:
         tok: Optional[Tokenizer] = Tokenizer.from_file(tokenizer_path)
     elif (src / "tokenizer.json").is_file():

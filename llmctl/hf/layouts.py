@@ -110,7 +110,7 @@ def from_hf_weights(theirs: dict[str, torch.Tensor], m: ModelConfig, source: str
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                           + "; the weights do not match config.json or are incomplete")
     known = set(needed) | ({"lm_head.weight"} if m.tied else set())  # a tied head saved anyway is the embedding
-    known |= set(encoders.aliases(m)) if not m.causal else set()
+    known |= set(encoders.aliases(m)) | set(encoders.unused(m)) if not m.causal else set()
     extra = [n for n in theirs if n not in known and not n.endswith(IGNORED_SUFFIXES)]
     if extra:
         raise LlmctlError(f"{source} has tensor {extra[0]} that config.json does not account for"
