@@ -198,8 +198,12 @@ class ModelConfig:
         if m.norm_position == "post" and (m.post_norms or m.norm_offset):
             p.append("model.norm_position=post: the block already normalises the residual sum; it cannot be "
                      "combined with model.post_norms or model.norm_offset")
-        if m.causal and m.hf_architecture in ("BertForMaskedLM", "ModernBertForMaskedLM"):
+        encoders = ("BertForMaskedLM", "ModernBertForMaskedLM")
+        if m.causal and m.hf_architecture in encoders:
             p.append(f"model.hf_architecture: {m.hf_architecture} is an encoder; it needs model.causal=false")
+        if not m.causal and m.hf_architecture is not None and m.hf_architecture not in encoders:
+            p.append(f"model.hf_architecture: {m.hf_architecture} is a decoder; an encoder (model.causal=false) is "
+                     "written as BertForMaskedLM or ModernBertForMaskedLM (or null)")
         if m.embed_norm and m.norm_kind == "rmsnorm" and m.norm_offset:
             p.append("model.embed_norm: not with model.norm_offset (Gemma scales its embeddings instead)")
         return p
