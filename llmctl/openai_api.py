@@ -15,8 +15,10 @@ without generating); chat takes `logprobs` (true/false) and `top_logprobs` (0..2
 for now. `best_of` other than n is refused. `response_format` (`json_object`, or `json_schema` with its
 `schema`; llmctl.structured, the optional xgrammar extra) makes the text compact JSON that follows the schema; a
 schema xgrammar cannot compile, an unknown type or the extra missing is a 400 naming `response_format`.
-Unknown fields are ignored, as OpenAI's own clients send extras: those with no behaviour here (`user`,
-`metadata`, `store`, `parallel_tool_calls`, `service_tier`) among them.
+`tools` reach a chat template that takes them (a model without its own template: a 400 naming `tools`); tool calls
+are not parsed or forced yet, so `tool_choice` other than "auto" or "none" and the legacy `functions` /
+`function_call` are a 400 naming them. Unknown fields are ignored, as OpenAI's own clients send extras: those with
+no behaviour here (`user`, `metadata`, `store`, `parallel_tool_calls`, `service_tier`) among them.
 """
 
 from __future__ import annotations
@@ -226,6 +228,23 @@ def parse_completion(body: Any, tok: Tokenizer, limits: Limits) -> Job:
     return Job("completion", requests, stream, _stream_options(body, stream), n, k, echo)
 
 
+def _tools(body: dict) -> Optional[list]:
+    """The `tools` a chat template renders (None: none). llmctl does not parse or force a model's tool calls yet,
+    so a field that asks for that (`tool_choice` other than "auto" or "none", the legacy `functions` and
+    `function_call`) is refused naming it; "none" leaves the tools out of the prompt."""
+    for legacy in ("functions", "function_call"):
+        if body.get(legacy) is not None:
+            raise bad(f"'{legacy}' is not supported (llmctl does not parse tool calls yet); leave it out", legacy)
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise bad(f"'tool_choice' {choice!r} is not supported: llmctl does not force or parse tool calls yet "
+                  "(\"auto\" and \"none\" are taken)", "tool_choice")
+    tools = body.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise bad("'tools' must be a list of tool objects", "tools")
+    return None if choice == "none" else tools
+
+
 def parse_chat(body: Any, tok: Tokenizer, limits: Limits, cfg) -> Job:
     """POST /v1/chat/completions: `messages` (and `tools`) rendered by the model's chat template
     (llmctl.chat.render_messages: its own, or llmctl's instruction template), encoded as they are (the template
@@ -243,9 +262,7 @@ def parse_chat(body: Any, tok: Tokenizer, limits: Limits, cfg) -> Job:
                 raise bad("message content parts must be text parts ({\"type\": \"text\", \"text\": ...})",
                           "messages")
             m["content"] = "".join(p["text"] for p in parts)
-    tools = body.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise bad("'tools' must be a list of tool objects", "tools")
+    tools = _tools(body)
     try:
         text = render_messages(cfg, tok, messages, add_generation_prompt=True, tools=tools or None)
     except LlmctlError as e:

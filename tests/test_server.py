@@ -218,6 +218,15 @@ ERRORS = [
     ("chat-ends-with-assistant", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, {}, 400, "messages",
      ["last message must be the user's"]),
+    ("tools-without-a-template-that-takes-them", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     {}, 400, "tools", ["tools: this model has no chat template of its own"]),
+    ("tool-choice-required", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"}, {}, 400, "tool_choice",
+     ["'tool_choice' 'required' is not supported"]),
+    ("legacy-functions", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "functions": [{"name": "f"}]}, {}, 400, "functions",
+     ["'functions' is not supported"]),
     ("unknown-model", "/v1/completions", {"model": "gpt-5", "prompt": "a"}, {}, 404, "model",
      ["'gpt-5' does not exist", "'tiny'"]),
     ("no-key", "/v1/completions", {"prompt": "a"}, {"Authorization": ""}, 401, None, ["no API key given"]),
@@ -578,7 +587,8 @@ def test_n_choices_greedy_identical_seeded_different_and_reproducible(server):
     chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Who art thou?"}],
                                      max_tokens=6, temperature=1.0, seed=3, n=3, logprobs=True, top_logprobs=2,
                                      extra_body={"truncate": True}, user="u1", metadata={"k": "v"}, store=False,
-                                     service_tier="auto")
+                                     service_tier="auto", tool_choice="none",
+                                     tools=[{"type": "function", "function": {"name": "f"}}])
     assert len(chat.choices) == 3 and len({x.message.content for x in chat.choices}) > 1
     content = chat.choices[0].logprobs.content
     assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
