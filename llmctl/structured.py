@@ -59,6 +59,29 @@ def spec(response_format: Any, name: str = "response_format") -> Optional[str]:
     return json.dumps(schema)
 
 
+# A JSON string's characters that need no escape; xgrammar 0.2.9 compiles `minLength`/`maxLength` into a character
+# class that lets raw control characters (U+0000..U+001F but \n and \r) in, which JSON forbids unescaped
+_PLAIN = r'[^"\\\x00-\x1f]'
+_NOT_SCHEMAS = ("enum", "const", "default", "examples")  # keys whose values are data, not schemas
+
+
+def _bounded_strings(node: Any) -> Any:
+    """The schema with every length-bounded string that has no `pattern` or `format` of its own rewritten as a
+    `pattern` of that many plain characters (no escapes: no quote, backslash or control character), which xgrammar
+    compiles into valid JSON; the values it allows are a subset of the schema's, so they validate against it."""
+    if isinstance(node, list):
+        return [_bounded_strings(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: (v if k in _NOT_SCHEMAS else _bounded_strings(v)) for k, v in node.items()}
+    low, high = out.get("minLength"), out.get("maxLength")
+    if out.get("type") == "string" and (low is not None or high is not None) and "pattern" not in out \
+            and "format" not in out and all(isinstance(x, int) for x in (low or 0, high or 0)):
+        out.pop("minLength", None), out.pop("maxLength", None)
+        out["pattern"] = f"^{_PLAIN}{{{low or 0},{'' if high is None else high}}}$"
+    return out
+
+
 def read_schema(path) -> str:
     """The schema in a JSON file (`infer --json-schema FILE`), as text."""
     try:
@@ -101,7 +124,8 @@ def compile_schema(schema: str, tok: Tokenizer, vocab_size: int, name: str = "re
     compile it (or is not installed)."""
     compiler = _compiler(tok, vocab_size)
     try:
-        compiled = compiler.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+        fixed = json.dumps(_bounded_strings(json.loads(schema)))
+        compiled = compiler.compile_json_schema(fixed, any_whitespace=False, separators=(",", ":"))
     except Exception as e:  # xgrammar raises RuntimeError (or ValueError) with its reason on the last line
         why = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
         raise LlmctlError(f"{name}: the schema cannot be compiled: {why[-1].split('] ')[-1][:300]}") from None
