@@ -11,10 +11,11 @@ the problems onto OpenAI's error shape (400, `param` naming the field). A null f
 vocabulary). `n` (1..serve.slots) gives each prompt n choices, each its own row (with a `seed`, choice j samples
 with seed + j, so the choices differ and the whole answer is reproducible). Completions take `logprobs` (0..20) and
 `echo` (the prompt's text and log-probabilities before the completion; `max_tokens: 0` with it scores the prompt
-without generating); chat takes `logprobs` (true/false) and `top_logprobs` (0..20). Both are refused with `stream`
-for now. `best_of` other than n is refused. `response_format` (`json_object`, or `json_schema` with its
-`schema`; llmctl.structured, the optional xgrammar extra) makes the text compact JSON that follows the schema; a
-schema xgrammar cannot compile, an unknown type or the extra missing is a 400 naming `response_format`.
+without generating); chat takes `logprobs` (true/false) and `top_logprobs` (0..20); streamed, each chunk carries
+the log-probabilities of its tokens (`echo` is refused with `stream`). `best_of` other than n is refused.
+`response_format` (`json_object`, or `json_schema` with its `schema`; llmctl.structured, the optional xgrammar
+extra) makes the text compact JSON that follows the schema; a schema xgrammar cannot compile, an unknown type or
+the extra missing is a 400 naming `response_format`.
 `tools` reach a chat template that takes them (a model without its own template: a 400 naming `tools`); tool calls
 are not parsed or forced yet, so `tool_choice` other than "auto" or "none" and the legacy `functions` /
 `function_call` are a 400 naming them. Unknown fields are ignored, as OpenAI's own clients send extras: those with
@@ -115,9 +116,8 @@ def _choices(body: dict, limits: Limits, stream: bool, kind: str) -> tuple[int, 
         k = (k or 0) if want else None
     else:
         k = _count(body, "logprobs", 0, MAX_LOGPROBS)
-    if stream and (k is not None or body.get("echo")):
-        raise bad("'logprobs' and 'echo' are not supported with \"stream\": true yet; send the request without "
-                  "streaming", "logprobs" if k is not None else "echo")
+    if stream and body.get("echo"):
+        raise bad("'echo' is not supported with \"stream\": true; send the request without streaming", "echo")
     return n, k
 
 
@@ -322,24 +322,30 @@ def choice_logprobs(job: Job, tok: Tokenizer, row: Row) -> tuple[str, Optional[d
         return ("".join(_pieces(tok, row.request.prompt)) if job.echo else ""), None
     first = [(row.request.prompt[0], None, None)] if job.echo else []
     entries: list = first + (row.prompt_logprobs if job.echo else []) + row.logprobs
+    obj, pieces = logprobs_object(job.kind, tok, entries)
+    return "".join(pieces[: len(entries) - len(row.logprobs)]), obj
+
+
+def logprobs_object(kind: str, tok: Tokenizer, entries: list, offset: int = 0) -> tuple[dict, list[str]]:
+    """(OpenAI's `logprobs` object of these positions, their tokens' text): a whole choice's, or a streamed chunk's
+    (`offset`: the characters of the choice before it, where its `text_offset`s start)."""
     pieces = _pieces(tok, [t for t, _, _ in entries])
     name = {}
     for _, _, top in entries:
         for t, _ in top or ():
             name.setdefault(t, tok.decode([t], skip_special=False))
-    if job.kind == "chat":
+    if kind == "chat":
         def one(text: str, lp: float) -> dict:
             return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-        return "", {"content": [{**one(p, lp), "top_logprobs": [one(name[t], x) for t, x in top]}
-                                for p, (_, lp, top) in zip(pieces, entries)]}
-    offsets, at = [], 0
+        return {"content": [{**one(p, lp), "top_logprobs": [one(name[t], x) for t, x in top]}
+                            for p, (_, lp, top) in zip(pieces, entries)]}, pieces
+    offsets, at = [], offset
     for p in pieces:
         offsets.append(at)
         at += len(p)
-    echoed = "".join(pieces[: len(entries) - len(row.logprobs)])
-    return echoed, {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in entries],
-                    "top_logprobs": [None if top is None else {name[t]: x for t, x in top} for _, _, top in entries],
-                    "text_offset": offsets}
+    return {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [None if top is None else {name[t]: x for t, x in top} for _, _, top in entries],
+            "text_offset": offsets}, pieces
 
 
 def response(kind: str, rid: str, model: str, created: int, texts: list[str], reasons: list[str],
@@ -358,16 +364,17 @@ def response(kind: str, rid: str, model: str, created: int, texts: list[str], re
 
 
 def chunk(kind: str, rid: str, model: str, created: int, index: int, text: Optional[str],
-          reason: Optional[str] = None, first: bool = False) -> dict:
-    """One streamed piece; `reason` set on a choice's last chunk (its text then empty)."""
+          reason: Optional[str] = None, first: bool = False, logprobs: Optional[dict] = None) -> dict:
+    """One streamed piece; `reason` set on a choice's last chunk (its text then empty); `logprobs`: those of the
+    tokens since the last chunk (`logprobs_object`)."""
     finish = FINISH[reason] if reason else None
     if kind == "chat":
         delta: dict = {"role": "assistant", "content": text or ""} if first else \
             ({"content": text} if text else {})
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 

@@ -204,7 +204,7 @@ ERRORS = [
     ("chat-top-logprobs-without-logprobs", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, {}, 400, "top_logprobs",
      ["goes with \"logprobs\": true"]),
-    ("logprobs-streamed", "/v1/completions", {"prompt": "a", "logprobs": 1, "stream": True}, {}, 400, "logprobs",
+    ("echo-streamed", "/v1/completions", {"prompt": "a", "echo": True, "stream": True}, {}, 400, "echo",
      ["not supported with \"stream\": true"]),
     ("best-of", "/v1/completions", {"prompt": "a", "best_of": 3}, {}, 400, "best_of", ["not supported"]),
     ("max-tokens-0-without-echo", "/v1/completions", {"prompt": "a", "max_tokens": 0}, {}, 400, "max_tokens",
@@ -593,6 +593,30 @@ def test_n_choices_greedy_identical_seeded_different_and_reproducible(server):
     content = chat.choices[0].logprobs.content
     assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     assert "".join(t.token for t in content).startswith(chat.choices[0].message.content)
+
+
+def test_streamed_logprobs_equal_the_whole_answers(server):
+    body = {"prompt": PROMPTS[4], "max_tokens": 12, "temperature": 0, "logprobs": 2, "stop": ["\n\n"]}
+    whole = server.post("/v1/completions", body).json()["choices"][0]
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, headers=server.headers,
+                      timeout=60) as r:
+        chunks = [json.loads(x[6:])["choices"][0] for x in r.iter_lines() if x.startswith("data: {")]
+    got = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for ch in chunks:
+        for k, v in (ch["logprobs"] or {}).items():
+            got[k] += v
+    assert "".join(ch["text"] for ch in chunks) == whole["text"] and chunks[-1]["finish_reason"]
+    assert got["tokens"] == whole["logprobs"]["tokens"] and got["text_offset"] == whole["logprobs"]["text_offset"]
+    assert got["token_logprobs"] == pytest.approx(whole["logprobs"]["token_logprobs"], abs=1e-6)
+    assert [list(t) for t in got["top_logprobs"]] == [list(t) for t in whole["logprobs"]["top_logprobs"]]
+    c = server.client()
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Who art thou?"}], max_tokens=8, temperature=0,
+              logprobs=True, top_logprobs=2, extra_body={"truncate": True})
+    want = c.chat.completions.create(**kw).choices[0].logprobs.content
+    streamed = [t for ch in c.chat.completions.create(**kw, stream=True) for x in ch.choices
+                for t in (x.logprobs.content if x.logprobs else [])]
+    assert [t.token for t in streamed] == [t.token for t in want] and len(want) > 1
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in want], abs=1e-6)
 
 
 def test_penalties_and_logit_bias_reach_the_engine(server, tiny_run):
