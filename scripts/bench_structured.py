@@ -15,7 +15,7 @@ configs/shakespeare-bpe.yaml on Tiny Shakespeare for `--steps` steps (300 by def
 cores; val loss about 2.0, enough for text-like strings). The server runs with `--compile` (its default dtype).
 
     flock /tmp/bench.lock nice -n 5 python scripts/bench_structured.py            # about 12 minutes on 2 cores
-    python scripts/bench_structured.py --run runs/shakespeare-bpe --requests 20 --seconds 5 --rounds 1   # a look
+    python scripts/bench_structured.py --run runs/shakespeare-bpe --requests 20 --seconds 5 --rounds 1 --eager
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "structured.json")
+    ap.add_argument("--eager", action="store_true", help="serve without the compiled step (a quick look)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     from importlib.metadata import version
@@ -151,7 +152,7 @@ def main() -> None:
 
     run = a.run or train(a.work, a.steps)
     ps = bench_serve.prompts(run, 256)
-    server = bench_serve.Server(run, "--compile")
+    server = bench_serve.Server(run, "--no-compile" if a.eager else "--compile")
     print(server.ready_line, file=sys.stderr, flush=True)
     try:
         valid = {}
