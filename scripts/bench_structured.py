@@ -11,10 +11,12 @@
    HTTP cost per generated token, and the ratio measures the mask (xgrammar's per-step work) alone.
 
 The model: `--run RUN` (any checkpoint with a byte-level BPE tokenizer), or one trained here with
-configs/shakespeare-bpe.yaml on Tiny Shakespeare for `--steps` steps (300 by default: about 4 minutes on 2 shared
-cores; val loss about 2.0, enough for text-like strings). The server runs with `--compile` (its default dtype).
+configs/shakespeare-bpe.yaml on Tiny Shakespeare for `--steps` steps (300 by default: about 2 minutes on 2 idle
+cores, as the config's 1500 steps take about 10; on 2 cores shared with busy neighbours it ran at 19 s a step, so
+benchmarks/structured.json comes from `--run` of a smaller model, see docs/serving.md). The server runs with
+`--compile` (its default dtype).
 
-    flock /tmp/bench.lock nice -n 5 python scripts/bench_structured.py            # about 12 minutes on 2 cores
+    flock /tmp/bench.lock nice -n 5 python scripts/bench_structured.py          # trains, then about 10 minutes
     python scripts/bench_structured.py --run runs/shakespeare-bpe --requests 20 --seconds 5 --rounds 1 --eager
 """
 
