@@ -30,7 +30,7 @@ from .errors import LlmctlError
 from .events import SILENT, Events
 from .model import KVCache, Transformer
 from .sampling import Sampling
-from .structured import Format, Matcher
+from .structured import Format, Masks, Matcher
 from .tokenizer import StreamDecoder, Tokenizer
 
 FINISH_REASONS = ("eos", "length", "stop", "cancelled")
@@ -283,6 +283,7 @@ class Engine:
         self.waiting: deque[Row] = deque()  # rows queued by `submit`, oldest first
         self.steps = 0  # decode steps run since open (the server's metrics read it)
         self._logits: Optional[torch.Tensor] = None  # (slots, V): each busy row's next-token logits
+        self._masks: Optional[Masks] = None  # the constrained rows' next-token masks, by slot (made when needed)
 
     # -- shapes ----------------------------------------------------------------------------------------------------
     def cache_length(self, needed: int) -> int:
@@ -306,7 +307,7 @@ class Engine:
             self.cache = KVCache.empty(self.model.cfg, slots, length, p.dtype, p.device)
         self.rows, self.waiting, self.steps = [None] * slots, deque(), 0
         self.compiled = {}
-        self._logits = None
+        self._logits, self._masks = None, None
         build = self.mode is True or build
         self._find_steps(build=build, sizes=[slots])
         self._find_steps(build=build and build_all_sizes, sizes=step_sizes(slots)[:-1])
@@ -443,24 +444,28 @@ class Engine:
         row.prompt_logprobs, row.pos = list(src.prompt_logprobs), src.pos
 
     def _pick(self, busy: list[Row]) -> None:
-        """Sample each busy row's next token from its logits (a constrained row's masked by its format); an end id
-        ends a row without being added, and so does a complete JSON."""
+        """Sample each busy row's next token from its logits (a constrained row's masked by its format, all such
+        rows in one call); an end id ends a row without being added, and so does a complete JSON."""
+        logits, dead, raw = self._masked(busy)
         picks: dict[int, int] = {}
-        greedy = [r for r in busy if r.request.sampling.greedy and r.matcher is None]
+        greedy = [r for r in busy if r.request.sampling.greedy and r.slot not in dead]
         if greedy:
-            top = self._logits[: max(r.slot for r in greedy) + 1].argmax(-1).tolist()  # one call for every row
+            top = logits[: max(r.slot for r in greedy) + 1].argmax(-1).tolist()  # one call for every row
             picks.update({r.slot: top[r.slot] for r in greedy})
         for r in busy:
+            if r.slot in dead:  # the format allows no token of this tokenizer: the row cannot go on
+                continue
             q = r.request.sampling
-            logits = processed(self._logits[r.slot], q, r.tokens, len(r.request.prompt))
+            mine = raw.get(r.slot)
+            if mine is None:
+                mine = processed(self._logits[r.slot], q, r.tokens, len(r.request.prompt))
             if r.slot not in picks:
-                pick_from = logits if r.matcher is None else r.matcher.mask(logits)
-                if pick_from is None:  # the format allows no token of this tokenizer: the row cannot go on
-                    continue
+                pick_from = mine if r.matcher is None else logits[r.slot]
                 picks[r.slot] = int(sample(pick_from[None], q.temperature, q.top_k, q.top_p, r.generator))
             if r.request.logprobs is not None:
-                chosen = torch.tensor([picks[r.slot]], device=logits.device)
-                r.logprobs += top_logprobs(logits[None], chosen, r.request.logprobs)
+                chosen = torch.tensor([picks[r.slot]], device=mine.device)
+                r.logprobs += top_logprobs(mine[None], chosen, r.request.logprobs)
+        pushed = []
         for r in busy:
             t = picks.get(r.slot)
             if t is None or (r.matcher is not None and not r.matcher.accept(t)):
@@ -469,8 +474,30 @@ class Engine:
                 r._finish("eos")
             else:
                 r._push(t)
-                if not r.done and r.matcher is not None and r.matcher.complete:
+                if not r.done and r.matcher is not None:
+                    pushed.append(r)
+        if pushed:
+            for r, done in zip(pushed, self._masks.complete([(r.slot, r.matcher) for r in pushed])):
+                if done:
                     r._finish("eos")
+
+    def _masked(self, busy: list[Row]) -> tuple[torch.Tensor, set[int], dict[int, torch.Tensor]]:
+        """The logits the busy rows pick from (by slot): the engine's own when no row is constrained, else a float32
+        copy with each constrained row's processed logits masked by its format (`structured.Masks`, one call);
+        the slots whose format allows no token; the constrained rows' processed logits before the mask."""
+        bound = [r for r in busy if r.matcher is not None]
+        if not bound:
+            return self._logits, set(), {}
+        if self._masks is None:
+            self._masks = Masks(self.cache.slots, self._logits.shape[-1])
+        logits = self._logits[: max(r.slot for r in busy) + 1].to(torch.float32, copy=True)
+        raw = {r.slot: processed(self._logits[r.slot], r.request.sampling, r.tokens, len(r.request.prompt))
+               for r in bound}
+        for r in bound:
+            if r.request.sampling.processed:
+                logits[r.slot] = raw[r.slot]
+        alive = self._masks.mask(logits, [(r.slot, r.matcher) for r in bound])
+        return logits, {r.slot for r, ok in zip(bound, alive) if not ok}, raw
 
     def _decode(self, going: list[Row]) -> None:
         """One token for every slot up to the last busy one (compiled: up to the smallest compiled slot count that
