@@ -109,29 +109,39 @@ def test_sampled_rows_all_end_by_themselves_with_json_that_follows_the_schema(xg
 
 
 def test_a_constrained_and_a_free_row_share_a_batch_and_each_equals_itself_alone(xgr, bpe):
+    """Constrained rows are masked and greedy rows picked all together in a step: each row, greedy or seeded, with
+    a penalty or log-probabilities, gets what it gets alone."""
     from llmctl.generate import Engine, Request
     from llmctl.sampling import Sampling
 
     model, tok, _ = bpe
     prompt = tok.encode("ROMEO: speak")
-    free = Request(prompt, Sampling(30, temperature=0))
-    bound = Request(prompt, Sampling(60, temperature=0), format=_format(tok, "enum"))
-    seeded = Request(prompt, Sampling(60, temperature=1.0, seed=3), format=_format(tok, "array"))
+    enum, array = _format(tok, "enum"), _format(tok, "array")
+    reqs = [Request(prompt, Sampling(30, temperature=0)),
+            Request(prompt, Sampling(60, temperature=0), format=enum, logprobs=2),
+            Request(prompt, Sampling(60, temperature=1.0, seed=3), format=array),
+            Request(prompt, Sampling(20, temperature=1.0, seed=4)),
+            Request(prompt, Sampling(60, temperature=0.8, seed=5, repetition_penalty=1.3), format=array, logprobs=1),
+            Request(prompt, Sampling(60, temperature=0, presence_penalty=0.5), format=enum)]
     engine = Engine(model, tok)
 
-    def texts(reqs):
+    def results(batch):
         done = {}
-        for row in engine.run(reqs):
+        for row in engine.run(batch):
             if row.done:
-                done[id(row.request)] = (row.text, row.finish_reason)
-        return [done[id(r)] for r in reqs]
+                done[id(row.request)] = (row.text, row.finish_reason, row.logprobs)
+        return [done[id(r)] for r in batch]
 
-    together = texts([free, bound, seeded])
-    alone = [texts([r])[0] for r in (free, bound, seeded)]
-    assert together == alone
-    assert together[0][1] == "length" and together[1][1] == "eos" and together[2][1] == "eos"
-    validate("enum", together[1][0])
-    validate("array", together[2][0])
+    together, alone = results(reqs), [results([r])[0] for r in reqs]
+    assert [x[:2] for x in together] == [x[:2] for x in alone]
+    for (_, _, lps), (_, _, lps_alone) in zip(together, alone):  # (the model's batched matmuls round differently)
+        assert [t for t, _, _ in lps] == [t for t, _, _ in lps_alone]
+        assert [v for _, v, _ in lps] == pytest.approx([v for _, v, _ in lps_alone], abs=1e-5)
+    assert [x[1] for x in together] == ["length", "eos", "eos", "length", "eos", "eos"]
+    assert len(together[1][2]) == len(tok.encode(together[1][0])) + 1  # each token's and the end id's
+    for (text, _, _), name in zip(together[1:], ("enum", "array", None, "array", "enum")):
+        if name:
+            validate(name, text)
 
 
 def test_a_length_bounded_string_allows_no_raw_control_character(xgr, bpe):
@@ -214,3 +224,45 @@ def test_the_extra_missing_is_one_line_naming_it(monkeypatch):
     # plain text asks for nothing
     assert api.parse_completion({"prompt": "a", "response_format": {"type": "text"}}, tok, limits).requests[0] \
         .format is None
+
+
+def test_the_utf8_guard_finds_the_tokens_no_valid_text_can_hold():
+    """Bytes that are invalid UTF-8 wherever they stand, and the tokens that may follow one ending in a lead byte
+    whose next byte is restricted (no overlong form, surrogate, or code point past U+10FFFF)."""
+    from llmctl.structured import LEADS, Utf8
+
+    vocab = [b"a", b"\xc3\xa9", b"\xa9", b"\xed", b"\xa0", b"\x9f", b"\xed\xa0\x80", b"\xc0", b"\xff", b"\xe0\x80",
+             b"\xf4\x90", b"\xc3A", b"\x80\x80\x80\x80", b"\xf0\x9f\x98\x80", b""]
+    g = Utf8.of(vocab, 40)  # ids past the vocabulary have no bytes
+    rows = [[bool(w >> (t % 32) & 1) for t in range(40) for w in [int(row[t // 32])]] for row in g.table]
+    assert [t for t in range(15) if not rows[0][t]] == [6, 7, 8, 9, 10, 11, 12]
+    assert all(rows[0][15:])
+    after_ed = rows[1 + LEADS.index(0xED)]
+    assert after_ed[5] and after_ed[14] and not (after_ed[4] or after_ed[2] or after_ed[0])  # 9F, no bytes: yes
+    assert g.after[3] == 1 + LEADS.index(0xED) and g.after[0] == g.after[1] == g.after[13] == 0
+
+
+def test_a_byte_level_vocabulary_writes_no_surrogate_but_non_ascii_letters(xgr, bpe):
+    """A byte-level vocabulary inside a JSON string: xgrammar 0.2.9 lets ED be followed by A0..BF (a surrogate,
+    invalid UTF-8); the guard allows only 80..9F there, and letters such as é (C3 A9) and 한 (ED 95 9C) stay."""
+    from llmctl import structured
+
+    _, tok, _ = bpe
+    byte, quote = _byte_tokens(tok), tok.encode('"')[0]
+    m = structured.Matcher(_compile(tok, {"type": "string"}))
+    assert m.accept(quote)
+    assert bool(m.allowed()[byte[0xC3]]) and m.accept(byte[0xC3]) and m.accept(byte[0xA9])
+    assert m.accept(byte[0xED])
+    allowed = m.allowed()
+    assert not any(bool(allowed[byte[b]]) for b in range(0xA0, 0xC0))
+    assert all(bool(allowed[byte[b]]) for b in range(0x80, 0xA0))
+    assert m.accept(byte[0x95]) and m.accept(byte[0x9C]) and m.accept(quote)
+
+
+def _byte_tokens(tok) -> dict[int, int]:
+    """Byte -> the id of the token that is that one byte (byte-level BPE's printable stand-ins for bytes)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in keep}
+    chars.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in chars)})
+    vocab = tok.tk.get_vocab(with_added_tokens=True)
+    return {b: vocab[c] for b, c in chars.items()}
