@@ -2,10 +2,11 @@
 
 A `Format` is a JSON schema compiled for one tokenizer and one model vocabulary (`compile_schema`): a request carries it
 (`generate.Request.format`), and each of its rows gets a `Matcher` that says which tokens may come next and
-follows the tokens sampled. The engine masks a constrained row's logits with it before sampling, so constrained and
-free rows share a batch and the decode step is the same compiled one. The JSON is compact (no whitespace between
-its parts: `max_tokens` is not spent on spaces), and the row ends at the model's end id, the only token left once
-the JSON is complete.
+follows the tokens sampled; the engine's `Masks` fills the masks of all its constrained rows in one call and masks
+the batch's logits with them in one before sampling, so constrained and free rows share a batch and the decode step
+is the same compiled one. Every mask is AND-ed with the vocabulary's `Utf8` guard (no invalid UTF-8). The JSON is
+compact (no whitespace between its parts: `max_tokens` is not spent on spaces), and the row ends at the model's end
+id, the only token left once the JSON is complete.
 
 What is asked for (`spec`): OpenAI's `response_format`: `{"type": "json_object"}` (any JSON object),
 `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}` (strict or not, the
