@@ -111,6 +111,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, kv=None, slot: Optional[int] = None, pos=None, mask=None) -> torch.Tensor:
         # kv: this layer's cache tensors (k, v), each (slots, nkv, S, hd), or None (training).
         # Prefill (`slot` an int): x is one sequence (1, T) at positions 0..T-1; its keys and values go to that slot.
+        # Extend (`slot` an int and `pos` an int start): x (1, T) continues that slot at positions pos..pos+T-1 and
+        # reads the slot's positions 0..pos+T-1 (`mask` (1, 1, T, pos+T)).
         # Decode (`pos` (B,)): row b of x (B, 1) is slot b at position pos[b].
         # `mask`: which keys each query reads, (B|1, 1, T, S) bool; None: causal over the T positions (an encoder,
         # cfg.causal false: every position).
@@ -127,7 +129,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv is not None:
             kc, vc = kv
-            if slot is not None:
+            if slot is not None and pos:
+                kc[slot, :, pos : pos + T] = k[0].to(kc.dtype)
+                vc[slot, :, pos : pos + T] = v[0].to(vc.dtype)
+                k, v = kc[slot : slot + 1, :, : pos + T], vc[slot : slot + 1, :, : pos + T]  # (1, nkv, pos+T, hd)
+            elif slot is not None:
                 kc[slot, :, :T] = k[0].to(kc.dtype)
                 vc[slot, :, :T] = v[0].to(vc.dtype)
             else:
@@ -393,6 +399,7 @@ class Transformer(nn.Module):
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         segments: Optional[torch.Tensor] = None,
+        start: int = 0,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) of token ids idx (B, T).
 
@@ -400,7 +407,9 @@ class Transformer(nn.Module):
         document ids in contiguous runs (packed documents, no cache): a token attends only to its own document and
         its position is its index within that document.
         Prefill, `cache` and `slot`: idx (1, T) is a sequence from position 0; its keys and values are written to
-        that slot of the cache.
+        that slot of the cache. With `start` too (a Python int): idx (1, T) continues the slot's first `start`
+        positions at positions start..start+T-1 (several tokens in one forward: speculative decoding's verify);
+        positions past start+T are not read, so whatever a longer earlier extension left there does not matter.
         Decode, `cache` and `pos` (B,): idx (B, 1) holds one token per slot 0..B-1, at that slot's position pos[b];
         each row reads its own slot's positions 0..pos[b]. `kv_len` (a Python int, >= max(pos) + 1) bounds the
         positions read (eager decoding); None reads the whole cache (the compiled step, whose shapes are fixed).
@@ -417,9 +426,14 @@ class Transformer(nn.Module):
                 raise ValueError("decoding with a cache takes one token per row and its positions `pos` (B,)")
             positions = pos[:, None]  # (B, 1)
         else:
-            positions = torch.arange(T, device=idx.device)[None]  # (1, T)
-        masks = (self._masks(T, idx.device, pos if slot is None else None, kv_len or (cache.length if cache else T))
-                 if segments is None else self._segment_masks(segments))
+            if start and (cache is None or slot is None):
+                raise ValueError("`start` extends a slot of a cache: give `cache` and `slot`")
+            positions = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
+        if start:
+            masks = self._extend_masks(T, start, idx.device)
+        else:
+            masks = (self._masks(T, idx.device, pos if slot is None else None, kv_len or (cache.length if cache else T))
+                     if segments is None else self._segment_masks(segments))
         x = self.wte(idx)  # (B, T, C)
         if self.cfg.embed_scale:  # by sqrt(C) rounded to x's dtype, as Gemma does
             x = x * torch.tensor(self.cfg.n_embd ** 0.5, dtype=x.dtype)
@@ -437,7 +451,7 @@ class Transformer(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             w = self.sliding[i]
-            x = block(x, ropes[w], cache.layers[i] if cache is not None else None, slot, pos, masks[w])
+            x = block(x, ropes[w], cache.layers[i] if cache is not None else None, slot, start or pos, masks[w])
         return self.norm(x)
 
     def _rope(self, name: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,6 +472,16 @@ class Transformer(nn.Module):
         sliding = full & (keys > pos[:, None] - window) if window is not None else full
         return [full[:, None, None, :], sliding[:, None, None, :]]
 
+    def _extend_masks(self, T: int, start: int, device) -> list[torch.Tensor]:
+        """Extending a slot: query i (position start+i) reads keys j <= start+i (the last `window` in sliding
+        layers), (1, 1, T, start+T)."""
+        window = self.cfg.sliding_window if any(self.sliding) else None
+        q = torch.arange(start, start + T, device=device)[:, None]
+        keys = torch.arange(start + T, device=device)[None, :]
+        full = keys <= q
+        sliding = full & (keys > q - window) if window is not None else full
+        return [full[None, None], sliding[None, None]]
+
     def _segment_masks(self, segments: torch.Tensor) -> list:
         """`segment_masks` for this model: FlexAttention on CUDA unless dropout or soft-capped scores need SDPA, or
         the model is an encoder (whose segments are a padded batch's, of a new length each time: SDPA's bool masks
@@ -473,10 +497,11 @@ class Transformer(nn.Module):
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         segments: Optional[torch.Tensor] = None,
+        start: int = 0,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache and `segments`
-        arguments."""
-        h = self.hidden(idx, cache, slot, pos, kv_len, segments)
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache, `segments` and
+        `start` arguments."""
+        h = self.hidden(idx, cache, slot, pos, kv_len, segments, start)
         logits = self.lm_head(self.mlm(h) if self.mlm is not None else h)
         if self.cfg.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
