@@ -657,6 +657,16 @@ BAD += [
     ("serve-bad-port", lambda t, r: ["serve", "--ckpt", r, "--port", "70000"], ["--port must be between 0 and 65535"]),
 ]
 
+# speculative decoding (docs/inference.md#speculative-decoding)
+BAD += [
+    ("draft-other-vocabulary", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--draft", _windowed_llama(t)],
+     ["--draft", "vocabulary of 300 tokens", "the model's tokenizer"]),
+    ("draft-missing", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--draft", t / "nope"],
+     ["--draft", "checkpoint not found", "--draft prompt-lookup"]),
+    ("draft-with-input", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "p.txt", "hi\n"),
+                                       "--draft", "prompt-lookup"], ["--draft goes with --prompt"]),
+]
+
 # encoders (docs/encoders.md)
 BAD += [
     ("mlm-on-a-decoder", lambda t, r: ["pretrain", *sets(*TINY, "train.objective=mlm"), "--out", t / "o"],
