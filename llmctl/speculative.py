@@ -127,7 +127,7 @@ class DraftModel:
 
     def __init__(self, model: Transformer, vocab_size: int, name: str = "draft"):
         if model.cfg.vocab_size != vocab_size:
-            raise LlmctlError(f"the draft {name} has a vocabulary of {model.cfg.vocab_size} tokens, the model "
+            raise LlmctlError(f"the draft {name} has a vocabulary of {model.cfg.vocab_size} tokens but the model has "
                               f"{vocab_size}; give a draft trained with the model's tokenizer")
         self.model, self.name = model, name
         self.window: Optional[_Window] = None

@@ -91,8 +91,12 @@ def speculation(loaded: Loaded, draft: Optional[str], dtype: Optional[str] = Non
         small = load_model(draft, str(loaded.device), require_tokenizer=False)
     except LlmctlError as e:
         raise LlmctlError(f"--draft {draft}: {e.message} (or give --draft {speculative.PROMPT_LOOKUP})") from None
+    try:
+        drafter = speculative.DraftModel(small.model, loaded.cfg.model.vocab_size, str(draft))
+    except LlmctlError as e:
+        raise LlmctlError(f"--draft: {e.message}") from None
     for_inference(small, dtype, quantize_mode, compile=False)
-    return Speculation(speculative.DraftModel(small.model, loaded.cfg.model.vocab_size, str(draft)), g.draft_tokens)
+    return Speculation(drafter, g.draft_tokens)
 
 
 def texts(engine: Engine, requests: list[Request]) -> Iterator[str]:
