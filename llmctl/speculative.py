@@ -23,7 +23,8 @@ normal decoding forms it (`generate.processed` with the row's tokens so far, the
   P(out = d) = p(d) and P(out = y) = (1 - p(d)) p(y) / (1 - p(d)) = p(y): the target's distribution again.
 When every draft token is kept, one more token is drawn from the target's distribution after the last one (free:
 the forward computed it). Sampled output with a seed is reproducible, but not the same tokens as without a draft
-(the random numbers are used differently); its distribution is the same.
+(the random numbers are used differently); its distribution is the same. Exactness holds while the row fits the
+context: past it the window slides (`generate.slide_keep`) at other tokens than `Engine`'s, so outputs may part.
 """
 
 from __future__ import annotations
