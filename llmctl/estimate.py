@@ -153,7 +153,7 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
         core += s * qd + 4 * cfg.n_head
     attn = p * C + (core + (p * qd if (s != p or dropout > 0) else 0)) / tp  # qkv input, attention, proj input
     masks = 2 * p * C if dropout > 0 else 0  # residual dropout masks, in the dtype of what they drop
-    mlp = p * C + (4 * p * H if cfg.arch == "llama" else 2 * p * H) / tp  # fc input, fc output (gate/up), proj input
+    mlp = p * C + (4 * p * H if cfg.gated else 2 * p * H) / tp  # fc input, fc output (gate/up), proj input
     block = norm + attn + norm + mlp + masks  # per token
     # final norm, head input, float32 log-probabilities, input ids and targets (int64), embedding dropout mask
     head = norm + p * C + 4 * V + 8 + 8 + (4 * C if dropout > 0 else 0)

@@ -18,13 +18,13 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import distributed, estimate, hardware, rundir, tblog
-from .config import ADAPTER_METHODS, Config
+from .config import ADAPTER_METHODS, Config, from_dict
 from .distributed import unwrap
 from .errors import LlmctlError
 from .events import Events, with_fields
 from .interrupt import Stopped
 from .loading import restore
-from .optim import build_optimizer
+from .optim import build_optimizer, check_continuation
 from .plan import TrainPlan
 from .saver import Saver
 from .train import Hooks, Interrupted, LoopState, fit
@@ -76,6 +76,8 @@ def load_start(plan: TrainPlan, start: Start, events: Events) -> Optional[dict]:
     classifier = unwrap(plan.task.module) if plan.task.kind == "classification" else None
     restore(unwrap(plan.task.backbone), classifier, ck, plan.cfg)
     state = ck.train_state()
+    # a WSD decay must fit in the steps left
+    check_continuation(state["loop"]["step"], plan.cfg.train, from_dict(ck.config, validate=False).train)
     events.log(f"resuming from {ck.path} (step {ck.meta.get('step')})")
     return state
 

@@ -658,6 +658,20 @@ BAD += [
 ]
 
 
+# pretraining to a target (issue 34)
+BAD += [
+    ("stop-at-loss-without-validation", lambda t, r: ["pretrain", *sets(*TINY, "train.stop_at_loss=1.5",
+     "data.val_fraction=0"), "--out", t / "o"], ["train.stop_at_loss needs a validation split", "data.val_fraction"]),
+    ("wsd-decay-longer-than-the-run", lambda t, r: ["pretrain", *sets(*TINY, "train.lr_schedule=wsd",
+     "train.decay_steps=40"), "--out", t / "o"], ["WSD decay of 40 steps is longer than", "train.max_steps=30"]),
+    ("wsd-decay-longer-than-the-steps-left", lambda t, r: ["pretrain", *sets(*TINY, "train.lr_schedule=wsd",
+     "train.decay_steps=10", "train.max_steps=35"), "--resume-from", r, "--out", t / "o"],
+     ["longer than the 5 steps left after the checkpoint at step 30", "train.max_steps to 40"]),
+    ("muon-sharded", lambda t, r: ["pretrain", *sets(*TINY, "train.optimizer=muon", "train.parallel=fsdp"),
+     "--out", t / "o"], ["train.optimizer=muon with train.parallel=fsdp", "Muon orthogonalises whole matrices"]),
+]
+
+
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input(case, runner, tiny_run, tmp_path, monkeypatch):
     _, make, words, *env = case
