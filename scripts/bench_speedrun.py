@@ -6,7 +6,7 @@ to re-measure). nanoGPT's figure is the whole-process wall time of its `train.py
 evaluation off (`bench_train.run_nanogpt`: 2000 steps). An llmctl figure is the whole-process wall time (start-up
 included) of a run with `train.stop_at_loss` at the target, which ends at the first validation at or below it,
 minus its validation passes (`val_seconds` in metrics.jsonl): they measure, they do not train. Validation is one
-full pass over nanoGPT's split (the last 10 % of the characters), every `--eval-interval` steps.
+full pass over nanoGPT's split (the last 10 % of the characters), about every 20k training tokens (RECIPES).
 
 The three run alternately, round after round, as whole processes; each figure is the median over the rounds.
 
@@ -32,11 +32,12 @@ from bench_train import prepare_nanogpt, run_nanogpt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.905  # nanoGPT's final validation loss on its CPU config (issue 34)
-RECIPES = {"llmctl default": "configs/shakespeare-char.yaml",
-           "llmctl speedrun": "configs/shakespeare-char-speedrun.yaml"}
+# each llmctl run with its validation interval: about 20k tokens apart in both (batch 12 x 64, batch 32 x 64)
+RECIPES = {"llmctl default": ("configs/shakespeare-char.yaml", 25),
+           "llmctl speedrun": ("configs/shakespeare-char-speedrun.yaml", 10)}
 
 
-def run_llmctl(config: str, data: Path, target: float, eval_interval: int, extra: list[str]) -> dict:
+def run_llmctl(config: str, eval_interval: int, data: Path, target: float, extra: list[str]) -> dict:
     """One whole `llmctl pretrain` process that stops at the target: its time to target by the rule."""
     out = Path(tempfile.mkdtemp(prefix="speedrun-")) / "run"
     sets = [f"data.path={data}", f"train.stop_at_loss={target}", f"train.eval_interval={eval_interval}",
@@ -66,7 +67,6 @@ def main() -> None:
     ap.add_argument("--nanogpt", type=Path, default=ROOT.parent / "nanoGPT", help="a clone of karpathy/nanoGPT")
     ap.add_argument("--target", type=float, default=TARGET)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--eval-interval", type=int, default=25, help="steps between the llmctl runs' validations")
     ap.add_argument("--only", choices=["nanoGPT", *RECIPES], action="append", help="run only these (tuning)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="an override for the llmctl runs")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks/speedrun.json")
@@ -83,7 +83,7 @@ def main() -> None:
                 res = run_nanogpt(args.nanogpt, 2000)
                 res["time_to_target_s"] = res["wall_s"]
             else:
-                res = run_llmctl(RECIPES[name], args.data, args.target, args.eval_interval, args.extra)
+                res = run_llmctl(*RECIPES[name], args.data, args.target, args.extra)
             results[name].append(res)
             print(f"round {r + 1}: {name:16s} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                            for k, v in res.items()), file=sys.stderr, flush=True)
@@ -100,7 +100,7 @@ def main() -> None:
         print(f"{name:18s} {t if t is not None else float('nan'):>19.1f} {ratio or float('nan'):>10.3f}x {step:>6}")
     from llmctl import hardware  # the CPU class every figure holds for
 
-    info = {"target": args.target, "rounds": args.rounds, "eval_interval": args.eval_interval,
+    info = {"target": args.target, "rounds": args.rounds,
             "rule": "whole-process wall time of a run stopping at the first full validation <= target, minus its "
                     "validation passes; nanoGPT: its whole 2000-step train.py run, evaluation off",
             "configs": RECIPES, "overrides": args.extra,
