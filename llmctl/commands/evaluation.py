@@ -188,7 +188,8 @@ def evaluate_tasks(ckpt: Path, tasks: str, num_fewshot: Optional[int] = None, li
 def evaluate_reward(ckpt: Path, rewards: list[str], prompts: Path, reference: Optional[Path] = None,
                     samples: int = 1, batch_size: Optional[int] = None, device: str = "auto",
                     base: Optional[Path] = None, tokenizer: Optional[Path] = None,
-                    overrides: Optional[list[str]] = None, flags: Optional[dict] = None, events: Events = SILENT) -> dict:
+                    overrides: Optional[list[str]] = None, flags: Optional[dict] = None,
+                    events: Events = SILENT) -> dict:
     """`llmctl eval --reward SPEC --prompts FILE`: `samples` completions of each prompt, sampled with the
     checkpoint's generate settings (then --set generate.* and the sampling flags over them), scored by the
     rewards (added up); and the KL to `reference` (default: the checkpoint the run started from). Returns exactly
