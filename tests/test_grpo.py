@@ -49,6 +49,9 @@ def files(tmp_path_factory):
     with open(d / "prompts.jsonl", "w") as f:
         for i in range(32):
             f.write(json.dumps({"prompt": WORDS[i % 8] + " ", "n": i}) + "\n")
+    with open(d / "few.jsonl", "w") as f:
+        for w in WORDS:
+            f.write(json.dumps({"prompt": w + " "}) + "\n")
     (d / "rewards_fns.py").write_text(REWARDS)
     return d
 
@@ -166,21 +169,20 @@ def test_a_grpo_run_resumes_exactly(files, tiny_run, tmp_path):
 
 def test_reward_rises_on_a_learnable_reward_and_eval_measures_it(files, tiny_run, runner, tmp_path):
     out = tmp_path / "e"
-    args = grpo_args(files, "train.max_steps=16", "train.lr=1e-2", "train.batch_size=4", "finetune.beta=0",
-                     "train.eval_interval=16", "data.val_fraction=0.25", "train.eval_batches=4")
+    args = grpo_args(files, "train.max_steps=8", "train.lr=2e-2", "train.batch_size=4", "finetune.beta=0",
+                     "train.eval_interval=0", "data.val_fraction=0")
     r = invoke(runner, "finetune", "--from", tiny_run, *sets(*args), "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     train = [m for m in metrics(out) if "loss" in m]
-    first, last = (sum(m["reward"] for m in ms) / len(ms) for ms in (train[:4], train[-4:]))
-    assert last > first + 0.5, (first, last)
+    first, last = (sum(m["reward"] for m in ms) / len(ms) for ms in (train[:3], train[-3:]))
+    assert last > first + 0.3, (first, last)
     # eval --reward: the policy against its start (the default reference) and the start against itself
-    prompts = files / "prompts.jsonl"
     spec = f"{files / 'rewards_fns.py'}:count_e"
     got = {}
-    for ckpt in (out, tiny_run):
-        r = invoke(runner, "eval", "--ckpt", ckpt, "--reward", spec, "--prompts", prompts, "--reference", tiny_run,
-                   "--seed", "3", "--json")
+    for ckpt, more in ((out, []), (tiny_run, ["--reference", tiny_run])):  # (the run's reference: where it started)
+        r = invoke(runner, "eval", "--ckpt", ckpt, "--reward", spec, "--prompts", files / "few.jsonl", "--samples", "2",
+                   "-n", "6", "--seed", "3", "--json", *more)
         assert r.exit_code == 0, r.output
         got[ckpt] = json.loads(r.stdout)
-        assert set(got[ckpt]) == {"reward", "reward_std", "kl", "samples"} and got[ckpt]["samples"] == 32
+        assert set(got[ckpt]) == {"reward", "reward_std", "kl", "samples"} and got[ckpt]["samples"] == 16
     assert got[out]["reward"] > got[tiny_run]["reward"] and got[out]["kl"] > 0 and got[tiny_run]["kl"] == 0
