@@ -378,7 +378,7 @@ def sample_batch(task: Task, tokenizer: Tokenizer, step: int = 0, labels_names: 
     """
     batch = task.batches(step)[0]
     ids = batch["input_ids"][0].tolist()
-    if "lengths" in batch:  # classification: one label per sequence
+    if batch["labels"].dim() == 1:  # classification: one label per sequence
         n = int(batch["lengths"][0])
         label = int(batch["labels"][0])
         return {"step": step, "tokens": n, "trained_tokens": 0, "label": labels_names[label] if labels_names else label,
