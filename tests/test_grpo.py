@@ -186,3 +186,18 @@ def test_reward_rises_on_a_learnable_reward_and_eval_measures_it(files, tiny_run
         got[ckpt] = json.loads(r.stdout)
         assert set(got[ckpt]) == {"reward", "reward_std", "kl", "samples"} and got[ckpt]["samples"] == 16
     assert got[out]["reward"] > got[tiny_run]["reward"] and got[out]["kl"] > 0 and got[tiny_run]["kl"] == 0
+
+
+def test_a_classifier_reward_is_the_probability_of_its_label(tiny_run, tmp_path):
+    data = tmp_path / "train.tsv"
+    data.write_text("label\tsentence\n" + "".join(f"{('neg', 'pos')[i % 2]}\tword {i}\n" for i in range(40)))
+    training_cmd.finetune(None, ["finetune.task=classification", f"data.path={data}", "data.text_column=sentence",
+                                 "train.max_steps=2", "train.dtype=float32"], tiny_run, tmp_path / "cls")
+    rewards = load_rewards(f"classifier:{tmp_path / 'cls'}:pos")
+    prompts = ["the king ", [{"role": "user", "content": "hi"}], "a "]
+    completions = ["was good", [{"role": "assistant", "content": "sweet love"}], "night " * 40]  # (the last: cut)
+    got, each = rewards.score(prompts, completions, {}, ["r1", "r2", "r3"])
+    classifier = loading.load_model(tmp_path / "cls", "cpu")
+    want = inference_cmd.classify_texts(classifier, ["the king was good", "sweet love", "a " + "night " * 40])
+    assert got.tolist() == pytest.approx([w["probabilities"]["pos"] for w in want], abs=1e-6)
+    assert list(each) == [f"classifier:{tmp_path / 'cls'}:pos"]
