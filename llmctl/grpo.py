@@ -142,8 +142,9 @@ class Rollouts:
         return out
 
     def state(self) -> dict:
-        """What a checkpoint keeps: the generation the next steps may still train on."""
-        return {"current": self.current}
+        """What a checkpoint keeps: the generation the next steps may still train on (none with one update per
+        generation)."""
+        return {"current": self.current} if self.iterations > 1 else {}
 
     def load_state(self, state: dict) -> None:
         self.current = state.get("current")

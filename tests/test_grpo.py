@@ -145,7 +145,8 @@ def test_a_reward_that_misbehaves_stops_with_one_line_naming_it_and_the_row(file
 def test_a_grpo_run_resumes_exactly(files, tiny_run, tmp_path):
     """Stopped in the middle of a generation's two updates (grpo_iterations 2): the resumed run trains on the
     checkpointed rollouts, then samples what the uninterrupted run sampled."""
-    args = grpo_args(files, "finetune.grpo_iterations=2", "model.dropout=0.1", "train.lr=3e-3")
+    args = grpo_args(files, "finetune.grpo_iterations=2", "finetune.group_size=2", "model.dropout=0.1",
+                     "train.lr=3e-3")
     training_cmd.finetune(None, args, tiny_run, tmp_path / "full")
 
     def stop_at_3(state):

@@ -115,17 +115,21 @@ def eval_(
         if overrides or any(v is not None for v in flags.values()):
             raise LlmctlError("--set and the sampling flags (--temperature, ...) go with --tasks: only lm-eval's "
                               "generation tasks generate")
-        r = evaluation_cmd.evaluate(ckpt, data, batch_size, device, events=events, text_column=text_column,
-                              label_column=label_column, base=base, tokenizer=tokenizer, dtype=dtype,
-                              quantize_mode=quantize_mode)
-        if json_out:
-            _print_json(r)
-        elif "confusion" in r:
-            _print_classification(r)
-        else:
-            out.print(_table(f"eval: {r['data']}", {k: v for k, v in r.items() if k not in ("data",)}))
+        _print_measures(evaluation_cmd.evaluate(ckpt, data, batch_size, device, events=events, text_column=text_column,
+                                                label_column=label_column, base=base, tokenizer=tokenizer,
+                                                dtype=dtype, quantize_mode=quantize_mode), json_out)
 
     run(go)
+
+
+def _print_measures(r: dict, json_out: bool) -> None:
+    """`eval` of a language model or a classifier: --json, or the tables."""
+    if json_out:
+        _print_json(r)
+    elif "confusion" in r:
+        _print_classification(r)
+    else:
+        out.print(_table(f"eval: {r['data']}", {k: v for k, v in r.items() if k not in ("data",)}))
 
 
 def _eval_reward(ckpt, reward, prompts, reference, samples, data, tasks, batch_size, device, base, tokenizer,
