@@ -207,7 +207,7 @@ def evaluate_reward(ckpt: Path, rewards: list[str], prompts: Path, reference: Op
     if loaded.classifier is not None:
         raise LlmctlError(f"--reward measures a language model's completions; {loaded.ckpt.path} is a classifier")
     s = sampling_settings(loaded, overrides, flags, "eval")
-    ref = _reference(loaded, reference, device)
+    ref = _reference(loaded, reference, device, tokenizer)
     scorer = load_rewards(rewards, device=loaded.device, key="--reward")
     rows = prompt_rows(str(prompts), DataConfig(), loaded.cfg.finetune.prompt_field, key="--prompts")
     ids, cut = encode_prompts(loaded.cfg, loaded.tokenizer, rows, s.max_new_tokens)
@@ -220,14 +220,15 @@ def evaluate_reward(ckpt: Path, rewards: list[str], prompts: Path, reference: Op
                    loaded.cfg.generate.batch_size, batch_size or loaded.cfg.eval.batch_size, loaded.tokenizer.pad_id)
 
 
-def _reference(loaded: Loaded, reference: Optional[Path], device: str) -> Loaded:
-    """The reference checkpoint: --reference, else the one the run started from (recorded in its checkpoints)."""
+def _reference(loaded: Loaded, reference: Optional[Path], device: str, tokenizer: Optional[Path]) -> Loaded:
+    """The reference checkpoint: --reference, else the one the run started from (recorded in its checkpoints);
+    with --tokenizer, read with that tokenizer too."""
     where = reference or (loaded.ckpt.meta.get("base") or {}).get("path")
     if where is None:
         raise LlmctlError(f"{loaded.ckpt.path} records no starting checkpoint to measure the KL against; pass "
                           "--reference RUN")
     try:
-        ref = load_model(where, device)
+        ref = load_model(where, device, tokenizer=tokenizer)
     except LlmctlError as e:
         raise LlmctlError(f"the reference {where}: {e.message}") from None
     if ref.classifier is not None or ref.tokenizer.sha256 != loaded.tokenizer.sha256:
