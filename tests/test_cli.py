@@ -283,6 +283,8 @@ BAD = [
      ["the classifier has no label 'positive'", "its labels are 0, 1"]),
     ("grpo-group-size-1", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t), "finetune.group_size=1"),
      "--out", t / "o"], ["finetune.group_size", "at least 2 per prompt"]),
+    ("grpo-greedy", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t), "generate.temperature=0"),
+     "--out", t / "o"], ["generate.temperature=0", "nothing to compare"]),
     ("grpo-without-reward", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t)[:-1]), "--out", t / "o"],
      ["finetune.task=grpo needs a reward"]),
     ("grpo-prompt-row-without-prompt", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t)[:-1],

@@ -107,6 +107,9 @@ class FinetuneConfig:
         if f.group_size < 2:
             p.append(f"finetune.group_size: GRPO compares each completion with the others of its group, so it needs "
                      f"at least 2 per prompt (got {f.group_size})")
+        if getattr(getattr(cfg, "generate", None), "temperature", 1.0) == 0:
+            p.append("generate.temperature=0 samples the same completion G times, so GRPO has nothing to compare; "
+                     "set it above 0 for finetune.task=grpo")
         if f.clip_eps <= 0:
             p.append(f"finetune.clip_eps: must be positive (got {f.clip_eps})")
         if f.grpo_iterations < 1:
