@@ -7,7 +7,9 @@ small switches (ModelConfig) cover the open families: RoPE scaling and partial r
 scaled embeddings, post-norms, soft-caps and query scale. Each is exactly a transformers model (see `llmctl.hf`).
 
 `forward` returns logits. Loss, optimizers and I/O live elsewhere. For generation the caller passes a `KVCache`
-(slots of keys and values) to `forward`, which prefills one slot or decodes one token in every slot.
+(slots of keys and values) to `forward`, which prefills one slot or decodes one token in every slot. For packed
+documents the caller passes `segments` (B, T), a document id per token: attention stays inside each document and
+positions restart at 0 where a document starts (`segment_positions`, `segment_masks`).
 """
 
 from __future__ import annotations
@@ -128,6 +130,9 @@ class Attention(nn.Module):
                 kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)  # (B, nkv, hd) into each row's own position
                 vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
                 k, v = kc[:B, :, : mask.shape[-1]], vc[:B, :, : mask.shape[-1]]  # (B, nkv, S', hd)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask: documents on CUDA
+            y = flex_attention(q, k, v, mask, self.scale, self.n_kv_head != self.n_head)
+            return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)))
         dtype = q.dtype
         if attention_dtype(q.device.type, dtype, k.shape[2]) != dtype:
             q, k, v = q.float(), k.float(), v.float()
@@ -161,6 +166,57 @@ def causal(T: int, device, window: Optional[int] = None) -> torch.Tensor:
     if window is not None:
         keep &= j > i - window
     return keep[None, None]
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) long: each token's index within its segment, a run of equal ids in `segments` (B, T)."""
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def segment_masks(segments: torch.Tensor, window: Optional[int], flex: bool = False) -> list:
+    """Which keys each query reads for full and for sliding layers when rows pack documents: a key of the query's
+    own segment, at or before it (and within `window` of it in sliding layers). Bool (B, 1, T, T) for SDPA, or with
+    `flex` (and a torch that has it) FlexAttention block masks, which skip the blocks outside every document."""
+    B, T = segments.shape
+    if flex and _flex_ready():
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, k, w=None):
+            keep = (segments[b, q] == segments[b, k]) & (k <= q)
+            return keep & (k > q - w) if w is not None else keep
+
+        full = create_block_mask(mask_mod, B, None, T, T, device=segments.device)
+        return [full, create_block_mask(partial(mask_mod, w=window), B, None, T, T, device=segments.device)
+                if window is not None and window < T else full]
+    same = (segments[:, :, None] == segments[:, None, :])[:, None]  # (B, 1, T, T)
+    full = same & causal(T, segments.device)
+    return [full, same & causal(T, segments.device, window) if window is not None and window < T else full]
+
+
+def _flex_ready() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
+        return True
+    except ImportError:
+        return False
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask, scale: Optional[float], gqa: bool) -> torch.Tensor:
+    """FlexAttention with a block mask, compiled once on CUDA (eager elsewhere: forward only, for tests)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.is_cuda:
+        _compiled_flex = _compiled_flex or torch.compile(flex, dynamic=False)
+        flex = _compiled_flex
+    with torch.autocast(q.device.type, enabled=False):
+        return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -283,10 +339,13 @@ class Transformer(nn.Module):
         slot: Optional[int] = None,
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
+        segments: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) of token ids idx (B, T).
 
-        Without a cache: positions 0..T-1, causal attention (training, evaluation).
+        Without a cache: positions 0..T-1, causal attention (training, evaluation). With `segments` (B, T), integer
+        document ids in contiguous runs (packed documents, no cache): a token attends only to its own document and
+        its position is its index within that document.
         Prefill, `cache` and `slot`: idx (1, T) is a sequence from position 0; its keys and values are written to
         that slot of the cache.
         Decode, `cache` and `pos` (B,): idx (B, 1) holds one token per slot 0..B-1, at that slot's position pos[b];
@@ -296,13 +355,18 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
-        if cache is not None and slot is None:
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments (packed documents) are for training and evaluation, not a KV cache")
+            positions = segment_positions(segments)  # (B, T)
+        elif cache is not None and slot is None:
             if pos is None or T != 1:
                 raise ValueError("decoding with a cache takes one token per row and its positions `pos` (B,)")
             positions = pos[:, None]  # (B, 1)
         else:
             positions = torch.arange(T, device=idx.device)[None]  # (1, T)
-        masks = self._masks(T, idx.device, pos if slot is None else None, kv_len or (cache.length if cache else T))
+        masks = (self._masks(T, idx.device, pos if slot is None else None, kv_len or (cache.length if cache else T))
+                 if segments is None else self._segment_masks(segments))
         x = self.wte(idx)  # (B, T, C)
         if self.cfg.embed_scale:  # by sqrt(C) rounded to x's dtype, as Gemma does
             x = x * torch.tensor(self.cfg.n_embd ** 0.5, dtype=x.dtype)
@@ -335,6 +399,11 @@ class Transformer(nn.Module):
         sliding = full & (keys > pos[:, None] - window) if window is not None else full
         return [full[:, None, None, :], sliding[:, None, None, :]]
 
+    def _segment_masks(self, segments: torch.Tensor) -> list:
+        """`segment_masks` for this model: FlexAttention on CUDA unless dropout or soft-capped scores need SDPA."""
+        flex = segments.is_cuda and self.cfg.dropout == 0 and self.cfg.attn_softcap is None
+        return segment_masks(segments, self.cfg.sliding_window if any(self.sliding) else None, flex)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -342,9 +411,11 @@ class Transformer(nn.Module):
         slot: Optional[int] = None,
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
+        segments: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache arguments."""
-        logits = self.lm_head(self.hidden(idx, cache, slot, pos, kv_len))
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache and `segments`
+        arguments."""
+        logits = self.lm_head(self.hidden(idx, cache, slot, pos, kv_len, segments))
         if self.cfg.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
