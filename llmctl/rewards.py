@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .data import Examples, classifier_ids, eval_batches
+from .data import Examples, classification_ids, eval_batches
 from .errors import LlmctlError
 from .evaluate import classify
 from .loading import load_model
@@ -114,11 +114,12 @@ def classifier_reward(spec: str, device: str | torch.device = "cpu", key: str = 
         raise LlmctlError(f"{key} {spec!r}: the classifier has no label {label!r}; its labels are "
                           f"{', '.join(loaded.labels)}")
     k, tok, block = loaded.labels.index(label), loaded.tokenizer, loaded.cfg.model.block_size
+    encoder = not loaded.cfg.model.causal
 
     def probability(prompts: list, completions: list, **columns) -> list[float]:
         texts = [p + c if isinstance(p, str) and isinstance(c, str) else c if isinstance(c, str) else c[-1]["content"]
                  for p, c in zip(prompts, completions)]
-        ids, _ = classifier_ids(tok, texts, block)
+        ids, _ = classification_ids(tok, texts, block, encoder=encoder)
         batches = eval_batches(Examples(ids, [0] * len(ids)), list(range(len(ids))), "classification", tok.pad_id,
                                batch_size)
         rows, _, probs, _ = classify(loaded.classifier, batches, loaded.device)

@@ -21,7 +21,7 @@ from .examples import (
     ExampleBatches,
     Examples,
     classification_examples,
-    classifier_ids,
+    classification_ids,
     eval_batches,
     holdout,
     instruct_examples,
@@ -34,6 +34,6 @@ from .tables import load_texts
 
 __all__ = [
     "ExampleBatches", "Examples", "LMBatches", "PromptRow", "TokenData", "chat_examples", "classification_examples",
-    "classifier_ids", "eval_batches", "eval_blocks", "holdout", "instruct_examples", "load_texts", "packed_tokens",
+    "classification_ids", "eval_batches", "eval_blocks", "holdout", "instruct_examples", "load_texts", "packed_tokens",
     "pad_batch", "preference_examples", "prepare", "prompt_rows", "resolve_source", "tokenize_file",
 ]
