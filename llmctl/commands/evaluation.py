@@ -210,8 +210,8 @@ def evaluate_reward(ckpt: Path, rewards: list[str], prompts: Path, reference: Op
         raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
     loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
     if loaded.classifier is not None or not loaded.cfg.model.causal:
-        raise LlmctlError(f"--reward measures a language model's completions; {loaded.ckpt.path} is "
-                          f"{'a classifier' if loaded.classifier is not None else 'an encoder, which does not generate'}")
+        what = "a classifier" if loaded.classifier is not None else "an encoder, which does not generate"
+        raise LlmctlError(f"--reward measures a language model's completions; {loaded.ckpt.path} is {what}")
     s = sampling_settings(loaded, overrides, flags, "eval")
     ref = _reference(loaded, reference, device, tokenizer)
     scorer = load_rewards(rewards, device=loaded.device, key="--reward")
