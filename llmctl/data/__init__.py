@@ -14,7 +14,7 @@ This file hands on the names the rest of llmctl uses.
 
 from ..corpus import resolve_source
 from .batches import LMBatches, eval_blocks
-from .cache import TokenData, prepare, tokenize_file
+from .cache import TokenData, document_starts, prepare, tokenize_file
 from .conversations import chat_examples
 from .examples import (
     ExampleBatches,
@@ -30,7 +30,8 @@ from .preferences import preference_examples
 from .tables import load_texts
 
 __all__ = [
-    "ExampleBatches", "Examples", "LMBatches", "TokenData", "chat_examples", "classification_examples", "eval_batches",
+    "ExampleBatches", "Examples", "LMBatches", "TokenData", "chat_examples", "classification_examples",
+    "document_starts", "eval_batches",
     "eval_blocks", "holdout", "instruct_examples", "load_texts", "packed_tokens", "pad_batch", "preference_examples",
     "prepare", "resolve_source", "tokenize_file",
 ]
