@@ -98,13 +98,13 @@ def run(variant: str, model, opt, T: int, steps: int, profile: bool) -> tuple[li
     return times, table
 
 
-def attention_alone(T: int, repeats: int) -> dict:
+def attention_alone(T: int, repeats: int, dtypes: list[str]) -> dict:
     """Seconds per SDPA forward + backward (median of `repeats`) per dtype and way of asking for causality."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     out = {}
     mask = model_mod.causal(T, "cpu")
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (getattr(torch, d) for d in dtypes):
         for how in ("is_causal", "mask", "math"):
             q, k, v = (torch.randn(4, 8, T, 32, dtype=dtype, requires_grad=True) for _ in range(3))
             ctx = sdpa_kernel([SDPBackend.MATH]) if how == "math" else contextlib.nullcontext()
@@ -131,11 +131,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops (first round)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--attention", action="store_true", help="time attention alone (see above)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="with --attention")
     args = ap.parse_args()
     T = args.block_size
     if args.attention:
         print(f"CPU: {cpu_name()} ({cpu_isa()}), torch {torch.__version__}, {torch.get_num_threads()} threads")
-        attention_alone(T, args.steps)
+        attention_alone(T, args.steps, args.dtypes)
         return
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layer=6, n_head=8, n_embd=256, block_size=T, vocab_size=65, dropout=0.0))
