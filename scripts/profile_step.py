@@ -9,8 +9,8 @@ Variants, run interleaved in one process so their ratios hold on a busy machine:
   fp32            float32, attention through SDPA with is_causal (llmctl's path)
   fp32-mask       float32, SDPA given an explicit boolean causal mask instead of is_causal
   fp32-math       float32, SDPA restricted to its math backend (no flash kernel)
-  bf16            bf16 autocast, attention as llmctl runs it (`llmctl.model.attention_dtype`)
-  bf16-attn-bf16  bf16 autocast, attention in bf16 at every length
+  bf16            bf16 autocast, attention as llmctl runs it (`llmctl.model.attention_dtype`: float32 in training)
+  bf16-attn-bf16  bf16 autocast, attention in bf16 at every length (before 2026-12-07: from kv length 512 on)
   bf16-attn-fp32  bf16 autocast, attention in float32 at every length
   fp32-docs / bf16-docs  rows of 4 packed documents (`segments`): the block-diagonal mask
 Prints tokens/s per variant (median over the timed steps of all rounds) and, with --profile, torch.profiler's top
@@ -44,7 +44,7 @@ ORIGINAL_ATTENTION_DTYPE = model_mod.attention_dtype
 def setting(variant: str, T: int):
     """(autocast dtype or None, attention_dtype replacement or None, context manager, segments or None)."""
     amp = torch.bfloat16 if variant.startswith("bf16") else None
-    attn = {"bf16-attn-bf16": lambda d, dt, n: dt, "bf16-attn-fp32": lambda d, dt, n: torch.float32}.get(variant)
+    attn = {"bf16-attn-bf16": lambda *a: a[1], "bf16-attn-fp32": lambda *a: torch.float32}.get(variant)
     ctx = contextlib.nullcontext()
     if variant == "fp32-math":
         from torch.nn.attention import SDPBackend, sdpa_kernel
