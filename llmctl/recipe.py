@@ -22,6 +22,7 @@ from .config import ADAPTER_METHODS, Config
 from .distributed import unwrap
 from .errors import LlmctlError
 from .events import Events, with_fields
+from .heads import Classifier
 from .interrupt import Stopped
 from .loading import restore
 from .optim import build_optimizer
@@ -47,7 +48,7 @@ class FinishedRun:
 
     out: Path
     cfg: Config
-    task: str  # the task it trained: lm, classification, instruct, distill, dpo
+    task: str  # the task it trained: lm, classification, instruct, distill, dpo, grpo
     device: torch.device  # where it trained
     train_seconds: float
     resume_cmd: str
@@ -145,10 +146,10 @@ def _train_locked(plan: TrainPlan, start: Start, events: Events, resume_state: O
 
 def _split_weights(plan: TrainPlan, full: dict) -> tuple[dict, str, dict]:
     """(weights, their file name, extra files) from the trained module's full state dict: the whole backbone, or
-    only the LoRA adapter; plus a task head (a classifier's state has `backbone.*` and `head.*`)."""
+    only the LoRA adapter; plus a task head (a classifier's state has `backbone.*`, `head.*` and maybe `pre.*`)."""
     if plan.task.kind == "classification":
         backbone = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
-        extra = {ckpt_io.HEAD: {k[len("head."):]: v for k, v in full.items() if k.startswith("head.")}}
+        extra = {ckpt_io.HEAD: Classifier.head_tensors(full)}
     else:
         backbone, extra = full, {}
     if plan.method in ADAPTER_METHODS:
@@ -185,6 +186,8 @@ class Recipe:
             if self.scaler is not None and resume_state.get("scaler"):
                 self.scaler.load_state_dict(resume_state["scaler"])
             state = self.state = LoopState(**resume_state["loop"])
+            if plan.task.load_state is not None and plan.dist.is_main and resume_state.get("task"):
+                plan.task.load_state(resume_state["task"])  # (rank 0's: other ranks generate again)
             if (state.step >= t.max_steps and not state.eval_due) or state.stopped_early:
                 raise LlmctlError(f"the run is already complete at step {state.step} (train.max_steps={t.max_steps}"
                                   f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to "
@@ -201,7 +204,7 @@ class Recipe:
         if plan.task.teacher is not None:
             meta["teacher"] = str(cfg.finetune.teacher)
         return Saver(self.out, cfg, self.model, self.optimizer, self.scaler, plan.dist, plan.tokenizer.to_str(), meta,
-                     lambda full: _split_weights(plan, full), self.resume_cmd, self.events)
+                     lambda full: _split_weights(plan, full), self.resume_cmd, self.events, plan.task.state)
 
     def train(self) -> None:
         """The one loop. A signal, a failure or a divergence ends with its state in status.json and re-raised."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TINY, disk_fills_on_second_shard, invoke, sets
+from conftest import ROOT, SHAKESPEARE, TINY, disk_fills_on_second_shard, encoder_run, invoke, sets
 from llmctl.rundir import read_status
 
 
@@ -272,6 +272,26 @@ BAD = [
      ["finetune.label_smoothing applies to dpo_loss=sigmoid only"]),
     ("dpo-packing", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=dpo", "finetune.packing=true"),
      "--out", t / "o"], ["finetune.packing", "not packed"]),
+    ("grpo-reward-does-not-import", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t), "finetune.reward="
+     "no_such_reward_module:score"), "--out", t / "o"],
+     ["finetune.reward 'no_such_reward_module:score'", "no module named 'no_such_reward_module'"]),
+    ("grpo-reward-file-lacks-the-function", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t), "finetune.reward="
+     + str(_file(t, "rw.py", "def other(prompts, completions, **kw):\n    return [0.0] * len(completions)\n"))
+     + ":score"), "--out", t / "o"], ["rw.py has no function 'score'"]),
+    ("grpo-classifier-reward-unknown-label", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t),
+     f"finetune.reward=classifier:{_classifier(t, r)}:positive"), "--out", t / "o"],
+     ["the classifier has no label 'positive'", "its labels are 0, 1"]),
+    ("grpo-group-size-1", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t), "finetune.group_size=1"),
+     "--out", t / "o"], ["finetune.group_size", "at least 2 per prompt"]),
+    ("grpo-greedy", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t), "generate.temperature=0"),
+     "--out", t / "o"], ["generate.temperature=0", "nothing to compare"]),
+    ("grpo-without-reward", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t)[:-1]), "--out", t / "o"],
+     ["finetune.task=grpo needs a reward"]),
+    ("grpo-prompt-row-without-prompt", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t)[:-1],
+     "finetune.reward=math:fsum", "data.path=" + str(_file(t, "q.jsonl", '{"question": "a"}\n'))), "--out", t / "o"],
+     ["q.jsonl:1", "needs a 'prompt' column", "finetune.prompt_field"]),
+    ("eval-reward-without-prompts", lambda t, r: ["eval", "--ckpt", r, "--reward", "math:fsum"],
+     ["--reward and --prompts go together"]),
     ("data-column-missing",
      lambda t, r: ["prepare", *sets(*TINY, "data.path=" + str(_file(t, "d.jsonl", '{"body": "x"}')))],
      ["no column 'text'", "data.text_column"]),
@@ -327,6 +347,12 @@ BAD = [
     ("export-missing-checkpoint", lambda t, r: ["export", "--ckpt", t / "nope", "--out", t / "o"],
      ["checkpoint not found"]),
 ]
+
+
+def _grpo(tmp: Path) -> list[str]:
+    """GRPO settings with a prompts file (the reward last)."""
+    return ["finetune.task=grpo", "data.path=" + str(_file(tmp, "prompts.jsonl", '{"prompt": "a"}\n' * 4)),
+            "finetune.reward=math:fsum"]
 
 
 def _classifier(tmp: Path, run: Path) -> Path:
@@ -673,6 +699,20 @@ BAD += [
     ("serve-unknown-key", lambda t, r: ["serve", "--ckpt", r, "-c", _file(t, "s.yaml", "serve:\n  slot: 4\n")],
      ["serve.slot"]),
     ("serve-bad-port", lambda t, r: ["serve", "--ckpt", r, "--port", "70000"], ["--port must be between 0 and 65535"]),
+]
+
+# encoders (docs/encoders.md)
+BAD += [
+    ("mlm-on-a-decoder", lambda t, r: ["pretrain", *sets(*TINY, "train.objective=mlm"), "--out", t / "o"],
+     ["train.objective=mlm", "model.causal=false"]),
+    ("clm-on-an-encoder", lambda t, r: ["pretrain", *sets(*TINY, "model.causal=false"), "--out", t / "o"],
+     ["model.causal=false", "train.objective=mlm"]),
+    ("encoder-generates", lambda t, r: ["infer", "--ckpt", encoder_run(), "--prompt", "hi"],
+     ["is an encoder", "encoders classify, they do not generate"]),
+    ("cls-pooling-on-a-decoder",
+     lambda t, r: ["finetune", "--from", r, *sets("finetune.task=classification", "finetune.pooling=cls"),
+                   "--out", t / "o"],
+     ["finetune.pooling=cls", "encoders"]),
 ]
 
 
