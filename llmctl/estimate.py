@@ -124,14 +124,14 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
     """Bytes of the tensors autograd keeps for the backward pass of one micro-batch, per term.
 
     The residual stream and the norms run in float32; under autocast the inputs of every Linear are saved as
-    `amp` copies; attention runs in `attention_dtype` (fp32 for short bf16 sequences on CPU) and keeps q, k, v,
+    `amp` copies; attention runs in `attention_dtype` (fp32 for bf16 training on CPU) and keeps q, k, v,
     its output and the log-sum-exp; the loss keeps float32 log-probabilities. `checkpointed` is the same with
     per-block activation checkpointing: every block's input, one block recomputed at a time, and the head.
     Under tensor parallelism (`tp` ranks per group) each rank keeps its heads' and channels' share of the attention
     and MLP internals; the residual stream, the norms and the head stay whole.
     """
     p = _size(amp)  # bytes of a matmul input under autocast (4 without)
-    s = _size(attention_dtype(device_type, amp or torch.float32, seq))
+    s = _size(attention_dtype(device_type, amp or torch.float32, seq, training=True))
     C, H, V, L = cfg.n_embd, cfg.hidden, cfg.vocab_size or 0, cfg.n_layer
     qd, kvd = cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size
     rms = cfg.arch == "llama"

@@ -81,13 +81,15 @@ class Norm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def attention_dtype(device_type: str, dtype: torch.dtype, kv_len: int) -> torch.dtype:
+def attention_dtype(device_type: str, dtype: torch.dtype, kv_len: int, training: bool = False) -> torch.dtype:
     """The dtype attention runs in, given the dtype of q/k/v (shared with llmctl.estimate's memory model).
 
-    CPU flash attention in bf16 is slower than in fp32 for short sequences (torch 2.13), so there it runs in
-    fp32; the matmuls around it stay bf16.
+    CPU flash attention in bf16 is slower than in fp32 (torch 2.13) for short sequences, and at every length when
+    its backward runs (`training`: its per-block GEMMs of head_dim size go through bf16 conversions and small
+    oneDNN calls; docs/pretraining.md#training-speed-at-context-1024), so there it runs in fp32; the matmuls around
+    it stay bf16.
     """
-    if device_type == "cpu" and dtype == torch.bfloat16 and kv_len < 512:
+    if device_type == "cpu" and dtype == torch.bfloat16 and (training or kv_len < 512):
         return torch.float32
     return dtype
 
@@ -139,7 +141,7 @@ class Attention(nn.Module):
             y = flex_attention(q, k, v, mask, self.scale, self.n_kv_head != self.n_head)
             return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)))
         dtype = q.dtype
-        if attention_dtype(q.device.type, dtype, k.shape[2]) != dtype:
+        if attention_dtype(q.device.type, dtype, k.shape[2], q.requires_grad) != dtype:
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast(q.device.type, enabled=False):
             y = (self._softcapped(q, k, v, mask) if self.softcap is not None else F.scaled_dot_product_attention(

@@ -24,6 +24,7 @@ from .data import (
     TokenData,
     chat_examples,
     classification_examples,
+    document_starts,
     eval_batches,
     eval_blocks,
     holdout,
@@ -33,7 +34,7 @@ from .data import (
     prompt_rows,
 )
 from .errors import LlmctlError
-from .evaluate import classification_metrics, classify
+from .evaluate import classification_metrics, classify, lm_logits
 from .grpo import Rollouts
 from .heads import Classifier
 from .lora import apply_lora
@@ -98,7 +99,8 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
             f"data.path: the training split has {len(td.train)} tokens, fewer than one block of "
             f"model.block_size={T}; use more text or a smaller block_size"
         )
-    batches = LMBatches(td.train, T, t.batch_size, layout.accum, t.seed, layout.rank, layout.world)
+    starts, val_starts = document_starts(td) if cfg.data.document_mask else (None, None)
+    batches = LMBatches(td.train, T, t.batch_size, layout.accum, t.seed, layout.rank, layout.world, starts=starts)
     if t.objective == "mlm":
         return mlm_task(cfg, td, backbone, device, amp, layout, batches)
     if not cfg.model.causal:
@@ -108,7 +110,7 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
     def validate(model: nn.Module, step: int) -> dict:
         if len(td.val) < 2:
             return {}
-        blocks = lambda: eval_blocks(td.val, T, cfg.eval.batch_size, t.eval_batches)  # noqa: E731
+        blocks = lambda: eval_blocks(td.val, T, cfg.eval.batch_size, t.eval_batches, val_starts)  # noqa: E731
         return {"val_loss": distributed.sharded_lm_metrics(model, blocks, layout.dist, device, amp)["loss"]}
 
     return Task("lm", backbone, backbone, batches.get, lm_loss, validate,
@@ -143,11 +145,11 @@ def distill_loss(teacher: Transformer, alpha: float, temperature: float, vocab: 
     no gradient. With alpha 0 the loss and its gradient are the cross-entropy's exactly."""
 
     def loss(model: nn.Module, batch: dict) -> torch.Tensor:
-        logits = model(batch["input_ids"])  # (B, T, V)
+        logits = lm_logits(model, batch)  # (B, T, V)
         labels = batch["labels"]
         ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         with torch.no_grad():
-            target = F.log_softmax(teacher(batch["input_ids"])[..., :vocab].float() / temperature, dim=-1)
+            target = F.log_softmax(lm_logits(teacher, batch)[..., :vocab].float() / temperature, dim=-1)
         student = F.log_softmax(logits[..., :vocab].float() / temperature, dim=-1)  # (B, T, vocab)
         kl = F.kl_div(student, target, log_target=True, reduction="none").sum(-1)  # (B, T)
         keep = labels != -100

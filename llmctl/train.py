@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .errors import EXIT_DIVERGED, LlmctlError
+from .evaluate import lm_logits
 from .events import SILENT, Events, Progress
 from .interrupt import STOP, Stopped
 from .optim import lr_at
@@ -52,7 +53,7 @@ class Interrupted(LlmctlError):
 
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Next-token cross-entropy; labels of -100 (prompt or padding) are not trained on."""
-    logits = model(batch["input_ids"])  # (B, T, V)
+    logits = lm_logits(model, batch)  # (B, T, V)
     return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
 
 

@@ -607,6 +607,24 @@ BAD += [
 ]
 
 
+def _cache_without_starts(tmp: Path) -> list:
+    """A corpus of documents prepared into a cache, then its document starts removed (as an older llmctl left it)."""
+    from llmctl.config import DataConfig, TokenizerConfig
+    from llmctl.data import prepare
+
+    corpus = _file(tmp, "docs.jsonl", "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(40)))
+    td = prepare(DataConfig(path=str(corpus), cache_dir=str(tmp / "cache")), TokenizerConfig())
+    for f in td.dir.glob("*.starts"):
+        f.unlink()
+    return sets(*TINY, f"data.path={corpus}", f"data.cache_dir={tmp / 'cache'}", "data.document_mask=true")
+
+
+BAD += [
+    ("document-mask-on-a-cache-without-boundaries", lambda t, r: ["pretrain", *_cache_without_starts(t), "--out",
+     t / "o"], ["data.document_mask", "records no document boundaries", "delete that folder", "rebuild it"]),
+]
+
+
 def _bytes(tmp: Path, name: str, data: bytes) -> Path:
     p = tmp / name
     p.write_bytes(data)

@@ -157,7 +157,7 @@ def test_a_grpo_run_resumes_exactly(files, tiny_run, tmp_path):
         training_cmd.finetune(None, args, tiny_run, tmp_path / "part", on_step=stop_at_3)
     assert e.value.status == 143
     training_cmd.finetune(None, args, tiny_run, tmp_path / "part", resume=True)
-    timing = ("time", "tokens_per_sec", "gen_seconds", "train_seconds")
+    timing = ("time", "tokens_per_sec", "gen_seconds", "train_seconds", "val_seconds")
     strip = lambda rows: [{k: v for k, v in m.items() if k not in timing} for m in rows]  # noqa: E731
     full = metrics(tmp_path / "full")
     assert strip(metrics(tmp_path / "part")) == strip(full)

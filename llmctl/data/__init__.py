@@ -15,7 +15,7 @@ This file hands on the names the rest of llmctl uses.
 
 from ..corpus import resolve_source
 from .batches import LMBatches, eval_blocks
-from .cache import TokenData, prepare, tokenize_file
+from .cache import TokenData, document_starts, prepare, tokenize_file
 from .conversations import chat_examples
 from .examples import (
     ExampleBatches,
@@ -34,6 +34,7 @@ from .tables import load_texts
 
 __all__ = [
     "ExampleBatches", "Examples", "LMBatches", "PromptRow", "TokenData", "chat_examples", "classification_examples",
-    "classification_ids", "eval_batches", "eval_blocks", "holdout", "instruct_examples", "load_texts", "packed_tokens",
-    "pad_batch", "preference_examples", "prepare", "prompt_rows", "resolve_source", "tokenize_file",
+    "classification_ids", "document_starts", "eval_batches", "eval_blocks", "holdout", "instruct_examples",
+    "load_texts", "packed_tokens", "pad_batch", "preference_examples", "prepare", "prompt_rows", "resolve_source",
+    "tokenize_file",
 ]
