@@ -90,9 +90,9 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: Optional[int] =
 
 def task_flops(task: Any, cfg: Config) -> dict:
     """FLOPs per trained token of a task: the trained model's, plus a distillation teacher's forward pass, or DPO's
-    reference (the same model) forward."""
+    and GRPO's reference (the same model) forward (GRPO's generation is not counted)."""
     flops = flops_per_token(getattr(task.module, "_orig_mod", task.module), cfg.model)
-    if getattr(task, "kind", None) == "dpo":
+    if getattr(task, "kind", None) in ("dpo", "grpo"):
         flops = {**flops, "forward": 2 * flops["forward"], "train": flops["train"] + flops["forward"]}
     teacher = getattr(task, "teacher", None)
     if teacher is not None:
@@ -124,14 +124,14 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
     """Bytes of the tensors autograd keeps for the backward pass of one micro-batch, per term.
 
     The residual stream and the norms run in float32; under autocast the inputs of every Linear are saved as
-    `amp` copies; attention runs in `attention_dtype` (fp32 for short bf16 sequences on CPU) and keeps q, k, v,
+    `amp` copies; attention runs in `attention_dtype` (fp32 for bf16 training on CPU) and keeps q, k, v,
     its output and the log-sum-exp; the loss keeps float32 log-probabilities. `checkpointed` is the same with
     per-block activation checkpointing: every block's input, one block recomputed at a time, and the head.
     Under tensor parallelism (`tp` ranks per group) each rank keeps its heads' and channels' share of the attention
     and MLP internals; the residual stream, the norms and the head stay whole.
     """
     p = _size(amp)  # bytes of a matmul input under autocast (4 without)
-    s = _size(attention_dtype(device_type, amp or torch.float32, seq))
+    s = _size(attention_dtype(device_type, amp or torch.float32, seq, training=True))
     C, H, V, L = cfg.n_embd, cfg.hidden, cfg.vocab_size or 0, cfg.n_layer
     qd, kvd = cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size
     rms = cfg.arch == "llama"
@@ -153,7 +153,7 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
         core += s * qd + 4 * cfg.n_head
     attn = p * C + (core + (p * qd if (s != p or dropout > 0) else 0)) / tp  # qkv input, attention, proj input
     masks = 2 * p * C if dropout > 0 else 0  # residual dropout masks, in the dtype of what they drop
-    mlp = p * C + (4 * p * H if cfg.arch == "llama" else 2 * p * H) / tp  # fc input, fc output (gate/up), proj input
+    mlp = p * C + (4 * p * H if cfg.gated else 2 * p * H) / tp  # fc input, fc output (gate/up), proj input
     block = norm + attn + norm + mlp + masks  # per token
     # final norm, head input, float32 log-probabilities, input ids and targets (int64), embedding dropout mask
     head = norm + p * C + 4 * V + 8 + 8 + (4 * C if dropout > 0 else 0)
@@ -380,7 +380,7 @@ def sample_batch(task: Task, tokenizer: Tokenizer, step: int = 0, labels_names: 
     """
     batch = task.batches(step)[0]
     ids = batch["input_ids"][0].tolist()
-    if "lengths" in batch:  # classification: one label per sequence
+    if batch["labels"].dim() == 1:  # classification: one label per sequence
         n = int(batch["lengths"][0])
         label = int(batch["labels"][0])
         return {"step": step, "tokens": n, "trained_tokens": 0, "label": labels_names[label] if labels_names else label,

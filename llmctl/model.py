@@ -81,13 +81,15 @@ class Norm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def attention_dtype(device_type: str, dtype: torch.dtype, kv_len: int) -> torch.dtype:
+def attention_dtype(device_type: str, dtype: torch.dtype, kv_len: int, training: bool = False) -> torch.dtype:
     """The dtype attention runs in, given the dtype of q/k/v (shared with llmctl.estimate's memory model).
 
-    CPU flash attention in bf16 is slower than in fp32 for short sequences (torch 2.13), so there it runs in
-    fp32; the matmuls around it stay bf16.
+    CPU flash attention in bf16 is slower than in fp32 (torch 2.13) for short sequences, and at every length when
+    its backward runs (`training`: its per-block GEMMs of head_dim size go through bf16 conversions and small
+    oneDNN calls; docs/pretraining.md#training-speed-at-context-1024), so there it runs in fp32; the matmuls around
+    it stay bf16.
     """
-    if device_type == "cpu" and dtype == torch.bfloat16 and kv_len < 512:
+    if device_type == "cpu" and dtype == torch.bfloat16 and (training or kv_len < 512):
         return torch.float32
     return dtype
 
@@ -145,7 +147,7 @@ class Attention(nn.Module):
             y = flex_attention(q, k, v, mask, self.scale, self.n_kv_head != self.n_head)
             return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)))
         dtype = q.dtype
-        if attention_dtype(q.device.type, dtype, k.shape[2]) != dtype:
+        if attention_dtype(q.device.type, dtype, k.shape[2], q.requires_grad) != dtype:
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast(q.device.type, enabled=False):
             y = (self._softcapped(q, k, v, mask) if self.softcap is not None else F.scaled_dot_product_attention(
@@ -246,17 +248,25 @@ def flex_attention(q, k, v, block_mask, scale: Optional[float], gqa: bool) -> to
         return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+ACTIVATIONS = {"silu": F.silu, "relu2": relu2}  # (GELU, exact or tanh, is the rest)
+
+
 class MLP(nn.Module):
-    """GELU MLP (gpt2) or a gated MLP with a fused gate/up projection (llama): SwiGLU, or GeGLU (Gemma)."""
+    """GELU or ReLU² MLP (gpt2, or llama with activation relu2) or a gated MLP with a fused gate/up projection
+    (llama): SwiGLU, or GeGLU (Gemma)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gated = cfg.arch == "llama"
+        self.gated = cfg.gated
         self.hidden = cfg.hidden
         self.fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * self.hidden, bias=cfg.has_bias)
         self.proj = nn.Linear(self.hidden, cfg.n_embd, bias=cfg.has_bias)
         act = cfg.gate_activation if self.gated else cfg.activation
-        self.act = F.silu if act == "silu" else partial(F.gelu, approximate="tanh" if act == "gelu_tanh" else "none")
+        self.act = ACTIVATIONS.get(act) or partial(F.gelu, approximate="tanh" if act == "gelu_tanh" else "none")
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,7 +372,8 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        """GPT-2 initialisation: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer) (or zero, with
+        model.zero_init_proj)."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.is_meta:  # shapes only (a checkpoint's weights replace them); init is skipped, see __init__
@@ -372,7 +383,10 @@ class Transformer(nn.Module):
             elif "norm" in name:  # a (1 + w) norm starts at w = 0
                 (nn.init.zeros_ if self.cfg.norm_offset else nn.init.ones_)(p)
             elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+                if self.cfg.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
         if self.cfg.arch == "llama":  # buffers are not parameters; recompute in case of meta-device init
