@@ -82,11 +82,15 @@ def round_trip_base(model: nn.Module) -> None:
         layer.weight.copy_(ao.to_nf4(w.detach().contiguous(), BLOCK, SCALER_BLOCK).get_original_weight().to(w.dtype))
 
 
+def is_nf4(t: torch.Tensor) -> bool:
+    """Whether `t` is an NF4 weight (without importing torchao when it is not in use)."""
+    return type(t).__name__ == "NF4Tensor"
+
 
 def stored_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor holds: an NF4 weight's 4-bit codes, block scalers and factors (about 0.52 a value); any other
     tensor numel x element size. (The memory estimate's one rule for NF4.)"""
-    if type(t).__name__ != "NF4Tensor":  # (without importing torchao when it is not in use)
+    if not is_nf4(t):
         return t.numel() * t.element_size()
     names, _ = t.__tensor_flatten__()
     return sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names)

@@ -145,3 +145,20 @@ def test_merged_export_of_a_qlora_run_equals_llmctl_in_transformers(qlora_run, t
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert (theirs(ids).logits - ours(ids)).abs().max().item() < 1e-4
+
+
+def test_dry_run_counts_nf4_and_checkpointing_and_sizes_a_gpu(qlora_run):
+    base, _ = qlora_run
+    r = invoke(CliRunner(), "finetune", "--from", base, *sets(f"data.path={SHAKESPEARE}", "finetune.method=qlora",
+               "train.max_steps=3"), "--out", base / "never", "--dry-run", "--gpu-memory", "1MB", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    m = report["memory"]
+    assert m["checkpointing"] is True and m["needed"] == m["total_checkpointed"] < m["total"]
+    assert m["device_capacity"] == 10**6 and m["fits"] is False and report["fits"] is False
+    assert report["memory_for"].startswith("a CUDA GPU of 1,000,000 bytes")
+    assert m["weights_trainable"] == 0 and m["gradients"] == m["adapters"] and m["optimizer"] == 2 * m["adapters"]
+    blocks = 2 * (256 * 512 + 256 * 256 + 256 * 1024 + 512 * 256)  # every adapted weight of the 2 blocks is NF4
+    rope = 2 * 32 * 64 * 4  # the cos and sin tables: block_size x head_size, float32
+    assert 0.5 * blocks < m["weights_frozen"] - rope - 4 * (report["parameters"]["total"] - m["adapters"] // 4 - blocks
+                                                            ) < 0.53 * blocks
