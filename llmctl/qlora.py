@@ -83,8 +83,8 @@ def round_trip_base(model: nn.Module) -> None:
 
 
 def is_nf4(t: torch.Tensor) -> bool:
-    """Whether `t` is an NF4 weight (without importing torchao when it is not in use)."""
-    return type(t).__name__ == "NF4Tensor"
+    """Whether `t` is an NF4 weight, or FSDP2's shard of one (without importing torchao when it is not in use)."""
+    return type(getattr(t, "_local_tensor", t)).__name__ == "NF4Tensor"
 
 
 def stored_bytes(t: torch.Tensor) -> int:

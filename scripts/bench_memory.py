@@ -18,7 +18,7 @@
    tokens: the models are built on the meta device (shapes only; NF4 quantizes meta tensors too), so nothing is
    allocated.
 
-    flock /tmp/bench.lock nice -n 5 python scripts/bench_memory.py [--seq 256] [--batch 2] [--out FILE.json]
+    flock /tmp/bench.lock nice -n 5 python scripts/bench_memory.py [--seq 128] [--batch 1] [--out FILE.json]
 
 Linux only (reads /proc/self/status). Peak memory hardly depends on other load on the machine; time does.
 """
@@ -152,8 +152,8 @@ def shapes_on_gpu(seq: int, batch: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence of the measured step")
-    ap.add_argument("--batch", type=int, default=2, help="sequences of the measured step")
+    ap.add_argument("--seq", type=int, default=128, help="tokens per sequence of the measured step")
+    ap.add_argument("--batch", type=int, default=1, help="sequences of the measured step")
     ap.add_argument("--gpu-seq", type=int, default=2048, help="tokens per sequence of the 24 GB GPU figures")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "memory.json")
     ap.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)  # (the child process)
