@@ -432,7 +432,9 @@ def sample_batch(task: Task, tokenizer: Tokenizer, step: int = 0, labels_names: 
     """The first sequence of the first micro-batch of `step`, as spans of text marked trained on or not.
 
     Token j of the input is trained on when it is the target of position j - 1 (its label is not -100); the first
-    token of a sequence is context only. A classification example shows its text and its label instead.
+    token of a sequence is context only. An encoder's (masked-LM) labels are its own positions': a trained token
+    is shown as it is read ([MASK], a random token, or itself). A classification example shows its text and its
+    label instead.
     """
     batch = task.batches(step)[0]
     ids = batch["input_ids"][0].tolist()
@@ -442,7 +444,10 @@ def sample_batch(task: Task, tokenizer: Tokenizer, step: int = 0, labels_names: 
         return {"step": step, "tokens": n, "trained_tokens": 0, "label": labels_names[label] if labels_names else label,
                 "spans": [{"trained": False, "tokens": n, "text": tokenizer.decode(ids[:n], skip_special=False)}]}
     labels = batch["labels"][0].tolist()
-    trained = [False] + [lab != -100 for lab in labels[:-1]]
+    if task.backbone.cfg.causal:  # the last label is the target of a token past the input
+        trained, past = [False] + [lab != -100 for lab in labels[:-1]], int(labels[-1] != -100)
+    else:
+        trained, past = [lab != -100 for lab in labels], 0
     spans: list[dict] = []
     for tok_id, flag in zip(ids, trained):
         if spans and spans[-1]["trained"] == flag:
@@ -452,7 +457,7 @@ def sample_batch(task: Task, tokenizer: Tokenizer, step: int = 0, labels_names: 
     out_spans = [{"trained": sp["trained"], "tokens": len(sp["ids"]),
                   "text": tokenizer.decode(sp["ids"], skip_special=False)}
                  for sp in spans]
-    return {"step": step, "tokens": len(ids), "trained_tokens": int(sum(trained)) + int(labels[-1] != -100),
+    return {"step": step, "tokens": len(ids), "trained_tokens": int(sum(trained)) + past,
             "spans": out_spans}
 
 

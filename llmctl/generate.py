@@ -1,7 +1,8 @@
 """Token generation with continuous batching: one `Engine` owns the model, its KV cache of slots and the decode step.
 
 Every generation in llmctl runs here: `infer --prompt` (one slot), `infer --input` and `--chat`, and `serve`. A
-request waits until a slot is free; it then joins: its prompt is prefilled into the slot (eagerly, on its own), and
+request waits until a slot is free; it then joins: its prompt is prefilled into the slot (eagerly, on its own; rows
+joining in one step with the same prompt, such as a request's `n` choices, share one prefill, copied slot to slot), and
 from the next step on it decodes together with the other busy slots, one token per step each. A row that ends
 (end of text, its token budget, a stop string, a cancel) frees its slot at once, so a waiting request never waits
 for a long one to finish. Each row has its own position in its own slot and attends only to its own slot, so its
@@ -382,6 +383,7 @@ class Engine:
                 row._finish("cancelled")
                 self.rows[s] = None
                 touched.append(row)
+        prefilled: dict[tuple, Row] = {}  # this step's prefills by what they computed (the n choices of a prompt)
         while self.waiting and None in self.rows:
             row = self.waiting.popleft()
             if row.cancelled:
@@ -390,7 +392,13 @@ class Engine:
                 continue
             row.slot = self.rows.index(None)  # the lowest free slot: busy slots stay packed at the start
             self.rows[row.slot] = row
-            self._prefill(row)
+            key = (tuple(row.tokens), row.request.logprobs if row.request.prompt_logprobs else None)
+            same = prefilled.get(key)
+            if same is not None and self.rows[same.slot] is same:  # still in its slot: copy, do not compute again
+                self._copy_prefill(same, row)
+            else:
+                self._prefill(row)
+                prefilled[key] = row
             if not row.request.generate:  # scoring only: the prompt's log-probabilities are all it asked for
                 row._finish("length")
                 self.rows[row.slot] = None
@@ -424,6 +432,15 @@ class Engine:
             self._logits = torch.zeros(self.cache.slots, logits.shape[-1], dtype=logits.dtype, device=logits.device)
         self._logits[row.slot] = logits[0]
         row.pos = len(window)
+
+    def _copy_prefill(self, src: Row, row: Row) -> None:
+        """Give `row` the prefill `src` ran this step on the same tokens: its cache positions, logits and prompt
+        log-probabilities (one prefill shared by a prompt's n choices)."""
+        for k, v in self.cache.layers:
+            k[row.slot, :, : src.pos] = k[src.slot, :, : src.pos]
+            v[row.slot, :, : src.pos] = v[src.slot, :, : src.pos]
+        self._logits[row.slot] = self._logits[src.slot]
+        row.prompt_logprobs, row.pos = list(src.prompt_logprobs), src.pos
 
     def _pick(self, busy: list[Row]) -> None:
         """Sample each busy row's next token from its logits (a constrained row's masked by its format); an end id

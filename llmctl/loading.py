@@ -142,7 +142,9 @@ def restore(backbone: Transformer, classifier: Optional[Classifier], ck: ckpt_io
         head = ck.weights(ckpt_io.HEAD)
         if tuple(head.get("weight", torch.empty(0)).shape) != tuple(classifier.head.weight.shape):
             raise LlmctlError(f"the classification head in {ck.path} does not match finetune.labels")
-        classifier.head.load_state_dict(head)
+        if set(head) != set(classifier.head_state()):
+            raise LlmctlError(f"the classification head in {ck.path} does not match model.pooler")
+        classifier.load_head_state(head)
 
 
 def load_tokenizer(ck: ckpt_io.Checkpoint, cfg: Config, tokenizer: Optional[Path] = None) -> Tokenizer:
@@ -188,6 +190,9 @@ def for_inference(loaded: Loaded, dtype: Optional[str] = None, quantize_mode: Op
     """Give a loaded model its generation engine, in the requested precision (in place). None takes the
     checkpoint's (or the user's) `generate` setting, and `auto` is resolved by `precision.inference_choices`;
     `events` hears about an emulated (slow) precision and about compiling."""
+    if not loaded.cfg.model.causal:
+        raise LlmctlError(f"{loaded.ckpt.path} is an encoder (model.causal=false): encoders classify, they do not "
+                          "generate; finetune it with finetune.task=classification, then infer or serve that")
     n_params = sum(p.numel() for p in loaded.model.parameters())
     dtype, quantize_mode, compile = inference_choices(loaded.cfg.generate, dtype, quantize_mode, compile,
                                                       loaded.device, n_params)

@@ -1,13 +1,18 @@
-"""The decoder-only Transformer: GPT-2 flavour and LLaMA flavour in one module.
+"""The Transformer: GPT-2 flavour and LLaMA flavour, decoders and encoders, in one module.
 
 GPT-2 flavour: LayerNorm, learned positions, GELU MLP, tied embeddings, optional biases.
 LLaMA flavour: RMSNorm, rotary positions (HF's rotate-half layout), SwiGLU MLP, grouped-query attention; its
 small switches (ModelConfig) cover the open families: RoPE scaling and partial rotary (llmctl.rope), q/k/v bias
 (Qwen2), QK-norm (Qwen3, Gemma 3), sliding-window layers (Mistral, Gemma), and Gemma's (1 + w) norms, GeGLU,
-scaled embeddings, post-norms, soft-caps and query scale. Each is exactly a transformers model (see `llmctl.hf`).
+scaled embeddings, post-norms, soft-caps and query scale. Encoders are the same module with `causal` off
+(bidirectional attention) and BERT's and ModernBERT's switches: post-norm blocks, a norm over the embeddings,
+token types, LayerNorm in the llama flavour, exact-GELU GeGLU, the MLM head (`Dense` + the vocabulary projection)
+and windows on either side. Each is exactly a transformers model (see `llmctl.hf`).
 
 `forward` returns logits. Loss, optimizers and I/O live elsewhere. For generation the caller passes a `KVCache`
-(slots of keys and values) to `forward`, which prefills one slot or decodes one token in every slot.
+(slots of keys and values) to `forward`, which prefills one slot or decodes one token in every slot. For packed
+documents the caller passes `segments` (B, T), a document id per token: attention stays inside each document and
+positions restart at 0 where a document starts (`segment_positions`, `segment_masks`).
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ class Attention(nn.Module):
         self.q_norm = Norm(self.head_dim, cfg.norm_eps, "rmsnorm", False, cfg.norm_offset) if cfg.qk_norm else None
         self.k_norm = Norm(self.head_dim, cfg.norm_eps, "rmsnorm", False, cfg.norm_offset) if cfg.qk_norm else None
         self.scale = cfg.query_scale ** -0.5 if cfg.query_scale else None  # None: SDPA's 1 / sqrt(head_dim)
+        self.causal = cfg.causal
         self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -106,7 +112,8 @@ class Attention(nn.Module):
         # kv: this layer's cache tensors (k, v), each (slots, nkv, S, hd), or None (training).
         # Prefill (`slot` an int): x is one sequence (1, T) at positions 0..T-1; its keys and values go to that slot.
         # Decode (`pos` (B,)): row b of x (B, 1) is slot b at position pos[b].
-        # `mask`: which keys each query reads, (B|1, 1, T, S) bool; None: causal over the T positions.
+        # `mask`: which keys each query reads, (B|1, 1, T, S) bool; None: causal over the T positions (an encoder,
+        # cfg.causal false: every position).
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -128,12 +135,15 @@ class Attention(nn.Module):
                 kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)  # (B, nkv, hd) into each row's own position
                 vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
                 k, v = kc[:B, :, : mask.shape[-1]], vc[:B, :, : mask.shape[-1]]  # (B, nkv, S', hd)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask: documents on CUDA
+            y = flex_attention(q, k, v, mask, self.scale, self.n_kv_head != self.n_head)
+            return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)))
         dtype = q.dtype
         if attention_dtype(q.device.type, dtype, k.shape[2]) != dtype:
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast(q.device.type, enabled=False):
             y = (self._softcapped(q, k, v, mask) if self.softcap is not None else F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                q, k, v, attn_mask=mask, is_causal=mask is None and self.causal, scale=self.scale,
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head,
             )).to(dtype)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
@@ -146,9 +156,10 @@ class Attention(nn.Module):
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # (B, nh, S, hd)
         scores = (q @ k.transpose(-2, -1)) * (self.scale or self.head_dim ** -0.5)  # (B, nh, T, S)
         scores = torch.tanh(scores / self.softcap) * self.softcap
-        if mask is None:
+        if mask is None and self.causal:
             mask = causal(q.shape[2], q.device)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         weights = F.dropout(scores.float().softmax(-1).to(q.dtype), self.dropout, self.training)
         return weights @ v
 
@@ -161,6 +172,72 @@ def causal(T: int, device, window: Optional[int] = None) -> torch.Tensor:
     if window is not None:
         keep &= j > i - window
     return keep[None, None]
+
+
+def bidirectional(T: int, device, window: int) -> torch.Tensor:
+    """(1, 1, T, T) bool: an encoder's sliding layer, where query i reads keys within window // 2 on either side
+    (ModernBERT's local_attention)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return ((i - j).abs() <= window // 2)[None, None]
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) long: each token's index within its segment, a run of equal ids in `segments` (B, T)."""
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def segment_masks(segments: torch.Tensor, window: Optional[int], flex: bool = False, is_causal: bool = True) -> list:
+    """Which keys each query reads for full and for sliding layers when rows pack documents: a key of the query's
+    own segment, at or before it (and within `window` of it in sliding layers); an encoder's (`is_causal` false) any
+    key of its segment (within window // 2 on either side in sliding layers). Bool (B, 1, T, T) for SDPA, or with
+    `flex` (and a torch that has it) FlexAttention block masks, which skip the blocks outside every document."""
+    B, T = segments.shape
+    sliding = window is not None and (window < T if is_causal else window // 2 < T - 1)
+    if flex and _flex_ready():
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, k, w=None):
+            keep = segments[b, q] == segments[b, k]
+            if is_causal:
+                keep = keep & (k <= q)
+                return keep & (k > q - w) if w is not None else keep
+            return keep & ((q - k).abs() <= w // 2) if w is not None else keep
+
+        full = create_block_mask(mask_mod, B, None, T, T, device=segments.device)
+        return [full, create_block_mask(partial(mask_mod, w=window), B, None, T, T, device=segments.device)
+                if sliding else full]
+    same = (segments[:, :, None] == segments[:, None, :])[:, None]  # (B, 1, T, T)
+    if not is_causal:
+        return [same, same & bidirectional(T, segments.device, window) if sliding else same]
+    full = same & causal(T, segments.device)
+    return [full, same & causal(T, segments.device, window) if sliding else full]
+
+
+def _flex_ready() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
+        return True
+    except ImportError:
+        return False
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask, scale: Optional[float], gqa: bool) -> torch.Tensor:
+    """FlexAttention with a block mask, compiled once on CUDA (eager elsewhere: forward only, for tests)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.is_cuda:
+        _compiled_flex = _compiled_flex or torch.compile(flex, dynamic=False)
+        flex = _compiled_flex
+    with torch.autocast(q.device.type, enabled=False):
+        return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -186,12 +263,20 @@ class MLP(nn.Module):
         return self.dropout(self.proj(h))
 
 
+def norm_of(cfg: ModelConfig) -> nn.Module:
+    """A norm over the residual stream, of the kind and with the bias the config says."""
+    return Norm(cfg.n_embd, cfg.norm_eps, cfg.norm_kind, cfg.has_bias, cfg.norm_offset)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm (x + f(norm(x))), or BERT's post-norm (norm(x + f(x))) where cfg.norm_position is post.
+    `first`: block 0, which has no attention norm after normalised embeddings (ModernBERT)."""
+
+    def __init__(self, cfg: ModelConfig, first: bool = False):
         super().__init__()
-        norm = partial(Norm, cfg.n_embd, cfg.norm_eps, "layernorm" if cfg.arch == "gpt2" else "rmsnorm",
-                       cfg.has_bias, cfg.norm_offset)
-        self.norm1 = norm()
+        norm = partial(norm_of, cfg)
+        self.post = cfg.norm_position == "post"
+        self.norm1 = nn.Identity() if first and cfg.embed_norm and not self.post else norm()
         self.attn = Attention(cfg)
         self.norm2 = norm()
         self.mlp = MLP(cfg)
@@ -200,14 +285,33 @@ class Block(nn.Module):
         self.post_mlp_norm = norm() if cfg.post_norms else None
 
     def forward(self, x, rope, kv=None, slot=None, pos=None, mask=None):
+        if self.post:
+            x = self.norm1(x + self.attn(x, rope, kv, slot, pos, mask))
+            return self.norm2(x + self.mlp(x))
         h = self.attn(self.norm1(x), rope, kv, slot, pos, mask)
         x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
         h = self.mlp(self.norm2(x))
         return x + (self.post_mlp_norm(h) if self.post_mlp_norm is not None else h)
 
 
+class Dense(nn.Module):
+    """dense + activation (+ norm): the transform of BERT's and ModernBERT's MLM head (exact GELU, norm) and of a
+    classifier's pooler (model.pooler: BERT's tanh, ModernBERT's GELU + norm)."""
+
+    def __init__(self, cfg: ModelConfig, act: str):
+        super().__init__()
+        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.has_bias)
+        self.act = torch.tanh if act == "tanh" else F.gelu
+        self.norm = norm_of(cfg) if act == "gelu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.dense(x))
+        return self.norm(x) if self.norm is not None else x
+
+
 class Transformer(nn.Module):
-    """Decoder-only Transformer. `cfg.vocab_size` must be set (the commands fill it from the tokenizer)."""
+    """The Transformer, a decoder or (cfg.causal false) an encoder. `cfg.vocab_size` must be set (the commands fill
+    it from the tokenizer)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -222,11 +326,16 @@ class Transformer(nn.Module):
         self.wpe = (nn.Embedding(cfg.block_size, cfg.n_embd,
                                  _weight=torch.empty(cfg.block_size, cfg.n_embd) if shapes_only else None)
                     if cfg.arch == "gpt2" else None)
+        # encoders (BERT): a token-type embedding (every token type 0) and a norm over the summed embeddings
+        self.wtt = (nn.Embedding(cfg.type_vocab_size, cfg.n_embd,
+                                 _weight=torch.empty(cfg.type_vocab_size, cfg.n_embd) if shapes_only else None)
+                    if cfg.type_vocab_size else None)
+        self.embed_norm = norm_of(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = Norm(cfg.n_embd, cfg.norm_eps, "layernorm" if cfg.arch == "gpt2" else "rmsnorm", cfg.has_bias,
-                         cfg.norm_offset)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.blocks = nn.ModuleList(Block(cfg, first=i == 0) for i in range(cfg.n_layer))
+        self.norm = norm_of(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.mlm = Dense(cfg, "gelu") if cfg.mlm_head else None
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.mlm_head)
         if cfg.tied:
             self.lm_head.weight = self.wte.weight
         self.sliding = cfg.sliding  # per layer
@@ -272,7 +381,7 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if not embeddings:
             n -= self.wte.weight.numel() + (self.lm_head.weight.numel() if not self.cfg.tied else 0)
-            n -= self.wpe.weight.numel() if self.wpe is not None else 0
+            n -= sum(e.weight.numel() for e in (self.wpe, self.wtt) if e is not None)
         return n
 
     # ---------------------------------------------------------------------------------------------------------
@@ -283,10 +392,13 @@ class Transformer(nn.Module):
         slot: Optional[int] = None,
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
+        segments: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) of token ids idx (B, T).
 
-        Without a cache: positions 0..T-1, causal attention (training, evaluation).
+        Without a cache: positions 0..T-1, causal attention (training, evaluation). With `segments` (B, T), integer
+        document ids in contiguous runs (packed documents, no cache): a token attends only to its own document and
+        its position is its index within that document.
         Prefill, `cache` and `slot`: idx (1, T) is a sequence from position 0; its keys and values are written to
         that slot of the cache.
         Decode, `cache` and `pos` (B,): idx (B, 1) holds one token per slot 0..B-1, at that slot's position pos[b];
@@ -296,23 +408,32 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
-        if cache is not None and slot is None:
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments (packed documents) are for training and evaluation, not a KV cache")
+            positions = segment_positions(segments)  # (B, T)
+        elif cache is not None and slot is None:
             if pos is None or T != 1:
                 raise ValueError("decoding with a cache takes one token per row and its positions `pos` (B,)")
             positions = pos[:, None]  # (B, 1)
         else:
             positions = torch.arange(T, device=idx.device)[None]  # (1, T)
-        masks = self._masks(T, idx.device, pos if slot is None else None, kv_len or (cache.length if cache else T))
+        masks = (self._masks(T, idx.device, pos if slot is None else None, kv_len or (cache.length if cache else T))
+                 if segments is None else self._segment_masks(segments))
         x = self.wte(idx)  # (B, T, C)
         if self.cfg.embed_scale:  # by sqrt(C) rounded to x's dtype, as Gemma does
             x = x * torch.tensor(self.cfg.n_embd ** 0.5, dtype=x.dtype)
         ropes = [None, None]  # full layers, sliding layers
+        if self.wtt is not None:  # token type 0 (llmctl's texts are single segments)
+            x = x + self.wtt.weight[0]
         if self.wpe is not None:
             x = x + self.wpe(positions)
         else:
             ropes[0] = ropes[1] = self._rope("rope", positions, x.dtype)  # (B|1, 1, T, rot) each
             if self.local_rope:
                 ropes[1] = self._rope("rope_local", positions, x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             w = self.sliding[i]
@@ -328,12 +449,21 @@ class Transformer(nn.Module):
         (B|1, 1, T, S). Decoding (`pos` (B,)): row b reads its slot's positions 0..pos[b] (the last `window` of
         them in sliding layers) among the first kv_len."""
         window = self.cfg.sliding_window if any(self.sliding) else None
+        if not self.cfg.causal:  # an encoder: every position, or a window on either side in sliding layers
+            return [None, bidirectional(T, device, window) if window is not None and window // 2 < T - 1 else None]
         if pos is None:
             return [None, causal(T, device, window) if window is not None and window < T else None]
         keys = torch.arange(kv_len, device=device)[None, :]  # (1, S')
         full = keys <= pos[:, None]  # (B, S')
         sliding = full & (keys > pos[:, None] - window) if window is not None else full
         return [full[:, None, None, :], sliding[:, None, None, :]]
+
+    def _segment_masks(self, segments: torch.Tensor) -> list:
+        """`segment_masks` for this model: FlexAttention on CUDA unless dropout or soft-capped scores need SDPA, or
+        the model is an encoder (whose segments are a padded batch's, of a new length each time: SDPA's bool masks
+        need no compiling per shape)."""
+        flex = segments.is_cuda and self.cfg.dropout == 0 and self.cfg.attn_softcap is None and self.cfg.causal
+        return segment_masks(segments, self.cfg.sliding_window if any(self.sliding) else None, flex, self.cfg.causal)
 
     def forward(
         self,
@@ -342,9 +472,12 @@ class Transformer(nn.Module):
         slot: Optional[int] = None,
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
+        segments: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache arguments."""
-        logits = self.lm_head(self.hidden(idx, cache, slot, pos, kv_len))
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache and `segments`
+        arguments."""
+        h = self.hidden(idx, cache, slot, pos, kv_len, segments)
+        logits = self.lm_head(self.mlm(h) if self.mlm is not None else h)
         if self.cfg.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits

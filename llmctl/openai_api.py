@@ -11,12 +11,15 @@ the problems onto OpenAI's error shape (400, `param` naming the field). A null f
 vocabulary). `n` (1..serve.slots) gives each prompt n choices, each its own row (with a `seed`, choice j samples
 with seed + j, so the choices differ and the whole answer is reproducible). Completions take `logprobs` (0..20) and
 `echo` (the prompt's text and log-probabilities before the completion; `max_tokens: 0` with it scores the prompt
-without generating); chat takes `logprobs` (true/false) and `top_logprobs` (0..20). Both are refused with `stream`
-for now. `best_of` other than n is refused. `response_format` (`json_object`, or `json_schema` with its
-`schema`; llmctl.structured, the optional xgrammar extra) makes the text compact JSON that follows the schema; a
-schema xgrammar cannot compile, an unknown type or the extra missing is a 400 naming `response_format`.
-Unknown fields are ignored, as OpenAI's own clients send extras: those with no behaviour here (`user`,
-`metadata`, `store`, `parallel_tool_calls`, `service_tier`) among them.
+without generating); chat takes `logprobs` (true/false) and `top_logprobs` (0..20); streamed, each chunk carries
+the log-probabilities of its tokens (`echo` is refused with `stream`). `best_of` other than n is refused.
+`response_format` (`json_object`, or `json_schema` with its `schema`; llmctl.structured, the optional xgrammar
+extra) makes the text compact JSON that follows the schema; a schema xgrammar cannot compile, an unknown type or
+the extra missing is a 400 naming `response_format`.
+`tools` reach a chat template that takes them (a model without its own template: a 400 naming `tools`); tool calls
+are not parsed or forced yet, so `tool_choice` other than "auto" or "none" and the legacy `functions` /
+`function_call` are a 400 naming them. Unknown fields are ignored, as OpenAI's own clients send extras: those with
+no behaviour here (`user`, `metadata`, `store`, `parallel_tool_calls`, `service_tier`) among them.
 """
 
 from __future__ import annotations
@@ -113,9 +116,8 @@ def _choices(body: dict, limits: Limits, stream: bool, kind: str) -> tuple[int, 
         k = (k or 0) if want else None
     else:
         k = _count(body, "logprobs", 0, MAX_LOGPROBS)
-    if stream and (k is not None or body.get("echo")):
-        raise bad("'logprobs' and 'echo' are not supported with \"stream\": true yet; send the request without "
-                  "streaming", "logprobs" if k is not None else "echo")
+    if stream and body.get("echo"):
+        raise bad("'echo' is not supported with \"stream\": true; send the request without streaming", "echo")
     return n, k
 
 
@@ -226,6 +228,23 @@ def parse_completion(body: Any, tok: Tokenizer, limits: Limits) -> Job:
     return Job("completion", requests, stream, _stream_options(body, stream), n, k, echo)
 
 
+def _tools(body: dict) -> Optional[list]:
+    """The `tools` a chat template renders (None: none). llmctl does not parse or force a model's tool calls yet,
+    so a field that asks for that (`tool_choice` other than "auto" or "none", the legacy `functions` and
+    `function_call`) is refused naming it; "none" leaves the tools out of the prompt."""
+    for legacy in ("functions", "function_call"):
+        if body.get(legacy) is not None:
+            raise bad(f"'{legacy}' is not supported (llmctl does not parse tool calls yet); leave it out", legacy)
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise bad(f"'tool_choice' {choice!r} is not supported: llmctl does not force or parse tool calls yet "
+                  "(\"auto\" and \"none\" are taken)", "tool_choice")
+    tools = body.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise bad("'tools' must be a list of tool objects", "tools")
+    return None if choice == "none" else tools
+
+
 def parse_chat(body: Any, tok: Tokenizer, limits: Limits, cfg) -> Job:
     """POST /v1/chat/completions: `messages` (and `tools`) rendered by the model's chat template
     (llmctl.chat.render_messages: its own, or llmctl's instruction template), encoded as they are (the template
@@ -243,9 +262,7 @@ def parse_chat(body: Any, tok: Tokenizer, limits: Limits, cfg) -> Job:
                 raise bad("message content parts must be text parts ({\"type\": \"text\", \"text\": ...})",
                           "messages")
             m["content"] = "".join(p["text"] for p in parts)
-    tools = body.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise bad("'tools' must be a list of tool objects", "tools")
+    tools = _tools(body)
     try:
         text = render_messages(cfg, tok, messages, add_generation_prompt=True, tools=tools or None)
     except LlmctlError as e:
@@ -305,24 +322,30 @@ def choice_logprobs(job: Job, tok: Tokenizer, row: Row) -> tuple[str, Optional[d
         return ("".join(_pieces(tok, row.request.prompt)) if job.echo else ""), None
     first = [(row.request.prompt[0], None, None)] if job.echo else []
     entries: list = first + (row.prompt_logprobs if job.echo else []) + row.logprobs
+    obj, pieces = logprobs_object(job.kind, tok, entries)
+    return "".join(pieces[: len(entries) - len(row.logprobs)]), obj
+
+
+def logprobs_object(kind: str, tok: Tokenizer, entries: list, offset: int = 0) -> tuple[dict, list[str]]:
+    """(OpenAI's `logprobs` object of these positions, their tokens' text): a whole choice's, or a streamed chunk's
+    (`offset`: the characters of the choice before it, where its `text_offset`s start)."""
     pieces = _pieces(tok, [t for t, _, _ in entries])
     name = {}
     for _, _, top in entries:
         for t, _ in top or ():
             name.setdefault(t, tok.decode([t], skip_special=False))
-    if job.kind == "chat":
+    if kind == "chat":
         def one(text: str, lp: float) -> dict:
             return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-        return "", {"content": [{**one(p, lp), "top_logprobs": [one(name[t], x) for t, x in top]}
-                                for p, (_, lp, top) in zip(pieces, entries)]}
-    offsets, at = [], 0
+        return {"content": [{**one(p, lp), "top_logprobs": [one(name[t], x) for t, x in top]}
+                            for p, (_, lp, top) in zip(pieces, entries)]}, pieces
+    offsets, at = [], offset
     for p in pieces:
         offsets.append(at)
         at += len(p)
-    echoed = "".join(pieces[: len(entries) - len(row.logprobs)])
-    return echoed, {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in entries],
-                    "top_logprobs": [None if top is None else {name[t]: x for t, x in top} for _, _, top in entries],
-                    "text_offset": offsets}
+    return {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [None if top is None else {name[t]: x for t, x in top} for _, _, top in entries],
+            "text_offset": offsets}, pieces
 
 
 def response(kind: str, rid: str, model: str, created: int, texts: list[str], reasons: list[str],
@@ -341,16 +364,17 @@ def response(kind: str, rid: str, model: str, created: int, texts: list[str], re
 
 
 def chunk(kind: str, rid: str, model: str, created: int, index: int, text: Optional[str],
-          reason: Optional[str] = None, first: bool = False) -> dict:
-    """One streamed piece; `reason` set on a choice's last chunk (its text then empty)."""
+          reason: Optional[str] = None, first: bool = False, logprobs: Optional[dict] = None) -> dict:
+    """One streamed piece; `reason` set on a choice's last chunk (its text then empty); `logprobs`: those of the
+    tokens since the last chunk (`logprobs_object`)."""
     finish = FINISH[reason] if reason else None
     if kind == "chat":
         delta: dict = {"role": "assistant", "content": text or ""} if first else \
             ({"content": text} if text else {})
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 

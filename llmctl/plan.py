@@ -129,7 +129,8 @@ def build_plan(cfg: Config, tokenizer: Optional[Tokenizer], kind: str, base: Opt
     if task_kind in ("lm", "distill"):
         # under torchrun one process per node tokenizes; the others then open the cache
         td = distributed.local_rank0_first(
-            ctx, lambda: prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, events=events))
+            ctx, lambda: prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tokenizer, events=events,
+                                        encoder=cfg.train.objective == "mlm"))
         tokenizer = td.tokenizer
     elif cfg.data.path is None:
         raise LlmctlError(f"data.path is not set: finetune.task={task_kind} needs a training file")

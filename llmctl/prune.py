@@ -124,6 +124,9 @@ UNPRUNABLE = ("qk_norm", "post_norms", "sliding_window", "norm_offset")
 
 def check_parent(parent: ModelConfig) -> None:
     """Refuse, in one line, a model with a switch that pruning cannot carry over."""
+    if not parent.causal:
+        raise LlmctlError("llmctl prune cannot prune an encoder (model.causal=false): its calibration is next-token "
+                          "loss and its cutting knows only llmctl's plain GPT-2 and Llama blocks")
     on = [k for k in UNPRUNABLE if getattr(parent, k) not in (None, False)]
     if on:
         raise LlmctlError(f"llmctl prune cannot prune a model with model.{on[0]} (an imported Qwen3, Gemma or "

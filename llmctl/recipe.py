@@ -22,6 +22,7 @@ from .config import ADAPTER_METHODS, Config
 from .distributed import unwrap
 from .errors import LlmctlError
 from .events import Events, with_fields
+from .heads import Classifier
 from .interrupt import Stopped
 from .loading import restore
 from .optim import build_optimizer
@@ -145,10 +146,10 @@ def _train_locked(plan: TrainPlan, start: Start, events: Events, resume_state: O
 
 def _split_weights(plan: TrainPlan, full: dict) -> tuple[dict, str, dict]:
     """(weights, their file name, extra files) from the trained module's full state dict: the whole backbone, or
-    only the LoRA adapter; plus a task head (a classifier's state has `backbone.*` and `head.*`)."""
+    only the LoRA adapter; plus a task head (a classifier's state has `backbone.*`, `head.*` and maybe `pre.*`)."""
     if plan.task.kind == "classification":
         backbone = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
-        extra = {ckpt_io.HEAD: {k[len("head."):]: v for k, v in full.items() if k.startswith("head.")}}
+        extra = {ckpt_io.HEAD: Classifier.head_tensors(full)}
     else:
         backbone, extra = full, {}
     if plan.method in ADAPTER_METHODS:

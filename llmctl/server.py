@@ -43,12 +43,14 @@ def server_metrics() -> Metrics:
 
 @dataclass(eq=False)
 class Ticket:
-    """One request's rows in the engine and the queue its updates arrive on: (index, text, reason or None)."""
+    """One request's rows in the engine and the queue its updates arrive on: (index, text, reason or None, the
+    log-probabilities of the tokens since the last update: a list, or None when the request asked for none)."""
 
     rows: list[Row]
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     last: list[Optional[float]] = field(default_factory=list)  # per row: when its last token arrived
+    logprobs_sent: list[int] = field(default_factory=list)  # per row: its log-probabilities already delivered
 
     def cancel(self) -> None:
         for r in self.rows:
@@ -96,7 +98,7 @@ class Worker:
             rows = [self.engine.new_row(r) for r in requests]
         except ValueError as e:
             raise api.bad(str(e), "prompt") from None
-        ticket = Ticket(rows, asyncio.Queue(), loop, [None] * len(rows))
+        ticket = Ticket(rows, asyncio.Queue(), loop, [None] * len(rows), [0] * len(rows))
         for i, row in enumerate(rows):
             self._tickets[row] = (ticket, i)
             self.engine.submit(row)  # (after the ticket is known: the engine thread may touch the row at once)
@@ -151,12 +153,16 @@ class Worker:
             if row in self._timed_out:
                 self._timed_out.discard(row)
                 reason = "timeout"
-        updates.setdefault(ticket.loop, []).append((ticket, (i, row.take_text(), reason)))
+        lps = None
+        if row.request.logprobs is not None:
+            lps = row.logprobs[ticket.logprobs_sent[i]:]
+            ticket.logprobs_sent[i] += len(lps)
+        updates.setdefault(ticket.loop, []).append((ticket, (i, row.take_text(), reason, lps)))
 
     def _fail_all(self) -> None:
         updates: dict[asyncio.AbstractEventLoop, list] = {}
         for row, (ticket, i) in list(self._tickets.items()):
-            updates.setdefault(ticket.loop, []).append((ticket, (i, "", "error")))
+            updates.setdefault(ticket.loop, []).append((ticket, (i, "", "error", None)))
         for loop, batch in updates.items():
             self._send(loop, batch)
         self._tickets.clear()
@@ -363,7 +369,7 @@ async def _whole(s: Served, ticket: Ticket, job: api.Job, rid: str, created: int
     try:
         left = len(ticket.rows)
         while left:
-            i, text, reason = await ticket.queue.get()
+            i, text, reason, _ = await ticket.queue.get()
             texts[i] += text
             if reason is not None:
                 reasons[i], left = reason, left - 1
@@ -379,22 +385,35 @@ async def _whole(s: Served, ticket: Ticket, job: api.Job, rid: str, created: int
 
 
 async def _stream(s: Served, ticket: Ticket, job: api.Job, rid: str, created: int, prompt_tokens: int):
-    """The server-sent events of a streamed request, piece by piece as the engine thread delivers them."""
+    """The server-sent events of a streamed request, piece by piece as the engine thread delivers them; with
+    `logprobs`, each chunk carries those of the tokens since the last chunk (a token whose text is held back, or
+    the end id, goes with the next chunk of its choice, the last at the latest)."""
+    pending: list[list] = [[] for _ in ticket.rows]  # per choice: log-probabilities not sent yet
+    sent = [0] * len(ticket.rows)  # per choice: characters of log-probability tokens sent (text_offset)
+
+    def logprobs(i: int) -> Optional[dict]:
+        if job.logprobs is None or not pending[i]:
+            return None
+        obj, pieces = api.logprobs_object(job.kind, s.tokenizer, pending[i], sent[i])
+        pending[i], sent[i] = [], sent[i] + sum(map(len, pieces))
+        return obj
+
     try:
         left = len(ticket.rows)
         if job.kind == "chat":  # the role comes first, as OpenAI's streams do
             for i in range(len(ticket.rows)):
                 yield _sse(api.chunk("chat", rid, s.name, created, i, "", first=True))
         while left:
-            i, text, reason = await ticket.queue.get()
+            i, text, reason, lps = await ticket.queue.get()
             if reason in ("timeout", "error"):
                 yield _sse(_error_for(reason).body())
                 return
+            pending[i] += lps or []
             if text:
-                yield _sse(api.chunk(job.kind, rid, s.name, created, i, text))
+                yield _sse(api.chunk(job.kind, rid, s.name, created, i, text, logprobs=logprobs(i)))
             if reason is not None:
                 left -= 1
-                yield _sse(api.chunk(job.kind, rid, s.name, created, i, None, reason))
+                yield _sse(api.chunk(job.kind, rid, s.name, created, i, None, reason, logprobs=logprobs(i)))
         if job.include_usage:
             yield _sse(api.usage_chunk(job.kind, rid, s.name, created, prompt_tokens,
                                        sum(r.produced for r in ticket.rows)))

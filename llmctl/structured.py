@@ -16,7 +16,7 @@ is asked for (it brings transformers along; llmctl's own code never imports that
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -59,6 +59,29 @@ def spec(response_format: Any, name: str = "response_format") -> Optional[str]:
     return json.dumps(schema)
 
 
+# A JSON string's characters that need no escape; xgrammar 0.2.9 compiles `minLength`/`maxLength` into a character
+# class that lets raw control characters (U+0000..U+001F but \n and \r) in, which JSON forbids unescaped
+_PLAIN = r'[^"\\\x00-\x1f]'
+_NOT_SCHEMAS = ("enum", "const", "default", "examples")  # keys whose values are data, not schemas
+
+
+def _bounded_strings(node: Any) -> Any:
+    """The schema with every length-bounded string that has no `pattern` or `format` of its own rewritten as a
+    `pattern` of that many plain characters (no escapes: no quote, backslash or control character), which xgrammar
+    compiles into valid JSON; the values it allows are a subset of the schema's, so they validate against it."""
+    if isinstance(node, list):
+        return [_bounded_strings(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: (v if k in _NOT_SCHEMAS else _bounded_strings(v)) for k, v in node.items()}
+    low, high = out.get("minLength"), out.get("maxLength")
+    if out.get("type") == "string" and (low is not None or high is not None) and "pattern" not in out \
+            and "format" not in out and all(isinstance(x, int) for x in (low or 0, high or 0)):
+        out.pop("minLength", None), out.pop("maxLength", None)
+        out["pattern"] = f"^{_PLAIN}{{{low or 0},{'' if high is None else high}}}$"
+    return out
+
+
 def read_schema(path) -> str:
     """The schema in a JSON file (`infer --json-schema FILE`), as text."""
     try:
@@ -94,6 +117,16 @@ class Format:
     vocab_size: int
     stop_ids: tuple[int, ...]
     compiled: Any  # xgrammar.CompiledGrammar
+    not_stop: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)  # (1, words) int32: every
+    # bit set but the stop ids' (what `Matcher.complete` checks)
+
+    def __post_init__(self) -> None:
+        words = [0xFFFFFFFF] * ((self.vocab_size + 31) // 32)
+        for t in self.stop_ids:
+            if t < self.vocab_size:
+                words[t // 32] &= ~(1 << (t % 32)) & 0xFFFFFFFF
+        signed = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+        object.__setattr__(self, "not_stop", torch.tensor([signed], dtype=torch.int32))
 
 
 def compile_schema(schema: str, tok: Tokenizer, vocab_size: int, name: str = "response_format") -> Format:
@@ -101,7 +134,8 @@ def compile_schema(schema: str, tok: Tokenizer, vocab_size: int, name: str = "re
     compile it (or is not installed)."""
     compiler = _compiler(tok, vocab_size)
     try:
-        compiled = compiler.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+        fixed = json.dumps(_bounded_strings(json.loads(schema)))
+        compiled = compiler.compile_json_schema(fixed, any_whitespace=False, separators=(",", ":"))
     except Exception as e:  # xgrammar raises RuntimeError (or ValueError) with its reason on the last line
         why = [x for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
         raise LlmctlError(f"{name}: the schema cannot be compiled: {why[-1].split('] ')[-1][:300]}") from None
@@ -113,35 +147,41 @@ def compile_schema(schema: str, tok: Tokenizer, vocab_size: int, name: str = "re
 
 
 class Matcher:
-    """One row's place in its format: the tokens allowed next (`allowed`), the tokens taken (`accept`)."""
+    """One row's place in its format: the tokens allowed next (`allowed`, `mask`), the tokens taken (`accept`).
+    Each step reads xgrammar's bitmask of the next tokens once (bit j of int32 word i = token 32 i + j) and works on
+    its words: a step's mask and the end check cost a few small tensor operations, not one per token."""
 
     def __init__(self, fmt: Format):
         xgr = _xgrammar()
-        self.fmt = fmt
+        self.fmt, self._apply = fmt, xgr.apply_token_bitmask_inplace
         self.m = xgr.GrammarMatcher(fmt.compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, fmt.vocab_size)
-        self._shifts = torch.arange(32, dtype=torch.int32)
-        self._allowed: Optional[torch.Tensor] = None
+        self._filled = False
+
+    def _words(self) -> torch.Tensor:
+        if not self._filled:
+            self.m.fill_next_token_bitmask(self.bitmask)
+            self._filled = True
+        return self.bitmask
 
     def allowed(self) -> torch.Tensor:
-        """(V,) bool: the tokens that may come next (xgrammar's bitmask, bit j of word i = token 32 i + j)."""
-        if self._allowed is None:
-            self.m.fill_next_token_bitmask(self.bitmask)
-            bits = (self.bitmask[0, :, None] >> self._shifts) & 1
-            self._allowed = bits.bool().reshape(-1)[: self.fmt.vocab_size]
-        return self._allowed
+        """(V,) bool: the tokens that may come next."""
+        bits = (self._words()[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        return bits.bool().reshape(-1)[: self.fmt.vocab_size]
 
     def mask(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
-        """logits (V,) with every token the format does not allow next at -inf; None when it allows none (the
-        tokenizer cannot write what the schema needs here)."""
-        allowed = self.allowed()
-        if not bool(allowed.any()):
+        """logits (V,) as float32 with every token the format does not allow next at -inf (a copy: `logits` stay
+        as they are); None when it allows none (the tokenizer cannot write what the schema needs here)."""
+        words = self._words()
+        if not bool(words.any()):
             return None
-        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        out = logits.to(torch.float32, copy=True)
+        self._apply(out[None], words.to(out.device), vocab_size=self.fmt.vocab_size)
+        return out
 
     def accept(self, token: int) -> bool:
         """Follow a sampled token (False: the format does not allow it)."""
-        self._allowed = None
+        self._filled = False
         return bool(self.m.accept_token(token))
 
     @property
@@ -149,6 +189,4 @@ class Matcher:
         """The JSON is complete and nothing but an end id may follow: the row is done."""
         if self.m.is_terminated():
             return True
-        allowed = self.allowed().clone()
-        allowed[list(self.fmt.stop_ids)] = False
-        return not bool(allowed.any())
+        return not bool((self._words() & self.fmt.not_stop).any())

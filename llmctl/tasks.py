@@ -34,6 +34,7 @@ from .errors import LlmctlError
 from .evaluate import classification_metrics, classify
 from .heads import Classifier
 from .lora import apply_lora
+from .mlm import Masking, masked_batches, masked_blocks, mlm_metrics
 from .model import Transformer
 from .preference import StepMeans, dpo_terms, frozen_reference
 from .qlora import quantize_base
@@ -91,6 +92,11 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
             f"model.block_size={T}; use more text or a smaller block_size"
         )
     batches = LMBatches(td.train, T, t.batch_size, layout.accum, t.seed, layout.rank, layout.world)
+    if t.objective == "mlm":
+        return mlm_task(cfg, td, backbone, device, amp, layout, batches)
+    if not cfg.model.causal:
+        raise LlmctlError("an encoder (model.causal=false) cannot learn next-token prediction, as it sees every "
+                          "token; set train.objective=mlm")
 
     def validate(model: nn.Module, step: int) -> dict:
         if len(td.val) < 2:
@@ -100,6 +106,26 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
 
     return Task("lm", backbone, backbone, batches.get, lm_loss, validate,
                 t.batch_size * layout.accum * T * layout.world,
+                sizes={"train_tokens": len(td.train), "val_tokens": len(td.val)}, val_tokens=td.val)
+
+
+def mlm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.device, amp, layout: Layout,
+             batches: LMBatches) -> Task:
+    """Masked-language modelling on the same blocks (llmctl.mlm); validation: masked-token loss and accuracy on
+    the validation split's blocks, masked the same way at every evaluation."""
+    t, T = cfg.train, cfg.model.block_size
+    masking = Masking.of(td.tokenizer, t.mask_rate)
+
+    def validate(model: nn.Module, step: int) -> dict:
+        if len(td.val) < 2:
+            return {}
+        # every rank measures the whole (small) validation split: identical results, collective forwards line up
+        blocks = masked_blocks(eval_blocks(td.val, T, cfg.eval.batch_size, t.eval_batches), masking)
+        r = mlm_metrics(distributed.unwrap(model), distributed.polled(blocks, layout.dist), device, amp)
+        return {"val_loss": r["masked_loss"], "val_masked_accuracy": r["masked_accuracy"]}
+
+    return Task("lm", backbone, backbone, masked_batches(batches.get, masking, t.seed, layout.rank), lm_loss,
+                validate, t.batch_size * layout.accum * T * layout.world,
                 sizes={"train_tokens": len(td.train), "val_tokens": len(td.val)}, val_tokens=td.val)
 
 
@@ -140,7 +166,7 @@ def classification_task(cfg: Config, tok: Tokenizer, backbone: Transformer, devi
     """Sequence classification; validation is a seeded held-out slice of the training file (data.val_fraction)."""
     d, t = cfg.data, cfg.train
     ex, labels = classification_examples(d.path, d, tok, cfg.model.block_size, d.text_column, d.label_column,
-                                         cfg.finetune.labels)
+                                         cfg.finetune.labels, encoder=not cfg.model.causal)
     train_idx, val_idx = holdout(len(ex.ids), d.val_fraction, t.seed)
     module = Classifier(backbone, len(labels), cfg.finetune.pooling)
     batches = ExampleBatches(ex, train_idx, "classification", tok.pad_id, t.batch_size, layout.accum, t.seed,

@@ -23,6 +23,9 @@ EOS, PAD, UNK = "<eos>", "<pad>", "<unk>"
 EOS_CANDIDATES = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
 PAD_CANDIDATES = (PAD, "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+# an encoder's special tokens: the masked-LM mask, and the classification token and separator around each text
+MASK, CLS, SEP = "[MASK]", "[CLS]", "[SEP]"
+ENCODER_TOKENS = {"mask_token": (MASK, "<mask>"), "cls_token": (CLS, "<cls>"), "sep_token": (SEP, "<sep>")}
 # characters per piece of a long text, and per native call: one call takes well under a second (~1-2 MB/s on
 # a CPU core), so a signal is heard between calls (llmctl.interrupt) and pieces spread over the cores
 PIECE_CHARS = 1 << 18
@@ -64,6 +67,20 @@ class Tokenizer:
             raise LlmctlError(f"tokenizer.end_ids: {bad[0]} is not a token id of the tokenizer (it has "
                               f"{self.vocab_size} tokens); give the generation_config.json of this model")
         self.end_ids = tuple(dict.fromkeys([self.eos_id, *end_ids]))  # the end-of-text token first
+        # the encoder's tokens: named ones (an imported tokenizer_config.json), else their usual spellings
+        self.mask_id, self.cls_id, self.sep_id = (
+            vocab[named[name]] if name in named else first(spellings) for name, spellings in ENCODER_TOKENS.items())
+
+    def with_encoder_tokens(self) -> "Tokenizer":
+        """This tokenizer with [MASK], [CLS] and [SEP] added as special tokens (after every existing id) where it
+        has no such token: what an encoder's masked-LM pretraining and classification need."""
+        missing = [spellings[0] for spellings, have in zip(ENCODER_TOKENS.values(),
+                                                           (self.mask_id, self.cls_id, self.sep_id)) if have is None]
+        if not missing:
+            return self
+        tk = HFTokenizer.from_str(self.tk.to_str())
+        tk.add_special_tokens(missing)
+        return Tokenizer(tk, self.named, self.end_ids[1:])
 
     def configured(self, tc) -> "Tokenizer":
         """This tokenizer with the model's settings of the `tokenizer:` section (tc: TokenizerConfig):

@@ -151,7 +151,7 @@ async def stream_events(host: str, port: int, body: dict):
         writer.close()
 
 
-async def _load_raw(url: str, clients: int, seconds: float, ps: list[list[int]]) -> dict:
+async def _load_raw(url: str, clients: int, seconds: float, ps: list[list[int]], fields: dict | None = None) -> dict:
     host, port = url.split("//")[1].rsplit(":", 1)
 
     async def one(body: dict, deadline: float, seen) -> None:
@@ -160,10 +160,10 @@ async def _load_raw(url: str, clients: int, seconds: float, ps: list[list[int]])
                 return  # hang up: the window is over (the server frees the slot)
             seen(now)
 
-    return await _window(clients, seconds, ps, one, (ConnectionError, OSError, asyncio.IncompleteReadError))
+    return await _window(clients, seconds, ps, one, (ConnectionError, OSError, asyncio.IncompleteReadError), fields)
 
 
-async def _load_httpx(url: str, clients: int, seconds: float, ps: list[list[int]]) -> dict:
+async def _load_httpx(url: str, clients: int, seconds: float, ps: list[list[int]], fields: dict | None = None) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=clients + 8)) as c:
         async def one(body: dict, deadline: float, seen) -> None:
             async with c.stream("POST", "/v1/completions", json=body) as r:
@@ -174,12 +174,14 @@ async def _load_httpx(url: str, clients: int, seconds: float, ps: list[list[int]
                     if line.startswith("data: {"):
                         seen(now)
 
-        return await _window(clients, seconds, ps, one, (httpx.HTTPError,))
+        return await _window(clients, seconds, ps, one, (httpx.HTTPError,), fields)
 
 
-async def _window(clients: int, seconds: float, ps: list[list[int]], one, errors: tuple) -> dict:
+async def _window(clients: int, seconds: float, ps: list[list[int]], one, errors: tuple,
+                  fields: dict | None = None) -> dict:
     """C clients streaming back-to-back requests for `seconds` through `one(body, deadline, seen)`; tokens counted
-    as they arrive in the window."""
+    as they arrive in the window. `fields` change the request body (scripts/bench_structured.py sends sampled and
+    constrained requests)."""
     start = time.perf_counter()
     deadline = start + seconds
     tokens, ttft, waiting = [0], [], [0]
@@ -188,7 +190,8 @@ async def _window(clients: int, seconds: float, ps: list[list[int]], one, errors
     async def client(k: int) -> None:
         n = k
         while time.perf_counter() < deadline:
-            body = {"prompt": ps[n % len(ps)], "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True}
+            body = {"prompt": ps[n % len(ps)], "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
+                    **(fields or {})}
             n += clients
             sent, first = time.perf_counter(), [None]
 

@@ -84,6 +84,28 @@ def tiny_run(tmp_path_factory, runner) -> Path:
     return out
 
 
+# a ModernBERT-layout encoder of TINY's size, MLM-pretrained for 10 steps
+ENCODER = [
+    *TINY, "model.arch=llama", "model.causal=false", "model.norm=layernorm", "model.bias=false",
+    "model.gate_activation=gelu", "model.embed_norm=true", "model.mlm_head=true", "model.pooler=mlm",
+    "model.tie_embeddings=true", "model.sliding_window=16", "model.layer_types=[full,sliding]",
+    "model.rope_local_theta=10000", "train.objective=mlm", "train.max_steps=10", "train.eval_interval=5",
+    "train.eval_batches=2",
+]
+_ENCODER_RUN: list[Path] = []
+
+
+def encoder_run() -> Path:
+    """The tiny encoder trained through the real CLI, built once per session on first use (by test_encoders.py's
+    tests and test_cli.py's bad-input rows), in the session's private cache directory."""
+    if not _ENCODER_RUN:
+        out = Path(os.environ["LLMCTL_CACHE_DIR"]) / "runs" / "encoder"
+        r = invoke(CliRunner(), "pretrain", *sets(*ENCODER), "--out", out, "--quiet")
+        assert r.exit_code == 0, r.output
+        _ENCODER_RUN.append(out)
+    return _ENCODER_RUN[0]
+
+
 def disk_fills_on_second_shard(monkeypatch) -> None:
     """The second token shard's file takes half its bytes, then the disk is full (ENOSPC)."""
     import builtins

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TINY, disk_fills_on_second_shard, invoke, sets
+from conftest import ROOT, SHAKESPEARE, TINY, disk_fills_on_second_shard, encoder_run, invoke, sets
 from llmctl.rundir import read_status
 
 
@@ -660,6 +660,20 @@ BAD += [
     ("serve-unknown-key", lambda t, r: ["serve", "--ckpt", r, "-c", _file(t, "s.yaml", "serve:\n  slot: 4\n")],
      ["serve.slot"]),
     ("serve-bad-port", lambda t, r: ["serve", "--ckpt", r, "--port", "70000"], ["--port must be between 0 and 65535"]),
+]
+
+# encoders (docs/encoders.md)
+BAD += [
+    ("mlm-on-a-decoder", lambda t, r: ["pretrain", *sets(*TINY, "train.objective=mlm"), "--out", t / "o"],
+     ["train.objective=mlm", "model.causal=false"]),
+    ("clm-on-an-encoder", lambda t, r: ["pretrain", *sets(*TINY, "model.causal=false"), "--out", t / "o"],
+     ["model.causal=false", "train.objective=mlm"]),
+    ("encoder-generates", lambda t, r: ["infer", "--ckpt", encoder_run(), "--prompt", "hi"],
+     ["is an encoder", "encoders classify, they do not generate"]),
+    ("cls-pooling-on-a-decoder",
+     lambda t, r: ["finetune", "--from", r, *sets("finetune.task=classification", "finetune.pooling=cls"),
+                   "--out", t / "o"],
+     ["finetune.pooling=cls", "encoders"]),
 ]
 
 

@@ -392,3 +392,32 @@ def test_a_logit_bias_outside_the_vocabulary_is_refused_naming_it():
 
     with pytest.raises(LlmctlError, match="logit_bias names token id 40, outside the model's vocabulary of 40"):
         Engine(model("gpt2")).new_row(Request([1], Sampling(2, logit_bias={40: 1})))
+
+
+def test_the_n_choices_of_a_prompt_share_one_prefill_and_each_equals_itself_alone(monkeypatch):
+    from llmctl.generate import Engine, Request
+
+    m = model("llama")
+    prompt = [5, 9, 3, 17, 2, 8, 11]
+    greedy = [Request(prompt, Sampling(14, temperature=0), logprobs=2, prompt_logprobs=True) for _ in range(4)]
+    seeded = [Request(prompt, Sampling(14, temperature=1.0, seed=7 + j)) for j in range(3)]
+    other = Request([4, 4], Sampling(14, temperature=0))
+    engine = Engine(m)
+    calls = []
+    real = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda row, keep=None: (calls.append(len(row.tokens)), real(row, keep)))
+    reqs = greedy + [other] + seeded
+    done = {id(r.request): r for r in engine.run(reqs) if r.done}
+    # one prefill per distinct (prompt, prompt log-probabilities asked): the greedy four, the other, the seeded three
+    assert calls == [len(prompt), 2, len(prompt)]
+    monkeypatch.undo()
+    alone = [Engine(m).run([q]) for q in (greedy[0], other, *seeded)]
+    alone = [next(r for r in rows if r.done) for rows in alone]
+    for q in greedy:
+        row = done[id(q)]
+        assert row.tokens == alone[0].tokens and row.finish_reason == alone[0].finish_reason
+        assert row.prompt_logprobs == alone[0].prompt_logprobs  # (the very prefill: exactly)
+        assert [x for _, x, _ in row.logprobs] == pytest.approx([x for _, x, _ in alone[0].logprobs], abs=1e-5)
+    assert done[id(other)].tokens == alone[1].tokens
+    assert [done[id(q)].tokens for q in seeded] == [r.tokens for r in alone[2:]]
+    assert len({tuple(done[id(q)].tokens) for q in seeded}) == 3  # each choice its own stream

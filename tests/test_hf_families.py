@@ -251,7 +251,8 @@ def test_export_transformers_import_round_trip_is_bit_identical(family, pairs, r
 def test_every_family_is_one_export_writes():
     from llmctl.config.model import HF_ARCHITECTURES
 
-    assert set(hf.FAMILIES) | {"GPT2LMHeadModel"} == set(HF_ARCHITECTURES)
+    encoders = {"BertForMaskedLM", "ModernBertForMaskedLM"}  # (tests/test_hf_encoders.py)
+    assert set(hf.FAMILIES) | {"GPT2LMHeadModel"} | encoders == set(HF_ARCHITECTURES)
     assert {arch for _, arch in FAMILIES.values()} == set(hf.FAMILIES)
 
 

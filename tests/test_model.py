@@ -124,3 +124,42 @@ def test_offset_norms_start_as_identity_scales_and_softcaps_bound_logits():
         m.lm_head.weight.mul_(1000)
     x = torch.randint(0, 50, (1, 8))
     assert m(x).abs().max() <= 15.0 and m.lm_head(m.hidden(x)).abs().max() > 100  # capped, and it had to be
+
+
+# two rows of packed documents (ids in contiguous runs), lengths 5 + 11 and 7 + 2 + 7
+DOCS = [[5, 11], [7, 2, 7]]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-like", "open-switches"])
+def test_document_masked_rows_equal_each_document_alone(name):
+    """With `segments`, a packed row's logits are each document's own (positions restart, no attention across)."""
+    torch.manual_seed(0)
+    m = Transformer(SHAPES[name]).eval()
+    x = torch.randint(0, 50, (2, 16))
+    segments = torch.tensor([sum(([d] * n for d, n in enumerate(row)), []) for row in DOCS])
+    packed = m(x, segments=segments)
+    for b, row in enumerate(DOCS):
+        start = 0
+        for n in row:
+            alone = m(x[b : b + 1, start : start + n])
+            torch.testing.assert_close(packed[b : b + 1, start : start + n], alone, rtol=1e-5, atol=1e-5)
+            start += n
+    assert not torch.allclose(packed, m(x), atol=1e-3)  # (the documents did read across without segments)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_segment_positions_and_flex_masks_match_the_sdpa_masks():
+    from llmctl.model import segment_masks, segment_positions
+
+    segments = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [4, 4, 4, 4, 4, 4, 9, 9]])
+    assert segment_positions(segments).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1]]
+    full, sliding = segment_masks(segments, window=2)
+    assert full[0, 0, 4].tolist() == [False, False, False, True, True, False, False, False]
+    assert sliding[1, 0, 5].tolist() == [False, False, False, False, True, True, False, False]
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from llmctl.model import flex_attention
+
+    q, k, v = torch.randn(3, 2, 2, 8, 16).unbind(0)
+    for dense, block in zip((full, sliding), segment_masks(segments, window=2, flex=True)):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        torch.testing.assert_close(flex_attention(q, k, v, block, None, False), want, rtol=1e-5, atol=1e-5)

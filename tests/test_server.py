@@ -204,7 +204,7 @@ ERRORS = [
     ("chat-top-logprobs-without-logprobs", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, {}, 400, "top_logprobs",
      ["goes with \"logprobs\": true"]),
-    ("logprobs-streamed", "/v1/completions", {"prompt": "a", "logprobs": 1, "stream": True}, {}, 400, "logprobs",
+    ("echo-streamed", "/v1/completions", {"prompt": "a", "echo": True, "stream": True}, {}, 400, "echo",
      ["not supported with \"stream\": true"]),
     ("best-of", "/v1/completions", {"prompt": "a", "best_of": 3}, {}, 400, "best_of", ["not supported"]),
     ("max-tokens-0-without-echo", "/v1/completions", {"prompt": "a", "max_tokens": 0}, {}, 400, "max_tokens",
@@ -218,6 +218,15 @@ ERRORS = [
     ("chat-ends-with-assistant", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, {}, 400, "messages",
      ["last message must be the user's"]),
+    ("tools-without-a-template-that-takes-them", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     {}, 400, "tools", ["tools: this model has no chat template of its own"]),
+    ("tool-choice-required", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"}, {}, 400, "tool_choice",
+     ["'tool_choice' 'required' is not supported"]),
+    ("legacy-functions", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "a"}], "functions": [{"name": "f"}]}, {}, 400, "functions",
+     ["'functions' is not supported"]),
     ("unknown-model", "/v1/completions", {"model": "gpt-5", "prompt": "a"}, {}, 404, "model",
      ["'gpt-5' does not exist", "'tiny'"]),
     ("no-key", "/v1/completions", {"prompt": "a"}, {"Authorization": ""}, 401, None, ["no API key given"]),
@@ -578,11 +587,36 @@ def test_n_choices_greedy_identical_seeded_different_and_reproducible(server):
     chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Who art thou?"}],
                                      max_tokens=6, temperature=1.0, seed=3, n=3, logprobs=True, top_logprobs=2,
                                      extra_body={"truncate": True}, user="u1", metadata={"k": "v"}, store=False,
-                                     service_tier="auto")
+                                     service_tier="auto", tool_choice="none",
+                                     tools=[{"type": "function", "function": {"name": "f"}}])
     assert len(chat.choices) == 3 and len({x.message.content for x in chat.choices}) > 1
     content = chat.choices[0].logprobs.content
     assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     assert "".join(t.token for t in content).startswith(chat.choices[0].message.content)
+
+
+def test_streamed_logprobs_equal_the_whole_answers(server):
+    body = {"prompt": PROMPTS[4], "max_tokens": 12, "temperature": 0, "logprobs": 2, "stop": ["\n\n"]}
+    whole = server.post("/v1/completions", body).json()["choices"][0]
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, headers=server.headers,
+                      timeout=60) as r:
+        chunks = [json.loads(x[6:])["choices"][0] for x in r.iter_lines() if x.startswith("data: {")]
+    got = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for ch in chunks:
+        for k, v in (ch["logprobs"] or {}).items():
+            got[k] += v
+    assert "".join(ch["text"] for ch in chunks) == whole["text"] and chunks[-1]["finish_reason"]
+    assert got["tokens"] == whole["logprobs"]["tokens"] and got["text_offset"] == whole["logprobs"]["text_offset"]
+    assert got["token_logprobs"] == pytest.approx(whole["logprobs"]["token_logprobs"], abs=1e-6)
+    assert [list(t) for t in got["top_logprobs"]] == [list(t) for t in whole["logprobs"]["top_logprobs"]]
+    c = server.client()
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Who art thou?"}], max_tokens=8, temperature=0,
+              logprobs=True, top_logprobs=2, extra_body={"truncate": True})
+    want = c.chat.completions.create(**kw).choices[0].logprobs.content
+    streamed = [t for ch in c.chat.completions.create(**kw, stream=True) for x in ch.choices
+                for t in (x.logprobs.content if x.logprobs else [])]
+    assert [t.token for t in streamed] == [t.token for t in want] and len(want) > 1
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in want], abs=1e-6)
 
 
 def test_penalties_and_logit_bias_reach_the_engine(server, tiny_run):

@@ -134,19 +134,47 @@ def test_a_constrained_and_a_free_row_share_a_batch_and_each_equals_itself_alone
     validate("array", together[2][0])
 
 
+def test_a_length_bounded_string_allows_no_raw_control_character(xgr, bpe):
+    """xgrammar 0.2.9 compiles minLength/maxLength into a class that lets raw control characters in (invalid JSON);
+    llmctl.structured rewrites such a string as a pattern of plain characters, which keeps its bounds."""
+    from llmctl.structured import Matcher
+
+    _, tok, _ = bpe
+    control = [i for i in range(tok.vocab_size) if any(ord(c) < 32 for c in tok.decode([i], skip_special=False))]
+    quote, a = tok.encode('"'), tok.encode("a")
+    assert control and len(quote) == len(a) == 1
+    for schema, empty_ok in (({"type": "string", "maxLength": 5}, True), ({"type": "string", "minLength": 2}, False)):
+        m = Matcher(_compile(tok, schema))
+        assert m.accept(quote[0])
+        allowed = m.allowed()
+        assert not any(bool(allowed[i]) for i in control) and bool(allowed[a[0]])
+        assert bool(allowed[quote[0]]) == empty_ok
+    m = Matcher(_compile(tok, {"type": "string", "maxLength": 2}))
+    assert all(m.accept(t) for t in quote + a + a)
+    assert not bool(m.allowed()[a[0]]) and bool(m.allowed()[quote[0]])  # two characters: only the end is left
+
+
+def _compile(tok, schema: dict):
+    from llmctl import structured
+
+    return structured.compile_schema(json.dumps(schema), tok, VOCAB)
+
+
 def test_response_format_over_http_and_infer_json_schema(xgr, bpe, runner, tmp_path):
     pytest.importorskip("openai")
     from test_server import Server
 
     _, _, ckpt = bpe
-    rf = {"type": "json_schema", "json_schema": {"name": "pick", "schema": SCHEMAS["enum"], "strict": True}}
     with Server(ckpt, "--dtype", "float32", "--no-compile") as s:
         client = s.client()
-        chat = client.chat.completions.create(model="bpe", messages=[{"role": "user", "content": "a colour?"}],
-                                              max_tokens=60, temperature=1.0, seed=1, response_format=rf, n=3)
-        for c in chat.choices:
-            assert c.finish_reason == "stop"
-            validate("enum", c.message.content)
+        for name, schema in SCHEMAS.items():  # 10 sampled answers per schema through the real server
+            rf = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+            chat = client.chat.completions.create(model="bpe", messages=[{"role": "user", "content": "a colour?"}],
+                                                  max_tokens=200, temperature=1.0, seed=1, response_format=rf, n=10)
+            assert len(chat.choices) == 10 and len({c.message.content for c in chat.choices}) > 1
+            for c in chat.choices:
+                assert c.finish_reason == "stop", c.message.content
+                validate(name, c.message.content)
         r = s.post("/v1/completions", {"prompt": "To be", "max_tokens": 60, "temperature": 1.0,
                                        "response_format": {"type": "json_schema",
                                                            "json_schema": {"schema": SCHEMAS["array"]}}})

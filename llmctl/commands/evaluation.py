@@ -24,6 +24,7 @@ from ..errors import LlmctlError
 from ..evaluate import classification_metrics, classify, lm_metrics
 from ..events import SILENT, Events
 from ..loading import Loaded, for_inference, load_model
+from ..mlm import Masking, masked_blocks, mlm_metrics
 from ..precision import check_choices
 
 
@@ -102,6 +103,10 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
         tokens = prepare_tokens(cfg.data, cfg.tokenizer, tokenizer=tok, events=events).val
     if len(tokens) < 2:
         raise LlmctlError(f"{where} has fewer than 2 tokens; nothing to evaluate")
+    if not cfg.model.causal:  # an encoder: masked-token loss and accuracy, masks fixed by seed (llmctl.mlm)
+        blocks = masked_blocks(eval_blocks(tokens, cfg.model.block_size, bs), Masking.of(tok, cfg.train.mask_rate))
+        return {"checkpoint": str(loaded.ckpt.path), "data": where, "objective": "mlm",
+                **mlm_metrics(loaded.model, blocks, loaded.device)}
     n_bytes = len(tok.decode([int(i) for i in tokens[1:]]).encode("utf-8"))
     r = lm_metrics(loaded.model, eval_blocks(tokens, cfg.model.block_size, bs), loaded.device, None, n_bytes=n_bytes)
     return {"checkpoint": str(loaded.ckpt.path), "data": where, "precision": loaded.precision, **r}
@@ -129,7 +134,7 @@ def _eval_classifier(loaded: Loaded, source: str, whole_file: bool, batch_size: 
         text_col, label_col = cfg.data.text_column, cfg.data.label_column
     key = "--data" if whole_file else "data.path"
     ex, labels = classification_examples(source, cfg.data, tok, cfg.model.block_size, text_col, label_col,
-                                         loaded.labels, key=key)
+                                         loaded.labels, key=key, encoder=not cfg.model.causal)
     idx = (list(range(len(ex.ids))) if whole_file
            else holdout(len(ex.ids), cfg.data.val_fraction, cfg.train.seed)[1].tolist())
     rows, pred, _, loss = classify(loaded.classifier, eval_batches(ex, idx, "classification", tok.pad_id, batch_size),

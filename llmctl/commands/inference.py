@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 from .. import sampling, structured
 from ..chat import render_messages
-from ..data import Examples, eval_batches
+from ..data import Examples, classification_ids, eval_batches
 from ..errors import LlmctlError
 from ..evaluate import classify
 from ..events import SILENT, Events
@@ -148,9 +148,7 @@ def classify_texts(loaded: Loaded, texts: list[str], batch_size: int = 32, event
     unseen characters; `what` names the texts there ("--input", followed by the row numbers, or "the text")."""
     tok, T = loaded.tokenizer, loaded.cfg.model.block_size
     warn_unseen(tok, texts[0] if len(texts) == 1 else texts, what, events)
-    ids = []
-    for enc in tok.encode_batch(texts):
-        ids.append(enc[: T - 1] + [tok.eos_id])
+    ids, _ = classification_ids(tok, texts, T, encoder=not loaded.cfg.model.causal)
     ex = Examples(ids, [0] * len(ids))
     rows, pred, probs, _ = classify(loaded.classifier, eval_batches(ex, list(range(len(ids))), "classification",
                                                                     tok.pad_id, batch_size), loaded.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +38,8 @@ def import_hf(source: str, out: Path, tokenizer: Optional[Path] = None, overwrit
     tok_json = tok.to_str() if tok is not None else None
     meta = {"kind": "import", "imported_from": source, "hf_architectures": imported.hf_config.get("architectures")}
     out.mkdir(parents=True, exist_ok=True)
-    path = ckpt_io.save(out, 0, imported.weights, config_yaml, tok_json, meta=meta)
+    extra = {ckpt_io.HEAD: imported.head} if imported.head is not None else None  # an encoder classifier
+    path = ckpt_io.save(out, 0, imported.weights, config_yaml, tok_json, meta=meta, extra_files=extra)
     write_run_files(out, config_yaml, tok_json)  # the run-level copies a trained run has too
     m = cfg.model
     events.log(f"imported {source} ({m.hf_architecture}): {m.n_layer} layers, width {m.n_embd}, {m.n_head} heads "
@@ -82,9 +84,10 @@ def export(ckpt: Path, fmt: str, out: Path, tokenizer: Optional[Path] = None, ov
     if tok is None:
         events.warn(f"{ck.path} has no tokenizer, so the export has none; pass --tokenizer FILE to include one")
     weights = merge_lora(loaded.model).state_dict()  # LoRA adapters folded into the weights they adapt
+    head = loaded.classifier.head_state() if loaded.classifier is not None else None
     with atomic_dir(out, replace=True) as tmp:
-        files = hf.write_dir(tmp, cfg, weights, tok, str(ck.path))
-    hf_arch = hf.to_hf_config(cfg.model, tok)["architectures"][0]
+        files = hf.write_dir(tmp, cfg, weights, tok, str(ck.path), head)
+    hf_arch = json.loads((out / "config.json").read_text())["architectures"][0]
     events.log(f"exported {ck.path} to {out} ({cfg.model.arch} -> {hf_arch})")
     return {"checkpoint": str(ck.path), "out": str(out), "format": fmt, "files": files}
 
@@ -96,9 +99,12 @@ def _exportable(ckpt: Path, base: Optional[Path], tokenizer: Optional[Path], mer
     if ckpt_io.ADAPTER in ck.meta["files"] and not merge_lora_adapter:
         raise LlmctlError(f"{ck.path} is a LoRA adapter; "
                           "pass --merge-lora to fold it into its base's weights and export that")
-    if loaded.classifier is not None:
+    if fmt == "gguf" and not loaded.cfg.model.causal:
+        raise LlmctlError(f"{ck.path} is an encoder (model.causal=false); GGUF files are for llama.cpp's decoders: "
+                          "export --format hf")
+    if loaded.classifier is not None and (fmt != "hf" or loaded.cfg.model.causal):
         raise LlmctlError(f"{ck.path} is a classification checkpoint; export --format {fmt} writes language models "
-                          "only (export the checkpoint it was finetuned from)")
+                          "and encoder classifiers only (export the checkpoint it was finetuned from)")
     return loaded
 
 

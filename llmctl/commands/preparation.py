@@ -14,7 +14,7 @@ def prepare(config: Optional[Path], overrides: list[str], events: Events = SILEN
     """`llmctl prepare`: tokenize once into the cache; report what is there. `events` hears the "prepare" progress
     (bytes read, tokens) and what is done."""
     cfg = load_config(config, overrides)
-    td = prepare_tokens(cfg.data, cfg.tokenizer, events=events)
+    td = prepare_tokens(cfg.data, cfg.tokenizer, events=events, encoder=cfg.train.objective == "mlm")
     return {"cache": str(td.dir), **td.manifest}
 
 

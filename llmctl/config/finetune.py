@@ -22,8 +22,9 @@ class FinetuneConfig:
     linear weights stored in 4-bit NF4 (qlora: needs the qlora extra, torchao; docs/finetuning.md)."""
     labels: Optional[list[str]] = None
     """Classification: the label names in order; null: the sorted values found in the data."""
-    pooling: Literal["last", "mean"] = "last"
-    """Classification: the head reads the final <eos> token's state (last) or the mean over the text (mean)."""
+    pooling: Optional[Literal["last", "mean", "cls"]] = None
+    """Classification: the head reads the final <eos> token's state (last), the mean over the text (mean), or the
+    first, [CLS], token's (cls: encoders only); null: cls for an encoder (model.causal=false), else last."""
     lora_rank: int = 8
     """Rank of each LoRA adapter."""
     lora_alpha: float = 16.0
@@ -84,6 +85,12 @@ class FinetuneConfig:
             p.append("finetune.lora_targets: name at least one layer (attn.qkv, attn.proj, mlp.fc, mlp.proj, wte)")
         if f.freeze_blocks < 0 or (m.n_layer >= 1 and f.freeze_blocks > m.n_layer):
             p.append(f"finetune.freeze_blocks: must be between 0 and model.n_layer={m.n_layer} (got {f.freeze_blocks})")
+        if f.pooling == "cls" and m.causal:
+            p.append("finetune.pooling=cls: a decoder's first token sees only itself; use last or mean (cls is for "
+                     "encoders, model.causal=false)")
+        if not m.causal and f.task in ("instruct", "distill", "dpo"):
+            p.append(f"finetune.task={f.task}: an encoder (model.causal=false) does not generate; it learns "
+                     "classification, or lm with train.objective=mlm")
         if f.labels is not None and len(set(f.labels)) < 2:
             p.append("finetune.labels: a classifier needs at least two distinct labels")
         if f.task == "distill" and not f.teacher:

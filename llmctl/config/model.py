@@ -1,4 +1,4 @@
-"""The `model:` section: the shape of the decoder-only Transformer."""
+"""The `model:` section: the shape of the Transformer (a decoder, or an encoder with causal: false)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .whole import Whole
 
 @dataclass
 class ModelConfig:
-    """Shape of the decoder-only Transformer; `arch` picks the GPT-2 or the LLaMA flavour."""
+    """Shape of the Transformer; `arch` picks the GPT-2 or the LLaMA flavour, `causal` a decoder or an encoder."""
 
     arch: Literal["gpt2", "llama"] = "gpt2"
     """gpt2: LayerNorm, learned positions, GELU, tied embeddings, biases; llama: RMSNorm, rotary positions, SwiGLU,
@@ -48,8 +48,9 @@ class ModelConfig:
     """Biases on the query/key/value projections (Qwen2); null: as model.bias."""
     qk_norm: bool = False
     """Per-head RMSNorm on queries and keys before RoPE (Qwen3, Gemma 3; llama flavour only)."""
-    gate_activation: Literal["silu", "gelu_tanh"] = "silu"
-    """The llama flavour's gated MLP: silu (SwiGLU) or gelu_tanh (GeGLU, Gemma)."""
+    gate_activation: Literal["silu", "gelu_tanh", "gelu"] = "silu"
+    """The llama flavour's gated MLP: silu (SwiGLU), gelu_tanh (GeGLU, Gemma) or gelu (GeGLU with exact GELU,
+    ModernBERT)."""
     norm_offset: bool = False
     """RMSNorm scales by (1 + weight) rather than weight (Gemma; llama flavour only)."""
     embed_scale: bool = False
@@ -78,8 +79,31 @@ class ModelConfig:
     hf_architecture: Optional[str] = None
     """The transformers architecture `export --format hf` writes (set by `import hf` to the one imported:
     GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, Gemma2ForCausalLM,
-    Gemma3ForCausalLM, Phi3ForCausalLM); null: GPT2LMHeadModel for gpt2, else the first of these that has every
-    switch the model uses."""
+    Gemma3ForCausalLM, Phi3ForCausalLM; encoders: BertForMaskedLM, ModernBertForMaskedLM, whose export writes the
+    masked LM, the bare model or the classifier by what the checkpoint holds); null: GPT2LMHeadModel for gpt2, else
+    the first of these that has every switch the model uses (encoders: BERT for gpt2, ModernBERT for llama)."""
+    causal: bool = True
+    """Each position attends to earlier ones only (a decoder); false: to every position of its sequence (an encoder,
+    BERT and ModernBERT: trained with train.objective=mlm, finetuned to classify; it does not generate). Sliding
+    layers of an encoder read sliding_window / 2 positions on either side (ModernBERT's local_attention)."""
+    norm: Optional[Literal["layernorm", "rmsnorm"]] = None
+    """The kind of every norm; null: layernorm for gpt2, rmsnorm for llama (ModernBERT: llama with layernorm).
+    A LayerNorm has a bias where model.bias is on."""
+    norm_position: Literal["pre", "post"] = "pre"
+    """pre: each block normalises its input to attention and MLP, and a final norm follows the last block; post:
+    each block normalises the residual sum after attention and after the MLP, and there is no final norm (BERT)."""
+    embed_norm: bool = False
+    """Normalise the embeddings (token + positions + token types) before the first block (BERT, ModernBERT); with
+    norm_position=pre the first block then reads them without its own attention norm (ModernBERT)."""
+    type_vocab_size: int = 0
+    """Rows of a token-type (segment A/B) embedding added to every token (BERT: 2; llmctl's texts are all type 0);
+    0: none."""
+    mlm_head: bool = False
+    """The masked-LM output head of BERT and ModernBERT: dense + exact GELU + norm, then the vocabulary projection
+    (tied to the embedding where tie_embeddings) with its own bias; false: the vocabulary projection alone."""
+    pooler: Optional[Literal["tanh", "mlm"]] = None
+    """What a classifier puts between the pooled state and its linear head: tanh (BERT's pooler: dense + tanh), mlm
+    (ModernBERT's: dense + exact GELU + norm, shaped like mlm_head's); null: nothing. Its weights are the head's."""
     dropout: float = 0.0
     """Dropout probability in training (embeddings, attention weights, residual branches); 0: none."""
     init_std: float = 0.02
@@ -101,6 +125,11 @@ class ModelConfig:
         if self.arch == "gpt2":
             return 4 * self.n_embd
         return 64 * ((int(2 * 4 * self.n_embd / 3) + 63) // 64)
+
+    @property
+    def norm_kind(self) -> str:
+        """layernorm or rmsnorm: model.norm, else the flavour's."""
+        return self.norm or ("layernorm" if self.arch == "gpt2" else "rmsnorm")
 
     @property
     def has_bias(self) -> bool:
@@ -158,7 +187,25 @@ class ModelConfig:
         if m.norm_eps <= 0 or m.rope_theta <= 0 or m.init_std <= 0:
             p.append("model.norm_eps, model.rope_theta and model.init_std must be positive")
         p += self._check_switches()
+        p += self._check_encoder()
+        return p
 
+    def _check_encoder(self) -> list[str]:
+        """The encoder switches (BERT and ModernBERT layouts)."""
+        m, p = self, []
+        if m.type_vocab_size < 0:
+            p.append(f"model.type_vocab_size: must not be negative (got {m.type_vocab_size})")
+        if m.norm_position == "post" and (m.post_norms or m.norm_offset):
+            p.append("model.norm_position=post: the block already normalises the residual sum; it cannot be "
+                     "combined with model.post_norms or model.norm_offset")
+        encoders = ("BertForMaskedLM", "ModernBertForMaskedLM")
+        if m.causal and m.hf_architecture in encoders:
+            p.append(f"model.hf_architecture: {m.hf_architecture} is an encoder; it needs model.causal=false")
+        if not m.causal and m.hf_architecture is not None and m.hf_architecture not in encoders:
+            p.append(f"model.hf_architecture: {m.hf_architecture} is a decoder; an encoder (model.causal=false) is "
+                     "written as BertForMaskedLM or ModernBertForMaskedLM (or null)")
+        if m.embed_norm and m.norm_kind == "rmsnorm" and m.norm_offset:
+            p.append("model.embed_norm: not with model.norm_offset (Gemma scales its embeddings instead)")
         return p
 
     def _check_switches(self) -> list[str]:
@@ -205,7 +252,7 @@ class ModelConfig:
 HF_ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "llama", "Qwen3ForCausalLM": "llama",
     "MistralForCausalLM": "llama", "Gemma2ForCausalLM": "llama", "Gemma3ForCausalLM": "llama",
-    "Phi3ForCausalLM": "llama",
+    "Phi3ForCausalLM": "llama", "BertForMaskedLM": "gpt2", "ModernBertForMaskedLM": "llama",
 }
 
 

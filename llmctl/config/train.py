@@ -14,6 +14,11 @@ from .whole import Whole
 class TrainConfig:
     """The training loop: optimizer, schedule, precision, logging and checkpoints."""
 
+    objective: Literal["clm", "mlm"] = "clm"
+    """What language modelling learns: the next token (clm, decoders), or masked tokens from both sides (mlm: BERT's
+    masked-language modelling, for encoders, model.causal=false; docs/encoders.md)."""
+    mask_rate: float = 0.15
+    """mlm: the share of tokens predicted; of those, 80% are replaced by [MASK], 10% by a random token, 10% kept."""
     batch_size: int = 12
     """Sequences per micro-batch on each device."""
     grad_accum: int = 1
@@ -106,6 +111,11 @@ class TrainConfig:
         if t.eps <= 0:
             p.append(f"train.eps: must be positive (got {t.eps})")
 
+        if t.objective == "mlm" and cfg.model.causal:
+            p.append("train.objective=mlm predicts masked tokens from both sides, which a decoder cannot see; set "
+                     "model.causal=false (an encoder) or train.objective=clm")
+        if not 0.0 < t.mask_rate < 1.0:
+            p.append(f"train.mask_rate: must be in (0, 1) (got {t.mask_rate})")
         if t.patience < 0:
             p.append(f"train.patience: must not be negative (got {t.patience})")
         return p

@@ -20,6 +20,7 @@ from .examples import (
     ExampleBatches,
     Examples,
     classification_examples,
+    classification_ids,
     eval_batches,
     holdout,
     instruct_examples,
@@ -30,7 +31,7 @@ from .preferences import preference_examples
 from .tables import load_texts
 
 __all__ = [
-    "ExampleBatches", "Examples", "LMBatches", "TokenData", "chat_examples", "classification_examples", "eval_batches",
-    "eval_blocks", "holdout", "instruct_examples", "load_texts", "packed_tokens", "pad_batch", "preference_examples",
-    "prepare", "resolve_source", "tokenize_file",
+    "ExampleBatches", "Examples", "LMBatches", "TokenData", "chat_examples", "classification_examples",
+    "classification_ids", "eval_batches", "eval_blocks", "holdout", "instruct_examples", "load_texts",
+    "packed_tokens", "pad_batch", "preference_examples", "prepare", "resolve_source", "tokenize_file",
 ]

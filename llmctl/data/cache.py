@@ -148,8 +148,12 @@ def prepare(
     tok_cfg: TokenizerConfig,
     tokenizer: Optional[Tokenizer] = None,
     events: Events = SILENT,
+    encoder: bool = False,
 ) -> TokenData:
     """Tokenize the configured corpus into cached token shards (reused when inputs and tokenizer match).
+
+    `encoder` (an mlm run): the tokenizer gets [MASK], [CLS] and [SEP] where it lacks them
+    (`Tokenizer.with_encoder_tokens`), and the cache is that tokenizer's.
 
     Streaming and resumable (see `llmctl.shards`): memory stays bounded at any corpus size, a killed preparation
     goes on from its last complete shard, and the cache entry appears (by one rename) only when complete."""
@@ -161,6 +165,8 @@ def prepare(
     val_ident = val_source.identity(data) if val_source else ""
     if tokenizer is None:
         tokenizer = get_tokenizer(tok_cfg, data, source, ident, events)
+    if encoder:
+        tokenizer = tokenizer.with_encoder_tokens()
     key = _sha(ident, val_ident, tokenizer.sha256, str(data.val_fraction), str(FORMAT_VERSION))
     root = Path(data.cache_dir).expanduser() / "tokens"
     final = root / key

@@ -37,14 +37,34 @@ def _label_key(v) -> tuple:
     return (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s)
 
 
+def classification_ids(tokenizer: Tokenizer, texts: list[str], block_size: int, encoder: bool = False
+                       ) -> tuple[list[list[int]], int]:
+    """Each text as a classifier reads it, cut to the context, and how many were cut: a decoder's ids + <eos> (the
+    token it classifies at), an encoder's [CLS] ids [SEP] (its first token sees the whole text). A text longer
+    than the context keeps its first tokens."""
+    if encoder and (tokenizer.cls_id is None or tokenizer.sep_id is None):
+        raise LlmctlError("the model is an encoder, whose classifier reads each text as [CLS] text [SEP] (cls pooling "
+                          "classifies the [CLS] state, mean pooling averages them all), and its tokenizer has no "
+                          "[CLS] or [SEP] token; give a tokenizer that has them (llmctl adds them when it prepares "
+                          "an mlm run)")
+    before, after = ([tokenizer.cls_id], [tokenizer.sep_id]) if encoder else ([], [tokenizer.eos_id])
+    room = block_size - len(before) - len(after)
+    ids, truncated = [], 0
+    for enc in tokenizer.encode_batch([str(t) for t in texts]):
+        if len(enc) > room:
+            enc, truncated = enc[:room], truncated + 1
+        ids.append(before + enc + after)
+    return ids, truncated
+
+
 def classification_examples(
     path: str, data: DataConfig, tokenizer: Tokenizer, block_size: int, text_column: str, label_column: str,
-    labels: Optional[list[str]] = None, key: str = "data.path",
+    labels: Optional[list[str]] = None, key: str = "data.path", encoder: bool = False,
 ) -> tuple[Examples, list[str]]:
-    """Read text/label rows; texts become ids + <eos> (the token the classifier reads), cut to the context.
+    """Read text/label rows; texts become what the classifier reads (`classification_ids`), cut to the context.
 
-    Texts longer than the context keep their first `block_size - 1` tokens and the <eos>; how many were cut is
-    counted. Labels may be names or integers; the label set is `labels` or the sorted values found here.
+    How many texts were cut is counted. Labels may be names or integers; the label set is `labels` or the sorted
+    values found here.
     """
     ds = load_table(resolve_source(path, data, key), data, key)
     settings = "data" if key == "data.path" else "eval"
@@ -71,11 +91,7 @@ def classification_examples(
             f"{key}: label {unseen[0]!r} in column '{label_column}' is not one the model was trained on "
             f"({', '.join(labels)})"
         )
-    ids, truncated = [], 0
-    for enc in tokenizer.encode_batch([str(t) for t in texts]):
-        if len(enc) > block_size - 1:
-            enc, truncated = enc[: block_size - 1], truncated + 1
-        ids.append(enc + [tokenizer.eos_id])
+    ids, truncated = classification_ids(tokenizer, texts, block_size, encoder)
     return Examples(ids, [index[v] for v in values], truncated), labels
 
 

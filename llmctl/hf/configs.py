@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from ..config import ModelConfig, from_dict
 from ..config.model import HF_ARCHITECTURES
 from ..errors import LlmctlError
-from . import rope
+from . import encoders, rope
 from .fields import Reader, unrepresentable
 
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -358,8 +358,12 @@ def _gpt2_to_hf_config(m: ModelConfig) -> dict:
 
 
 GPT2 = "GPT2LMHeadModel"
-MODEL_TYPES = {"gpt2": GPT2, **{f.model_type: f.name for f in FAMILIES.values()}}
-assert set(FAMILIES) | {GPT2} == set(HF_ARCHITECTURES), "llmctl.config.model.HF_ARCHITECTURES and the families differ"
+MODEL_TYPES = {"gpt2": GPT2, **{f.model_type: f.name for f in FAMILIES.values()}, **encoders.MODEL_TYPES}
+assert set(FAMILIES) | {GPT2} | set(encoders.MODEL_TYPES.values()) == set(HF_ARCHITECTURES), \
+    "llmctl.config.model.HF_ARCHITECTURES and the families differ"
+# the encoder switches a decoder architecture has none of, with their plain values
+ENCODER_SWITCHES = {"causal": True, "norm_position": "pre", "embed_norm": False, "type_vocab_size": 0,
+                    "mlm_head": False}
 
 
 def architecture(hf: dict, source: str = "config.json") -> str:
@@ -372,7 +376,7 @@ def architecture(hf: dict, source: str = "config.json") -> str:
     if not isinstance(archs, list):
         archs = [archs]
     for a in archs:
-        if a in HF_ARCHITECTURES:
+        if a in HF_ARCHITECTURES or a in encoders.ENCODER_ARCHS:
             return a
     mt = hf.get("model_type")
     if not archs and mt in MODEL_TYPES:
@@ -390,6 +394,8 @@ def architecture(hf: dict, source: str = "config.json") -> str:
 def to_model_config(hf: dict, source: str = "config.json") -> ModelConfig:
     """A transformers config (parsed config.json) -> our ModelConfig; anything we cannot represent is an error."""
     name = architecture(hf, source)
+    if name in encoders.ENCODER_ARCHS:
+        return encoders.to_model_config(hf, name, source)
     if name == GPT2:
         return _gpt2_to_model_config(hf, source)
     return FAMILIES[name].to_model_config(hf, source)
@@ -398,6 +404,12 @@ def to_model_config(hf: dict, source: str = "config.json") -> ModelConfig:
 def family_of(m: ModelConfig) -> Optional[Family]:
     """The family export writes for `m` (None: GPT-2): model.hf_architecture, else the first family that holds
     every switch `m` uses. A family that cannot hold them is refused, naming the field."""
+    odd = [k for k, v in ENCODER_SWITCHES.items() if getattr(m, k) != v]
+    if m.norm is not None and m.norm != ("layernorm" if m.arch == "gpt2" else "rmsnorm"):
+        odd.append("norm")
+    if odd:
+        raise LlmctlError(f"model.{odd[0]}={json.dumps(getattr(m, odd[0]))}: no decoder architecture llmctl writes "
+                          "has it (encoders are written as BERT or ModernBERT, with model.causal=false)")
     if m.arch == "gpt2":
         return None
     if m.hf_architecture is not None:
@@ -416,5 +428,7 @@ def family_of(m: ModelConfig) -> Optional[Family]:
 
 def model_config_json(m: ModelConfig) -> dict:
     """The architecture part of config.json for `m` (token ids and common keys are the caller's)."""
+    if not m.causal:
+        return encoders.to_hf_config(m)
     fam = family_of(m)
     return _gpt2_to_hf_config(m) if fam is None else fam.to_hf_config(m)

@@ -1,10 +1,12 @@
-"""Reading a transformers config.json: typed fields, JSON files, and the one shape of "cannot represent" errors."""
+"""Reading a transformers config.json: typed fields, JSON files, the one shape of "cannot represent" errors; and
+the `Pair` of tensor names every layout is a list of."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import LlmctlError
 
@@ -52,3 +54,20 @@ class Reader:
 
 def unrepresentable(source: str, name: str, value: Any, why: str) -> LlmctlError:
     return LlmctlError(f"{source}: {name}={json.dumps(value)} cannot be represented in llmctl ({why})")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One of our tensors and the transformers tensor(s) it corresponds to.
+
+    `theirs` holds one name, or several pieces concatenated along dim 0 (q, k, v / gate, up) with `sizes` rows.
+    `transpose`: GPT-2's Conv1D stores (in, out), the transpose of our nn.Linear (out, in).
+    `zero_shape`: ours may lack this tensor (GPT-2 flavour with bias=False) while transformers needs it: export
+    writes zeros of this shape.
+    """
+
+    ours: str
+    theirs: tuple[str, ...]
+    sizes: tuple[int, ...] = ()
+    transpose: bool = False
+    zero_shape: Optional[tuple[int, ...]] = None

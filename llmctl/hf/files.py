@@ -22,9 +22,10 @@ from ..chat import exported_template
 from ..config import Config, ModelConfig
 from ..errors import LlmctlError
 from ..tokenizer import Tokenizer
-from .configs import model_config_json, to_model_config
+from . import encoders
+from .configs import architecture, model_config_json, to_model_config
 from .fields import read_json
-from .layouts import from_hf_weights, to_hf_weights
+from .layouts import from_hf_weights, head_to_hf, split_head, to_hf_weights
 from .tokens import generation_config, token_ids
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -36,11 +37,16 @@ DOWNLOAD_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", 
 DOWNLOAD_BIN_PATTERNS = [TORCH_BIN, "pytorch_model-*.bin", TORCH_BIN_INDEX]
 
 
-def to_hf_config(m: ModelConfig, tok: Optional[Tokenizer]) -> dict:
+def to_hf_config(m: ModelConfig, tok: Optional[Tokenizer], labels: Optional[list[str]] = None,
+                 pooling: Optional[str] = None) -> dict:
     """Our ModelConfig -> a transformers config.json that loads with no manual step (the architecture:
-    model.hf_architecture, see `configs.family_of`)."""
+    model.hf_architecture, see `configs.family_of`; an encoder classifier with `labels`: *ForSequenceClassification
+    with them as id2label)."""
+    arch = model_config_json(m) if not labels else {
+        **encoders.to_hf_config(m, len(labels), pooling or "cls"),
+        "id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
     return {
-        **model_config_json(m), "tie_word_embeddings": m.tied, "initializer_range": m.init_std, "use_cache": True,
+        **arch, "tie_word_embeddings": m.tied, "initializer_range": m.init_std, "use_cache": True,
         "dtype": "float32", "torch_dtype": "float32", **token_ids(tok),
     }
 
@@ -108,6 +114,8 @@ class Imported:
     source: str
     hf_config: dict
     warnings: list[str] = field(default_factory=list)
+    head: Optional[dict[str, torch.Tensor]] = None
+    """An encoder classifier's head (`heads.Classifier.head_state` form); None: a language model."""
 
 
 def load_dir(src: Path, tokenizer_path: Optional[Path] = None) -> Imported:
@@ -121,8 +129,15 @@ def load_dir(src: Path, tokenizer_path: Optional[Path] = None) -> Imported:
     hf_cfg = read_json(src / "config.json", "model config")
     m = to_model_config(hf_cfg, str(src / "config.json"))
     tensors, where = read_weights(src)
+    head, labels = None, None
+    if architecture(hf_cfg).endswith("ForSequenceClassification"):  # an encoder classifier: the head apart
+        tensors, head = split_head(tensors, m)
+        id2label = hf_cfg.get("id2label") or {}
+        labels = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(len(head["bias"]))]
     weights = from_hf_weights(tensors, m, where)
-    warnings = []
+    warnings = [f"{src}: the pooler ({name.removesuffix('.weight')}) is not imported: it serves only a classifier, "
+                "and one finetuned from this import starts a fresh one"
+                for name in encoders.unused(m)[:1] if any(k.endswith(name.removeprefix("bert.")) for k in tensors)]
     if tokenizer_path is not None:
         tok: Optional[Tokenizer] = Tokenizer.from_file(tokenizer_path)
     elif (src / "tokenizer.json").is_file():
@@ -138,25 +153,33 @@ def load_dir(src: Path, tokenizer_path: Optional[Path] = None) -> Imported:
                           "give the tokenizer that belongs to this model")
     tok, settings = tokenizer_files.read(src, tok, hf_cfg)  # chat template, special tokens, end ids
     cfg = Config(model=m)
+    if head is not None:
+        cfg.finetune.task, cfg.finetune.labels = "classification", labels
+        cfg.finetune.pooling = hf_cfg.get("classifier_pooling", "cls")
     cfg.tokenizer.kind = "bpe" if tok is not None and tok.kind == "bpe" else cfg.tokenizer.kind
     for name, value in settings.items():
         setattr(cfg.tokenizer, name, value)
-    return Imported(cfg, weights, tok, str(src), hf_cfg, warnings)
+    return Imported(cfg, weights, tok, str(src), hf_cfg, warnings, head)
 
 
 def write_dir(out: Path, cfg: Config, weights: dict[str, torch.Tensor], tok: Optional[Tokenizer],
-              source: str) -> list[str]:
-    """Write a transformers directory into `out` (which must exist and be empty). Returns the file names."""
+              source: str, head: Optional[dict[str, torch.Tensor]] = None) -> list[str]:
+    """Write a transformers directory into `out` (which must exist and be empty). Returns the file names. `head`:
+    an encoder classifier's (`heads.Classifier.head_state`), written as *ForSequenceClassification."""
     m = cfg.model
+    labels = cfg.finetune.labels if head is not None else None
     files: dict[str, Any] = {
-        "config.json": to_hf_config(m, tok),
+        "config.json": to_hf_config(m, tok, labels, cfg.finetune.pooling),
         "generation_config.json": generation_config(cfg, tok),
     }
     if tok is not None:  # with the chat template the model was tuned in (or imported with), if any
         tokenizer_files.write(out, tok, m.block_size, exported_template(cfg, tok))
     for name, obj in files.items():
         (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    save_file(to_hf_weights(weights, m, source), str(out / SAFETENSORS), metadata={"format": "pt"})
+    tensors = to_hf_weights(weights, m, source)
+    if head is not None:
+        tensors.update(head_to_hf(head, m))
+    save_file(tensors, str(out / SAFETENSORS), metadata={"format": "pt"})
     return sorted(p.name for p in out.iterdir())
 
 

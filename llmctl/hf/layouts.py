@@ -16,39 +16,23 @@ Our RoPE uses the same rotate-half layout as transformers, so q/k rows need no p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 from ..config import ModelConfig
 from ..errors import LlmctlError
 from ..model import Transformer
+from . import encoders
 from .configs import family_of
+from .fields import Pair
 
 # buffers that old transformers versions saved with the weights; they hold no learned values
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
-@dataclass(frozen=True)
-class Pair:
-    """One of our tensors and the transformers tensor(s) it corresponds to.
-
-    `theirs` holds one name, or several pieces concatenated along dim 0 (q, k, v / gate, up) with `sizes` rows.
-    `transpose`: GPT-2's Conv1D stores (in, out), the transpose of our nn.Linear (out, in).
-    `zero_shape`: ours may lack this tensor (GPT-2 flavour with bias=False) while transformers needs it: export
-    writes zeros of this shape.
-    """
-
-    ours: str
-    theirs: tuple[str, ...]
-    sizes: tuple[int, ...] = ()
-    transpose: bool = False
-    zero_shape: Optional[tuple[int, ...]] = None
-
-
 def layout(m: ModelConfig) -> list[Pair]:
     """Every tensor of a model of config `m`, with its transformers name(s)."""
+    if not m.causal:
+        return encoders.layout(m)
     pairs = _gpt2(m) if m.arch == "gpt2" else _llama(m)
     if not m.tied:  # a tied head is the embedding: stored once, on both sides
         pairs.append(Pair("lm_head.weight", ("lm_head.weight",)))
@@ -117,7 +101,7 @@ def expected_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def from_hf_weights(theirs: dict[str, torch.Tensor], m: ModelConfig, source: str) -> dict[str, torch.Tensor]:
     """transformers state dict -> ours (float32), checking that every tensor is there with the right shape."""
-    theirs = _canonical_names(theirs, m.arch)
+    theirs = _canonical_names(theirs, m)
     pairs = layout(m)
     needed = [n for p in pairs for n in p.theirs]
     missing = [n for n in needed if n not in theirs]
@@ -126,6 +110,7 @@ def from_hf_weights(theirs: dict[str, torch.Tensor], m: ModelConfig, source: str
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                           + "; the weights do not match config.json or are incomplete")
     known = set(needed) | ({"lm_head.weight"} if m.tied else set())  # a tied head saved anyway is the embedding
+    known |= set(encoders.aliases(m)) | set(encoders.unused(m)) if not m.causal else set()
     extra = [n for n in theirs if n not in known and not n.endswith(IGNORED_SUFFIXES)]
     if extra:
         raise LlmctlError(f"{source} has tensor {extra[0]} that config.json does not account for"
@@ -142,6 +127,24 @@ def from_hf_weights(theirs: dict[str, torch.Tensor], m: ModelConfig, source: str
         t = torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0]
         ours[p.ours] = (t.t() if p.transpose else t).to(torch.float32).contiguous()
     return ours
+
+
+def split_head(theirs: dict[str, torch.Tensor], m: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """A *ForSequenceClassification state dict -> (the encoder's tensors, llmctl's classifier head tensors: the
+    `Classifier.head_state` form). Missing head tensors are an error naming the first."""
+    theirs = _canonical_names(theirs, m)
+    pairs = encoders.head_layout(m)
+    missing = [n for p in pairs for n in p.theirs if n not in theirs]
+    if missing:
+        raise LlmctlError(f"the classifier lacks tensor {missing[0]}; the weights do not match config.json")
+    head = {p.ours.removeprefix("head."): theirs[p.theirs[0]].to(torch.float32).contiguous() for p in pairs}
+    taken = {n for p in pairs for n in p.theirs}
+    return {k: v for k, v in theirs.items() if k not in taken}, head
+
+
+def head_to_hf(head: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """llmctl's classifier head tensors (`Classifier.head_state`) -> transformers names."""
+    return {p.theirs[0]: head[p.ours.removeprefix("head.")].contiguous() for p in encoders.head_layout(m)}
 
 
 def _their_shapes(p: Pair, ours: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -182,8 +185,10 @@ def check_shapes(ours: dict[str, torch.Tensor], m: ModelConfig, source: str) -> 
             raise LlmctlError(f"{source}: tensor {k} has shape {tuple(ours[k].shape)} but the config implies {shape}")
 
 
-def _canonical_names(theirs: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+def _canonical_names(theirs: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
     """Add the `transformer.` / `model.` prefix that checkpoints saved from the base model (GPT2Model, the
     original gpt2 repository, LlamaModel) leave out."""
-    prefix = "transformer." if arch == "gpt2" else "model."
+    if not m.causal:
+        return encoders.canonical(theirs, m)
+    prefix = "transformer." if m.arch == "gpt2" else "model."
     return {(k if k.startswith(prefix) or k == "lm_head.weight" else prefix + k): v for k, v in theirs.items()}
