@@ -135,7 +135,8 @@ def trained(model: nn.Module) -> Trained:
     """What of `model` (a Transformer, or a task head around one) trains: everything, LoRA or QLoRA, frozen parts."""
     bb = model if hasattr(model, "blocks") else model.backbone
     rank = sum(m.lora_a.shape[0] for m in bb.blocks[0].modules() if isinstance(m, LoRALinear)) if bb.blocks else 0
-    return Trained(gains=bb.norm.weight.requires_grad, head=bb.lm_head.weight.requires_grad or bb is not model,
+    gains = [p.requires_grad for name, p in bb.named_parameters() if "norm" in name]
+    return Trained(gains=any(gains) or not gains, head=bb.lm_head.weight.requires_grad or bb is not model,
                    embeddings=bb.wte.weight.requires_grad or hasattr(bb.wte, "lora_a"), adapter_rank=rank)
 
 
