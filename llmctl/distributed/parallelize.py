@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..config import TrainConfig
 from ..errors import LlmctlError
-from ..qlora import is_nf4
+from ..qlora import check_shardable, is_nf4
 from . import tensor_parallel
 from .launch import DistContext, launched, tp_size
 
@@ -120,6 +120,7 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> nn.Modul
         if ctx.tp_size > 1:
             tensor_parallel.parallelize(model, backbone(model).cfg, mesh["tp"])
         if ctx.parallel in ("fsdp", "fsdp_tp"):
+            check_shardable(model, ctx.dp_size)  # (NF4 base weights, under QLoRA)
             for block in _blocks(model):
                 fully_shard(block, mesh=mesh["dp"])
             fully_shard(model, mesh=mesh["dp"])
