@@ -91,9 +91,9 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: Optional[int] =
 
 def task_flops(task: Any, cfg: Config) -> dict:
     """FLOPs per trained token of a task: the trained model's, plus a distillation teacher's forward pass, or DPO's
-    reference (the same model) forward."""
+    and GRPO's reference (the same model) forward (GRPO's generation is not counted)."""
     flops = flops_per_token(getattr(task.module, "_orig_mod", task.module), cfg.model)
-    if getattr(task, "kind", None) == "dpo":
+    if getattr(task, "kind", None) in ("dpo", "grpo"):
         flops = {**flops, "forward": 2 * flops["forward"], "train": flops["train"] + flops["forward"]}
     teacher = getattr(task, "teacher", None)
     if teacher is not None:
@@ -177,7 +177,7 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
         core += s * qd + 4 * cfg.n_head
     attn = p * C + (core + (p * qd if (s != p or dropout > 0) else 0)) / tp  # qkv input, attention, proj input
     masks = 2 * p * C if dropout > 0 else 0  # residual dropout masks, in the dtype of what they drop
-    mlp = p * C + (4 * p * H if cfg.arch == "llama" else 2 * p * H) / tp  # fc input, fc output (gate/up), proj input
+    mlp = p * C + (4 * p * H if cfg.gated else 2 * p * H) / tp  # fc input, fc output (gate/up), proj input
     block = norm + attn + norm + mlp + masks + p * parts.adapter_rank  # per token
     # final norm, head input, float32 log-probabilities, input ids and targets (int64), embedding dropout mask
     head = norm + (p * C if parts.head else 0) + 4 * V + 8 + 8 + (4 * C if dropout > 0 else 0)
@@ -439,7 +439,7 @@ def sample_batch(task: Task, tokenizer: Tokenizer, step: int = 0, labels_names: 
     """
     batch = task.batches(step)[0]
     ids = batch["input_ids"][0].tolist()
-    if "lengths" in batch:  # classification: one label per sequence
+    if batch["labels"].dim() == 1:  # classification: one label per sequence
         n = int(batch["lengths"][0])
         label = int(batch["labels"][0])
         return {"step": step, "tokens": n, "trained_tokens": 0, "label": labels_names[label] if labels_names else label,

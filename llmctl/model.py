@@ -240,17 +240,25 @@ def flex_attention(q, k, v, block_mask, scale: Optional[float], gqa: bool) -> to
         return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+ACTIVATIONS = {"silu": F.silu, "relu2": relu2}  # (GELU, exact or tanh, is the rest)
+
+
 class MLP(nn.Module):
-    """GELU MLP (gpt2) or a gated MLP with a fused gate/up projection (llama): SwiGLU, or GeGLU (Gemma)."""
+    """GELU or ReLU² MLP (gpt2, or llama with activation relu2) or a gated MLP with a fused gate/up projection
+    (llama): SwiGLU, or GeGLU (Gemma)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gated = cfg.arch == "llama"
+        self.gated = cfg.gated
         self.hidden = cfg.hidden
         self.fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * self.hidden, bias=cfg.has_bias)
         self.proj = nn.Linear(self.hidden, cfg.n_embd, bias=cfg.has_bias)
         act = cfg.gate_activation if self.gated else cfg.activation
-        self.act = F.silu if act == "silu" else partial(F.gelu, approximate="tanh" if act == "gelu_tanh" else "none")
+        self.act = ACTIVATIONS.get(act) or partial(F.gelu, approximate="tanh" if act == "gelu_tanh" else "none")
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,7 +364,8 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        """GPT-2 initialisation: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer) (or zero, with
+        model.zero_init_proj)."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.is_meta:  # shapes only (a checkpoint's weights replace them); init is skipped, see __init__
@@ -366,7 +375,10 @@ class Transformer(nn.Module):
             elif "norm" in name:  # a (1 + w) norm starts at w = 0
                 (nn.init.zeros_ if self.cfg.norm_offset else nn.init.ones_)(p)
             elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+                if self.cfg.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
         if self.cfg.arch == "llama":  # buffers are not parameters; recompute in case of meta-device init

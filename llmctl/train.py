@@ -27,7 +27,7 @@ from .optim import lr_at
 
 Batch = dict[str, torch.Tensor]
 # metrics where higher is better
-MAXIMIZED = ("accuracy", "f1", "macro_f1", "precision", "recall", "val_accuracy", "val_margin")
+MAXIMIZED = ("accuracy", "f1", "macro_f1", "precision", "recall", "val_accuracy", "val_margin", "val_reward")
 
 
 @dataclass
@@ -108,6 +108,11 @@ class Validator:
     def due(self, state: LoopState, last: bool) -> bool:
         interval = self.cfg.eval_interval and state.step % self.cfg.eval_interval == 0
         return self.run is not None and bool(interval or last or state.eval_due)
+
+    def reached(self, result: dict) -> bool:
+        """Whether `result` reaches train.stop_at_loss (the run ends there)."""
+        target, loss = self.cfg.stop_at_loss, result.get("val_loss")
+        return target is not None and loss is not None and loss <= target
 
     def judge(self, state: LoopState, result: dict) -> tuple[bool, bool]:
         """Record `result` in `state`: (a new best, patience exhausted)."""
@@ -316,6 +321,7 @@ class _Loop:
         """One validation pass, judged and logged: (a new best, patience exhausted)."""
         state, cfg = self.state, self.cfg
         state.eval_due = True  # until the pass is complete: a checkpoint written on a signal says so
+        t0 = time.perf_counter()
         try:
             result = self.validator.run(state.step)  # polls STOP between batches
         except Stopped as e:
@@ -323,8 +329,10 @@ class _Loop:
         finally:
             self.model.train()
         state.eval_due = False
+        seconds = time.perf_counter() - t0
         improved, stop_early = self.validator.judge(state, result)
-        self.hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
+        self.hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result,
+                                "val_seconds": round(seconds, 3)})
         self.events.log(f"step {state.step}: "
                         + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
                         + (" (best)" if improved and not (last or stop_early) else ""))
@@ -332,6 +340,10 @@ class _Loop:
             self.events.log(f"early stop: no better {cfg.best_metric} in {cfg.patience} evaluations "
                             f"(best {state.best:.4f} at step {state.best_step})")
             state.stopped_early = True
+        elif self.validator.reached(result):
+            self.events.log(f"target reached: val_loss {result['val_loss']:.4f} <= train.stop_at_loss="
+                            f"{cfg.stop_at_loss} at step {state.step}")
+            state.stopped_early = stop_early = True
         return improved, stop_early
 
     def stop(self, signum: int, during: str = "") -> NoReturn:

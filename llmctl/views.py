@@ -76,7 +76,8 @@ def plan_lines(kind: str, info: dict) -> list[str]:
                     f"({info['world_size']} processes in tensor-parallel groups of {info['tp_size']})")
     else:
         replicas = f"{info['world_size']} process{'es' if info['world_size'] > 1 else ''}"
-    batch = (f"global batch {info['global_batch']:,} sequences = {info['batch_size']} per device x "
+    unit = f"prompts ({info['group_size']} completions each)" if "group_size" in info else "sequences"  # (GRPO)
+    batch = (f"global batch {info['global_batch']:,} {unit} = {info['batch_size']} per device x "
              f"{info['grad_accum']} accumulation x {replicas}"
              + (f" ({info['parallel'].upper()})" if info["parallel"] != "none" else ""))
     return [f"{kind}: " + ", ".join(parts), batch]
@@ -129,12 +130,16 @@ def _compute_table(report: dict, cfg: dict) -> Table:
          + (f" x {acc} micro-batches)" if acc > 1 else ")")),
         (("train / val tokens", f"{report['train_tokens']:,} / {report['val_tokens']:,} ({report['epochs']} epochs)")
          if "train_tokens" in report else
-         ("train / val examples",
-          f"{report['train_examples']:,} / {report['val_examples']:,} ({report['epochs']} epochs)")),
+         _split_row(report, "prompts" if "train_prompts" in report else "examples")),
         ("device peak", f"{fmt_count(report['peak_flops'])}FLOP/s" if report.get("peak_flops") else "unknown"),
         ("peak from", report["peak_flops_source"]),
     ]
     return _kv_table("\ncompute", rows)
+
+
+def _split_row(report: dict, unit: str) -> tuple[str, str]:
+    return (f"train / val {unit}",
+            f"{report[f'train_{unit}']:,} / {report[f'val_{unit}']:,} ({report['epochs']} epochs)")
 
 
 def _memory_table(report: dict, cfg: dict) -> Table:

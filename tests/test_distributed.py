@@ -199,6 +199,22 @@ def test_distillation_in_two_processes_logs_the_losses_of_one(tmp_path, single, 
 
 
 @pytest.mark.slow
+def test_ddp_with_muon_logs_the_losses_of_one_process(tmp_path):
+    """DDP averages the gradients before the step, so each rank's Muon orthogonalises the same whole matrices as one
+    process does; bfloat16 Newton-Schulz on differently summed gradients agrees to a relative 1e-3."""
+    muon = [*BASE, "model.arch=llama", "train.optimizer=muon", "train.max_steps=6", "train.eval_interval=0",
+            "train.save_interval=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    training_cmd.pretrain(None, [*muon, "train.batch_size=8"], one)
+    r = torchrun("pretrain", *sets(*muon, "train.batch_size=4"), "--out", str(two), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(abs(a[s] - b[s]) <= 1e-3 * abs(a[s]) for s in a), (a, b)
+    assert a[6] < a[1]
+
+
+@pytest.mark.slow
 def test_fsdp_two_processes_log_the_losses_of_one(single, fsdp_run):
     out, r = fsdp_run
     assert_same_losses(losses(single), losses(out), range(1, 21))

@@ -46,12 +46,13 @@ def warn_unseen(tok: Tokenizer, texts: str | list[str], what: str, events: Event
     events.warn(found.message(what))
 
 
-def sampling_settings(loaded: Loaded, overrides: Optional[list[str]] = None, flags: Optional[dict] = None
-                      ) -> Sampling:
-    """The sampling settings of `infer`: the checkpoint's `generate` section, the user's `--set generate.*` over it
-    (checked as config; also sets generate.dtype and the like for `for_inference`), then the flags (field -> value,
-    None = not given; shorthand for the same keys, checked under their own names: --temperature ...)."""
-    return Sampling.from_config(apply_settings(loaded, None, overrides or [], ("generate",), "infer").generate, flags)
+def sampling_settings(loaded: Loaded, overrides: Optional[list[str]] = None, flags: Optional[dict] = None,
+                      command: str = "infer") -> Sampling:
+    """The sampling settings of `infer` (and `eval --reward`): the checkpoint's `generate` section, the user's
+    `--set generate.*` over it (checked as config; also sets generate.dtype and the like for `for_inference`), then
+    the flags (field -> value, None = not given; shorthand for the same keys, checked under their own names:
+    --temperature ...)."""
+    return Sampling.from_config(apply_settings(loaded, None, overrides or [], ("generate",), command).generate, flags)
 
 
 def json_format(loaded: Loaded, path: Optional[Path]) -> Optional[structured.Format]:

@@ -102,9 +102,10 @@ def _by_index(by_name: dict) -> dict:
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, ctx: DistContext) -> None:
     """Load a checkpoint's optimizer state (the one format) into this run's optimizer, sharded or not.
 
-    The implementation (fused, foreach or per parameter) stays this run's: a checkpoint written under tensor
-    parallelism (per parameter) resumes fused in one process, and one written fused resumes under TP."""
-    impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    The implementation (fused, foreach or per parameter) and each group's lr_scale stay this run's: a checkpoint
+    written under tensor parallelism (per parameter) resumes fused in one process, and one written fused resumes
+    under TP."""
+    impl = [{k: g[k] for k in ("fused", "foreach", "lr_scale") if k in g} for g in optimizer.param_groups]
     try:
         _load_optimizer_state(model, optimizer, state, ctx)
     finally:
