@@ -68,14 +68,14 @@ def status(field: str) -> int:
     raise KeyError(field)
 
 
-def config(hf: dict, method: str, seq: int, batch: int, layers: int | None = None):
+def config(hf: dict, method: str, seq: int, batch: int, layers: int | None = None, dtype: str = "bfloat16"):
     """llmctl's Config for finetuning `hf` (a config.json) with `method` at batch x seq tokens."""
     from llmctl.config import Config
     from llmctl.hf import to_model_config
 
     cfg = Config(model=to_model_config({**hf, **({"num_hidden_layers": layers} if layers else {})}))
     cfg.model.block_size = seq
-    cfg.train.batch_size, cfg.train.dtype = batch, "bfloat16"
+    cfg.train.batch_size, cfg.train.dtype = batch, dtype
     cfg.finetune.method, cfg.finetune.lora_targets = method, TARGETS
     cfg.train.activation_checkpointing = method == "qlora"  # build_plan's default for a finetune
     return cfg
@@ -95,7 +95,7 @@ def trainable(model, cfg) -> None:
         quantize_base(model)
 
 
-def measure(method: str, seq: int, batch: int) -> dict:
+def measure(method: str, seq: int, batch: int, dtype: str) -> dict:
     """One process: build, estimate, reset the peak, train one step; the growth of the peak over the baseline."""
     import torch
     import torch._dynamo  # noqa: F401  (the optimizer imports it lazily: an import, so before the baseline)
@@ -108,14 +108,14 @@ def measure(method: str, seq: int, batch: int) -> dict:
     from llmctl.train import Hooks, LoopState, fit
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = config(SHAPES["Llama-3.2-1B"], method, seq, batch, layers=4)
+    cfg = config(SHAPES["Llama-3.2-1B"], method, seq, batch, layers=4, dtype=dtype)
     baseline = status("VmRSS")
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     trainable(model, cfg)
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model)
-    cpu, amp = torch.device("cpu"), torch.bfloat16
+    cpu, amp = torch.device("cpu"), (None if dtype == "float32" else torch.bfloat16)
     est = estimate.memory_estimate(model, cfg, cpu, amp)
     optimizer = build_optimizer(model, cfg.train, "cpu")
     ids = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
@@ -154,18 +154,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=128, help="tokens per sequence of the measured step")
     ap.add_argument("--batch", type=int, default=1, help="sequences of the measured step")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="the measured step's precision (float32: no autocast; faster where bf16 is slow)")
     ap.add_argument("--gpu-seq", type=int, default=2048, help="tokens per sequence of the 24 GB GPU figures")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "memory.json")
     ap.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)  # (the child process)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.seq, args.batch)))
+        print(json.dumps(measure(args.one, args.seq, args.batch, args.dtype)))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
     measured = []
     for method in METHODS:
         r = subprocess.run([sys.executable, __file__, "--one", method, "--seq", str(args.seq), "--batch",
-                            str(args.batch)], capture_output=True, text=True, env=env, cwd=ROOT)
+                            str(args.batch), "--dtype", args.dtype], capture_output=True, text=True, env=env, cwd=ROOT)
         if r.returncode != 0:
             sys.exit(f"{method} failed:\n{r.stderr[-3000:]}")
         row = json.loads(r.stdout.strip().splitlines()[-1])
@@ -181,6 +183,7 @@ def main() -> None:
         "cpu": hardware.cpu_name(),
         "torch": torch.__version__,
         "measured_model": "Llama-3.2-1B widths, 4 layers", "seq": args.seq, "batch": args.batch,
+        "dtype": args.dtype,
         "measured": measured,
         "gpu_bytes": GPU, "gpu_batch": 1, "gpu_seq": args.gpu_seq,
         "gpu": shapes_on_gpu(args.gpu_seq, 1),
