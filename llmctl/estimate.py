@@ -31,7 +31,7 @@ from .evaluate import lm_metrics
 from .lora import LoRALinear
 from .model import attention_dtype
 from .optim import build_optimizer
-from .qlora import is_nf4, stored_bytes
+from .qlora import dequant_bytes, is_nf4, stored_bytes
 from .tasks import Task
 from .tokenizer import Tokenizer
 from .train import Hooks, LoopState, fit, rng_state, set_rng_state
@@ -193,9 +193,11 @@ def weight_bytes(model: nn.Module, amp: Optional[torch.dtype], share: Callable[[
     """Bytes of the parameters by role: frozen (an NF4 base weight at its packed size, with its block scalers and
     their factors; buffers too), trainable (outside adapters), adapters (LoRA's A and B); the gradients and AdamW's
     two moments of what trains; and the autocast copies of matmul weights kept for the backward pass (none for an
-    NF4 weight: torchao keeps the NF4 tensor and dequantizes it again). `share(name)`: the fraction one device holds."""
+    NF4 weight: torchao keeps the NF4 tensor and dequantizes it again), and `dequant`, the transient of dequantizing
+    the largest NF4 weight (`qlora.dequant_bytes`; one is dequantized at a time). `share(name)`: the fraction one
+    device holds."""
     seen: set = set()
-    out = dict.fromkeys(("frozen", "trainable", "adapters", "gradients", "optimizer", "copies"), 0.0)
+    out = dict.fromkeys(("frozen", "trainable", "adapters", "gradients", "optimizer", "copies", "dequant"), 0.0)
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
@@ -204,6 +206,7 @@ def weight_bytes(model: nn.Module, amp: Optional[torch.dtype], share: Callable[[
         role = ("frozen" if not p.requires_grad else "adapters" if name.endswith((".lora_a", ".lora_b"))
                 else "trainable")
         out[role] += part
+        out["dequant"] = max(out["dequant"], dequant_bytes(p))
         if p.requires_grad:
             out["gradients"] += part
             out["optimizer"] += 2 * part
@@ -225,11 +228,12 @@ def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Op
     AdamW moment over the data-parallel ranks; tensor parallelism splits the block matrices over its group.
 
     weights (`weight_bytes`: frozen, trainable, adapters), gradients, AdamW state, the autocast copies of matmul
-    weights kept for the backward pass, a distillation `teacher` (`teacher_bytes`), and activations with and without
-    checkpointing. `total` adds them up (gradients and activations are counted as if all alive at once: the backward
-    pass frees activations while it fills gradients, so this is an upper bound on live tensors; the CPU allocator's
-    retained memory often makes up the difference in the process's resident size); `needed` is the total under
-    train.activation_checkpointing, `fits` whether it fits `capacity` (default: the device's memory).
+    weights kept for the backward pass, the NF4 dequantization transient, a distillation `teacher`
+    (`teacher_bytes`), and activations with and without checkpointing. `total` adds them up (gradients and
+    activations are counted as if all alive at once: the backward pass frees activations while it fills gradients,
+    so this is an upper bound on live tensors; the CPU allocator's retained memory often makes up the difference in
+    the process's resident size); `needed` is the total under train.activation_checkpointing, `fits` whether it
+    fits `capacity` (default: the device's memory).
     """
     tp = getattr(layout, "tp_size", 1)
     fsdp = getattr(layout, "dp_size", 1) if getattr(layout, "parallel", "") in ("fsdp", "fsdp_tp") else 1
@@ -243,14 +247,14 @@ def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Op
     act = activation_bytes(cfg.model, cfg.train.batch_size, cfg.model.block_size, device.type, amp, tp,
                            trained(model))
     extra = {"teacher": teacher_bytes(teacher, cfg, amp)} if teacher is not None else {}
-    base = weights + w["gradients"] + w["optimizer"] + w["copies"] + extra.get("teacher", 0)
+    base = weights + w["gradients"] + w["optimizer"] + w["copies"] + w["dequant"] + extra.get("teacher", 0)
     checkpointing = bool(cfg.train.activation_checkpointing)
     cap = capacity if capacity is not None else device_capacity(device)
     needed = base + (act["checkpointed"] if checkpointing else act["full"])
     return {
         "weights": weights, "weights_frozen": w["frozen"], "weights_trainable": w["trainable"],
         "adapters": w["adapters"], "gradients": w["gradients"], "optimizer": w["optimizer"],
-        "autocast_copies": w["copies"], **extra,
+        "autocast_copies": w["copies"], "nf4_dequant": w["dequant"], **extra,
         "activations": act["full"], "activations_checkpointed": act["checkpointed"],
         "total": base + act["full"], "total_checkpointed": base + act["checkpointed"],
         "checkpointing": checkpointing, "needed": needed,

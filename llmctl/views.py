@@ -154,6 +154,8 @@ def _memory_table(report: dict, cfg: dict) -> Table:
     ]
     if mem["autocast_copies"]:
         rows.append(("autocast weight copies", fmt_bytes(mem["autocast_copies"]), ""))
+    if mem.get("nf4_dequant"):
+        rows.append(("NF4 dequantization", fmt_bytes(mem["nf4_dequant"]), "largest NF4 weight, transient"))
     if mem.get("teacher"):
         rows.append(("distillation teacher", fmt_bytes(mem["teacher"]), "weights and its forward pass"))
     on = mem["checkpointing"]

@@ -19,6 +19,7 @@
    allocated.
 
     flock /tmp/bench.lock nice -n 5 python scripts/bench_memory.py [--seq 128] [--batch 1] [--out FILE.json]
+        [--methods qlora]   # remeasure some methods, keep the others' rows from --out
 
 Linux only (reads /proc/self/status). Peak memory hardly depends on other load on the machine; time does.
 """
@@ -158,14 +159,17 @@ def main() -> None:
                     help="the measured step's precision (float32: no autocast; faster where bf16 is slow)")
     ap.add_argument("--gpu-seq", type=int, default=2048, help="tokens per sequence of the 24 GB GPU figures")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "memory.json")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="measure only these (the other rows are kept from --out, which must exist)")
     ap.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)  # (the child process)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure(args.one, args.seq, args.batch, args.dtype)))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
-    measured = []
-    for method in METHODS:
+    kept = [] if set(args.methods) == set(METHODS) else json.loads(args.out.read_text())["measured"]
+    measured = [r for r in kept if r["method"] not in args.methods]
+    for method in args.methods:
         r = subprocess.run([sys.executable, __file__, "--one", method, "--seq", str(args.seq), "--batch",
                             str(args.batch), "--dtype", args.dtype], capture_output=True, text=True, env=env, cwd=ROOT)
         if r.returncode != 0:
@@ -184,7 +188,7 @@ def main() -> None:
         "torch": torch.__version__,
         "measured_model": "Llama-3.2-1B widths, 4 layers", "seq": args.seq, "batch": args.batch,
         "dtype": args.dtype,
-        "measured": measured,
+        "measured": sorted(measured, key=lambda r: METHODS.index(r["method"])),
         "gpu_bytes": GPU, "gpu_batch": 1, "gpu_seq": args.gpu_seq,
         "gpu": shapes_on_gpu(args.gpu_seq, 1),
     }

@@ -142,6 +142,10 @@ def test_activation_model_matches_what_autograd_saves_under_lora(method):
         quantized = 2 * (256 * 128 + 128 * 128 + 512 * 128 + 128 * 256)
         rest = 4 * (2 * 70 * 128 + 5 * 128) + sum(b.numel() * 4 for b in model.buffers())  # wte, head, norms, RoPE
         assert 0.5 * quantized < mem["weights_frozen"] - rest < 0.53 * quantized
+        # torchao dequantizes one weight at a time: int64 codes and 3 float32 copies a value of the largest (fc)
+        assert mem["nf4_dequant"] == 512 * 128 * (8 + 3 * 4)
+    else:
+        assert mem["nf4_dequant"] == 0
     measured = _saved_bytes(cfg, 3, torch.bfloat16, model)
     assert mem["activations"] + mem["autocast_copies"] == pytest.approx(measured, rel=0.03)
 
