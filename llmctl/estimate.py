@@ -90,9 +90,9 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: Optional[int] =
 
 def task_flops(task: Any, cfg: Config) -> dict:
     """FLOPs per trained token of a task: the trained model's, plus a distillation teacher's forward pass, or DPO's
-    reference (the same model) forward."""
+    and GRPO's reference (the same model) forward (GRPO's generation is not counted)."""
     flops = flops_per_token(getattr(task.module, "_orig_mod", task.module), cfg.model)
-    if getattr(task, "kind", None) == "dpo":
+    if getattr(task, "kind", None) in ("dpo", "grpo"):
         flops = {**flops, "forward": 2 * flops["forward"], "train": flops["train"] + flops["forward"]}
     teacher = getattr(task, "teacher", None)
     if teacher is not None:

@@ -196,6 +196,7 @@ class Row:
     pos: int = 0
     produced: int = 0
     finish_reason: Optional[str] = None  # one of FINISH_REASONS once done
+    end_id: Optional[int] = None  # the end id that ended the row (finish_reason "eos"), not in `tokens`
     cancelled: bool = False  # set from any thread; the engine frees the slot at its next step
     text: str = ""
     released: int = 0  # characters of `text` that may be shown
@@ -449,6 +450,7 @@ class Engine:
             if t is None or (r.matcher is not None and not r.matcher.accept(t)):
                 r._finish("length")  # (a rejected token cannot happen: the mask allowed it)
             elif t in self.end_ids:
+                r.end_id = t
                 r._finish("eos")
             else:
                 r._push(t)

@@ -47,7 +47,7 @@ class FinishedRun:
 
     out: Path
     cfg: Config
-    task: str  # the task it trained: lm, classification, instruct, distill, dpo
+    task: str  # the task it trained: lm, classification, instruct, distill, dpo, grpo
     device: torch.device  # where it trained
     train_seconds: float
     resume_cmd: str
@@ -185,6 +185,8 @@ class Recipe:
             if self.scaler is not None and resume_state.get("scaler"):
                 self.scaler.load_state_dict(resume_state["scaler"])
             state = self.state = LoopState(**resume_state["loop"])
+            if plan.task.load_state is not None and plan.dist.is_main and resume_state.get("task"):
+                plan.task.load_state(resume_state["task"])  # (rank 0's: other ranks generate again)
             if (state.step >= t.max_steps and not state.eval_due) or state.stopped_early:
                 raise LlmctlError(f"the run is already complete at step {state.step} (train.max_steps={t.max_steps}"
                                   f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to "
@@ -201,7 +203,7 @@ class Recipe:
         if plan.task.teacher is not None:
             meta["teacher"] = str(cfg.finetune.teacher)
         return Saver(self.out, cfg, self.model, self.optimizer, self.scaler, plan.dist, plan.tokenizer.to_str(), meta,
-                     lambda full: _split_weights(plan, full), self.resume_cmd, self.events)
+                     lambda full: _split_weights(plan, full), self.resume_cmd, self.events, plan.task.state)
 
     def train(self) -> None:
         """The one loop. A signal, a failure or a divergence ends with its state in status.json and re-raised."""

@@ -1,4 +1,5 @@
-"""What a training run optimises: language modelling, classification, instruction or preference tuning, full or LoRA.
+"""What a training run optimises: language modelling, classification, instruction or preference tuning, reinforcement
+learning with rewards (GRPO), full or LoRA.
 
 A `Task` bundles the module the loop trains, its batches, its loss and its evaluation. `train.fit` runs any of
 them unchanged; the commands only pick which one to build.
@@ -29,14 +30,18 @@ from .data import (
     instruct_examples,
     packed_tokens,
     preference_examples,
+    prompt_rows,
 )
 from .errors import LlmctlError
 from .evaluate import classification_metrics, classify
+from .grpo import Rollouts
 from .heads import Classifier
 from .lora import apply_lora
 from .model import Transformer
 from .preference import StepMeans, dpo_terms, frozen_reference
 from .qlora import quantize_base
+from .rewards import load_rewards
+from .rollouts import derive_seed, encode_prompts, measure
 from .tokenizer import Tokenizer
 from .train import lm_loss
 
@@ -74,6 +79,8 @@ class Task:
     val_tokens: Any = None  # the validation token stream of a language-modelling task
     teacher: Optional[Transformer] = None  # distillation: the frozen model the student learns from
     step_metrics: Optional[Callable[[], dict]] = None  # metrics of the last step besides its loss (read once)
+    state: Optional[Callable[[], dict]] = None  # what a checkpoint keeps of the task besides the loop (GRPO's rollouts)
+    load_state: Optional[Callable[[dict], None]] = None  # restore `state` on resume
 
 
 def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -239,7 +246,41 @@ def dpo_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.d
                 notes=notes, step_metrics=means.read)
 
 
-BUILDERS = {"classification": classification_task, "instruct": instruct_task, "dpo": dpo_task}
+def grpo_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.device, amp,
+              layout: Layout = Layout()) -> Task:
+    """Online reinforcement learning (llmctl.grpo): each step samples finetune.group_size completions of its
+    prompts with the policy, scores them with finetune.reward, and trains on their group-relative advantages;
+    validation samples one completion of each held-out prompt (data.val_fraction, fixed seeds) and logs val_reward,
+    val_reward_std and val_kl (the sequence-level KL to the reference)."""
+    d, t, f = cfg.data, cfg.train, cfg.finetune
+    if layout.dist.dtensors:
+        raise LlmctlError(f"finetune.task=grpo runs on one process or under DDP (train.parallel=ddp), not "
+                          f"{layout.dist.parallel}: its rollouts need the whole model on every rank")
+    rewards = load_rewards(f.reward, f.reward_weights, device)
+    rows = prompt_rows(d.path, d, f.prompt_field)
+    prompts, cut = encode_prompts(cfg, tok, rows, cfg.generate.max_new_tokens)
+    train_idx, val_idx = holdout(len(rows), d.val_fraction, t.seed)
+    reference = frozen_reference(backbone, f.method in ADAPTER_METHODS)
+    rollouts = Rollouts(cfg, tok, rows, prompts, train_idx, backbone, reference, rewards, layout, device)
+
+    def validate(model: nn.Module, step: int) -> dict:
+        idx = [int(i) for i in val_idx][: None if t.eval_batches is None else t.eval_batches * cfg.eval.batch_size]
+        if not idx:
+            return {}
+        seeds = [derive_seed(t.seed, 0x7A1, i) for i in idx]  # the same samples' seeds at every validation
+        m = measure(backbone, reference, rollouts.engine, [rows[i] for i in idx], [prompts[i] for i in idx],
+                    rewards, rollouts.sampling, 1, seeds, cfg.generate.batch_size, cfg.eval.batch_size, tok.pad_id)
+        return {"val_reward": m["reward"], "val_reward_std": m["reward_std"], "val_kl": m["kl"]}
+
+    notes = [f"{cut} of {len(rows)} prompts were longer than the context leaves them (model.block_size less the "
+             "room for an answer) and keep their end"] if cut else []
+    return Task("grpo", backbone, backbone, rollouts.get, rollouts.loss, validate, None,
+                sizes={"train_prompts": len(train_idx), "val_prompts": len(val_idx), "group_size": f.group_size,
+                       "epochs": round(rollouts.picker.epochs(t.max_steps) / f.grpo_iterations, 2)},
+                notes=notes, step_metrics=rollouts.metrics, state=rollouts.state, load_state=rollouts.load_state)
+
+
+BUILDERS = {"classification": classification_task, "instruct": instruct_task, "dpo": dpo_task, "grpo": grpo_task}
 
 
 def make_trainable(task: Task, cfg: Config) -> list[str]:

@@ -27,7 +27,7 @@ from .optim import lr_at
 
 Batch = dict[str, torch.Tensor]
 # metrics where higher is better
-MAXIMIZED = ("accuracy", "f1", "macro_f1", "precision", "recall", "val_accuracy", "val_margin")
+MAXIMIZED = ("accuracy", "f1", "macro_f1", "precision", "recall", "val_accuracy", "val_margin", "val_reward")
 
 
 @dataclass

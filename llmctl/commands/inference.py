@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 from .. import sampling, structured
 from ..chat import render_messages
-from ..data import Examples, eval_batches
+from ..data import Examples, classifier_ids, eval_batches
 from ..errors import LlmctlError
 from ..evaluate import classify
 from ..events import SILENT, Events
@@ -46,12 +46,13 @@ def warn_unseen(tok: Tokenizer, texts: str | list[str], what: str, events: Event
     events.warn(found.message(what))
 
 
-def sampling_settings(loaded: Loaded, overrides: Optional[list[str]] = None, flags: Optional[dict] = None
-                      ) -> Sampling:
-    """The sampling settings of `infer`: the checkpoint's `generate` section, the user's `--set generate.*` over it
-    (checked as config; also sets generate.dtype and the like for `for_inference`), then the flags (field -> value,
-    None = not given; shorthand for the same keys, checked under their own names: --temperature ...)."""
-    return Sampling.from_config(apply_settings(loaded, None, overrides or [], ("generate",), "infer").generate, flags)
+def sampling_settings(loaded: Loaded, overrides: Optional[list[str]] = None, flags: Optional[dict] = None,
+                      command: str = "infer") -> Sampling:
+    """The sampling settings of `infer` (and `eval --reward`): the checkpoint's `generate` section, the user's
+    `--set generate.*` over it (checked as config; also sets generate.dtype and the like for `for_inference`), then
+    the flags (field -> value, None = not given; shorthand for the same keys, checked under their own names:
+    --temperature ...)."""
+    return Sampling.from_config(apply_settings(loaded, None, overrides or [], ("generate",), command).generate, flags)
 
 
 def json_format(loaded: Loaded, path: Optional[Path]) -> Optional[structured.Format]:
@@ -148,9 +149,7 @@ def classify_texts(loaded: Loaded, texts: list[str], batch_size: int = 32, event
     unseen characters; `what` names the texts there ("--input", followed by the row numbers, or "the text")."""
     tok, T = loaded.tokenizer, loaded.cfg.model.block_size
     warn_unseen(tok, texts[0] if len(texts) == 1 else texts, what, events)
-    ids = []
-    for enc in tok.encode_batch(texts):
-        ids.append(enc[: T - 1] + [tok.eos_id])
+    ids, _ = classifier_ids(tok, texts, T)
     ex = Examples(ids, [0] * len(ids))
     rows, pred, probs, _ = classify(loaded.classifier, eval_batches(ex, list(range(len(ids))), "classification",
                                                                     tok.pad_id, batch_size), loaded.device)

@@ -60,10 +60,10 @@ class TrainConfig:
     """Also save a checkpoint at each new best best_metric and keep it (RUN/best)."""
     best_metric: str = "val_loss"
     """The evaluation metric that picks the best checkpoint and drives patience: val_loss, or for classifiers
-    accuracy, macro_f1, macro_precision or macro_recall."""
+    accuracy, macro_f1, macro_precision or macro_recall (GRPO: val_reward)."""
     best_mode: Literal["auto", "min", "max"] = "auto"
-    """Whether lower or higher best_metric is better; auto: max for accuracy, f1, precision, recall, and DPO's
-    val_accuracy and val_margin, else min."""
+    """Whether lower or higher best_metric is better; auto: max for accuracy, f1, precision, recall, DPO's
+    val_accuracy and val_margin, and GRPO's val_reward, else min."""
     skip_nonfinite: int = 0
     """Steps with a NaN/inf loss or gradient that may be skipped before the run stops as diverged (exit 3); 0: stop
     at the first."""

@@ -71,12 +71,19 @@ def classification_examples(
             f"{key}: label {unseen[0]!r} in column '{label_column}' is not one the model was trained on "
             f"({', '.join(labels)})"
         )
+    ids, truncated = classifier_ids(tokenizer, [str(t) for t in texts], block_size)
+    return Examples(ids, [index[v] for v in values], truncated), labels
+
+
+def classifier_ids(tokenizer: Tokenizer, texts: list[str], block_size: int) -> tuple[list[list[int]], int]:
+    """What a classifier reads of each text: its first block_size - 1 tokens and <eos> (the head reads that final
+    token's state); and how many texts were cut."""
     ids, truncated = [], 0
-    for enc in tokenizer.encode_batch([str(t) for t in texts]):
+    for enc in tokenizer.encode_batch(texts):
         if len(enc) > block_size - 1:
             enc, truncated = enc[: block_size - 1], truncated + 1
         ids.append(enc + [tokenizer.eos_id])
-    return Examples(ids, [index[v] for v in values], truncated), labels
+    return ids, truncated
 
 
 def instruct_pairs(row: dict, ft, where: str) -> list[tuple[str, str, str]]:
