@@ -26,8 +26,10 @@ Usage: PYTHONPATH=. python scripts/sentiment_rl_recipe.py [--runs runs/sentiment
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import random
 import subprocess
 import sys
@@ -73,12 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 # The CLI, timed
 
 
-def llmctl(args: list[str], log: Path) -> float:
-    """Run one llmctl command (this checkout's), its output to `log`; the seconds it took."""
+def llmctl(args: list[str], log: Path, stdout: Path | None = None) -> float:
+    """Run one llmctl command (this checkout's), its output to `log` (its stdout to `stdout` when given); the
+    seconds it took."""
     start = time.perf_counter()
-    with open(log, "w") as f:
-        r = subprocess.run([sys.executable, "-m", "llmctl", *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "w") as f, contextlib.ExitStack() as stack:
+        o = stack.enter_context(open(stdout, "w")) if stdout else f
+        r = subprocess.run([sys.executable, "-m", "llmctl", *args], stdout=o, stderr=f, cwd=ROOT, env=env)
     if r.returncode:
         raise SystemExit(f"llmctl {' '.join(args[:2])} failed (exit {r.returncode}); see {log}")
     return round(time.perf_counter() - start, 1)
@@ -188,38 +192,18 @@ def loaded_for_sampling(path: str):
     return for_inference(loaded, dtype="float32", compile=False)
 
 
-@torch.no_grad()
-def kl_along(samples: list[dict], policy, reference, eos_id: int, batch: int = 64) -> list[float]:
-    """Per completion: sum over its tokens (the end of text included when sampled) of the exact
-    KL(policy || reference) of the next-token distributions, in float32."""
-    out = []
-    for b in range(0, len(samples), batch):
-        rows = samples[b: b + batch]
-        seqs = [s["ids"] + ([eos_id] if s["eos"] else []) for s in rows]
-        T = max(len(x) for x in seqs)
-        ids = torch.tensor([x + [eos_id] * (T - len(x)) for x in seqs])
-        lp = torch.log_softmax(policy(ids).float(), -1)
-        lq = torch.log_softmax(reference(ids).float(), -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)  # (B, T): position t predicts token t + 1
-        for n, (s, x) in enumerate(zip(rows, seqs)):
-            out.append(float(kl[n, s["n_prompt"] - 1: len(x) - 1].sum()))
-    return out
-
-
-def measure(path: str, reference, cls, label: str, prompts: list[str], a) -> dict:
-    """Mean held-out reward and KL to the starting policy of the policy in `path`, same seeds for every policy."""
-    pol = loaded_for_sampling(path)
-    start = time.perf_counter()
-    samples = sample(pol, prompts, a.eval_samples, a.max_new_tokens, a.seed + 10_000_000)
-    r = rewards(cls, label, [s["prompt"] + s["completion"] for s in samples])
-    kl = kl_along(samples, pol.model, reference.model, pol.tokenizer.eos_id)
-    n = len(r)
-    mean = sum(r) / n
-    return {"reward": round(mean, 4), "reward_std": round((sum((x - mean) ** 2 for x in r) / n) ** 0.5, 4),
-            "kl": round(sum(kl) / n, 4), "samples": n,
-            "length": round(sum(len(s["ids"]) - s["n_prompt"] for s in samples) / n, 2),
-            "seconds": round(time.perf_counter() - start, 1),
-            "examples": [s["prompt"] + s["completion"] for s in samples[: 4 * a.eval_samples: a.eval_samples]]}
+def measure(path: str, start: str, cls: str, label: str, prompts: Path, a, runs: Path, name: str) -> dict:
+    """`llmctl eval --reward`: --eval-samples completions per held-out prompt, sampled the same way (temperature 1,
+    no top-k/top-p, the same seeds) from every policy; mean reward and the KL to the starting policy."""
+    out = runs / f"eval-{name.replace(' ', '_').replace('=', '')}.json"
+    if not out.exists():
+        seconds = llmctl(["eval", "--ckpt", path, "--reward", f"classifier:{cls}:{label}", "--prompts", str(prompts),
+                          "--reference", start, "--samples", str(a.eval_samples), "--seed", str(a.seed + 1),
+                          "--temperature", "1", "--top-k", "0", "--max-new-tokens", str(a.max_new_tokens),
+                          "--set", "generate.top_p=null", "--json"], out.with_suffix(".log"), stdout=out)
+        r = json.loads(out.read_text())
+        out.write_text(json.dumps({**r, "eval_seconds": seconds}))
+    return json.loads(out.read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,11 +240,31 @@ def dpo_llmctl(a, runs: Path, policy: str, pairs: Path, beta: float) -> dict:
             "command_seconds": json.loads((out / "wall.json").read_text())["seconds"]}
 
 
+def import_hf(hf: Path, out: Path, policy: str, runs: Path) -> None:
+    """`llmctl import hf`, storing the policy's own tokenizer.json. The imported config names the special tokens
+    (<eos>, <pad>), so eval --reward takes the tokenizer for another one than the policy's: TRL's model is measured
+    against the starting policy imported the same way (round_trip checks that it is the same model)."""
+    tok = next(p for p in (Path(policy) / "tokenizer.json", *sorted(Path(policy).glob("step-*/tokenizer.json")))
+               if p.exists())
+    llmctl(["import", "hf", str(hf), "--out", str(out), "--tokenizer", str(tok), "--overwrite"],
+           runs / f"import-{out.name}.log")
+
+
+@torch.no_grad()
+def round_trip(policy: str, imported: Path) -> float:
+    """The largest difference of the logits of the policy and of its HF export imported back, on a batch of
+    training text: the reference TRL's model is measured against is the starting policy itself."""
+    a, b = load_model(policy, device="cpu"), load_model(imported, device="cpu")
+    ids = torch.tensor([a.tokenizer.encode("the movie is a gorgeous , witty , seductive ride .")])
+    return float((a.model(ids).float() - b.model(ids).float()).abs().max())
+
+
 def dpo_trl(a, runs: Path, policy: str, pairs: Path, beta: float) -> dict:
     """TRL's DPOTrainer on the HF export of the same policy, then back into llmctl (llmctl import hf)."""
     hf, out, back = runs / "policy-hf", runs / f"dpo-trl-b{beta}", runs / f"dpo-trl-b{beta}-llmctl"
     if not (hf / "config.json").exists():
         llmctl(["export", "--ckpt", policy, "--format", "hf", "--out", str(hf), "--overwrite"], runs / "export.log")
+        import_hf(hf, runs / "policy-hf-llmctl", policy, runs)
     if not (out / "timing.json").exists():
         out.mkdir(parents=True, exist_ok=True)
         block = json.loads((hf / "config.json").read_text()).get("max_position_embeddings", 64)
@@ -276,10 +280,12 @@ def dpo_trl(a, runs: Path, policy: str, pairs: Path, beta: float) -> dict:
             raise SystemExit(f"TRL's DPO failed (exit {r.returncode}); see {runs}/dpo-trl-b{beta}.log")
         (out / "wall.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
     if not (back / "latest").exists() and not (back / "config.yaml").exists():
-        llmctl(["import", "hf", str(out / "model"), "--out", str(back), "--overwrite"], runs / "import.log")
+        import_hf(out / "model", back, policy, runs)
     t = json.loads((out / "timing.json").read_text())
     last = t["log"][-1] if t["log"] else {}
-    return {"path": str(back), "step_seconds": step_seconds(t["step_ends"]), "steps": len(t["step_ends"]),
+    return {"path": str(back), "reference": str(runs / "policy-hf-llmctl"),
+            "round_trip_max_logit_diff": round_trip(policy, runs / "policy-hf-llmctl"),
+            "step_seconds": step_seconds(t["step_ends"]), "steps": len(t["step_ends"]),
             "final": {k: last.get(k) for k in ("loss", "rewards/margins", "rewards/accuracies") if k in last},
             "command_seconds": json.loads((out / "wall.json").read_text())["seconds"]}
 
@@ -312,10 +318,10 @@ def grpo(a, runs: Path, policy: str, cls: str, label: str, prompts: Path, beta: 
 
 
 def table(results: dict) -> str:
-    lines = [f"{'policy':22s} {'reward':>7s} {'± std':>6s} {'KL':>7s} {'length':>7s} {'s/step':>7s}"]
+    lines = [f"{'policy':22s} {'reward':>7s} {'± std':>6s} {'KL':>7s} {'s/step':>7s}"]
     for name, r in results.items():
         step = f"{r['step_seconds']:.3f}" if r.get("step_seconds") is not None else "-"
-        lines.append(f"{name:22s} {r['reward']:7.3f} {r['reward_std']:6.3f} {r['kl']:7.3f} {r['length']:7.1f} "
+        lines.append(f"{name:22s} {r['reward']:7.3f} {r['reward_std']:6.3f} {r['kl']:7.3f} "
                      f"{step:>7s}")
     return "\n".join(lines)
 
@@ -330,7 +336,8 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    marks = {"start": ("k", "*"), "dpo-llmctl": ("C0", "o"), "dpo-trl": ("C1", "s"), "grpo": ("C2", "^")}
+    marks = {"start,": ("0.5", "x"), "start": ("k", "*"), "dpo-llmctl": ("C0", "o"), "dpo-trl": ("C1", "s"),
+             "grpo": ("C2", "^")}
     for name, r in results.items():
         color, marker = next(v for k, v in marks.items() if name.startswith(k))
         ax.scatter(r["kl"], r["reward"], c=color, marker=marker, s=60, label=name)
@@ -358,11 +365,12 @@ def main(argv=None) -> None:
     heldout = prefixes(f"{a.sst2}/dev.tsv", "content", a.heldout_prompts, a.seed)
     write_jsonl(runs / "prompts-train.jsonl", [{"prompt": p} for p in train_prompts])
     write_jsonl(runs / "prompts-heldout.jsonl", [{"prompt": p} for p in heldout])
-    cls = load_model(f"{cls_path}/best" if (Path(cls_path) / "best").exists() else cls_path, device="cpu")
+    cls_path = f"{cls_path}/best" if (Path(cls_path) / "best").exists() else cls_path  # as eval --data used it
+    cls = load_model(cls_path, device="cpu")
     label = positive_label(cls)
-    start = loaded_for_sampling(policy)
     pairs_path = runs / "pairs.jsonl"
     if not pairs_path.exists():
+        start = loaded_for_sampling(policy)
         t0 = time.perf_counter()
         samples = sample(start, train_prompts, a.pair_samples, a.max_new_tokens, a.seed)
         scores = rewards(cls, label, [s["prompt"] + s["completion"] for s in samples])
@@ -381,9 +389,11 @@ def main(argv=None) -> None:
     g = grpo(a, runs, policy, cls_path, label, runs / "prompts-train.jsonl", betas[0])
     if g is not None:
         trained[f"grpo b={betas[0]}"] = g
-    results = {"start": measure(policy, start, cls, label, heldout, a)}
+    held = runs / "prompts-heldout.jsonl"
+    results = {"start": measure(policy, policy, cls_path, label, held, a, runs, "start")}
     for name, info in trained.items():
-        results[name] = {**measure(info["path"], start, cls, label, heldout, a), **info}
+        results[name] = {**measure(info["path"], info.get("reference", policy), cls_path, label, held, a, runs, name),
+                         **info}
     report(a, runs, results, times, n_pairs)
 
 
