@@ -54,18 +54,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sst2", default=str(ROOT.parent / "shared/data/sst2"), help="the folder of train.tsv and dev.tsv")
     a("--policy", help="a language-model run to start from (skips its pretraining)")
     a("--classifier", help="an SST-2 classifier run to reward with (skips its finetuning)")
-    a("--lm-steps", type=int, default=500, help="pretraining steps of the policy (the SST-2 recipe: 1500)")
-    a("--cls-steps", type=int, default=600, help="finetuning steps of the classifier (the SST-2 recipe: 2000)")
+    a("--lm-steps", type=int, default=96, help="pretraining steps of the policy (the SST-2 recipe: 1500)")
+    a("--cls-steps", type=int, default=150, help="finetuning steps of the classifier (the SST-2 recipe: 2000)")
     a("--train-prompts", type=int, default=256)
     a("--heldout-prompts", type=int, default=100)
     a("--pair-samples", type=int, default=4, help="completions per training prompt; best and worst make a pair")
     a("--eval-samples", type=int, default=4, help="completions per held-out prompt when measuring a policy")
     a("--max-new-tokens", type=int, default=24)
     a("--betas", default="0.1", help="comma-separated DPO betas (the first one also runs TRL and GRPO)")
-    a("--steps", type=int, default=48, help="optimizer steps of DPO (both) and GRPO")
-    a("--batch-size", type=int, default=16, help="pairs per DPO step (both); prompts per GRPO step")
+    a("--steps", type=int, default=48, help="optimizer steps of DPO (both)")
+    a("--batch-size", type=int, default=16, help="pairs per DPO step (both)")
     a("--lr", type=float, default=1e-4)
     a("--group-size", type=int, default=4, help="GRPO completions per prompt")
+    a("--grpo-steps", type=int, default=24)
+    a("--grpo-batch-size", type=int, default=8, help="prompts per GRPO step (x --group-size completions)")
     a("--trl-python", default="/work/venv-trl/bin/python", help="a python with trl installed; '' skips TRL")
     a("--seed", type=int, default=1337)
     return p.parse_args(argv)
@@ -295,8 +297,8 @@ def grpo(a, runs: Path, policy: str, cls: str, label: str, prompts: Path, beta: 
     out = runs / f"grpo-b{beta}"
     if not (out / "latest").exists():
         sets = {"finetune.task": "grpo", "finetune.reward": f"classifier:{cls}:{label}",
-                "finetune.group_size": a.group_size, "finetune.beta": beta, "train.max_steps": a.steps,
-                "train.batch_size": a.batch_size, "train.lr": a.lr, "train.lr_schedule": "constant",
+                "finetune.group_size": a.group_size, "finetune.beta": beta, "train.max_steps": a.grpo_steps,
+                "train.batch_size": a.grpo_batch_size, "train.lr": a.lr, "train.lr_schedule": "constant",
                 "train.warmup_steps": 0, "train.weight_decay": 0.0, "train.beta2": 0.999, "train.dtype": "float32",
                 "model.dropout": 0.0, "data.val_fraction": 0.0, "train.eval_interval": 0, "train.log_interval": 1,
                 "train.seed": a.seed, "generate.max_new_tokens": a.max_new_tokens, "generate.temperature": 1.0,
