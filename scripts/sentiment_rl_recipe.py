@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--group-size", type=int, default=4, help="GRPO completions per prompt")
     a("--grpo-steps", type=int, default=24)
     a("--grpo-batch-size", type=int, default=8, help="prompts per GRPO step (x --group-size completions)")
+    a("--timing-rounds", type=int, default=2, help="interleaved short DPO runs of each, for the step time")
+    a("--timing-steps", type=int, default=16)
     a("--trl-python", default="/work/venv-trl/bin/python", help="a python with trl installed; '' skips TRL")
     a("--seed", type=int, default=1337)
     return p.parse_args(argv)
@@ -230,11 +232,14 @@ def step_seconds(times: list[float]) -> float:
     return round((times[-1] - times[0]) / (len(times) - 1), 4)
 
 
-def dpo_llmctl(a, runs: Path, policy: str, pairs: Path, beta: float) -> dict:
-    out = runs / f"dpo-llmctl-b{beta}"
+def dpo_llmctl(a, runs: Path, policy: str, pairs: Path, beta: float, name: str = "", steps: int = 0) -> dict:
+    """llmctl's DPO run (`steps` instead of --steps when given), with its wall time per step."""
+    name = name or f"dpo-llmctl-b{beta}"
+    out = runs / name
     if not (out / "latest").exists():
-        seconds = llmctl(["finetune", "--from", policy, "--set", f"data.path={pairs}", *matched_settings(a, beta),
-                          "--out", str(out), "--overwrite", "--quiet"], runs / f"dpo-llmctl-b{beta}.log")
+        sets = matched_settings(a, beta) + (["--set", f"train.max_steps={steps}"] if steps else [])
+        seconds = llmctl(["finetune", "--from", policy, "--set", f"data.path={pairs}", *sets, "--out", str(out),
+                          "--overwrite", "--quiet"], runs / f"{name}.log")
         (out / "wall.json").write_text(json.dumps({"seconds": seconds}))
     m = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r and "time" in r]
     return {"path": str(out), "step_seconds": step_seconds([r["time"] for r in m]), "steps": m[-1]["step"],
@@ -261,26 +266,45 @@ def round_trip(policy: str, imported: Path) -> float:
     return float((a.model(ids).float() - b.model(ids).float()).abs().max())
 
 
+def train_trl(a, runs: Path, hf: Path, pairs: Path, beta: float, name: str, steps: int) -> dict:
+    """scripts/sentiment_rl_trl.py in the TRL venv: DPOTrainer with llmctl's settings; its timing.json."""
+    out = runs / name
+    if not (out / "timing.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        block = json.loads((hf / "config.json").read_text()).get("max_position_embeddings", 64)
+        settings = {"model": str(hf), "pairs": str(pairs), "out": str(out), "beta": beta, "lr": a.lr,
+                    "steps": steps, "batch_size": a.batch_size, "seed": a.seed, "max_length": block + 1,
+                    "beta2": 0.999, "grad_clip": 1.0}
+        (out / "settings.json").write_text(json.dumps(settings, indent=1))
+        start = time.perf_counter()
+        with open(runs / f"{name}.log", "w") as f:
+            r = subprocess.run([a.trl_python, str(ROOT / "scripts/sentiment_rl_trl.py"), str(out / "settings.json")],
+                               stdout=f, stderr=subprocess.STDOUT)
+        if r.returncode:
+            raise SystemExit(f"TRL's DPO failed (exit {r.returncode}); see {runs}/{name}.log")
+        (out / "wall.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
+    return json.loads((out / "timing.json").read_text())
+
+
+def timing_rounds(a, runs: Path, policy: str, pairs: Path, beta: float) -> list[dict]:
+    """--timing-rounds short runs of each, interleaved (llmctl, TRL, llmctl, TRL, ...) so that the load of a busy
+    machine falls on both alike: seconds per step of each and their ratio per round."""
+    rounds = []
+    for i in range(a.timing_rounds):
+        mine = dpo_llmctl(a, runs, policy, pairs, beta, f"timing-llmctl-{i}", a.timing_steps)["step_seconds"]
+        t = train_trl(a, runs, runs / "policy-hf", pairs, beta, f"timing-trl-{i}", a.timing_steps)
+        theirs = step_seconds(t["step_ends"])
+        rounds.append({"llmctl": mine, "trl": theirs, "ratio": round(mine / theirs, 3)})
+    return rounds
+
+
 def dpo_trl(a, runs: Path, policy: str, pairs: Path, beta: float) -> dict:
     """TRL's DPOTrainer on the HF export of the same policy, then back into llmctl (llmctl import hf)."""
     hf, out, back = runs / "policy-hf", runs / f"dpo-trl-b{beta}", runs / f"dpo-trl-b{beta}-llmctl"
     if not (hf / "config.json").exists():
         llmctl(["export", "--ckpt", policy, "--format", "hf", "--out", str(hf), "--overwrite"], runs / "export.log")
         import_hf(hf, runs / "policy-hf-llmctl", policy, runs)
-    if not (out / "timing.json").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        block = json.loads((hf / "config.json").read_text()).get("max_position_embeddings", 64)
-        settings = {"model": str(hf), "pairs": str(pairs), "out": str(out), "beta": beta, "lr": a.lr,
-                    "steps": a.steps, "batch_size": a.batch_size, "seed": a.seed, "max_length": block + 1,
-                    "beta2": 0.999, "grad_clip": 1.0}
-        (out / "settings.json").write_text(json.dumps(settings, indent=1))
-        start = time.perf_counter()
-        with open(runs / f"dpo-trl-b{beta}.log", "w") as f:
-            r = subprocess.run([a.trl_python, str(ROOT / "scripts/sentiment_rl_trl.py"), str(out / "settings.json")],
-                               stdout=f, stderr=subprocess.STDOUT)
-        if r.returncode:
-            raise SystemExit(f"TRL's DPO failed (exit {r.returncode}); see {runs}/dpo-trl-b{beta}.log")
-        (out / "wall.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
+    train_trl(a, runs, hf, pairs, beta, out.name, a.steps)
     if not (back / "latest").exists() and not (back / "config.yaml").exists():
         import_hf(out / "model", back, policy, runs)
     t = json.loads((out / "timing.json").read_text())
@@ -383,23 +407,27 @@ def main(argv=None) -> None:
         stamp.write_text(json.dumps(times, indent=1))
     n_pairs = len(read_jsonl(pairs_path))
     betas = [float(b) for b in a.betas.split(",")]
-    trained: dict[str, dict] = {}
-    for beta in betas:
-        trained[f"dpo-llmctl b={beta}"] = dpo_llmctl(a, runs, policy, pairs_path, beta)
-    if a.trl_python:
-        trained[f"dpo-trl b={betas[0]}"] = dpo_trl(a, runs, policy, pairs_path, betas[0])
-    g = grpo(a, runs, policy, cls_path, label, runs / "prompts-train.jsonl", betas[0])
-    if g is not None:
-        trained[f"grpo b={betas[0]}"] = g
     held = runs / "prompts-heldout.jsonl"
     results = {"start": measure(policy, policy, cls_path, label, held, a, runs, "start")}
-    for name, info in trained.items():
-        results[name] = {**measure(info["path"], info.get("reference", policy), cls_path, label, held, a, runs, name),
-                         **info}
-    report(a, runs, results, times, n_pairs)
+    rounds: list[dict] = []
+
+    def measured(name: str, info: dict | None) -> None:  # each policy's figures are written as soon as they exist
+        if info is not None:
+            ref = info.get("reference", policy)
+            results[name] = {**measure(info["path"], ref, cls_path, label, held, a, runs, name), **info}
+        report(a, runs, results, times, n_pairs, rounds)
+
+    for beta in betas:
+        measured(f"dpo-llmctl b={beta}", dpo_llmctl(a, runs, policy, pairs_path, beta))
+    if a.trl_python:
+        measured(f"dpo-trl b={betas[0]}", dpo_trl(a, runs, policy, pairs_path, betas[0]))
+    measured(f"grpo b={betas[0]}", grpo(a, runs, policy, cls_path, label, runs / "prompts-train.jsonl", betas[0]))
+    if a.trl_python and a.timing_rounds:
+        rounds += timing_rounds(a, runs, policy, pairs_path, betas[0])
+        measured("", None)
 
 
-def report(a, runs: Path, results: dict, times: dict, n_pairs: int) -> None:
+def report(a, runs: Path, results: dict, times: dict, n_pairs: int, rounds: list[dict]) -> None:
     import platform
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -412,6 +440,9 @@ def report(a, runs: Path, results: dict, times: dict, n_pairs: int) -> None:
     trl = [r for k, r in results.items() if k.startswith("dpo-trl")]
     if dpo and trl:
         summary["llmctl_over_trl_step_time"] = round(dpo[0]["step_seconds"] / trl[0]["step_seconds"], 3)
+    if rounds:
+        summary["timing_rounds"] = rounds
+        print("interleaved timing (s/step llmctl, TRL, ratio):", [(r["llmctl"], r["trl"], r["ratio"]) for r in rounds])
     (runs / "sentiment_rl.json").write_text(json.dumps(summary, indent=2))
     print(table(results))
     if plot(results, runs / "sentiment_rl.png"):
