@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--eval-samples", type=int, default=4, help="completions per held-out prompt when measuring a policy")
     a("--max-new-tokens", type=int, default=24)
     a("--betas", default="0.1", help="comma-separated DPO betas (the first one also runs TRL and GRPO)")
-    a("--steps", type=int, default=24, help="optimizer steps of DPO (both)")
+    a("--steps", type=int, default=8, help="optimizer steps of DPO (both)")
     a("--batch-size", type=int, default=16, help="pairs per DPO step (both)")
     a("--lr", type=float, default=2e-4)
     a("--group-size", type=int, default=4, help="GRPO completions per prompt")
