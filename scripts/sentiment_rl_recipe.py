@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--steps", type=int, default=8, help="optimizer steps of DPO (both)")
     a("--batch-size", type=int, default=16, help="pairs per DPO step (both)")
     a("--lr", type=float, default=2e-4)
+    a("--grpo", action=argparse.BooleanOptionalAction, default=True, help="run GRPO (--no-grpo: leave it out)")
     a("--group-size", type=int, default=4, help="GRPO completions per prompt")
     a("--grpo-steps", type=int, default=12)
     a("--grpo-batch-size", type=int, default=8, help="prompts per GRPO step (x --group-size completions)")
@@ -421,7 +422,9 @@ def main(argv=None) -> None:
         measured(f"dpo-llmctl b={beta}", dpo_llmctl(a, runs, policy, pairs_path, beta))
     if a.trl_python:
         measured(f"dpo-trl b={betas[0]}", dpo_trl(a, runs, policy, pairs_path, betas[0]))
-    measured(f"grpo b={betas[0]}", grpo(a, runs, policy, cls_path, label, runs / "prompts-train.jsonl", betas[0]))
+    if a.grpo:
+        prompts = runs / "prompts-train.jsonl"
+        measured(f"grpo b={betas[0]}", grpo(a, runs, policy, cls_path, label, prompts, betas[0]))
     if a.trl_python and a.timing_rounds:
         rounds += timing_rounds(a, runs, policy, pairs_path, betas[0])
         measured("", None)
