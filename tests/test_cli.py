@@ -503,12 +503,17 @@ def _with_torchao(monkeypatch) -> None:
 QLORA = [f"data.path={SHAKESPEARE}", "finetune.method=qlora"]
 BAD += [
     ("qlora-tp", lambda t, r: ["finetune", "--from", r, *sets(*QLORA, "train.parallel=tp"), "--out", t / "o"],
-     ["finetune.method=qlora trains in one process", "train.parallel=tp"]),
+     ["finetune.method=qlora: train.parallel=tp does not split NF4 base weights", "train.parallel=ddp"]),
     ("qlora-without-torchao", lambda t, r: ["finetune", "--from", r, *sets(*QLORA), "--out", t / "o"],
      ["through torchao, which is not installed", "pip install 'llmctl[qlora]'"], _without_torchao),
     # tiny_run's weights (32 wide) are smaller than one NF4 scaler block
     ("qlora-nothing-quantizable", lambda t, r: ["finetune", "--from", r, *sets(*QLORA), "--out", t / "o"],
      ["none of the 8 adapted linear layers has a weight NF4 can store", "finetune.method=lora"], _with_torchao),
+    ("gpu-memory-not-a-size", lambda t, r: ["pretrain", *sets(*TINY), "--out", t / "o", "--dry-run",
+                                            "--gpu-memory", "lots"],
+     ["--gpu-memory: 'lots' is not a memory size", "24GB"]),
+    ("gpu-memory-without-dry-run", lambda t, r: ["pretrain", *sets(*TINY), "--out", t / "o", "--gpu-memory", "24GB"],
+     ["--gpu-memory sizes the dry run's memory estimate: add --dry-run"]),
 ]
 
 
