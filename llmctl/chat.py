@@ -108,7 +108,7 @@ def exported_template(cfg, tok) -> Optional[str]:
     none."""
     if own_template(cfg) is not None:
         return own_template(cfg)
-    return chat_template(cfg.finetune, tok.eos_token) if cfg.finetune.task in ("instruct", "dpo") else None
+    return chat_template(cfg.finetune, tok.eos_token) if cfg.finetune.task in ("instruct", "dpo", "grpo") else None
 
 
 def render_messages(cfg, tok, messages: list[dict], *, add_generation_prompt: bool = True,

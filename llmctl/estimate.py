@@ -16,7 +16,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -28,9 +28,10 @@ from .data import eval_blocks
 from .distributed import DistContext, tensor_parallel
 from .errors import LlmctlError
 from .evaluate import lm_metrics
+from .lora import LoRALinear
 from .model import attention_dtype
 from .optim import build_optimizer
-from .qlora import stored_bytes
+from .qlora import dequant_bytes, is_nf4, stored_bytes
 from .tasks import Task
 from .tokenizer import Tokenizer
 from .train import Hooks, LoopState, fit, rng_state, set_rng_state
@@ -90,9 +91,9 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: Optional[int] =
 
 def task_flops(task: Any, cfg: Config) -> dict:
     """FLOPs per trained token of a task: the trained model's, plus a distillation teacher's forward pass, or DPO's
-    reference (the same model) forward."""
+    and GRPO's reference (the same model) forward (GRPO's generation is not counted)."""
     flops = flops_per_token(getattr(task.module, "_orig_mod", task.module), cfg.model)
-    if getattr(task, "kind", None) == "dpo":
+    if getattr(task, "kind", None) in ("dpo", "grpo"):
         flops = {**flops, "forward": 2 * flops["forward"], "train": flops["train"] + flops["forward"]}
     teacher = getattr(task, "teacher", None)
     if teacher is not None:
@@ -119,24 +120,47 @@ def _size(dtype: Optional[torch.dtype]) -> int:
     return 4 if dtype is None else torch.empty((), dtype=dtype).element_size()
 
 
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """What of the model trains, as far as the activation model cares (the defaults: everything, as in pretraining).
+    A frozen part needs no saved input for its own gradient."""
+
+    gains: bool = True  # the norms' gains (RMSNorm keeps its normalised output for their gradient)
+    head: bool = True  # the output head (its input is kept for its gradient)
+    embeddings: bool = True  # the token embedding (frozen: the first norm's input needs no gradient)
+    adapter_rank: int = 0  # LoRA ranks summed over one block's adapted linears (each keeps its (r) intermediate)
+
+
+def trained(model: nn.Module) -> Trained:
+    """What of `model` (a Transformer, or a task head around one) trains: everything, LoRA or QLoRA, frozen parts."""
+    bb = model if hasattr(model, "blocks") else model.backbone
+    rank = sum(m.lora_a.shape[0] for m in bb.blocks[0].modules() if isinstance(m, LoRALinear)) if bb.blocks else 0
+    gains = [p.requires_grad for name, p in bb.named_parameters() if "norm" in name]
+    return Trained(gains=any(gains) or not gains, head=bb.lm_head.weight.requires_grad or bb is not model,
+                   embeddings=bb.wte.weight.requires_grad or hasattr(bb.wte, "lora_a"), adapter_rank=rank)
+
+
 def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, amp: Optional[torch.dtype],
-                     tp: int = 1) -> dict:
+                     tp: int = 1, parts: Trained = Trained()) -> dict:
     """Bytes of the tensors autograd keeps for the backward pass of one micro-batch, per term.
 
     The residual stream and the norms run in float32; under autocast the inputs of every Linear are saved as
-    `amp` copies; attention runs in `attention_dtype` (fp32 for short bf16 sequences on CPU) and keeps q, k, v,
+    `amp` copies; attention runs in `attention_dtype` (fp32 for bf16 training on CPU) and keeps q, k, v,
     its output and the log-sum-exp; the loss keeps float32 log-probabilities. `checkpointed` is the same with
     per-block activation checkpointing: every block's input, one block recomputed at a time, and the head.
     Under tensor parallelism (`tp` ranks per group) each rank keeps its heads' and channels' share of the attention
-    and MLP internals; the residual stream, the norms and the head stay whole.
+    and MLP internals; the residual stream, the norms and the head stay whole. Under LoRA (`parts`: frozen gains,
+    head and embedding) the norms keep only their input, the head's input is not kept, each adapter keeps its rank-r
+    intermediate, and the first norm keeps nothing (its input needs no gradient).
     """
     p = _size(amp)  # bytes of a matmul input under autocast (4 without)
-    s = _size(attention_dtype(device_type, amp or torch.float32, seq))
+    s = _size(attention_dtype(device_type, amp or torch.float32, seq, training=True))
     C, H, V, L = cfg.n_embd, cfg.hidden, cfg.vocab_size or 0, cfg.n_layer
     qd, kvd = cfg.n_head * cfg.head_size, cfg.kv_heads * cfg.head_size
     rms = cfg.arch == "llama"
     dropout = cfg.dropout
-    norm = 4 * C * (2 if rms else 1)  # fp32 input (+ fp32 normalised output kept for the gain's gradient in RMSNorm)
+    # fp32 input (+ fp32 normalised output kept for the gain's gradient in RMSNorm)
+    norm = 4 * C * (2 if rms and parts.gains else 1)
     if dropout > 0 and device_type != "cuda":
         # attention with dropout takes the math path here: float32 q, k, v and three (T, T) tensors per head
         # (probabilities, dropout mask, dropped probabilities), 12 bytes per score; in float32 its output is
@@ -153,30 +177,63 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
         core += s * qd + 4 * cfg.n_head
     attn = p * C + (core + (p * qd if (s != p or dropout > 0) else 0)) / tp  # qkv input, attention, proj input
     masks = 2 * p * C if dropout > 0 else 0  # residual dropout masks, in the dtype of what they drop
-    mlp = p * C + (4 * p * H if cfg.arch == "llama" else 2 * p * H) / tp  # fc input, fc output (gate/up), proj input
-    block = norm + attn + norm + mlp + masks  # per token
+    mlp = p * C + (4 * p * H if cfg.gated else 2 * p * H) / tp  # fc input, fc output (gate/up), proj input
+    block = norm + attn + norm + mlp + masks + p * parts.adapter_rank  # per token
     # final norm, head input, float32 log-probabilities, input ids and targets (int64), embedding dropout mask
-    head = norm + p * C + 4 * V + 8 + 8 + (4 * C if dropout > 0 else 0)
+    head = norm + (p * C if parts.head else 0) + 4 * V + 8 + 8 + (4 * C if dropout > 0 else 0)
+    first = 0 if parts.embeddings else norm  # a frozen embedding: the first block's first norm keeps nothing
     tokens = batch * seq
-    full = tokens * (L * block + head)
-    checkpointed = tokens * (L * 4 * C + block + head)
+    full = tokens * (L * block + head - first)
+    checkpointed = tokens * (L * 4 * C + block + head - first)
     return {"per_layer": int(tokens * block), "head": int(tokens * head), "full": int(full),
             "checkpointed": int(checkpointed)}
 
 
+def weight_bytes(model: nn.Module, amp: Optional[torch.dtype], share: Callable[[str], float] = lambda n: 1.0) -> dict:
+    """Bytes of the parameters by role: frozen (an NF4 base weight at its packed size, with its block scalers and
+    their factors; buffers too), trainable (outside adapters), adapters (LoRA's A and B); the gradients and AdamW's
+    two moments of what trains; and the autocast copies of matmul weights kept for the backward pass (none for an
+    NF4 weight: torchao keeps the NF4 tensor and dequantizes it again), and `dequant`, the transient of dequantizing
+    the largest NF4 weight (`qlora.dequant_bytes`; one is dequantized at a time). `share(name)`: the fraction one
+    device holds."""
+    seen: set = set()
+    out = dict.fromkeys(("frozen", "trainable", "adapters", "gradients", "optimizer", "copies", "dequant"), 0.0)
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        part = stored_bytes(p) * share(name)
+        role = ("frozen" if not p.requires_grad else "adapters" if name.endswith((".lora_a", ".lora_b"))
+                else "trainable")
+        out[role] += part
+        out["dequant"] = max(out["dequant"], dequant_bytes(p))
+        if p.requires_grad:
+            out["gradients"] += part
+            out["optimizer"] += 2 * part
+    out["frozen"] += sum(b.numel() * b.element_size() for b in model.buffers())
+    if amp is not None:
+        ids: set = set()
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and id(m.weight) not in ids and not is_nf4(m.weight):
+                ids.add(id(m.weight))
+                out["copies"] += m.weight.numel() * _size(amp) * share(name + ".weight")
+    return {k: int(v) for k, v in out.items()}
+
+
 def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Optional[torch.dtype],
-                    layout: Any = None, teacher: Optional[nn.Module] = None) -> dict:
+                    layout: Any = None, teacher: Optional[nn.Module] = None, capacity: Optional[int] = None) -> dict:
     """Estimated bytes per device for one training step at train.batch_size x model.block_size.
 
     `layout` (a distributed.DistContext) divides what each device holds: FSDP shards every parameter, gradient and
     AdamW moment over the data-parallel ranks; tensor parallelism splits the block matrices over its group.
 
-    weights, gradients (trainable parameters, in their dtype), AdamW state (two moments per trainable parameter),
-    the autocast copies of matmul weights kept for the backward pass, a distillation `teacher`
+    weights (`weight_bytes`: frozen, trainable, adapters), gradients, AdamW state, the autocast copies of matmul
+    weights kept for the backward pass, the NF4 dequantization transient, a distillation `teacher`
     (`teacher_bytes`), and activations with and without checkpointing. `total` adds them up (gradients and
     activations are counted as if all alive at once: the backward pass frees activations while it fills gradients,
-    so this is an upper bound on live tensors; the CPU allocator's retained memory often makes up the difference
-    in the process's resident size).
+    so this is an upper bound on live tensors; the CPU allocator's retained memory often makes up the difference in
+    the process's resident size); `needed` is the total under train.activation_checkpointing, `fits` whether it
+    fits `capacity` (default: the device's memory).
     """
     tp = getattr(layout, "tp_size", 1)
     fsdp = getattr(layout, "dp_size", 1) if getattr(layout, "parallel", "") in ("fsdp", "fsdp_tp") else 1
@@ -185,33 +242,23 @@ def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Op
         split = tp > 1 and tensor_parallel.is_split(name)
         return 1 / (fsdp * (tp if split else 1))
 
-    seen, weights, grads, opt = set(), 0.0, 0.0, 0.0
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        part = stored_bytes(p) * share(name)  # (an NF4 base weight: its packed bytes)
-        weights += part
-        if p.requires_grad:
-            grads += part
-            opt += 2 * part
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    copies = 0.0
-    if amp is not None:
-        ids = set()
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Linear) and id(m.weight) not in ids:
-                ids.add(id(m.weight))
-                copies += m.weight.numel() * _size(amp) * share(name + ".weight")
-    weights, grads, opt, copies = int(weights), int(grads), int(opt), int(copies)
-    act = activation_bytes(cfg.model, cfg.train.batch_size, cfg.model.block_size, device.type, amp, tp)
+    w = weight_bytes(model, amp, share)
+    weights = w["frozen"] + w["trainable"] + w["adapters"]
+    act = activation_bytes(cfg.model, cfg.train.batch_size, cfg.model.block_size, device.type, amp, tp,
+                           trained(model))
     extra = {"teacher": teacher_bytes(teacher, cfg, amp)} if teacher is not None else {}
-    base = weights + grads + opt + copies + extra.get("teacher", 0)
+    base = weights + w["gradients"] + w["optimizer"] + w["copies"] + w["dequant"] + extra.get("teacher", 0)
+    checkpointing = bool(cfg.train.activation_checkpointing)
+    cap = capacity if capacity is not None else device_capacity(device)
+    needed = base + (act["checkpointed"] if checkpointing else act["full"])
     return {
-        "weights": weights, "gradients": grads, "optimizer": opt, "autocast_copies": copies, **extra,
+        "weights": weights, "weights_frozen": w["frozen"], "weights_trainable": w["trainable"],
+        "adapters": w["adapters"], "gradients": w["gradients"], "optimizer": w["optimizer"],
+        "autocast_copies": w["copies"], "nf4_dequant": w["dequant"], **extra,
         "activations": act["full"], "activations_checkpointed": act["checkpointed"],
         "total": base + act["full"], "total_checkpointed": base + act["checkpointed"],
-        "device_capacity": device_capacity(device),
+        "checkpointing": checkpointing, "needed": needed,
+        "device_capacity": cap, "fits": None if cap is None else needed <= cap,
     }
 
 
@@ -222,8 +269,7 @@ def preflight(model: nn.Module, cfg: Config, device: torch.device, amp: Optional
     if cfg.train.allow_oversubscribe:
         return
     mem = memory_estimate(model, cfg, device, amp, layout, teacher)
-    need = mem["total_checkpointed"] if cfg.train.activation_checkpointing else mem["total"]
-    cap = mem["device_capacity"]
+    need, cap = mem["needed"], mem["device_capacity"]
     if cap and need > cap:
         gib = lambda n: f"{n / 2**30:,.1f} GiB"  # noqa: E731
         raise LlmctlError(
@@ -243,6 +289,23 @@ def device_capacity(device: torch.device) -> Optional[int]:
     except (ValueError, OSError, RuntimeError, AttributeError):
         return None
     return None
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, what: str = "--gpu-memory") -> int:
+    """Bytes from a size such as 24GB (10^9), 80GiB (2^30), 512MB or 1e9; a bad one is an error naming `what`."""
+    t = text.strip().upper().replace(" ", "")
+    unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if u and t.endswith(u)), "")
+    try:
+        n = float(t[: len(t) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        n = -1
+    if not n > 0:
+        raise LlmctlError(f"{what}: {text!r} is not a memory size; write e.g. 24GB, 80GiB or 512MB")
+    return int(n)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -380,7 +443,7 @@ def sample_batch(task: Task, tokenizer: Tokenizer, step: int = 0, labels_names: 
     """
     batch = task.batches(step)[0]
     ids = batch["input_ids"][0].tolist()
-    if "lengths" in batch:  # classification: one label per sequence
+    if batch["labels"].dim() == 1:  # classification: one label per sequence
         n = int(batch["lengths"][0])
         label = int(batch["labels"][0])
         return {"step": step, "tokens": n, "trained_tokens": 0, "label": labels_names[label] if labels_names else label,
@@ -424,8 +487,9 @@ class Plan(Protocol):
 
 
 def dry_run(plan: Plan, start_step: int = 0, timed_steps: int = 5, warmup_steps: int = 2,
-            out: Optional[Path] = None) -> dict:
-    """Everything `--dry-run` shows, as one JSON-ready dict. `plan` is a plan.TrainPlan (duck-typed)."""
+            out: Optional[Path] = None, gpu_memory: Optional[int] = None) -> dict:
+    """Everything `--dry-run` shows, as one JSON-ready dict. `plan` is a plan.TrainPlan (duck-typed). `gpu_memory`
+    (bytes): estimate the memory for a CUDA GPU of that size (its attention's dtypes) instead of this device."""
     cfg, model, device, amp, task = plan.cfg, plan.model, plan.device, plan.amp, plan.task
     t = cfg.train
     raw = getattr(model, "_orig_mod", model)
@@ -449,10 +513,13 @@ def dry_run(plan: Plan, start_step: int = 0, timed_steps: int = 5, warmup_steps:
                    if "train_tokens" in task.sizes else task.sizes.get("epochs")),
         **({"teacher_flops_per_token": flops["teacher_forward"],
             "teacher_parameters": task.teacher.num_params()} if task.teacher is not None else {}),
-        "memory": memory_estimate(raw, cfg, device, amp, plan.dist, task.teacher),
+        "memory": memory_estimate(raw, cfg, torch.device("cuda") if gpu_memory else device, amp, plan.dist,
+                                  task.teacher, capacity=gpu_memory),
+        "memory_for": f"a CUDA GPU of {gpu_memory:,} bytes (--gpu-memory)" if gpu_memory else str(device),
         "peak_flops": peak["flops"],
         "peak_flops_source": peak["source"],
     }
+    report["fits"] = report["memory"]["fits"]
     try:
         timing = time_steps(model, cfg, task, device, amp, timed_steps, warmup_steps, start_step)
         if task.kind == "lm":
@@ -466,7 +533,7 @@ def dry_run(plan: Plan, start_step: int = 0, timed_steps: int = 5, warmup_steps:
         if not isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) and "memory" not in str(e).lower():
             raise
         report["time"] = {"error": f"out of memory during the timed steps: {str(e).splitlines()[0][:200]}"}
-        report["fits"] = False
+        report["fits"] = False if not gpu_memory else report["fits"]  # (this device ran out, not the GPU asked about)
     else:
         step_s = timing["step_seconds"]
         eval_s = (per_eval_batch or 0.0) * ev["batches"] * ev["evals"]
@@ -483,7 +550,5 @@ def dry_run(plan: Plan, start_step: int = 0, timed_steps: int = 5, warmup_steps:
             "eval_seconds": eval_s,
             "run_seconds": step_s * steps_left + eval_s,
         }
-        cap = report["memory"]["device_capacity"]
-        report["fits"] = None if cap is None else bool(report["memory"]["total"] <= cap)
     report["sample"] = sample_batch(task, plan.tokenizer, start_step, task.labels)
     return report

@@ -11,6 +11,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def lm_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """A language model's logits (B, T, V) for a batch: its input_ids, and its segments when rows pack documents
+    (data.document_mask); the batch is on the model's device."""
+    if "segments" in batch:
+        return model(batch["input_ids"], segments=batch["segments"])
+    return model(batch["input_ids"])
+
+
 @torch.no_grad()
 def lm_metrics(
     model: nn.Module,
@@ -29,8 +37,8 @@ def lm_metrics(
     total, count = 0.0, 0
     with autocast:
         for batch in blocks:
-            x, y = batch["input_ids"].to(device), batch["labels"].to(device)
-            logits = model(x)  # (B, T, V)
+            y = batch["labels"].to(device)
+            logits = lm_logits(model, {k: v.to(device) for k, v in batch.items()})  # (B, T, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
             total += loss.item()
             count += int((y != -100).sum())

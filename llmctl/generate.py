@@ -127,9 +127,17 @@ def sample(
     top_p: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Pick the next token from logits (B, V): greedy when temperature is 0, else top-k / nucleus sampling."""
+    """Pick the next token from logits (B, V): greedy when temperature is 0, else top-k / nucleus sampling (from
+    `distribution`)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(distribution(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+def distribution(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None) -> torch.Tensor:
+    """The probabilities (B, V) that `sample` draws from at a temperature > 0: logits (B, V) divided by it, cut to
+    the top k and to the nucleus of mass top_p, softmaxed (float32)."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
@@ -140,7 +148,7 @@ def sample(
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -197,6 +205,7 @@ class Row:
     pos: int = 0
     produced: int = 0
     finish_reason: Optional[str] = None  # one of FINISH_REASONS once done
+    end_id: Optional[int] = None  # the end id that ended the row (finish_reason "eos"), not in `tokens`
     cancelled: bool = False  # set from any thread; the engine frees the slot at its next step
     text: str = ""
     released: int = 0  # characters of `text` that may be shown
@@ -471,6 +480,7 @@ class Engine:
             if t is None or (r.matcher is not None and not r.matcher.accept(t)):
                 r._finish("length")  # (a rejected token cannot happen: the mask allowed it)
             elif t in self.end_ids:
+                r.end_id = t
                 r._finish("eos")
             else:
                 r._push(t)

@@ -100,6 +100,8 @@ def refusals(m: ModelConfig) -> list[str]:
     if arch == "gpt2":
         return []
     p = []
+    if not m.gated:
+        p.append("ungated ReLU² MLP (model.activation=relu2)")
     if m.embed_scale:
         p.append("embedding scale (model.embed_scale=true, Gemma)")
     if m.gate_activation != "silu":

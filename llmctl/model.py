@@ -81,13 +81,15 @@ class Norm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def attention_dtype(device_type: str, dtype: torch.dtype, kv_len: int) -> torch.dtype:
+def attention_dtype(device_type: str, dtype: torch.dtype, kv_len: int, training: bool = False) -> torch.dtype:
     """The dtype attention runs in, given the dtype of q/k/v (shared with llmctl.estimate's memory model).
 
-    CPU flash attention in bf16 is slower than in fp32 for short sequences (torch 2.13), so there it runs in
-    fp32; the matmuls around it stay bf16.
+    CPU flash attention in bf16 is slower than in fp32 (torch 2.13) for short sequences, and at every length when
+    its backward runs (`training`: its per-block GEMMs of head_dim size go through bf16 conversions and small
+    oneDNN calls; docs/pretraining.md#training-speed-at-context-1024), so there it runs in fp32; the matmuls around
+    it stay bf16.
     """
-    if device_type == "cpu" and dtype == torch.bfloat16 and kv_len < 512:
+    if device_type == "cpu" and dtype == torch.bfloat16 and (training or kv_len < 512):
         return torch.float32
     return dtype
 
@@ -111,6 +113,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, kv=None, slot: Optional[int] = None, pos=None, mask=None) -> torch.Tensor:
         # kv: this layer's cache tensors (k, v), each (slots, nkv, S, hd), or None (training).
         # Prefill (`slot` an int): x is one sequence (1, T) at positions 0..T-1; its keys and values go to that slot.
+        # Extend (`slot` an int and `pos` an int start): x (1, T) continues that slot at positions pos..pos+T-1 and
+        # reads the slot's positions 0..pos+T-1 (`mask` (1, 1, T, pos+T)).
         # Decode (`pos` (B,)): row b of x (B, 1) is slot b at position pos[b].
         # `mask`: which keys each query reads, (B|1, 1, T, S) bool; None: causal over the T positions (an encoder,
         # cfg.causal false: every position).
@@ -127,7 +131,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv is not None:
             kc, vc = kv
-            if slot is not None:
+            if slot is not None and pos:
+                kc[slot, :, pos : pos + T] = k[0].to(kc.dtype)
+                vc[slot, :, pos : pos + T] = v[0].to(vc.dtype)
+                k, v = kc[slot : slot + 1, :, : pos + T], vc[slot : slot + 1, :, : pos + T]  # (1, nkv, pos+T, hd)
+            elif slot is not None:
                 kc[slot, :, :T] = k[0].to(kc.dtype)
                 vc[slot, :, :T] = v[0].to(vc.dtype)
             else:
@@ -139,7 +147,7 @@ class Attention(nn.Module):
             y = flex_attention(q, k, v, mask, self.scale, self.n_kv_head != self.n_head)
             return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)))
         dtype = q.dtype
-        if attention_dtype(q.device.type, dtype, k.shape[2]) != dtype:
+        if attention_dtype(q.device.type, dtype, k.shape[2], q.requires_grad) != dtype:
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast(q.device.type, enabled=False):
             y = (self._softcapped(q, k, v, mask) if self.softcap is not None else F.scaled_dot_product_attention(
@@ -240,17 +248,25 @@ def flex_attention(q, k, v, block_mask, scale: Optional[float], gqa: bool) -> to
         return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+ACTIVATIONS = {"silu": F.silu, "relu2": relu2}  # (GELU, exact or tanh, is the rest)
+
+
 class MLP(nn.Module):
-    """GELU MLP (gpt2) or a gated MLP with a fused gate/up projection (llama): SwiGLU, or GeGLU (Gemma)."""
+    """GELU or ReLU² MLP (gpt2, or llama with activation relu2) or a gated MLP with a fused gate/up projection
+    (llama): SwiGLU, or GeGLU (Gemma)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gated = cfg.arch == "llama"
+        self.gated = cfg.gated
         self.hidden = cfg.hidden
         self.fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * self.hidden, bias=cfg.has_bias)
         self.proj = nn.Linear(self.hidden, cfg.n_embd, bias=cfg.has_bias)
         act = cfg.gate_activation if self.gated else cfg.activation
-        self.act = F.silu if act == "silu" else partial(F.gelu, approximate="tanh" if act == "gelu_tanh" else "none")
+        self.act = ACTIVATIONS.get(act) or partial(F.gelu, approximate="tanh" if act == "gelu_tanh" else "none")
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,7 +372,8 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        """GPT-2 initialisation: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layer) (or zero, with
+        model.zero_init_proj)."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.is_meta:  # shapes only (a checkpoint's weights replace them); init is skipped, see __init__
@@ -366,7 +383,10 @@ class Transformer(nn.Module):
             elif "norm" in name:  # a (1 + w) norm starts at w = 0
                 (nn.init.zeros_ if self.cfg.norm_offset else nn.init.ones_)(p)
             elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+                if self.cfg.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
         if self.cfg.arch == "llama":  # buffers are not parameters; recompute in case of meta-device init
@@ -393,6 +413,7 @@ class Transformer(nn.Module):
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         segments: Optional[torch.Tensor] = None,
+        start: int = 0,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) of token ids idx (B, T).
 
@@ -400,7 +421,9 @@ class Transformer(nn.Module):
         document ids in contiguous runs (packed documents, no cache): a token attends only to its own document and
         its position is its index within that document.
         Prefill, `cache` and `slot`: idx (1, T) is a sequence from position 0; its keys and values are written to
-        that slot of the cache.
+        that slot of the cache. With `start` too (a Python int): idx (1, T) continues the slot's first `start`
+        positions at positions start..start+T-1 (several tokens in one forward: speculative decoding's verify);
+        positions past start+T are not read, so whatever a longer earlier extension left there does not matter.
         Decode, `cache` and `pos` (B,): idx (B, 1) holds one token per slot 0..B-1, at that slot's position pos[b];
         each row reads its own slot's positions 0..pos[b]. `kv_len` (a Python int, >= max(pos) + 1) bounds the
         positions read (eager decoding); None reads the whole cache (the compiled step, whose shapes are fixed).
@@ -417,9 +440,14 @@ class Transformer(nn.Module):
                 raise ValueError("decoding with a cache takes one token per row and its positions `pos` (B,)")
             positions = pos[:, None]  # (B, 1)
         else:
-            positions = torch.arange(T, device=idx.device)[None]  # (1, T)
-        masks = (self._masks(T, idx.device, pos if slot is None else None, kv_len or (cache.length if cache else T))
-                 if segments is None else self._segment_masks(segments))
+            if start and (cache is None or slot is None):
+                raise ValueError("`start` extends a slot of a cache: give `cache` and `slot`")
+            positions = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
+        if start:
+            masks = self._extend_masks(T, start, idx.device)
+        else:
+            masks = (self._masks(T, idx.device, pos if slot is None else None, kv_len or (cache.length if cache else T))
+                     if segments is None else self._segment_masks(segments))
         x = self.wte(idx)  # (B, T, C)
         if self.cfg.embed_scale:  # by sqrt(C) rounded to x's dtype, as Gemma does
             x = x * torch.tensor(self.cfg.n_embd ** 0.5, dtype=x.dtype)
@@ -437,7 +465,7 @@ class Transformer(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             w = self.sliding[i]
-            x = block(x, ropes[w], cache.layers[i] if cache is not None else None, slot, pos, masks[w])
+            x = block(x, ropes[w], cache.layers[i] if cache is not None else None, slot, start or pos, masks[w])
         return self.norm(x)
 
     def _rope(self, name: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,6 +486,16 @@ class Transformer(nn.Module):
         sliding = full & (keys > pos[:, None] - window) if window is not None else full
         return [full[:, None, None, :], sliding[:, None, None, :]]
 
+    def _extend_masks(self, T: int, start: int, device) -> list[torch.Tensor]:
+        """Extending a slot: query i (position start+i) reads keys j <= start+i (the last `window` in sliding
+        layers), (1, 1, T, start+T)."""
+        window = self.cfg.sliding_window if any(self.sliding) else None
+        q = torch.arange(start, start + T, device=device)[:, None]
+        keys = torch.arange(start + T, device=device)[None, :]
+        full = keys <= q
+        sliding = full & (keys > q - window) if window is not None else full
+        return [full[None, None], sliding[None, None]]
+
     def _segment_masks(self, segments: torch.Tensor) -> list:
         """`segment_masks` for this model: FlexAttention on CUDA unless dropout or soft-capped scores need SDPA, or
         the model is an encoder (whose segments are a padded batch's, of a new length each time: SDPA's bool masks
@@ -473,10 +511,11 @@ class Transformer(nn.Module):
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         segments: Optional[torch.Tensor] = None,
+        start: int = 0,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache and `segments`
-        arguments."""
-        h = self.hidden(idx, cache, slot, pos, kv_len, segments)
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache, `segments` and
+        `start` arguments."""
+        h = self.hidden(idx, cache, slot, pos, kv_len, segments, start)
         logits = self.lm_head(self.mlm(h) if self.mlm is not None else h)
         if self.cfg.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap

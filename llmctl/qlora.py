@@ -82,11 +82,41 @@ def round_trip_base(model: nn.Module) -> None:
         layer.weight.copy_(ao.to_nf4(w.detach().contiguous(), BLOCK, SCALER_BLOCK).get_original_weight().to(w.dtype))
 
 
+def is_nf4(t: torch.Tensor) -> bool:
+    """Whether `t` is an NF4 weight, or FSDP2's shard of one (without importing torchao when it is not in use)."""
+    return type(getattr(t, "_local_tensor", t)).__name__ == "NF4Tensor"
+
 
 def stored_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor holds: an NF4 weight's 4-bit codes, block scalers and factors (about 0.52 a value); any other
-    tensor numel x element size. (The memory estimate's one rule for NF4.)"""
-    if type(t).__name__ != "NF4Tensor":  # (without importing torchao when it is not in use)
+    tensor numel x element size. (The memory estimate's rules for NF4: this and `dequant_bytes`.)"""
+    if not is_nf4(t):
         return t.numel() * t.element_size()
     names, _ = t.__tensor_flatten__()
     return sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names)
+
+
+def dequant_bytes(t: torch.Tensor) -> int:
+    """Peak bytes torchao allocates while it dequantizes NF4 weight `t` (0 for any other tensor): every matmul
+    through it, forward, backward and a checkpointed block's recompute, calls `NF4Tensor.get_original_weight`,
+    which holds at once, per value, both halves' 4-bit codes as int64 indices (8 bytes) and, in the weight's dtype
+    (e bytes), the looked-up levels and the levels times their block scalers (2e over both halves) and the stacked
+    result (e): 8 + 3e, 20 bytes a value for a float32 weight, 14 for bfloat16 (as measured: the peak resident
+    growth of one NF4 linear's forward and of its backward). An FSDP shard counts whole: it is gathered first."""
+    return t.numel() * (8 + 3 * t.dtype.itemsize) if is_nf4(t) else 0
+
+
+def check_shardable(model: nn.Module, ranks: int) -> None:
+    """FSDP2 shards an NF4 weight by splitting its codes, block scalers and their factors into `ranks` equal
+    pieces (torchao's split: no padding), so each weight needs rows and scaler blocks (64 x 256 values) that divide
+    by the ranks; the first weight that does not is an error naming it and the alternative."""
+    for name, p in model.named_parameters():
+        if not is_nf4(p):
+            continue
+        blocks = p.numel() // (BLOCK * SCALER_BLOCK)
+        if blocks % ranks or p.shape[0] % ranks:
+            raise LlmctlError(
+                f"train.parallel=fsdp shards each NF4 weight over the {ranks} ranks in whole blocks of {BLOCK} x "
+                f"{SCALER_BLOCK} values, but {name} {tuple(p.shape)} has {blocks}; use train.parallel=ddp for this "
+                "model (or fewer ranks)")
+

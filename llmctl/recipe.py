@@ -18,14 +18,14 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import distributed, estimate, hardware, rundir, tblog
-from .config import ADAPTER_METHODS, Config
+from .config import ADAPTER_METHODS, Config, from_dict
 from .distributed import unwrap
 from .errors import LlmctlError
 from .events import Events, with_fields
 from .heads import Classifier
 from .interrupt import Stopped
 from .loading import restore
-from .optim import build_optimizer
+from .optim import build_optimizer, check_continuation
 from .plan import TrainPlan
 from .saver import Saver
 from .train import Hooks, Interrupted, LoopState, fit
@@ -48,7 +48,7 @@ class FinishedRun:
 
     out: Path
     cfg: Config
-    task: str  # the task it trained: lm, classification, instruct, distill, dpo
+    task: str  # the task it trained: lm, classification, instruct, distill, dpo, grpo
     device: torch.device  # where it trained
     train_seconds: float
     resume_cmd: str
@@ -77,6 +77,8 @@ def load_start(plan: TrainPlan, start: Start, events: Events) -> Optional[dict]:
     classifier = unwrap(plan.task.module) if plan.task.kind == "classification" else None
     restore(unwrap(plan.task.backbone), classifier, ck, plan.cfg)
     state = ck.train_state()
+    # a WSD decay must fit in the steps left
+    check_continuation(state["loop"]["step"], plan.cfg.train, from_dict(ck.config, validate=False).train)
     events.log(f"resuming from {ck.path} (step {ck.meta.get('step')})")
     return state
 
@@ -186,6 +188,8 @@ class Recipe:
             if self.scaler is not None and resume_state.get("scaler"):
                 self.scaler.load_state_dict(resume_state["scaler"])
             state = self.state = LoopState(**resume_state["loop"])
+            if plan.task.load_state is not None and plan.dist.is_main and resume_state.get("task"):
+                plan.task.load_state(resume_state["task"])  # (rank 0's: other ranks generate again)
             if (state.step >= t.max_steps and not state.eval_due) or state.stopped_early:
                 raise LlmctlError(f"the run is already complete at step {state.step} (train.max_steps={t.max_steps}"
                                   f"{', stopped early' if state.stopped_early else ''}); raise train.max_steps to "
@@ -202,7 +206,7 @@ class Recipe:
         if plan.task.teacher is not None:
             meta["teacher"] = str(cfg.finetune.teacher)
         return Saver(self.out, cfg, self.model, self.optimizer, self.scaler, plan.dist, plan.tokenizer.to_str(), meta,
-                     lambda full: _split_weights(plan, full), self.resume_cmd, self.events)
+                     lambda full: _split_weights(plan, full), self.resume_cmd, self.events, plan.task.state)
 
     def train(self) -> None:
         """The one loop. A signal, a failure or a divergence ends with its state in status.json and re-raised."""

@@ -29,11 +29,12 @@ class Saver:
     def __init__(self, out: Path, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: Optional[torch.amp.GradScaler], dist: distributed.DistContext, tokenizer_json: str,
                  meta: dict, split: Callable[[dict], tuple[dict, str, dict]], resume_cmd: str,
-                 events: Events):
+                 events: Events, task_state: Optional[Callable[[], dict]] = None):
         self.out, self.cfg, self.model, self.optimizer, self.scaler, self.dist = (
             out, cfg, model, optimizer, scaler, dist)
         self.tokenizer_json, self.meta, self.split, self.resume_cmd, self.events = (
             tokenizer_json, meta, split, resume_cmd, events)
+        self.task_state = task_state  # what the task keeps besides the loop (rank 0's: GRPO's rollouts)
         self.config_yaml = cfg.to_yaml()
         self.saved_step: Optional[int] = None  # the step whose state is on disk (or needs none): see `begin`
 
@@ -68,6 +69,8 @@ class Saver:
         full, optimizer_state, rng = gathered
         train_state = {"optimizer": optimizer_state, "scaler": self.scaler.state_dict() if self.scaler else {},
                        "loop": {**state.__dict__}, **rng}
+        if self.task_state is not None:
+            train_state["task"] = self.task_state()
         meta = {**self.meta, "tokens": state.tokens, "metrics": state.last_eval, "reason": reason}
         weights, name, extra = self.split(full)
         try:

@@ -1,7 +1,9 @@
 """Sharded token files: written shard by shard so an interrupted preparation resumes, read as one memory-mapped
 sequence.
 
-A cache entry holds `shard-00000.bin, ...` (raw little-endian uint16 or uint32 token ids, documents joined by <eos>)
+A cache entry holds `shard-00000.bin, ...` (raw little-endian uint16 or uint32 token ids, documents joined by <eos>),
+beside each its document starts `shard-00000.bin.starts` (little-endian uint32 offsets in the shard: where each
+document's separating <eos>, or the corpus's first token, lies; caches prepared before llmctl wrote them have none)
 and `index.json`: per shard its token count, documents finished in it, sha256, and the reader's cursor and joining
 state after it. While an entry is built it lives in a build folder whose index grows by one atomic rewrite per
 complete shard; a restarted build keeps those shards and goes on from the last one's cursor.
@@ -27,6 +29,11 @@ INDEX = "index.json"
 
 def shard_name(i: int, prefix: str = "shard") -> str:
     return f"{prefix}-{i:05d}.bin"
+
+
+def starts_name(shard: str) -> str:
+    """The file of a shard's document starts."""
+    return shard + ".starts"
 
 
 @dataclass
@@ -87,6 +94,7 @@ class ShardWriter:
         self.n = 0  # ids settled in `buf`
         self.pending: list[int] = []  # ids not yet copied into `buf` (one numpy conversion per ~1M ids, not per piece)
         self.docs = 0  # documents finished since the last shard
+        self.starts: list[int] = []  # where documents start in the shard being filled (their <eos>, else first id)
 
     @property
     def buffered(self) -> int:
@@ -97,6 +105,8 @@ class ShardWriter:
         """The ids of one piece of a document (`doc_end`: its last piece). Documents with no tokens leave nothing;
         the others are joined by one <eos>."""
         if ids:
+            if not self.doc_open:
+                self.starts.append(self.buffered)
             if self.need_eos:
                 self.pending.append(self.eos)
                 self.need_eos = False
@@ -135,20 +145,24 @@ class ShardWriter:
         i = len(self.index.shards)
         name = shard_name(i, self.prefix)
         data = self.buf[: self.n].astype("<" + self.dtype.str[1:], copy=False).tobytes()
+        with atomic_file(self.dir / starts_name(name), "wb") as f:
+            f.write(np.asarray(self.starts, dtype="<u4").tobytes())
         with atomic_file(self.dir / name, "wb") as f:  # (a full disk: the partial shard goes, freeing its space)
             f.write(data)
         self.index.shards.append(ShardInfo(name, self.n, self.docs, hashlib.sha256(data).hexdigest(),
                                            asdict(cursor), self.need_eos, self.doc_open))
         self.index.bytes_read = bytes_read
         self.index.save(self.dir, self.index_name)
-        self.n, self.docs = 0, 0
+        self.n, self.docs, self.starts = 0, 0, []
 
 
 class Tokens:
     """Tokens [start, stop) of the concatenated shards, read by memory map."""
 
-    def __init__(self, maps: list[np.ndarray], start: int = 0, stop: Optional[int] = None):
+    def __init__(self, maps: list[np.ndarray], start: int = 0, stop: Optional[int] = None,
+                 starts: Optional[list[Path]] = None):
         self.maps = maps
+        self.starts = starts  # each shard's file of document starts; None: the cache has none
         self.bounds = np.cumsum([0] + [len(m) for m in maps])  # (n_shards + 1,)
         self.start = start
         self.stop = int(self.bounds[-1]) if stop is None else stop
@@ -158,13 +172,24 @@ class Tokens:
     def open(cls, directory: Path, names: list[str], dtype: str) -> "Tokens":
         maps = [np.memmap(directory / n, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
                 if (directory / n).stat().st_size else np.zeros(0, dtype=dtype) for n in names]
-        return cls(maps)
+        starts = [directory / starts_name(n) for n in names]
+        return cls(maps, starts=starts if all(p.is_file() for p in starts) else None)
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def range(self, start: int, stop: int) -> "Tokens":
-        return Tokens(self.maps, self.start + start, self.start + stop)
+        return Tokens(self.maps, self.start + start, self.start + stop, self.starts)
+
+    def doc_starts(self) -> Optional[np.ndarray]:
+        """Where documents start in this range (int64 offsets into it, ascending, 0 always first: a range may begin
+        inside a document); None when the cache records no document starts."""
+        if self.starts is None:
+            return None
+        every = np.concatenate([np.zeros(0, np.int64)] + [np.fromfile(p, dtype="<u4").astype(np.int64) + self.bounds[i]
+                                                          for i, p in enumerate(self.starts)])
+        inside = every[(every > self.start) & (every < self.stop)] - self.start
+        return np.concatenate([np.zeros(1, np.int64), inside])
 
     def __getitem__(self, key):
         if isinstance(key, slice):

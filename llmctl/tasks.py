@@ -1,4 +1,5 @@
-"""What a training run optimises: language modelling, classification, instruction or preference tuning, full or LoRA.
+"""What a training run optimises: language modelling, classification, instruction or preference tuning, reinforcement
+learning with rewards (GRPO), full or LoRA.
 
 A `Task` bundles the module the loop trains, its batches, its loss and its evaluation. `train.fit` runs any of
 them unchanged; the commands only pick which one to build.
@@ -23,21 +24,26 @@ from .data import (
     TokenData,
     chat_examples,
     classification_examples,
+    document_starts,
     eval_batches,
     eval_blocks,
     holdout,
     instruct_examples,
     packed_tokens,
     preference_examples,
+    prompt_rows,
 )
 from .errors import LlmctlError
-from .evaluate import classification_metrics, classify
+from .evaluate import classification_metrics, classify, lm_logits
+from .grpo import Rollouts
 from .heads import Classifier
 from .lora import apply_lora
 from .mlm import Masking, masked_batches, masked_blocks, mlm_metrics
 from .model import Transformer
 from .preference import StepMeans, dpo_terms, frozen_reference
 from .qlora import quantize_base
+from .rewards import load_rewards
+from .rollouts import derive_seed, encode_prompts, measure
 from .tokenizer import Tokenizer
 from .train import lm_loss
 
@@ -75,6 +81,8 @@ class Task:
     val_tokens: Any = None  # the validation token stream of a language-modelling task
     teacher: Optional[Transformer] = None  # distillation: the frozen model the student learns from
     step_metrics: Optional[Callable[[], dict]] = None  # metrics of the last step besides its loss (read once)
+    state: Optional[Callable[[], dict]] = None  # what a checkpoint keeps of the task besides the loop (GRPO's rollouts)
+    load_state: Optional[Callable[[dict], None]] = None  # restore `state` on resume
 
 
 def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -91,7 +99,8 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
             f"data.path: the training split has {len(td.train)} tokens, fewer than one block of "
             f"model.block_size={T}; use more text or a smaller block_size"
         )
-    batches = LMBatches(td.train, T, t.batch_size, layout.accum, t.seed, layout.rank, layout.world)
+    starts, val_starts = document_starts(td) if cfg.data.document_mask else (None, None)
+    batches = LMBatches(td.train, T, t.batch_size, layout.accum, t.seed, layout.rank, layout.world, starts=starts)
     if t.objective == "mlm":
         return mlm_task(cfg, td, backbone, device, amp, layout, batches)
     if not cfg.model.causal:
@@ -101,7 +110,7 @@ def lm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.dev
     def validate(model: nn.Module, step: int) -> dict:
         if len(td.val) < 2:
             return {}
-        blocks = lambda: eval_blocks(td.val, T, cfg.eval.batch_size, t.eval_batches)  # noqa: E731
+        blocks = lambda: eval_blocks(td.val, T, cfg.eval.batch_size, t.eval_batches, val_starts)  # noqa: E731
         return {"val_loss": distributed.sharded_lm_metrics(model, blocks, layout.dist, device, amp)["loss"]}
 
     return Task("lm", backbone, backbone, batches.get, lm_loss, validate,
@@ -136,11 +145,11 @@ def distill_loss(teacher: Transformer, alpha: float, temperature: float, vocab: 
     no gradient. With alpha 0 the loss and its gradient are the cross-entropy's exactly."""
 
     def loss(model: nn.Module, batch: dict) -> torch.Tensor:
-        logits = model(batch["input_ids"])  # (B, T, V)
+        logits = lm_logits(model, batch)  # (B, T, V)
         labels = batch["labels"]
         ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         with torch.no_grad():
-            target = F.log_softmax(teacher(batch["input_ids"])[..., :vocab].float() / temperature, dim=-1)
+            target = F.log_softmax(lm_logits(teacher, batch)[..., :vocab].float() / temperature, dim=-1)
         student = F.log_softmax(logits[..., :vocab].float() / temperature, dim=-1)  # (B, T, vocab)
         kl = F.kl_div(student, target, log_target=True, reduction="none").sum(-1)  # (B, T)
         keep = labels != -100
@@ -265,7 +274,41 @@ def dpo_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.d
                 notes=notes, step_metrics=means.read)
 
 
-BUILDERS = {"classification": classification_task, "instruct": instruct_task, "dpo": dpo_task}
+def grpo_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.device, amp,
+              layout: Layout = Layout()) -> Task:
+    """Online reinforcement learning (llmctl.grpo): each step samples finetune.group_size completions of its
+    prompts with the policy, scores them with finetune.reward, and trains on their group-relative advantages;
+    validation samples one completion of each held-out prompt (data.val_fraction, fixed seeds) and logs val_reward,
+    val_reward_std and val_kl (the sequence-level KL to the reference)."""
+    d, t, f = cfg.data, cfg.train, cfg.finetune
+    if layout.dist.dtensors:
+        raise LlmctlError(f"finetune.task=grpo runs on one process or under DDP (train.parallel=ddp), not "
+                          f"{layout.dist.parallel}: its rollouts need the whole model on every rank")
+    rewards = load_rewards(f.reward, f.reward_weights, device)
+    rows = prompt_rows(d.path, d, f.prompt_field)
+    prompts, cut = encode_prompts(cfg, tok, rows, cfg.generate.max_new_tokens)
+    train_idx, val_idx = holdout(len(rows), d.val_fraction, t.seed)
+    reference = frozen_reference(backbone, f.method in ADAPTER_METHODS)
+    rollouts = Rollouts(cfg, tok, rows, prompts, train_idx, backbone, reference, rewards, layout, device)
+
+    def validate(model: nn.Module, step: int) -> dict:
+        idx = [int(i) for i in val_idx][: None if t.eval_batches is None else t.eval_batches * cfg.eval.batch_size]
+        if not idx:
+            return {}
+        seeds = [derive_seed(t.seed, 0x7A1, i) for i in idx]  # the same samples' seeds at every validation
+        m = measure(backbone, reference, rollouts.engine, [rows[i] for i in idx], [prompts[i] for i in idx],
+                    rewards, rollouts.sampling, 1, seeds, cfg.generate.batch_size, cfg.eval.batch_size, tok.pad_id)
+        return {"val_reward": m["reward"], "val_reward_std": m["reward_std"], "val_kl": m["kl"]}
+
+    notes = [f"{cut} of {len(rows)} prompts were longer than the context leaves them (model.block_size less the "
+             "room for an answer) and keep their end"] if cut else []
+    return Task("grpo", backbone, backbone, rollouts.get, rollouts.loss, validate, None,
+                sizes={"train_prompts": len(train_idx), "val_prompts": len(val_idx), "group_size": f.group_size,
+                       "epochs": round(rollouts.picker.epochs(t.max_steps) / f.grpo_iterations, 2)},
+                notes=notes, step_metrics=rollouts.metrics, state=rollouts.state, load_state=rollouts.load_state)
+
+
+BUILDERS = {"classification": classification_task, "instruct": instruct_task, "dpo": dpo_task, "grpo": grpo_task}
 
 
 def make_trainable(task: Task, cfg: Config) -> list[str]:

@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .errors import EXIT_DIVERGED, LlmctlError
+from .evaluate import lm_logits
 from .events import SILENT, Events, Progress
 from .interrupt import STOP, Stopped
 from .optim import lr_at
 
 Batch = dict[str, torch.Tensor]
 # metrics where higher is better
-MAXIMIZED = ("accuracy", "f1", "macro_f1", "precision", "recall", "val_accuracy", "val_margin")
+MAXIMIZED = ("accuracy", "f1", "macro_f1", "precision", "recall", "val_accuracy", "val_margin", "val_reward")
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Interrupted(LlmctlError):
 
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Next-token cross-entropy; labels of -100 (prompt or padding) are not trained on."""
-    logits = model(batch["input_ids"])  # (B, T, V)
+    logits = lm_logits(model, batch)  # (B, T, V)
     return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
 
 
@@ -108,6 +109,11 @@ class Validator:
     def due(self, state: LoopState, last: bool) -> bool:
         interval = self.cfg.eval_interval and state.step % self.cfg.eval_interval == 0
         return self.run is not None and bool(interval or last or state.eval_due)
+
+    def reached(self, result: dict) -> bool:
+        """Whether `result` reaches train.stop_at_loss (the run ends there)."""
+        target, loss = self.cfg.stop_at_loss, result.get("val_loss")
+        return target is not None and loss is not None and loss <= target
 
     def judge(self, state: LoopState, result: dict) -> tuple[bool, bool]:
         """Record `result` in `state`: (a new best, patience exhausted)."""
@@ -316,6 +322,7 @@ class _Loop:
         """One validation pass, judged and logged: (a new best, patience exhausted)."""
         state, cfg = self.state, self.cfg
         state.eval_due = True  # until the pass is complete: a checkpoint written on a signal says so
+        t0 = time.perf_counter()
         try:
             result = self.validator.run(state.step)  # polls STOP between batches
         except Stopped as e:
@@ -323,8 +330,10 @@ class _Loop:
         finally:
             self.model.train()
         state.eval_due = False
+        seconds = time.perf_counter() - t0
         improved, stop_early = self.validator.judge(state, result)
-        self.hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result})
+        self.hooks.log_metrics({"step": state.step, "tokens": state.tokens, "time": round(state.elapsed, 3), **result,
+                                "val_seconds": round(seconds, 3)})
         self.events.log(f"step {state.step}: "
                         + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
                         + (" (best)" if improved and not (last or stop_early) else ""))
@@ -332,6 +341,10 @@ class _Loop:
             self.events.log(f"early stop: no better {cfg.best_metric} in {cfg.patience} evaluations "
                             f"(best {state.best:.4f} at step {state.best_step})")
             state.stopped_early = True
+        elif self.validator.reached(result):
+            self.events.log(f"target reached: val_loss {result['val_loss']:.4f} <= train.stop_at_loss="
+                            f"{cfg.stop_at_loss} at step {state.step}")
+            state.stopped_early = stop_early = True
         return improved, stop_early
 
     def stop(self, signum: int, during: str = "") -> NoReturn:

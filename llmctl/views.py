@@ -76,7 +76,8 @@ def plan_lines(kind: str, info: dict) -> list[str]:
                     f"({info['world_size']} processes in tensor-parallel groups of {info['tp_size']})")
     else:
         replicas = f"{info['world_size']} process{'es' if info['world_size'] > 1 else ''}"
-    batch = (f"global batch {info['global_batch']:,} sequences = {info['batch_size']} per device x "
+    unit = f"prompts ({info['group_size']} completions each)" if "group_size" in info else "sequences"  # (GRPO)
+    batch = (f"global batch {info['global_batch']:,} {unit} = {info['batch_size']} per device x "
              f"{info['grad_accum']} accumulation x {replicas}"
              + (f" ({info['parallel'].upper()})" if info["parallel"] != "none" else ""))
     return [f"{kind}: " + ", ".join(parts), batch]
@@ -129,36 +130,56 @@ def _compute_table(report: dict, cfg: dict) -> Table:
          + (f" x {acc} micro-batches)" if acc > 1 else ")")),
         (("train / val tokens", f"{report['train_tokens']:,} / {report['val_tokens']:,} ({report['epochs']} epochs)")
          if "train_tokens" in report else
-         ("train / val examples",
-          f"{report['train_examples']:,} / {report['val_examples']:,} ({report['epochs']} epochs)")),
+         _split_row(report, "prompts" if "train_prompts" in report else "examples")),
         ("device peak", f"{fmt_count(report['peak_flops'])}FLOP/s" if report.get("peak_flops") else "unknown"),
         ("peak from", report["peak_flops_source"]),
     ]
     return _kv_table("\ncompute", rows)
 
 
+def _split_row(report: dict, unit: str) -> tuple[str, str]:
+    return (f"train / val {unit}",
+            f"{report[f'train_{unit}']:,} / {report[f'val_{unit}']:,} ({report['epochs']} epochs)")
+
+
 def _memory_table(report: dict, cfg: dict) -> Table:
     m, tr = cfg["model"], cfg["train"]
     mem = report["memory"]
-    rows = [
-        ("weights", fmt_bytes(mem["weights"]), ""),
+    rows = [("weights", fmt_bytes(mem["weights"]), _weight_parts(mem))]
+    if mem["adapters"]:
+        rows.append(("adapters (LoRA A, B)", fmt_bytes(mem["adapters"]), "trainable"))
+    rows += [
         ("gradients", fmt_bytes(mem["gradients"]), ""),
         ("optimizer state (AdamW)", fmt_bytes(mem["optimizer"]), ""),
     ]
     if mem["autocast_copies"]:
         rows.append(("autocast weight copies", fmt_bytes(mem["autocast_copies"]), ""))
+    if mem.get("nf4_dequant"):
+        rows.append(("NF4 dequantization", fmt_bytes(mem["nf4_dequant"]), "largest NF4 weight, transient"))
     if mem.get("teacher"):
         rows.append(("distillation teacher", fmt_bytes(mem["teacher"]), "weights and its forward pass"))
+    on = mem["checkpointing"]
     rows += [
-        (f"activations ({tr['batch_size']} x {m['block_size']})", fmt_bytes(mem["activations"]),
+        (f"activations ({tr['batch_size']} x {m['block_size']})",
+         fmt_bytes(mem["activations_checkpointed" if on else "activations"]),
+         f"checkpointing on (off: {fmt_bytes(mem['activations'])})" if on else
          f"with checkpointing {fmt_bytes(mem['activations_checkpointed'])}"),
-        ("total", fmt_bytes(mem["total"]), f"with checkpointing {fmt_bytes(mem['total_checkpointed'])}"),
+        ("total", fmt_bytes(mem["needed"]),
+         f"(off: {fmt_bytes(mem['total'])})" if on else f"with checkpointing {fmt_bytes(mem['total_checkpointed'])}"),
     ]
     if mem.get("device_capacity"):
-        fits = report.get("fits")
-        rows.append(("device memory", fmt_bytes(mem["device_capacity"]),
-                     "fits" if fits else ("does NOT fit" if fits is False else "")))
-    return _kv_table("\nmemory per device (estimate)", rows)
+        fits = mem.get("fits")
+        rows.append(("device memory" if not report.get("memory_for", "").startswith("a CUDA") else "GPU memory",
+                     fmt_bytes(mem["device_capacity"]), "fits" if fits else ("does NOT fit" if fits is False else "")))
+    return _kv_table(f"\nmemory per device (estimate for {report.get('memory_for', report['device'])})", rows)
+
+
+def _weight_parts(mem: dict) -> str:
+    """Frozen and trainable weights (the adapters have their own row)."""
+    if not mem["weights_frozen"]:
+        return "all trainable"
+    return (f"{fmt_bytes(mem['weights_frozen'])} frozen (NF4 packed where quantized), "
+            f"{fmt_bytes(mem['weights_trainable'] + mem['adapters'])} trainable")
 
 
 def _time_table(report: dict) -> list:

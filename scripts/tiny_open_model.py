@@ -25,15 +25,16 @@ FAMILIES = {
 }
 
 
-def config(family: str, width: int, layers: int, context: int):
+def config(family: str, width: int, layers: int, context: int, init: float = 0.3):
     """The family's transformers config at this size, its distinctive values kept (Qwen3: head_dim apart from the
-    width, RoPE base 1e6; Llama 3.2: llama3 RoPE scaling, tied head). Weights start wide enough (0.3) that a few
-    dozen LoRA steps can teach the random model a reply."""
+    width, RoPE base 1e6; Llama 3.2: llama3 RoPE scaling, tied head). Weights start wide enough (`init` 0.3) that a
+    few dozen LoRA steps can teach the random model a reply; at 0.02 (the real models' initializer_range) the
+    random model starts near the uniform distribution, from which a few LoRA steps on text lower the loss."""
     import transformers
 
     common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True,
-                  initializer_range=0.3)
+                  initializer_range=init)
     if family == "qwen3":
         return transformers.Qwen3Config(vocab_size=151936, head_dim=width // 2, rope_theta=1e6, **common)
     return transformers.LlamaConfig(vocab_size=128256, rope_parameters={
@@ -41,14 +42,15 @@ def config(family: str, width: int, layers: int, context: int):
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, **common)
 
 
-def write(family: str, out: Path, width: int = 64, layers: int = 2, context: int = 96, seed: int = 0) -> Path:
+def write(family: str, out: Path, width: int = 64, layers: int = 2, context: int = 96, seed: int = 0,
+          init: float = 0.3) -> Path:
     """The transformers directory of a random-weight `family` model in `out`; returns `out`."""
     import torch
     import transformers
 
     tok_dir, template, generation = FAMILIES[family]
     torch.manual_seed(seed)
-    transformers.AutoModelForCausalLM.from_config(config(family, width, layers, context)).save_pretrained(out)
+    transformers.AutoModelForCausalLM.from_config(config(family, width, layers, context, init)).save_pretrained(out)
     shutil.copy(SHARED / "tokenizers" / tok_dir / "tokenizer.json", out / "tokenizer.json")
     tc = json.loads((SHARED / "tokenizers" / tok_dir / "tokenizer_config.json").read_text())
     tc.pop("chat_template", None)  # transformers 5 writes the template beside it, as here

@@ -272,6 +272,26 @@ BAD = [
      ["finetune.label_smoothing applies to dpo_loss=sigmoid only"]),
     ("dpo-packing", lambda t, r: ["finetune", "--from", r, *sets("finetune.task=dpo", "finetune.packing=true"),
      "--out", t / "o"], ["finetune.packing", "not packed"]),
+    ("grpo-reward-does-not-import", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t), "finetune.reward="
+     "no_such_reward_module:score"), "--out", t / "o"],
+     ["finetune.reward 'no_such_reward_module:score'", "no module named 'no_such_reward_module'"]),
+    ("grpo-reward-file-lacks-the-function", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t), "finetune.reward="
+     + str(_file(t, "rw.py", "def other(prompts, completions, **kw):\n    return [0.0] * len(completions)\n"))
+     + ":score"), "--out", t / "o"], ["rw.py has no function 'score'"]),
+    ("grpo-classifier-reward-unknown-label", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t),
+     f"finetune.reward=classifier:{_classifier(t, r)}:positive"), "--out", t / "o"],
+     ["the classifier has no label 'positive'", "its labels are 0, 1"]),
+    ("grpo-group-size-1", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t), "finetune.group_size=1"),
+     "--out", t / "o"], ["finetune.group_size", "at least 2 per prompt"]),
+    ("grpo-greedy", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t), "generate.temperature=0"),
+     "--out", t / "o"], ["generate.temperature=0", "nothing to compare"]),
+    ("grpo-without-reward", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t)[:-1]), "--out", t / "o"],
+     ["finetune.task=grpo needs a reward"]),
+    ("grpo-prompt-row-without-prompt", lambda t, r: ["finetune", "--from", r, *sets(*_grpo(t)[:-1],
+     "finetune.reward=math:fsum", "data.path=" + str(_file(t, "q.jsonl", '{"question": "a"}\n'))), "--out", t / "o"],
+     ["q.jsonl:1", "needs a 'prompt' column", "finetune.prompt_field"]),
+    ("eval-reward-without-prompts", lambda t, r: ["eval", "--ckpt", r, "--reward", "math:fsum"],
+     ["--reward and --prompts go together"]),
     ("data-column-missing",
      lambda t, r: ["prepare", *sets(*TINY, "data.path=" + str(_file(t, "d.jsonl", '{"body": "x"}')))],
      ["no column 'text'", "data.text_column"]),
@@ -327,6 +347,12 @@ BAD = [
     ("export-missing-checkpoint", lambda t, r: ["export", "--ckpt", t / "nope", "--out", t / "o"],
      ["checkpoint not found"]),
 ]
+
+
+def _grpo(tmp: Path) -> list[str]:
+    """GRPO settings with a prompts file (the reward last)."""
+    return ["finetune.task=grpo", "data.path=" + str(_file(tmp, "prompts.jsonl", '{"prompt": "a"}\n' * 4)),
+            "finetune.reward=math:fsum"]
 
 
 def _classifier(tmp: Path, run: Path) -> Path:
@@ -477,12 +503,17 @@ def _with_torchao(monkeypatch) -> None:
 QLORA = [f"data.path={SHAKESPEARE}", "finetune.method=qlora"]
 BAD += [
     ("qlora-tp", lambda t, r: ["finetune", "--from", r, *sets(*QLORA, "train.parallel=tp"), "--out", t / "o"],
-     ["finetune.method=qlora trains in one process", "train.parallel=tp"]),
+     ["finetune.method=qlora: train.parallel=tp does not split NF4 base weights", "train.parallel=ddp"]),
     ("qlora-without-torchao", lambda t, r: ["finetune", "--from", r, *sets(*QLORA), "--out", t / "o"],
      ["through torchao, which is not installed", "pip install 'llmctl[qlora]'"], _without_torchao),
     # tiny_run's weights (32 wide) are smaller than one NF4 scaler block
     ("qlora-nothing-quantizable", lambda t, r: ["finetune", "--from", r, *sets(*QLORA), "--out", t / "o"],
      ["none of the 8 adapted linear layers has a weight NF4 can store", "finetune.method=lora"], _with_torchao),
+    ("gpu-memory-not-a-size", lambda t, r: ["pretrain", *sets(*TINY), "--out", t / "o", "--dry-run",
+                                            "--gpu-memory", "lots"],
+     ["--gpu-memory: 'lots' is not a memory size", "24GB"]),
+    ("gpu-memory-without-dry-run", lambda t, r: ["pretrain", *sets(*TINY), "--out", t / "o", "--gpu-memory", "24GB"],
+     ["--gpu-memory sizes the dry run's memory estimate: add --dry-run"]),
 ]
 
 
@@ -581,6 +612,24 @@ BAD += [
 ]
 
 
+def _cache_without_starts(tmp: Path) -> list:
+    """A corpus of documents prepared into a cache, then its document starts removed (as an older llmctl left it)."""
+    from llmctl.config import DataConfig, TokenizerConfig
+    from llmctl.data import prepare
+
+    corpus = _file(tmp, "docs.jsonl", "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(40)))
+    td = prepare(DataConfig(path=str(corpus), cache_dir=str(tmp / "cache")), TokenizerConfig())
+    for f in td.dir.glob("*.starts"):
+        f.unlink()
+    return sets(*TINY, f"data.path={corpus}", f"data.cache_dir={tmp / 'cache'}", "data.document_mask=true")
+
+
+BAD += [
+    ("document-mask-on-a-cache-without-boundaries", lambda t, r: ["pretrain", *_cache_without_starts(t), "--out",
+     t / "o"], ["data.document_mask", "records no document boundaries", "delete that folder", "rebuild it"]),
+]
+
+
 def _bytes(tmp: Path, name: str, data: bytes) -> Path:
     p = tmp / name
     p.write_bytes(data)
@@ -657,6 +706,16 @@ BAD += [
     ("serve-bad-port", lambda t, r: ["serve", "--ckpt", r, "--port", "70000"], ["--port must be between 0 and 65535"]),
 ]
 
+# speculative decoding (docs/inference.md#speculative-decoding)
+BAD += [
+    ("draft-other-vocabulary", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--draft", _windowed_llama(t)],
+     ["--draft", "vocabulary of 300 tokens", "the model's tokenizer"]),
+    ("draft-missing", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--draft", t / "nope"],
+     ["--draft", "checkpoint not found", "--draft prompt-lookup"]),
+    ("draft-with-input", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "p.txt", "hi\n"),
+                                       "--draft", "prompt-lookup"], ["--draft goes with --prompt"]),
+]
+
 # encoders (docs/encoders.md)
 BAD += [
     ("mlm-on-a-decoder", lambda t, r: ["pretrain", *sets(*TINY, "train.objective=mlm"), "--out", t / "o"],
@@ -669,6 +728,29 @@ BAD += [
      lambda t, r: ["finetune", "--from", r, *sets("finetune.task=classification", "finetune.pooling=cls"),
                    "--out", t / "o"],
      ["finetune.pooling=cls", "encoders"]),
+]
+
+
+# pretraining to a target (issue 34)
+def _without_muon(monkeypatch) -> None:
+    import torch
+
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)  # as in a torch older than 2.9
+
+
+BAD += [
+    ("muon-without-torch-muon", lambda t, r: ["pretrain", *sets(*TINY, "train.optimizer=muon"), "--out", t / "o"],
+     ["train.optimizer=muon needs torch.optim.Muon (torch 2.9 or newer); this torch is", "train.optimizer=adamw"],
+     _without_muon),
+    ("stop-at-loss-without-validation", lambda t, r: ["pretrain", *sets(*TINY, "train.stop_at_loss=1.5",
+     "data.val_fraction=0"), "--out", t / "o"], ["train.stop_at_loss needs a validation split", "data.val_fraction"]),
+    ("wsd-decay-longer-than-the-run", lambda t, r: ["pretrain", *sets(*TINY, "train.lr_schedule=wsd",
+     "train.decay_steps=40"), "--out", t / "o"], ["WSD decay of 40 steps is longer than", "train.max_steps=30"]),
+    ("wsd-decay-longer-than-the-steps-left", lambda t, r: ["pretrain", *sets(*TINY, "train.lr_schedule=wsd",
+     "train.decay_steps=10", "train.max_steps=35"), "--resume-from", r, "--out", t / "o"],
+     ["longer than the 5 steps left after the checkpoint at step 30", "train.max_steps to 40"]),
+    ("muon-sharded", lambda t, r: ["pretrain", *sets(*TINY, "train.optimizer=muon", "train.parallel=fsdp"),
+     "--out", t / "o"], ["train.optimizer=muon with train.parallel=fsdp", "Muon orthogonalises whole matrices"]),
 ]
 
 

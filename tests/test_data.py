@@ -147,6 +147,25 @@ def torch_equal(a, b) -> bool:
     return all((a[k] == b[k]).all() for k in a)
 
 
+def test_document_rows_start_at_a_document_and_carry_its_segments():
+    from llmctl.data.batches import segments
+
+    tokens = np.arange(1000, dtype=np.uint16)
+    starts = np.array([0, 5, 9, 30, 400])  # documents of 5, 4, 21, 370 and 600 tokens
+    b = LMBatches(tokens, 8, batch_size=64, grad_accum=1, seed=3, starts=starts)
+    offsets = b.offsets(0).ravel()
+    plain = LMBatches(tokens, 8, batch_size=64, grad_accum=1, seed=3).offsets(0).ravel()
+    doc = starts[np.searchsorted(starts, plain, side="right") - 1]
+    assert (offsets == np.where(plain - doc <= 8, doc, plain)).all()  # back to the document's start within a block
+    assert set(offsets) & {0, 5, 9, 30, 400} and not set(offsets) <= {0, 5, 9, 30, 400}  # (both cases drawn)
+    for o, seg in zip(offsets, b.get(0)[0]["segments"]):  # t's document: the starts in (o, o + t], counted
+        assert seg.tolist() == [sum(o < s <= o + t for s in starts) for t in range(8)]
+    assert segments(starts, np.array([0, 5, 26]), 8).tolist() == [
+        [0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1]]
+    segs = [s["segments"] for s in eval_blocks(tokens[:21], 8, 2, starts=np.array([0, 5, 9]))]
+    assert [s.tolist() for s in segs] == [[[0, 0, 0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 1]], [[0, 0, 0, 0]]]
+
+
 def test_eval_blocks_predict_every_token_once():
     tokens = np.arange(103, dtype=np.uint16)
     labels = np.concatenate([b["labels"].reshape(-1).numpy() for b in eval_blocks(tokens, 10, 3)])

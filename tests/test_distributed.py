@@ -199,6 +199,22 @@ def test_distillation_in_two_processes_logs_the_losses_of_one(tmp_path, single, 
 
 
 @pytest.mark.slow
+def test_ddp_with_muon_logs_the_losses_of_one_process(tmp_path):
+    """DDP averages the gradients before the step, so each rank's Muon orthogonalises the same whole matrices as one
+    process does; bfloat16 Newton-Schulz on differently summed gradients agrees to a relative 1e-3."""
+    muon = [*BASE, "model.arch=llama", "train.optimizer=muon", "train.max_steps=6", "train.eval_interval=0",
+            "train.save_interval=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    training_cmd.pretrain(None, [*muon, "train.batch_size=8"], one)
+    r = torchrun("pretrain", *sets(*muon, "train.batch_size=4"), "--out", str(two), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(abs(a[s] - b[s]) <= 1e-3 * abs(a[s]) for s in a), (a, b)
+    assert a[6] < a[1]
+
+
+@pytest.mark.slow
 def test_fsdp_two_processes_log_the_losses_of_one(single, fsdp_run):
     out, r = fsdp_run
     assert_same_losses(losses(single), losses(out), range(1, 21))
@@ -482,3 +498,42 @@ def test_killing_a_rank_stops_the_others_with_a_clear_message(tmp_path, parallel
     assert re.search(r"exitcode\s*:\s*4 ", err), err[-3000:]  # torchrun's summary: the survivor exited with status 4
     status = rundir.read_status(out)
     assert status["status"] == "failed" and status["exit_status"] == 4 and "lost contact" in status["error"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Two nodes on one machine: two torchrun agents meeting through a c10d rendezvous, as two machines would
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_of_two_processes_through_c10d_rendezvous_train_like_one_process(tmp_path):
+    """`torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d` twice (the docs' two-node command, both nodes
+    here), FSDP2 over gloo, batch 2 per process: 3 steps equal one process with batch 8 (losses and weights)."""
+    args = [*BASE, "train.max_steps=3", "train.eval_interval=0", "train.save_interval=3", "train.warmup_steps=1"]
+    training_cmd.pretrain(None, [*args, "train.batch_size=8"], tmp_path / "one")
+    out, port = tmp_path / "two-nodes", _free_port()
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "llmctl-test",
+             "-m", "llmctl", "pretrain", *sets(*args, "train.batch_size=2", "train.parallel=fsdp"), "--out", str(out),
+             "--json"]
+    nodes = [subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        done = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in done]
+    summary = json.loads("".join(stdout for stdout, _ in done))  # one JSON object: rank 0 alone printed
+    assert summary["world_size"] == 4
+    assert "global batch 8 sequences = 2 per device x 1 accumulation x 4 processes (FSDP)" in "".join(
+        err for _, err in done)
+    assert_same_losses(losses(tmp_path / "one"), losses(out), range(1, 4))
+    w1, w2 = ckpt.load(tmp_path / "one" / "step-0000003").weights(), ckpt.load(out / "step-0000003").weights()
+    assert sorted(w1) == sorted(w2) and max((w1[k] - w2[k]).abs().max().item() for k in w1) < TOL

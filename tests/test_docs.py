@@ -48,7 +48,7 @@ def test_field_info():
     assert (info.section, info.name, info.type, info.default) == ("generate", "temperature", float, 0.8)
     assert info.key == "generate.temperature" and "greedy" in info.doc
     assert config.field_info("train.min_lr").type_text == "float or null"
-    assert config.field_info("train.lr_schedule").type_text == "one of cosine, linear, constant"
+    assert config.field_info("train.lr_schedule").type_text == "one of cosine, linear, constant, wsd"
     assert config.field_info("generate.compile").default_text == "auto"
     assert config.field_info("finetune.lora_targets").default_text == "[attn.qkv, attn.proj, mlp.fc, mlp.proj]"
     assert config.field_info("train.log").type_text == "list of tensorboard"

@@ -13,7 +13,9 @@ from conftest import TINY, invoke, sets
 from llmctl import estimate, hardware
 from llmctl.commands import training as training_cmd
 from llmctl.config import Config, ModelConfig
+from llmctl.lora import apply_lora
 from llmctl.model import Transformer
+from llmctl.qlora import is_nf4, quantize_base
 
 
 def test_dry_run_report_fields(tmp_path):
@@ -84,13 +86,15 @@ def test_timed_steps_leave_weights_and_rng_untouched():
     assert torch.equal(torch.rand(3), expected)  # the RNG is where it was
 
 
-def _saved_bytes(cfg: ModelConfig, batch: int, amp) -> int:
-    """Bytes of every tensor autograd saves for backward, excluding the parameters themselves."""
-    model = Transformer(cfg)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def _saved_bytes(cfg: ModelConfig, batch: int, amp, model=None) -> int:
+    """Bytes of every tensor autograd saves for backward, excluding the parameters themselves (an NF4 weight is one)."""
+    model = model or Transformer(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters() if not is_nf4(p)}
     seen: dict[int, int] = {}
 
     def pack(t):
+        if is_nf4(t):
+            return t
         st = t.untyped_storage()
         if st.data_ptr() not in params:
             seen[st.data_ptr()] = st.nbytes()
@@ -112,6 +116,37 @@ def test_activation_model_matches_what_autograd_saves(arch, amp):
     full.train.batch_size = 3
     mem = estimate.memory_estimate(Transformer(cfg), full, torch.device("cpu"), amp)
     measured = _saved_bytes(cfg, 3, amp)  # under autocast this includes the bf16 weight copies
+    assert mem["activations"] + mem["autocast_copies"] == pytest.approx(measured, rel=0.03)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_activation_model_matches_what_autograd_saves_under_lora(method):
+    """Frozen gains, head and embedding keep less; adapters keep their rank-r intermediates; an NF4 weight keeps
+    no autocast copy (torchao dequantizes it again in the backward pass)."""
+    if method == "qlora":
+        pytest.importorskip("torchao")
+    cfg = ModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=128, mlp_hidden=256, block_size=48,
+                      vocab_size=70)
+    full = Config(model=cfg)
+    full.train.batch_size = 3
+    torch.manual_seed(0)
+    model = Transformer(cfg).requires_grad_(False)
+    apply_lora(model, ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"], rank=4, alpha=8, dropout=0.0)
+    if method == "qlora":
+        quantize_base(model)
+    mem = estimate.memory_estimate(model, full, torch.device("cpu"), torch.bfloat16)
+    # 2 layers x float32 x rank 4 x (in + out) of qkv, proj, fc (gate and up) and mlp.proj
+    assert mem["adapters"] == mem["gradients"] == 2 * 4 * 4 * ((128 + 256) + (128 + 128) + (128 + 512) + (256 + 128))
+    assert mem["weights_trainable"] == 0 and mem["optimizer"] == 2 * mem["adapters"]
+    if method == "qlora":  # 4-bit codes and int8 block scalers: about 0.52 bytes a value where NF4 took the weight
+        quantized = 2 * (256 * 128 + 128 * 128 + 512 * 128 + 128 * 256)
+        rest = 4 * (2 * 70 * 128 + 5 * 128) + sum(b.numel() * 4 for b in model.buffers())  # wte, head, norms, RoPE
+        assert 0.5 * quantized < mem["weights_frozen"] - rest < 0.53 * quantized
+        # torchao dequantizes one weight at a time: int64 codes and 3 float32 copies a value of the largest (fc)
+        assert mem["nf4_dequant"] == 512 * 128 * (8 + 3 * 4)
+    else:
+        assert mem["nf4_dequant"] == 0
+    measured = _saved_bytes(cfg, 3, torch.bfloat16, model)
     assert mem["activations"] + mem["autocast_copies"] == pytest.approx(measured, rel=0.03)
 
 

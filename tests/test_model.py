@@ -163,3 +163,35 @@ def test_segment_positions_and_flex_masks_match_the_sdpa_masks():
     for dense, block in zip((full, sliding), segment_masks(segments, window=2, flex=True)):
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
         torch.testing.assert_close(flex_attention(q, k, v, block, None, False), want, rtol=1e-5, atol=1e-5)
+
+
+def test_relu2_is_an_ungated_mlp_of_relu_squared_in_either_flavour():
+    for arch in ("gpt2", "llama"):
+        cfg = ModelConfig(arch=arch, n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, activation="relu2")
+        torch.manual_seed(0)
+        mlp = Transformer(cfg).blocks[0].mlp
+        assert not mlp.gated and mlp.fc.weight.shape == (64, 16)  # 4 x n_embd, one projection
+        x = torch.randn(2, 3, 16)
+        expected = mlp.proj(torch.relu(mlp.fc(x)) ** 2)
+        assert torch.allclose(mlp(x), expected, atol=1e-6), arch
+
+
+def test_zero_initialised_projections_make_every_block_the_identity_at_the_start():
+    cfg = ModelConfig(arch="llama", n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20, zero_init_proj=True)
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    assert all(not b.attn.proj.weight.any() and not b.mlp.proj.weight.any() for b in m.blocks)
+    x = torch.randint(0, 20, (2, 8))
+    assert torch.equal(m.hidden(x), m.norm(m.wte(x)))  # the residual stream passes through untouched
+    assert m.blocks[0].attn.qkv.weight.std() > 0.01  # the rest keeps its normal initialisation
+
+
+def test_a_llama_with_relu2_has_no_transformers_architecture_and_export_says_so():
+    from llmctl.errors import LlmctlError
+    from llmctl.hf.configs import model_config_json
+
+    cfg = ModelConfig(arch="llama", n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, activation="relu2")
+    with pytest.raises(LlmctlError, match='model.activation="relu2": LlamaForCausalLM has no such setting'):
+        model_config_json(cfg)
+    gpt2 = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20, activation="relu2")
+    assert model_config_json(gpt2)["activation_function"] == "relu2"

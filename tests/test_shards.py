@@ -22,6 +22,11 @@ def test_writer_joins_documents_with_one_eos_and_cuts_shards_only_when_full(tmp_
     assert tokens[:].tolist() == [5, 6, 7, 0, 8, 9, 0, 3]
     again = Index.load(tmp_path)
     assert again.tokens == 8 and again.shards[1].cursor == {"file": 1, "pos": 0}
+    # documents start at the first token and at each separating <eos> (the one opening shard 1 included)
+    assert tokens.doc_starts().tolist() == [0, 3, 6]
+    assert tokens.range(2, 8).doc_starts().tolist() == [0, 1, 4] and tokens.range(4, 6).doc_starts().tolist() == [0]
+    (tmp_path / "shard-00001.bin.starts").unlink()  # a cache prepared before starts were recorded
+    assert Tokens.open(tmp_path, [s.name for s in index.shards], index.dtype).doc_starts() is None
 
 
 def test_a_piece_larger_than_the_buffer_goes_into_one_shard(tmp_path):

@@ -56,6 +56,40 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert len(losses(full)) == 12
 
 
+MUON_WSD = [*SMALL, "model.arch=llama", "model.activation=relu2", "model.qk_norm=true", "model.zero_init_proj=true",
+            "model.tie_embeddings=false", "train.optimizer=muon", "train.head_lr=0.003", "train.lr_schedule=wsd",
+            "train.decay_steps=5", "train.warmup_steps=2", "train.grad_accum=2"]
+
+
+def test_muon_and_wsd_interrupted_then_resumed_equal_uninterrupted(tmp_path):
+    """The SIGTERM in the decay (step 9 of 12, decay from step 7): Muon's momentum, AdamW's moments and the schedule
+    all resume exactly, with gradient accumulation."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    training_cmd.pretrain(None, MUON_WSD, full)
+
+    def stop_at_9(state):
+        if state.step == 9:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(LlmctlError) as e:
+        training_cmd.pretrain(None, MUON_WSD, part, on_step=stop_at_9)
+    assert e.value.status == 143
+    state = ckpt.load(part / "step-0000009").train_state()
+    assert any("momentum_buffer" in s for s in state["optimizer"]["state"].values())  # Muon's, saved
+    training_cmd.pretrain(None, MUON_WSD, part, resume=True)
+    assert losses(part) == losses(full) and len(losses(full)) == 12
+
+
+def test_stop_at_loss_ends_the_run_finished_and_saved_at_the_first_validation_below(tmp_path):
+    out = tmp_path / "run"
+    summary = training_cmd.pretrain(None, [*SMALL, "train.stop_at_loss=4.2"], out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in vals] == [6] and vals[0]["val_loss"] <= 4.2 and vals[0]["val_seconds"] > 0
+    assert summary["steps"] == 6 and read_status(out)["status"] == "finished"
+    assert ckpt.read_latest(out).name == "step-0000006"
+
+
 def test_training_on_many_tiny_shards_equals_one_file_and_resumes_exactly(tmp_path, monkeypatch):
     """The blocks of step k are the same whatever the sharding (reads cross shard boundaries), and a run on sharded
     data stopped and resumed gives the uninterrupted losses."""

@@ -58,27 +58,39 @@ def eval_(
     log_samples: bool = typer.Option(False, "--log-samples",
                                      help="--tasks: keep every example's inputs and loglikelihoods in the result.",
                                      show_default="off"),
+    reward: Optional[List[str]] = typer.Option(
+        None, "--reward", help="Sample completions of --prompts and report their mean reward and the KL to "
+                               "--reference: module:function, path.py:function or classifier:RUN:LABEL (repeatable: "
+                               "the rewards are added).", show_default="none"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="--reward: a JSONL file of prompts (a prompt or "
+                                                                   "messages column; other columns go to the "
+                                                                   "rewards).", show_default="none"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="--reward: the checkpoint the KL is measured "
+                                                                       "against.",
+                                             show_default="the checkpoint the run started from"),
+    samples: int = typer.Option(1, "--samples", help="--reward: completions sampled per prompt."),
     overrides: Optional[List[str]] = set_option(
-        "--tasks: override one sampling key of the generation tasks, e.g. --set generate.temperature=0 "
+        "--tasks and --reward: override one sampling key, e.g. --set generate.temperature=0 "
         "(repeatable; generate.* sampling keys only)."),
-    max_new_tokens: Optional[int] = _sampling_opt("max_new_tokens", "the task's max_gen_toks"),
-    temperature: Optional[float] = _sampling_opt("temperature", "the task's, else 0"),
-    top_k: Optional[int] = _sampling_opt("top_k", "the task's, else off"),
-    top_p: Optional[float] = _sampling_opt("top_p", "the task's, else off"),
-    seed: Optional[int] = _sampling_opt("seed", "the task's, else random"),
-    stop: Optional[List[str]] = _sampling_opt("stop", "the task's until, and end of text"),
-    repetition_penalty: Optional[float] = _sampling_opt("repetition_penalty", "1 = off"),
-    presence_penalty: Optional[float] = _sampling_opt("presence_penalty", "0 = off"),
-    frequency_penalty: Optional[float] = _sampling_opt("frequency_penalty", "0 = off"),
-    logit_bias: Optional[List[str]] = _sampling_opt("logit_bias", "none"),
+    max_new_tokens: Optional[int] = _sampling_opt("max_new_tokens", "the task's max_gen_toks; --reward: the run's"),
+    temperature: Optional[float] = _sampling_opt("temperature", "the task's, else 0; --reward: the run's"),
+    top_k: Optional[int] = _sampling_opt("top_k", "the task's, else off; --reward: the run's"),
+    top_p: Optional[float] = _sampling_opt("top_p", "the task's, else off; --reward: the run's"),
+    seed: Optional[int] = _sampling_opt("seed", "the task's, else random; --reward: the run's"),
+    stop: Optional[List[str]] = _sampling_opt("stop", "the task's until, and end of text; --reward: the run's"),
+    repetition_penalty: Optional[float] = _sampling_opt("repetition_penalty", "1 = off; --reward: the run's"),
+    presence_penalty: Optional[float] = _sampling_opt("presence_penalty", "0 = off; --reward: the run's"),
+    frequency_penalty: Optional[float] = _sampling_opt("frequency_penalty", "0 = off; --reward: the run's"),
+    logit_bias: Optional[List[str]] = _sampling_opt("logit_bias", "none; --reward: the run's"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = JsonOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
 ) -> None:
     """Measure a checkpoint: loss, perplexity and bits per byte (language models, one full pass of non-overlapping
     blocks); accuracy, precision, recall, F1 and confusion matrix (classifiers); response loss (instruction-tuned);
-    with --tasks, lm-evaluation-harness tasks (results also saved in RUN/evals/); the sampling flags and --set
-    generate.* change what its generation tasks ask for."""
+    with --tasks, lm-evaluation-harness tasks (results also saved in RUN/evals/); with --reward and --prompts, the
+    mean reward of sampled completions and their KL to a reference; the sampling flags and --set generate.* change
+    how --tasks and --reward generate."""
     from ..commands import evaluation as evaluation_cmd
 
     flags = _sampling_flags(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
@@ -86,6 +98,10 @@ def eval_(
 
     def go() -> None:
         events = ConsoleEvents()
+        if reward or prompts is not None or reference is not None or samples != 1:
+            _eval_reward(ckpt, reward, prompts, reference, samples, data, tasks, batch_size, device, base, tokenizer,
+                         overrides or [], flags, events, json_out)
+            return
         if tasks is not None:
             if data is not None:
                 raise LlmctlError("--tasks and --data are exclusive: lm-eval tasks bring their own data")
@@ -99,17 +115,35 @@ def eval_(
         if overrides or any(v is not None for v in flags.values()):
             raise LlmctlError("--set and the sampling flags (--temperature, ...) go with --tasks: only lm-eval's "
                               "generation tasks generate")
-        r = evaluation_cmd.evaluate(ckpt, data, batch_size, device, events=events, text_column=text_column,
-                              label_column=label_column, base=base, tokenizer=tokenizer, dtype=dtype,
-                              quantize_mode=quantize_mode)
-        if json_out:
-            _print_json(r)
-        elif "confusion" in r:
-            _print_classification(r)
-        else:
-            out.print(_table(f"eval: {r['data']}", {k: v for k, v in r.items() if k not in ("data",)}))
+        _print_measures(evaluation_cmd.evaluate(ckpt, data, batch_size, device, events=events, text_column=text_column,
+                                                label_column=label_column, base=base, tokenizer=tokenizer,
+                                                dtype=dtype, quantize_mode=quantize_mode), json_out)
 
     run(go)
+
+
+def _print_measures(r: dict, json_out: bool) -> None:
+    """`eval` of a language model or a classifier: --json, or the tables."""
+    if json_out:
+        _print_json(r)
+    elif "confusion" in r:
+        _print_classification(r)
+    else:
+        out.print(_table(f"eval: {r['data']}", {k: v for k, v in r.items() if k not in ("data",)}))
+
+
+def _eval_reward(ckpt, reward, prompts, reference, samples, data, tasks, batch_size, device, base, tokenizer,
+                 overrides, flags, events, json_out) -> None:
+    """`eval --reward SPEC --prompts FILE`: a table, or --json with exactly reward, reward_std, kl, samples."""
+    from ..commands import evaluation as evaluation_cmd
+
+    if not reward or prompts is None:
+        raise LlmctlError("--reward and --prompts go together (with --reference and --samples): give both")
+    if data is not None or tasks is not None:
+        raise LlmctlError("--reward measures completions of --prompts; --data and --tasks are other measurements")
+    r = evaluation_cmd.evaluate_reward(ckpt, reward, prompts, reference, samples, batch_size, device, base, tokenizer,
+                                       overrides, flags, events)
+    _print_json(r) if json_out else out.print(_table(f"eval --reward: {prompts}", r))
 
 
 def _print_tasks(r: dict, events: ConsoleEvents) -> None:

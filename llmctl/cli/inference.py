@@ -30,6 +30,7 @@ from .options import (
     TopKOpt,
     TopPOpt,
     _sampling_flags,
+    config_help,
     from_config,
 )
 
@@ -91,6 +92,10 @@ def infer(
                                                help="A JSON schema file: the completion is compact JSON that follows "
                                                     "it (needs the structured extra: xgrammar).",
                                                show_default="none: free text"),
+    draft: Optional[str] = typer.Option(None, "--draft",
+                                        help=config_help("generate.draft", "--prompt only: the acceptance rate "
+                                                         "follows on stderr (and in --json)."),
+                                        show_default=from_config("generate.draft")),
 ) -> None:
     """Generate text from a prompt (streamed to stdout), complete a file of prompts, chat, or classify text."""
     from ..commands import inference as inference_cmd
@@ -99,7 +104,8 @@ def infer(
     events = ConsoleEvents()
 
     def go() -> None:
-        _check_modes(chat, prompt is not None or prompt_file is not None, input_file, output_file, json_schema)
+        _check_modes(chat, prompt is not None or prompt_file is not None, input_file, output_file, json_schema,
+                     draft)
         loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
         if loaded.classifier is not None:
             _infer_classifier(inference_cmd, loaded, prompt, prompt_file, input_file, output_file, json_out, events)
@@ -121,16 +127,27 @@ def infer(
             _emit_rows(inference_cmd, results, output_file, events)
             return
         text = inference_cmd.read_prompt(prompt, prompt_file)
-        pieces = inference_cmd.stream(loaded, text, settings, truncate, events=events, format=fmt)
-        if json_out:
-            _print_json({"checkpoint": str(loaded.ckpt.path), "prompt": text, "completion": "".join(pieces)})
-            return
-        _write_stream(text, pieces)
+        spec = inference_cmd.speculation(loaded, draft, dtype, quantize_mode)
+        pieces = inference_cmd.stream(loaded, text, settings, truncate, events=events, format=fmt, draft=spec)
+        _emit_prompt(str(loaded.ckpt.path), text, pieces, spec, json_out, events)
 
     run(go)
 
 
-def _check_modes(chat: bool, prompted: bool, input_file, output_file, json_schema) -> None:
+def _emit_prompt(ckpt: str, text: str, pieces, spec, json_out: bool, events: ConsoleEvents) -> None:
+    """One prompt's completion: streamed to stdout, or one JSON object; with a draft, its acceptance rate."""
+    if json_out:
+        res = {"checkpoint": ckpt, "prompt": text, "completion": "".join(pieces)}
+        _print_json(res if spec is None else {**res, "draft": {"draft": spec.name, **spec.stats.as_dict()}})
+        return
+    _write_stream(text, pieces)
+    if spec is not None:
+        st = spec.stats
+        events.log(f"draft {spec.name}: {st.accepted} of {st.drafted} drafted tokens accepted "
+                   f"({st.acceptance:.1%}), {st.as_dict()['tokens_per_forward']} tokens per target forward")
+
+
+def _check_modes(chat: bool, prompted: bool, input_file, output_file, json_schema, draft) -> None:
     """The option combinations infer refuses: one mode at a time (chat, a prompt, or --input)."""
     if chat and (prompted or input_file is not None):
         raise LlmctlError("--chat reads messages from the terminal; drop --prompt, --prompt-file and --input")
@@ -140,6 +157,8 @@ def _check_modes(chat: bool, prompted: bool, input_file, output_file, json_schem
         raise LlmctlError("--json-schema goes with --prompt or --input, not --chat")
     if output_file is not None and input_file is None:
         raise LlmctlError("--output goes with --input")
+    if draft is not None and (chat or input_file is not None):
+        raise LlmctlError("--draft goes with --prompt (one row at a time), not --input or --chat")
 
 
 def _write_stream(text: str, pieces) -> None:

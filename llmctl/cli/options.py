@@ -26,6 +26,10 @@ DryRunOpt = typer.Option(False, "--dry-run",
                          help="Build everything, time a few steps (then undo them) and report parameters, "
                               "FLOPs, memory, time and a sample batch; train nothing, write no run directory.",
                          show_default="off")
+GpuMemoryOpt = typer.Option(None, "--gpu-memory",
+                            help="With --dry-run: estimate memory for a CUDA GPU of this size and say whether the "
+                                 "run fits it, e.g. 24GB (10^9 bytes) or 80GiB (2^30).",
+                            show_default="this device's memory")
 BaseOpt = typer.Option(None, "--base", help="Base checkpoint of a LoRA adapter, if it moved since training.",
                        show_default="the base recorded at training")
 

@@ -9,12 +9,12 @@ import typer
 
 from ..console import ConsoleEvents, out
 from .app import _print_config, _print_json, _table, app, run
-from .options import ConfigOpt, DryRunOpt, JsonOpt, QuietOpt, SetOpt
+from .options import ConfigOpt, DryRunOpt, GpuMemoryOpt, JsonOpt, QuietOpt, SetOpt
 
 
 def _train_command(kind: str, config, overrides, out_dir, *, resume: bool, overwrite: bool, json_out: bool,
                    quiet: bool, dry_run: bool, **start) -> None:
-    """pretrain and finetune: `start` is where the run starts beyond --resume (--resume-from, --from)."""
+    """pretrain and finetune: `start` holds the options beyond these (--resume-from, --from, --gpu-memory)."""
     from .. import views
     from ..commands import training as training_cmd
     from ..commands.decode_step import DecodeStep
@@ -66,6 +66,7 @@ def pretrain(
                                                help="Continue from this checkpoint (or run) into --out.",
                                                show_default="none"),
     dry_run: bool = DryRunOpt,
+    gpu_memory: Optional[str] = GpuMemoryOpt,
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -74,7 +75,8 @@ def pretrain(
     On a CPU, a language-model run of 5+ minutes ends by compiling the decode step `infer` will use (about half a
     minute; --set generate.compile=false skips it)."""
     _train_command("pretrain", config, overrides, out_dir or _default_out(config, "pretrain"), resume=resume,
-                   overwrite=overwrite, json_out=json_out, quiet=quiet, dry_run=dry_run, resume_from=resume_from)
+                   overwrite=overwrite, json_out=json_out, quiet=quiet, dry_run=dry_run, resume_from=resume_from,
+                   gpu_memory=gpu_memory)
 
 
 @app.command()
@@ -94,6 +96,7 @@ def finetune(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --out and start again.",
                                    show_default="off"),
     dry_run: bool = DryRunOpt,
+    gpu_memory: Optional[str] = GpuMemoryOpt,
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -104,4 +107,5 @@ def finetune(
     On a CPU, a language-model run of 5+ minutes ends by compiling the decode step `infer` will use (about half a
     minute; --set generate.compile=false skips it)."""
     _train_command("finetune", config, overrides, out_dir or _default_out(config, "finetune"), resume=resume,
-                   overwrite=overwrite, json_out=json_out, quiet=quiet, dry_run=dry_run, from_=from_)
+                   overwrite=overwrite, json_out=json_out, quiet=quiet, dry_run=dry_run, from_=from_,
+                   gpu_memory=gpu_memory)

@@ -16,6 +16,7 @@ from ..data import (
     holdout,
     instruct_examples,
     load_texts,
+    prompt_rows,
     resolve_source,
     tokenize_file,
 )
@@ -23,6 +24,7 @@ from ..data import prepare as prepare_tokens
 from ..errors import LlmctlError
 from ..evaluate import classification_metrics, classify, lm_metrics
 from ..events import SILENT, Events
+from ..generate import Engine
 from ..loading import Loaded, for_inference, load_model
 from ..mlm import Masking, masked_blocks, mlm_metrics
 from ..precision import check_choices
@@ -95,6 +97,9 @@ def evaluate(ckpt: Path, data: Optional[str] = None, batch_size: Optional[int] =
         raise LlmctlError(f"{ckpt} was preference-tuned (finetune.task=dpo): its held-out rewards, margin, accuracy "
                           "and KL are in the run's metrics.jsonl (val_*); give --data FILE of text to measure its "
                           "language-model loss")
+    if cfg.finetune.task == "grpo" and data is None:
+        raise LlmctlError(f"{ckpt} was tuned with rewards (finetune.task=grpo): measure it with --reward SPEC "
+                          "--prompts FILE, or give --data FILE of text to measure its language-model loss")
     tok = loaded.tokenizer
     if data is not None:
         tokens = tokenize_file(data, cfg.data, tok)
@@ -183,3 +188,56 @@ def evaluate_tasks(ckpt: Path, tasks: str, num_fewshot: Optional[int] = None, li
     if is_run(loaded.ckpt.run_dir):
         out["saved"] = str(save_eval(loaded.ckpt.run_dir, names, out))
     return out
+
+
+def evaluate_reward(ckpt: Path, rewards: list[str], prompts: Path, reference: Optional[Path] = None,
+                    samples: int = 1, batch_size: Optional[int] = None, device: str = "auto",
+                    base: Optional[Path] = None, tokenizer: Optional[Path] = None,
+                    overrides: Optional[list[str]] = None, flags: Optional[dict] = None,
+                    events: Events = SILENT) -> dict:
+    """`llmctl eval --reward SPEC --prompts FILE`: `samples` completions of each prompt, sampled with the
+    checkpoint's generate settings (then --set generate.* and the sampling flags over them), scored by the
+    rewards (added up); and the KL to `reference` (default: the checkpoint the run started from). Returns exactly
+    `reward` (mean), `reward_std` (over completions), `kl` (mean over completions of the summed log-ratio) and
+    `samples`. With generate.seed (or --seed) set, every completion's seed derives from it."""
+    from ..rewards import load_rewards
+    from ..rollouts import derive_seed, encode_prompts, measure
+    from .inference import sampling_settings
+
+    if samples < 1:
+        raise LlmctlError(f"--samples must be at least 1 (got {samples})")
+    if batch_size is not None and batch_size < 1:
+        raise LlmctlError(f"--batch-size must be at least 1 (got {batch_size})")
+    loaded = load_model(ckpt, device, base=base, tokenizer=tokenizer)
+    if loaded.classifier is not None or not loaded.cfg.model.causal:
+        what = "a classifier" if loaded.classifier is not None else "an encoder, which does not generate"
+        raise LlmctlError(f"--reward measures a language model's completions; {loaded.ckpt.path} is {what}")
+    s = sampling_settings(loaded, overrides, flags, "eval")
+    ref = _reference(loaded, reference, device, tokenizer)
+    scorer = load_rewards(rewards, device=loaded.device, key="--reward")
+    rows = prompt_rows(str(prompts), DataConfig(), loaded.cfg.finetune.prompt_field, key="--prompts")
+    ids, cut = encode_prompts(loaded.cfg, loaded.tokenizer, rows, s.max_new_tokens)
+    if cut:
+        events.log(f"note: {cut} of {len(rows)} prompts were longer than the context leaves them and keep their end")
+    seeds = None if s.seed is None else [derive_seed(s.seed, n) for n in range(len(rows) * samples)]
+    engine = Engine(loaded.model, loaded.tokenizer, compile=False)
+    events.log(f"eval --reward: {len(rows)} prompts x {samples} on {loaded.ckpt.path}, reference {ref.ckpt.path}")
+    return measure(loaded.model, ref.model, engine, rows, ids, scorer, s, samples, seeds,
+                   loaded.cfg.generate.batch_size, batch_size or loaded.cfg.eval.batch_size, loaded.tokenizer.pad_id)
+
+
+def _reference(loaded: Loaded, reference: Optional[Path], device: str, tokenizer: Optional[Path]) -> Loaded:
+    """The reference checkpoint: --reference, else the one the run started from (recorded in its checkpoints);
+    with --tokenizer, read with that tokenizer too."""
+    where = reference or (loaded.ckpt.meta.get("base") or {}).get("path")
+    if where is None:
+        raise LlmctlError(f"{loaded.ckpt.path} records no starting checkpoint to measure the KL against; pass "
+                          "--reference RUN")
+    try:
+        ref = load_model(where, device, tokenizer=tokenizer)
+    except LlmctlError as e:
+        raise LlmctlError(f"the reference {where}: {e.message}") from None
+    if ref.classifier is not None or ref.tokenizer.sha256 != loaded.tokenizer.sha256:
+        raise LlmctlError(f"the reference {ref.ckpt.path} is not a language model with the policy's tokenizer; the KL "
+                          "compares their next-token distributions, so pass one that is (--reference RUN)")
+    return ref

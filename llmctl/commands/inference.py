@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .. import sampling, structured
+from .. import sampling, speculative, structured
 from ..chat import render_messages
 from ..data import Examples, classification_ids, eval_batches
 from ..errors import LlmctlError
@@ -15,8 +15,9 @@ from ..evaluate import classify
 from ..events import SILENT, Events
 from ..fileio import read_jsonl, read_text, write_atomic
 from ..generate import Engine, Request, fit_prompt
-from ..loading import Loaded, apply_settings
+from ..loading import Loaded, apply_settings, for_inference, load_model
 from ..sampling import Sampling
+from ..speculative import Speculation
 from ..tokenizer import Tokenizer
 
 
@@ -46,12 +47,13 @@ def warn_unseen(tok: Tokenizer, texts: str | list[str], what: str, events: Event
     events.warn(found.message(what))
 
 
-def sampling_settings(loaded: Loaded, overrides: Optional[list[str]] = None, flags: Optional[dict] = None
-                      ) -> Sampling:
-    """The sampling settings of `infer`: the checkpoint's `generate` section, the user's `--set generate.*` over it
-    (checked as config; also sets generate.dtype and the like for `for_inference`), then the flags (field -> value,
-    None = not given; shorthand for the same keys, checked under their own names: --temperature ...)."""
-    return Sampling.from_config(apply_settings(loaded, None, overrides or [], ("generate",), "infer").generate, flags)
+def sampling_settings(loaded: Loaded, overrides: Optional[list[str]] = None, flags: Optional[dict] = None,
+                      command: str = "infer") -> Sampling:
+    """The sampling settings of `infer` (and `eval --reward`): the checkpoint's `generate` section, the user's
+    `--set generate.*` over it (checked as config; also sets generate.dtype and the like for `for_inference`), then
+    the flags (field -> value, None = not given; shorthand for the same keys, checked under their own names:
+    --temperature ...)."""
+    return Sampling.from_config(apply_settings(loaded, None, overrides or [], ("generate",), command).generate, flags)
 
 
 def json_format(loaded: Loaded, path: Optional[Path]) -> Optional[structured.Format]:
@@ -63,17 +65,48 @@ def json_format(loaded: Loaded, path: Optional[Path]) -> Optional[structured.For
 
 
 def stream(loaded: Loaded, prompt: str, s: Sampling, truncate: bool = False, events: Events = SILENT,
-           format: Optional[structured.Format] = None) -> Iterator[str]:
+           format: Optional[structured.Format] = None, draft: Optional[Speculation] = None) -> Iterator[str]:
     """`llmctl infer --prompt`: the completion of one prompt as text pieces, as they are generated (JSON following
-    `format` when given). `events` hears about characters of the prompt the tokenizer has never seen."""
+    `format` when given; speculatively with `draft`, whose `stats` count what it achieved). `events` hears about
+    characters of the prompt the tokenizer has never seen."""
     ids = fit_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate)
     warn_unseen(loaded.tokenizer, prompt, "the prompt", events)
-    return texts(loaded.engine, [Request(ids, s, format=format)])
+    request = Request(ids, s, format=format)
+    if draft is not None:
+        return _released(draft.run(loaded.engine, request))
+    return texts(loaded.engine, [request])
+
+
+def speculation(loaded: Loaded, draft: Optional[str], dtype: Optional[str] = None,
+                quantize_mode: Optional[str] = None) -> Optional[Speculation]:
+    """`infer --draft`: prompt lookup, or the checkpoint at `draft` loaded beside the model (same device and
+    precision settings, decoding eagerly), with `generate.draft_tokens` and `generate.lookup_ngram`; `draft` None
+    takes `generate.draft` (None: no speculation)."""
+    g = loaded.cfg.generate
+    draft = draft if draft is not None else g.draft
+    if not draft:
+        return None
+    if draft == speculative.PROMPT_LOOKUP:
+        return Speculation(speculative.PromptLookup(g.lookup_ngram), g.draft_tokens)
+    try:
+        small = load_model(draft, str(loaded.device), require_tokenizer=False)
+    except LlmctlError as e:
+        raise LlmctlError(f"--draft {draft}: {e.message} (or give --draft {speculative.PROMPT_LOOKUP})") from None
+    try:
+        drafter = speculative.DraftModel(small.model, loaded.cfg.model.vocab_size, str(draft))
+    except LlmctlError as e:
+        raise LlmctlError(f"--draft: {e.message}") from None
+    for_inference(small, dtype, quantize_mode, compile=False)
+    return Speculation(drafter, g.draft_tokens)
 
 
 def texts(engine: Engine, requests: list[Request]) -> Iterator[str]:
     """The released text of a one-row job, piece by piece as it is generated."""
-    for row in engine.run(requests):
+    return _released(engine.run(requests))
+
+
+def _released(rows) -> Iterator[str]:
+    for row in rows:
         piece = row.take_text()
         if piece:
             yield piece

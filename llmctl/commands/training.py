@@ -33,6 +33,7 @@ class TrainOptions:
     on_step: Optional[Callable[[LoopState], None]] = None  # hears every optimizer step (tests, benchmarks)
     after_training: tuple[AfterTraining, ...] = ()  # work after a finished run (the CLI's compiled decode step)
     dry_run: bool = False  # measure the plan (estimate.dry_run) instead of training it
+    gpu_memory: Optional[int] = None  # the dry run's memory estimate for a CUDA GPU of this many bytes
 
     def for_this_rank(self) -> TrainOptions:
         """Under torchrun only rank 0 speaks: the other ranks' events are silent, and they show no plan."""
@@ -49,6 +50,7 @@ def pretrain(
     overwrite: bool = False,
     resume_from: Optional[Path] = None,
     dry_run: bool = False,
+    gpu_memory: Optional[str] = None,
     events: Events = SILENT,
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
@@ -58,9 +60,11 @@ def pretrain(
 
     Everything is checked (arguments, run directory, config, data, model, disk) before the run directory is
     created or, with --overwrite, emptied. With `dry_run`, build and check everything, then return
-    `estimate.dry_run`'s report instead of training (no run directory is created, touched or deleted).
+    `estimate.dry_run`'s report instead of training (no run directory is created, touched or deleted);
+    `gpu_memory` (a size such as 24GB) makes its memory estimate one for a CUDA GPU of that size.
     """
-    opts = TrainOptions(events, on_plan, on_step, tuple(after_training), dry_run).for_this_rank()
+    opts = TrainOptions(events, on_plan, on_step, tuple(after_training), dry_run,
+                        _gpu_memory(gpu_memory, dry_run)).for_this_rank()
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
@@ -105,6 +109,7 @@ def finetune(
     resume: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
+    gpu_memory: Optional[str] = None,
     events: Events = SILENT,
     on_plan: Optional[Callable[[TrainPlan], None]] = None,
     on_step: Optional[Callable[[LoopState], None]] = None,
@@ -116,7 +121,8 @@ def finetune(
     `from_` (distillation only) the student is a fresh model of the config's model: section with the teacher's
     tokenizer.
     """
-    opts = TrainOptions(events, on_plan, on_step, tuple(after_training), dry_run).for_this_rank()
+    opts = TrainOptions(events, on_plan, on_step, tuple(after_training), dry_run,
+                        _gpu_memory(gpu_memory, dry_run)).for_this_rank()
     if resume and overwrite:
         raise LlmctlError("--resume and --overwrite contradict each other; pick one")
     out = Path(out)
@@ -192,6 +198,14 @@ def _check_model_matches(cfg: Config, ck_cfg: Config, where: Path, explicit: Opt
                           + " (remove these keys from the config)")
 
 
+def _gpu_memory(size: Optional[str], dry_run: bool) -> Optional[int]:
+    if size is None:
+        return None
+    if not dry_run:
+        raise LlmctlError("--gpu-memory sizes the dry run's memory estimate: add --dry-run, or drop --gpu-memory")
+    return estimate.parse_size(size)
+
+
 def _train(kind: str, cfg: Config, tokenizer: Optional[Tokenizer], base: Optional[ckpt_io.Checkpoint], start: Start,
            opts: TrainOptions) -> Optional[dict]:
     """The one train path: a finished run whose work after training a signal stopped does that work; any other
@@ -206,7 +220,8 @@ def _train(kind: str, cfg: Config, tokenizer: Optional[Tokenizer], base: Optiona
     if opts.on_plan:
         opts.on_plan(plan)
     if opts.dry_run:
-        return estimate.dry_run(plan, start_step=resume_state["loop"]["step"] if resume_state else 0, out=start.out)
+        return estimate.dry_run(plan, start_step=resume_state["loop"]["step"] if resume_state else 0, out=start.out,
+                                gpu_memory=opts.gpu_memory)
     return recipe.run_training(plan, start, resume_state, events=opts.events, on_step=opts.on_step,
                                after_training=opts.after_training)
 

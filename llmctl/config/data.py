@@ -87,6 +87,9 @@ class DataConfig:
     shard_tokens: int = 1 << 24
     """Tokens per cache shard (it closes at the first piece of text past this); a killed preparation resumes after
     the last complete shard."""
+    document_mask: bool = False
+    """Language modelling on packed documents: rows start at a document's start (its <eos> acts as a BOS),
+    attention never crosses into another document and positions restart in each, in training and validation."""
 
     def check(self, cfg: Whole) -> list[str]:
         """Impossible split and source settings."""

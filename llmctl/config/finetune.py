@@ -14,9 +14,10 @@ ADAPTER_METHODS = ("lora", "qlora")  # methods that train LoRA adapters beside a
 class FinetuneConfig:
     """What `llmctl finetune` trains: the task, the method, and what stays frozen."""
 
-    task: Literal["lm", "classification", "instruct", "distill", "dpo"] = "lm"
+    task: Literal["lm", "classification", "instruct", "distill", "dpo", "grpo"] = "lm"
     """What is learned: next token (lm), a label per text (classification), responses to instructions (instruct),
-    a teacher's next-token distributions (distill), or a preference for one answer over another (dpo)."""
+    a teacher's next-token distributions (distill), a preference for one answer over another (dpo), or answers
+    that score high on rewards you write (grpo: online reinforcement learning)."""
     method: Literal["full", "lora", "qlora"] = "full"
     """Train every weight (full), low-rank adapters beside frozen weights (lora), or the same adapters beside frozen
     linear weights stored in 4-bit NF4 (qlora: needs the qlora extra, torchao; docs/finetuning.md)."""
@@ -71,9 +72,52 @@ class FinetuneConfig:
     """DPO: the loss on the margin of log-ratios to the reference: sigmoid (the DPO paper's) or ipo (squared
     distance of the length-averaged margin from 1 / (2 beta))."""
     beta: float = 0.1
-    """DPO: how far from the reference the policy may move (higher: closer); rewards are beta x log-ratio."""
+    """DPO: how far from the reference the policy may move (higher: closer); rewards are beta x log-ratio. GRPO:
+    the weight of the KL penalty to the reference (k3 estimator per token); 0: no penalty."""
     label_smoothing: float = 0.0
     """DPO (sigmoid): the assumed fraction of pairs whose preference is flipped (conservative DPO); 0: none."""
+
+    group_size: int = 4
+    """GRPO: completions sampled per prompt (G); each one's advantage is its reward against its group's."""
+    scale_rewards: bool = True
+    """GRPO: divide each advantage (reward - group mean) by the group's standard deviation (+ 1e-4), as TRL and
+    DeepSeek do; false: leave it unscaled (Dr. GRPO)."""
+    clip_eps: float = 0.2
+    """GRPO: the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps] (PPO's clipped objective)."""
+    grpo_iterations: int = 1
+    """GRPO: policy updates (steps) per batch of generated completions; 1: generate for every step."""
+    reward: list[str] = field(default_factory=list)
+    """GRPO: the reward(s): module:function, path.py:function (relative to the working directory) or
+    classifier:RUN:LABEL (a classifier checkpoint's probability of LABEL); several are added with reward_weights."""
+    reward_weights: Optional[list[float]] = None
+    """GRPO: one weight per reward, in order; null: 1 each."""
+
+    def _check_grpo(self, cfg: Whole) -> list[str]:
+        """GRPO's settings (and the reward settings a task other than grpo does not read)."""
+        f, p = self, []
+        if f.task != "grpo":
+            if f.reward:
+                p.append(f"finetune.reward is set but finetune.task={f.task}; set finetune.task=grpo or remove it")
+            return p
+        if not f.reward:
+            p.append("finetune.reward: finetune.task=grpo needs a reward (module:function, path.py:function or "
+                     "classifier:RUN:LABEL)")
+        if f.reward_weights is not None and len(f.reward_weights) != len(f.reward):
+            p.append(f"finetune.reward_weights: give one weight per reward ({len(f.reward)}), got "
+                     f"{len(f.reward_weights)}")
+        if f.group_size < 2:
+            p.append(f"finetune.group_size: GRPO compares each completion with the others of its group, so it needs "
+                     f"at least 2 per prompt (got {f.group_size})")
+        if getattr(getattr(cfg, "generate", None), "temperature", 1.0) == 0:
+            p.append("generate.temperature=0 samples the same completion G times, so GRPO has nothing to compare; "
+                     "set it above 0 for finetune.task=grpo")
+        if f.clip_eps <= 0:
+            p.append(f"finetune.clip_eps: must be positive (got {f.clip_eps})")
+        if f.grpo_iterations < 1:
+            p.append(f"finetune.grpo_iterations: must be at least 1 (got {f.grpo_iterations})")
+        if f.packing:
+            p.append("finetune.packing: GRPO's completions are not packed; set it to false for finetune.task=grpo")
+        return p
 
     def check(self, cfg: Whole) -> list[str]:
         """Impossible finetuning settings (freeze_blocks against cfg.model)."""
@@ -88,7 +132,7 @@ class FinetuneConfig:
         if f.pooling == "cls" and m.causal:
             p.append("finetune.pooling=cls: a decoder's first token sees only itself; use last or mean (cls is for "
                      "encoders, model.causal=false)")
-        if not m.causal and f.task in ("instruct", "distill", "dpo"):
+        if not m.causal and f.task in ("instruct", "distill", "dpo", "grpo"):
             p.append(f"finetune.task={f.task}: an encoder (model.causal=false) does not generate; it learns "
                      "classification, or lm with train.objective=mlm")
         if f.labels is not None and len(set(f.labels)) < 2:
@@ -104,10 +148,11 @@ class FinetuneConfig:
         if f.packing and f.task == "dpo":
             p.append("finetune.packing: preference pairs are not packed (each pair's two answers are compared); "
                      "set it to false for finetune.task=dpo")
-        if f.beta <= 0:
+        if f.beta < 0 or (f.beta == 0 and f.task != "grpo"):
             p.append(f"finetune.beta: must be positive (got {f.beta})")
         if not 0.0 <= f.label_smoothing < 0.5:
             p.append(f"finetune.label_smoothing: must be in [0, 0.5) (got {f.label_smoothing})")
+        p += self._check_grpo(cfg)
         if f.label_smoothing and f.dpo_loss != "sigmoid":
             p.append(f"finetune.label_smoothing applies to dpo_loss=sigmoid only (dpo_loss is {f.dpo_loss}); "
                      "set it to 0")

@@ -51,12 +51,19 @@ class GenerateConfig:
     false always decodes eagerly."""
     batch_size: int = 8
     """Prompts decoded together by `infer --input` (continuous batching)."""
+    draft: Optional[str] = None
+    """Speculative decoding of `infer --prompt`: prompt-lookup (n-gram drafts from the prompt and the text so far),
+    or a small llmctl checkpoint with the same tokenizer; null: off (docs/inference.md#speculative-decoding)."""
+    draft_tokens: int = 4
+    """Tokens the draft proposes per target forward (speculative decoding)."""
+    lookup_ngram: int = 3
+    """The longest n-gram prompt lookup matches (it tries n, n-1, ... 1)."""
 
     def check(self, cfg: Whole) -> list[str]:
         """Impossible generation settings: the sampling keys by llmctl.sampling's rules."""
         values = {f: getattr(self, f) for f in sampling.FIELDS}
         return [f"generate.{x.field}: {x.message}" for x in sampling.problems(values)] + at_least(
-            "generate", self, ["batch_size"])
+            "generate", self, ["batch_size", "draft_tokens", "lookup_ngram"])
 
 
 @dataclass

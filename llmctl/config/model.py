@@ -38,8 +38,9 @@ class ModelConfig:
     """Biases in linear layers and LayerNorm; null: true for gpt2, false for llama."""
     tie_embeddings: Optional[bool] = None
     """Share the input embedding with the output head; null: true for gpt2, false for llama."""
-    activation: Literal["gelu", "gelu_tanh"] = "gelu"
-    """The MLP's GELU, exact or tanh-approximated (gpt2 flavour only: llama uses SwiGLU; GGUF needs gelu_tanh)."""
+    activation: Literal["gelu", "gelu_tanh", "relu2"] = "gelu"
+    """The ungated MLP's activation: GELU, exact or tanh-approximated (gpt2 flavour; GGUF needs gelu_tanh), or relu2
+    (ReLU squared, modded-nanogpt's), which in the llama flavour replaces the gated MLP with an ungated one."""
     norm_eps: float = 1e-5
     """Epsilon of LayerNorm / RMSNorm."""
     rope_theta: float = 10000.0
@@ -108,6 +109,9 @@ class ModelConfig:
     """Dropout probability in training (embeddings, attention weights, residual branches); 0: none."""
     init_std: float = 0.02
     """Standard deviation of the initial weights; residual projections get it over sqrt(2 x n_layer)."""
+    zero_init_proj: bool = False
+    """Start the residual projections (attention output and MLP down projection) at zero, so every block begins as
+    the identity (modded-nanogpt, nanochat)."""
 
     @property
     def kv_heads(self) -> int:
@@ -119,10 +123,15 @@ class ModelConfig:
         return self.head_dim or self.n_embd // self.n_head
 
     @property
+    def gated(self) -> bool:
+        """Whether the MLP is gated (the llama flavour's SwiGLU / GeGLU; model.activation=relu2 ungates it)."""
+        return self.arch == "llama" and self.activation != "relu2"
+
+    @property
     def hidden(self) -> int:
         if self.mlp_hidden:
             return self.mlp_hidden
-        if self.arch == "gpt2":
+        if not self.gated:
             return 4 * self.n_embd
         return 64 * ((int(2 * 4 * self.n_embd / 3) + 63) // 64)
 

@@ -31,8 +31,33 @@ class TrainConfig:
     """Learning rate at the end of the decay; null: lr / 10."""
     warmup_steps: int = 100
     """Steps of linear warmup from near zero to lr; 0: no warmup."""
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay from lr to min_lr after the warmup: cosine, linear, or constant (stays at lr)."""
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """Decay from lr to min_lr after the warmup: cosine, linear, constant (stays at lr), or wsd (warmup-stable-decay:
+    lr until the last decay_steps of the run, then decay_shape down to min_lr)."""
+    decay_steps: Optional[int] = None
+    """wsd: steps of the final decay, which starts at max_steps - decay_steps; null: decay_fraction of max_steps.
+    A stable-phase checkpoint at step S cools down with --resume-from it and max_steps = S + decay_steps."""
+    decay_fraction: float = 0.2
+    """wsd: the decay's share of max_steps when decay_steps is null."""
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+    """wsd: how the decay falls from lr to min_lr: linear, cosine (half a period), or sqrt (1 - sqrt(progress))."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW on every parameter; muon: torch.optim.Muon on the blocks' 2-D weight matrices (each fused qkv and
+    gate/up matrix orthogonalised whole), AdamW on embeddings, head, norms and biases (needs torch 2.9 or newer)."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (train.optimizer=muon), scaled by the schedule like lr; Muon further scales each
+    matrix's step by sqrt(max(1, rows / columns))."""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum."""
+    muon_weight_decay: float = 0.0
+    """Muon's decoupled weight decay (multiplied by its learning rate each step, as AdamW's)."""
+    embed_lr: Optional[float] = None
+    """Peak learning rate of the token and position embeddings (a tied head with them); null: lr."""
+    head_lr: Optional[float] = None
+    """Peak learning rate of an untied output head (model.tie_embeddings=false); null: lr."""
+    stop_at_loss: Optional[float] = None
+    """End the run (saved, status finished) at the first validation whose val_loss is at or below this; null: never.
+    Needs a validation split."""
     weight_decay: float = 0.1
     """AdamW's decoupled weight decay, applied to matrices (linear and embedding weights), never to vectors."""
     beta1: float = 0.9
@@ -65,10 +90,10 @@ class TrainConfig:
     """Also save a checkpoint at each new best best_metric and keep it (RUN/best)."""
     best_metric: str = "val_loss"
     """The evaluation metric that picks the best checkpoint and drives patience: val_loss, or for classifiers
-    accuracy, macro_f1, macro_precision or macro_recall."""
+    accuracy, macro_f1, macro_precision or macro_recall (GRPO: val_reward)."""
     best_mode: Literal["auto", "min", "max"] = "auto"
-    """Whether lower or higher best_metric is better; auto: max for accuracy, f1, precision, recall, and DPO's
-    val_accuracy and val_margin, else min."""
+    """Whether lower or higher best_metric is better; auto: max for accuracy, f1, precision, recall, DPO's
+    val_accuracy and val_margin, and GRPO's val_reward, else min."""
     skip_nonfinite: int = 0
     """Steps with a NaN/inf loss or gradient that may be skipped before the run stops as diverged (exit 3); 0: stop
     at the first."""
@@ -111,6 +136,7 @@ class TrainConfig:
         if t.eps <= 0:
             p.append(f"train.eps: must be positive (got {t.eps})")
 
+        p += t._check_optimizer(cfg)
         if t.objective == "mlm" and cfg.model.causal:
             p.append("train.objective=mlm predicts masked tokens from both sides, which a decoder cannot see; set "
                      "model.causal=false (an encoder) or train.objective=clm")
@@ -119,6 +145,38 @@ class TrainConfig:
         if t.patience < 0:
             p.append(f"train.patience: must not be negative (got {t.patience})")
         return p
+
+    def _check_optimizer(self, cfg: Whole) -> list[str]:
+        """Muon, the learning rates of the parameter groups, the WSD decay and the loss to stop at."""
+        t, p = self, []
+        for name in ("muon_lr", "embed_lr", "head_lr"):
+            v = getattr(t, name)
+            if v is not None and not v > 0:
+                p.append(f"train.{name}: must be positive (got {v})")
+        if not 0.0 <= t.muon_momentum < 1.0:
+            p.append(f"train.muon_momentum: must be in [0, 1) (got {t.muon_momentum})")
+        if t.muon_weight_decay < 0:
+            p.append(f"train.muon_weight_decay: must not be negative (got {t.muon_weight_decay})")
+        if t.optimizer == "muon" and t.parallel != "ddp":
+            p.append(f"train.optimizer=muon with train.parallel={t.parallel}: each rank would hold only a shard of "
+                     "every matrix, and Muon orthogonalises whole matrices; use train.parallel=ddp (or adamw)")
+        if t.lr_schedule == "wsd":
+            if t.decay_steps is not None and t.decay_steps < 1:
+                p.append(f"train.decay_steps: must be at least 1, or null for decay_fraction (got {t.decay_steps})")
+            elif not 0.0 < t.decay_fraction <= 1.0:
+                p.append(f"train.decay_fraction: must be in (0, 1] (got {t.decay_fraction})")
+            elif t.decay_len > t.max_steps:
+                p.append(f"train.decay_steps: the WSD decay of {t.decay_len} steps is longer than the run's "
+                         f"train.max_steps={t.max_steps}; shorten it or raise train.max_steps")
+        if t.stop_at_loss is not None and cfg.data.val_fraction == 0 and cfg.data.val_path is None:
+            p.append("train.stop_at_loss needs a validation split to measure; set data.val_fraction above 0 or "
+                     "data.val_path")
+        return p
+
+    @property
+    def decay_len(self) -> int:
+        """wsd: steps of the final decay (decay_steps, else decay_fraction of max_steps, at least 1)."""
+        return self.decay_steps if self.decay_steps is not None else max(1, round(self.decay_fraction * self.max_steps))
 
     def _check_scaling(self) -> list[str]:
         """The global batch and the parallel layout."""

@@ -8,13 +8,14 @@ One job per module, each importing only those above it in this list (never one b
   conversations  chat SFT rows (`messages`, `conversations`): rendered whole, labelled on the assistant turns
   examples    classification rows and instruction pairs (read through `tables`) tokenized, split and batched
   preferences  preference pairs (DPO: prompt, chosen, rejected) as text or conversations, cut to the context
+  prompts     prompt rows (GRPO, `eval --reward`): a prompt as text or messages, and the row's other columns
 None imports torch at its top, so `llmctl prepare` starts without it: only the functions that make tensors do.
 This file hands on the names the rest of llmctl uses.
 """
 
 from ..corpus import resolve_source
 from .batches import LMBatches, eval_blocks
-from .cache import TokenData, prepare, tokenize_file
+from .cache import TokenData, document_starts, prepare, tokenize_file
 from .conversations import chat_examples
 from .examples import (
     ExampleBatches,
@@ -28,10 +29,12 @@ from .examples import (
     pad_batch,
 )
 from .preferences import preference_examples
+from .prompts import PromptRow, prompt_rows
 from .tables import load_texts
 
 __all__ = [
-    "ExampleBatches", "Examples", "LMBatches", "TokenData", "chat_examples", "classification_examples",
-    "classification_ids", "eval_batches", "eval_blocks", "holdout", "instruct_examples", "load_texts",
-    "packed_tokens", "pad_batch", "preference_examples", "prepare", "resolve_source", "tokenize_file",
+    "ExampleBatches", "Examples", "LMBatches", "PromptRow", "TokenData", "chat_examples", "classification_examples",
+    "classification_ids", "document_starts", "eval_batches", "eval_blocks", "holdout", "instruct_examples",
+    "load_texts", "packed_tokens", "pad_batch", "preference_examples", "prepare", "prompt_rows", "resolve_source",
+    "tokenize_file",
 ]

@@ -243,6 +243,15 @@ def open_tokens(directory: Path, tokenizer: Optional[Tokenizer] = None) -> Token
     return TokenData(directory, train, val, tokenizer or Tokenizer.from_file(directory / "tokenizer.json"), manifest)
 
 
+def document_starts(td: TokenData) -> tuple:
+    """Where documents start in the train and validation splits (`Tokens.doc_starts`), for data.document_mask."""
+    train, val = td.train.doc_starts(), td.val.doc_starts()
+    if train is None or val is None:
+        raise LlmctlError(f"data.document_mask: the token cache {td.dir} records no document boundaries (prepared by "
+                          "an older llmctl); delete that folder and run again to rebuild it")
+    return train, val
+
+
 def tokenize_file(path: str, data: DataConfig, tokenizer: Tokenizer, key: str = "--data") -> Tokens:
     """All tokens of one source (no split), for evaluating on a given file. Cached like `prepare`."""
     d = DataConfig(**{**data.__dict__, "path": path, "val_path": None, "val_fraction": 0.0})

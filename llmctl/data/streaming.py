@@ -20,7 +20,7 @@ from ..config import DataConfig
 from ..corpus import Source
 from ..errors import LlmctlError
 from ..events import Events, Progress
-from ..shards import Index, ShardWriter
+from ..shards import Index, ShardWriter, starts_name
 from ..tokenizer import Tokenizer
 
 ENCODE_CHARS = 1 << 20  # texts per native encode_batch call (it runs them on all cores)
@@ -93,11 +93,12 @@ def _resume_index(build: Path, name: str, prefix: str) -> Optional[Index]:
         good = []
         for s in index.shards:
             f = build / s.name
-            if not f.is_file() or f.stat().st_size != s.tokens * np.dtype(index.dtype).itemsize:
+            if (not f.is_file() or f.stat().st_size != s.tokens * np.dtype(index.dtype).itemsize
+                    or not (build / starts_name(s.name)).is_file()):  # (a build begun before starts were written)
                 break
             good.append(s)
         index.shards = good
-    keep = {s.name for s in index.shards} if index else set()
+    keep = {n for s in index.shards for n in (s.name, starts_name(s.name))} if index else set()
     for f in build.glob(f"*{prefix}-*.bin*"):
         if f.name not in keep:
             f.unlink()

@@ -107,7 +107,7 @@ def sharded_lm_metrics(model: nn.Module, blocks: Callable[[], Iterable[dict]], c
                 yield b
         if ctx.parallel in ("fsdp", "fsdp_tp"):
             for _ in range(per_rank - count):
-                yield {"input_ids": first["input_ids"], "labels": torch.full_like(first["labels"], -100)}
+                yield {**first, "labels": torch.full_like(first["labels"], -100)}  # (its segments too)
 
     r = lm_metrics(net, mine(), device, amp)
     sums = torch.tensor([r["loss"] * r["tokens"], float(r["tokens"])], dtype=torch.float64, device=device)

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..config import TrainConfig
 from ..errors import LlmctlError
+from ..qlora import check_shardable, is_nf4
 from . import tensor_parallel
 from .launch import DistContext, launched, tp_size
 
@@ -57,9 +58,9 @@ def check_layout(cfg, finetune: bool = False) -> None:
     """Before joining the process group: the tensor-parallel layout against this launch, the model's shape and the
     finetuning method (cfg: the whole Config). Pure: nothing is started, so a bad layout fails at once."""
     t = cfg.train
-    if finetune and cfg.finetune.method == "qlora" and (t.parallel in ("tp", "fsdp_tp") or launched()):
-        raise LlmctlError(f"finetune.method=qlora trains in one process: train.parallel={t.parallel} does not split "
-                          "or replicate its NF4 base weights; run it without torchrun, or use finetune.method=lora")
+    if finetune and cfg.finetune.method == "qlora" and t.parallel in ("tp", "fsdp_tp"):
+        raise LlmctlError(f"finetune.method=qlora: train.parallel={t.parallel} does not split NF4 base weights; "
+                          "use train.parallel=ddp (or fsdp) under torchrun, or finetune.method=lora")
     if t.parallel not in ("tp", "fsdp_tp"):
         return
     if not launched():
@@ -119,6 +120,7 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> nn.Modul
         if ctx.tp_size > 1:
             tensor_parallel.parallelize(model, backbone(model).cfg, mesh["tp"])
         if ctx.parallel in ("fsdp", "fsdp_tp"):
+            check_shardable(model, ctx.dp_size)  # (NF4 base weights, under QLoRA)
             for block in _blocks(model):
                 fully_shard(block, mesh=mesh["dp"])
             fully_shard(model, mesh=mesh["dp"])
@@ -132,6 +134,11 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> nn.Modul
         quiet_buffers = ({"forward_sync_buffers": False}
                          if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
                          else {"broadcast_buffers": False})
+        # NF4 base weights (QLoRA) are frozen and the same on every rank (the same base, quantized the same way):
+        # DDP neither broadcasts them at the start (it cannot flatten an NF4 tensor) nor reduces anything for them
+        nf4 = [name for name, p in model.named_parameters() if is_nf4(p)]
+        if nf4:
+            DDP._set_params_and_buffers_to_ignore_for_model(model, nf4)
         model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **quiet_buffers)
     if cfg.compile:
         model = torch.compile(model)  # type: ignore[assignment]

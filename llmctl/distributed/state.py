@@ -16,16 +16,17 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import LlmctlError
+from ..qlora import is_nf4
 from ..train import rng_state, set_rng_state
 from . import tensor_parallel
 from .launch import DistContext
 from .parallelize import backbone, unwrap
 
 
-def _full_options():
+def _full_options(skip_frozen: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=skip_frozen)
 
 
 def gather_for_save(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -40,8 +41,11 @@ def gather_for_save(model: nn.Module, optimizer: torch.optim.Optimizer,
     if ctx.dtensors:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+        # a QLoRA checkpoint holds the adapter only: its frozen NF4 base weights are never gathered (torchao's NF4
+        # all-gather outside FSDP's own leaves its collectives unwaited)
+        nf4 = any(is_nf4(p) for p in net.parameters())
         with _quiet_redistribute():
-            weights = get_model_state_dict(net, options=_full_options())
+            weights = get_model_state_dict(net, options=_full_options(skip_frozen=nf4))
             by_name = get_optimizer_state_dict(net, optimizer, options=_full_options())
         if ctx.is_main and ctx.tp_size > 1:  # back from the interleaved rows of tensor parallelism
             cfg = backbone(net).cfg
@@ -98,9 +102,10 @@ def _by_index(by_name: dict) -> dict:
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, ctx: DistContext) -> None:
     """Load a checkpoint's optimizer state (the one format) into this run's optimizer, sharded or not.
 
-    The implementation (fused, foreach or per parameter) stays this run's: a checkpoint written under tensor
-    parallelism (per parameter) resumes fused in one process, and one written fused resumes under TP."""
-    impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    The implementation (fused, foreach or per parameter) and each group's lr_scale stay this run's: a checkpoint
+    written under tensor parallelism (per parameter) resumes fused in one process, and one written fused resumes
+    under TP."""
+    impl = [{k: g[k] for k in ("fused", "foreach", "lr_scale") if k in g} for g in optimizer.param_groups]
     try:
         _load_optimizer_state(model, optimizer, state, ctx)
     finally:

@@ -20,12 +20,12 @@ from ..errors import LlmctlError
 from . import encoders, rope
 from .fields import Reader, unrepresentable
 
-GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu2": "relu2"}
+EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu2": "relu2"}
 SILU = ("silu", "swish")
 GELU_TANH = "gelu_pytorch_tanh"
 # the open-model switches and their values in a plain Llama (ModelConfig's defaults)
-SWITCHES = ("bias", "qkv_bias", "qk_norm", "gate_activation", "norm_offset", "embed_scale", "post_norms",
+SWITCHES = ("bias", "qkv_bias", "qk_norm", "activation", "gate_activation", "norm_offset", "embed_scale", "post_norms",
             "attn_softcap", "final_softcap", "query_scale", "sliding_window", "layer_types", "rope_scaling",
             "rope_local_theta", "rotary_fraction")
 PLAIN = {**{k: getattr(ModelConfig(), k) for k in SWITCHES}, "bias": False, "qkv_bias": False}

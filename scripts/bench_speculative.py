@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Speculative decoding at batch 1: tokens/s of `infer --prompt` with and without `--draft prompt-lookup`.
+
+The same checkpoint, prompt and settings (greedy, eager decoding, float32) on both sides, interleaved in rounds
+(plain, speculative, plain, ...; the median of each side is reported, so a busy machine's noise hits both alike).
+Tokens/s counts the new tokens over the wall time of the generation (the model is loaded once, outside the clock),
+and tokens per CPU second over the process's CPU time (steadier than wall time on a busy machine).
+The prompt is the opening of a file (default: Tiny Shakespeare from ../shared/data) and the model continues it:
+greedy continuations of a small model repeat the prompt's and their own phrases, which prompt lookup drafts. It also
+checks that both sides produce the same tokens (greedy speculative decoding is exact).
+
+    flock /tmp/bench.lock nice -n 5 python scripts/bench_speculative.py --ckpt RUN --out benchmarks/speculative.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_name() -> str:
+    from llmctl.hardware import cpu_name as name
+
+    return name()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    ap.add_argument("--prompt-chars", type=int, default=40)
+    ap.add_argument("--new", type=int, default=400)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--ngram", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled with --seed")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from llmctl.generate import Request, fit_prompt
+    from llmctl.loading import for_inference, load_model
+    from llmctl.sampling import Sampling
+    from llmctl.speculative import PromptLookup, Speculation
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = for_inference(load_model(args.ckpt, "cpu"), "float32", "none", compile=False)
+    prompt = Path(args.text).read_text(encoding="utf-8")[: args.prompt_chars]
+    ids = fit_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate=True)
+    s = Sampling(args.new, temperature=args.temperature, top_k=None,
+                 seed=None if args.temperature == 0 else args.seed)
+
+    def plain() -> tuple[list[int], dict]:
+        return list(loaded.engine.complete(Request(ids, s))), {}
+
+    def speculative() -> tuple[list[int], dict]:
+        spec, out = Speculation(PromptLookup(args.ngram), args.k), []
+        for row in spec.run(loaded.engine, Request(ids, s)):
+            out += row.new_tokens
+        return out, spec.stats.as_dict()
+
+    plain(), speculative()  # warm up both paths
+    runs: dict[str, list[float]] = {"plain": [], "prompt-lookup": []}
+    cpu: dict[str, list[float]] = {"plain": [], "prompt-lookup": []}
+    outs, stats = {}, {}
+    for _ in range(args.rounds):
+        for name, fn in (("plain", plain), ("prompt-lookup", speculative)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            toks, st = fn()
+            runs[name].append(len(toks) / (time.perf_counter() - t0))
+            cpu[name].append(len(toks) / (time.process_time() - c0))
+            outs[name], stats[name] = toks, st
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    result = {
+        "checkpoint": str(args.ckpt), "model": {k: getattr(loaded.cfg.model, k) for k in
+                                                ("arch", "n_layer", "n_embd", "block_size", "vocab_size")},
+        "prompt": prompt, "prompt_tokens": len(ids), "new_tokens": args.new, "draft_tokens": args.k,
+        "lookup_ngram": args.ngram, "rounds": args.rounds, "precision": "float32, eager",
+        "temperature": args.temperature,
+        "tokens_per_s": {k: round(v, 1) for k, v in med.items()},
+        "tokens_per_s_each_round": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+        "speedup": round(med["prompt-lookup"] / med["plain"], 2),
+        "tokens_per_cpu_s": {k: round(v, 1) for k, v in med_cpu.items()},
+        "tokens_per_cpu_s_each_round": {k: [round(x, 1) for x in v] for k, v in cpu.items()},
+        "speedup_cpu_time": round(med_cpu["prompt-lookup"] / med_cpu["plain"], 2),
+        "draft": stats["prompt-lookup"],
+        "identical_output": outs["plain"] == outs["prompt-lookup"] if args.temperature == 0 else "n/a (sampled)",
+        "completion": loaded.tokenizer.decode(outs["prompt-lookup"]),
+        "cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "note": "a shared 2-core machine, loaded by other agents' jobs during the run (noisy figures)",
+    }
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
