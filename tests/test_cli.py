@@ -343,7 +343,7 @@ BAD = [
     ("export-out-not-empty", lambda t, r: ["export", "--ckpt", r, "--out", _file(t, "x", "").parent],
      ["not empty", "--overwrite"]),
     ("export-classifier", lambda t, r: ["export", "--ckpt", _classifier(t, r), "--out", t / "o"],
-     ["classification checkpoint", "language models only"]),
+     ["classification checkpoint", "language models and encoder classifiers only"]),
     ("export-missing-checkpoint", lambda t, r: ["export", "--ckpt", t / "nope", "--out", t / "o"],
      ["checkpoint not found"]),
 ]
