@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -28,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import prepare_nanogpt, run_nanogpt  # noqa: E402
+from bench_train import prepare_nanogpt, run_nanogpt, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.905  # nanoGPT's final validation loss on its CPU config (issue 34)
@@ -98,24 +96,11 @@ def main() -> None:
         summary[name] = {"time_to_target_s": round(t, 1) if t is not None else None, "ratio_vs_nanogpt": ratio,
                          "step": step, "runs": runs}
         print(f"{name:18s} {t if t is not None else float('nan'):>19.1f} {ratio or float('nan'):>10.3f}x {step:>6}")
-    from llmctl import hardware  # the CPU class every figure holds for
-
-    info = {"target": args.target, "rounds": args.rounds,
-            "rule": "whole-process wall time of a run stopping at the first full validation <= target, minus its "
-                    "validation passes; nanoGPT: its whole 2000-step train.py run, evaluation off",
-            "configs": RECIPES, "overrides": args.extra,
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": hardware.cpu_name(),
-                        "isa": hardware.cpu_isa(), "load_average_at_end": os.getloadavg()},
-            "results": summary}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        pass
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"\nwrote {args.json}", file=sys.stderr)
+    write_result(args.json, {
+        "target": args.target, "rounds": args.rounds,
+        "rule": "whole-process wall time of a run stopping at the first full validation <= target, minus its "
+                "validation passes; nanoGPT: its whole 2000-step train.py run, evaluation off",
+        "configs": RECIPES, "overrides": args.extra, "results": summary})
 
 
 if __name__ == "__main__":

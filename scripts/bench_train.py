@@ -115,20 +115,26 @@ def main() -> None:
         summary[name] = {"tokens_per_sec": round(tps), "ratio_vs_nanogpt": round(tps / base, 2),
                          "wall_s": round(wall, 1), "runs": runs}
         print(f"{name:34s} {tps:>10,.0f} {tps / base:>10.2f}x {wall:>9.1f}")
-    from llmctl import hardware  # the CPU class every figure holds for
-    info = {"steps": args.steps, "rounds": args.rounds, "warmup_steps_excluded": WARMUP,
-            "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                                  "cpu": hardware.cpu_name(), "isa": hardware.cpu_isa()},
-            "config": "configs/shakespeare-char-gpt2.yaml", "results": summary}
+    write_result(args.json, {"steps": args.steps, "rounds": args.rounds, "warmup_steps_excluded": WARMUP,
+                             "config": "configs/shakespeare-char-gpt2.yaml", "results": summary})
+
+
+def write_result(path: Path, info: dict) -> None:
+    """A benchmark's JSON with the machine it ran on (the CPU class every figure holds for) and torch's version."""
+    from llmctl import hardware
+
+    machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": hardware.cpu_name(),
+               "isa": hardware.cpu_isa(), "load_average_at_end": os.getloadavg()}
+    info = {**info, "machine": {**machine, **info.get("machine", {})}}
     try:
         import torch
 
         info["torch"] = torch.__version__
     except ImportError:
         pass
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"\nwrote {args.json}", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"\nwrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
