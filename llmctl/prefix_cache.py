@@ -98,12 +98,13 @@ class PrefixCache:
         self._touch(chain)  # (now the newest: eviction below takes other blocks first)
         while self._blocks and self.bytes + (want - len(chain)) * size > self.budget:
             self._evict()
-        parent = chain[-1].id if chain else 0
-        for i in range(len(chain), want):
-            a = i * self.block
-            kv = torch.stack([torch.stack((k[slot, :, a : a + self.block], v[slot, :, a : a + self.block]))
-                              for k, v in cache.layers])  # a copy: the slot is overwritten later
-            b = _Block((parent, tuple(tokens[a : a + self.block])), self._next_id, kv)
+        if want == len(chain):
+            return
+        parent, a, z = chain[-1].id if chain else 0, len(chain) * self.block, want * self.block
+        new = torch.stack([torch.stack((k[slot, :, a:z], v[slot, :, a:z])) for k, v in cache.layers])  # (L, 2, H, n, D)
+        for i, kv in enumerate(new.split(self.block, dim=3)):
+            t = a + i * self.block  # (each block its own copy: an evicted one frees its memory)
+            b = _Block((parent, tuple(tokens[t : t + self.block])), self._next_id, kv.clone())
             self._next_id += 1
             self._blocks[b.key] = b
             self.bytes += size
