@@ -18,7 +18,8 @@ after it: eviction takes the ends of chains first (a shared system prompt outliv
 Keys and values at positions 0..p depend only on tokens 0..p (causal attention; a sliding-window layer stores every
 position too and only reads fewer), so restored blocks are what a prefill of the whole prompt writes there: in
 float32 a row's tokens are the same with the cache on or off (up to the rounding of a shorter matmul). The engine
-decides which prefills use the store (`Engine._prefill`).
+decides which prefills use the store (`Engine._prefill`). The blocks hold for one model's weights: whoever changes
+them (nothing in `serve` does) must `clear` the store.
 """
 
 from __future__ import annotations
