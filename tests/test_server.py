@@ -375,7 +375,7 @@ def test_a_request_arriving_while_others_decode_starts_before_they_finish(server
 def small(tiny_run):
     with Server(tiny_run, "--no-compile", "--set", "serve.slots=1", "--set", "serve.max_queue=1", "--set",
                 "serve.max_body_bytes=4096", "--set", "serve.max_tokens=1000000", "--set",
-                "serve.request_timeout=4") as s:
+                "serve.request_timeout=4", "--set", "serve.prefix_cache=false") as s:
         yield s
         assert s.stop() == 0
 
@@ -417,6 +417,7 @@ def test_a_request_over_the_timeout_is_504(small):
     r = small.post("/v1/completions", {"prompt": "A", "max_tokens": 1000000, "temperature": 0})
     assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
     assert _wait(lambda: small.metrics()["llmctl_busy_slots"] == 0)
+    assert not [k for k in small.metrics() if "prefix" in k]  # serve.prefix_cache=false: no cache to count
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits_0(tiny_run):
