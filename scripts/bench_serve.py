@@ -422,7 +422,8 @@ def llama_version(binary: str) -> str:
 def bench_llama(ckpt: Path, binary: str, clients: list[int], seconds: float, rounds: int, extra: list[str],
                 slots: int, load=_load_raw) -> dict:
     """`llmctl serve` against llama-server on the same model (exported to GGUF) at the closest precisions, both
-    with `slots` slots, rounds interleaved: every (round, clients) runs each server in turn. Both generate exactly
+    with `slots` slots, rounds interleaved: every (round, clients) runs each server in turn (odd rounds in reverse
+    order, so no side always goes first). Both generate exactly
     NEW_TOKENS tokens: llama-server with ignore_eos, llmctl with its end ids banned through logit_bias."""
     work = ckpt.parent
     context, end_ids = model_facts(ckpt)
@@ -439,7 +440,7 @@ def bench_llama(ckpt: Path, binary: str, clients: list[int], seconds: float, rou
         runs = {k: {c: [] for c in clients} for k in servers}
         for r in range(rounds):
             for c in clients:
-                for key, srv in servers.items():
+                for key, srv in list(servers.items())[:: -1 if r % 2 else 1]:  # odd rounds in reverse order
                     runs[key][c].append(measured(srv, load, c, seconds, ps, fields[key[0]]))
                 got = {f"{s}-{p}": round(v[c][-1]["tokens_per_s"], 1) for (s, p), v in runs.items()}
                 print(f"  round {r + 1} C={c}: {got}", file=sys.stderr, flush=True)
