@@ -10,9 +10,7 @@
 #   bash scripts/check_gguf.sh            # from the project root, in its virtual environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# without -march=native: on some Xeons its AMX int8 path stops q8_0 files with "Illegal instruction"
-flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-grep -q avx512f /proc/cpuinfo 2>/dev/null && flags="$flags -DGGML_AVX512=ON"
+flags=$(bash scripts/llama_cpp_flags.sh)  # without -march=native (see there)
 python -c "import gguf" 2>/dev/null || pip install "gguf>=0.10"
 python -c "import llama_cpp" 2>/dev/null \
   || CMAKE_ARGS="$flags" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" pip install llama-cpp-python
