@@ -366,7 +366,7 @@ class LlamaServer:
 
     def __init__(self, binary: str, gguf: Path, slots: int, context: int):
         port = free_port()
-        self.cmd = llama_server_args(binary, gguf, port, slots, os.cpu_count() or 1, context)
+        self.cmd = llama_server_args(binary, gguf, port, slots, len(os.sched_getaffinity(0)), context)
         self.log = gguf.with_suffix(".log")
         with open(self.log, "w") as log:
             self.p = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -459,7 +459,7 @@ def bench_llama(ckpt: Path, binary: str, clients: list[int], seconds: float, rou
                 if row["llama_tokens_per_s"] else None
             rows.append(row)
     some = servers[("llama", PAIRS[0][0])]
-    return {"binary": binary, "version": llama_version(binary), "slots": slots, "threads": os.cpu_count(),
+    return {"binary": binary, "version": llama_version(binary), "slots": slots, "threads": len(os.sched_getaffinity(0)),
             "command": " ".join(some.cmd), "rows": rows,
             "raw": {f"{s}-{p}": v for (s, p), v in runs.items()}}
 
