@@ -7,8 +7,8 @@
 #   4. report accuracy, macro F1 and wall time on dev.tsv (never used for training or model selection)
 # Usage: scripts/sst2_recipe.sh [SST2_DIR] [RUNS_DIR] [SEED] [ROUTE]   (defaults: ../shared/data/sst2 runs/sst2 1337 lm)
 # SEED is train.seed of all three runs (initialisation, dropout, batch order); docs/results.md reports several.
-# ROUTE lm pretrains a decoder (causal language model), mlm an encoder (docs/encoders.md#sst-2); the finetunes are
-# the same configs for both.
+# ROUTE lm pretrains a decoder (causal language model), mlm an encoder (docs/encoders.md#sst-2-encoder-or-decoder);
+# the finetunes are the same configs for both.
 set -euo pipefail
 SST2=${1:-../shared/data/sst2}
 RUNS=${2:-runs/sst2}
