@@ -187,6 +187,14 @@ def test_reward_rises_on_a_learnable_reward_and_eval_measures_it(files, tiny_run
         got[ckpt] = json.loads(r.stdout)
         assert set(got[ckpt]) == {"reward", "reward_std", "kl", "samples"} and got[ckpt]["samples"] == 16
     assert got[out]["reward"] > got[tiny_run]["reward"] and got[out]["kl"] > 0 and got[tiny_run]["kl"] == 0
+    # a reference exported and imported again is the same model with the same tokenizer (Tokenizer.sha256 is
+    # what the tokenizer is, not whether tokenizer_config.json now names its special tokens)
+    assert invoke(runner, "export", "--ckpt", tiny_run, "--format", "hf", "--out", tmp_path / "hf").exit_code == 0
+    assert invoke(runner, "import", "hf", tmp_path / "hf", "--out", tmp_path / "again", "--quiet").exit_code == 0
+    r = invoke(runner, "eval", "--ckpt", tiny_run, "--reward", spec, "--prompts", files / "few.jsonl", "--samples",
+               "2", "-n", "6", "--seed", "3", "--json", "--reference", tmp_path / "again")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == got[tiny_run]
 
 
 def test_a_classifier_reward_is_the_probability_of_its_label(tiny_run, tmp_path):
