@@ -210,3 +210,23 @@ def test_a_classifier_reward_is_the_probability_of_its_label(tiny_run, tmp_path)
     want = inference_cmd.classify_texts(classifier, ["the king was good", "sweet love", "a " + "night " * 40])
     assert got.tolist() == pytest.approx([w["probabilities"]["pos"] for w in want], abs=1e-6)
     assert list(each) == [f"classifier:{tmp_path / 'cls'}:pos"]
+
+
+def test_the_dry_run_counts_every_completion_of_a_prompt(files, tiny_run, runner, tmp_path):
+    """A GRPO micro-batch holds train.batch_size prompts x finetune.group_size completions: the dry run's tokens per
+    step, activations and their label count those rows (as the preflight that refuses a run too big for the device)."""
+    reports = {}
+    for g in (2, 4):
+        r = invoke(runner, "finetune", "--from", tiny_run, *sets(*grpo_args(files), f"finetune.group_size={g}"),
+                   "--out", tmp_path / "never", "--dry-run", "--json")
+        assert r.exit_code == 0, r.output
+        reports[g] = json.loads(r.stdout)
+    block = reports[4]["config"]["model"]["block_size"]
+    assert reports[4]["rows_per_batch"] == 2 * 4 and reports[4]["tokens_per_step"] == 2 * 4 * block
+    a2, a4 = (reports[g]["memory"] for g in (2, 4))
+    assert a4["activations"] == 2 * a2["activations"] > 0 and a4["weights"] == a2["weights"]
+    assert a4["activations_checkpointed"] == 2 * a2["activations_checkpointed"]
+    r = invoke(runner, "finetune", "--from", tiny_run, *sets(*grpo_args(files)), "--out", tmp_path / "never",
+               "--dry-run")
+    assert f"{2 * 4 * block:,} (8 x {block})" in r.stdout and f"activations (8 x {block})" in r.stdout
+    assert not (tmp_path / "never").exists()
