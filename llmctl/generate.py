@@ -2,7 +2,8 @@
 
 Every generation in llmctl runs here: `infer --prompt` (one slot), `infer --input` and `--chat`, and `serve`. A
 request waits until a slot is free; it then joins: its prompt is prefilled into the slot (eagerly, on its own; rows
-joining in one step with the same prompt, such as a request's `n` choices, share one prefill, copied slot to slot), and
+joining in one step with the same prompt, such as a request's `n` choices, share one prefill, copied slot to slot;
+with a prefix cache, the prompt's cached first blocks are copied in and only the rest is computed), and
 from the next step on it decodes together with the other busy slots, one token per step each. A row that ends
 (end of text, its token budget, a stop string, a cancel) frees its slot at once, so a waiting request never waits
 for a long one to finish. Each row has its own position in its own slot and attends only to its own slot, so its
@@ -29,6 +30,7 @@ from . import aot
 from .errors import LlmctlError
 from .events import SILENT, Events
 from .model import KVCache, Transformer
+from .prefix_cache import PrefixCache
 from .sampling import Sampling
 from .structured import Format, Masks, Matcher
 from .tokenizer import StreamDecoder, Tokenizer
@@ -267,8 +269,9 @@ class Engine:
     `compile`: "auto" uses a compiled decode step when the cache holds one for this model, precision and shape
     (loading it takes ~0.05 s, so it pays off even for a short generation), True also builds a missing one first
     (half a minute to a minute on a CPU, once per model, precision and shape; see llmctl.aot), False always
-    decodes eagerly. `events` hears about builds and dropped cache files. `tokenizer` gives rows their text and
-    stop strings, and its end ids (`Tokenizer.end_ids`: end-of-text and the model's other end-of-turn ids) end a
+    decodes eagerly. `events` hears about builds and dropped cache files. `prefix` (None unless set: `serve` sets
+    one) keeps prompt prefixes' keys and values across rows (llmctl.prefix_cache). `tokenizer` gives rows their text
+    and stop strings, and its end ids (`Tokenizer.end_ids`: end-of-text and the model's other end-of-turn ids) end a
     row; `eos_id` given instead is the one id that does.
 
     Use `run(requests, slots)` for a job, or `open(slots, length)`, then `submit` and `step` from one thread (the
@@ -293,6 +296,7 @@ class Engine:
         self.steps = 0  # decode steps run since open (the server's metrics read it)
         self._logits: Optional[torch.Tensor] = None  # (slots, V): each busy row's next-token logits
         self._masks: Optional[Masks] = None  # the constrained rows' next-token masks, by slot (made when needed)
+        self.prefix: Optional[PrefixCache] = None  # prompt prefixes kept across rows (the server sets one)
 
     # -- shapes ----------------------------------------------------------------------------------------------------
     def cache_length(self, needed: int) -> int:
@@ -431,9 +435,16 @@ class Engine:
         return touched
 
     def _prefill(self, row: Row, keep: Optional[int] = None) -> None:
+        """Prefill the row's newest tokens (all of them, or the `keep` newest after a slide) into its slot. With a
+        prefix cache, a prompt that fits the slot whole (from position 0) starts from its cached blocks, unless it
+        asked for its prompt's log-probabilities (which need every position), and leaves its blocks there."""
         window = row.tokens[-min(keep or len(row.tokens), self.cache.length):]
         idx = torch.tensor([window], device=self.model.wte.weight.device)
-        every = self.model(idx, cache=self.cache, slot=row.slot)  # (1, T, V)
+        prefix = self.prefix if keep is None and len(window) == len(row.tokens) else None
+        start = prefix.restore(self.cache, row.slot, window) if prefix and not row.request.prompt_logprobs else 0
+        every = self.model(idx[:, start:], cache=self.cache, slot=row.slot, start=start)  # (1, T - start, V)
+        if prefix is not None:
+            prefix.store(self.cache, row.slot, window)
         logits = every[:, -1]
         if keep is None and row.request.prompt_logprobs and len(window) > 1:
             k = row.request.logprobs or 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import Callable
+from typing import Callable, Optional
 
 PREFIX = "llmctl_"
 
@@ -22,6 +22,12 @@ def _labels(labels: dict) -> str:
     return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in sorted(labels.items())) + "}"
 
 
+def _number(v: float) -> str:
+    """A sample's value in full (a byte count past a million stays exact): an integer without a fraction."""
+    v = float(v)
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
 class Metrics:
     """Counters (by label set), gauges read when scraped, and histograms with fixed buckets."""
 
@@ -32,9 +38,12 @@ class Metrics:
         self._gauges: dict[str, Callable[[], float]] = {}
         self._hist: dict[str, tuple[list[float], list[int], list[float]]] = {}  # bounds, counts, [sum, count]
 
-    def counter(self, name: str, help: str) -> None:
+    def counter(self, name: str, help: str, read: Optional[Callable[[], float]] = None) -> None:
+        """A counter incremented with `inc`, or, with `read`, one that something else counts (read when scraped)."""
         self._help[name] = ("counter", help)
         self._counters[name] = {}
+        if read is not None:
+            self._gauges[name] = read
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         self._help[name] = ("gauge", help)
@@ -61,6 +70,8 @@ class Metrics:
 
     def value(self, name: str, **labels: str) -> float:
         """A counter's current value (tests and the server's own summary read it)."""
+        if name in self._gauges:
+            return float(self._gauges[name]())
         return self._counters[name].get(tuple(sorted(labels.items())), 0.0)
 
     def render(self) -> str:
@@ -69,11 +80,13 @@ class Metrics:
             for name, (kind, help) in self._help.items():
                 full = PREFIX + name
                 lines += [f"# HELP {full} {help}", f"# TYPE {full} {kind}"]
-                if kind == "counter":
+                if kind == "counter" and name in self._gauges:
+                    lines.append(f"{full} {_number(self._gauges[name]())}")
+                elif kind == "counter":
                     for key, v in sorted(self._counters[name].items()):
-                        lines.append(f"{full}{_labels(dict(key))} {v:g}")
+                        lines.append(f"{full}{_labels(dict(key))} {_number(v)}")
                 elif kind == "gauge":
-                    lines.append(f"{full} {float(self._gauges[name]()):g}")
+                    lines.append(f"{full} {_number(self._gauges[name]())}")
                 else:
                     bounds, counts, (s, n) = self._hist[name]
                     running = 0

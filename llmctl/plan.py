@@ -21,7 +21,6 @@ from .hardware import slow_precision_warning
 from .loading import build_backbone, load_model, restore, vocab_for
 from .lora import merge_lora
 from .model import Transformer
-from .optim import muon_class
 from .precision import resolve_amp, resolve_device
 from .tasks import BUILDERS as TASKS
 from .tasks import Layout, Task, count_trainable, distill_task, lm_task, make_trainable
@@ -125,8 +124,6 @@ def build_plan(cfg: Config, tokenizer: Optional[Tokenizer], kind: str, base: Opt
         events.warn(slow)
     accum = distributed.check(ctx, cfg.train, amp)
     tblog.check(cfg.train.log)
-    if cfg.train.optimizer == "muon":
-        muon_class()  # a torch without Muon: one line, before any data or model work
     task_kind = cfg.finetune.task if kind == "finetune" else "lm"
     td = None
     if task_kind in ("lm", "distill"):

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from . import openai_api as api
 from .generate import Engine, Row
 from .metrics import Metrics
+from .prefix_cache import PrefixCache
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
 TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
@@ -39,6 +40,20 @@ def server_metrics() -> Metrics:
     m.histogram("time_to_first_token_seconds", "From a request's arrival to its first generated token.", TTFT_BUCKETS)
     m.histogram("time_per_output_token_seconds", "Between consecutive tokens of one request.", TOKEN_BUCKETS)
     return m
+
+
+def prefix_metrics(m: Metrics, cache: PrefixCache) -> None:
+    """The prefix cache's counts, read when scraped (the hit rate: hits / lookups, or hit / lookup tokens)."""
+    m.counter("prefix_cache_lookups_total", "Prompt prefills that looked in the prefix cache.", lambda: cache.lookups)
+    m.counter("prefix_cache_hits_total", "Lookups that found at least one cached block.", lambda: cache.hits)
+    m.counter("prefix_cache_lookup_tokens_total", "Prompt tokens of the lookups.", lambda: cache.lookup_tokens)
+    m.counter("prefix_cache_hit_tokens_total", "Prompt tokens restored from the prefix cache, not prefilled.",
+              lambda: cache.hit_tokens)
+    m.counter("prefix_cache_evictions_total", "Blocks evicted to keep within serve.prefix_cache_mib.",
+              lambda: cache.evictions)
+    m.gauge("prefix_cache_blocks", "Blocks held by the prefix cache.", lambda: cache.blocks)
+    m.gauge("prefix_cache_bytes", "Bytes of keys and values held by the prefix cache.", lambda: cache.bytes)
+    m.gauge("prefix_cache_budget_bytes", "The prefix cache's budget (serve.prefix_cache_mib).", lambda: cache.budget)
 
 
 @dataclass(eq=False)
@@ -73,6 +88,8 @@ class Worker:
         metrics.gauge("queue_depth", "Requests (rows) waiting for a slot.", lambda: len(self.engine.waiting))
         metrics.gauge("busy_slots", "Slots decoding a request.", lambda: self.engine.busy)
         metrics.gauge("slots", "Slots of the engine (serve.slots).", lambda: self.slots)
+        if engine.prefix is not None:
+            prefix_metrics(metrics, engine.prefix)
 
     def start(self) -> None:
         self.engine.model.eval()

@@ -732,16 +732,7 @@ BAD += [
 
 
 # pretraining to a target (issue 34)
-def _without_muon(monkeypatch) -> None:
-    import torch
-
-    monkeypatch.delattr(torch.optim, "Muon", raising=False)  # as in a torch older than 2.9
-
-
 BAD += [
-    ("muon-without-torch-muon", lambda t, r: ["pretrain", *sets(*TINY, "train.optimizer=muon"), "--out", t / "o"],
-     ["train.optimizer=muon needs torch.optim.Muon (torch 2.9 or newer); this torch is", "train.optimizer=adamw"],
-     _without_muon),
     ("stop-at-loss-without-validation", lambda t, r: ["pretrain", *sets(*TINY, "train.stop_at_loss=1.5",
      "data.val_fraction=0"), "--out", t / "o"], ["train.stop_at_loss needs a validation split", "data.val_fraction"]),
     ("wsd-decay-longer-than-the-run", lambda t, r: ["pretrain", *sets(*TINY, "train.lr_schedule=wsd",

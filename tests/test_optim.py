@@ -11,9 +11,7 @@ import torch
 from llmctl.config import ModelConfig, TrainConfig
 from llmctl.errors import LlmctlError
 from llmctl.model import Transformer
-from llmctl.optim import MuonAdamW, build_optimizer, check_continuation, lr_at, role_groups
-
-pytest.importorskip("torch.optim._muon", reason="this torch has no Muon")
+from llmctl.optim import MuonAdamW, build_optimizer, check_continuation, lr_at, newton_schulz_dtype, role_groups
 
 MUON = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.05, muon_momentum=0.9, head_lr=4e-3, embed_lr=2e-3)
 
@@ -24,11 +22,11 @@ def _model(**kw) -> Transformer:
                                    vocab_size=40, tie_embeddings=False, **kw))
 
 
-def reference_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Keller Jordan's quintic iteration, written out: bfloat16 throughout (each product rounded as one fused
-    multiply-add, as on any bfloat16 kernel), the short side first, Frobenius-normalised."""
+def reference_newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Keller Jordan's quintic iteration, written out: in `dtype` throughout (in bfloat16 each product rounded as
+    one fused multiply-add, as on any bfloat16 kernel), the short side first, Frobenius-normalised."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
@@ -36,7 +34,7 @@ def reference_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     for _ in range(steps):
         s = x @ x.T
         x = torch.addmm(x, torch.addmm(s, s, s, beta=b, alpha=c), x, beta=a)
-    return (x.T if tall else x).float()
+    return x.T if tall else x
 
 
 def test_groups_by_role_and_their_learning_rates():
@@ -56,28 +54,75 @@ def test_groups_by_role_and_their_learning_rates():
     assert [len(g["params"]) for g in plain.param_groups] == [10, 5]
 
 
-def test_a_muon_step_orthogonalises_each_fused_matrix_whole_like_the_reference():
-    """qkv ((4 + 2 x 2) x 8 = 64 rows) and gate/up (2 x 128 rows) are one matrix each: Newton-Schulz of the whole
-    matrix in bfloat16, the step scaled by sqrt(rows / columns)."""
+def _muon_step(ns_dtype: torch.dtype) -> tuple[Transformer, dict]:
+    """One MuonAdamW step (Newton-Schulz in `ns_dtype`) on random gradients; returns the model and, for qkv and
+    fc, (weight before, gradient)."""
     model = _model()
     opt = build_optimizer(model, MUON, "cpu")
+    opt.ns_dtype = ns_dtype
     torch.manual_seed(1)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     qkv, fc = model.blocks[0].attn.qkv.weight, model.blocks[0].mlp.fc.weight
-    before = {n: (w.detach().clone(), w.grad.clone()) for n, w in (("qkv", qkv), ("fc", fc))}
+    before = {"qkv": (qkv.detach().clone(), qkv.grad.clone()), "fc": (fc.detach().clone(), fc.grad.clone())}
     for g in opt.param_groups:
         g["lr"] = 1e-3 * g["lr_scale"]  # as the loop sets it
     opt.step()
+    return model, before
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, torch.float32])
+def test_a_muon_step_orthogonalises_each_fused_matrix_whole_like_the_reference(ns_dtype):
+    """qkv ((4 + 2 x 2) x 8 = 64 rows) and gate/up (2 x 128 rows) are one matrix each: Newton-Schulz of the whole
+    matrix (in bfloat16 against the bfloat16 reference; in float32, against the same iteration in float64), the
+    step scaled by sqrt(rows / columns)."""
+    model, before = _muon_step(ns_dtype)
     mu = MUON.muon_momentum
-    for name, w in (("qkv", qkv), ("fc", fc)):
+    for name, w in (("qkv", model.blocks[0].attn.qkv.weight), ("fc", model.blocks[0].mlp.fc.weight)):
         w0, grad = before[name]
         buffer = torch.zeros_like(grad).lerp(grad, 1 - mu)  # momentum as an average (torch's form)
         nesterov = grad.lerp(buffer, mu)
+        ortho = (reference_newton_schulz(nesterov) if ns_dtype == torch.bfloat16
+                 else reference_newton_schulz(nesterov.double(), dtype=torch.float64))
         rows, cols = w.shape
-        expected = w0 - 0.05 * math.sqrt(max(1, rows / cols)) * reference_newton_schulz(nesterov)
+        expected = w0 - 0.05 * math.sqrt(max(1, rows / cols)) * ortho.float()
         rel = (w.detach() - expected).norm() / (expected - w0).norm()
-        assert rel < 1e-3, (name, float(rel))
+        assert rel < (1e-3 if ns_dtype == torch.bfloat16 else 1e-5), (name, float(rel))
+
+
+def test_muon_in_bfloat16_is_torchs_muon_bit_for_bit():
+    """llmctl's Muon is torch.optim.Muon's update with the iteration's dtype chosen by the hardware: in bfloat16
+    (torch's fixed choice) three steps give the same weights and momentum, bit for bit."""
+    torch_muon = getattr(torch.optim, "Muon", None)
+    if torch_muon is None:
+        pytest.skip("this torch has no torch.optim.Muon to compare with")
+    ours, theirs = _model(), _model()
+    opt = build_optimizer(ours, MUON, "cpu")
+    opt.ns_dtype = torch.bfloat16
+    mats = [p for n, p in theirs.named_parameters() if p.dim() == 2 and "blocks." in n]
+    ref = torch_muon(mats, lr=MUON.muon_lr, momentum=MUON.muon_momentum, nesterov=True,
+                     weight_decay=MUON.muon_weight_decay)
+    for step in range(3):
+        torch.manual_seed(step)
+        grads = [torch.randn_like(p) for p in ours.parameters()]
+        for a, b, g in zip(ours.parameters(), theirs.parameters(), grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        if "blocks." in name and a.dim() == 2:
+            assert torch.equal(a, b), name
+            assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"]), name
+
+
+def test_newton_schulz_runs_in_bfloat16_only_where_it_is_native(monkeypatch):
+    import llmctl.optim as optim
+
+    assert newton_schulz_dtype("cuda") == torch.bfloat16
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(optim, "cpu_has_fast_bf16", lambda native=native: native)
+        assert newton_schulz_dtype("cpu") == dtype
+        assert build_optimizer(_model(), MUON, "cpu").ns_dtype == dtype
 
 
 def test_muon_state_round_trips_through_state_dict():
@@ -88,15 +133,17 @@ def test_muon_state_round_trips_through_state_dict():
     opt.step()
     again = build_optimizer(model, MUON, "cpu")
     again.load_state_dict(opt.state_dict())
-    qkv = model.blocks[0].attn.qkv.weight
-    assert torch.equal(again.muon.state[qkv]["momentum_buffer"], opt.state[qkv]["momentum_buffer"])
-    assert again.muon.state is again.state and again.muon.param_groups[0] is again.param_groups[0]
+    qkv, wte = model.blocks[0].attn.qkv.weight, model.wte.weight
+    assert torch.equal(again.state[qkv]["momentum_buffer"], opt.state[qkv]["momentum_buffer"])
+    assert torch.equal(again.state[wte]["exp_avg"], opt.state[wte]["exp_avg"])
+    assert again.adamw.state is again.state and again.adamw.param_groups[0] is again.param_groups[1]
 
 
-def test_a_torch_without_muon_is_one_clear_error(monkeypatch):
-    monkeypatch.delattr(torch.optim, "Muon")
-    with pytest.raises(LlmctlError, match=r"needs torch.optim.Muon \(torch 2.9 or newer\); this torch is"):
-        build_optimizer(_model(), MUON, "cpu")
+def test_muon_needs_no_torch_optim_muon(monkeypatch):
+    """The update is llmctl's own, so a torch without torch.optim.Muon (before 2.9) trains with Muon too."""
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    model, before = _muon_step(torch.float32)
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, before["qkv"][0])
 
 
 def test_wsd_is_stable_then_decays_over_its_last_steps():

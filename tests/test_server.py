@@ -317,6 +317,19 @@ def test_concurrent_greedy_requests_equal_each_prompt_alone(server, alone):
     assert [g["choices"][0]["text"] for g in got] == [alone[i] for i in range(32)]
 
 
+def test_a_repeated_prompt_starts_from_the_prefix_cache_and_answers_the_same(server, alone):
+    i = next(i for i, p in enumerate(PROMPTS) if len(p) > 17)  # (characters: more than one 16-token block)
+    before = server.metrics()
+    for _ in range(2):
+        assert server.post("/v1/completions", _body(i)).json()["choices"][0]["text"] == alone[i]
+    m = server.metrics()
+    assert m["llmctl_prefix_cache_hits_total"] >= before["llmctl_prefix_cache_hits_total"] + 1
+    assert m["llmctl_prefix_cache_hit_tokens_total"] >= before["llmctl_prefix_cache_hit_tokens_total"] + 16
+    assert m["llmctl_prefix_cache_lookups_total"] >= before["llmctl_prefix_cache_lookups_total"] + 2
+    assert m["llmctl_prefix_cache_blocks"] >= 1
+    assert 0 < m["llmctl_prefix_cache_bytes"] <= m["llmctl_prefix_cache_budget_bytes"] == 512 << 20
+
+
 def test_concurrent_greedy_requests_equal_alone_with_the_compiled_step(tiny_run, key_file, alone):
     with Server(tiny_run, "--dtype", "float32", "--compile", "--set", "serve.slots=4", key_file=key_file,
                 timeout=600) as s:
@@ -362,7 +375,7 @@ def test_a_request_arriving_while_others_decode_starts_before_they_finish(server
 def small(tiny_run):
     with Server(tiny_run, "--no-compile", "--set", "serve.slots=1", "--set", "serve.max_queue=1", "--set",
                 "serve.max_body_bytes=4096", "--set", "serve.max_tokens=1000000", "--set",
-                "serve.request_timeout=4") as s:
+                "serve.request_timeout=4", "--set", "serve.prefix_cache=false") as s:
         yield s
         assert s.stop() == 0
 
@@ -404,6 +417,7 @@ def test_a_request_over_the_timeout_is_504(small):
     r = small.post("/v1/completions", {"prompt": "A", "max_tokens": 1000000, "temperature": 0})
     assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
     assert _wait(lambda: small.metrics()["llmctl_busy_slots"] == 0)
+    assert not [k for k in small.metrics() if "prefix" in k]  # serve.prefix_cache=false: no cache to count
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits_0(tiny_run):

@@ -19,6 +19,7 @@ from ..events import SILENT, Events
 from ..fileio import read_text
 from ..interrupt import NAMES
 from ..loading import Loaded, apply_settings, for_inference, load_model
+from ..prefix_cache import PrefixCache
 from ..sampling import Sampling
 
 SECTIONS = ("serve", "generate")  # what -c/--set may change for a server (the model itself is the checkpoint's)
@@ -131,6 +132,8 @@ def _run(loaded: Loaded, cfg: Config, defaults: Sampling, sock: socket.socket, k
         served.classify = lambda texts: classify_texts(loaded, texts, batch_size=cfg.eval.batch_size)
     else:
         for_inference(loaded, dtype, quantize_mode, compile, events=events)
+        if sc.prefix_cache:
+            loaded.engine.prefix = PrefixCache(sc.prefix_cache_mib << 20)
         served.worker = server.Worker(loaded.engine, sc.slots, sc.max_queue, sc.request_timeout, metrics,
                                       events.warn)
         served.worker.start()  # (loads, or with --compile builds, the compiled step of the serving shape)

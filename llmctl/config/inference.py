@@ -100,10 +100,16 @@ class ServeConfig:
     """Seconds a SIGTERM or SIGINT waits for the requests in flight before the server exits."""
     model_name: Optional[str] = None
     """The model's id in the API; null: the run directory's name."""
+    prefix_cache: bool = True
+    """Keep the keys and values of prompt prefixes (in blocks of tokens) after their prefill, so a prompt that starts
+    with text already seen (a system prompt, a chat's history) prefills only the rest; false: prefill every prompt
+    whole."""
+    prefix_cache_mib: int = 512
+    """The prefix cache's budget in MiB of keys and values; past it the least recently used blocks go."""
 
     def check(self, cfg: Whole) -> list[str]:
         """Impossible serving settings."""
-        p = at_least("serve", self, ["slots", "max_queue", "max_tokens", "max_body_bytes"])
+        p = at_least("serve", self, ["slots", "max_queue", "max_tokens", "max_body_bytes", "prefix_cache_mib"])
         for name in ("request_timeout", "drain_timeout"):
             if getattr(self, name) <= 0:
                 p.append(f"serve.{name}: must be a positive number of seconds (got {getattr(self, name)})")

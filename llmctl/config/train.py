@@ -42,8 +42,8 @@ class TrainConfig:
     decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
     """wsd: how the decay falls from lr to min_lr: linear, cosine (half a period), or sqrt (1 - sqrt(progress))."""
     optimizer: Literal["adamw", "muon"] = "adamw"
-    """adamw: AdamW on every parameter; muon: torch.optim.Muon on the blocks' 2-D weight matrices (each fused qkv and
-    gate/up matrix orthogonalised whole), AdamW on embeddings, head, norms and biases (needs torch 2.9 or newer)."""
+    """adamw: AdamW on every parameter; muon: Muon (torch.optim.Muon's update) on the blocks' 2-D weight matrices
+    (each fused qkv and gate/up matrix orthogonalised whole), AdamW on embeddings, head, norms and biases."""
     muon_lr: float = 0.02
     """Muon's peak learning rate (train.optimizer=muon), scaled by the schedule like lr; Muon further scales each
     matrix's step by sqrt(max(1, rows / columns))."""
