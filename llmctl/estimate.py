@@ -220,9 +220,16 @@ def weight_bytes(model: nn.Module, amp: Optional[torch.dtype], share: Callable[[
     return {k: int(v) for k, v in out.items()}
 
 
+def batch_rows(cfg: Config, rows_per_example: int = 1) -> int:
+    """Sequences in one micro-batch: train.batch_size examples of `rows_per_example` sequences each (a task's
+    `rows_per_example`: a DPO pair is 2, a GRPO prompt its finetune.group_size completions)."""
+    return cfg.train.batch_size * rows_per_example
+
+
 def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Optional[torch.dtype],
-                    layout: Any = None, teacher: Optional[nn.Module] = None, capacity: Optional[int] = None) -> dict:
-    """Estimated bytes per device for one training step at train.batch_size x model.block_size.
+                    layout: Any = None, teacher: Optional[nn.Module] = None, capacity: Optional[int] = None,
+                    rows_per_example: int = 1) -> dict:
+    """Estimated bytes per device for one training step at `batch_rows` x model.block_size.
 
     `layout` (a distributed.DistContext) divides what each device holds: FSDP shards every parameter, gradient and
     AdamW moment over the data-parallel ranks; tensor parallelism splits the block matrices over its group.
@@ -244,7 +251,7 @@ def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Op
 
     w = weight_bytes(model, amp, share)
     weights = w["frozen"] + w["trainable"] + w["adapters"]
-    act = activation_bytes(cfg.model, cfg.train.batch_size, cfg.model.block_size, device.type, amp, tp,
+    act = activation_bytes(cfg.model, batch_rows(cfg, rows_per_example), cfg.model.block_size, device.type, amp, tp,
                            trained(model))
     extra = {"teacher": teacher_bytes(teacher, cfg, amp)} if teacher is not None else {}
     base = weights + w["gradients"] + w["optimizer"] + w["copies"] + w["dequant"] + extra.get("teacher", 0)
@@ -263,20 +270,20 @@ def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Op
 
 
 def preflight(model: nn.Module, cfg: Config, device: torch.device, amp: Optional[torch.dtype], layout: Any = None,
-              teacher: Optional[nn.Module] = None) -> None:
+              teacher: Optional[nn.Module] = None, rows_per_example: int = 1) -> None:
     """Refuse a run whose estimated memory per device (the dry run's model) exceeds the device's memory, with the
     estimate and the settings that lower it; `train.allow_oversubscribe` lets it try anyway."""
     if cfg.train.allow_oversubscribe:
         return
-    mem = memory_estimate(model, cfg, device, amp, layout, teacher)
+    mem = memory_estimate(model, cfg, device, amp, layout, teacher, rows_per_example=rows_per_example)
     need, cap = mem["needed"], mem["device_capacity"]
     if cap and need > cap:
         gib = lambda n: f"{n / 2**30:,.1f} GiB"  # noqa: E731
         raise LlmctlError(
             f"this run needs about {gib(need)} per device ({gib(mem['activations'])} of it activations of "
-            f"{cfg.train.batch_size} x {cfg.model.block_size} tokens; `--dry-run` itemises it) but {device.type} has "
-            f"{gib(cap)}; lower model.block_size or train.batch_size, set train.activation_checkpointing=true, or "
-            "--set train.allow_oversubscribe=true to try anyway")
+            f"{batch_rows(cfg, rows_per_example)} x {cfg.model.block_size} tokens; `--dry-run` itemises it) but "
+            f"{device.type} has {gib(cap)}; lower model.block_size or train.batch_size, set "
+            "train.activation_checkpointing=true, or --set train.allow_oversubscribe=true to try anyway")
 
 
 def device_capacity(device: torch.device) -> Optional[int]:
@@ -493,7 +500,8 @@ def dry_run(plan: Plan, start_step: int = 0, timed_steps: int = 5, warmup_steps:
     cfg, model, device, amp, task = plan.cfg, plan.model, plan.device, plan.amp, plan.task
     t = cfg.train
     raw = getattr(model, "_orig_mod", model)
-    tokens_per_step = task.tokens_per_step or t.batch_size * plan.grad_accum * cfg.model.block_size  # padded: at most
+    rows = batch_rows(cfg, task.rows_per_example)
+    tokens_per_step = task.tokens_per_step or rows * plan.grad_accum * cfg.model.block_size  # padded: at most
     flops = task_flops(task, cfg)
     peak = hardware.peak_flops(device, amp, cfg.data.cache_dir)
     report: dict = {
@@ -507,6 +515,7 @@ def dry_run(plan: Plan, start_step: int = 0, timed_steps: int = 5, warmup_steps:
         "flops_per_token": flops["train"],
         "flops_per_token_forward": flops["forward"],
         "tokens_per_step": tokens_per_step,
+        "rows_per_batch": rows,
         "task": task.kind,
         **{k: v for k, v in task.sizes.items() if k != "epochs"},
         "epochs": (round((t.max_steps - start_step) * tokens_per_step / max(1, task.sizes["train_tokens"]), 3)
@@ -514,7 +523,7 @@ def dry_run(plan: Plan, start_step: int = 0, timed_steps: int = 5, warmup_steps:
         **({"teacher_flops_per_token": flops["teacher_forward"],
             "teacher_parameters": task.teacher.num_params()} if task.teacher is not None else {}),
         "memory": memory_estimate(raw, cfg, torch.device("cuda") if gpu_memory else device, amp, plan.dist,
-                                  task.teacher, capacity=gpu_memory),
+                                  task.teacher, capacity=gpu_memory, rows_per_example=task.rows_per_example),
         "memory_for": f"a CUDA GPU of {gpu_memory:,} bytes (--gpu-memory)" if gpu_memory else str(device),
         "peak_flops": peak["flops"],
         "peak_flops_source": peak["source"],

@@ -16,6 +16,7 @@ lm-eval is an optional extra (`llmctl[eval]`), imported only here.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -138,14 +139,27 @@ def make_lm(loaded: Loaded, batch_size: int, changes: Optional[dict] = None) -> 
     return LlmctlLM()
 
 
+_MANAGERS: dict[Optional[str], Any] = {}  # include path (resolved) -> lm-eval TaskManager
+
+
+def task_manager(include_path: Optional[str] = None) -> Any:
+    """lm-eval's TaskManager of its own tasks and those under `include_path`, made once per process and folder:
+    it reads every task YAML lm-eval ships (some 15,000, many seconds) to index them. (A task file added under the
+    folder later in the same process is not seen.)"""
+    key = str(Path(include_path).resolve()) if include_path else None
+    if key not in _MANAGERS:
+        from lm_eval.tasks import TaskManager
+
+        _MANAGERS[key] = TaskManager(include_path=key) if key else TaskManager()
+    return _MANAGERS[key]
+
+
 def evaluate(loaded: Loaded, tasks: list[str], num_fewshot: Optional[int], limit: Optional[float],
              include_path: Optional[str], batch_size: int, log_samples: bool, changes: Optional[dict] = None) -> dict:
     """Run lm-eval's `simple_evaluate` on `tasks` with the model as an LM; returns lm-eval's results dict.
     `changes` (sampling field -> value) override the generation tasks' own settings."""
     lm_eval = require()
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = task_manager(include_path)
     known = set(manager.all_tasks)
     for t in tasks:
         if t not in known:

@@ -111,7 +111,8 @@ def run_training(plan: TrainPlan, start: Start, resume_state: Optional[dict], *,
         _train_locked(plan, start, events, resume_state, on_step)
         distributed.finish(plan.dist)
         return None
-    estimate.preflight(unwrap(plan.model), plan.cfg, plan.device, plan.amp, plan.dist, plan.task.teacher)
+    estimate.preflight(unwrap(plan.model), plan.cfg, plan.device, plan.amp, plan.dist, plan.task.teacher,
+                       plan.task.rows_per_example)
     rundir.preflight(out, plan.model)
     # MFU in the training progress and the summary: training FLOPs per token over the device's peak
     flops = estimate.task_flops(plan.task, plan.cfg)["train"]

@@ -83,6 +83,9 @@ class Task:
     step_metrics: Optional[Callable[[], dict]] = None  # metrics of the last step besides its loss (read once)
     state: Optional[Callable[[], dict]] = None  # what a checkpoint keeps of the task besides the loop (GRPO's rollouts)
     load_state: Optional[Callable[[dict], None]] = None  # restore `state` on resume
+    # sequences each of a micro-batch's train.batch_size examples becomes: DPO 2 (its chosen and rejected answers),
+    # GRPO finetune.group_size (its completions); what the dry run's memory, tokens and preflight count
+    rows_per_example: int = 1
 
 
 def classification_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -271,7 +274,7 @@ def dpo_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.d
     return Task("dpo", backbone, backbone, batches.get, loss, validate, None,
                 sizes={"train_examples": len(train_idx), "val_examples": len(val_idx),  # (pairs)
                        "epochs": round(batches.epochs(t.max_steps), 2)},
-                notes=notes, step_metrics=means.read)
+                notes=notes, step_metrics=means.read, rows_per_example=2)
 
 
 def grpo_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.device, amp,
@@ -305,7 +308,8 @@ def grpo_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.
     return Task("grpo", backbone, backbone, rollouts.get, rollouts.loss, validate, None,
                 sizes={"train_prompts": len(train_idx), "val_prompts": len(val_idx), "group_size": f.group_size,
                        "epochs": round(rollouts.picker.epochs(t.max_steps) / f.grpo_iterations, 2)},
-                notes=notes, step_metrics=rollouts.metrics, state=rollouts.state, load_state=rollouts.load_state)
+                notes=notes, step_metrics=rollouts.metrics, state=rollouts.state, load_state=rollouts.load_state,
+                rows_per_example=f.group_size)
 
 
 BUILDERS = {"classification": classification_task, "instruct": instruct_task, "dpo": dpo_task, "grpo": grpo_task}

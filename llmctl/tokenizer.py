@@ -156,12 +156,17 @@ class Tokenizer:
 
     @property
     def sha256(self) -> str:
-        """The identity of the tokenizer (token caches, a teacher's and student's match): its tokenizer.json, and
-        the model's settings where it has any (another end-of-text token joins documents differently)."""
-        text = self.to_str()
-        if self.named is not None or len(self.end_ids) > 1:
-            text += "\x1f" + json.dumps({"special_tokens": self.named, "end_ids": self.end_ids}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+        """The identity of the tokenizer, the one home of "the same tokenizer" (token caches, a teacher's and
+        student's match, a policy's and its reference's): what it is, never how it was written down. Its
+        tokenizer.json's content (key order and layout aside), the special tokens a template sees, and the ids it
+        resolved (end-of-text, padding, BOS, end ids...; another end-of-text token joins documents differently);
+        whether the ids were named (an imported tokenizer_config.json) or found by their usual spellings does not
+        count, so a tokenizer exported and imported again, or saved again, keeps its identity. (to_str is the
+        tokenizers library writing what it holds, whatever the file it read looked like.)"""
+        ids = {"eos": self.eos_id, "pad": self.pad_id, "unk": self.unk_id, "bos": self.bos_id, "mask": self.mask_id,
+               "cls": self.cls_id, "sep": self.sep_id, "end": list(self.end_ids)}
+        settings = json.dumps({"special_tokens": self.special_tokens, "ids": ids}, sort_keys=True)
+        return hashlib.sha256((self.to_str() + "\x1f" + settings).encode()).hexdigest()
 
     @property
     def kind(self) -> str:

@@ -126,7 +126,7 @@ def _compute_table(report: dict, cfg: dict) -> Table:
             f"{fmt_count(report['teacher_flops_per_token'])} ({report['teacher_parameters']:,} parameters)")]
           if "teacher_flops_per_token" in report else []),
         ("tokens per optimizer step",
-         f"{report['tokens_per_step']:,} ({tr['batch_size']} x {m['block_size']}"
+         f"{report['tokens_per_step']:,} ({report['rows_per_batch']} x {m['block_size']}"
          + (f" x {acc} micro-batches)" if acc > 1 else ")")),
         (("train / val tokens", f"{report['train_tokens']:,} / {report['val_tokens']:,} ({report['epochs']} epochs)")
          if "train_tokens" in report else
@@ -143,7 +143,7 @@ def _split_row(report: dict, unit: str) -> tuple[str, str]:
 
 
 def _memory_table(report: dict, cfg: dict) -> Table:
-    m, tr = cfg["model"], cfg["train"]
+    m = cfg["model"]
     mem = report["memory"]
     rows = [("weights", fmt_bytes(mem["weights"]), _weight_parts(mem))]
     if mem["adapters"]:
@@ -160,7 +160,7 @@ def _memory_table(report: dict, cfg: dict) -> Table:
         rows.append(("distillation teacher", fmt_bytes(mem["teacher"]), "weights and its forward pass"))
     on = mem["checkpointing"]
     rows += [
-        (f"activations ({tr['batch_size']} x {m['block_size']})",
+        (f"activations ({report['rows_per_batch']} x {m['block_size']})",
          fmt_bytes(mem["activations_checkpointed" if on else "activations"]),
          f"checkpointing on (off: {fmt_bytes(mem['activations'])})" if on else
          f"with checkpointing {fmt_bytes(mem['activations_checkpointed'])}"),

@@ -179,15 +179,25 @@ def test_ddp_two_processes_log_the_losses_of_one(tmp_path, single):
     assert_same_val_losses(single, out)
 
 
+def distill_settings(single: Path) -> list[str]:
+    return ["finetune.task=distill", f"finetune.teacher={single}", "finetune.distill_alpha=0.7", "train.max_steps=6",
+            "train.eval_interval=0"]
+
+
+@pytest.fixture(scope="module")
+def distilled_in_one(tmp_path_factory, single) -> Path:
+    """One process, batch 8, distilling `single` into itself: the reference of every parallel layout."""
+    one = tmp_path_factory.mktemp("dist") / "distilled"
+    training_cmd.finetune(None, [*BASE, "train.batch_size=8", *distill_settings(single)], single, one)
+    return one
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp", "tp"])
-def test_distillation_in_two_processes_logs_the_losses_of_one(tmp_path, single, parallel):
+def test_distillation_in_two_processes_logs_the_losses_of_one(tmp_path, single, distilled_in_one, parallel):
     """finetune.task=distill under torchrun: the student is wrapped (or sharded) as usual, every rank holds the
     whole teacher."""
-    kd = ["finetune.task=distill", f"finetune.teacher={single}", "finetune.distill_alpha=0.7", "train.max_steps=6",
-          "train.eval_interval=0"]
-    one = tmp_path / "one"
-    training_cmd.finetune(None, [*BASE, "train.batch_size=8", *kd], single, one)
+    kd, one = distill_settings(single), distilled_in_one
     two = tmp_path / "two"
     per_device = 8 if parallel == "tp" else 4  # (the two ranks of a tensor-parallel group share their micro-batch)
     r = torchrun("finetune", "--from", str(single), *sets(*BASE, f"train.batch_size={per_device}",

@@ -192,6 +192,12 @@ def test_a_dpo_run_through_the_cli_raises_accuracy_and_margin(runner, tiny_run, 
     assert r.exit_code == 0, r.output
     r = invoke(runner, "eval", "--ckpt", out)  # its measures are the run's own: eval says where they are
     assert r.exit_code == 2 and "preference-tuned" in r.stderr and "metrics.jsonl" in r.stderr
+    # the dry run counts each pair as its two sequences, chosen and rejected
+    r = invoke(runner, "finetune", "--from", tiny_run, *sets(*DPO, f"data.path={data}"), "--out", tmp_path / "never",
+               "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["rows_per_batch"] == 2 * 4 and report["tokens_per_step"] == 2 * 4 * 32  # (TINY's block_size)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

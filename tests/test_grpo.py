@@ -187,6 +187,14 @@ def test_reward_rises_on_a_learnable_reward_and_eval_measures_it(files, tiny_run
         got[ckpt] = json.loads(r.stdout)
         assert set(got[ckpt]) == {"reward", "reward_std", "kl", "samples"} and got[ckpt]["samples"] == 16
     assert got[out]["reward"] > got[tiny_run]["reward"] and got[out]["kl"] > 0 and got[tiny_run]["kl"] == 0
+    # a reference exported and imported again is the same model with the same tokenizer (Tokenizer.sha256 is
+    # what the tokenizer is, not whether tokenizer_config.json now names its special tokens)
+    assert invoke(runner, "export", "--ckpt", tiny_run, "--format", "hf", "--out", tmp_path / "hf").exit_code == 0
+    assert invoke(runner, "import", "hf", tmp_path / "hf", "--out", tmp_path / "again", "--quiet").exit_code == 0
+    r = invoke(runner, "eval", "--ckpt", tiny_run, "--reward", spec, "--prompts", files / "few.jsonl", "--samples",
+               "2", "-n", "6", "--seed", "3", "--json", "--reference", tmp_path / "again")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == got[tiny_run]
 
 
 def test_a_classifier_reward_is_the_probability_of_its_label(tiny_run, tmp_path):
@@ -202,3 +210,23 @@ def test_a_classifier_reward_is_the_probability_of_its_label(tiny_run, tmp_path)
     want = inference_cmd.classify_texts(classifier, ["the king was good", "sweet love", "a " + "night " * 40])
     assert got.tolist() == pytest.approx([w["probabilities"]["pos"] for w in want], abs=1e-6)
     assert list(each) == [f"classifier:{tmp_path / 'cls'}:pos"]
+
+
+def test_the_dry_run_counts_every_completion_of_a_prompt(files, tiny_run, runner, tmp_path):
+    """A GRPO micro-batch holds train.batch_size prompts x finetune.group_size completions: the dry run's tokens per
+    step, activations and their label count those rows (as the preflight that refuses a run too big for the device)."""
+    reports = {}
+    for g in (2, 4):
+        r = invoke(runner, "finetune", "--from", tiny_run, *sets(*grpo_args(files), f"finetune.group_size={g}"),
+                   "--out", tmp_path / "never", "--dry-run", "--json")
+        assert r.exit_code == 0, r.output
+        reports[g] = json.loads(r.stdout)
+    block = reports[4]["config"]["model"]["block_size"]
+    assert reports[4]["rows_per_batch"] == 2 * 4 and reports[4]["tokens_per_step"] == 2 * 4 * block
+    a2, a4 = (reports[g]["memory"] for g in (2, 4))
+    assert a4["activations"] == 2 * a2["activations"] > 0 and a4["weights"] == a2["weights"]
+    assert a4["activations_checkpointed"] == 2 * a2["activations_checkpointed"]
+    r = invoke(runner, "finetune", "--from", tiny_run, *sets(*grpo_args(files)), "--out", tmp_path / "never",
+               "--dry-run")
+    assert f"{2 * 4 * block:,} (8 x {block})" in r.stdout and f"activations (8 x {block})" in r.stdout
+    assert not (tmp_path / "never").exists()

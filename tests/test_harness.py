@@ -42,10 +42,10 @@ def both(bpe_run, runner, tmp_path_factory) -> tuple[dict, dict]:
     ours = json.loads(r.stdout)
     export = tmp_path_factory.mktemp("export") / "hf"
     assert invoke(runner, "export", "--ckpt", bpe_run, "--out", export).exit_code == 0
-    from lm_eval.tasks import TaskManager
+    from llmctl.harness import task_manager  # (lm-eval's index of its tasks, made once)
 
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export},dtype=float32", tasks=NAMES,
-                                     task_manager=TaskManager(include_path=str(TASKS)), log_samples=True, limit=24,
+                                     task_manager=task_manager(str(TASKS)), log_samples=True, limit=24,
                                      batch_size=8, device="cpu")
     return ours, theirs
 
@@ -123,8 +123,9 @@ def test_lm_evals_local_completions_client_against_serve_equals_eval_tasks(both,
     `llmctl serve` on the same checkpoint gives `llmctl eval --tasks`'s log-likelihoods and accuracy."""
     pytest.importorskip("openai")
     pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
-    from lm_eval.tasks import TaskManager
     from test_server import KEY, Server
+
+    from llmctl.harness import task_manager
 
     export = tmp_path / "hf"
     assert invoke(runner, "export", "--ckpt", bpe_run, "--out", export).exit_code == 0
@@ -145,14 +146,14 @@ def test_lm_evals_local_completions_client_against_serve_equals_eval_tasks(both,
                 f"max_length=96,num_concurrent=1,max_retries=1,tokenized_requests=True,custom_prefix_token_id={eot}")
         theirs = lm_eval.simple_evaluate(model="local-completions", model_args=args,
                                          tasks=["shakespeare_next_line", "shakespeare_rolling_short"],
-                                         task_manager=TaskManager(include_path=str(TASKS)), log_samples=True,
+                                         task_manager=task_manager(str(TASKS)), log_samples=True,
                                          limit=24)
         # local-chat-completions: a generate_until task end to end through /v1/chat/completions (the chat template
         # of a base model: llmctl's instruction template; `truncate` keeps a long prompt's last tokens)
         chat = lm_eval.simple_evaluate(model="local-chat-completions",
                                        model_args=f"base_url={s.url}/v1/chat/completions,model=bpe,max_retries=1",
                                        tasks=["shakespeare_complete"], apply_chat_template=True,
-                                       gen_kwargs="truncate=True", task_manager=TaskManager(include_path=str(TASKS)),
+                                       gen_kwargs="truncate=True", task_manager=task_manager(str(TASKS)),
                                        log_samples=True, limit=8)
         answered = s.metrics()['llmctl_requests_total{endpoint="/v1/chat/completions",status="200"}']
         assert s.stop() == 0

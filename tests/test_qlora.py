@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import ROOT, SHARED, invoke, sets
+from conftest import ROOT, SHAKESPEARE, invoke, sets
 from llmctl import checkpoint as ckpt_io
 from llmctl.config import ModelConfig
 from llmctl.errors import LlmctlError
@@ -89,8 +89,10 @@ def losses(run) -> list[float]:
 
 
 # the smallest Llama 3.2-shaped model whose every adapted weight NF4 takes: 128 wide, 4 heads of 32, 2 key/value
-# heads, MLP 256, tied embeddings, llama3 RoPE scaling, Llama 3's tokenizer (128,256 tokens)
-WIDTH, CONTEXT = 128, 32
+# heads, MLP 256, tied embeddings, llama3 RoPE scaling; its vocabulary a byte-level BPE of 512 tokens (what QLoRA
+# quantizes is the blocks' linears, whatever the vocabulary: Llama 3's 128,256 tokens made each step ~250x dearer
+# here; tests/test_open_models.py takes the real tokenizers through import, finetune and export)
+WIDTH, CONTEXT, VOCAB = 128, 32, 512
 SENTENCE = "Hello from llmctl, said the model. "  # a text the random model learns in a dozen LoRA steps
 
 
@@ -101,21 +103,36 @@ def text(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def qlora_run(tmp_path_factory, text):
-    """`import hf` of a random-weight Llama 3.2-shaped model as the hub holds it (scripts/tiny_open_model.py), then
-    a qlora finetune of it on a repeated sentence: (imported run, qlora run)."""
-    pytest.importorskip("transformers")
-    if not (SHARED / "tokenizers" / "llama3" / "tokenizer.json").exists():
-        pytest.skip(f"{SHARED} lacks the Llama 3 tokenizer (the shared data directory)")
+def hub_dir(out):
+    """A random-weight Llama 3.2-shaped model as the hub holds it (scripts/tiny_open_model.py's config) with a
+    byte-level BPE tokenizer of VOCAB tokens trained on the sentence and Tiny Shakespeare (the sentence is 10
+    tokens, as in Llama 3's: a prompt and 16 generated tokens fit the context)."""
     import importlib.util
+
+    transformers = pytest.importorskip("transformers")
+    from llmctl.tokenizer import Tokenizer
 
     spec = importlib.util.spec_from_file_location("tiny_open_model", ROOT / "scripts" / "tiny_open_model.py")
     tiny = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny)
+    tok = Tokenizer.train_bpe([SENTENCE * 100, SHAKESPEARE.read_text()[:100_000]], VOCAB)
+    cfg = tiny.config("llama3.2", WIDTH, 2, CONTEXT)
+    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.vocab_size, None, tok.eos_id, None
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save(out / "tokenizer.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, text):
+    """`import hf` of a random-weight Llama 3.2-shaped model as the hub holds it, then a qlora finetune of it on a
+    repeated sentence: (imported run, qlora run)."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"needs {SHAKESPEARE} (the shared data directory)")
     runner = CliRunner()
     tmp = tmp_path_factory.mktemp("qlora")
-    hub = tiny.write("llama3.2", tmp / "hub", width=WIDTH, layers=2, context=CONTEXT)
+    hub = hub_dir(tmp / "hub")
     base = tmp / "base"
     r = invoke(runner, "import", "hf", hub, "--out", base, "--quiet")
     assert r.exit_code == 0, r.output

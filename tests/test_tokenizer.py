@@ -54,6 +54,24 @@ def test_save_load_identical(tmp_path):
     assert again.encode(TEXT) == tok.encode(TEXT) and again.sha256 == tok.sha256
 
 
+def test_identity_is_what_the_tokenizer_is_not_how_it_was_written(tmp_path):
+    """Tokenizer.sha256, the one rule of "the same tokenizer" (caches, teacher and student, policy and reference):
+    exported and imported again (its specials now named by tokenizer_config.json), or given those names in its
+    settings, it is the same tokenizer; another end-of-text token, another end id or another vocabulary is not."""
+    from llmctl import tokenizer_files
+
+    tok = Tokenizer.train_char([TEXT])
+    tokenizer_files.write(tmp_path, tok, 32, None)
+    again, _ = tokenizer_files.read(tmp_path, Tokenizer.from_file(tmp_path / "tokenizer.json"), {})
+    assert tok.named is None and again.named == {"eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
+    assert again.sha256 == tok.sha256
+    relaid = json.dumps(json.loads(tok.to_str()), indent=2, sort_keys=True)  # another layout and key order
+    assert relaid != tok.to_str() and Tokenizer.from_str(relaid).sha256 == tok.sha256
+    assert Tokenizer(tok.tk, {"eos_token": PAD}).sha256 != tok.sha256  # another end-of-text token
+    assert Tokenizer(tok.tk, None, [3]).sha256 != tok.sha256  # generation also ends at id 3
+    assert Tokenizer.train_char([TEXT + "Q"]).sha256 != tok.sha256  # one more token
+
+
 def test_bad_tokenizer_file(tmp_path):
     with pytest.raises(LlmctlError, match="not found"):
         Tokenizer.from_file(tmp_path / "missing.json")
