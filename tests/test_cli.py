@@ -382,6 +382,24 @@ def _windowed_llama(tmp: Path) -> Path:
     return tmp / "windowed"
 
 
+def _other_tokenizer_draft(tmp: Path, run: Path) -> Path:
+    """A draft of the run's vocabulary size with another character tokenizer (the run's characters, shifted by one
+    code point: the same count, other tokens)."""
+    from llmctl import checkpoint as ckpt_io
+    from llmctl.config import Config
+    from llmctl.loading import load_model
+    from llmctl.model import Transformer
+    from llmctl.tokenizer import Tokenizer
+
+    ours = load_model(run, "cpu")
+    chars = [ours.tokenizer.decode([i]) for i in range(ours.cfg.model.vocab_size)]
+    tok = Tokenizer.train_char(["".join(chr(ord(c[0]) + 1) if c else "" for c in chars)])
+    assert tok.vocab_size == ours.cfg.model.vocab_size
+    cfg = Config(model=ours.cfg.model)
+    ckpt_io.save(tmp / "other-draft", 0, Transformer(cfg.model).state_dict(), cfg.to_yaml(), tok.to_str())
+    return tmp / "other-draft"
+
+
 def _adapter(tmp: Path, run: Path) -> Path:
     from llmctl.commands import training as training_cmd
 
@@ -710,6 +728,9 @@ BAD += [
 BAD += [
     ("draft-other-vocabulary", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--draft", _windowed_llama(t)],
      ["--draft", "vocabulary of 300 tokens", "the model's tokenizer"]),
+    ("draft-other-tokenizer", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--draft",
+                                            _other_tokenizer_draft(t, r)],
+     ["--draft", "has another tokenizer than the model", "trained with the model's tokenizer"]),
     ("draft-missing", lambda t, r: ["infer", "--ckpt", r, "--prompt", "hi", "--draft", t / "nope"],
      ["--draft", "checkpoint not found", "--draft prompt-lookup"]),
     ("draft-with-input", lambda t, r: ["infer", "--ckpt", r, "--input", _file(t, "p.txt", "hi\n"),

@@ -96,6 +96,11 @@ def speculation(loaded: Loaded, draft: Optional[str], dtype: Optional[str] = Non
         drafter = speculative.DraftModel(small.model, loaded.cfg.model.vocab_size, str(draft))
     except LlmctlError as e:
         raise LlmctlError(f"--draft: {e.message}") from None
+    ours, theirs = loaded.tokenizer, small.tokenizer
+    if ours is not None and theirs is not None and ours.sha256 != theirs.sha256:
+        # exact all the same (the model verifies every token), but its drafts would be other tokens' ids: no speed-up
+        raise LlmctlError(f"--draft: {draft} has another tokenizer than the model (same vocabulary size, other "
+                          "tokens); give a draft trained with the model's tokenizer (prune + distill makes one)")
     for_inference(small, dtype, quantize_mode, compile=False)
     return Speculation(drafter, g.draft_tokens)
 
