@@ -127,8 +127,11 @@ class MuonAdamW(torch.optim.Optimizer):
                  ns_dtype: torch.dtype = torch.bfloat16):
         self.ns_dtype, self.n_muon = ns_dtype, 1 if muon_params else 0
         self.adamw = torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl)
+        # torch.optim.Muon's group keys too, so a checkpoint of this optimizer loads into torch's (and older llmctl)
         muon = ([{"params": muon_params, "lr_scale": cfg.muon_lr / cfg.lr, "lr": cfg.muon_lr,
-                  "weight_decay": cfg.muon_weight_decay, "momentum": cfg.muon_momentum}] if muon_params else [])
+                  "weight_decay": cfg.muon_weight_decay, "momentum": cfg.muon_momentum, "nesterov": True,
+                  "ns_coefficients": NS_COEFFICIENTS, "eps": 1e-7, "ns_steps": NS_STEPS, "adjust_lr_fn": None}]
+                if muon_params else [])
         super().__init__(muon + self.adamw.param_groups, {})  # the same group dicts: one view of both
         self._share()
 

@@ -17,7 +17,9 @@ after it: eviction takes the ends of chains first (a shared system prompt outliv
 
 Keys and values at positions 0..p depend only on tokens 0..p (causal attention; a sliding-window layer stores every
 position too and only reads fewer), so restored blocks are what a prefill of the whole prompt writes there: in
-float32 a row's tokens are the same with the cache on or off (up to the rounding of a shorter matmul). The engine
+float32 a row's tokens are the same with the cache on or off (up to the rounding of a shorter matmul). Not under
+CPU dynamic int8, whose activation scale is one per input tensor: a stored block's values then also depend on the
+rest of the prompt that stored it (docs/serving.md says so; decoding under int8 mixes rows the same way). The engine
 decides which prefills use the store (`Engine._prefill`). The blocks hold for one model's weights: whoever changes
 them (nothing in `serve` does) must `clear` the store.
 """
@@ -80,10 +82,11 @@ class PrefixCache:
             return 0
         self._touch(chain)
         n = len(chain) * self.block
-        kv = chain[0].kv if len(chain) == 1 else torch.cat([b.kv for b in chain], dim=3)  # (L, 2, H, n, D)
-        for i, (k, v) in enumerate(cache.layers):
-            k[slot, :, :n] = kv[i, 0]
-            v[slot, :, :n] = kv[i, 1]
+        for j, b in enumerate(chain):  # block by block: no transient copy of the whole chain outside the budget
+            t = j * self.block
+            for i, (k, v) in enumerate(cache.layers):
+                k[slot, :, t : t + self.block] = b.kv[i, 0]
+                v[slot, :, t : t + self.block] = b.kv[i, 1]
         self.hits += 1
         self.hit_tokens += n
         return n
@@ -101,17 +104,20 @@ class PrefixCache:
             self._evict()
         if want == len(chain):
             return
-        parent, a, z = chain[-1].id if chain else 0, len(chain) * self.block, want * self.block
-        new = torch.stack([torch.stack((k[slot, :, a:z], v[slot, :, a:z])) for k, v in cache.layers])  # (L, 2, H, n, D)
-        for i, kv in enumerate(new.split(self.block, dim=3)):
-            t = a + i * self.block  # (each block its own copy: an evicted one frees its memory)
-            b = _Block((parent, tuple(tokens[t : t + self.block])), self._next_id, kv.clone())
-            self._next_id += 1
-            self._blocks[b.key] = b
-            self.bytes += size
-            chain.append(b)
-            parent = b.id
-        self._touch(chain)
+        parent = chain[-1].id if chain else 0
+        try:
+            for t in range(len(chain) * self.block, want * self.block, self.block):
+                # each block its own copy (an evicted one frees its memory), made by stack: (L, 2, H, block, D)
+                kv = torch.stack([torch.stack((k[slot, :, t : t + self.block], v[slot, :, t : t + self.block]))
+                                  for k, v in cache.layers])
+                b = _Block((parent, tuple(tokens[t : t + self.block])), self._next_id, kv)
+                self._next_id += 1
+                self._blocks[b.key] = b
+                self.bytes += size
+                chain.append(b)
+                parent = b.id
+        finally:  # (even after a failed copy: a block stays more recently used than those after it)
+            self._touch(chain)
 
     # -- inside --------------------------------------------------------------------------------------------------
     def _chain(self, tokens: list[int], most: int) -> list[_Block]:

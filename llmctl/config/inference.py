@@ -109,7 +109,8 @@ class ServeConfig:
 
     def check(self, cfg: Whole) -> list[str]:
         """Impossible serving settings."""
-        p = at_least("serve", self, ["slots", "max_queue", "max_tokens", "max_body_bytes", "prefix_cache_mib"])
+        p = at_least("serve", self, ["slots", "max_queue", "max_tokens", "max_body_bytes"]
+                     + (["prefix_cache_mib"] if self.prefix_cache else []))
         for name in ("request_timeout", "drain_timeout"):
             if getattr(self, name) <= 0:
                 p.append(f"serve.{name}: must be a positive number of seconds (got {getattr(self, name)})")
