@@ -533,9 +533,24 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     if a.out.exists():  # keep what earlier runs recorded beside (e.g. "history")
         old = json.loads(a.out.read_text())
-        results = {**{k: v for k, v in old.items() if k not in results}, **results}
+        if a.peer_only and a.llama_server:
+            results = with_peer_rows(old, results)
+        else:
+            results = {**{k: v for k, v in old.items() if k not in results}, **results}
     a.out.write_text(json.dumps(results, indent=2) + "\n")
     report(results)
+
+
+def with_peer_rows(old: dict, new: dict) -> dict:
+    """A --peer-only run's llama-server comparison added to the file's earlier results (its own rows and models
+    stay), with this run's settings beside the comparison (they may differ from the file's)."""
+    run = {k: new[k] for k in ("cpu", "cores", "torch", "python", "prompt_tokens", "new_tokens", "seconds", "rounds",
+                               "client", "http")}
+    models = {m["model"]: m for m in old.get("models", [])}
+    for m in new["models"]:
+        entry = models.setdefault(m["model"], {"model": m["model"], "checkpoint": m["checkpoint"]})
+        entry["vs_llama_server"] = {**m["vs_llama_server"], "run": run}
+    return {**old, "models": list(models.values())}
 
 
 def report(results: dict) -> None:

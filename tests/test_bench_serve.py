@@ -67,3 +67,16 @@ def test_llama_server_command_line(bench, tmp_path):
     assert flag["--parallel"] == "16" and flag["--threads"] == "2" and flag["-c"] == str(16 * 1024)
     assert bench.pct([1.0, 2.0, 3.0, 4.0], 0.5) == 3.0 and bench.pct([], 0.99) is None
     assert bench.proc_cpu_s(os.getpid()) > 0
+
+
+def test_a_peer_only_run_adds_its_comparison_beside_the_files_rows(bench):
+    old = {"cpu": "old cpu", "history": [1], "models": [{"model": "gpt2-124M", "rows": [{"clients": 1}]},
+                                                        {"model": "shakespeare-bpe", "rows": []}]}
+    new = {"cpu": "new cpu", "cores": 2, "torch": "t", "python": "p", "prompt_tokens": 16, "new_tokens": 128,
+           "seconds": 12, "rounds": 2, "client": "raw", "http": "h",
+           "models": [{"model": "gpt2-124M", "checkpoint": "c", "vs_llama_server": {"rows": [{"clients": 4}]}}]}
+    merged = bench.with_peer_rows(old, new)
+    gpt2, bpe = merged["models"]
+    assert gpt2["rows"] == [{"clients": 1}] and bpe["model"] == "shakespeare-bpe" and merged["history"] == [1]
+    assert gpt2["vs_llama_server"]["rows"] == [{"clients": 4}] and merged["cpu"] == "old cpu"
+    assert gpt2["vs_llama_server"]["run"]["cpu"] == "new cpu"
