@@ -25,7 +25,7 @@ from .events import Events, with_fields
 from .heads import Classifier
 from .interrupt import Stopped
 from .loading import restore
-from .optim import build_optimizer, check_continuation
+from .optim import MuonAdamW, build_optimizer, check_continuation
 from .plan import TrainPlan
 from .saver import Saver
 from .train import Hooks, Interrupted, LoopState, fit
@@ -179,6 +179,9 @@ class Recipe:
             rundir.write_run_files(self.out, plan.cfg.to_yaml(), plan.tokenizer.to_str())
         self.model = distributed.wrap_model(plan.model, t, plan.dist)  # checkpointing, DDP / FSDP / TP, compile
         self.optimizer = build_optimizer(self.model, t, plan.device.type, per_parameter=plan.dist.tp_size > 1)
+        if isinstance(self.optimizer, MuonAdamW):  # every rank the same Newton-Schulz dtype, or the replicas drift
+            native = distributed.agree_all(plan.dist, self.optimizer.ns_dtype == torch.bfloat16)
+            self.optimizer.ns_dtype = torch.bfloat16 if native else torch.float32
         self.scaler = torch.amp.GradScaler(plan.device.type) if plan.amp == torch.float16 else None
 
     def resume(self, resume_state: Optional[dict]) -> None:

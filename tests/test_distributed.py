@@ -547,3 +547,27 @@ def test_two_nodes_of_two_processes_through_c10d_rendezvous_train_like_one_proce
     assert_same_losses(losses(tmp_path / "one"), losses(out), range(1, 4))
     w1, w2 = ckpt.load(tmp_path / "one" / "step-0000003").weights(), ckpt.load(out / "step-0000003").weights()
     assert sorted(w1) == sorted(w2) and max((w1[k] - w2[k]).abs().max().item() for k in w1) < TOL
+
+
+def _agree(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from llmctl.distributed import DistContext, agree_all
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        ctx = DistContext(rank=rank, world_size=2, parallel="ddp")
+        got = (agree_all(ctx, rank == 0), agree_all(ctx, True))  # rank 0 alone has native bf16; then both
+        Path(out, f"{rank}.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_a_choice_only_when_every_rank_makes_it(tmp_path):
+    """Muon's Newton-Schulz dtype is bfloat16 on hosts with native bf16 and float32 elsewhere: mixed hosts must all
+    take float32 (agree_all), or the DDP replicas would drift apart."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree, args=(f"file://{tmp_path / 'rdzv'}", str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)] == [[False, True], [False, True]]

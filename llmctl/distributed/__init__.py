@@ -16,15 +16,15 @@ One job per module, each importing only those above it in this list (never one b
 This file hands on the names the rest of llmctl uses.
 """
 
-from .collectives import loop_hooks, polled, sharded_lm_metrics
+from .collectives import agree_all, loop_hooks, polled, sharded_lm_metrics
 from .launch import DistContext, finish, init, launch_prefix, local_rank0_first, peer_errors
 from .output import Discard, discard, per_device_events, per_device_metrics, rank0_only, speaks
 from .parallelize import check, check_layout, checkpoint_blocks, inherited_layout, unwrap, wrap_model
 from .state import gather_for_save, load_optimizer_state, restore_rng
 
 __all__ = [
-    "DistContext", "Discard", "check", "check_layout", "checkpoint_blocks", "discard", "finish", "gather_for_save",
-    "inherited_layout", "init", "launch_prefix", "load_optimizer_state", "local_rank0_first", "loop_hooks",
-    "peer_errors", "per_device_events", "per_device_metrics", "polled", "rank0_only", "restore_rng",
+    "DistContext", "Discard", "agree_all", "check", "check_layout", "checkpoint_blocks", "discard", "finish",
+    "gather_for_save", "inherited_layout", "init", "launch_prefix", "load_optimizer_state", "local_rank0_first",
+    "loop_hooks", "peer_errors", "per_device_events", "per_device_metrics", "polled", "rank0_only", "restore_rng",
     "sharded_lm_metrics", "speaks", "unwrap", "wrap_model",
 ]

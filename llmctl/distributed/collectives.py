@@ -59,6 +59,16 @@ def loop_hooks(model: nn.Module, ctx: DistContext) -> dict:
             **extra}
 
 
+def agree_all(ctx: DistContext, flag: bool) -> bool:
+    """Whether `flag` holds on every rank (collective under torchrun): a choice each rank makes from its own
+    hardware that must be the same everywhere, such as Muon's Newton-Schulz dtype on hosts with different CPUs."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def agree_signal(ctx: DistContext, signum: Optional[int]) -> Optional[int]:
     """The stop signal any rank received (collective under torchrun: every rank calls it at the same point).
 
