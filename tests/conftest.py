@@ -22,6 +22,22 @@ TINY = [
 ]
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist (`-n N`), each worker (and every process it starts: the CLI, servers, torchrun's ranks)
+    gets its share of the cores, so N workers' torch thread pools do not oversubscribe the machine and spin against
+    each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
+
+
+_share_the_cores()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` are skipped, with the reason (`pytest -rs`), where torch sees no CUDA device."""
     import torch

@@ -14,22 +14,31 @@ import torch
 from conftest import ROOT, SHARED, invoke, sets
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not (SHARED / "tokenizers" / "qwen3" / "tokenizer.json").is_file(),
-                                reason="needs ../shared/data/tokenizers")
+pytestmark = [pytest.mark.skipif(not (SHARED / "tokenizers" / "qwen3" / "tokenizer.json").is_file(),
+                                 reason="needs ../shared/data/tokenizers"),
+              pytest.mark.xdist_group("open_models")]  # one pytest-xdist worker builds the LoRA fixtures, once
 
 QUESTIONS = ["Capital of France?", "Who are you?", "What is 2+2?", "Say something.", "Name a colour.",
              "Where is Lima?"]
 REPLY = "Hello from llmctl."  # one reply to everything: a random model learns it in 60 LoRA steps
 
 
+# Each family's hub directory and LoRA run are built once per session and kept here: under pytest-xdist a worker may
+# be handed the two families' tests interleaved, and a module-scoped parametrized fixture would then be torn down
+# and built again at each switch (a minute each).
+_BUILT: dict[tuple[str, str], tuple] = {}
+
+
 @pytest.fixture(scope="module", params=["qwen3", "llama3.2"])
 def hub_dir(request, tmp_path_factory):
     """A transformers directory as the hub holds it: weights, config, the real tokenizer files and template."""
-    spec = importlib.util.spec_from_file_location("tiny_open_model", ROOT / "scripts" / "tiny_open_model.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    out = tiny.write(request.param, tmp_path_factory.mktemp(request.param) / "hub")
-    return request.param, out, tiny.FAMILIES[request.param][2]["eos_token_id"]
+    if ("hub", request.param) not in _BUILT:
+        spec = importlib.util.spec_from_file_location("tiny_open_model", ROOT / "scripts" / "tiny_open_model.py")
+        tiny = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tiny)
+        out = tiny.write(request.param, tmp_path_factory.mktemp(request.param) / "hub")
+        _BUILT["hub", request.param] = request.param, out, tiny.FAMILIES[request.param][2]["eos_token_id"]
+    return _BUILT["hub", request.param]
 
 
 def conversations(path):
@@ -47,6 +56,12 @@ def conversations(path):
 @pytest.fixture(scope="module")
 def tuned(hub_dir, tmp_path_factory):
     """import hf -> LoRA chat SFT: (family, hub dir, end ids, imported run, tuned run, finetune summary)."""
+    if ("tuned", hub_dir[0]) not in _BUILT:
+        _BUILT["tuned", hub_dir[0]] = _tune(hub_dir, tmp_path_factory)
+    return _BUILT["tuned", hub_dir[0]]
+
+
+def _tune(hub_dir, tmp_path_factory) -> tuple:
     from typer.testing import CliRunner
 
     runner = CliRunner()
