@@ -92,7 +92,13 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: Optional[int] =
 def task_flops(task: Any, cfg: Config) -> dict:
     """FLOPs per trained token of a task: the trained model's, plus a distillation teacher's forward pass, or DPO's
     and GRPO's reference (the same model) forward (GRPO's generation is not counted)."""
-    flops = flops_per_token(getattr(task.module, "_orig_mod", task.module), cfg.model)
+    module = getattr(task.module, "_orig_mod", task.module)
+    flops = flops_per_token(module, cfg.model)
+    if cfg.train.objective == "mlm":  # the head runs on the masked positions alone (llmctl.mlm.mlm_loss)
+        head = 2 * sum(m.weight.numel() for name, m in module.named_modules()
+                       if isinstance(m, nn.Linear) and name.startswith(("lm_head", "mlm")))
+        skipped = int(head * (1 - cfg.train.mask_rate))
+        flops = {"forward": flops["forward"] - skipped, "train": flops["train"] - 3 * skipped}
     if getattr(task, "kind", None) in ("dpo", "grpo"):
         flops = {**flops, "forward": 2 * flops["forward"], "train": flops["train"] + flops["forward"]}
     teacher = getattr(task, "teacher", None)

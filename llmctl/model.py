@@ -512,10 +512,14 @@ class Transformer(nn.Module):
         kv_len: Optional[int] = None,
         segments: Optional[torch.Tensor] = None,
         start: int = 0,
+        only: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache, `segments` and
-        `start` arguments."""
-        h = self.hidden(idx, cache, slot, pos, kv_len, segments, start)
+        `start` arguments. `only` (B, T) bool: the logits of those positions alone, (N, vocab_size) in row-major
+        order - masked-language modelling predicts ~15% of the positions, so the head runs on those only."""
+        h = self.hidden(idx, cache, slot, pos, kv_len, segments, start)  # (B, T, C)
+        if only is not None:
+            h = h[only]  # (N, C)
         logits = self.lm_head(self.mlm(h) if self.mlm is not None else h)
         if self.cfg.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap

@@ -38,7 +38,7 @@ from .evaluate import classification_metrics, classify, lm_logits
 from .grpo import Rollouts
 from .heads import Classifier
 from .lora import apply_lora
-from .mlm import Masking, masked_batches, masked_blocks, mlm_metrics
+from .mlm import Masking, masked_batches, masked_blocks, mlm_loss, mlm_metrics
 from .model import Transformer
 from .preference import StepMeans, dpo_terms, frozen_reference
 from .qlora import quantize_base
@@ -136,7 +136,7 @@ def mlm_task(cfg: Config, td: TokenData, backbone: Transformer, device: torch.de
         r = mlm_metrics(distributed.unwrap(model), distributed.polled(blocks, layout.dist), device, amp)
         return {"val_loss": r["masked_loss"], "val_masked_accuracy": r["masked_accuracy"]}
 
-    return Task("lm", backbone, backbone, masked_batches(batches.get, masking, t.seed, layout.rank), lm_loss,
+    return Task("lm", backbone, backbone, masked_batches(batches.get, masking, t.seed, layout.rank), mlm_loss,
                 validate, t.batch_size * layout.accum * T * layout.world,
                 sizes={"train_tokens": len(td.train), "val_tokens": len(td.val)}, val_tokens=td.val)
 

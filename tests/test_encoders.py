@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import SHAKESPEARE, SHARED, encoder_run, invoke, sets
 from llmctl.checkpoint import load
 from llmctl.config import ModelConfig
 from llmctl.data import classification_ids
 from llmctl.errors import LlmctlError
-from llmctl.mlm import Masking
+from llmctl.mlm import Masking, mlm_loss
 from llmctl.model import Transformer
 from llmctl.tokenizer import Tokenizer
 
@@ -53,6 +54,25 @@ def test_masking_replaces_80_10_10_and_is_a_function_of_the_seed():
     assert not torch.equal(m.apply(ids, [1, 3])["input_ids"], a["input_ids"])
     one = m.apply(torch.full((4, 3), 7), [0])["labels"]  # every row predicts at least one token
     assert ((one != -100).sum(1) >= 1).all()
+
+
+def test_mlm_loss_on_the_masked_positions_alone_equals_the_full_logits_loss_and_gradients():
+    """The head runs on the ~15% masked positions only (`only=`): the same loss and gradients as cross-entropy over
+    the whole (B, T, V) logits with every other label -100."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="llama", causal=False, n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=40,
+                      norm="layernorm", bias=False, gate_activation="gelu", mlm_head=True, pooler="mlm")
+    model = Transformer(cfg)
+    batch = Masking(mask_id=39, vocab=39).apply(torch.randint(0, 39, (3, 32)), [5])
+    sparse = mlm_loss(model, batch)
+    g_sparse = torch.autograd.grad(sparse, list(model.parameters()))
+    full = F.cross_entropy(model(batch["input_ids"]).flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    g_full = torch.autograd.grad(full, list(model.parameters()))
+    torch.testing.assert_close(sparse, full, rtol=0, atol=1e-6)
+    for a, b in zip(g_sparse, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    only = batch["labels"] != -100
+    assert torch.equal(model(batch["input_ids"], only=only), model(batch["input_ids"])[only])
 
 
 def test_encoder_texts_are_framed_by_cls_and_sep_and_need_them():
