@@ -24,6 +24,10 @@ from llmctl.distributed import tensor_parallel
 from llmctl.errors import LlmctlError
 from llmctl.hardware import cpu_has_fast_bf16
 
+# Under pytest-xdist these tests run on one worker, one after another: their module fixtures (one-process reference
+# runs) are built once, and two torchrun launches of 2-4 ranks each never share the cores with each other.
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 # float32, dropout 0: one process with batch B and two with B/2 see the same global batch and must agree
 BASE = [
     "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.0",
