@@ -76,6 +76,12 @@ def sets(*items: str) -> list[str]:
 def _cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     os.environ["LLMCTL_CACHE_DIR"] = str(cache)
+    # inductor's own caches (built C++ kernels, autotuning results: llmctl.aot.configure_compile_cache) are shared by
+    # the session's xdist workers, so a kernel that two tests' decode steps both need is compiled once; llmctl's
+    # cache of compiled steps stays private to each worker
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(shared / "inductor")
     os.environ.pop("LLMCTL_DEBUG", None)
     return cache
 
