@@ -27,24 +27,36 @@ METRICS = ("loss", "reward_chosen", "reward_rejected", "margin", "accuracy", "kl
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-sequence sum of the labelled tokens' log-probabilities (N,), their count (N,), log-softmax (N, T, V)):
-    the log-softmax in float32, the sums in float64 (the differences of long sums are what DPO compares). Labels of
+    """(per-sequence sum of the labelled tokens' log-probabilities (N,), their count (N,), log-softmax (M, V) of the
+    M labelled positions): `logits` are (N, T, V), or (M, V) those positions' alone in row-major order (what
+    `Transformer.forward(only=labels != -100)` returns, so the head and the softmax skip prompts and padding). The
+    log-softmax in float32, the sums in float64 (the differences of long sums are what DPO compares). Labels of
     -100 are not answer tokens."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    mask = labels != -100
-    tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (tok.double() * mask).sum(-1), mask.sum(-1), logp
+    mask = labels != -100  # (N, T)
+    logp = F.log_softmax(_labelled(logits, mask).float(), dim=-1)  # (M, V)
+    tok = logp.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)  # (M,)
+    return _per_row(tok.double(), mask), mask.sum(-1), logp
+
+
+def _labelled(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return logits[mask] if logits.dim() == 3 else logits  # (M, V)
+
+
+def _per_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(M,) values of the labelled positions, summed per sequence: (N,), in their dtype."""
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
 
 
 def dpo_terms(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, loss_type: str,
               beta: float, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """Per pair (B,): `loss` (with gradient) and the metrics of `METRICS` (detached), from the logits of the 2B
-    sequences under the policy and the reference."""
+    sequences under the policy and the reference ((2B, T, V), or (M, V) at the M labelled positions alone)."""
     pol, n, plp = answer_logps(policy_logits, labels)
     with torch.no_grad():
         ref, _, rlp = answer_logps(ref_logits, labels)
-        mask = (labels != -100).unsqueeze(-1)
-        kl = ((plp.exp() * (plp - rlp)).sum(-1, dtype=torch.float64) * mask.squeeze(-1)).sum(-1)  # (2B,)
+        # the KL of each labelled position summed over the vocabulary in float32, then per sequence in float64
+        kl = _per_row((plp.exp() * (plp - rlp)).sum(-1).double(), labels != -100)  # (2B,)
     if loss_type == "ipo":
         pol, ref = pol / n.clamp(min=1), ref / n.clamp(min=1)
     B = labels.shape[0] // 2
@@ -70,15 +82,15 @@ def frozen_reference(backbone: nn.Module, lora: bool) -> Callable[[torch.Tensor]
     else:
         net, off = copy.deepcopy(backbone).eval(), contextlib.nullcontext
         net.requires_grad_(False)
-    return lambda ids: _forward(net, off, ids)
+    return lambda ids, only=None: _forward(net, off, ids, only)
 
 
-def _forward(net: nn.Module, off: Callable[[], ContextManager], ids: torch.Tensor) -> torch.Tensor:
+def _forward(net: nn.Module, off: Callable[[], ContextManager], ids: torch.Tensor, only) -> torch.Tensor:
     was = net.training
     net.eval()
     try:
         with torch.no_grad(), off():
-            return net(ids)
+            return net(ids, only=only)
     finally:
         net.train(was)
 

@@ -243,8 +243,10 @@ def dpo_task(cfg: Config, tok: Tokenizer, backbone: Transformer, device: torch.d
     means = StepMeans()
 
     def terms(model: nn.Module, batch: dict) -> dict:
-        ids = batch["input_ids"]
-        return dpo_terms(model(ids), reference(ids), batch["labels"], f.dpo_loss, f.beta, f.label_smoothing)
+        ids, labels = batch["input_ids"], batch["labels"]
+        answers = labels != -100  # the head runs on the answer tokens alone: (M, V) logits
+        return dpo_terms(model(ids, only=answers), reference(ids, only=answers), labels, f.dpo_loss, f.beta,
+                         f.label_smoothing)
 
     def loss(model: nn.Module, batch: dict) -> torch.Tensor:
         out = terms(model, batch)

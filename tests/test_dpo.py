@@ -90,6 +90,12 @@ def test_dpo_loss_and_rewards_equal_a_direct_computation(tiny_run, loss_type, sm
                     p, q = torch.log_softmax(pl[j, t], -1), torch.log_softmax(rl[j, t], -1)
                     kl += float((p.exp() * (p - q)).sum()) / 2
         assert got["kl"][i].item() == pytest.approx(kl, abs=1e-6) and kl > 0
+    # the logits of the answer tokens alone (the head skips prompts and padding, as training runs it): the same terms
+    with torch.no_grad():
+        answers = y != -100
+        sel = dpo_terms(policy(x, only=answers), ref(x, only=answers), y, loss_type, beta, smoothing)
+    for k in got:
+        torch.testing.assert_close(sel[k], got[k], rtol=0, atol=1e-6)
     # the policy against itself: no reward, no KL, the loss is log 2 (sigmoid)
     same = dpo_terms(pl, pl, y, "sigmoid", beta)
     assert same["margin"].abs().max() == 0 and same["kl"].abs().max() < 1e-6
