@@ -516,7 +516,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); see `hidden` for the cache, `segments` and
         `start` arguments. `only` (B, T) bool: the logits of those positions alone, (N, vocab_size) in row-major
-        order - masked-language modelling predicts ~15% of the positions, so the head runs on those only."""
+        order: masked-language modelling (~15% of the positions) and DPO (answer tokens) need no others."""
         h = self.hidden(idx, cache, slot, pos, kv_len, segments, start)  # (B, T, C)
         if only is not None:
             h = h[only]  # (N, C)
