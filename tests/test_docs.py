@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -188,6 +190,21 @@ def test_readme_is_a_landing_page_with_the_ci_test_command():
     assert len(readme.splitlines()) <= 250
     command = re.search(r'pip install -e "\.\[test\]" && (python -m pytest -q[^\n]*)', readme).group(1)
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()  # CI runs exactly the README's command
+
+
+def test_xdist_groups_keep_their_tests_on_one_worker(tmp_path):
+    # the README's command relies on `--dist loadgroup` honouring xdist_group marks (docs/development.md says which
+    # tests); pytest 9.2 with pytest-xdist 3.8 drops them without a word, which only a real two-worker run shows
+    pytest.importorskip("xdist")
+    (tmp_path / "test_grouped.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.xdist_group('one')\n"
+        "@pytest.mark.parametrize('i', range(6))\n"
+        "def test_g(i):\n    pass\n")
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider", "-rA"]
+    run = subprocess.run(command + [str(tmp_path / "test_grouped.py")], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "@one" in run.stdout  # the group suffix xdist gives a grouped test's id
 
 
 # ----------------------------------------------------------------------------------------------------------------
