@@ -9,12 +9,20 @@ The prompt is the opening of a file (default: Tiny Shakespeare from ../shared/da
 greedy continuations of a small model repeat the prompt's and their own phrases, which prompt lookup drafts. It also
 checks that both sides produce the same tokens (greedy speculative decoding is exact).
 
+With `--prompts FILE.jsonl` (lines of {"prompt", "answer"}: scripts/code_rewrite_corpus.py's heldout.jsonl, an
+input-grounded task) the first `--count` prompts run instead, each for as many new tokens as its answer has; the
+figures are over all of them (tokens of every prompt / time of every prompt), and the report says how many
+completions equal their answer and how close they come (difflib's ratio): the evidence that the model does the task
+whose drafts prompt lookup makes.
+
     flock /tmp/bench.lock nice -n 5 python scripts/bench_speculative.py --ckpt RUN --out benchmarks/speculative.json
+    python scripts/bench_speculative.py --ckpt runs/rewrite --prompts runs/rewrite/heldout.jsonl --count 20
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import platform
 import statistics
@@ -44,6 +52,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled with --seed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--prompts", default=None, help="a JSONL file of {prompt, answer} (replaces --text)")
+    ap.add_argument("--count", type=int, default=20, help="with --prompts: how many of its prompts")
+    ap.add_argument("--note", default="", help="what else ran on the machine (goes into the JSON)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -57,19 +68,35 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = for_inference(load_model(args.ckpt, "cpu"), "float32", "none", compile=False)
-    prompt = Path(args.text).read_text(encoding="utf-8")[: args.prompt_chars]
-    ids = fit_prompt(loaded.tokenizer, prompt, loaded.cfg.model.block_size, truncate=True)
-    s = Sampling(args.new, temperature=args.temperature, top_k=None,
-                 seed=None if args.temperature == 0 else args.seed)
+    tok, context = loaded.tokenizer, loaded.cfg.model.block_size
+    if args.prompts:  # (prompt ids, new tokens, answer)
+        items = [json.loads(x) for x in Path(args.prompts).read_text(encoding="utf-8").splitlines()[: args.count]]
+        cases = [(fit_prompt(tok, x["prompt"], context, truncate=True), len(tok.encode(x["answer"])), x["answer"])
+                 for x in items]
+        prompt = f"{len(cases)} prompts of {args.prompts}"
+    else:
+        prompt = Path(args.text).read_text(encoding="utf-8")[: args.prompt_chars]
+        cases = [(fit_prompt(tok, prompt, context, truncate=True), args.new, None)]
 
-    def plain() -> tuple[list[int], dict]:
-        return list(loaded.engine.complete(Request(ids, s))), {}
+    def sampling(new: int) -> Sampling:
+        seed = None if args.temperature == 0 else args.seed
+        return Sampling(new, temperature=args.temperature, top_k=None, seed=seed)
 
-    def speculative() -> tuple[list[int], dict]:
-        spec, out = Speculation(PromptLookup(args.ngram), args.k), []
-        for row in spec.run(loaded.engine, Request(ids, s)):
-            out += row.new_tokens
-        return out, spec.stats.as_dict()
+    def plain() -> tuple[list[list[int]], dict]:
+        return [list(loaded.engine.complete(Request(ids, sampling(n)))) for ids, n, _ in cases], {}
+
+    def speculative() -> tuple[list[list[int]], dict]:
+        outs, total = [], {}
+        for ids, n, _ in cases:
+            spec, out = Speculation(PromptLookup(args.ngram), args.k), []
+            for row in spec.run(loaded.engine, Request(ids, sampling(n))):
+                out += row.new_tokens
+            outs.append(out)
+            for k in ("drafted", "accepted", "target_forwards"):
+                total[k] = total.get(k, 0) + spec.stats.as_dict()[k]
+        total["acceptance_rate"] = round(total["accepted"] / max(total["drafted"], 1), 4)
+        total["tokens_per_forward"] = round(sum(map(len, outs)) / max(total["target_forwards"], 1), 2)
+        return outs, total
 
     plain(), speculative()  # warm up both paths
     runs: dict[str, list[float]] = {"plain": [], "prompt-lookup": []}
@@ -79,15 +106,23 @@ def main() -> None:
         for name, fn in (("plain", plain), ("prompt-lookup", speculative)):
             t0, c0 = time.perf_counter(), time.process_time()
             toks, st = fn()
-            runs[name].append(len(toks) / (time.perf_counter() - t0))
-            cpu[name].append(len(toks) / (time.process_time() - c0))
+            n = sum(map(len, toks))
+            runs[name].append(n / (time.perf_counter() - t0))
+            cpu[name].append(n / (time.process_time() - c0))
             outs[name], stats[name] = toks, st
+    texts = [tok.decode(t) for t in outs["prompt-lookup"]]
+    answers = [a for _, _, a in cases]
+    task = None if answers[0] is None else {
+        "exact": sum(t.rstrip() == a.rstrip() for t, a in zip(texts, answers)), "of": len(answers),
+        "mean_similarity": round(statistics.mean(difflib.SequenceMatcher(None, t, a).ratio()
+                                                 for t, a in zip(texts, answers)), 3)}
     med = {k: statistics.median(v) for k, v in runs.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     result = {
         "checkpoint": str(args.ckpt), "model": {k: getattr(loaded.cfg.model, k) for k in
                                                 ("arch", "n_layer", "n_embd", "block_size", "vocab_size")},
-        "prompt": prompt, "prompt_tokens": len(ids), "new_tokens": args.new, "draft_tokens": args.k,
+        "prompt": prompt, "prompt_tokens": sum(len(c[0]) for c in cases), "new_tokens": sum(c[1] for c in cases),
+        "draft_tokens": args.k,
         "lookup_ngram": args.ngram, "rounds": args.rounds, "precision": "float32, eager",
         "temperature": args.temperature,
         "tokens_per_s": {k: round(v, 1) for k, v in med.items()},
@@ -98,10 +133,11 @@ def main() -> None:
         "speedup_cpu_time": round(med_cpu["prompt-lookup"] / med_cpu["plain"], 2),
         "draft": stats["prompt-lookup"],
         "identical_output": outs["plain"] == outs["prompt-lookup"] if args.temperature == 0 else "n/a (sampled)",
-        "completion": loaded.tokenizer.decode(outs["prompt-lookup"]),
+        "task": task,
+        "completion": texts[0],
         "cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "note": "a shared 2-core machine, loaded by other agents' jobs during the run (noisy figures)",
+        "note": args.note,
     }
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
