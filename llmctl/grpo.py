@@ -40,7 +40,8 @@ def grpo_terms(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Ten
                old_logp: Optional[torch.Tensor], clip_eps: float, beta: float, temperature: float
                ) -> dict[str, torch.Tensor]:
     """Per token (N, T), 0 outside the completions: `loss` (with gradient), `k3` and `clipped` (detached); and
-    `mask`. `old_logp` None: the sampling policy is this one (its log-probabilities, detached)."""
+    `mask`. `logits` (N, T, V), or (M, V) at the completion tokens alone (`rollouts.token_logps`). `old_logp` None:
+    the sampling policy is this one (its log-probabilities, detached)."""
     logp, mask = token_logps(logits, labels, temperature)
     old = logp.detach() if old_logp is None else old_logp
     ratio = torch.exp(logp - old)
@@ -114,17 +115,18 @@ class Rollouts:
         x, y = b["input_ids"].to(self.device), b["labels"].to(self.device)
         temperature = self.sampling.temperature
         out = {**b, "advantages": adv.float(), "scale": torch.tensor([scale]),
-               "ref_logp": token_logps(self.reference(x), y, temperature)[0].cpu()}
+               "ref_logp": token_logps(self.reference(x, only=y != -100), y, temperature)[0].cpu()}
         if self.iterations > 1:
             was = self.backbone.training
             self.backbone.eval()
-            out["old_logp"] = token_logps(self.backbone(x), y, temperature)[0].cpu()
+            out["old_logp"] = token_logps(self.backbone(x, only=y != -100), y, temperature)[0].cpu()
             self.backbone.train(was)
         return out
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         f = self.cfg.finetune
-        terms = grpo_terms(model(batch["input_ids"]), batch["labels"], batch["advantages"], batch["ref_logp"],
+        ids, labels = batch["input_ids"], batch["labels"]
+        terms = grpo_terms(model(ids, only=labels != -100), labels, batch["advantages"], batch["ref_logp"],
                            batch.get("old_logp"), f.clip_eps, f.beta, self.sampling.temperature)
         self.kl_sum += terms["k3"].sum().item()
         self.kl_n += int(terms["mask"].sum())

@@ -121,11 +121,15 @@ def completion_batch(completions: list[Completion], pad_id: int) -> dict:
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(each labelled token's log-probability at `temperature` (N, T) float32, 0 elsewhere; the mask of labelled
-    tokens)."""
+    tokens). `logits` are (N, T, V), or (M, V) at the M labelled positions alone in row-major order (what
+    `Transformer.forward(only=labels != -100)` returns: the head and the softmax skip prompts and padding)."""
     logits = logits.float()
     if temperature > 0:
         logits = logits / temperature
-    mask = labels != -100
+    mask = labels != -100  # (N, T)
+    if logits.dim() == 2:  # (M, V)
+        lp = F.log_softmax(logits, dim=-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)  # (M,)
+        return torch.zeros(labels.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp), mask
     lp = F.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return lp * mask, mask
 
@@ -148,8 +152,9 @@ def measure(policy: torch.nn.Module, reference: Callable[[torch.Tensor], torch.T
             for i in range(0, len(completions), batch_size):
                 b = completion_batch(completions[i:i + batch_size], pad_id)
                 x, y = b["input_ids"].to(device), b["labels"].to(device)
-                pol, mask = token_logps(policy(x), y, s.temperature)
-                ref, _ = token_logps(reference(x), y, s.temperature)
+                only = y != -100
+                pol, mask = token_logps(policy(x, only=only), y, s.temperature)
+                ref, _ = token_logps(reference(x, only=only), y, s.temperature)
                 kls.append(((pol.double() - ref.double()) * mask).sum(-1).cpu())
     finally:
         policy.train(was)

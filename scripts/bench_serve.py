@@ -420,11 +420,12 @@ def llama_version(binary: str) -> str:
 
 
 def bench_llama(ckpt: Path, binary: str, clients: list[int], seconds: float, rounds: int, extra: list[str],
-                slots: int, load=_load_raw) -> dict:
+                slots: int, load=_load_raw, compiled: bool = False) -> dict:
     """`llmctl serve` against llama-server on the same model (exported to GGUF) at the closest precisions, both
     with `slots` slots, rounds interleaved: every (round, clients) runs each server in turn (odd rounds in reverse
     order, so no side always goes first). Both generate exactly
-    NEW_TOKENS tokens: llama-server with ignore_eos, llmctl with its end ids banned through logit_bias."""
+    NEW_TOKENS tokens: llama-server with ignore_eos, llmctl with its end ids banned through logit_bias. `compiled`:
+    llmctl's float32 server runs its compiled decode steps (built first if missing; int8 on a CPU has none)."""
     work = ckpt.parent
     context, end_ids = model_facts(ckpt)
     ps = prompts(ckpt, 256)
@@ -432,7 +433,8 @@ def bench_llama(ckpt: Path, binary: str, clients: list[int], seconds: float, rou
     servers: dict = {}
     try:
         for prec, flags, outtype in PAIRS:
-            servers[("ours", prec)] = Server(ckpt, *extra, *flags, "--set", f"serve.slots={slots}")
+            more = ["--compile"] if compiled and prec == "float32" else []
+            servers[("ours", prec)] = Server(ckpt, *extra, *flags, *more, "--set", f"serve.slots={slots}")
             servers[("llama", prec)] = LlamaServer(binary, export_gguf(ckpt, outtype, work), slots, context)
         for (side, _), srv in servers.items():
             print(f"  {srv.ready_line}", file=sys.stderr, flush=True)
@@ -492,6 +494,8 @@ def parse_args() -> argparse.Namespace:
                     help="llama.cpp's llama-server binary (scripts/build_llama_server.sh): also compare llmctl serve "
                          "with it on the GPT-2 shape, float32 vs f32 and int8 vs q8_0")
     ap.add_argument("--slots", type=int, default=16, help="parallel slots of both servers in that comparison")
+    ap.add_argument("--compile", action="store_true",
+                    help="in that comparison, llmctl's float32 server runs compiled decode steps (--compile)")
     ap.add_argument("--peer-only", action="store_true",
                     help="with --llama-server: only the comparison (no one-at-a-time and offline rounds)")
     ap.add_argument("--quick", action="store_true",
@@ -525,7 +529,7 @@ def main() -> None:
             m = bench_model(name, ckpt, clients, a.seconds, a.rounds, extra, "false" if a.quick else "auto", load)
         if a.llama_server:
             m["vs_llama_server"] = bench_llama(ckpt, a.llama_server, clients, a.seconds, a.rounds, extra, a.slots,
-                                               load)
+                                               load, compiled=a.compile)
         results["models"].append(m)
     if a.bpe is not None:
         results["models"].append(bench_model("shakespeare-bpe", a.bpe, clients, a.seconds, a.rounds,

@@ -106,6 +106,18 @@ def test_advantages_and_loss_equal_a_hand_computation():
     (want_grad,) = torch.autograd.grad(-(a[:, None] * lp * (labels != -100)).sum(), logits)
     assert torch.allclose(grad, want_grad, atol=1e-7) and grad.abs().sum() > 0
 
+    # the logits of the completion tokens alone ((M, V), what forward(only=labels != -100) gives): the same terms
+    # and, through them, the same gradient at those positions (none elsewhere)
+    mask = labels != -100
+    for old_lp in (old, None):
+        full = grpo_terms(logits, labels, a, ref, old_lp, eps, beta, temperature=0.7)
+        sel = grpo_terms(logits[mask], labels, a, ref, old_lp, eps, beta, temperature=0.7)
+        for k in ("loss", "k3", "clipped", "mask"):
+            torch.testing.assert_close(sel[k], full[k], rtol=0, atol=1e-6)
+        (g_full,) = torch.autograd.grad(full["loss"].sum(), logits)
+        (g_sel,) = torch.autograd.grad(sel["loss"].sum(), logits)
+        torch.testing.assert_close(g_sel, g_full, rtol=0, atol=1e-7)
+
 
 def test_rollouts_at_temperature_0_equal_infer(tiny_run):
     loaded = loading.for_inference(loading.load_model(tiny_run, "cpu"), "float32", "none", compile=False)
