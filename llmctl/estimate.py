@@ -147,7 +147,7 @@ def trained(model: nn.Module) -> Trained:
 
 
 def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, amp: Optional[torch.dtype],
-                     tp: int = 1, parts: Trained = Trained()) -> dict:
+                     tp: int = 1, parts: Trained = Trained(), head_share: float = 1.0) -> dict:
     """Bytes of the tensors autograd keeps for the backward pass of one micro-batch, per term.
 
     The residual stream and the norms run in float32; under autocast the inputs of every Linear are saved as
@@ -157,7 +157,8 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
     Under tensor parallelism (`tp` ranks per group) each rank keeps its heads' and channels' share of the attention
     and MLP internals; the residual stream, the norms and the head stay whole. Under LoRA (`parts`: frozen gains,
     head and embedding) the norms keep only their input, the head's input is not kept, each adapter keeps its rank-r
-    intermediate, and the first norm keeps nothing (its input needs no gradient).
+    intermediate, and the first norm keeps nothing (its input needs no gradient). `head_share`: the fraction of
+    positions the head runs on (masked-language modelling's mask rate: `Transformer.forward(only=)`).
     """
     p = _size(amp)  # bytes of a matmul input under autocast (4 without)
     s = _size(attention_dtype(device_type, amp or torch.float32, seq, training=True))
@@ -186,7 +187,7 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, device_type: str, a
     mlp = p * C + (4 * p * H if cfg.gated else 2 * p * H) / tp  # fc input, fc output (gate/up), proj input
     block = norm + attn + norm + mlp + masks + p * parts.adapter_rank  # per token
     # final norm, head input, float32 log-probabilities, input ids and targets (int64), embedding dropout mask
-    head = norm + (p * C if parts.head else 0) + 4 * V + 8 + 8 + (4 * C if dropout > 0 else 0)
+    head = norm + (p * C if parts.head else 0) * head_share + 4 * V * head_share + 8 + 8 + (4 * C if dropout > 0 else 0)
     first = 0 if parts.embeddings else norm  # a frozen embedding: the first block's first norm keeps nothing
     tokens = batch * seq
     full = tokens * (L * block + head - first)
@@ -257,8 +258,9 @@ def memory_estimate(model: nn.Module, cfg: Config, device: torch.device, amp: Op
 
     w = weight_bytes(model, amp, share)
     weights = w["frozen"] + w["trainable"] + w["adapters"]
+    head_share = cfg.train.mask_rate if cfg.train.objective == "mlm" else 1.0  # (llmctl.mlm.mlm_loss)
     act = activation_bytes(cfg.model, batch_rows(cfg, rows_per_example), cfg.model.block_size, device.type, amp, tp,
-                           trained(model))
+                           trained(model), head_share)
     extra = {"teacher": teacher_bytes(teacher, cfg, amp)} if teacher is not None else {}
     base = weights + w["gradients"] + w["optimizer"] + w["copies"] + w["dequant"] + extra.get("teacher", 0)
     checkpointing = bool(cfg.train.activation_checkpointing)

@@ -119,6 +119,32 @@ def test_activation_model_matches_what_autograd_saves(arch, amp):
     assert mem["activations"] + mem["autocast_copies"] == pytest.approx(measured, rel=0.03)
 
 
+def test_activation_model_of_masked_language_modelling_counts_the_masked_positions_head():
+    """MLM runs the head on the masked positions alone (forward(only=)): its logits are kept for mask_rate of them."""
+    cfg = ModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=48, vocab_size=700)
+    full = Config(model=cfg)
+    full.train.batch_size, full.train.objective = 3, "mlm"
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, cfg.vocab_size, (3, 48))
+    keep = torch.zeros(3 * 48, dtype=torch.bool)
+    keep[torch.randperm(3 * 48)[: round(0.15 * 3 * 48)]] = True
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model(x, only=keep.view(3, 48)).float(), x.flatten()[keep])
+    mlm = estimate.memory_estimate(model, full, torch.device("cpu"), None)["activations"]
+    full.train.objective = "clm"
+    clm = estimate.memory_estimate(model, full, torch.device("cpu"), None)["activations"]
+    assert mlm == pytest.approx(sum(seen.values()), rel=0.03) and mlm < 0.9 * clm
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_activation_model_matches_what_autograd_saves_under_lora(method):
     """Frozen gains, head and embedding keep less; adapters keep their rank-r intermediates; an NF4 weight keeps
