@@ -4,7 +4,8 @@ Threads: uvicorn's event loop answers HTTP; one engine thread (`Worker`) owns th
 whenever any row is busy or waiting. A request's rows are handed to the engine with `Worker.submit`, and each step
 sends every touched row's new text back to the request's asyncio queue (`call_soon_threadsafe`), so the event loop
 never waits on the model and the model never waits on a slow client. A cancelled row (client gone, timeout) frees
-its slot at the engine's next step.
+its slot at the engine's next step. With a draft (`serve --draft`), a step in which one greedy row decodes alone is
+a speculative one (`Speculation.engine_step`); every other step is the engine's own.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import openai_api as api
 from .generate import Engine, Row
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
+from .speculative import Speculation, Stats
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
 TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
@@ -56,6 +58,15 @@ def prefix_metrics(m: Metrics, cache: PrefixCache) -> None:
     m.gauge("prefix_cache_budget_bytes", "The prefix cache's budget (serve.prefix_cache_mib).", lambda: cache.budget)
 
 
+def draft_metrics(m: Metrics, stats: Stats) -> None:
+    """Speculative decoding's counts (serve --draft), read when scraped; acceptance = accepted / drafted."""
+    m.counter("draft_tokens_total", "Tokens the draft proposed.", lambda: stats.drafted)
+    m.counter("draft_accepted_tokens_total", "Drafted tokens the model kept.", lambda: stats.accepted)
+    m.counter("draft_forwards_total", "Forwards that checked drafts (each also adds a token of the model's own).",
+              lambda: stats.forwards)
+    m.gauge("draft_acceptance_rate", "Drafted tokens kept / drafted, since the start.", lambda: stats.acceptance)
+
+
 @dataclass(eq=False)
 class Ticket:
     """One request's rows in the engine and the queue its updates arrive on: (index, text, reason or None, the
@@ -76,9 +87,11 @@ class Worker:
     """The engine thread. `submit` is called on the event loop; everything else runs on the thread."""
 
     def __init__(self, engine: Engine, slots: int, max_queue: int, timeout: float, metrics: Metrics,
-                 warn: Callable[[str], None]):
-        # `warn`: how the thread reports a failure it survives (the CLI's events.warn; the server goes on)
+                 warn: Callable[[str], None], draft: Optional[Speculation] = None):
+        # `warn`: how the thread reports a failure it survives (the CLI's events.warn; the server goes on);
+        # `draft`: speculative steps while one greedy row decodes alone (Speculation.engine_step)
         self.engine, self.slots, self.max_queue, self.timeout = engine, slots, max_queue, timeout
+        self.draft = draft
         self.metrics, self.warn = metrics, warn
         self._tickets: dict[Row, tuple[Ticket, int]] = {}
         self._timed_out: set[Row] = set()
@@ -90,6 +103,8 @@ class Worker:
         metrics.gauge("slots", "Slots of the engine (serve.slots).", lambda: self.slots)
         if engine.prefix is not None:
             prefix_metrics(metrics, engine.prefix)
+        if draft is not None:
+            draft_metrics(metrics, draft.stats)
 
     def start(self) -> None:
         self.engine.model.eval()
@@ -131,7 +146,9 @@ class Worker:
                 continue
             self._expire()
             try:
-                touched = self.engine.step()
+                touched = self.draft.engine_step(self.engine) if self.draft else None
+                if touched is None:
+                    touched = self.engine.step()
             except Exception as e:  # a failure in the model must not take the server down: fail what was in it
                 self.warn(f"the engine failed ({type(e).__name__}: {e}); the requests in flight get a 500")
                 self._fail_all()

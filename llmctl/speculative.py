@@ -1,5 +1,7 @@
 """Speculative decoding of one row (`infer --prompt --draft`): a draft proposes k tokens, the target checks them all in
 one forward over k + 1 positions, and the row keeps the longest accepted prefix plus one token of the target's own.
+`serve --draft` uses `Speculation.engine_step` instead: greedy only, in the row's slot of the server's engine, while
+the row decodes alone (the docstring there says how it hands the row back to plain batched steps).
 
 Drafts: `PromptLookup` (the continuation of the latest earlier occurrence of the row's last n tokens, n from
 `generate.lookup_ngram` down to 1, in the prompt and the text generated so far: no second model) and `DraftModel`
@@ -161,6 +163,7 @@ class Speculation:
         if k < 1:
             raise LlmctlError(f"generate.draft_tokens must be at least 1 (got {k})")
         self.drafter, self.k, self.stats = drafter, k, Stats()
+        self._row: Optional[Row] = None  # the row `engine_step` last drafted for
 
     @property
     def name(self) -> str:
@@ -191,6 +194,65 @@ class Speculation:
             self.drafter.keep(len(row.tokens) - 1)
             yield row
             row.new_tokens.clear()
+
+    @torch.inference_mode()
+    def engine_step(self, engine: Engine) -> Optional[list[Row]]:
+        """A server's step (`serve --draft`) when one greedy row decodes alone and nothing waits: the token plain
+        decoding picks now, then one forward of it and up to k draft tokens in the row's own slot, keeping the
+        drafts that are the model's argmax after the tokens before them. The row leaves the step as a plain step
+        leaves it (every token cached, the logits after the last one in the engine), so the next step may be
+        either kind. None when the step is not one for a draft (several rows, a waiting one, a sampled or
+        constrained row, one asking for log-probabilities): the caller steps the engine as usual."""
+        row = self._lone(engine)
+        if row is None:
+            return None
+        if row is not self._row:  # a new row: the draft model's window starts over
+            self._row = row
+            self.drafter.reset(len(row.request.prompt) + row.request.sampling.max_new_tokens)
+        engine._pick([row])  # the plain step's token, from the logits after the row's last token
+        if not row.done:
+            s = row.request.sampling
+            k = min(self.k, s.max_new_tokens - row.produced, engine.cache.length - row.pos - 1)
+            drafts = self.drafter.propose(row.tokens, k, s, len(row.request.prompt), None)[0] if k > 0 else []
+            idx = torch.tensor([row.tokens[-1:] + drafts], device=engine.model.wte.weight.device)
+            logits = engine.model(idx, cache=engine.cache, slot=row.slot, start=row.pos)[0]  # (1 + len(drafts), V)
+            kept = self._keep_greedy(row, drafts, logits, engine.end_ids)
+            engine._logits[row.slot] = logits[kept]
+            row.pos += 1 + kept
+            self.drafter.keep(len(row.tokens))
+            self.stats.drafted += len(drafts)
+            self.stats.accepted += kept
+            self.stats.forwards += 1
+            self.stats.produced += 1 + kept
+        if row.done:
+            engine.rows[row.slot] = None
+        return [row]
+
+    @staticmethod
+    def _lone(engine: Engine) -> Optional[Row]:
+        busy = [r for r in engine.rows if r is not None]
+        if engine.waiting or len(busy) != 1:
+            return None
+        r = busy[0]
+        ok = r.request.sampling.greedy and r.matcher is None and r.request.logprobs is None and not r.cancelled
+        return r if ok and r.pos < engine.cache.length else None
+
+    def _keep_greedy(self, row: Row, drafts: list[int], logits: torch.Tensor, end_ids: frozenset) -> int:
+        """Push the drafts that equal the argmax of `logits` (V after each token before them) as the plain steps
+        would (an end id ends the row); how many were kept."""
+        kept = 0
+        for d, x in zip(drafts, logits):
+            if int(x.argmax()) != d:
+                break
+            kept += 1
+            if d in end_ids:
+                row.end_id = d
+                row._finish("eos")
+            else:
+                row._push(d)
+            if row.done:
+                break
+        return kept
 
     def verify(self, row: Row, logits: torch.Tensor, drafts: list[int], q: Optional[torch.Tensor],
                end_ids: frozenset) -> None:

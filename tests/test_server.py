@@ -339,6 +339,24 @@ def test_concurrent_greedy_requests_equal_alone_with_the_compiled_step(tiny_run,
         assert s.stop() == 0
 
 
+def test_prompt_lookup_drafts_keep_greedy_outputs_and_count_their_acceptance(tiny_run, key_file, alone):
+    # one request at a time is drafted for (the rows slide past the 32-token context too); concurrent ones decode
+    # batched, and rows pass from one kind of step to the other as requests come and go: every text stays the same
+    with Server(tiny_run, "--dtype", "float32", "--no-compile", "--draft", "prompt-lookup", key_file=key_file) as s:
+        assert "draft prompt-lookup" in "".join(s.lines)
+        for i in range(8):
+            assert s.post("/v1/completions", _body(i)).json()["choices"][0]["text"] == alone[i]
+        m = s.metrics()
+        drafted, kept = m["llmctl_draft_tokens_total"], m["llmctl_draft_accepted_tokens_total"]
+        assert 0 < kept <= drafted and m["llmctl_draft_forwards_total"] > 0
+        assert m["llmctl_draft_acceptance_rate"] == pytest.approx(kept / drafted, abs=1e-9)
+        got = asyncio.run(_concurrent(s, [_body(i) for i in range(8, 24)], seed=2))
+        assert [g["choices"][0]["text"] for g in got] == [alone[i] for i in range(8, 24)]
+        sampled = s.post("/v1/completions", _body(3, temperature=0.9, seed=1))  # sampled rows decode plainly
+        assert sampled.status_code == 200 and s.metrics()["llmctl_draft_tokens_total"] >= drafted
+        assert s.stop() == 0
+
+
 def test_infer_cli_equals_the_in_process_reference(tiny_run, alone):
     for i in (0, 7):
         r = subprocess.run([sys.executable, "-m", "llmctl", "infer", "--ckpt", str(tiny_run), "--prompt", PROMPTS[i],

@@ -25,6 +25,7 @@ from .options import (
     TopKOpt,
     TopPOpt,
     _sampling_flags,
+    config_help,
     from_config,
     set_option,
 )
@@ -73,6 +74,10 @@ def serve(
     json_out: bool = typer.Option(False, "--json", help="When ready, print one JSON object (url, model, port, "
                                                           "slots, ...) on stdout.", show_default="off"),
     tokenizer: Optional[Path] = TokenizerOpt,
+    draft: Optional[str] = typer.Option(None, "--draft",
+                                        help=config_help("generate.draft", "serve drafts while one greedy request "
+                                                         "decodes alone; /metrics counts llmctl_draft_*."),
+                                        show_default=from_config("generate.draft")),
 ) -> None:
     """Serve a checkpoint over OpenAI's HTTP API (completions, chat, streaming, models, health, metrics; classifiers:
     /v1/classify), with continuous batching. SIGTERM or Ctrl-C finishes the requests in flight, then exits 0."""
@@ -84,6 +89,7 @@ def serve(
         key = "API key required" if info["api_key"] else "no API key"
         slots = f"{info['slots']} slots, " if info["kind"] == "lm" else "classifier, "
         step = ", compiled decode step" if info["compiled"] else ""
+        step += f", draft {info['draft']}" if info["draft"] else ""
         err.print(f"serving {info['model']} at {info['url']}/v1 ({slots}{info['precision']}{step}, {key}); "
                   "Ctrl-C stops", markup=False, highlight=False, soft_wrap=True)
 
@@ -91,4 +97,4 @@ def serve(
                            presence_penalty, frequency_penalty, logit_bias)
     run(lambda: serving_cmd.serve(ckpt, host, port, api_key_file, config, overrides or [], dtype, quantize_mode,
                                compile, device, base, tokenizer, insecure, events=ConsoleEvents(), on_ready=ready,
-                               flags=flags))
+                               flags=flags, draft=draft))

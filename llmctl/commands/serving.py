@@ -91,13 +91,13 @@ def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, api_key_file: O
           config: Optional[Path] = None, overrides: Optional[list[str]] = None, dtype: Optional[str] = None,
           quantize_mode: Optional[str] = None, compile: Optional[bool] = None, device: str = "auto",
           base: Optional[Path] = None, tokenizer: Optional[Path] = None, insecure: bool = False,
-          events: Events = SILENT, on_ready: Optional[Callable[[dict], None]] = None, flags: Optional[dict] = None
-          ) -> int:
+          events: Events = SILENT, on_ready: Optional[Callable[[dict], None]] = None, flags: Optional[dict] = None,
+          draft: Optional[str] = None) -> int:
     """Serve `ckpt` until SIGTERM/SIGINT: the first signal stops accepting and finishes the requests in flight
     (within serve.drain_timeout), then returns 0; a second one exits at once (130 or 143). `events` hears about
     compiling, draining and stopping; `on_ready` gets the address and model once the server listens (a result:
-    `serve --json` prints it on stdout). `dtype`, `quantize_mode`, `compile` and the sampling `flags` are
-    shorthand for their generate.* keys (None: not given)."""
+    `serve --json` prints it on stdout). `dtype`, `quantize_mode`, `compile`, `draft` and the sampling `flags`
+    are shorthand for their generate.* keys (None: not given)."""
     require_extra()
     key = api_key(api_key_file)
     if not is_loopback(host) and key is None and not insecure:
@@ -109,33 +109,38 @@ def serve(ckpt: Path, host: str = "127.0.0.1", port: int = 8000, api_key_file: O
     cfg, defaults = settings(loaded, config, overrides or [], flags)
     sock = bind(host, port)  # before the slow part: a port in use is reported at once
     try:
-        return _run(loaded, cfg, defaults, sock, key, dtype, quantize_mode, compile, events, on_ready)
+        return _run(loaded, cfg, defaults, sock, key, dtype, quantize_mode, compile, events, on_ready, draft)
     finally:
         sock.close()
 
 
 def _run(loaded: Loaded, cfg: Config, defaults: Sampling, sock: socket.socket, key: Optional[str],
          dtype: Optional[str], quantize_mode: Optional[str], compile: Optional[bool], events: Events,
-         on_ready: Optional[Callable[[dict], None]]) -> int:
+         on_ready: Optional[Callable[[dict], None]], draft: Optional[str] = None) -> int:
     import uvicorn
 
     from .. import openai_api as api
     from .. import server
-    from .inference import classify_texts
+    from .inference import classify_texts, speculation
 
     sc = cfg.serve
     name = sc.model_name or loaded.ckpt.run_dir.name
     metrics = server.server_metrics()
     limits = api.Limits(cfg.model.block_size, sc.max_tokens, defaults, sc.slots, cfg.model.vocab_size)
     served = server.Served(name, loaded.tokenizer, cfg, limits)
+    spec = None
     if loaded.classifier is not None:
+        if draft:
+            raise LlmctlError("--draft: this checkpoint is a classifier (it answers /v1/classify and generates "
+                              "nothing to draft); drop --draft")
         served.classify = lambda texts: classify_texts(loaded, texts, batch_size=cfg.eval.batch_size)
     else:
         for_inference(loaded, dtype, quantize_mode, compile, events=events)
+        spec = speculation(loaded, draft, dtype, quantize_mode)
         if sc.prefix_cache:
             loaded.engine.prefix = PrefixCache(sc.prefix_cache_mib << 20)
         served.worker = server.Worker(loaded.engine, sc.slots, sc.max_queue, sc.request_timeout, metrics,
-                                      events.warn)
+                                      events.warn, spec)
         served.worker.start()  # (loads, or with --compile builds, the compiled step of the serving shape)
     app = server.create_app(served, key, sc.max_body_bytes, metrics)
     uv = _server_class()(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
@@ -154,7 +159,7 @@ def _run(loaded: Loaded, cfg: Config, defaults: Sampling, sock: socket.socket, k
     info = {"url": f"http://{shown}:{port}", "model": name, "host": host, "port": port,
             "slots": sc.slots if served.worker else 0, "kind": "classifier" if served.classify else "lm",
             "precision": loaded.precision, "compiled": bool(served.worker and served.worker.engine.compiled),
-            "api_key": key is not None}
+            "api_key": key is not None, "draft": spec.name if spec else None}
     if on_ready:
         on_ready(info)
     try:

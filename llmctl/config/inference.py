@@ -52,8 +52,9 @@ class GenerateConfig:
     batch_size: int = 8
     """Prompts decoded together by `infer --input` (continuous batching)."""
     draft: Optional[str] = None
-    """Speculative decoding of `infer --prompt`: prompt-lookup (n-gram drafts from the prompt and the text so far),
-    or a small llmctl checkpoint with the same tokenizer; null: off (docs/inference.md#speculative-decoding)."""
+    """Speculative decoding of `infer --prompt` and of `serve` (while one greedy request decodes alone): prompt-lookup
+    (n-gram drafts from the prompt and the text so far), or a small llmctl checkpoint with the same tokenizer; null:
+    off (docs/inference.md#speculative-decoding)."""
     draft_tokens: int = 4
     """Tokens the draft proposes per target forward (speculative decoding)."""
     lookup_ngram: int = 3
