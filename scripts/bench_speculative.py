@@ -17,6 +17,10 @@ whose drafts prompt lookup makes.
 
     flock /tmp/bench.lock nice -n 5 python scripts/bench_speculative.py --ckpt RUN --out benchmarks/speculative.json
     python scripts/bench_speculative.py --ckpt runs/rewrite --prompts runs/rewrite/heldout.jsonl --count 20
+
+`--serve` adds the same prompts sent one at a time (one client, greedy) to `llmctl serve` with and without
+`--draft prompt-lookup` (float32, eager), rounds interleaved: tokens/s over the requests' wall time, whether both
+servers answer the same text, and the drafting server's acceptance from its /metrics.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--prompts", default=None, help="a JSONL file of {prompt, answer} (replaces --text)")
     ap.add_argument("--count", type=int, default=20, help="with --prompts: how many of its prompts")
+    ap.add_argument("--serve", action="store_true", help="also through llmctl serve, with and without --draft")
     ap.add_argument("--note", default="", help="what else ran on the machine (goes into the JSON)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -139,10 +144,66 @@ def main() -> None:
         "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "note": args.note,
     }
+    if args.serve:
+        result["serve"] = bench_serve(args, [tok.decode(ids) for ids, _, _ in cases], [n for _, n, _ in cases])
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
+
+
+def bench_serve(args, prompts: list[str], news: list[int]) -> dict:
+    """The prompts through `llmctl serve` one at a time, with and without a prompt-lookup draft."""
+    import subprocess
+
+    try:
+        import httpx2 as httpx  # what the openai package is built on (openai 3.x)
+    except ImportError:
+        import httpx
+
+    from llmctl.metrics import parse
+
+    servers = {}
+    try:
+        for name, more in (("plain", []), ("prompt-lookup", ["--draft", "prompt-lookup"])):
+            p = subprocess.Popen([sys.executable, "-m", "llmctl", "serve", "--ckpt", str(args.ckpt), "--port", "0",
+                                  "--dtype", "float32", "--quantize", "none", "--no-compile", "--json", *more],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            ready = ""
+            while True:  # (serve --json prints one indented object when it listens)
+                line = p.stdout.readline()
+                if not line:
+                    raise SystemExit(f"llmctl serve ({name}) exited before it was ready")
+                ready += line
+                if line.startswith("}"):
+                    break
+            servers[name] = (p, json.loads(ready)["url"])
+        runs: dict[str, list[float]] = {k: [] for k in servers}
+        texts: dict[str, list[str]] = {}
+        for _ in range(args.rounds):
+            for name, (_, url) in servers.items():
+                t0, n, out = time.perf_counter(), 0, []
+                for prompt, new in zip(prompts, news):
+                    r = httpx.post(url + "/v1/completions", timeout=600, json={
+                        "prompt": prompt, "max_tokens": new, "temperature": 0}).json()
+                    n += r["usage"]["completion_tokens"]
+                    out.append(r["choices"][0]["text"])
+                runs[name].append(n / (time.perf_counter() - t0))
+                texts[name] = out
+        m = parse(httpx.get(servers["prompt-lookup"][1] + "/metrics").text)
+    finally:
+        for p, _ in servers.values():
+            p.terminate()
+            p.wait(60)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    drafted, kept = m["llmctl_draft_tokens_total"], m["llmctl_draft_accepted_tokens_total"]
+    return {"clients": 1, "tokens_per_s": {k: round(v, 1) for k, v in med.items()},
+            "tokens_per_s_each_round": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+            "speedup": round(med["prompt-lookup"] / med["plain"], 2),
+            "same_text": texts["plain"] == texts["prompt-lookup"],
+            "metrics": {"draft_tokens_total": drafted, "draft_accepted_tokens_total": kept,
+                        "draft_forwards_total": m["llmctl_draft_forwards_total"],
+                        "draft_acceptance_rate": round(m["llmctl_draft_acceptance_rate"], 4)}}
 
 
 if __name__ == "__main__":
