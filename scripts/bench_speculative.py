@@ -169,6 +169,7 @@ def bench_serve(args, prompts: list[str], news: list[int]) -> dict:
             p = subprocess.Popen([sys.executable, "-m", "llmctl", "serve", "--ckpt", str(args.ckpt), "--port", "0",
                                   "--dtype", "float32", "--quantize", "none", "--no-compile", "--json", *more],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            servers[name] = (p, "")  # (stopped in `finally` even if it never gets ready)
             ready = ""
             while True:  # (serve --json prints one indented object when it listens)
                 line = p.stdout.readline()
