@@ -242,6 +242,14 @@ class Row:
         if not self.done and self.produced >= self.request.sampling.max_new_tokens:
             self._finish("length")
 
+    def _take(self, token: int, end_ids: frozenset) -> None:
+        """The row's next token: an end id ends it (kept in `end_id`, not in `tokens`), any other is pushed."""
+        if token in end_ids:
+            self.end_id = token
+            self._finish("eos")
+        else:
+            self._push(token)
+
     def _add_text(self, piece: str) -> None:
         stops = self.request.sampling.stop
         start = max(0, len(self.text) - max((len(s) for s in stops), default=0))
@@ -490,11 +498,8 @@ class Engine:
             t = picks.get(r.slot)
             if t is None or (r.matcher is not None and not r.matcher.accept(t)):
                 r._finish("length")  # (a rejected token cannot happen: the mask allowed it)
-            elif t in self.end_ids:
-                r.end_id = t
-                r._finish("eos")
             else:
-                r._push(t)
+                r._take(t, self.end_ids)
                 if not r.done and r.matcher is not None:
                     pushed.append(r)
         if pushed:

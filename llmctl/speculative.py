@@ -245,11 +245,7 @@ class Speculation:
             if int(x.argmax()) != d:
                 break
             kept += 1
-            if d in end_ids:
-                row.end_id = d
-                row._finish("eos")
-            else:
-                row._push(d)
+            row._take(d, end_ids)
             if row.done:
                 break
         return kept
@@ -269,10 +265,7 @@ class Speculation:
                                q[i] if q is not None and d is not None else None, row.generator)
             kept = d is not None and t == d
             self.stats.accepted += kept
-            if t in end_ids:
-                row._finish("eos")
-            else:
-                row._push(t)
+            row._take(t, end_ids)
             if row.done or not kept:
                 return
 

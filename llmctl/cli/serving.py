@@ -75,8 +75,8 @@ def serve(
                                                           "slots, ...) on stdout.", show_default="off"),
     tokenizer: Optional[Path] = TokenizerOpt,
     draft: Optional[str] = typer.Option(None, "--draft",
-                                        help=config_help("generate.draft", "serve drafts while one greedy request "
-                                                         "decodes alone; /metrics counts llmctl_draft_*."),
+                                        help=config_help("generate.draft", "/metrics counts what the drafts "
+                                                         "achieve (llmctl_draft_*)."),
                                         show_default=from_config("generate.draft")),
 ) -> None:
     """Serve a checkpoint over OpenAI's HTTP API (completions, chat, streaming, models, health, metrics; classifiers:
