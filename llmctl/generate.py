@@ -19,9 +19,7 @@ that slot overwrites.
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -29,138 +27,17 @@ import torch
 from . import aot
 from .errors import LlmctlError
 from .events import SILENT, Events
+from .logits import processed, sample, top_logprobs
 from .model import KVCache, Transformer
 from .prefix_cache import PrefixCache
+from .rows import MAX_LOGPROBS, Request, Row, bias_problem
 from .sampling import Sampling
-from .structured import Format, Masks, Matcher
+from .structured import Masks, Matcher
 from .tokenizer import StreamDecoder, Tokenizer
 
-FINISH_REASONS = ("eos", "length", "stop", "cancelled")
-
-
-MAX_LOGPROBS = 20  # the most alternatives per position a request may ask for (OpenAI's limit)
-
-
-@dataclass
-class Request:
-    """One prompt (token ids that fit the context: `fit_prompt`) and how to continue it (checked when built; stop
-    strings need the engine's tokenizer).
-
-    `logprobs`: record, for each generated token (an end id included), its log-probability and the `logprobs` most
-    likely alternatives (0..MAX_LOGPROBS; None: record nothing). `prompt_logprobs`: record the same for every prompt
-    token after the first, from the prefill (what `echo` shows). `generate` False: only score the prompt (the row
-    ends after its prefill with reason "length", nothing generated). Log-probabilities are the log-softmax of the
-    logits the row samples from after the penalties and `logit_bias` and before temperature, top-k and top-p (the
-    model's own distribution when no penalty or bias is set, so a prompt's values equal `llmctl eval`'s)."""
-
-    prompt: list[int]
-    sampling: Sampling
-    logprobs: Optional[int] = None
-    prompt_logprobs: bool = False
-    generate: bool = True
-    format: Optional[Format] = None
-
-
-# one position's log-probabilities: (token id, its log-probability, [(id, log-probability) of the top alternatives])
-LogProb = tuple[int, float, list[tuple[int, float]]]
-
-
-def bias_problem(s: Sampling, vocab: int) -> Optional[str]:
-    """What is wrong with `s.logit_bias` for a model of `vocab` tokens (None: nothing): the one part of its check
-    that needs the model."""
-    out = [t for t, _ in s.logit_bias if t >= vocab]
-    return f"names token id {out[0]}, outside the model's vocabulary of {vocab} (ids 0..{vocab - 1})" if out else None
-
-
-def processed(logits: torch.Tensor, s: Sampling, tokens: list[int], n_prompt: int) -> torch.Tensor:
-    """The logits (V,) a row samples from, before temperature: the repetition penalty over prompt and output
-    (CTRL's), OpenAI's presence and frequency penalties over the generated tokens (`tokens[n_prompt:]`), then
-    `logit_bias` added. The logits as they are when none is set."""
-    if not s.processed:
-        return logits
-    logits = logits.float()
-    if s.repetition_penalty != 1.0:
-        logits = penalize(logits, torch.tensor(tokens, device=logits.device), s.repetition_penalty)
-    out = tokens[n_prompt:]
-    if out and (s.presence_penalty or s.frequency_penalty):
-        counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=logits.shape[-1])
-        counts = counts[: logits.shape[-1]].to(logits.dtype)
-        logits = logits - counts * s.frequency_penalty - (counts > 0).to(logits.dtype) * s.presence_penalty
-    if s.logit_bias:
-        ids = torch.tensor([t for t, _ in s.logit_bias], device=logits.device)
-        logits = logits.index_add(0, ids, torch.tensor([b for _, b in s.logit_bias], device=logits.device))
-    return logits
-
-
-def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[LogProb]:
-    """For logits (T, V) and the tokens chosen at each position (T,): each one's log-probability and the k most
-    likely tokens' (log-softmax in float32)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    mine = lp.gather(1, chosen[:, None])[:, 0].tolist()
-    if k > 0:
-        vals, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
-        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
-    else:
-        tops = [[] for _ in mine]
-    return [(t, m, top) for t, m, top in zip(chosen.tolist(), mine, tops)]
-
-
-def fit_prompt(tok: Tokenizer, prompt: str | list[int], context: int, truncate: bool,
-               how: str = "pass --truncate") -> list[int]:
-    """The ids of `prompt` (ids already, or a plain prompt's text: encoded with the special tokens the tokenizer's
-    post-processor adds, `Tokenizer.encode_prompt`) that fit in `context` tokens, the one rule of infer, chat, serve
-    and the lm-eval harness: an empty prompt starts from end-of-text (unconditional sampling); a longer one keeps
-    its last `context` tokens when `truncate`, else it is refused, `how` telling how to ask for that instead."""
-    ids = tok.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        return [tok.eos_id]
-    if len(ids) > context:
-        if not truncate:
-            raise LlmctlError(f"the prompt is {len(ids)} tokens but the model's context is {context} tokens; "
-                              f"shorten it or {how} to keep its last tokens")
-        ids = ids[-context:]
-    return ids
-
-
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """Pick the next token from logits (B, V): greedy when temperature is 0, else top-k / nucleus sampling (from
-    `distribution`)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(distribution(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
-
-
-def distribution(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None) -> torch.Tensor:
-    """The probabilities (B, V) that `sample` draws from at a temperature > 0: logits (B, V) divided by it, cut to
-    the top k and to the nucleus of mass top_p, softmaxed (float32)."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits.softmax(-1)
-
-
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style repetition penalty on logits (V,) for the ids in `seen` (positive logits shrink, negative grow)."""
-    if penalty == 1.0 or seen.numel() == 0:
-        return logits
-    vals = logits[seen]
-    logits = logits.clone()
-    logits[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
-    return logits
+# padded tokens per prefill forward of joining rows: a batch this size already runs the weights' GEMMs near their
+# best rate on a CPU (docs/serving.md#how-it-works), and its attention scores stay small
+PREFILL_TOKENS = 1024
 
 
 def slide_keep(block_size: int) -> int:
@@ -176,99 +53,6 @@ def step_sizes(slots: int) -> list[int]:
         sizes.append(n)
         n *= 4
     return sizes + [slots]
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters of `text` could be the start of a stop string (not released yet)."""
-    n = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), n, -1):
-            if text.endswith(s[:k]):
-                n = k
-                break
-    return n
-
-
-@dataclass(eq=False)
-class Row:
-    """A request in the engine: everything that is per row lives here (slot, tokens, position, sampler, text).
-
-    `tokens` holds the prompt and every generated token (for sliding and the repetition penalty); `pos` is how
-    many of the newest of them the slot's cache holds. With a tokenizer the row also keeps its text: `text` is
-    what was generated so far minus anything from a stop string on, and `take_text()` returns the part that is
-    released (a piece that could still grow into a stop string is held back until it cannot)."""
-
-    request: Request
-    tokens: list[int]
-    generator: Optional[torch.Generator] = None
-    decoder: Optional[StreamDecoder] = None
-    matcher: Optional[Matcher] = None  # with request.format: where the row is in it
-    slot: Optional[int] = None
-    pos: int = 0
-    produced: int = 0
-    finish_reason: Optional[str] = None  # one of FINISH_REASONS once done
-    end_id: Optional[int] = None  # the end id that ended the row (finish_reason "eos"), not in `tokens`
-    cancelled: bool = False  # set from any thread; the engine frees the slot at its next step
-    text: str = ""
-    released: int = 0  # characters of `text` that may be shown
-    taken: int = 0  # characters of `text` handed out by take_text
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: Optional[float] = None
-    new_tokens: list[int] = field(default_factory=list)  # generated since the caller last looked
-    logprobs: list[LogProb] = field(default_factory=list)  # per generated token, with request.logprobs set
-    prompt_logprobs: list[LogProb] = field(default_factory=list)  # per prompt token after the first (echo)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def take_text(self) -> str:
-        piece = self.text[self.taken : self.released]
-        self.taken = self.released
-        return piece
-
-    def _push(self, token: int) -> None:
-        """Append a generated token (not <eos>); ends the row at its budget or at a stop string."""
-        self.tokens.append(token)
-        self.produced += 1
-        self.new_tokens.append(token)
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        if self.decoder is not None:
-            self._add_text(self.decoder.push(token))
-        if not self.done and self.produced >= self.request.sampling.max_new_tokens:
-            self._finish("length")
-
-    def _take(self, token: int, end_ids: frozenset) -> None:
-        """The row's next token: an end id ends it (kept in `end_id`, not in `tokens`), any other is pushed."""
-        if token in end_ids:
-            self.end_id = token
-            self._finish("eos")
-        else:
-            self._push(token)
-
-    def _add_text(self, piece: str) -> None:
-        stops = self.request.sampling.stop
-        start = max(0, len(self.text) - max((len(s) for s in stops), default=0))
-        self.text += piece
-        hits = [i for i in (self.text.find(s, start) for s in stops if s) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.released = len(self.text)
-            self.finish_reason = "stop"
-        else:
-            self.released = len(self.text) - held_back(self.text, stops)
-
-    def _finish(self, reason: str) -> None:
-        if self.decoder is not None and reason != "stop":
-            self._add_text(self.decoder.flush())
-            if self.finish_reason == "stop":  # the last bytes completed a stop string
-                return
-            self.released = len(self.text)
-        self.finish_reason = reason
 
 
 class Engine:
@@ -405,26 +189,7 @@ class Engine:
                 row._finish("cancelled")
                 self.rows[s] = None
                 touched.append(row)
-        prefilled: dict[tuple, Row] = {}  # this step's prefills by what they computed (the n choices of a prompt)
-        while self.waiting and None in self.rows:
-            row = self.waiting.popleft()
-            if row.cancelled:
-                row._finish("cancelled")
-                touched.append(row)
-                continue
-            row.slot = self.rows.index(None)  # the lowest free slot: busy slots stay packed at the start
-            self.rows[row.slot] = row
-            key = (tuple(row.tokens), row.request.logprobs if row.request.prompt_logprobs else None)
-            same = prefilled.get(key)
-            if same is not None and self.rows[same.slot] is same:  # still in its slot: copy, do not compute again
-                self._copy_prefill(same, row)
-            else:
-                self._prefill(row)
-                prefilled[key] = row
-            if not row.request.generate:  # scoring only: the prompt's log-probabilities are all it asked for
-                row._finish("length")
-                self.rows[row.slot] = None
-                touched.append(row)
+        self._join(touched)
         busy = [r for r in self.rows if r is not None]
         if not busy:
             return touched
@@ -442,6 +207,102 @@ class Engine:
             self._decode(going)
         return touched
 
+    def _join(self, touched: list[Row]) -> None:
+        """Give waiting rows the free slots and prefill them: rows with the same prompt share one prefill (a
+        request's n choices: computed once, copied slot to slot), the others are prefilled together
+        (`_prefill_many`). A scoring-only row ends here."""
+        fresh: list[Row] = []
+        copies: list[tuple[Row, Row]] = []
+        first: dict[tuple, Row] = {}  # this step's prefills by what they compute
+        while self.waiting and None in self.rows:
+            row = self.waiting.popleft()
+            if row.cancelled:
+                row._finish("cancelled")
+                touched.append(row)
+                continue
+            row.slot = self.rows.index(None)  # the lowest free slot: busy slots stay packed at the start
+            self.rows[row.slot] = row
+            key = (tuple(row.tokens), row.request.logprobs if row.request.prompt_logprobs else None)
+            if key in first:
+                copies.append((first[key], row))
+            else:
+                first[key] = row
+                fresh.append(row)
+        self._prefill_many(fresh)
+        for src, row in copies:
+            self._copy_prefill(src, row)
+        for row in fresh + [row for _, row in copies]:
+            if not row.request.generate:  # scoring only: the prompt's log-probabilities are all it asked for
+                row._finish("length")
+                self.rows[row.slot] = None
+                touched.append(row)
+
+    def _prefill_many(self, rows: list[Row]) -> None:
+        """Prefill joining rows, several prompts per forward (padded to the longest: one pass over the weights
+        instead of one per row), at most PREFILL_TOKENS padded tokens each. A row asking for its prompt's
+        log-probabilities is prefilled alone. With a prefix cache each row starts from its cached blocks, and a
+        row that shares more of its prompt with a row waiting to be computed than the cache holds waits for that
+        row's blocks (the batch so far is computed first): a shared system prompt is computed once."""
+        group: list[tuple[Row, int]] = []  # (row, positions restored from the prefix cache)
+        for row in rows:
+            if row.request.prompt_logprobs or len(row.tokens) > self.cache.length:
+                self._prefill(row)
+                continue
+            ahead = self.prefix.cached(row.tokens) if self.prefix else 0
+            if group and (self._would_share(group, row, ahead) or not self._fits(group, row, ahead)):
+                self._prefill_group(group)
+                group = []
+            group.append((row, self.prefix.restore(self.cache, row.slot, row.tokens) if self.prefix else 0))
+        if group:
+            self._prefill_group(group)
+
+    def _would_share(self, group: list[tuple[Row, int]], row: Row, start: int) -> bool:
+        """Whether `row` would restore more than `start` positions once the rows of `group` are stored."""
+        if self.prefix is None:
+            return False
+        block = self.prefix.block
+        for other, _ in group:
+            same = next((i for i, (a, b) in enumerate(zip(row.tokens, other.tokens)) if a != b),
+                        min(len(row.tokens), len(other.tokens)))
+            if min(same, len(row.tokens) - 1) // block * block > start:
+                return True
+        return False
+
+    def _fits(self, group: list[tuple[Row, int]], row: Row, start: int) -> bool:
+        """Whether `row` can join `group`'s forward: the padded batch stays within PREFILL_TOKENS and every row's
+        padded positions within the cache."""
+        T = max([len(r.tokens) - s for r, s in group] + [len(row.tokens) - start])
+        starts = [s for _, s in group] + [start]
+        return len(starts) * T <= PREFILL_TOKENS and max(starts) + T <= self.cache.length
+
+    def _prefill_group(self, group: list[tuple[Row, int]]) -> None:
+        """One forward over the rows of `group`, each continuing its slot from its restored positions; only each
+        row's last position goes through the output head."""
+        device = self.model.wte.weight.device
+        todo = [row.tokens[start:] for row, start in group]
+        T = max(map(len, todo))
+        idx = torch.tensor([t + [0] * (T - len(t)) for t in todo], device=device)  # (B, T), pads at the end
+        last = torch.zeros(len(todo), T, dtype=torch.bool, device=device)
+        last[torch.arange(len(todo)), torch.tensor([len(t) - 1 for t in todo])] = True
+        if len(group) == 1:  # (the single-slot path: no gather of the slot's keys)
+            row, start = group[0]
+            logits = self.model(idx, cache=self.cache, slot=row.slot, start=start, only=last)  # (1, V)
+        else:
+            slots = torch.tensor([row.slot for row, _ in group], device=device)
+            starts = torch.tensor([start for _, start in group], device=device)
+            logits = self.model(idx, cache=self.cache, slot=slots, pos=starts, kv_len=int(starts.max()) + T,
+                                only=last)  # (B, V)
+        self._keep_logits(logits)
+        for b, (row, _) in enumerate(group):
+            if self.prefix is not None:
+                self.prefix.store(self.cache, row.slot, row.tokens)
+            self._logits[row.slot] = logits[b]
+            row.pos = len(row.tokens)
+
+    def _keep_logits(self, logits: torch.Tensor) -> None:
+        if self._logits is None:  # (slots, V): each busy row's next-token logits
+            self._logits = torch.zeros(self.cache.slots, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+
     def _prefill(self, row: Row, keep: Optional[int] = None) -> None:
         """Prefill the row's newest tokens (all of them, or the `keep` newest after a slide) into its slot. With a
         prefix cache, a prompt that fits the slot whole (from position 0) starts from its cached blocks, unless it
@@ -457,8 +318,7 @@ class Engine:
         if keep is None and row.request.prompt_logprobs and len(window) > 1:
             k = row.request.logprobs or 0
             row.prompt_logprobs = top_logprobs(every[0, :-1], idx[0, 1:], k)
-        if self._logits is None:
-            self._logits = torch.zeros(self.cache.slots, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        self._keep_logits(logits)
         self._logits[row.slot] = logits[0]
         row.pos = len(window)
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from . import sampling
 from .errors import LlmctlError
-from .generate import Request, fit_prompt
 from .loading import Loaded
+from .rows import Request, fit_prompt
 from .sampling import Sampling
 
 

@@ -110,12 +110,13 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, kv=None, slot: Optional[int] = None, pos=None, mask=None) -> torch.Tensor:
+    def forward(self, x, rope, kv=None, slot: Optional[int | torch.Tensor] = None, pos=None, mask=None) -> torch.Tensor:
         # kv: this layer's cache tensors (k, v), each (slots, nkv, S, hd), or None (training).
         # Prefill (`slot` an int): x is one sequence (1, T) at positions 0..T-1; its keys and values go to that slot.
         # Extend (`slot` an int and `pos` an int start): x (1, T) continues that slot at positions pos..pos+T-1 and
         # reads the slot's positions 0..pos+T-1 (`mask` (1, 1, T, pos+T)).
-        # Decode (`pos` (B,)): row b of x (B, 1) is slot b at position pos[b].
+        # Decode (`pos` (B,)): row b of x (B, T) is slot b (`slot` a (B,) tensor: slot[b]) at positions
+        # pos[b]..pos[b]+T-1 (T is 1 when decoding; several rows' prompts prefilled in one forward have more).
         # `mask`: which keys each query reads, (B|1, 1, T, S) bool; None: causal over the T positions (an encoder,
         # cfg.causal false: every position).
         B, T, _ = x.shape
@@ -131,18 +132,24 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv is not None:
             kc, vc = kv
-            if slot is not None and pos:
+            if isinstance(slot, int) and pos:
                 kc[slot, :, pos : pos + T] = k[0].to(kc.dtype)
                 vc[slot, :, pos : pos + T] = v[0].to(vc.dtype)
                 k, v = kc[slot : slot + 1, :, : pos + T], vc[slot : slot + 1, :, : pos + T]  # (1, nkv, pos+T, hd)
-            elif slot is not None:
+            elif isinstance(slot, int):
                 kc[slot, :, :T] = k[0].to(kc.dtype)
                 vc[slot, :, :T] = v[0].to(vc.dtype)
-            else:
+            elif T == 1 and slot is None:
                 rows = torch.arange(B, device=x.device)
                 kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)  # (B, nkv, hd) into each row's own position
                 vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
                 k, v = kc[:B, :, : mask.shape[-1]], vc[:B, :, : mask.shape[-1]]  # (B, nkv, S', hd)
+            else:  # T tokens per row, each row in slot[b] (or b)
+                rows = (torch.arange(B, device=x.device) if slot is None else slot)[:, None]  # (B, 1)
+                at = pos[:, None] + torch.arange(T, device=x.device)  # (B, T) positions
+                kc[rows, :, at] = k.transpose(1, 2).to(kc.dtype)  # (B, T, nkv, hd)
+                vc[rows, :, at] = v.transpose(1, 2).to(vc.dtype)
+                k, v = kc[rows[:, 0], :, : mask.shape[-1]], vc[rows[:, 0], :, : mask.shape[-1]]  # (B, nkv, S', hd)
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask: documents on CUDA
             y = flex_attention(q, k, v, mask, self.scale, self.n_kv_head != self.n_head)
             return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)))
@@ -409,7 +416,7 @@ class Transformer(nn.Module):
         self,
         idx: torch.Tensor,
         cache: Optional[KVCache] = None,
-        slot: Optional[int] = None,
+        slot: Optional[int | torch.Tensor] = None,
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         segments: Optional[torch.Tensor] = None,
@@ -425,8 +432,11 @@ class Transformer(nn.Module):
         positions at positions start..start+T-1 (several tokens in one forward: speculative decoding's verify);
         positions past start+T are not read, so whatever a longer earlier extension left there does not matter.
         Decode, `cache` and `pos` (B,): idx (B, 1) holds one token per slot 0..B-1, at that slot's position pos[b];
-        each row reads its own slot's positions 0..pos[b]. `kv_len` (a Python int, >= max(pos) + 1) bounds the
+        each row reads its own slot's positions 0..pos[b]. `kv_len` (a Python int, >= max(pos) + T) bounds the
         positions read (eager decoding); None reads the whole cache (the compiled step, whose shapes are fixed).
+        Several prompts at once, `cache`, `pos` (B,) and `slot` a (B,) tensor: idx (B, T) continues slot[b] at
+        positions pos[b]..pos[b]+T-1 (a row with fewer tokens is padded at its end: the pads' keys land past the
+        row's tokens, where its own decoding overwrites them before reading; pos[b] + T must fit the cache).
         """
         B, T = idx.shape
         if T > self.cfg.block_size:
@@ -435,10 +445,10 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("segments (packed documents) are for training and evaluation, not a KV cache")
             positions = segment_positions(segments)  # (B, T)
-        elif cache is not None and slot is None:
-            if pos is None or T != 1:
+        elif cache is not None and not isinstance(slot, int):
+            if pos is None or (T != 1 and slot is None):
                 raise ValueError("decoding with a cache takes one token per row and its positions `pos` (B,)")
-            positions = pos[:, None]  # (B, 1)
+            positions = pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
         else:
             if start and (cache is None or slot is None):
                 raise ValueError("`start` extends a slot of a cache: give `cache` and `slot`")
@@ -446,7 +456,8 @@ class Transformer(nn.Module):
         if start:
             masks = self._extend_masks(T, start, idx.device)
         else:
-            masks = (self._masks(T, idx.device, pos if slot is None else None, kv_len or (cache.length if cache else T))
+            masks = (self._masks(T, idx.device, pos if not isinstance(slot, int) else None,
+                                 kv_len or (cache.length if cache else T))
                      if segments is None else self._segment_masks(segments))
         x = self.wte(idx)  # (B, T, C)
         if self.cfg.embed_scale:  # by sqrt(C) rounded to x's dtype, as Gemma does
@@ -474,17 +485,18 @@ class Transformer(nn.Module):
 
     def _masks(self, T: int, device, pos: Optional[torch.Tensor], kv_len: int) -> list[Optional[torch.Tensor]]:
         """Which keys each query reads, for full and for sliding layers: None (causal, SDPA's fast path) or bool
-        (B|1, 1, T, S). Decoding (`pos` (B,)): row b reads its slot's positions 0..pos[b] (the last `window` of
-        them in sliding layers) among the first kv_len."""
+        (B|1, 1, T, S). Decoding (`pos` (B,)): row b's query t reads its slot's positions 0..pos[b]+t (the last
+        `window` of them in sliding layers) among the first kv_len."""
         window = self.cfg.sliding_window if any(self.sliding) else None
         if not self.cfg.causal:  # an encoder: every position, or a window on either side in sliding layers
             return [None, bidirectional(T, device, window) if window is not None and window // 2 < T - 1 else None]
         if pos is None:
             return [None, causal(T, device, window) if window is not None and window < T else None]
-        keys = torch.arange(kv_len, device=device)[None, :]  # (1, S')
-        full = keys <= pos[:, None]  # (B, S')
-        sliding = full & (keys > pos[:, None] - window) if window is not None else full
-        return [full[:, None, None, :], sliding[:, None, None, :]]
+        keys = torch.arange(kv_len, device=device)  # (S',)
+        at = (pos[:, None] + torch.arange(T, device=device))[:, :, None]  # (B, T, 1) each query's position
+        full = keys <= at  # (B, T, S')
+        sliding = full & (keys > at - window) if window is not None else full
+        return [full[:, None], sliding[:, None]]
 
     def _extend_masks(self, T: int, start: int, device) -> list[torch.Tensor]:
         """Extending a slot: query i (position start+i) reads keys j <= start+i (the last `window` in sliding
@@ -507,7 +519,7 @@ class Transformer(nn.Module):
         self,
         idx: torch.Tensor,
         cache: Optional[KVCache] = None,
-        slot: Optional[int] = None,
+        slot: Optional[int | torch.Tensor] = None,
         pos: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
         segments: Optional[torch.Tensor] = None,

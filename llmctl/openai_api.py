@@ -32,7 +32,7 @@ from typing import Any, Optional
 from . import sampling, structured
 from .chat import render_messages
 from .errors import LlmctlError
-from .generate import MAX_LOGPROBS, Request, Row, bias_problem, fit_prompt
+from .rows import MAX_LOGPROBS, Request, Row, bias_problem, fit_prompt
 from .sampling import SEED_MAX, SEED_MIN, Sampling
 from .tokenizer import StreamDecoder, Tokenizer
 

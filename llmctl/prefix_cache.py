@@ -91,6 +91,10 @@ class PrefixCache:
         self.hit_tokens += n
         return n
 
+    def cached(self, tokens: list[int]) -> int:
+        """How many positions `restore` would copy for `tokens` now (nothing copied, touched or counted)."""
+        return len(self._chain(tokens, (len(tokens) - 1) // self.block)) * self.block
+
     def store(self, cache: KVCache, slot: int, tokens: list[int]) -> None:
         """Keep the full blocks of `tokens`, a prompt just prefilled into `slot` of `cache` from position 0 (those
         already held are only touched), as many as the budget holds, evicting the least recently used."""

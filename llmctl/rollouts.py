@@ -3,7 +3,7 @@
 reference, and `measure` (mean reward and the KL to the reference), shared by GRPO's validation and
 `llmctl eval --reward`.
 
-A prompt keeps at most `prompt_room` tokens (its end, by `generate.fit_prompt`: the context less the room for an
+A prompt keeps at most `prompt_room` tokens (its end, by `rows.fit_prompt`: the context less the room for an
 answer, the smaller of max_new_tokens and half the context), and each completion is capped by max_new_tokens and by
 what is left of the context, so a prompt and its completion are always one sequence the model reads at once.
 Log-probabilities are taken at the sampling temperature (the logits divided by it, as TRL does; 1 when greedy).
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from .chat import render_messages
 from .data import Examples, PromptRow, pad_batch
 from .errors import LlmctlError
-from .generate import Engine, Request, fit_prompt
+from .generate import Engine
 from .rewards import Rewards
+from .rows import Request, fit_prompt
 from .sampling import Sampling
 from .tokenizer import Tokenizer
 

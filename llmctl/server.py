@@ -24,9 +24,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from . import openai_api as api
-from .generate import Engine, Row
+from .generate import Engine
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
+from .rows import Row
 from .speculative import Speculation, Stats
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]

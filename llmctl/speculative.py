@@ -13,7 +13,7 @@ positions past them are overwritten by the next extension and never read before 
 to its own last position).
 
 The rule (`Speculation.verify`), position by position, p being the target's distribution at that position exactly as
-normal decoding forms it (`generate.processed` with the row's tokens so far, then `generate.distribution` or argmax):
+normal decoding forms it (`logits.processed` with the row's tokens so far, then `logits.distribution` or argmax):
 - greedy: the draft token is kept when it is the target's argmax; the first one that is not is replaced by the
   argmax. The output is the target's own greedy output.
 - sampling, draft distribution q: keep the draft token x with probability min(1, p(x) / q(x)); else draw from
@@ -37,8 +37,10 @@ from typing import Iterator, Optional
 import torch
 
 from .errors import LlmctlError
-from .generate import Engine, Request, Row, distribution, processed, slide_keep
+from .generate import Engine, slide_keep
+from .logits import distribution, processed
 from .model import KVCache, Transformer
+from .rows import Request, Row
 from .sampling import Sampling
 
 PROMPT_LOOKUP = "prompt-lookup"

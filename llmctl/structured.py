@@ -1,7 +1,7 @@
 """Structured output: JSON that follows a schema, through xgrammar (the optional `structured` extra).
 
 A `Format` is a JSON schema compiled for one tokenizer and one model vocabulary (`compile_schema`): a request carries it
-(`generate.Request.format`), and each of its rows gets a `Matcher` that says which tokens may come next and
+(`rows.Request.format`), and each of its rows gets a `Matcher` that says which tokens may come next and
 follows the tokens sampled; the engine's `Masks` fills the masks of all its constrained rows in one call and masks
 the batch's logits with them in one before sampling, so constrained and free rows share a batch and the decode step
 is the same compiled one. Every mask is AND-ed with the vocabulary's `Utf8` guard (no invalid UTF-8). The JSON is

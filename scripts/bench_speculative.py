@@ -65,8 +65,8 @@ def main() -> None:
 
     import torch
 
-    from llmctl.generate import Request, fit_prompt
     from llmctl.loading import for_inference, load_model
+    from llmctl.rows import Request, fit_prompt
     from llmctl.sampling import Sampling
     from llmctl.speculative import PromptLookup, Speculation
 

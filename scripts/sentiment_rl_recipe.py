@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llmctl.commands.inference import classify_texts  # noqa: E402
-from llmctl.generate import Request  # noqa: E402
 from llmctl.loading import for_inference, load_model  # noqa: E402
+from llmctl.rows import Request  # noqa: E402
 from llmctl.sampling import Sampling  # noqa: E402
 
 

@@ -160,7 +160,7 @@ def generate_uncached(model, prompt: list[int], max_new_tokens: int, temperature
     step, the same sampler and generator."""
     import torch
 
-    from llmctl.generate import sample
+    from llmctl.logits import sample
 
     device = model.wte.weight.device
     gen = torch.Generator(device=device)

@@ -3,7 +3,8 @@ import torch
 
 from conftest import Recorder, generate_uncached
 from llmctl.config import ModelConfig
-from llmctl.generate import generate, sample
+from llmctl.generate import generate
+from llmctl.logits import sample
 from llmctl.model import Transformer
 from llmctl.sampling import Sampling
 
@@ -159,7 +160,7 @@ def test_stop_strings_end_a_row_and_are_never_released():
 
 
 def test_held_back_is_the_longest_stop_prefix_at_the_end():
-    from llmctl.generate import held_back
+    from llmctl.rows import held_back
 
     assert held_back("hello wor", ("world",)) == 3
     assert held_back("hello", ("xyz", "lo!")) == 2
@@ -278,7 +279,7 @@ def test_int8_and_bfloat16_decode_run():
 
 
 def test_repetition_penalty():
-    from llmctl.generate import penalize
+    from llmctl.logits import penalize
 
     logits = torch.tensor([2.0, -1.0, 0.5])
     out = penalize(logits, torch.tensor([0, 1]), 2.0)
@@ -294,7 +295,7 @@ def test_compiled_steps_cover_the_busy_slots_with_the_smallest_size():
 
 def test_a_prompt_is_fitted_to_the_context_by_one_rule():
     from llmctl.errors import LlmctlError
-    from llmctl.generate import fit_prompt
+    from llmctl.rows import fit_prompt
     from llmctl.tokenizer import Tokenizer
 
     tok = Tokenizer.train_char(["abcdef"])
@@ -406,6 +407,9 @@ def test_the_n_choices_of_a_prompt_share_one_prefill_and_each_equals_itself_alon
     calls = []
     real = engine._prefill
     monkeypatch.setattr(engine, "_prefill", lambda row, keep=None: (calls.append(len(row.tokens)), real(row, keep)))
+    together = engine._prefill_group  # (prompts without prompt log-probabilities are prefilled in one forward)
+    monkeypatch.setattr(engine, "_prefill_group",
+                        lambda group: (calls.extend(len(row.tokens) for row, _ in group), together(group)))
     reqs = greedy + [other] + seeded
     done = {id(r.request): r for r in engine.run(reqs) if r.done}
     # one prefill per distinct (prompt, prompt log-probabilities asked): the greedy four, the other, the seeded three
@@ -421,3 +425,48 @@ def test_the_n_choices_of_a_prompt_share_one_prefill_and_each_equals_itself_alon
     assert done[id(other)].tokens == alone[1].tokens
     assert [done[id(q)].tokens for q in seeded] == [r.tokens for r in alone[2:]]
     assert len({tuple(done[id(q)].tokens) for q in seeded}) == 3  # each choice its own stream
+
+
+def test_rows_that_join_together_are_prefilled_in_one_padded_forward(monkeypatch):
+    from llmctl import generate as gen
+    from llmctl.generate import Engine, Request
+
+    m = model("llama")
+    prompts = [[5, 9, 3, 17], [1], [7, 7, 7, 7, 7, 7, 7, 2, 4], [30, 31]]
+    reqs = [Request(p, Sampling(8, temperature=0)) for p in prompts]
+    alone = [tokens_by_request(Engine(m), [q], 1)[0] for q in reqs]
+    shapes = []
+    real = m.forward
+    monkeypatch.setattr(m, "forward", lambda idx, *a, **k: (shapes.append(tuple(idx.shape)), real(idx, *a, **k))[1])
+    # slots in another order than the rows (slot 0 busy first), so row b is not slot b
+    assert tokens_by_request(Engine(m), reqs, 4) == alone
+    assert shapes[0] == (4, 9)  # the four prompts, padded to the longest, in one forward
+    assert all(s[1] == 1 for s in shapes[1:])  # then decode steps only
+    shapes.clear()
+    monkeypatch.setattr(gen, "PREFILL_TOKENS", 18)  # at most 18 padded tokens per forward
+    assert tokens_by_request(Engine(m), reqs, 4) == alone
+    assert shapes[:2] == [(2, 4), (2, 9)]
+
+
+def test_a_row_joining_into_a_middle_slot_is_prefilled_with_others_into_its_own_slot():
+    from llmctl.generate import Engine, Request
+
+    m = model("gpt2")
+    first = Request([3, 4, 5], Sampling(2, temperature=0))
+    long = Request([8, 9], Sampling(12, temperature=0))
+    late = [Request([11, 12, 13, 14, 15], Sampling(6, temperature=0)), Request([6], Sampling(6, temperature=0))]
+    alone = [tokens_by_request(Engine(m), [q], 1)[0] for q in late]
+    e = Engine(m)
+    e.open(3)
+    rows = [e.new_row(q) for q in (first, long)]
+    for r in rows:
+        e.submit(r)
+    while not rows[0].done:
+        e.step()
+    late_rows = [e.new_row(q) for q in late]
+    for r in late_rows:
+        e.submit(r)
+    while not e.idle:
+        e.step()
+    assert [r.slot for r in late_rows] == [0, 2]  # slot 1 still holds the long row: slots 0 and 2, together
+    assert [r.tokens[len(r.request.prompt):] for r in late_rows] == alone

@@ -162,3 +162,19 @@ def test_metrics_name_the_prefix_cache_counts():
     assert got["llmctl_prefix_cache_hit_tokens_total"] == 8 and got["llmctl_prefix_cache_lookup_tokens_total"] == 9
     assert got["llmctl_prefix_cache_blocks"] == 2 and got["llmctl_prefix_cache_bytes"] == p.bytes > 0
     assert m.value("prefix_cache_hits_total") == 1
+
+
+def test_rows_joining_together_compute_a_shared_prompt_start_once(model, monkeypatch):
+    rng = random.Random(3)
+    system = [rng.randrange(VOCAB) for _ in range(21)]
+    reqs = [Request(system + [rng.randrange(VOCAB) for _ in range(3 + i)], Sampling(5, temperature=0))
+            for i in range(4)]
+    off = drive(model, [(0, q) for q in reqs], None)
+    shapes = []
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda idx, *a, **k: (shapes.append(tuple(idx.shape)), real(idx, *a, **k))[1])
+    cache = PrefixCache(64 << 20, block=4)
+    assert same(drive(model, [(0, q) for q in reqs], cache), off)
+    # the first prompt alone (24 tokens); the other three start from its 20 cached positions, in one forward
+    assert shapes[:2] == [(1, 24), (3, 7)]
+    assert cache.hit_tokens == 3 * 20

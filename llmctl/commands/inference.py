@@ -14,8 +14,9 @@ from ..errors import LlmctlError
 from ..evaluate import classify
 from ..events import SILENT, Events
 from ..fileio import read_jsonl, read_text, write_atomic
-from ..generate import Engine, Request, fit_prompt
+from ..generate import Engine
 from ..loading import Loaded, apply_settings, for_inference, load_model
+from ..rows import Request, fit_prompt
 from ..sampling import Sampling
 from ..speculative import Speculation
 from ..tokenizer import Tokenizer
