@@ -34,6 +34,7 @@ from .rows import MAX_LOGPROBS, Request, Row, bias_problem
 from .sampling import Sampling
 from .structured import Masks, Matcher
 from .tokenizer import StreamDecoder, Tokenizer
+from .traced import TracedSteps
 
 # padded tokens per prefill forward of joining rows: a batch this size already runs the weights' GEMMs near their
 # best rate on a CPU (docs/serving.md#how-it-works), and its attention scores stay small
@@ -80,7 +81,10 @@ class Engine:
         # every id that ends a row: the tokenizer's end ids (end-of-text and generation_config.json's eos ids)
         self.end_ids = frozenset([eos_id] if eos_id is not None else tokenizer.end_ids if tokenizer else [])
         self.mode = compile
-        self.store = None if compile is False else (store or aot.StepStore(model, events=events))
+        exportable = not any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+        self.store = None if compile is False or not exportable else (store or aot.StepStore(model, events=events))
+        # one busy row on a CPU without a compiled step: its step traced (llmctl.traced)
+        self.traced = TracedSteps(model) if compile is not False and model.wte.weight.device.type == "cpu" else None
         self.compiled: dict[int, aot.CompiledStep] = {}  # slot count -> compiled step, for the open cache length
         self.cache: Optional[KVCache] = None
         self.rows: list[Optional[Row]] = []  # by slot
@@ -104,7 +108,8 @@ class Engine:
         """Allocate the cache for `slots` rows of `length` positions (default the context) and find the compiled
         steps of that shape: the one for all slots (built when compile is True or `build`), and those for fewer
         slots (`step_sizes`), used when cached and built too with `build_all_sizes` (a server, whose load varies;
-        a job's rows are mostly all busy). A cache of the same shape is reused."""
+        a job's rows are mostly all busy; with it the one-row traced steps are made at once too). A cache of the
+        same shape is reused."""
         length = min(length or self.model.cfg.block_size, self.model.cfg.block_size)
         p = self.model.wte.weight  # (the output head may be swapped for a quantized layer)
         if self.cache is None or (self.cache.slots, self.cache.length) != (slots, length) \
@@ -116,6 +121,8 @@ class Engine:
         build = self.mode is True or build
         self._find_steps(build=build, sizes=[slots])
         self._find_steps(build=build and build_all_sizes, sizes=step_sizes(slots)[:-1])
+        if build_all_sizes and self.traced is not None and 1 not in self.compiled:
+            self.traced.prepare(self.cache)  # (a server: no request waits for a trace)
 
     def _find_steps(self, build: bool, sizes: list[int]) -> None:
         if self.store is None:
@@ -405,7 +412,9 @@ class Engine:
         if step is not None:  # (the first S slots of each cache tensor: a contiguous view)
             logits = step(tok_t, pos_t, [t[:S] for t in self.cache.flat()])
         else:
-            logits = self.model(tok_t, cache=self.cache, pos=pos_t, kv_len=max(pos) + 1)[:, -1]  # (S, V)
+            logits = self.traced(tok_t, pos_t, self.cache) if self.traced is not None and S == 1 else None
+            if logits is None:
+                logits = self.model(tok_t, cache=self.cache, pos=pos_t, kv_len=max(pos) + 1)[:, -1]  # (S, V)
         if len(going) == S:
             self._logits[:S] = logits
         else:

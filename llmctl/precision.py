@@ -64,8 +64,9 @@ def inference_choices(g, dtype: Optional[str], quantize_mode: Optional[str], com
     --dtype, --quantize and --compile/--no-compile are shorthand for generate.dtype, generate.quantize and
     generate.compile (`g`): None (not given) takes the key's value. Then `auto` has one meaning for each, wherever
     it was written: dtype and quantization are chosen by the hardware and the model's size (`inference_precision`),
-    and compile "auto" stays for the engine (use a cached compiled step, build none). Dynamic int8 on a CPU does
-    not export, so it decodes eagerly (asking for --compile with it is an error)."""
+    and compile "auto" stays for the engine (use a cached compiled step, build none; on a CPU, trace the one-row
+    step: llmctl.traced). Dynamic int8 on a CPU does not export, so asking for --compile with it is an error; its
+    "auto" traces the one-row step only."""
     check_choices(dtype, quantize_mode)
     asked_compile = g.compile if compile is None else compile
     dtype, quantize_mode = inference_precision(g.dtype if dtype is None else dtype,
@@ -74,7 +75,7 @@ def inference_choices(g, dtype: Optional[str], quantize_mode: Optional[str], com
         if asked_compile is True:
             raise LlmctlError("--compile does not apply to int8 on a CPU (dynamic int8 layers do not export); "
                               "use --quantize none to compile, or --no-compile")
-        asked_compile = False
+        asked_compile = "auto" if asked_compile is not False else False
     return dtype, quantize_mode, asked_compile
 
 

@@ -92,6 +92,10 @@ def make_gpt2(work: Path, tiny: bool = False) -> Path:
 
 class Server:
     def __init__(self, ckpt: Path, *args: str):
+        if "--compile" not in args and "--no-compile" not in args:
+            # the GPT-2 checkpoints made here say generate.compile=false (their one-step pretrain builds no step):
+            # serve at llmctl's default, auto (cached compiled steps; on a CPU, traced one-row steps)
+            args = (*args, "--set", "generate.compile=auto")
         cmd = [sys.executable, "-m", "llmctl", "serve", "--ckpt", str(ckpt), "--port", "0", *args]
         self.p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env())
         self.lines: list[str] = []

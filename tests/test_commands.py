@@ -40,8 +40,9 @@ def test_auto_means_one_thing_wherever_it_is_written(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(quantize, "cpu_int8_available", lambda: True)
     choose = precision.inference_choices
-    assert choose(GenerateConfig(), None, None, None, cpu) == ("float32", "int8", False)  # (int8 on a CPU: eager)
-    assert choose(GenerateConfig(), "auto", "auto", None, cpu) == ("float32", "int8", False)
+    # int8 on a CPU: no compiled step, but "auto" (its one-row step traced)
+    assert choose(GenerateConfig(), None, None, None, cpu) == ("float32", "int8", "auto")
+    assert choose(GenerateConfig(), "auto", "auto", None, cpu) == ("float32", "int8", "auto")
     assert choose(GenerateConfig(), None, None, None, cpu, n_params=1000) == ("float32", "none", "auto")
     asked = GenerateConfig(dtype="bfloat16", quantize="none", compile=True)
     assert choose(asked, None, None, None, cpu) == ("bfloat16", "none", True)  # the config's keys

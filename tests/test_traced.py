@@ -1,0 +1,76 @@
+"""Traced one-row decode steps (llmctl.traced): the engine's output equals the eager step's, in float32 and CPU
+int8, across cache spans; a trace that disagrees with the eager step is dropped."""
+
+import pytest
+import torch
+
+from llmctl import aot
+from llmctl.config import ModelConfig
+from llmctl.generate import Engine
+from llmctl.model import Transformer
+from llmctl.quantize import cpu_int8_available, quantize
+from llmctl.rows import Request
+from llmctl.sampling import Sampling
+from llmctl.traced import span_for
+
+
+def model(arch: str, int8: bool = False) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, n_layer=2, n_head=4, n_kv_head=2 if arch == "llama" else None, n_embd=32,
+                      block_size=160, vocab_size=40, init_std=0.5)
+    m = Transformer(cfg).eval()
+    return quantize(m, "int8") if int8 else m
+
+
+def run(engine: Engine, prompts: list[list[int]], new: int, slots: int = 1) -> list[list[int]]:
+    reqs = [Request(p, Sampling(new, temperature=0)) for p in prompts]
+    rows = {id(r.request): r for r in engine.run(reqs, slots=slots) if r.done}
+    return [rows[id(q)].tokens[len(q.prompt):] for q in reqs]
+
+
+@pytest.mark.parametrize("arch,int8", [("gpt2", False), ("llama", False), ("gpt2", True)])
+def test_traced_steps_give_the_eager_tokens_across_spans(arch, int8, tmp_path):
+    if int8 and not cpu_int8_available():
+        pytest.skip("no fbgemm in this torch build")
+    m = model(arch, int8)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7] * 60]
+    eager = run(Engine(m), prompts, 90)  # the second row runs past 64 and 128 positions
+    traced = Engine(m, compile="auto", store=aot.StepStore(m, root=tmp_path))
+    assert run(traced, prompts, 90) == eager
+    assert [k[0] == k[1] for k in traced.traced._steps] == [True] and not traced.traced._bad  # a job: one trace
+    traced.traced.by_span = True  # (what a server's engine does, after tracing them all at start)
+    assert run(traced, prompts, 90) == eager
+    length = next(iter(traced.traced._steps))[1]  # the slot's length: the context (160) or, for int8, just enough
+    assert sorted(k[0] for k in traced.traced._steps) == [64, 128, length]  # spans as the row grew
+    assert not traced.traced._bad
+    # with two rows busy the engine decodes eagerly (the trace is of one row): same tokens as one at a time
+    assert run(traced, prompts, 20, slots=2) == run(Engine(m), prompts, 20, slots=2)
+
+
+def test_a_trace_that_disagrees_with_the_eager_step_is_dropped(tmp_path, monkeypatch):
+    m = model("gpt2")
+    eager = run(Engine(m), [[5, 6, 7]], 12)
+    engine = Engine(m, compile="auto", store=aot.StepStore(m, root=tmp_path))
+
+    class Wrong(torch.nn.Module):
+        def forward(self, tok, pos, *caches):
+            return torch.zeros(1, 40)
+
+    monkeypatch.setattr(engine.traced, "_trace", lambda span, caches: Wrong())
+    assert run(engine, [[5, 6, 7]], 12) == eager
+    assert engine.traced._bad and not engine.traced._steps
+
+
+def test_spans_are_powers_of_two_within_the_cache():
+    assert [span_for(n, 1024) for n in (1, 64, 65, 129, 1000)] == [64, 64, 128, 256, 1024]
+    assert span_for(100, 96) == 96
+    assert Engine(model("gpt2"), compile=False).traced is None  # --no-compile: eager only
+
+
+def test_a_server_engine_traces_every_span_when_it_opens(tmp_path):
+    m = model("gpt2")
+    engine = Engine(m, compile="auto", store=aot.StepStore(m, root=tmp_path))
+    engine.open(2, build_all_sizes=True)  # (what serve does)
+    assert sorted(engine.traced._steps) == [(64, 160), (128, 160), (160, 160)] and engine.traced.built == 3
+    assert run(engine, [[4, 2]], 30) == run(Engine(m), [[4, 2]], 30)
+    assert engine.traced.built == 3  # nothing traced while serving
