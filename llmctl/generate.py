@@ -87,6 +87,7 @@ class Engine:
         self.traced = TracedSteps(model) if compile is not False and model.wte.weight.device.type == "cpu" else None
         self.compiled: dict[int, aot.CompiledStep] = {}  # slot count -> compiled step, for the open cache length
         self.cache: Optional[KVCache] = None
+        self._pending: list[Row] = []  # rows whose newest token was picked but not yet run through the model
         self.rows: list[Optional[Row]] = []  # by slot
         self.waiting: deque[Row] = deque()  # rows queued by `submit`, oldest first
         self.steps = 0  # decode steps run since open (the server's metrics read it)
@@ -108,14 +109,14 @@ class Engine:
         """Allocate the cache for `slots` rows of `length` positions (default the context) and find the compiled
         steps of that shape: the one for all slots (built when compile is True or `build`), and those for fewer
         slots (`step_sizes`), used when cached and built too with `build_all_sizes` (a server, whose load varies;
-        a job's rows are mostly all busy; with it the one-row traced steps are made at once too). A cache of the
+        a job's rows are mostly all busy; with it the one-row traced step is made at once too). A cache of the
         same shape is reused."""
         length = min(length or self.model.cfg.block_size, self.model.cfg.block_size)
         p = self.model.wte.weight  # (the output head may be swapped for a quantized layer)
         if self.cache is None or (self.cache.slots, self.cache.length) != (slots, length) \
                 or self.cache.layers[0][0].dtype != p.dtype:
             self.cache = KVCache.empty(self.model.cfg, slots, length, p.dtype, p.device)
-        self.rows, self.waiting, self.steps = [None] * slots, deque(), 0
+        self.rows, self.waiting, self.steps, self._pending = [None] * slots, deque(), 0, []
         self.compiled = {}
         self._logits, self._masks = None, None
         build = self.mode is True or build
@@ -140,7 +141,7 @@ class Engine:
 
     def close(self) -> None:
         """Free the cache (rows still in it are dropped)."""
-        self.cache, self.compiled, self.rows, self._logits = None, {}, [], None
+        self.cache, self.compiled, self.rows, self._logits, self._pending = None, {}, [], None, []
         self.waiting = deque()
 
     # -- rows ------------------------------------------------------------------------------------------------------
@@ -187,21 +188,23 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------------------------------
     @torch.inference_mode()  # lighter than no_grad: no version counters (~30% of a small model's step)
     def step(self) -> list[Row]:
-        """Free cancelled rows, let waiting rows join (prefill), pick every busy row's next token, and run one
-        decode step for the rows that go on. Returns the rows that got tokens or finished in this step (each once;
-        read `row.new_tokens`, `row.take_text()`, `row.finish_reason`, then clear `row.new_tokens`)."""
+        """Free cancelled rows, run the decode forward of the tokens picked in the last step (`flush`), let waiting
+        rows join (prefill), and pick every busy row's next token. Returns the rows that got tokens or finished in
+        this step (each once; read `row.new_tokens`, `row.take_text()`, `row.finish_reason`, then clear
+        `row.new_tokens`). A token is returned as soon as it is picked and run through the model at the next step,
+        so a joining row's first token does not wait for a decode forward."""
         touched: list[Row] = []
         for s, row in enumerate(self.rows):
             if row is not None and row.cancelled:
                 row._finish("cancelled")
                 self.rows[s] = None
                 touched.append(row)
+        self.flush()
         self._join(touched)
         busy = [r for r in self.rows if r is not None]
         if not busy:
             return touched
         self._pick(busy)
-        going = []
         for row in busy:
             touched.append(row)
             if row.done:
@@ -209,10 +212,16 @@ class Engine:
             elif row.pos == self.cache.length:  # the slot is full: keep the newest tokens and prefill them again
                 self._prefill(row, slide_keep(self.model.cfg.block_size))
             else:
-                going.append(row)
+                self._pending.append(row)
+        return touched
+
+    def flush(self) -> None:
+        """Run the decode forward of the tokens picked in the last step, for the rows still in their slots, so every
+        busy row has the logits after its newest token."""
+        going = [r for r in self._pending if r.slot is not None and self.rows[r.slot] is r]
+        self._pending = []
         if going:
             self._decode(going)
-        return touched
 
     def _join(self, touched: list[Row]) -> None:
         """Give waiting rows the free slots and prefill them: rows with the same prompt share one prefill (a

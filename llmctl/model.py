@@ -457,7 +457,7 @@ class Transformer(nn.Module):
             masks = self._extend_masks(T, start, idx.device)
         else:
             masks = (self._masks(T, idx.device, pos if not isinstance(slot, int) else None,
-                                 kv_len or (cache.length if cache else T))
+                                 kv_len if kv_len is not None else (cache.length if cache else T))
                      if segments is None else self._segment_masks(segments))
         x = self.wte(idx)  # (B, T, C)
         if self.cfg.embed_scale:  # by sqrt(C) rounded to x's dtype, as Gemma does

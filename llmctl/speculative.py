@@ -205,6 +205,7 @@ class Speculation:
         leaves it (every token cached, the logits after the last one in the engine), so the next step may be
         either kind. None when the step is not one for a draft (several rows, a waiting one, a sampled or
         constrained row, one asking for log-probabilities): the caller steps the engine as usual."""
+        engine.flush()  # (the last step's tokens through the model: the logits after them, each row's true pos)
         row = self._lone(engine)
         if row is None:
             return None

@@ -470,3 +470,23 @@ def test_a_row_joining_into_a_middle_slot_is_prefilled_with_others_into_its_own_
         e.step()
     assert [r.slot for r in late_rows] == [0, 2]  # slot 1 still holds the long row: slots 0 and 2, together
     assert [r.tokens[len(r.request.prompt):] for r in late_rows] == alone
+
+
+def test_a_rows_first_token_comes_back_from_the_step_that_prefilled_it(monkeypatch):
+    from llmctl.generate import Engine, Request
+
+    m = model("gpt2")
+    e = Engine(m)
+    e.open(2)
+    forwards = []
+    real = m.forward
+    monkeypatch.setattr(m, "forward", lambda idx, *a, **k: (forwards.append(tuple(idx.shape)), real(idx, *a, **k))[1])
+    row = e.new_row(Request([3, 4, 5], Sampling(3, temperature=0)))
+    e.submit(row)
+    assert e.step() == [row] and len(row.new_tokens) == 1
+    assert forwards == [(1, 3)]  # the prefill alone: the token is back before it goes through the model
+    e.step()
+    assert forwards == [(1, 3), (1, 1)] and len(row.new_tokens) == 2
+    while not e.idle:
+        e.step()
+    assert row.tokens[3:] == list(generate(m, [3, 4, 5], 3, temperature=0))

@@ -1,5 +1,5 @@
 """Traced one-row decode steps (llmctl.traced): the engine's output equals the eager step's, in float32 and CPU
-int8, across cache spans; a trace that disagrees with the eager step is dropped."""
+int8, at every position of the cache from one trace; a trace that disagrees with the eager step is dropped."""
 
 import pytest
 import torch
@@ -11,7 +11,6 @@ from llmctl.model import Transformer
 from llmctl.quantize import cpu_int8_available, quantize
 from llmctl.rows import Request
 from llmctl.sampling import Sampling
-from llmctl.traced import span_for
 
 
 def model(arch: str, int8: bool = False) -> Transformer:
@@ -29,20 +28,15 @@ def run(engine: Engine, prompts: list[list[int]], new: int, slots: int = 1) -> l
 
 
 @pytest.mark.parametrize("arch,int8", [("gpt2", False), ("llama", False), ("gpt2", True)])
-def test_traced_steps_give_the_eager_tokens_across_spans(arch, int8, tmp_path):
+def test_one_trace_gives_the_eager_tokens_at_every_position(arch, int8, tmp_path):
     if int8 and not cpu_int8_available():
         pytest.skip("no fbgemm in this torch build")
     m = model(arch, int8)
-    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7] * 60]
-    eager = run(Engine(m), prompts, 90)  # the second row runs past 64 and 128 positions
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7] * 60]  # the second row runs to position 150 (the trace saw 100)
+    eager = run(Engine(m), prompts, 90)
     traced = Engine(m, compile="auto", store=aot.StepStore(m, root=tmp_path))
     assert run(traced, prompts, 90) == eager
-    assert [k[0] == k[1] for k in traced.traced._steps] == [True] and not traced.traced._bad  # a job: one trace
-    traced.traced.by_span = True  # (what a server's engine does, after tracing them all at start)
-    assert run(traced, prompts, 90) == eager
-    length = next(iter(traced.traced._steps))[1]  # the slot's length: the context (160) or, for int8, just enough
-    assert sorted(k[0] for k in traced.traced._steps) == [64, 128, length]  # spans as the row grew
-    assert not traced.traced._bad
+    assert traced.traced.built == 1 and not traced.traced._bad  # one trace for the whole cache
     # with two rows busy the engine decodes eagerly (the trace is of one row): same tokens as one at a time
     assert run(traced, prompts, 20, slots=2) == run(Engine(m), prompts, 20, slots=2)
 
@@ -56,21 +50,15 @@ def test_a_trace_that_disagrees_with_the_eager_step_is_dropped(tmp_path, monkeyp
         def forward(self, tok, pos, *caches):
             return torch.zeros(1, 40)
 
-    monkeypatch.setattr(engine.traced, "_trace", lambda span, caches: Wrong())
+    monkeypatch.setattr(engine.traced, "_trace", lambda caches: Wrong())
     assert run(engine, [[5, 6, 7]], 12) == eager
     assert engine.traced._bad and not engine.traced._steps
 
 
-def test_spans_are_powers_of_two_within_the_cache():
-    assert [span_for(n, 1024) for n in (1, 64, 65, 129, 1000)] == [64, 64, 128, 256, 1024]
-    assert span_for(100, 96) == 96
-    assert Engine(model("gpt2"), compile=False).traced is None  # --no-compile: eager only
-
-
-def test_a_server_engine_traces_every_span_when_it_opens(tmp_path):
+def test_a_server_engine_traces_when_it_opens_and_no_compile_means_eager(tmp_path):
     m = model("gpt2")
     engine = Engine(m, compile="auto", store=aot.StepStore(m, root=tmp_path))
     engine.open(2, build_all_sizes=True)  # (what serve does)
-    assert sorted(engine.traced._steps) == [(64, 160), (128, 160), (160, 160)] and engine.traced.built == 3
+    assert engine.traced.built == 1
     assert run(engine, [[4, 2]], 30) == run(Engine(m), [[4, 2]], 30)
-    assert engine.traced.built == 3  # nothing traced while serving
+    assert Engine(m, compile=False).traced is None
