@@ -1,20 +1,22 @@
 """Token generation with continuous batching: one `Engine` owns the model, its KV cache of slots and the decode step.
 
 Every generation in llmctl runs here: `infer --prompt` (one slot), `infer --input` and `--chat`, and `serve`. A
-request waits until a slot is free; it then joins: its prompt is prefilled into the slot (eagerly, on its own; rows
-joining in one step with the same prompt, such as a request's `n` choices, share one prefill, copied slot to slot;
-with a prefix cache, the prompt's cached first blocks are copied in and only the rest is computed), and
-from the next step on it decodes together with the other busy slots, one token per step each. A row that ends
+request waits until a slot is free; it then joins: its prompt is prefilled into the slot (eagerly, together with
+the other prompts joining in that step, in one forward padded to the longest; rows joining with the same prompt,
+such as a request's `n` choices, share one prefill, copied slot to slot; with a prefix cache, the prompt's cached
+first blocks are copied in and only the rest is computed), and from then on it decodes together with the other busy
+slots, one token per step each; a step returns each token as soon as it is picked and runs it through the model at
+the start of the next step (`flush`). A row that ends
 (end of text, its token budget, a stop string, a cancel) frees its slot at once, so a waiting request never waits
 for a long one to finish. Each row has its own position in its own slot and attends only to its own slot, so its
 tokens do not depend on which other rows share the batch (exactly so in float32; the dynamic int8 of a CPU
 quantizes activations per batch, see docs/serving.md#how-it-works).
 
-The decode step is compiled ahead of time (llmctl.aot) or eager. It runs the slots up to the last busy one (busy
-rows stay packed at the start: a joining row takes the lowest free slot): eagerly exactly those, compiled the
-smallest compiled slot count that covers them (`step_sizes`: 1, 4, 16, ... and all slots), since a compiled step's
-shapes are fixed. Idle slots in it take a dummy token at position 0 of their own slot, which the next prefill of
-that slot overwrites.
+The decode step is compiled ahead of time (llmctl.aot), traced for one busy row on a CPU (llmctl.traced), or
+eager. It runs the slots up to the last busy one (busy rows stay packed at the start: a joining row takes the
+lowest free slot): eagerly exactly those, compiled the smallest compiled slot count that covers them
+(`step_sizes`: 1, 4, 16, ... and all slots), since a compiled step's shapes are fixed. Idle slots in it take a
+dummy token at position 0 of their own slot, which the next prefill of that slot overwrites.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from .structured import Masks, Matcher
 from .tokenizer import StreamDecoder, Tokenizer
 from .traced import TracedSteps
 
-# padded tokens per prefill forward of joining rows: a batch this size already runs the weights' GEMMs near their
-# best rate on a CPU (docs/serving.md#how-it-works), and its attention scores stay small
+# padded tokens per prefill forward of joining rows: a burst of short prompts goes through the weights once, while
+# the attention scores of one forward, (B, heads, T, T) floats, stay small
 PREFILL_TOKENS = 1024
 
 
