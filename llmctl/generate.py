@@ -2,11 +2,11 @@
 
 Every generation in llmctl runs here: `infer --prompt` (one slot), `infer --input` and `--chat`, and `serve`. A
 request waits until a slot is free; it then joins: its prompt is prefilled into the slot (eagerly, together with
-the other prompts joining in that step, in one forward padded to the longest; rows joining with the same prompt,
-such as a request's `n` choices, share one prefill, copied slot to slot; with a prefix cache, the prompt's cached
-first blocks are copied in and only the rest is computed), and from then on it decodes together with the other busy
-slots, one token per step each; a step returns each token as soon as it is picked and runs it through the model at
-the start of the next step (`flush`). A row that ends
+the other prompts joining in that step, in forwards padded to the longest: `_prefill_many` says when one goes
+alone; rows joining with the same prompt, such as a request's `n` choices, share one prefill, copied slot to slot;
+with a prefix cache, the prompt's cached first blocks are copied in and only the rest is computed), and from then
+on it decodes together with the other busy slots, one token per step each; a step returns each token as soon as it
+is picked and runs it through the model at the start of the next step (`flush`). A row that ends
 (end of text, its token budget, a stop string, a cancel) frees its slot at once, so a waiting request never waits
 for a long one to finish. Each row has its own position in its own slot and attends only to its own slot, so its
 tokens do not depend on which other rows share the batch (exactly so in float32; the dynamic int8 of a CPU
@@ -39,7 +39,7 @@ from .tokenizer import StreamDecoder, Tokenizer
 from .traced import TracedSteps
 
 # padded tokens per prefill forward of joining rows: a burst of short prompts goes through the weights once, while
-# the attention scores of one forward, (B, heads, T, T) floats, stay small
+# one forward's attention scores, (B, heads, T, restored + T) floats, stay bounded
 PREFILL_TOKENS = 1024
 
 
@@ -85,8 +85,11 @@ class Engine:
         self.mode = compile
         exportable = not any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
         self.store = None if compile is False or not exportable else (store or aot.StepStore(model, events=events))
-        # one busy row on a CPU without a compiled step: its step traced (llmctl.traced)
-        self.traced = TracedSteps(model) if compile is not False and model.wte.weight.device.type == "cpu" else None
+        # one busy row on a CPU without a compiled step: its step traced (llmctl.traced); float32 weights only (int8's
+        # linears included), since bfloat16's attention dtype depends on the key length, which a trace holds fixed
+        w = model.wte.weight
+        self.traced = TracedSteps(model) if compile is not False and w.device.type == "cpu" and \
+            w.dtype == torch.float32 else None
         self.compiled: dict[int, aot.CompiledStep] = {}  # slot count -> compiled step, for the open cache length
         self.cache: Optional[KVCache] = None
         self._pending: list[Row] = []  # rows whose newest token was picked but not yet run through the model
@@ -100,9 +103,9 @@ class Engine:
     # -- shapes ----------------------------------------------------------------------------------------------------
     def cache_length(self, needed: int) -> int:
         """Positions per slot for `needed` tokens: exactly that when eager, else the next power of two (>= 256), so
-        few compiled shapes exist (at most three for a 1024-token context and one slot count)."""
+        few compiled or traced shapes exist (at most three for a 1024-token context and one slot count)."""
         block = self.model.cfg.block_size
-        if self.store is None:
+        if self.store is None and self.traced is None:
             return min(needed, block)
         return min(block, max(256, 1 << (max(needed, 1) - 1).bit_length()))
 
@@ -325,7 +328,8 @@ class Engine:
         """Prefill the row's newest tokens (all of them, or the `keep` newest after a slide) into its slot. With a
         prefix cache, a prompt that fits the slot whole (from position 0) starts from its cached blocks, unless it
         asked for its prompt's log-probabilities (which need every position), and leaves its blocks there."""
-        window = row.tokens[-min(keep or len(row.tokens), self.cache.length):]
+        # (after a slide, at most length - 1 tokens: the next decode needs a free position)
+        window = row.tokens[-min(keep, self.cache.length - 1):] if keep else row.tokens[-self.cache.length:]
         idx = torch.tensor([window], device=self.model.wte.weight.device)
         prefix = self.prefix if keep is None and len(window) == len(row.tokens) else None
         start = prefix.restore(self.cache, row.slot, window) if prefix and not row.request.prompt_logprobs else 0

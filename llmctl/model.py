@@ -432,8 +432,9 @@ class Transformer(nn.Module):
         positions at positions start..start+T-1 (several tokens in one forward: speculative decoding's verify);
         positions past start+T are not read, so whatever a longer earlier extension left there does not matter.
         Decode, `cache` and `pos` (B,): idx (B, 1) holds one token per slot 0..B-1, at that slot's position pos[b];
-        each row reads its own slot's positions 0..pos[b]. `kv_len` (a Python int, >= max(pos) + T) bounds the
-        positions read (eager decoding); None reads the whole cache (the compiled step, whose shapes are fixed).
+        each row reads its own slot's positions 0..pos[b]. `kv_len` (an int, or a 0-d tensor in a traced step;
+        >= max(pos) + T) bounds the positions read (eager decoding); None reads the whole cache (the compiled step,
+        whose shapes are fixed).
         Several prompts at once, `cache`, `pos` (B,) and `slot` a (B,) tensor: idx (B, T) continues slot[b] at
         positions pos[b]..pos[b]+T-1 (a row with fewer tokens is padded at its end: the pads' keys land past the
         row's tokens, where its own decoding overwrites them before reading; pos[b] + T must fit the cache).

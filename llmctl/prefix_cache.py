@@ -19,8 +19,9 @@ Keys and values at positions 0..p depend only on tokens 0..p (causal attention; 
 position too and only reads fewer), so restored blocks are what a prefill of the whole prompt writes there: in
 float32 a row's tokens are the same with the cache on or off (up to the rounding of a shorter matmul). Not under
 CPU dynamic int8, whose activation scale is one per input tensor: a stored block's values then also depend on the
-rest of the prompt that stored it (docs/serving.md says so; decoding under int8 mixes rows the same way). The engine
-decides which prefills use the store (`Engine._prefill`). The blocks hold for one model's weights: whoever changes
+rest of the prompt that stored it and on the prompts prefilled in the same forward (docs/serving.md says so;
+decoding under int8 mixes rows the same way). The engine decides which prefills use the store
+(`Engine._prefill_many`). The blocks hold for one model's weights: whoever changes
 them (nothing in `serve` does) must `clear` the store.
 """
 

@@ -201,10 +201,11 @@ class Speculation:
     def engine_step(self, engine: Engine) -> Optional[list[Row]]:
         """A server's step (`serve --draft`) when one greedy row decodes alone and nothing waits: the token plain
         decoding picks now, then one forward of it and up to k draft tokens in the row's own slot, keeping the
-        drafts that are the model's argmax after the tokens before them. The row leaves the step as a plain step
-        leaves it (every token cached, the logits after the last one in the engine), so the next step may be
-        either kind. None when the step is not one for a draft (several rows, a waiting one, a sampled or
-        constrained row, one asking for log-probabilities): the caller steps the engine as usual."""
+        drafts that are the model's argmax after the tokens before them. It first runs the engine's pending forward
+        (`Engine.flush`) and leaves the row with every token cached and the logits after the last one in the
+        engine, a state the next plain step starts from as well, so the next step may be either kind. None when the
+        step is not one for a draft (several rows, a waiting one, a sampled or constrained row, one asking for
+        log-probabilities): the caller steps the engine as usual."""
         engine.flush()  # (the last step's tokens through the model: the logits after them, each row's true pos)
         row = self._lone(engine)
         if row is None:

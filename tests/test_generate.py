@@ -490,3 +490,16 @@ def test_a_rows_first_token_comes_back_from_the_step_that_prefilled_it(monkeypat
     while not e.idle:
         e.step()
     assert row.tokens[3:] == list(generate(m, [3, 4, 5], 3, temperature=0))
+
+
+def test_a_row_slides_within_a_cache_shorter_than_its_slide():
+    from llmctl.generate import Engine, Request
+
+    m = model("gpt2")  # a 24-token context: a slide keeps 18 tokens, more than this 10-position cache holds
+    e = Engine(m)
+    e.open(1, 10)
+    row = e.new_row(Request([1, 2, 3], Sampling(20, temperature=0)))
+    e.submit(row)
+    while not e.idle:
+        e.step()
+    assert row.finish_reason == "length" and len(row.tokens) == 23

@@ -62,3 +62,12 @@ def test_a_server_engine_traces_when_it_opens_and_no_compile_means_eager(tmp_pat
     assert engine.traced.built == 1
     assert run(engine, [[4, 2]], 30) == run(Engine(m), [[4, 2]], 30)
     assert Engine(m, compile=False).traced is None
+
+
+def test_traces_are_for_float32_weights_and_share_few_cache_lengths(tmp_path):
+    m = model("gpt2")
+    store = aot.StepStore(m, root=tmp_path)
+    assert Engine(m.to(torch.bfloat16), compile="auto", store=store).traced is None  # (attention dtype varies)
+    m = model("gpt2", int8=cpu_int8_available())
+    e = Engine(m, compile="auto", store=aot.StepStore(m, root=tmp_path))
+    assert e.traced is not None and {e.cache_length(n) for n in (20, 90, 150)} == {160}  # one trace for all
