@@ -106,6 +106,12 @@ class CompiledStep:
         return self._loader.boxed_run([tok, pos, *caches])[0]  # (S, V)
 
 
+def exportable(model: nn.Module) -> bool:
+    """Whether the model's decode step can be exported: not with the CPU's dynamic int8 layers (fbgemm's packed
+    weights are opaque to torch.export)."""
+    return not any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+
+
 def supported() -> bool:
     """Whether this torch build can load AOTInductor packages (torch 2.6 and later, CPU and CUDA builds)."""
     return hasattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader")

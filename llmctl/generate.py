@@ -83,8 +83,8 @@ class Engine:
         # every id that ends a row: the tokenizer's end ids (end-of-text and generation_config.json's eos ids)
         self.end_ids = frozenset([eos_id] if eos_id is not None else tokenizer.end_ids if tokenizer else [])
         self.mode = compile
-        exportable = not any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
-        self.store = None if compile is False or not exportable else (store or aot.StepStore(model, events=events))
+        exports = compile is not False and aot.exportable(model)
+        self.store = (store or aot.StepStore(model, events=events)) if exports else None
         # one busy row on a CPU without a compiled step: its step traced (llmctl.traced); float32 weights only (int8's
         # linears included), since bfloat16's attention dtype depends on the key length, which a trace holds fixed
         w = model.wte.weight

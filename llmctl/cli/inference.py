@@ -77,8 +77,9 @@ def infer(
                                                 "minute to a minute on a CPU, once per model, precision and shape); "
                                                 "later runs load it in well under a second. By default a cached one is "
                                                 "used, and one is built only for an --input job long enough to pay for "
-                                                "it (and at the end of a CPU training run of 5+ minutes); --no-compile "
-                                                "always decodes eagerly.",
+                                                "it (and at the end of a CPU training run of 5+ minutes); without one, "
+                                                "a one-row step on a CPU is traced on first use (int8 included); "
+                                                "--no-compile always decodes eagerly.",
                                            show_default=from_config("generate.compile")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--input: prompts decoded together.",
                                              show_default=from_config("generate.batch_size")),

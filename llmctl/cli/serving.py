@@ -67,7 +67,9 @@ def serve(
                                                 "for 1, 4, 16, ... of them (the smallest covering the busy rows "
                                                 "runs): --compile builds missing ones (half a minute to a minute "
                                                 "each on a CPU, once per model, precision and slot count); by "
-                                                "default cached ones are used; --no-compile decodes eagerly.",
+                                                "default cached ones are used, and on a CPU the one-busy-row step is "
+                                                "traced at start (a second or so; what int8 gets); --no-compile "
+                                                "decodes eagerly.",
                                            show_default=from_config("generate.compile")),
     base: Optional[Path] = BaseOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),

@@ -48,7 +48,8 @@ class GenerateConfig:
     parameters or more, none below and elsewhere."""
     compile: Literal["auto", True, False] = "auto"
     """The decode step compiled ahead of time (llmctl.aot): auto uses it when cached, true builds it if missing,
-    false always decodes eagerly."""
+    false always decodes eagerly. auto and true also trace the one-row step on a CPU where no compiled step serves
+    it (llmctl.traced; int8 on a CPU gets only this)."""
     batch_size: int = 8
     """Prompts decoded together by `infer --input` (continuous batching)."""
     draft: Optional[str] = None
